@@ -1,0 +1,433 @@
+#include "comm/process_group.h"
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "comm/status_macros.h"
+
+namespace fsdp::comm {
+namespace {
+
+bool IsLoopback(const std::string& addr) {
+  return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
+}
+
+std::shared_ptr<::gloo::transport::Device> MakeDevice(const ProcessGroupOptions& options) {
+  if (!options.bind_address.empty()) {
+    return c10d::ProcessGroupGloo::createDeviceForHostname(options.bind_address);
+  }
+  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname) {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(ifname);
+  }
+  if (IsLoopback(options.master_addr)) {
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+c10d::ReduceOp ToC10d(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      return c10d::ReduceOp::SUM;
+    case ReduceOp::kMax:
+      return c10d::ReduceOp::MAX;
+    case ReduceOp::kMin:
+      return c10d::ReduceOp::MIN;
+  }
+  return c10d::ReduceOp::SUM;
+}
+
+// Element-wise accumulation used by the reduce-scatter ring.
+void Accumulate(at::Tensor& acc, const at::Tensor& other, ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:
+      acc.add_(other);
+      break;
+    case ReduceOp::kMax:
+      at::maximum_out(acc, acc, other);
+      break;
+    case ReduceOp::kMin:
+      at::minimum_out(acc, acc, other);
+      break;
+  }
+}
+
+constexpr int kInternalTagBase = 1 << 24;
+
+}  // namespace
+
+ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Store> store,
+                           c10::intrusive_ptr<c10d::ProcessGroup> pg, int rank, int size,
+                           ProcessGroupOptions options, std::vector<int> global_ranks)
+    : store_(std::move(store)),
+      pg_(std::move(pg)),
+      rank_(rank),
+      size_(size),
+      options_(std::move(options)),
+      global_ranks_(std::move(global_ranks)) {}
+
+ProcessGroup::~ProcessGroup() = default;
+
+absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::Create(
+    c10::intrusive_ptr<c10d::Store> store, int rank, int size,
+    const ProcessGroupOptions& options) {
+  if (size <= 0 || rank < 0 || rank >= size) {
+    return absl::InvalidArgumentError(absl::StrCat("process group '", options.name,
+                                                   "': rank ", rank,
+                                                   " is outside a group of size ", size));
+  }
+  if (!store) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("process group '", options.name, "': no store given"));
+  }
+  auto pg = CallTorch(
+      absl::StrCat("creating Gloo process group '", options.name, "' (rank ", rank, " of ", size,
+                   ")"),
+      [&]() -> c10::intrusive_ptr<c10d::ProcessGroup> {
+        store->setTimeout(options.timeout);
+        auto gloo_options = c10d::ProcessGroupGloo::Options::create(options.timeout);
+        gloo_options->devices.push_back(MakeDevice(options));
+        // Two worker threads: a collective and a pending send/recv can progress together.
+        gloo_options->threads = 2;
+        return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, gloo_options);
+      });
+  if (!pg.ok()) return pg.status();
+  std::vector<int> global_ranks(size);
+  for (int i = 0; i < size; ++i) global_ranks[i] = i;
+  return std::shared_ptr<ProcessGroup>(
+      new ProcessGroup(std::move(store), *std::move(pg), rank, size, options, global_ranks));
+}
+
+std::chrono::milliseconds ProcessGroup::Timeout(const CollectiveOptions& options) const {
+  return options.timeout == kUseGroupTimeout ? options_.timeout : options.timeout;
+}
+
+std::string ProcessGroup::Where(absl::string_view op) const {
+  const int global = global_ranks_[rank_];
+  return absl::StrCat(op, " on rank ", rank_, global != rank_ ? absl::StrCat(" (global ", global, ")") : "",
+                      " of group '", options_.name, "' (size ", size_, ")");
+}
+
+absl::Status ProcessGroup::CheckTensor(absl::string_view op, const at::Tensor& t) const {
+  if (!t.defined()) return absl::InvalidArgumentError(Where(op) + ": undefined tensor");
+  if (!t.device().is_cpu()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Where(op), ": the Gloo group takes CPU tensors, got one on ", t.device().str()));
+  }
+  if (!t.is_contiguous()) {
+    return absl::InvalidArgumentError(Where(op) + ": tensor is not contiguous");
+  }
+  return absl::OkStatus();
+}
+
+int ProcessGroup::NextTag() {
+  const int tag = kInternalTagBase + tag_counter_;
+  tag_counter_ = (tag_counter_ + 1) % kInternalTagBase;
+  return tag;
+}
+
+absl::Status ProcessGroup::SendRecv(const at::Tensor& send, int dst, at::Tensor& recv, int src,
+                                    int tag, std::chrono::milliseconds timeout) {
+  std::vector<at::Tensor> send_list{send};
+  std::vector<at::Tensor> recv_list{recv};
+  auto send_work = pg_->send(send_list, dst, tag);
+  auto recv_work = pg_->recv(recv_list, src, tag);
+  recv_work->wait(timeout);
+  send_work->wait(timeout);
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
+                                               const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "all_gather_into_tensor";
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, input));
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, output));
+  const int64_t n = input.numel();
+  if (output.numel() != n * size_ || output.scalar_type() != input.scalar_type()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Where(kOp), ": output must hold size * input.numel() = ", n * size_, " elements of ",
+        c10::toString(input.scalar_type()), ", got ", output.numel(), " of ",
+        c10::toString(output.scalar_type())));
+  }
+  at::Tensor out = output.view({-1});
+  at::Tensor in = input.reshape({-1});
+  out.narrow(0, rank_ * n, n).copy_(in);
+  if (size_ == 1 || n == 0) return absl::OkStatus();
+  const int tag = NextTag();
+  const auto timeout = Timeout(options);
+  const int next = (rank_ + 1) % size_;
+  const int prev = (rank_ - 1 + size_) % size_;
+  // Ring: at step s, pass on the chunk received at step s - 1 (own chunk first).
+  return CallTorch(Where(kOp), [&]() -> absl::Status {
+    for (int s = 0; s < size_ - 1; ++s) {
+      const int send_chunk = (rank_ - s + size_) % size_;
+      const int recv_chunk = (rank_ - s - 1 + size_) % size_;
+      at::Tensor recv = out.narrow(0, recv_chunk * n, n);
+      FSDP_RETURN_IF_ERROR(
+          SendRecv(out.narrow(0, send_chunk * n, n), next, recv, prev, tag, timeout));
+    }
+    return absl::OkStatus();
+  });
+}
+
+absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Tensor& input,
+                                               ReduceOp op, const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "reduce_scatter_tensor";
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, input));
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, output));
+  const int64_t n = output.numel();
+  if (input.numel() != n * size_ || output.scalar_type() != input.scalar_type()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Where(kOp), ": input must hold size * output.numel() = ", n * size_, " elements of ",
+        c10::toString(output.scalar_type()), ", got ", input.numel(), " of ",
+        c10::toString(input.scalar_type())));
+  }
+  if (op == ReduceOp::kAvg && !at::isFloatingType(output.scalar_type())) {
+    return absl::InvalidArgumentError(Where(kOp) + ": kAvg needs a floating-point tensor");
+  }
+  at::Tensor in = input.reshape({-1});
+  at::Tensor out = output.view({-1});
+  if (size_ == 1 || n == 0) {
+    out.copy_(in.narrow(0, 0, n));
+    return absl::OkStatus();
+  }
+  const int tag = NextTag();
+  const auto timeout = Timeout(options);
+  const int next = (rank_ + 1) % size_;
+  const int prev = (rank_ - 1 + size_) % size_;
+  // Ring: at step s rank r sends its partial sum of chunk (r - s - 1) to r + 1 and adds its
+  // own input to the partial sum of chunk (r - s - 2) that it receives from r - 1. After
+  // size - 1 steps it holds the full reduction of chunk r.
+  absl::Status status = CallTorch(Where(kOp), [&]() -> absl::Status {
+    at::Tensor send_buf = in.narrow(0, ((rank_ - 1 + size_) % size_) * n, n);
+    at::Tensor partial = at::empty({n}, in.options());
+    at::Tensor spare = at::empty({n}, in.options());
+    for (int s = 0; s < size_ - 1; ++s) {
+      const int recv_chunk = (rank_ - s - 2 + 2 * size_) % size_;
+      at::Tensor& recv = s == size_ - 2 ? out : partial;
+      FSDP_RETURN_IF_ERROR(SendRecv(send_buf, next, recv, prev, tag, timeout));
+      Accumulate(recv, in.narrow(0, recv_chunk * n, n), op);
+      if (s < size_ - 2) {
+        // The sum just formed is the next step's send buffer; receive into the other one.
+        send_buf = partial;
+        std::swap(partial, spare);
+      }
+    }
+    return absl::OkStatus();
+  });
+  FSDP_RETURN_IF_ERROR(status);
+  if (op == ReduceOp::kAvg) out.div_(size_);
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::AllReduce(at::Tensor& tensor, ReduceOp op,
+                                     const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "all_reduce";
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, tensor));
+  if (op == ReduceOp::kAvg && !at::isFloatingType(tensor.scalar_type())) {
+    return absl::InvalidArgumentError(Where(kOp) + ": kAvg needs a floating-point tensor");
+  }
+  if (size_ > 1) {
+    FSDP_RETURN_IF_ERROR(CallTorch(Where(kOp), [&] {
+      std::vector<at::Tensor> tensors{tensor};
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = ToC10d(op);
+      opts.timeout = Timeout(options);
+      pg_->allreduce(tensors, opts)->wait(Timeout(options));
+    }));
+  }
+  if (op == ReduceOp::kAvg) tensor.div_(size_);
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::Broadcast(at::Tensor& tensor, int root,
+                                     const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "broadcast";
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, tensor));
+  if (root < 0 || root >= size_) {
+    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": root ", root,
+                                                   " is outside the group"));
+  }
+  if (size_ == 1 || tensor.numel() == 0) return absl::OkStatus();
+  return CallTorch(Where(kOp), [&] {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.timeout = Timeout(options);
+    pg_->broadcast(tensors, opts)->wait(Timeout(options));
+  });
+}
+
+absl::Status ProcessGroup::Barrier(const CollectiveOptions& options) {
+  if (size_ == 1) return absl::OkStatus();
+  return CallTorch(Where("barrier"), [&] {
+    c10d::BarrierOptions opts;
+    opts.timeout = Timeout(options);
+    pg_->barrier(opts)->wait(Timeout(options));
+  });
+}
+
+absl::Status ProcessGroup::Send(const at::Tensor& tensor, int dst, int tag,
+                                const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "send";
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, tensor));
+  if (dst < 0 || dst >= size_ || dst == rank_ || tag < 0 || tag >= kInternalTagBase) {
+    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": bad destination ", dst,
+                                                   " or tag ", tag));
+  }
+  return CallTorch(absl::StrCat(Where(kOp), " to rank ", dst), [&] {
+    std::vector<at::Tensor> tensors{tensor};
+    pg_->send(tensors, dst, tag)->wait(Timeout(options));
+  });
+}
+
+absl::Status ProcessGroup::Recv(at::Tensor& tensor, int src, int tag,
+                                const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "recv";
+  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, tensor));
+  if (src < 0 || src >= size_ || src == rank_ || tag < 0 || tag >= kInternalTagBase) {
+    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": bad source ", src,
+                                                   " or tag ", tag));
+  }
+  return CallTorch(absl::StrCat(Where(kOp), " from rank ", src), [&] {
+    std::vector<at::Tensor> tensors{tensor};
+    pg_->recv(tensors, src, tag)->wait(Timeout(options));
+  });
+}
+
+namespace {
+
+at::Tensor BytesView(const std::string& bytes) {
+  return at::from_blob(const_cast<char*>(bytes.data()), {static_cast<int64_t>(bytes.size())},
+                       at::kByte);
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ProcessGroup::BroadcastObject(const std::string& bytes, int root,
+                                                          const CollectiveOptions& options) {
+  if (root < 0 || root >= size_) {
+    return absl::InvalidArgumentError(absl::StrCat(Where("broadcast_object"), ": root ", root,
+                                                   " is outside the group"));
+  }
+  at::Tensor length = at::empty({1}, at::kLong);
+  length[0] = rank_ == root ? static_cast<int64_t>(bytes.size()) : 0;
+  FSDP_RETURN_IF_ERROR(Broadcast(length, root, options), "broadcast_object (length)");
+  if (rank_ == root) {
+    at::Tensor data = BytesView(bytes);
+    FSDP_RETURN_IF_ERROR(Broadcast(data, root, options), "broadcast_object (bytes)");
+    return bytes;
+  }
+  std::string out(static_cast<size_t>(length.item<int64_t>()), '\0');
+  at::Tensor data = BytesView(out);
+  FSDP_RETURN_IF_ERROR(Broadcast(data, root, options), "broadcast_object (bytes)");
+  return out;
+}
+
+absl::StatusOr<std::string> ProcessGroup::ScatterObject(const std::vector<std::string>& per_rank,
+                                                        int root,
+                                                        const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "scatter_object";
+  if (root < 0 || root >= size_) {
+    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": root ", root,
+                                                   " is outside the group"));
+  }
+  // The root checks its input but the check's outcome must reach everyone, or the others
+  // would wait for bytes that never come: a length of -1 signals the error.
+  at::Tensor lengths = at::zeros({size_}, at::kLong);
+  if (rank_ == root) {
+    if (static_cast<int>(per_rank.size()) != size_) {
+      lengths.fill_(-1);
+    } else {
+      for (int r = 0; r < size_; ++r) lengths[r] = static_cast<int64_t>(per_rank[r].size());
+    }
+  }
+  FSDP_RETURN_IF_ERROR(Broadcast(lengths, root, options), absl::StrCat(kOp, " (lengths)"));
+  if (lengths[0].item<int64_t>() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        Where(kOp), ": root ", root, " passed ",
+        rank_ == root ? std::to_string(per_rank.size()) : std::string("a wrong number of"),
+        " objects for a group of size ", size_));
+  }
+  const int tag = NextTag();
+  if (rank_ == root) {
+    for (int r = 0; r < size_; ++r) {
+      if (r == root || per_rank[r].empty()) continue;
+      FSDP_RETURN_IF_ERROR(CallTorch(absl::StrCat(Where(kOp), " to rank ", r), [&] {
+        std::vector<at::Tensor> tensors{BytesView(per_rank[r])};
+        pg_->send(tensors, r, tag)->wait(Timeout(options));
+      }));
+    }
+    return per_rank[root];
+  }
+  std::string out(static_cast<size_t>(lengths[rank_].item<int64_t>()), '\0');
+  if (!out.empty()) {
+    FSDP_RETURN_IF_ERROR(CallTorch(absl::StrCat(Where(kOp), " from rank ", root), [&] {
+      std::vector<at::Tensor> tensors{BytesView(out)};
+      pg_->recv(tensors, root, tag)->wait(Timeout(options));
+    }));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::string>> ProcessGroup::AllGatherObject(
+    const std::string& bytes, const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "all_gather_object";
+  at::Tensor my_length = at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong);
+  at::Tensor lengths = at::empty({size_}, at::kLong);
+  FSDP_RETURN_IF_ERROR(AllGatherIntoTensor(lengths, my_length, options),
+                       absl::StrCat(kOp, " (lengths)"));
+  const int64_t max_length = lengths.max().item<int64_t>();
+  at::Tensor padded = at::zeros({max_length}, at::kByte);
+  if (!bytes.empty()) padded.narrow(0, 0, bytes.size()).copy_(BytesView(bytes));
+  at::Tensor gathered = at::empty({max_length * size_}, at::kByte);
+  FSDP_RETURN_IF_ERROR(AllGatherIntoTensor(gathered, padded, options),
+                       absl::StrCat(kOp, " (bytes)"));
+  std::vector<std::string> out(size_);
+  const auto* data = reinterpret_cast<const char*>(gathered.data_ptr<uint8_t>());
+  for (int r = 0; r < size_; ++r) {
+    out[r].assign(data + r * max_length, static_cast<size_t>(lengths[r].item<int64_t>()));
+  }
+  return out;
+}
+
+absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::NewSubgroup(
+    const std::vector<int>& ranks, std::optional<std::chrono::milliseconds> timeout) {
+  const std::string listed = absl::StrJoin(ranks, ",");
+  if (ranks.empty()) {
+    return absl::InvalidArgumentError(Where("new_subgroup") + ": empty rank list");
+  }
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (ranks[i] < 0 || ranks[i] >= size_ || (i > 0 && ranks[i] <= ranks[i - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Where("new_subgroup"), ": ranks [", listed,
+          "] must be increasing, without repeats, within [0, ", size_, ")"));
+    }
+  }
+  const int64_t id = subgroup_counter_++;
+  int my_index = -1;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (ranks[i] == rank_) my_index = static_cast<int>(i);
+  }
+  if (my_index < 0) return std::shared_ptr<ProcessGroup>();
+  ProcessGroupOptions options = options_;
+  options.name = absl::StrCat(options_.name, "/subgroup", id, "[", listed, "]");
+  if (timeout) options.timeout = *timeout;
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(
+      absl::StrCat(options_.name, "/subgroup", id, "/"), store_);
+  FSDP_ASSIGN_OR_RETURN(
+      std::shared_ptr<ProcessGroup> group,
+      Create(prefixed, my_index, static_cast<int>(ranks.size()), options));
+  for (size_t i = 0; i < ranks.size(); ++i) group->global_ranks_[i] = global_ranks_[ranks[i]];
+  return group;
+}
+
+}  // namespace fsdp::comm

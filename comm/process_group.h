@@ -1,0 +1,154 @@
+// ProcessGroup: the collectives FSDP needs, on real c10d process groups.
+//
+// A ProcessGroup is a set of ranks (separate OS processes, possibly on several hosts) that
+// exchange tensors through a c10d backend: Gloo for CPU tensors. Every rank of the group must
+// make the same collective calls in the same order, with tensors of matching size and dtype.
+//
+// Collectives work on flat, contiguous tensors (FlatParameter buffers):
+//   * AllGatherIntoTensor: each rank contributes `input` (numel n); `output` (numel n * size)
+//     receives every rank's input in rank order.
+//   * ReduceScatterTensor: `input` (numel n * size) is reduced element-wise across ranks and
+//     rank r keeps chunk r in `output` (numel n).
+// The Gloo build in libtorch 1.13 has neither `_allgather_base` nor `reduce_scatter`; both are
+// implemented here as rings over point-to-point send/recv, so each rank sends and receives
+// (size - 1) / size of the buffer, which is bandwidth-optimal.
+//
+// Errors (every method returns a status; nothing throws):
+//   * INVALID_ARGUMENT: mismatched sizes or dtypes, non-contiguous or non-CPU tensors, a root
+//     outside the group. Nothing was sent.
+//   * DEADLINE_EXCEEDED: the operation did not complete within its timeout.
+//   * UNAVAILABLE: a peer closed its connection (for example it died).
+//   * INTERNAL: any other backend failure.
+// The message always names the operation, this process's rank, and the group.
+#ifndef FSDP_CPP_COMM_PROCESS_GROUP_H_
+#define FSDP_CPP_COMM_PROCESS_GROUP_H_
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+namespace c10d {
+class ProcessGroup;
+}  // namespace c10d
+
+namespace fsdp::comm {
+
+// The group's own default timeout applies when a call leaves `timeout` unset.
+inline constexpr std::chrono::milliseconds kUseGroupTimeout{0};
+inline constexpr std::chrono::milliseconds kDefaultGroupTimeout{std::chrono::minutes(5)};
+
+// Per-call options of every collective, as c10d's Types.hpp option structs.
+struct CollectiveOptions {
+  std::chrono::milliseconds timeout = kUseGroupTimeout;
+};
+
+enum class ReduceOp { kSum, kAvg, kMax, kMin };
+
+struct ProcessGroupOptions {
+  // Name used in error messages ("default", "subgroup[0,2]", ...).
+  std::string name = "default";
+  // Default timeout of every collective of this group (and of the rendezvous).
+  std::chrono::milliseconds timeout = kDefaultGroupTimeout;
+  // Address the Gloo transport binds to. Empty: GLOO_SOCKET_IFNAME if set, else loopback when
+  // `master_addr` is a loopback address, else this host's resolved hostname.
+  std::string bind_address;
+  // The rendezvous address; used to pick the transport's interface (see above).
+  std::string master_addr = "127.0.0.1";
+};
+
+class ProcessGroup {
+ public:
+  // Creates this rank's member of a group of `size` ranks that rendezvous through `store`.
+  // Blocks until every rank has joined or `options.timeout` passes.
+  // Errors: INVALID_ARGUMENT for a rank outside [0, size); DEADLINE_EXCEEDED, UNAVAILABLE.
+  [[nodiscard]] static absl::StatusOr<std::shared_ptr<ProcessGroup>> Create(
+      c10::intrusive_ptr<c10d::Store> store, int rank, int size,
+      const ProcessGroupOptions& options = {});
+
+  ~ProcessGroup();
+  ProcessGroup(const ProcessGroup&) = delete;
+  ProcessGroup& operator=(const ProcessGroup&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const std::string& name() const { return options_.name; }
+  std::chrono::milliseconds timeout() const { return options_.timeout; }
+  // Global rank (in the group this one was split from, recursively) of each group rank.
+  const std::vector<int>& global_ranks() const { return global_ranks_; }
+
+  [[nodiscard]] absl::Status AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
+                                                 const CollectiveOptions& options = {});
+  [[nodiscard]] absl::Status ReduceScatterTensor(at::Tensor& output, const at::Tensor& input,
+                                                 ReduceOp op = ReduceOp::kSum,
+                                                 const CollectiveOptions& options = {});
+  // In place. kAvg divides the sum by size() (floating-point tensors only).
+  [[nodiscard]] absl::Status AllReduce(at::Tensor& tensor, ReduceOp op = ReduceOp::kSum,
+                                       const CollectiveOptions& options = {});
+  // In place: every rank's `tensor` becomes root's.
+  [[nodiscard]] absl::Status Broadcast(at::Tensor& tensor, int root,
+                                       const CollectiveOptions& options = {});
+  [[nodiscard]] absl::Status Barrier(const CollectiveOptions& options = {});
+
+  // Point-to-point, blocking until done (a matching Recv/Send must be posted by the peer).
+  [[nodiscard]] absl::Status Send(const at::Tensor& tensor, int dst, int tag,
+                                  const CollectiveOptions& options = {});
+  [[nodiscard]] absl::Status Recv(at::Tensor& tensor, int src, int tag,
+                                  const CollectiveOptions& options = {});
+
+  // Serialized objects (any size): root's `bytes` reach every rank. `bytes` is ignored on
+  // ranks other than root.
+  [[nodiscard]] absl::StatusOr<std::string> BroadcastObject(const std::string& bytes, int root,
+                                                            const CollectiveOptions& options = {});
+  // Root passes one string per rank (`per_rank.size() == size()`); rank r receives
+  // `per_rank[r]`. Only each rank's own bytes travel to it. `per_rank` is ignored elsewhere.
+  [[nodiscard]] absl::StatusOr<std::string> ScatterObject(const std::vector<std::string>& per_rank,
+                                                          int root,
+                                                          const CollectiveOptions& options = {});
+  // All ranks' bytes, in rank order.
+  [[nodiscard]] absl::StatusOr<std::vector<std::string>> AllGatherObject(
+      const std::string& bytes, const CollectiveOptions& options = {});
+
+  // Creates a group of the given ranks of this group (any subset, listed in increasing
+  // order without repeats). Every rank of this group must call it with the same `ranks`, in the
+  // same order relative to other NewSubgroup calls, as torch.distributed.new_group requires.
+  // Returns nullptr on ranks that are not members.
+  // Errors: INVALID_ARGUMENT for an empty, unsorted or out-of-range rank list.
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<ProcessGroup>> NewSubgroup(
+      const std::vector<int>& ranks, std::optional<std::chrono::milliseconds> timeout = {});
+
+ private:
+  ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::ProcessGroup> pg,
+               int rank, int size, ProcessGroupOptions options, std::vector<int> global_ranks);
+
+  std::chrono::milliseconds Timeout(const CollectiveOptions& options) const;
+  std::string Where(absl::string_view op) const;
+  absl::Status CheckTensor(absl::string_view op, const at::Tensor& t) const;
+  // One send and one receive posted together, then both awaited (the ring step).
+  absl::Status SendRecv(const at::Tensor& send, int dst, at::Tensor& recv, int src, int tag,
+                        std::chrono::milliseconds timeout);
+  int NextTag();
+
+  c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  int rank_;
+  int size_;
+  ProcessGroupOptions options_;
+  std::vector<int> global_ranks_;
+  int64_t subgroup_counter_ = 0;
+  int tag_counter_ = 0;
+};
+
+}  // namespace fsdp::comm
+
+#endif  // FSDP_CPP_COMM_PROCESS_GROUP_H_

@@ -1,0 +1,173 @@
+// Collectives of ProcessGroup on real Gloo groups of 1 to 4 rank processes.
+#include "comm/process_group.h"
+
+#include <ATen/ATen.h>
+
+#include "comm/multiprocess_testutil.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace fsdp::comm {
+namespace {
+
+using ::fsdp::testing::RunInRanks;
+using ::fsdp::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+class CollectivesTest : public ::testing::TestWithParam<int> {};
+
+// Rank r's contribution: values that identify both the rank and the position.
+at::Tensor RankValues(int rank, int64_t n, at::ScalarType dtype) {
+  return (at::arange(n, at::kDouble) + 1000.0 * rank).to(dtype);
+}
+
+TEST_P(CollectivesTest, AllGatherIntoTensorConcatenatesInRankOrder) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kLong, at::kBFloat16}) {
+      for (int64_t n : {0, 1, 7, 4099}) {
+        at::Tensor input = RankValues(group.rank(), n, dtype);
+        at::Tensor output = at::full({n * group.size()}, -1, input.options());
+        FSDP_ASSERT_OK(group.AllGatherIntoTensor(output, input));
+        std::vector<at::Tensor> expected;
+        for (int r = 0; r < group.size(); ++r) expected.push_back(RankValues(r, n, dtype));
+        EXPECT_TRUE(at::equal(output, at::cat(expected)))
+            << "dtype " << dtype << " n " << n;
+      }
+    }
+  });
+}
+
+TEST_P(CollectivesTest, AllGatherIntoTensorWorksInPlaceOnItsOwnChunk) {
+  // FSDP's unsharded flat parameter holds the local shard as a view of its own chunk.
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    const int64_t n = 33;
+    at::Tensor flat = at::zeros({n * group.size()});
+    at::Tensor shard = flat.narrow(0, group.rank() * n, n);
+    shard.copy_(RankValues(group.rank(), n, at::kFloat));
+    FSDP_ASSERT_OK(group.AllGatherIntoTensor(flat, shard));
+    for (int r = 0; r < group.size(); ++r) {
+      EXPECT_TRUE(at::equal(flat.narrow(0, r * n, n), RankValues(r, n, at::kFloat)));
+    }
+  });
+}
+
+TEST_P(CollectivesTest, ReduceScatterTensorReducesEachChunk) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    const int ws = group.size();
+    for (int64_t n : {1, 5, 10007}) {
+      // Rank r contributes (r + 1) * [0, n * ws) + r: increasing in r at every position.
+      at::Tensor input = at::arange(n * ws, at::kDouble) * (group.rank() + 1) + group.rank();
+      at::Tensor base = at::arange(n * ws, at::kDouble).narrow(0, group.rank() * n, n);
+      const double rank_sum = ws * (ws - 1) / 2.0;
+      struct Case {
+        ReduceOp op;
+        at::Tensor expected;
+      };
+      std::vector<Case> cases = {
+          {ReduceOp::kSum, base * (ws * (ws + 1) / 2) + rank_sum},
+          {ReduceOp::kAvg, (base * (ws * (ws + 1) / 2) + rank_sum) / ws},
+          {ReduceOp::kMax, base * ws + (ws - 1)},
+          {ReduceOp::kMin, base},
+      };
+      for (const Case& c : cases) {
+        at::Tensor output = at::full({n}, -7.0, at::kDouble);
+        FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, c.op));
+        EXPECT_TRUE(at::allclose(output, c.expected))
+            << "op " << static_cast<int>(c.op) << " n " << n << "\n"
+            << output.narrow(0, 0, std::min<int64_t>(n, 5)) << "\nexpected\n"
+            << c.expected.narrow(0, 0, std::min<int64_t>(n, 5));
+      }
+    }
+  });
+}
+
+TEST_P(CollectivesTest, ReduceScatterLeavesInputUnchanged) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    at::Tensor input = at::randn({group.size() * 64});
+    at::Tensor before = input.clone();
+    at::Tensor output = at::empty({64});
+    FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kAvg));
+    EXPECT_TRUE(at::equal(input, before));
+  });
+}
+
+TEST_P(CollectivesTest, AllReduceSumAvgMax) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    const int ws = group.size();
+    at::Tensor t = at::full({3, 5}, static_cast<float>(group.rank() + 1));
+    FSDP_ASSERT_OK(group.AllReduce(t, ReduceOp::kSum));
+    EXPECT_TRUE(at::equal(t, at::full({3, 5}, ws * (ws + 1) / 2.0f)));
+    at::Tensor a = at::full({4}, static_cast<double>(group.rank()), at::kDouble);
+    FSDP_ASSERT_OK(group.AllReduce(a, ReduceOp::kAvg));
+    EXPECT_TRUE(at::allclose(a, at::full({4}, (ws - 1) / 2.0, at::kDouble)));
+    at::Tensor m = at::full({2}, static_cast<int64_t>(group.rank()), at::kLong);
+    FSDP_ASSERT_OK(group.AllReduce(m, ReduceOp::kMax));
+    EXPECT_EQ(m[1].item<int64_t>(), ws - 1);
+  });
+}
+
+TEST_P(CollectivesTest, BroadcastFromEveryRoot) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    for (int root = 0; root < group.size(); ++root) {
+      at::Tensor t = group.rank() == root ? RankValues(root, 257, at::kFloat) : at::zeros({257});
+      FSDP_ASSERT_OK(group.Broadcast(t, root));
+      EXPECT_TRUE(at::equal(t, RankValues(root, 257, at::kFloat))) << "root " << root;
+    }
+  });
+}
+
+TEST_P(CollectivesTest, BarrierAndSendRecvRing) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    FSDP_ASSERT_OK(group.Barrier());
+    if (group.size() == 1) return;
+    const int next = (group.rank() + 1) % group.size();
+    const int prev = (group.rank() + group.size() - 1) % group.size();
+    at::Tensor received = at::empty({9});
+    if (group.rank() % 2 == 0) {
+      FSDP_ASSERT_OK(group.Send(RankValues(group.rank(), 9, at::kFloat), next, 3));
+      FSDP_ASSERT_OK(group.Recv(received, prev, 3));
+    } else {
+      FSDP_ASSERT_OK(group.Recv(received, prev, 3));
+      FSDP_ASSERT_OK(group.Send(RankValues(group.rank(), 9, at::kFloat), next, 3));
+    }
+    EXPECT_TRUE(at::equal(received, RankValues(prev, 9, at::kFloat)));
+  });
+}
+
+TEST_P(CollectivesTest, MismatchedSizesAreRefusedBeforeAnythingIsSent) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    at::Tensor input = at::zeros({4});
+    at::Tensor output = at::zeros({4 * group.size() + 1});
+    EXPECT_THAT(group.AllGatherIntoTensor(output, input),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         AllOf(HasSubstr("all_gather_into_tensor on rank "),
+                               HasSubstr("of group 'default'"),
+                               HasSubstr("output must hold size * input.numel()"))));
+    at::Tensor small = at::zeros({3});
+    EXPECT_THAT(group.ReduceScatterTensor(small, at::zeros({3 * group.size() + 2})),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("reduce_scatter_tensor on rank ")));
+    EXPECT_THAT(group.ReduceScatterTensor(small, at::zeros({3 * group.size()}, at::kDouble)),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("Double")));
+    at::Tensor strided = at::zeros({4, 4}).t();
+    EXPECT_THAT(group.Broadcast(strided, 0),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not contiguous")));
+    at::Tensor t = at::zeros({2});
+    EXPECT_THAT(group.Broadcast(t, group.size()),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("root")));
+    at::Tensor ints = at::zeros({2}, at::kLong);
+    EXPECT_THAT(group.AllReduce(ints, ReduceOp::kAvg),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("floating-point")));
+    // The group still works after refused calls.
+    FSDP_EXPECT_OK(group.Barrier());
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, CollectivesTest, ::testing::Values(1, 2, 3, 4),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return "ws" + std::to_string(info.param);
+                         });
+
+}  // namespace
+}  // namespace fsdp::comm

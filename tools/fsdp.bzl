@@ -1,0 +1,30 @@
+"""Project macros: every fsdp-cpp C++ target goes through these, so compile flags, warnings
+and linking stay in one place."""
+
+# Our own code compiles with warnings as errors. System headers (LibTorch, abseil, ...) are
+# included as system headers, so their warnings do not count.
+FSDP_COPTS = [
+    "-isystem/usr/include/torch/csrc/api/include",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-Wno-unused-parameter",
+    "-Wno-sign-compare",
+]
+
+def fsdp_cc_library(name, copts = [], **kwargs):
+    native.cc_library(name = name, copts = FSDP_COPTS + copts, **kwargs)
+
+def fsdp_cc_binary(name, copts = [], **kwargs):
+    native.cc_binary(name = name, copts = FSDP_COPTS + copts, **kwargs)
+
+def fsdp_cc_test(name, copts = [], deps = [], size = "small", **kwargs):
+    """A GoogleTest target; `deps` should include a main (//comm:multiprocess_test_main for
+    tests that launch ranks)."""
+    native.cc_test(
+        name = name,
+        copts = FSDP_COPTS + copts,
+        deps = deps + ["//third_party:gtest"],
+        size = size,
+        **kwargs
+    )
