@@ -139,7 +139,8 @@ absl::Status Launch(const std::vector<std::string>& argv, const LaunchOptions& o
     store_options.port = 0;
     store_options.isServer = true;
     store_options.waitWorkers = false;
-    store_options.timeout = options.timeout;
+    // Bounds the launcher's own store calls only, not the job.
+    store_options.timeout = std::chrono::minutes(5);
     return c10::make_intrusive<c10d::TCPStore>(options.master_addr, store_options);
   });
   if (!store.ok()) return store.status();

@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "comm/launcher.h"
+#include "comm/status_macros.h"
 #include "comm/process_group.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"

@@ -92,7 +92,6 @@ absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::Create(
       absl::StrCat("creating Gloo process group '", options.name, "' (rank ", rank, " of ", size,
                    ")"),
       [&]() -> c10::intrusive_ptr<c10d::ProcessGroup> {
-        store->setTimeout(options.timeout);
         auto gloo_options = c10d::ProcessGroupGloo::Options::create(options.timeout);
         gloo_options->devices.push_back(MakeDevice(options));
         // Two worker threads: a collective and a pending send/recv can progress together.

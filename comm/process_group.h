@@ -20,6 +20,11 @@
 //   * UNAVAILABLE: a peer closed its connection (for example it died).
 //   * INTERNAL: any other backend failure.
 // The message always names the operation, this process's rank, and the group.
+//
+// After DEADLINE_EXCEEDED or UNAVAILABLE the group is broken (Gloo's connections are in an
+// undefined state, as after a c10d timeout): the job should end. A peer that dies is seen as
+// UNAVAILABLE when its connection closes under a pending operation, otherwise when the
+// operation's timeout passes; the launcher stops the remaining ranks as soon as one fails.
 #ifndef FSDP_CPP_COMM_PROCESS_GROUP_H_
 #define FSDP_CPP_COMM_PROCESS_GROUP_H_
 

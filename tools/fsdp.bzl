@@ -26,5 +26,6 @@ def fsdp_cc_test(name, copts = [], deps = [], size = "small", **kwargs):
         copts = FSDP_COPTS + copts,
         deps = deps + ["//third_party:gtest"],
         size = size,
+        linkstatic = True,
         **kwargs
     )

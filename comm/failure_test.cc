@@ -1,0 +1,116 @@
+// What ranks see when a peer dies or stays silent: an error naming the operation, never a hang.
+#include <ATen/ATen.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "comm/multiprocess_testutil.h"
+#include "comm/process_group.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace fsdp::comm {
+namespace {
+
+using ::fsdp::testing::RunInRanks;
+using ::fsdp::testing::RunInRanksWithReport;
+using ::fsdp::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::AnyOf;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr int kDeathCode = 17;
+
+class RankDeathTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(RankDeathTest, OthersGetAnErrorWhenARankDiesDuringAllGather) {
+  const int world_size = GetParam();
+  LaunchOptions options;
+  options.world_size = world_size;
+  options.timeout = std::chrono::seconds(90);
+  options.stop_all_on_failure = false;  // let the survivors report what they saw
+  options.output = RankOutput::kCapture;
+  LaunchReport report;
+  const absl::Status status = RunInRanksWithReport(
+      options,
+      [](ProcessGroup& group) {
+        const int64_t n = 8 << 20;  // 32 MiB per rank: the ring takes a while
+        at::Tensor input = at::ones({n});
+        at::Tensor output = at::empty({n * group.size()});
+        if (group.rank() == group.size() - 1) {
+          std::thread([] {
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            _exit(kDeathCode);
+          }).detach();
+          (void)group.AllGatherIntoTensor(output, input);
+          std::this_thread::sleep_for(std::chrono::seconds(60));
+          return;
+        }
+        // Each survivor learns of the death from a closed connection (UNAVAILABLE) or, when
+        // its pending receive is from a peer that is still alive, from the timeout.
+        absl::Status s = group.AllGatherIntoTensor(output, input,
+                                                   {.timeout = std::chrono::seconds(10)});
+        EXPECT_THAT(s, AnyOf(StatusIs(absl::StatusCode::kUnavailable,
+                                      HasSubstr("all_gather_into_tensor on rank ")),
+                             StatusIs(absl::StatusCode::kDeadlineExceeded,
+                                      HasSubstr("all_gather_into_tensor on rank "))));
+        EXPECT_THAT(s.message(), HasSubstr("of group 'default'"));
+      },
+      &report);
+  if (fsdp::testing::IsRankProcess()) return;
+  EXPECT_THAT(status, StatusIs(absl::StatusCode::kInternal,
+                               HasSubstr(absl::StrCat("rank ", world_size - 1, " of ",
+                                                      world_size, " exited with code 17"))));
+  ASSERT_EQ(report.ranks.size(), static_cast<size_t>(world_size));
+  EXPECT_EQ(report.failed_rank, world_size - 1);
+  EXPECT_FALSE(report.timed_out);
+  for (int r = 0; r < world_size - 1; ++r) {
+    EXPECT_TRUE(report.ranks[r].ok()) << "rank " << r << " " << report.ranks[r].Describe()
+                                      << "\n" << report.ranks[r].output;
+    EXPECT_THAT(report.ranks[r].output, HasSubstr("[  PASSED  ] 1 test."));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, RankDeathTest, ::testing::Values(2, 3, 4),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return "ws" + std::to_string(info.param);
+                         });
+
+TEST(CollectiveTimeout, PerCallTimeoutEndsAWaitForASilentPeer) {
+  fsdp::testing::RunInRanks(2, [](ProcessGroup& group) {
+    if (group.rank() == 0) {
+      at::Tensor t = at::empty({4});
+      const auto start = std::chrono::steady_clock::now();
+      EXPECT_THAT(group.Recv(t, 1, 5, {.timeout = std::chrono::milliseconds(300)}),
+                  StatusIs(absl::StatusCode::kDeadlineExceeded,
+                           AllOf(HasSubstr("recv on rank 0 of group 'default'"),
+                                 HasSubstr("from rank 1"))));
+      EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+    } else {
+      // Stay connected until rank 0 has timed out (leaving early would close the connection
+      // and turn its timeout into UNAVAILABLE). The group is unusable after a timeout.
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+    }
+  });
+}
+
+TEST(CollectiveTimeout, GroupDefaultTimeoutAppliesWhenTheCallSetsNone) {
+  fsdp::testing::RunInRanks(2, [](ProcessGroup& group) {
+    FSDP_ASSERT_OK_AND_ASSIGN(auto quick,
+                              group.NewSubgroup({0, 1}, std::chrono::milliseconds(300)));
+    ASSERT_NE(quick, nullptr);
+    EXPECT_EQ(quick->timeout(), std::chrono::milliseconds(300));
+    if (group.rank() == 1) {
+      at::Tensor t = at::empty({4});
+      EXPECT_THAT(quick->Recv(t, 0, 9),
+                  StatusIs(absl::StatusCode::kDeadlineExceeded, HasSubstr("recv on rank 1")));
+    } else {
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fsdp::comm

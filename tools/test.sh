@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# README command 2: set up what is missing, then build and run the whole test suite.
+#   1. tools/setup.sh          (apt-get only what is missing)
+#   2. bazel test //...        (every GoogleTest target, real rank processes over Gloo)
+#   3. the NCCL targets under --config=cuda (built against /usr/local/cuda; their tests skip
+#      without a GPU)
+# Ends with one line "tests: N passed, N failed, N skipped" counted over every test case.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bash tools/setup.sh || exit 1
+
+status=0
+bazel test //... || status=$?
+
+if [[ -f /usr/local/cuda/include/nccl.h ]]; then
+  # The configuration differs, so results of this run land under their own testlogs tree.
+  bazel test --config=cuda //comm:nccl_communicator_test || status=$?
+fi
+
+/usr/bin/python3 tools/test_summary.py "$(bazel info bazel-testlogs 2>/dev/null)" \
+  "$(bazel info --config=cuda bazel-testlogs 2>/dev/null)" || status=1
+exit "$status"
