@@ -1,0 +1,85 @@
+// ModuleSlot: a child module whose forward FSDP can intercept.
+//
+// LibTorch modules have no forward hooks, so a parent that wants a child wrappable by FSDP
+// holds it in a ModuleSlot and calls it through the slot:
+//
+//   struct BlockImpl : torch::nn::Module {
+//     BlockImpl() : inner(register_module("inner", torch::nn::Linear(5, 3))) {}
+//     torch::Tensor forward(torch::Tensor x) { return inner.forward(x); }
+//     fsdp::ModuleSlot inner;
+//   };
+//
+// The child stays registered under its own name, so parameter names (FQNs) never change when
+// FSDP wraps it: FSDP attaches a ForwardInterceptor to the slot instead of replacing the child.
+// Without an interceptor a slot is a plain call of the child's forward.
+//
+// Preconditions: the child's forward returns a torch::Tensor (the type FSDP intercepts).
+// Errors: an interceptor that fails (for example a collective that timed out) throws
+// c10::Error from forward(): forward is the edge where LibTorch code calls us.
+#ifndef FSDP_CPP_FSDP_MODULE_SLOT_H_
+#define FSDP_CPP_FSDP_MODULE_SLOT_H_
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/any.h>
+#include <torch/nn/pimpl.h>
+
+#include <memory>
+#include <utility>
+
+namespace fsdp {
+
+// What FSDP does around a wrapped child's forward. Implemented by FSDP units.
+class ForwardInterceptor {
+ public:
+  virtual ~ForwardInterceptor() = default;
+  // Before the child's forward (FSDP: gather the full parameters). Throws c10::Error.
+  virtual void PreForward() = 0;
+  // After it, given the output (FSDP: free parameters, hook the output for backward).
+  // Returns the output the caller sees.
+  virtual torch::Tensor PostForward(torch::Tensor output) = 0;
+};
+
+class ModuleSlot {
+ public:
+  ModuleSlot() = default;
+
+  template <typename ModuleType>
+  ModuleSlot(torch::nn::ModuleHolder<ModuleType> holder)  // NOLINT: implicit by design
+      : module_(holder.ptr()), any_(std::move(holder)) {}
+
+  template <typename ModuleType>
+  ModuleSlot(std::shared_ptr<ModuleType> module)  // NOLINT: implicit by design
+      : module_(module), any_(std::move(module)) {}
+
+  template <typename... Args>
+  torch::Tensor forward(Args&&... args) {
+    if (interceptor_ == nullptr) {
+      return any_.forward<torch::Tensor>(std::forward<Args>(args)...);
+    }
+    interceptor_->PreForward();
+    return interceptor_->PostForward(any_.forward<torch::Tensor>(std::forward<Args>(args)...));
+  }
+
+  template <typename... Args>
+  torch::Tensor operator()(Args&&... args) {
+    return forward(std::forward<Args>(args)...);
+  }
+
+  bool is_empty() const { return module_ == nullptr; }
+  const std::shared_ptr<torch::nn::Module>& module() const { return module_; }
+
+  // The interceptor attached by FSDP, if any.
+  const std::shared_ptr<ForwardInterceptor>& interceptor() const { return interceptor_; }
+  void set_interceptor(std::shared_ptr<ForwardInterceptor> interceptor) {
+    interceptor_ = std::move(interceptor);
+  }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+  torch::nn::AnyModule any_;
+  std::shared_ptr<ForwardInterceptor> interceptor_;
+};
+
+}  // namespace fsdp
+
+#endif  // FSDP_CPP_FSDP_MODULE_SLOT_H_
