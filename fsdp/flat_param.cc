@@ -1,0 +1,236 @@
+#include "fsdp/flat_param.h"
+
+#include <ATen/native/Resize.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "comm/status_macros.h"
+
+namespace fsdp {
+
+absl::string_view ShardingStrategyName(ShardingStrategy strategy) {
+  switch (strategy) {
+    case ShardingStrategy::kFullShard:
+      return "FULL_SHARD";
+    case ShardingStrategy::kShardGradOp:
+      return "SHARD_GRAD_OP";
+    case ShardingStrategy::kNoShard:
+      return "NO_SHARD";
+  }
+  return "?";
+}
+
+absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
+    std::vector<FlatParamEntry> params, std::shared_ptr<comm::ProcessGroup> group,
+    ShardingStrategy strategy, bool use_orig_params) {
+  if (params.empty()) return absl::InvalidArgumentError("FlatParamHandle: no parameters");
+  if (group == nullptr) return absl::InvalidArgumentError("FlatParamHandle: no process group");
+  const at::ScalarType dtype = params[0].param.scalar_type();
+  std::unordered_set<const c10::TensorImpl*> seen;
+  for (const FlatParamEntry& entry : params) {
+    const std::string name = entry.fqns.empty() ? std::string("<unnamed>") : entry.fqns[0];
+    if (!entry.param.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat("parameter ", name, " is undefined"));
+    }
+    if (!entry.param.device().is_cpu()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter ", name, " is on ", entry.param.device().str(), "; Gloo FSDP needs CPU"));
+    }
+    if (entry.param.scalar_type() != dtype || !at::isFloatingType(dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "FSDP flattens parameters of one floating dtype; ", name, " is ",
+          c10::toString(entry.param.scalar_type()), ", ", params[0].fqns.empty() ? "" : params[0].fqns[0],
+          " is ", c10::toString(dtype)));
+    }
+    if (!seen.insert(entry.param.unsafeGetTensorImpl()).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameter ", name, " is listed twice; give a shared parameter once "
+                       "with all its FQNs"));
+    }
+  }
+
+  std::unique_ptr<FlatParamHandle> handle(new FlatParamHandle());
+  handle->group_ = std::move(group);
+  handle->strategy_ = strategy;
+  handle->use_orig_params_ = use_orig_params;
+  bool any_requires_grad = false;
+  std::vector<at::Tensor> pieces;
+  for (FlatParamEntry& entry : params) {
+    FlatParamInfo info;
+    info.fqns = std::move(entry.fqns);
+    info.shape = entry.param.sizes().vec();
+    info.numel = entry.param.numel();
+    info.offset = handle->numel_;
+    info.requires_grad = entry.param.requires_grad();
+    any_requires_grad |= info.requires_grad;
+    handle->numel_ += info.numel;
+    pieces.push_back(entry.param.detach().reshape({-1}));
+    handle->infos_.push_back(std::move(info));
+    handle->params_.push_back(std::move(entry.param));
+  }
+  handle->stashed_grads_.resize(handle->params_.size());
+  at::Tensor flat = at::cat(pieces);
+  const auto options = flat.options();
+  if (handle->sharded()) {
+    const int64_t n = handle->group_->size();
+    handle->shard_numel_ = (handle->numel_ + n - 1) / n;
+    handle->padded_numel_ = handle->shard_numel_ * n;
+    at::Tensor shard = at::zeros({handle->shard_numel_}, options);
+    const int64_t begin = handle->group_->rank() * handle->shard_numel_;
+    const int64_t valid = std::clamp<int64_t>(handle->numel_ - begin, 0, handle->shard_numel_);
+    if (valid > 0) shard.narrow(0, 0, valid).copy_(flat.narrow(0, begin, valid));
+    handle->flat_param_ = shard;
+    handle->full_ = at::empty({handle->padded_numel_}, options);
+    handle->full_bytes_ = handle->full_.storage().nbytes();
+    at::native::resize_bytes_cpu(handle->full_.storage().unsafeGetStorageImpl(), 0);
+  } else {
+    handle->shard_numel_ = handle->padded_numel_ = handle->numel_;
+    handle->flat_param_ = flat.clone();
+  }
+  handle->flat_param_.set_requires_grad(any_requires_grad);
+  if (handle->sharded()) {
+    handle->PointParamsAtShard();
+  } else {
+    // NO_SHARD: the original parameters are views of the flat parameter for good.
+    at::Tensor data = handle->flat_param_.detach();
+    for (size_t i = 0; i < handle->params_.size(); ++i) {
+      const FlatParamInfo& info = handle->infos_[i];
+      handle->params_[i].set_data(data.narrow(0, info.offset, info.numel).view(info.shape));
+    }
+  }
+  return handle;
+}
+
+ParamShard FlatParamHandle::ShardOf(size_t index, int rank) const {
+  const FlatParamInfo& info = infos_[index];
+  if (!sharded()) return ParamShard{0, info.offset, info.numel};
+  const int64_t begin = static_cast<int64_t>(rank) * shard_numel_;
+  const int64_t lo = std::max(begin, info.offset);
+  const int64_t hi = std::min(begin + shard_numel_, info.offset + info.numel);
+  if (hi <= lo) return ParamShard{};
+  return ParamShard{lo - info.offset, lo - begin, hi - lo};
+}
+
+std::string FlatParamHandle::Describe() const {
+  return absl::StrJoin(infos_, ", ", [](std::string* out, const FlatParamInfo& info) {
+    absl::StrAppend(out, info.fqns.empty() ? std::string("<unnamed>") : info.fqns[0]);
+  });
+}
+
+int64_t FlatParamHandle::full_buffer_bytes() const {
+  if (!sharded()) return 0;
+  return static_cast<int64_t>(full_.storage().nbytes());
+}
+
+void FlatParamHandle::PointParamsAtShard() {
+  at::Tensor shard = flat_param_.detach();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (use_orig_params_) {
+      const ParamShard local = ShardOf(i, rank());
+      params_[i].set_data(shard.narrow(0, local.shard_offset, local.numel));
+    } else {
+      params_[i].set_data(at::empty({0}, shard.options()));
+    }
+  }
+}
+
+absl::Status FlatParamHandle::Unshard() {
+  if (!sharded() || unsharded_) return absl::OkStatus();
+  at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), full_bytes_);
+  FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(full_, flat_param_.detach()),
+                       absl::StrCat("unsharding flat parameter [", Describe(), "]"));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const FlatParamInfo& info = infos_[i];
+    params_[i].set_data(full_.narrow(0, info.offset, info.numel).view(info.shape));
+  }
+  unsharded_ = true;
+  return absl::OkStatus();
+}
+
+void FlatParamHandle::Reshard() {
+  if (!sharded() || !unsharded_) return;
+  PointParamsAtShard();
+  at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), 0);
+  unsharded_ = false;
+}
+
+void FlatParamHandle::StashGradients() {
+  if (!use_orig_params_) return;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (params_[i].grad().defined()) {
+      stashed_grads_[i] = params_[i].grad();
+      params_[i].mutable_grad() = at::Tensor();
+    }
+  }
+}
+
+absl::Status FlatParamHandle::ReduceGradients() {
+  at::NoGradGuard no_grad;
+  bool any_grad = false;
+  for (const at::Tensor& p : params_) any_grad |= p.grad().defined();
+  if (!any_grad) {
+    // No parameter of this unit took part in the backward pass: like PyTorch's flat
+    // parameter, it gets no gradient (and so no optimizer state).
+    if (use_orig_params_) {
+      for (size_t i = 0; i < params_.size(); ++i) {
+        if (stashed_grads_[i].defined()) params_[i].mutable_grad() = stashed_grads_[i];
+        stashed_grads_[i] = at::Tensor();
+      }
+    }
+    return absl::OkStatus();
+  }
+  at::Tensor full_grad = at::zeros({padded_numel_}, flat_param_.options());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor& grad = params_[i].mutable_grad();
+    if (!grad.defined()) continue;
+    full_grad.narrow(0, infos_[i].offset, infos_[i].numel).copy_(grad.reshape({-1}));
+    grad = at::Tensor();
+  }
+  at::Tensor shard_grad;
+  if (sharded()) {
+    shard_grad = at::empty({shard_numel_}, full_grad.options());
+    FSDP_RETURN_IF_ERROR(
+        group_->ReduceScatterTensor(shard_grad, full_grad, comm::ReduceOp::kAvg),
+        absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
+  } else {
+    FSDP_RETURN_IF_ERROR(group_->AllReduce(full_grad, comm::ReduceOp::kAvg),
+                         absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
+    shard_grad = full_grad;
+  }
+  if (!use_orig_params_) {
+    at::Tensor& flat_grad = flat_param_.mutable_grad();
+    if (flat_grad.defined()) {
+      flat_grad.add_(shard_grad);
+    } else {
+      flat_grad = shard_grad;
+    }
+    return absl::OkStatus();
+  }
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor stash = std::move(stashed_grads_[i]);
+    stashed_grads_[i] = at::Tensor();
+    if (!infos_[i].requires_grad) continue;
+    const ParamShard local = ShardOf(i, rank());
+    if (local.numel == 0) continue;
+    at::Tensor grad = shard_grad.narrow(0, local.shard_offset, local.numel);
+    if (!sharded()) grad = grad.view(infos_[i].shape);
+    if (stash.defined()) grad = grad + stash;
+    params_[i].mutable_grad() = grad;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<at::Tensor> FlatParamHandle::GatherFullFlat() {
+  at::NoGradGuard no_grad;
+  if (!sharded()) return flat_param_.detach().clone();
+  if (unsharded_) return full_.narrow(0, 0, numel_).clone();
+  at::Tensor out = at::empty({padded_numel_}, flat_param_.options());
+  FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(out, flat_param_.detach()),
+                       absl::StrCat("gathering flat parameter [", Describe(), "]"));
+  return out.narrow(0, 0, numel_);
+}
+
+}  // namespace fsdp

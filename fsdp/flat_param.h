@@ -1,0 +1,140 @@
+// FlatParamHandle: one FSDP unit's parameters flattened into one padded flat tensor, of which
+// this rank keeps 1/N.
+//
+// Layout. The unit's original parameters (unique tensors, in the order given) are laid end to
+// end in a flat tensor of `numel()` elements, padded with zeros to `padded_numel()`, a multiple
+// of the group size N, and cut into N equal shards of `shard_numel()` elements; rank r keeps
+// shard r. `ParamShard` says which part of each original parameter lies in a rank's shard.
+// Under NO_SHARD the "shard" is the whole unpadded flat tensor.
+//
+// Life cycle:
+//   * Sharded (the resting state): `flat_param()` holds this rank's shard. Original parameters
+//     hold nothing (shape [0]), or, with use_orig_params, their 1-D slice of the shard (a view
+//     that an optimizer updates in place; possibly empty).
+//   * Unshard(): all-gathers the shards into the padded full buffer and makes every original
+//     parameter a view of it with its own shape, keeping its identity (so modules, saved
+//     autograd state and user handles see the full values).
+//   * ReduceGradients(): flattens the original parameters' gradients (zeros where a parameter
+//     has none), reduce-scatters them averaged over ranks, and gives the shard's gradient to
+//     `flat_param()` (or each original parameter its slice, with use_orig_params). Gradients
+//     already there are accumulated into, as autograd would.
+//   * Reshard(): frees the full buffer's storage (every view of it loses its memory) and
+//     returns to the resting state.
+//
+// Preconditions: all parameters are CPU tensors of one floating dtype, identical on every rank
+// (same seed), and every rank of the group creates its handles in the same order.
+// Errors: INVALID_ARGUMENT (no parameters, mixed dtypes, non-CPU tensors, duplicates);
+// collective errors from comm::ProcessGroup, annotated with the handle's FQNs.
+#ifndef FSDP_CPP_FSDP_FLAT_PARAM_H_
+#define FSDP_CPP_FSDP_FLAT_PARAM_H_
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "comm/process_group.h"
+
+namespace fsdp {
+
+enum class ShardingStrategy { kFullShard, kShardGradOp, kNoShard };
+
+absl::string_view ShardingStrategyName(ShardingStrategy strategy);
+
+// One original parameter of a flat parameter.
+struct FlatParamEntry {
+  // Every name under which the parameter is registered (a shared parameter has several), the
+  // first being its canonical FQN.
+  std::vector<std::string> fqns;
+  at::Tensor param;
+};
+
+// The part of one original parameter that lies in one rank's shard: elements
+// [param_offset, param_offset + numel) of the flattened parameter sit at
+// [shard_offset, shard_offset + numel) of the shard. numel == 0 when none does.
+struct ParamShard {
+  int64_t param_offset = 0;
+  int64_t shard_offset = 0;
+  int64_t numel = 0;
+};
+
+// Metadata of one original parameter inside the flat tensor.
+struct FlatParamInfo {
+  std::vector<std::string> fqns;
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+  int64_t offset = 0;  // in the (unpadded) flat tensor
+  bool requires_grad = true;
+};
+
+class FlatParamHandle {
+ public:
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<FlatParamHandle>> Create(
+      std::vector<FlatParamEntry> params, std::shared_ptr<comm::ProcessGroup> group,
+      ShardingStrategy strategy, bool use_orig_params);
+
+  FlatParamHandle(const FlatParamHandle&) = delete;
+  FlatParamHandle& operator=(const FlatParamHandle&) = delete;
+
+  // --- layout ---
+  const std::vector<FlatParamInfo>& infos() const { return infos_; }
+  int64_t numel() const { return numel_; }
+  int64_t padded_numel() const { return padded_numel_; }
+  int64_t shard_numel() const { return shard_numel_; }
+  int world_size() const { return sharded() ? group_->size() : 1; }
+  int rank() const { return sharded() ? group_->rank() : 0; }
+  bool sharded() const { return strategy_ != ShardingStrategy::kNoShard; }
+  ShardingStrategy strategy() const { return strategy_; }
+  bool use_orig_params() const { return use_orig_params_; }
+  const std::shared_ptr<comm::ProcessGroup>& group() const { return group_; }
+  // Which part of parameter `index` lies in shard `rank` (any rank, not only this one).
+  ParamShard ShardOf(size_t index, int rank) const;
+  // "a.weight, a.bias" (canonical FQNs), for messages.
+  std::string Describe() const;
+
+  // --- tensors ---
+  // This rank's shard (NO_SHARD: the full flat tensor): the leaf an optimizer updates unless
+  // use_orig_params. Its identity never changes.
+  const at::Tensor& flat_param() const { return flat_param_; }
+  // The original parameters, in layout order (identities as given to Create).
+  const std::vector<at::Tensor>& params() const { return params_; }
+  bool is_unsharded() const { return unsharded_; }
+  // Bytes currently held by the padded full buffer (0 when resharded).
+  int64_t full_buffer_bytes() const;
+
+  [[nodiscard]] absl::Status Unshard();
+  void Reshard();
+  // Moves gradients that original parameters hold between steps (use_orig_params: their shard
+  // slices) aside before a backward pass, to be added back by ReduceGradients.
+  void StashGradients();
+  [[nodiscard]] absl::Status ReduceGradients();
+
+  // The full, unpadded flat tensor (a gather for sharded strategies); leaves the handle as it
+  // was. For state dicts.
+  [[nodiscard]] absl::StatusOr<at::Tensor> GatherFullFlat();
+
+ private:
+  FlatParamHandle() = default;
+  void PointParamsAtShard();
+
+  std::shared_ptr<comm::ProcessGroup> group_;
+  ShardingStrategy strategy_ = ShardingStrategy::kFullShard;
+  bool use_orig_params_ = false;
+  std::vector<FlatParamInfo> infos_;
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> stashed_grads_;
+  int64_t numel_ = 0;
+  int64_t padded_numel_ = 0;
+  int64_t shard_numel_ = 0;
+  at::Tensor flat_param_;
+  at::Tensor full_;  // padded full buffer (sharded strategies); storage freed when resharded
+  int64_t full_bytes_ = 0;
+  bool unsharded_ = false;
+};
+
+}  // namespace fsdp
+
+#endif  // FSDP_CPP_FSDP_FLAT_PARAM_H_
