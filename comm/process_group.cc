@@ -61,6 +61,15 @@ void Accumulate(at::Tensor& acc, const at::Tensor& other, ReduceOp op) {
 }
 
 constexpr int kInternalTagBase = 1 << 24;
+// Reduce-scatter pipelines each ring step in pieces of this size.
+constexpr int64_t kReduceScatterPieceBytes = 4 << 20;
+
+// What is left of a deadline, at least 1 ms (0 would mean "no timeout" to c10d).
+std::chrono::milliseconds RemainingOrZero(std::chrono::steady_clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+  return std::max(left, std::chrono::milliseconds(1));
+}
 
 }  // namespace
 
@@ -127,10 +136,21 @@ absl::Status ProcessGroup::CheckTensor(absl::string_view op, const at::Tensor& t
   return absl::OkStatus();
 }
 
-int ProcessGroup::NextTag() {
+int ProcessGroup::NextTag() { return NextTags(1); }
+
+int ProcessGroup::NextTags(int count) {
+  if (tag_counter_ + count >= kInternalTagBase) tag_counter_ = 0;
   const int tag = kInternalTagBase + tag_counter_;
-  tag_counter_ = (tag_counter_ + 1) % kInternalTagBase;
+  tag_counter_ += count;
   return tag;
+}
+
+at::Tensor ProcessGroup::Scratch(int index, int64_t numel, const at::TensorOptions& options) {
+  at::Tensor& buffer = scratch_[index];
+  if (!buffer.defined() || buffer.numel() < numel || buffer.dtype() != options.dtype()) {
+    buffer = at::empty({numel}, options);
+  }
+  return buffer.narrow(0, 0, numel);
 }
 
 absl::Status ProcessGroup::SendRecv(const at::Tensor& send, int dst, at::Tensor& recv, int src,
@@ -198,22 +218,44 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
     out.copy_(in.narrow(0, 0, n));
     return absl::OkStatus();
   }
-  const int tag = NextTag();
   const auto timeout = Timeout(options);
   const int next = (rank_ + 1) % size_;
   const int prev = (rank_ - 1 + size_) % size_;
   // Ring: at step s rank r sends its partial sum of chunk (r - s - 1) to r + 1 and adds its
   // own input to the partial sum of chunk (r - s - 2) that it receives from r - 1. After
-  // size - 1 steps it holds the full reduction of chunk r.
+  // size - 1 steps it holds the full reduction of chunk r. Each step is cut into pieces whose
+  // receives are all posted at once, so adding one piece overlaps receiving the next. The two
+  // scratch chunks are kept between calls (a fresh large allocation costs page faults).
+  const int64_t piece = std::max<int64_t>(1, kReduceScatterPieceBytes / in.element_size());
+  const int pieces = static_cast<int>((n + piece - 1) / piece);
+  const int base_tag = NextTags(pieces);
   absl::Status status = CallTorch(Where(kOp), [&]() -> absl::Status {
+    at::Tensor partial = Scratch(0, n, in.options());
+    at::Tensor spare = Scratch(1, n, in.options());
     at::Tensor send_buf = in.narrow(0, ((rank_ - 1 + size_) % size_) * n, n);
-    at::Tensor partial = at::empty({n}, in.options());
-    at::Tensor spare = at::empty({n}, in.options());
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (int s = 0; s < size_ - 1; ++s) {
       const int recv_chunk = (rank_ - s - 2 + 2 * size_) % size_;
-      at::Tensor& recv = s == size_ - 2 ? out : partial;
-      FSDP_RETURN_IF_ERROR(SendRecv(send_buf, next, recv, prev, tag, timeout));
-      Accumulate(recv, in.narrow(0, recv_chunk * n, n), op);
+      at::Tensor recv = s == size_ - 2 ? out : partial;
+      std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
+      std::vector<std::vector<at::Tensor>> keep;
+      for (int j = 0; j < pieces; ++j) {
+        const int64_t begin = j * piece;
+        const int64_t len = std::min(piece, n - begin);
+        keep.push_back({recv.narrow(0, begin, len)});
+        recvs.push_back(pg_->recv(keep.back(), prev, base_tag + j));
+        keep.push_back({send_buf.narrow(0, begin, len)});
+        sends.push_back(pg_->send(keep.back(), next, base_tag + j));
+      }
+      at::Tensor own = in.narrow(0, recv_chunk * n, n);
+      for (int j = 0; j < pieces; ++j) {
+        const int64_t begin = j * piece;
+        const int64_t len = std::min(piece, n - begin);
+        recvs[j]->wait(RemainingOrZero(deadline));
+        at::Tensor got = recv.narrow(0, begin, len);
+        Accumulate(got, own.narrow(0, begin, len), op);
+      }
+      for (auto& work : sends) work->wait(RemainingOrZero(deadline));
       if (s < size_ - 2) {
         // The sum just formed is the next step's send buffer; receive into the other one.
         send_buf = partial;

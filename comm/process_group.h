@@ -143,6 +143,10 @@ class ProcessGroup {
   absl::Status SendRecv(const at::Tensor& send, int dst, at::Tensor& recv, int src, int tag,
                         std::chrono::milliseconds timeout);
   int NextTag();
+  // `count` consecutive internal tags, the first returned.
+  int NextTags(int count);
+  // Scratch buffer `index` (0 or 1) of at least `numel` elements, kept between calls.
+  at::Tensor Scratch(int index, int64_t numel, const at::TensorOptions& options);
 
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
@@ -152,6 +156,7 @@ class ProcessGroup {
   std::vector<int> global_ranks_;
   int64_t subgroup_counter_ = 0;
   int tag_counter_ = 0;
+  at::Tensor scratch_[2];
 };
 
 }  // namespace fsdp::comm

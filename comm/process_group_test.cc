@@ -82,6 +82,22 @@ TEST_P(CollectivesTest, ReduceScatterTensorReducesEachChunk) {
   });
 }
 
+TEST_P(CollectivesTest, ReduceScatterOfChunksSplitIntoSeveralPipelinedPieces) {
+  // Chunks over 4 MiB travel in several pieces per ring step; the last piece is short.
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    const int64_t n = (2 << 20) + 3;  // floats: 8 MiB + 12 bytes per chunk
+    at::Tensor input = at::arange(n * group.size(), at::kFloat).fmod(1000) + group.rank();
+    at::Tensor expected = (at::arange(n * group.size(), at::kFloat).fmod(1000) * group.size() +
+                           group.size() * (group.size() - 1) / 2.0)
+                              .narrow(0, group.rank() * n, n);
+    for (int repeat = 0; repeat < 2; ++repeat) {  // the second call reuses the scratch buffers
+      at::Tensor output = at::empty({n});
+      FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kSum));
+      EXPECT_TRUE(at::equal(output, expected)) << "repeat " << repeat;
+    }
+  });
+}
+
 TEST_P(CollectivesTest, ReduceScatterLeavesInputUnchanged) {
   RunInRanks(GetParam(), [](ProcessGroup& group) {
     at::Tensor input = at::randn({group.size() * 64});
