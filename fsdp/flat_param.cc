@@ -212,12 +212,14 @@ absl::Status FlatParamHandle::ReduceGradients() {
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor stash = std::move(stashed_grads_[i]);
     stashed_grads_[i] = at::Tensor();
-    if (!infos_[i].requires_grad) continue;
+    if (!params_[i].requires_grad()) continue;
     const ParamShard local = ShardOf(i, rank());
     if (local.numel == 0) continue;
+    // Each parameter owns its gradient (not a view of the flat one): optimizers detach and
+    // zero gradients in place, which autograd refuses on views.
     at::Tensor grad = shard_grad.narrow(0, local.shard_offset, local.numel);
-    if (!sharded()) grad = grad.view(infos_[i].shape);
-    if (stash.defined()) grad = grad + stash;
+    grad = (sharded() ? grad : grad.view(infos_[i].shape)).clone();
+    if (stash.defined()) grad.add_(stash);
     params_[i].mutable_grad() = grad;
   }
   return absl::OkStatus();

@@ -10,6 +10,8 @@ FSDP_COPTS = [
     "-Werror",
     "-Wno-unused-parameter",
     "-Wno-sign-compare",
+    # Options structs are filled with designated initializers that name only what they set.
+    "-Wno-missing-field-initializers",
 ]
 
 def fsdp_cc_library(name, copts = [], **kwargs):

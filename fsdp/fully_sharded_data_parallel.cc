@@ -1,0 +1,400 @@
+#include "fsdp/fully_sharded_data_parallel.h"
+
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <algorithm>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "comm/status_macros.h"
+
+namespace fsdp {
+namespace {
+
+// forward()/backward() cannot return a status: this is the edge where errors become c10::Error.
+void ThrowIfError(const absl::Status& status) {
+  TORCH_CHECK(status.ok(), std::string(status.message()));
+}
+
+using ImplSet = std::unordered_set<const c10::TensorImpl*>;
+
+}  // namespace
+
+// Backward-pass bookkeeping shared by the units of one FSDP model.
+struct FsdpBackwardState {
+  std::vector<FsdpUnit*> units;  // pre-order
+  bool end_of_backward_queued = false;
+
+  void QueueEndOfBackward();
+  void EndOfBackward();
+};
+
+class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<FsdpUnit> {
+ public:
+  FsdpUnit(std::unique_ptr<FlatParamHandle> handle, bool is_root, FsdpBackwardState* state)
+      : handle_(std::move(handle)), is_root_(is_root), state_(state) {}
+
+  FlatParamHandle* handle() const { return handle_.get(); }
+
+  void PreForward() override {
+    if (handle_) ThrowIfError(handle_->Unshard());
+  }
+
+  torch::Tensor PostForward(torch::Tensor output) override {
+    if (!handle_) return output;
+    const bool backward_follows =
+        at::GradMode::is_enabled() && output.defined() && output.requires_grad();
+    if (backward_follows) {
+      needs_reduce_ = true;
+      pre_backward_done_ = false;
+      grads_ready_ = 0;
+      std::weak_ptr<FsdpUnit> weak = weak_from_this();
+      output.register_hook([weak](const at::Tensor&) {
+        if (auto unit = weak.lock()) unit->PreBackward();
+      });
+    }
+    // FULL_SHARD frees a non-root unit right away; with no backward coming every sharded
+    // strategy frees it (the root is used by backward at once, so it stays gathered).
+    if (handle_->sharded() &&
+        (!backward_follows ||
+         (!is_root_ && handle_->strategy() == ShardingStrategy::kFullShard))) {
+      handle_->Reshard();
+    }
+    return output;
+  }
+
+  void PreBackward() {
+    state_->QueueEndOfBackward();
+    if (pre_backward_done_ || !needs_reduce_) return;
+    pre_backward_done_ = true;
+    handle_->StashGradients();
+    ThrowIfError(handle_->Unshard());
+  }
+
+  // Called after autograd accumulated the gradient of one of this unit's parameters.
+  void OnGradReady() {
+    if (!needs_reduce_) return;
+    if (++grads_ready_ >= hooked_params_) PostBackward();
+  }
+
+  // Reduces this unit's gradients once per backward pass, then reshards.
+  void PostBackward() {
+    if (!needs_reduce_) return;
+    needs_reduce_ = false;
+    ThrowIfError(handle_->ReduceGradients());
+    if (handle_->sharded()) handle_->Reshard();
+  }
+
+  void InstallGradHooks();
+
+ private:
+  std::unique_ptr<FlatParamHandle> handle_;
+  bool is_root_;
+  FsdpBackwardState* state_;
+  bool needs_reduce_ = false;
+  bool pre_backward_done_ = false;
+  int grads_ready_ = 0;
+  int hooked_params_ = 0;
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
+};
+
+namespace {
+
+// Runs after AccumulateGrad stored a parameter's gradient.
+class GradReadyHook : public torch::autograd::FunctionPostHook {
+ public:
+  explicit GradReadyHook(std::weak_ptr<FsdpUnit> unit) : unit_(std::move(unit)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list&) override {
+    if (auto unit = unit_.lock()) unit->OnGradReady();
+    return outputs;
+  }
+
+ private:
+  std::weak_ptr<FsdpUnit> unit_;
+};
+
+}  // namespace
+
+void FsdpUnit::InstallGradHooks() {
+  if (!handle_) return;
+  for (size_t i = 0; i < handle_->params().size(); ++i) {
+    at::Tensor param = handle_->params()[i];
+    if (!param.requires_grad()) continue;
+    // The accumulator records the shape its gradients must have when it is created, so create
+    // it while the parameter has its full shape (a stand-in that allocates one element).
+    // Holding it keeps the same node, and so our hook, for every backward pass.
+    at::Tensor resting = param.detach();
+    param.set_data(at::empty({1}, resting.options()).expand(handle_->infos()[i].shape));
+    std::shared_ptr<torch::autograd::Node> accumulator =
+        torch::autograd::impl::grad_accumulator(param);
+    param.set_data(resting);
+    if (accumulator == nullptr) continue;
+    accumulator->add_post_hook(std::make_unique<GradReadyHook>(weak_from_this()));
+    accumulators_.push_back(std::move(accumulator));
+    ++hooked_params_;
+  }
+}
+
+void FsdpBackwardState::QueueEndOfBackward() {
+  if (end_of_backward_queued) return;
+  end_of_backward_queued = true;
+  torch::autograd::Engine::get_default_engine().queue_callback([this] { EndOfBackward(); });
+}
+
+void FsdpBackwardState::EndOfBackward() {
+  end_of_backward_queued = false;
+  // Units whose parameters did not all get gradients (unused ones) finish here, innermost
+  // first, as PyTorch's final callback does.
+  for (auto it = units.rbegin(); it != units.rend(); ++it) (*it)->PostBackward();
+}
+
+namespace {
+
+struct ModuleNode {
+  torch::nn::Module* module;
+  std::string prefix;  // "" for the root, "block1." ...
+};
+
+// Pre-order walk of the module tree (each module once), skipping ignored modules' subtrees.
+void WalkModules(torch::nn::Module& module, const std::string& prefix,
+                 const std::unordered_set<torch::nn::Module*>& ignored,
+                 std::unordered_set<torch::nn::Module*>& seen, std::vector<ModuleNode>& out) {
+  if (!seen.insert(&module).second) return;
+  out.push_back({&module, prefix});
+  for (const auto& child : module.named_children()) {
+    if (ignored.count(child.value().get())) continue;
+    WalkModules(*child.value(), absl::StrCat(prefix, child.key(), "."), ignored, seen, out);
+  }
+}
+
+// The parameters a unit at `module` manages, in PyTorch's order: the module's own, then each
+// child's subtree, stopping at other units' modules and ignored modules.
+void CollectUnitParams(torch::nn::Module& module, const std::string& prefix,
+                       const std::unordered_set<torch::nn::Module*>& stop,
+                       const std::unordered_set<torch::nn::Module*>& ignored,
+                       std::vector<std::pair<std::string, at::Tensor>>& out) {
+  for (const auto& param : module.named_parameters(/*recurse=*/false)) {
+    out.emplace_back(absl::StrCat(prefix, param.key()), param.value());
+  }
+  for (const auto& child : module.named_children()) {
+    torch::nn::Module* c = child.value().get();
+    if (stop.count(c) || ignored.count(c)) continue;
+    CollectUnitParams(*c, absl::StrCat(prefix, child.key(), "."), stop, ignored, out);
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParallel::WrapSlot(
+    ModuleSlot root_slot, std::shared_ptr<torch::nn::Module> module,
+    std::shared_ptr<comm::ProcessGroup> group, FsdpOptions options) {
+  if (group == nullptr) return absl::InvalidArgumentError("FSDP: no process group given");
+  if (module == nullptr) return absl::InvalidArgumentError("FSDP: no module given");
+  std::unordered_set<torch::nn::Module*> ignored;
+  for (const auto& m : options.ignored_modules) {
+    if (m == module) {
+      return absl::InvalidArgumentError("FSDP: the wrapped module itself cannot be ignored");
+    }
+    ignored.insert(m.get());
+  }
+  std::vector<ModuleNode> nodes;
+  {
+    std::unordered_set<torch::nn::Module*> seen;
+    WalkModules(*module, "", ignored, seen, nodes);
+  }
+  std::unordered_map<torch::nn::Module*, size_t> node_index;
+  for (size_t i = 0; i < nodes.size(); ++i) node_index[nodes[i].module] = i;
+
+  // Which modules are units, each with its slot (the root's is ours).
+  std::unordered_map<torch::nn::Module*, ModuleSlot*> unit_slot;
+  for (ModuleSlot* slot : options.nested) {
+    if (slot == nullptr || slot->is_empty()) {
+      return absl::InvalidArgumentError("FSDP: a nested slot is empty");
+    }
+    torch::nn::Module* m = slot->module().get();
+    if (!node_index.count(m)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "FSDP: nested module ", m->name(),
+          " is not inside the wrapped module (or lies in an ignored module)"));
+    }
+    if (m == module.get()) {
+      return absl::InvalidArgumentError("FSDP: the wrapped module cannot also be nested");
+    }
+    if (slot->interceptor() != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "FSDP: module '", nodes[node_index[m]].prefix, "' is already wrapped"));
+    }
+    unit_slot[m] = slot;
+  }
+  auto fsdp = std::unique_ptr<FullyShardedDataParallel>(new FullyShardedDataParallel());
+  fsdp->root_slot_ = std::move(root_slot);
+  if (options.wrap_root) unit_slot[module.get()] = &fsdp->root_slot_;
+  std::unordered_set<torch::nn::Module*> unit_modules;
+  for (const auto& [m, slot] : unit_slot) unit_modules.insert(m);
+
+  // Units claim parameters inside-out (deepest module first), as nested FSDP constructors run
+  // before their parents'; among modules at one depth, later pre-order positions first.
+  std::vector<size_t> unit_nodes;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    if (unit_modules.count(nodes[i].module)) unit_nodes.push_back(i);
+  }
+  auto depth = [&](size_t i) { return std::count(nodes[i].prefix.begin(), nodes[i].prefix.end(), '.'); };
+  std::vector<size_t> claim_order = unit_nodes;
+  std::stable_sort(claim_order.begin(), claim_order.end(),
+                   [&](size_t a, size_t b) { return depth(a) > depth(b); });
+  std::unordered_map<const c10::TensorImpl*, size_t> claimed_by;  // impl -> unit node
+  std::unordered_map<size_t, std::vector<FlatParamEntry>> entries;
+  for (size_t node : claim_order) {
+    std::unordered_set<torch::nn::Module*> stop = unit_modules;
+    stop.erase(nodes[node].module);
+    std::vector<std::pair<std::string, at::Tensor>> params;
+    CollectUnitParams(*nodes[node].module, nodes[node].prefix, stop, ignored, params);
+    std::vector<FlatParamEntry>& mine = entries[node];
+    for (auto& [fqn, param] : params) {
+      const c10::TensorImpl* impl = param.unsafeGetTensorImpl();
+      auto it = claimed_by.find(impl);
+      if (it == claimed_by.end()) {
+        claimed_by[impl] = node;
+        mine.push_back({{fqn}, param});
+      } else if (it->second == node) {
+        for (FlatParamEntry& e : mine) {
+          if (e.param.unsafeGetTensorImpl() == impl) e.fqns.push_back(fqn);
+        }
+      }
+    }
+  }
+
+  fsdp->module_ = std::move(module);
+  fsdp->group_ = group;
+  fsdp->state_ = std::make_shared<FsdpBackwardState>();
+  for (size_t node : unit_nodes) {
+    std::unique_ptr<FlatParamHandle> handle;
+    if (!entries[node].empty()) {
+      auto created = FlatParamHandle::Create(std::move(entries[node]), group,
+                                             options.sharding_strategy, options.use_orig_params);
+      if (!created.ok()) {
+        return Annotate(created.status(),
+                        absl::StrCat("FSDP unit '", nodes[node].prefix, "'"));
+      }
+      handle = *std::move(created);
+    }
+    const bool is_root = nodes[node].module == fsdp->module_.get();
+    auto unit = std::make_shared<FsdpUnit>(std::move(handle), is_root, fsdp->state_.get());
+    unit->InstallGradHooks();
+    unit_slot[nodes[node].module]->set_interceptor(unit);
+    fsdp->state_->units.push_back(unit.get());
+    fsdp->units_.push_back(std::move(unit));
+    fsdp->unit_prefixes_.push_back(nodes[node].prefix);
+    fsdp->unit_modules_.push_back(nodes[node].module);
+  }
+  fsdp->options_ = std::move(options);
+  return fsdp;
+}
+
+FullyShardedDataParallel::~FullyShardedDataParallel() {
+  for (ModuleSlot* slot : options_.nested) {
+    if (slot != nullptr) slot->set_interceptor(nullptr);
+  }
+}
+
+std::vector<FullyShardedDataParallel::UnitView> FullyShardedDataParallel::units() const {
+  std::vector<UnitView> out;
+  for (size_t i = 0; i < units_.size(); ++i) out.push_back({unit_prefixes_[i], units_[i]->handle()});
+  return out;
+}
+
+namespace {
+
+ImplSet ManagedImpls(const std::vector<FullyShardedDataParallel::UnitView>& units) {
+  ImplSet managed;
+  for (const auto& unit : units) {
+    if (unit.handle == nullptr) continue;
+    for (const at::Tensor& p : unit.handle->params()) managed.insert(p.unsafeGetTensorImpl());
+  }
+  return managed;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> FullyShardedDataParallel::parameters() const {
+  const std::vector<UnitView> views = units();
+  const ImplSet managed = ManagedImpls(views);
+  std::unordered_map<torch::nn::Module*, FlatParamHandle*> handle_of;
+  for (size_t i = 0; i < units_.size(); ++i) handle_of[unit_modules_[i]] = units_[i]->handle();
+  std::vector<at::Tensor> out;
+  ImplSet emitted;
+  std::vector<ModuleNode> nodes;
+  std::unordered_set<torch::nn::Module*> seen;
+  WalkModules(*module_, "", {}, seen, nodes);
+  for (const ModuleNode& node : nodes) {
+    if (!options_.use_orig_params) {
+      auto it = handle_of.find(node.module);
+      if (it != handle_of.end() && it->second != nullptr) out.push_back(it->second->flat_param());
+    }
+    for (const auto& param : node.module->named_parameters(/*recurse=*/false)) {
+      const c10::TensorImpl* impl = param.value().unsafeGetTensorImpl();
+      if (!options_.use_orig_params && managed.count(impl)) continue;
+      if (emitted.insert(impl).second) out.push_back(param.value());
+    }
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> FullyShardedDataParallel::unmanaged_parameters()
+    const {
+  const ImplSet managed = ManagedImpls(units());
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  ImplSet emitted;
+  std::vector<ModuleNode> nodes;
+  std::unordered_set<torch::nn::Module*> seen;
+  WalkModules(*module_, "", {}, seen, nodes);
+  for (const ModuleNode& node : nodes) {
+    for (const auto& param : node.module->named_parameters(/*recurse=*/false)) {
+      const c10::TensorImpl* impl = param.value().unsafeGetTensorImpl();
+      if (managed.count(impl) || !emitted.insert(impl).second) continue;
+      out.emplace_back(absl::StrCat(node.prefix, param.key()), param.value());
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>>
+FullyShardedDataParallel::FullStateDict(bool rank0_only) {
+  at::NoGradGuard no_grad;
+  std::unordered_map<const c10::TensorImpl*, at::Tensor> full_values;
+  for (size_t i = 0; i < units_.size(); ++i) {
+    FlatParamHandle* handle = units_[i]->handle();
+    if (handle == nullptr) continue;
+    FSDP_ASSIGN_OR_RETURN(at::Tensor flat, handle->GatherFullFlat());
+    for (size_t j = 0; j < handle->params().size(); ++j) {
+      const FlatParamInfo& info = handle->infos()[j];
+      full_values[handle->params()[j].unsafeGetTensorImpl()] =
+          flat.narrow(0, info.offset, info.numel).view(info.shape).clone();
+    }
+  }
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  if (rank0_only && group_->rank() != 0) return out;
+  // PyTorch's state_dict order: each module's parameters, then its buffers, then children.
+  std::vector<ModuleNode> nodes;
+  std::unordered_set<torch::nn::Module*> seen;
+  WalkModules(*module_, "", {}, seen, nodes);
+  for (const ModuleNode& node : nodes) {
+    for (const auto& param : node.module->named_parameters(/*recurse=*/false)) {
+      auto it = full_values.find(param.value().unsafeGetTensorImpl());
+      out.emplace_back(absl::StrCat(node.prefix, param.key()),
+                       it != full_values.end() ? it->second : param.value().detach().clone());
+    }
+    for (const auto& buffer : node.module->named_buffers(/*recurse=*/false)) {
+      out.emplace_back(absl::StrCat(node.prefix, buffer.key()), buffer.value().detach().clone());
+    }
+  }
+  return out;
+}
+
+}  // namespace fsdp

@@ -1,0 +1,141 @@
+// FullyShardedDataParallel: wraps a LibTorch module so that its parameters, gradients and
+// (through the optimizer that owns the flat shards) optimizer state are sharded across the
+// ranks of a process group, with PyTorch FSDP's semantics.
+//
+//   auto fsdp = fsdp::FullyShardedDataParallel::Wrap(
+//       model, group, {.sharding_strategy = fsdp::ShardingStrategy::kFullShard,
+//                      .nested = {&model->block1, &model->block2}});
+//   torch::optim::Adam optim(fsdp.value()->parameters(), 1e-3);
+//   auto loss = fsdp.value()->forward(x).sum();
+//   loss.backward();        // gradients are reduce-scattered as units finish
+//   optim.step();
+//
+// Units. Every slot in `nested` (a ModuleSlot inside the model, see module_slot.h) becomes its
+// own FSDP unit, and, unless `wrap_root` is false, the model itself is the root unit. A unit
+// manages the parameters of its module's subtree that no nested unit claims (units claim
+// inside-out, as PyTorch wraps them) and that are not in an ignored module. Without a root
+// unit, parameters outside every unit stay ordinary local parameters ("unmanaged", as in
+// PyTorch's model-parallel tests): FSDP neither shards nor synchronizes them.
+//
+// Forward and backward. A unit all-gathers its flat parameter before its module's forward and
+// makes the original parameters views of it. FULL_SHARD frees it again after the forward
+// (except the root's) and gathers it anew when the backward pass reaches the unit (a hook on
+// the forward's output); SHARD_GRAD_OP keeps it until the end of backward; NO_SHARD never
+// shards and all-reduces gradients. Gradients are reduce-scattered, averaged over ranks, as
+// soon as all of a unit's parameters have theirs, and at the end of the backward pass for the
+// rest. Names (FQNs) are those of the unwrapped model: wrapping never renames anything.
+//
+// Preconditions: every rank builds the same model with the same initial values (same seed)
+// and wraps it with the same options; the model is on the CPU; parameters of one unit share
+// a floating dtype. Between a forward and its backward, do not read the original parameters
+// of a resharded unit in non-use_orig_params mode (they hold no data, as in PyTorch).
+//
+// Errors (from Wrap): INVALID_ARGUMENT for a nested slot whose module is not inside the model
+// or is ignored, a unit with mixed dtypes, a null group; collective errors as
+// comm::ProcessGroup's. forward()/backward() throw c10::Error carrying the status message when
+// a collective fails (the LibTorch edge).
+#ifndef FSDP_CPP_FSDP_FULLY_SHARDED_DATA_PARALLEL_H_
+#define FSDP_CPP_FSDP_FULLY_SHARDED_DATA_PARALLEL_H_
+
+#include <torch/nn/module.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "comm/process_group.h"
+#include "fsdp/flat_param.h"
+#include "fsdp/module_slot.h"
+
+namespace fsdp {
+
+struct FsdpOptions {
+  ShardingStrategy sharding_strategy = ShardingStrategy::kFullShard;
+  // The optimizer sees the original parameters, each holding this rank's slice.
+  bool use_orig_params = false;
+  // Slots inside the model to wrap as their own units, in any order.
+  std::vector<ModuleSlot*> nested;
+  // Make the model itself a unit (PyTorch's outermost FSDP(model)).
+  bool wrap_root = true;
+  // Modules whose parameters FSDP leaves alone (kept whole and local on every rank).
+  std::vector<std::shared_ptr<torch::nn::Module>> ignored_modules;
+};
+
+class FsdpUnit;
+struct FsdpBackwardState;
+
+class FullyShardedDataParallel {
+ public:
+  template <typename ModuleType>
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> Wrap(
+      torch::nn::ModuleHolder<ModuleType> model, std::shared_ptr<comm::ProcessGroup> group,
+      FsdpOptions options = {}) {
+    std::shared_ptr<torch::nn::Module> module = model.ptr();
+    return WrapSlot(ModuleSlot(std::move(model)), std::move(module), std::move(group),
+                    std::move(options));
+  }
+  template <typename ModuleType>
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> Wrap(
+      std::shared_ptr<ModuleType> model, std::shared_ptr<comm::ProcessGroup> group,
+      FsdpOptions options = {}) {
+    std::shared_ptr<torch::nn::Module> module = model;
+    return WrapSlot(ModuleSlot(std::move(model)), std::move(module), std::move(group),
+                    std::move(options));
+  }
+
+  ~FullyShardedDataParallel();
+
+  template <typename... Args>
+  torch::Tensor forward(Args&&... args) {
+    return root_slot_.forward(std::forward<Args>(args)...);
+  }
+
+  // The tensors an optimizer should own, in PyTorch FSDP's order (a pre-order walk of the
+  // modules): each unit's flat parameter at its module's place, and the parameters FSDP does
+  // not manage at theirs. With use_orig_params: the original parameters in registration order.
+  std::vector<at::Tensor> parameters() const;
+
+  // The units' flat parameter handles, in pre-order of their modules; with the FQN prefix of
+  // each unit's module ("" for the root, "block1." ...).
+  struct UnitView {
+    std::string module_prefix;
+    FlatParamHandle* handle;  // null for a unit that manages no parameter
+  };
+  std::vector<UnitView> units() const;
+
+  // Original parameters that no unit manages (outside every unit, or ignored), with FQNs.
+  std::vector<std::pair<std::string, at::Tensor>> unmanaged_parameters() const;
+
+  torch::nn::Module& module() const { return *module_; }
+  const std::shared_ptr<comm::ProcessGroup>& group() const { return group_; }
+  const FsdpOptions& options() const { return options_; }
+
+  // FULL_STATE_DICT: every parameter and buffer of the model under its FQN (a shared
+  // parameter under each of its names), as full tensors (copies). A collective: every rank
+  // calls it. With rank0_only, ranks other than 0 return an empty list.
+  [[nodiscard]] absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> FullStateDict(
+      bool rank0_only = false);
+
+ private:
+  FullyShardedDataParallel() = default;
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> WrapSlot(
+      ModuleSlot root_slot, std::shared_ptr<torch::nn::Module> module,
+      std::shared_ptr<comm::ProcessGroup> group, FsdpOptions options);
+
+  ModuleSlot root_slot_;
+  std::shared_ptr<torch::nn::Module> module_;
+  std::shared_ptr<comm::ProcessGroup> group_;
+  FsdpOptions options_;
+  std::shared_ptr<FsdpBackwardState> state_;
+  // Units in pre-order of their modules, with their module prefixes.
+  std::vector<std::shared_ptr<FsdpUnit>> units_;
+  std::vector<std::string> unit_prefixes_;
+  std::vector<torch::nn::Module*> unit_modules_;
+};
+
+}  // namespace fsdp
+
+#endif  // FSDP_CPP_FSDP_FULLY_SHARDED_DATA_PARALLEL_H_
