@@ -1,0 +1,249 @@
+// train: the main job. Trains one of the reference models under FSDP on N ranks.
+//
+//   train [--model=nested|transformer|dummy] [--world_size=N] [--steps=K]
+//         [--optimizer=adam|adamw|sgd|adagrad|rmsprop] [--lr=0.01] [--param_groups=1|2]
+//         [--wrap=wrap|wrap_alt|none] [--sharding_strategy=full_shard|shard_grad_op|no_shard]
+//         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
+//
+// Without RANK/WORLD_SIZE in the environment it launches --world_size local ranks of itself
+// (comm::Launch); with them it is one rank of a job started by a torchrun-style launcher, on
+// one host or several. Rank 0 prints one line per step, "step=<i> loss=<loss, %.9g>", followed
+// by throughput and each rank's resident memory.
+//
+// --model=nested reproduces PyTorch's _step_model on NestedModel: manual_seed(0) when training
+// starts, then per step one randn({8, 5}) batch (the same on every rank), loss = output.sum(),
+// backward, optimizer step. --wrap: `wrap` and `wrap_alt` are the PyTorch test's wrappings
+// (no root unit); `none` makes the whole model one unit. --model=transformer is
+// TransformerWithSharedParams (one unit per layer plus the root), --model=dummy TestDummyModel
+// (one unit). Optimizers use PyTorch's defaults with --lr; SGD has momentum 0.9.
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "comm/launcher.h"
+#include "comm/rendezvous.h"
+#include "comm/status_macros.h"
+#include "fsdp/fully_sharded_data_parallel.h"
+#include "models/nested_model.h"
+#include "models/simple_models.h"
+#include "models/transformer.h"
+
+ABSL_FLAG(std::string, model, "transformer", "nested, transformer or dummy.");
+ABSL_FLAG(int, world_size, 2, "Ranks to launch when not started by a launcher.");
+ABSL_FLAG(int, steps, 20, "Training steps.");
+ABSL_FLAG(std::string, optimizer, "adam", "adam, adamw, sgd, adagrad or rmsprop.");
+ABSL_FLAG(double, lr, 0.01, "Learning rate.");
+ABSL_FLAG(int, param_groups, 1, "1, or 2 for NestedModel's param_group0/param_group1.");
+ABSL_FLAG(std::string, wrap, "wrap", "nested model wrapping: wrap, wrap_alt or none.");
+ABSL_FLAG(std::string, sharding_strategy, "full_shard", "full_shard, shard_grad_op, no_shard.");
+ABSL_FLAG(bool, use_orig_params, false, "The optimizer sees the original parameters.");
+ABSL_FLAG(std::string, save, "", "Write a checkpoint to this directory at the end.");
+ABSL_FLAG(std::string, state_dict_type, "full", "Checkpoint kind for --save: full or sharded.");
+ABSL_FLAG(std::string, load, "", "Start from the checkpoint in this directory.");
+ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
+
+namespace {
+
+using fsdp::ShardingStrategy;
+
+// Resident set size of this process, in MiB (from /proc/self/statm).
+double ResidentMiB() {
+  std::ifstream statm("/proc/self/statm");
+  long pages_total = 0, pages_resident = 0;
+  statm >> pages_total >> pages_resident;
+  return pages_resident * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1 << 20);
+}
+
+absl::StatusOr<ShardingStrategy> ParseStrategy(const std::string& name) {
+  if (name == "full_shard") return ShardingStrategy::kFullShard;
+  if (name == "shard_grad_op") return ShardingStrategy::kShardGradOp;
+  if (name == "no_shard") return ShardingStrategy::kNoShard;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--sharding_strategy=", name, " is not one of full_shard, shard_grad_op, no_shard"));
+}
+
+absl::StatusOr<std::unique_ptr<torch::optim::Optimizer>> MakeOptimizer(
+    const std::string& name, double lr, std::vector<torch::Tensor> params) {
+  if (name == "adam") {
+    return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(lr));
+  }
+  if (name == "adamw") {
+    return std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(lr));
+  }
+  if (name == "sgd") {
+    return std::make_unique<torch::optim::SGD>(params,
+                                               torch::optim::SGDOptions(lr).momentum(0.9));
+  }
+  if (name == "adagrad") {
+    return std::make_unique<torch::optim::Adagrad>(params, torch::optim::AdagradOptions(lr));
+  }
+  if (name == "rmsprop") {
+    return std::make_unique<torch::optim::RMSprop>(params, torch::optim::RMSpropOptions(lr));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--optimizer=", name, " is not one of adam, adamw, sgd, adagrad, rmsprop"));
+}
+
+// One model with its FSDP wrapper and how to run a step on it.
+struct Job {
+  std::shared_ptr<torch::nn::Module> module;
+  std::unique_ptr<fsdp::FullyShardedDataParallel> fsdp;
+  std::function<torch::Tensor()> step_loss;  // forward on the next batch, returns the loss
+  int64_t items_per_step = 0;                // tokens or samples, for throughput
+};
+
+absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
+  FSDP_ASSIGN_OR_RETURN(ShardingStrategy strategy,
+                        ParseStrategy(absl::GetFlag(FLAGS_sharding_strategy)));
+  fsdp::FsdpOptions options{.sharding_strategy = strategy,
+                            .use_orig_params = absl::GetFlag(FLAGS_use_orig_params)};
+  const std::string model = absl::GetFlag(FLAGS_model);
+  Job job;
+  if (model == "nested") {
+    fsdp::models::NestedModel net;
+    const std::string wrap = absl::GetFlag(FLAGS_wrap);
+    if (wrap == "wrap") {
+      options.nested = net->wrap_slots();
+      options.wrap_root = false;
+    } else if (wrap == "wrap_alt") {
+      options.nested = net->wrap_alt_slots();
+      options.wrap_root = false;
+    } else if (wrap != "none") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, none"));
+    }
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    job.module = net.ptr();
+    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+    job.step_loss = [f, net] {
+      torch::Tensor input = net->get_input();
+      return net->get_loss(input, f->forward(input));
+    };
+    job.items_per_step = 8;
+  } else if (model == "transformer") {
+    fsdp::models::TransformerWithSharedParams net(/*rank=*/0);
+    options.nested = net->layer_slots();
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    job.module = net.ptr();
+    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+    job.step_loss = [f, net] {
+      auto input = net->get_input();  // the same on every rank (seeded with rank 0's seed)
+      return net->get_loss(input, f->forward(input.first, input.second));
+    };
+    job.items_per_step = 8;  // target tokens per step
+  } else if (model == "dummy") {
+    fsdp::models::TestDummyModel net;
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    job.module = net.ptr();
+    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+    job.step_loss = [f, net] { return f->forward(net->get_input()).sum(); };
+    job.items_per_step = 8;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--model=", model, " is not one of nested, transformer, dummy"));
+  }
+  return job;
+}
+
+absl::Status RunRank() {
+  FSDP_ASSIGN_OR_RETURN(
+      std::shared_ptr<fsdp::comm::ProcessGroup> group,
+      fsdp::comm::InitProcessGroupFromEnv(
+          {.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s))}));
+  if (!absl::GetFlag(FLAGS_save).empty() || !absl::GetFlag(FLAGS_load).empty()) {
+    return absl::UnimplementedError(
+        "--save and --load need the optimizer-state API and checkpoint files, which this "
+        "build does not have yet");
+  }
+  if (absl::GetFlag(FLAGS_param_groups) != 1) {
+    return absl::UnimplementedError(
+        "--param_groups=2 needs per-module FSDP parameter groups, which this build does not "
+        "have yet");
+  }
+  FSDP_ASSIGN_OR_RETURN(Job job, BuildJob(group));
+  FSDP_ASSIGN_OR_RETURN(std::unique_ptr<torch::optim::Optimizer> optimizer,
+                        MakeOptimizer(absl::GetFlag(FLAGS_optimizer), absl::GetFlag(FLAGS_lr),
+                                      job.fsdp->parameters()));
+  const int rank = group->rank();
+  if (rank == 0) {
+    absl::PrintF("train: model=%s world_size=%d strategy=%s use_orig_params=%d optimizer=%s "
+                 "units=%d\n",
+                 absl::GetFlag(FLAGS_model), group->size(),
+                 absl::GetFlag(FLAGS_sharding_strategy), absl::GetFlag(FLAGS_use_orig_params),
+                 absl::GetFlag(FLAGS_optimizer), static_cast<int>(job.fsdp->units().size()));
+  }
+  torch::manual_seed(0);
+  const int steps = absl::GetFlag(FLAGS_steps);
+  const auto run_start = std::chrono::steady_clock::now();
+  double last_loss = 0;
+  for (int step = 0; step < steps; ++step) {
+    const auto start = std::chrono::steady_clock::now();
+    FSDP_ASSIGN_OR_RETURN(last_loss, fsdp::CallTorch(absl::StrCat("step ", step), [&] {
+                            optimizer->zero_grad();
+                            torch::Tensor loss = job.step_loss();
+                            loss.backward();
+                            optimizer->step();
+                            return loss.item<double>();
+                          }));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    // Every rank's resident memory, for the progress line.
+    at::Tensor rss = at::full({1}, ResidentMiB(), at::kDouble);
+    at::Tensor all_rss = at::empty({group->size()}, at::kDouble);
+    FSDP_RETURN_IF_ERROR(group->AllGatherIntoTensor(all_rss, rss), "gathering memory figures");
+    if (rank == 0) {
+      std::string memory;
+      for (int r = 0; r < group->size(); ++r) {
+        absl::StrAppendFormat(&memory, "%s%.0f", r == 0 ? "" : ",", all_rss[r].item<double>());
+      }
+      absl::PrintF("step=%d loss=%.9g items_per_s=%.1f rss_mib=[%s]\n", step, last_loss,
+                   job.items_per_step / seconds, memory);
+      std::fflush(stdout);
+    }
+  }
+  if (rank == 0) {
+    const double total =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+    absl::PrintF("train: done, %d steps in %.2f s, final loss %.9g\n", steps, total, last_loss);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  if (!fsdp::comm::LaunchedByLauncher()) {
+    std::vector<std::string> args(argv, argv + argc);
+    args[0] = "/proc/self/exe";
+    fsdp::comm::LaunchOptions options;
+    options.world_size = absl::GetFlag(FLAGS_world_size);
+    options.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
+    options.output = fsdp::comm::RankOutput::kRank0Raw;
+    const absl::Status status = fsdp::comm::Launch(args, options);
+    if (!status.ok()) {
+      std::fprintf(stderr, "train: %s\n", std::string(status.message()).c_str());
+      return 1;
+    }
+    return 0;
+  }
+  const absl::Status status = RunRank();
+  if (!status.ok()) {
+    std::fprintf(stderr, "train (rank %s): %s\n", std::getenv("RANK"),
+                 std::string(status.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

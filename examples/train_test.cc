@@ -1,0 +1,117 @@
+// End to end: `train` on real rank processes against plain PyTorch (/usr/bin/python3, Debian's
+// python3-torch) training the same model in one process. Per-step losses must agree.
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string Runfile(const std::string& path) {
+  return absl::StrCat(std::getenv("TEST_SRCDIR"), "/fsdp_cpp/", path);
+}
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;
+};
+
+CommandResult RunCommand(const std::string& command) {
+  CommandResult run;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return run;
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) run.output.append(buffer, n);
+  const int status = pclose(pipe);
+  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return run;
+}
+
+std::vector<double> Losses(const std::string& output) {
+  std::vector<double> losses;
+  static const std::regex kLine(R"((^|\n)step=(\d+) loss=([-+0-9.eE]+|nan|inf))");
+  for (auto it = std::sregex_iterator(output.begin(), output.end(), kLine);
+       it != std::sregex_iterator(); ++it) {
+    losses.push_back(std::stod((*it)[3].str()));
+  }
+  return losses;
+}
+
+const std::vector<double>& PyTorchLosses(const std::string& model, const std::string& optimizer,
+                                         int steps) {
+  static std::map<std::string, std::vector<double>> cache;
+  const std::string key = absl::StrCat(model, "/", optimizer, "/", steps);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  const std::string models_dir = Runfile("models/testdata");
+  CommandResult run = RunCommand(absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/pytorch_train.py"),
+                                    " ", models_dir, " ", model, " ", optimizer, " 0.01 ", steps));
+  EXPECT_EQ(run.exit_code, 0) << run.output;
+  return cache[key] = Losses(run.output);
+}
+
+struct Case {
+  std::string model;
+  int world_size;
+  std::string strategy;
+  bool use_orig_params;
+  std::string optimizer;
+  std::string wrap = "wrap";
+};
+
+class TrainTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TrainTest, LossesMatchPlainPyTorch) {
+  const Case& c = GetParam();
+  constexpr int kSteps = 5;
+  CommandResult run = RunCommand(absl::StrCat(
+      Runfile("examples/train"), " --model=", c.model, " --world_size=", c.world_size,
+      " --sharding_strategy=", c.strategy, " --optimizer=", c.optimizer, " --steps=", kSteps,
+      " --wrap=", c.wrap, c.use_orig_params ? " --use_orig_params" : "", " --timeout_s=120"));
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const std::vector<double> losses = Losses(run.output);
+  const std::vector<double>& expected = PyTorchLosses(c.model, c.optimizer, kSteps);
+  ASSERT_EQ(losses.size(), static_cast<size_t>(kSteps)) << run.output;
+  ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
+  for (int i = 0; i < kSteps; ++i) {
+    EXPECT_NEAR(losses[i], expected[i], 1e-5 * std::max(1.0, std::abs(expected[i])))
+        << "step " << i << "\n" << run.output;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Grid, TrainTest,
+    ::testing::Values(Case{"nested", 2, "full_shard", false, "adam"},
+                      Case{"nested", 3, "shard_grad_op", true, "sgd"},
+                      Case{"nested", 4, "full_shard", true, "adamw", "wrap_alt"},
+                      Case{"nested", 1, "no_shard", false, "rmsprop", "none"},
+                      Case{"nested", 2, "full_shard", false, "adagrad", "none"},
+                      Case{"transformer", 2, "full_shard", false, "adam"},
+                      Case{"transformer", 3, "no_shard", true, "sgd"}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      const Case& c = info.param;
+      return absl::StrCat(c.model, "_ws", c.world_size, "_", c.strategy,
+                          c.use_orig_params ? "_orig_" : "_", c.optimizer, "_", c.wrap);
+    });
+
+TEST(Train, BadFlagsAreRefusedByName) {
+  CommandResult run = RunCommand(absl::StrCat(Runfile("examples/train"),
+                                    " --world_size=1 --optimizer=lamb --steps=1"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("--optimizer=lamb is not one of"));
+  run = RunCommand(absl::StrCat(Runfile("examples/train"),
+                                " --world_size=2 --sharding_strategy=hybrid --steps=1"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("--sharding_strategy=hybrid is not one of"));
+}
+
+}  // namespace
