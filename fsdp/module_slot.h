@@ -11,7 +11,9 @@
 //
 // The child stays registered under its own name, so parameter names (FQNs) never change when
 // FSDP wraps it: FSDP attaches a ForwardInterceptor to the slot instead of replacing the child.
-// Without an interceptor a slot is a plain call of the child's forward.
+// Without an interceptor a slot is a plain call of the child's forward. Activation
+// checkpointing attaches a ForwardRunner instead, which sits inside FSDP's interceptor (as
+// PyTorch's FSDP(checkpoint_wrapper(layer))).
 //
 // Preconditions: the child's forward returns a torch::Tensor (the type FSDP intercepts).
 // Errors: an interceptor that fails (for example a collective that timed out) throws
@@ -23,8 +25,11 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/pimpl.h>
 
+#include <functional>
 #include <memory>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace fsdp {
 
@@ -37,6 +42,20 @@ class ForwardInterceptor {
   // After it, given the output (FSDP: free parameters, hook the output for backward).
   // Returns the output the caller sees.
   virtual torch::Tensor PostForward(torch::Tensor output) = 0;
+};
+
+// The child's forward as a function of its tensor arguments, so that it can be run again on
+// other (detached) tensors: what activation checkpointing recomputes.
+using TensorForward = std::function<torch::Tensor(const std::vector<torch::Tensor>&)>;
+
+// How the child's forward itself is run (activation checkpointing runs it without keeping
+// activations and again during backward). Sits inside the ForwardInterceptor.
+class ForwardRunner {
+ public:
+  virtual ~ForwardRunner() = default;
+  // Runs `forward` on `inputs` and returns its output. Throws c10::Error.
+  virtual torch::Tensor Run(const TensorForward& forward,
+                            const std::vector<torch::Tensor>& inputs) = 0;
 };
 
 class ModuleSlot {
@@ -53,11 +72,9 @@ class ModuleSlot {
 
   template <typename... Args>
   torch::Tensor forward(Args&&... args) {
-    if (interceptor_ == nullptr) {
-      return any_.forward<torch::Tensor>(std::forward<Args>(args)...);
-    }
-    interceptor_->PreForward();
-    return interceptor_->PostForward(any_.forward<torch::Tensor>(std::forward<Args>(args)...));
+    if (interceptor_ != nullptr) interceptor_->PreForward();
+    torch::Tensor output = RunChild(std::forward<Args>(args)...);
+    return interceptor_ != nullptr ? interceptor_->PostForward(std::move(output)) : output;
   }
 
   template <typename... Args>
@@ -73,11 +90,36 @@ class ModuleSlot {
   void set_interceptor(std::shared_ptr<ForwardInterceptor> interceptor) {
     interceptor_ = std::move(interceptor);
   }
+  // The runner attached by activation checkpointing, if any.
+  const std::shared_ptr<ForwardRunner>& runner() const { return runner_; }
+  void set_runner(std::shared_ptr<ForwardRunner> runner) { runner_ = std::move(runner); }
 
  private:
+  template <typename... Args>
+  torch::Tensor RunChild(Args&&... args) {
+    if (runner_ == nullptr) return any_.forward<torch::Tensor>(std::forward<Args>(args)...);
+    if constexpr ((std::is_same_v<std::decay_t<Args>, torch::Tensor> && ...)) {
+      return runner_->Run(
+          [this](const std::vector<torch::Tensor>& inputs) {
+            return CallWithTensors(inputs, std::index_sequence_for<Args...>{});
+          },
+          {args...});
+    } else {
+      TORCH_CHECK(false, "activation checkpointing needs a forward whose arguments are all "
+                         "tensors; ", module_->name(), "'s are not");
+    }
+  }
+
+  template <size_t... I>
+  torch::Tensor CallWithTensors(const std::vector<torch::Tensor>& inputs,
+                                std::index_sequence<I...>) {
+    return any_.forward<torch::Tensor>(inputs[I]...);
+  }
+
   std::shared_ptr<torch::nn::Module> module_;
   torch::nn::AnyModule any_;
   std::shared_ptr<ForwardInterceptor> interceptor_;
+  std::shared_ptr<ForwardRunner> runner_;
 };
 
 }  // namespace fsdp
