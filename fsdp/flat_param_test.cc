@@ -180,6 +180,34 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, ShardingStrategy::kNoShard, true}),
     CaseName);
 
+TEST(FlatParamHandle, RanksWhoseShardIsAllPaddingStillTakePart) {
+  // Two elements over four ranks: shards of one element, ranks 2 and 3 hold only padding.
+  RunInRanks(4, [](comm::ProcessGroup& group) {
+    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    at::Tensor param = at::tensor({3.0f, 4.0f}).set_requires_grad(true);
+    FSDP_ASSERT_OK_AND_ASSIGN(
+        auto handle,
+        FlatParamHandle::Create({{{"tiny"}, param}}, group_ptr, ShardingStrategy::kFullShard,
+                                /*use_orig_params=*/true));
+    EXPECT_EQ(handle->shard_numel(), 1);
+    const ParamShard local = handle->ShardOf(0, group.rank());
+    EXPECT_EQ(local.numel, group.rank() < 2 ? 1 : 0);
+    EXPECT_EQ(param.numel(), local.numel) << "use_orig_params: the slice, possibly empty";
+    FSDP_ASSERT_OK(handle->Unshard());
+    EXPECT_TRUE(at::equal(param, at::tensor({3.0f, 4.0f})));
+    param.mutable_grad() = at::full({2}, static_cast<float>(group.rank()));
+    FSDP_ASSERT_OK(handle->ReduceGradients());
+    handle->Reshard();
+    if (group.rank() < 2) {
+      ASSERT_TRUE(param.grad().defined());
+      EXPECT_FLOAT_EQ(param.grad().item<float>(), 1.5f);  // mean of 0, 1, 2, 3
+    } else {
+      EXPECT_FALSE(param.grad().defined());
+      EXPECT_EQ(param.numel(), 0);
+    }
+  });
+}
+
 TEST(FlatParamHandle, RefusesMixedDtypesNamingBothParameters) {
   RunInRanks(1, [](comm::ProcessGroup& group) {
     auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
