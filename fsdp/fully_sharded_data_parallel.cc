@@ -50,6 +50,9 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
     const bool backward_follows =
         at::GradMode::is_enabled() && output.defined() && output.requires_grad();
     if (backward_follows) {
+      // A parameter may require gradients now that did not before (a frozen layer unfrozen
+      // between steps): hook it too, and wait for the parameters that require them now.
+      InstallGradHooks();
       needs_reduce_ = true;
       pre_backward_done_ = false;
       grads_ready_ = 0;
@@ -79,7 +82,7 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
   // Called after autograd accumulated the gradient of one of this unit's parameters.
   void OnGradReady() {
     if (!needs_reduce_) return;
-    if (++grads_ready_ >= hooked_params_) PostBackward();
+    if (++grads_ready_ >= expected_grads_) PostBackward();
   }
 
   // Reduces this unit's gradients once per backward pass, then reshards.
@@ -99,7 +102,9 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
   bool needs_reduce_ = false;
   bool pre_backward_done_ = false;
   int grads_ready_ = 0;
-  int hooked_params_ = 0;
+  // Parameters that required gradients at the last forward: the gradients a backward waits for.
+  int expected_grads_ = 0;
+  std::vector<bool> hooked_;  // per parameter
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
 };
 
@@ -121,11 +126,19 @@ class GradReadyHook : public torch::autograd::FunctionPostHook {
 
 }  // namespace
 
+// Hooks every parameter that requires a gradient and has no hook yet; counts those that
+// require one.
 void FsdpUnit::InstallGradHooks() {
   if (!handle_) return;
+  hooked_.resize(handle_->params().size(), false);
+  expected_grads_ = 0;
   for (size_t i = 0; i < handle_->params().size(); ++i) {
     at::Tensor param = handle_->params()[i];
     if (!param.requires_grad()) continue;
+    if (hooked_[i]) {
+      ++expected_grads_;
+      continue;
+    }
     // The accumulator records the shape its gradients must have when it is created, so create
     // it while the parameter has its full shape (a stand-in that allocates one element).
     // Holding it keeps the same node, and so our hook, for every backward pass.
@@ -137,7 +150,8 @@ void FsdpUnit::InstallGradHooks() {
     if (accumulator == nullptr) continue;
     accumulator->add_post_hook(std::make_unique<GradReadyHook>(weak_from_this()));
     accumulators_.push_back(std::move(accumulator));
-    ++hooked_params_;
+    hooked_[i] = true;
+    ++expected_grads_;
   }
 }
 
