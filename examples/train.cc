@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,23 +75,49 @@ absl::StatusOr<ShardingStrategy> ParseStrategy(const std::string& name) {
       "--sharding_strategy=", name, " is not one of full_shard, shard_grad_op, no_shard"));
 }
 
+// One optimizer parameter group: its tensors and, if set, its own weight decay.
+struct Group {
+  std::vector<torch::Tensor> params;
+  std::optional<double> weight_decay;
+};
+
+// PyTorch's defaults with --lr (SGD with momentum 0.9), one LibTorch group per Group.
 absl::StatusOr<std::unique_ptr<torch::optim::Optimizer>> MakeOptimizer(
-    const std::string& name, double lr, std::vector<torch::Tensor> params) {
+    const std::string& name, double lr, const std::vector<Group>& groups) {
+  auto build = [&](auto defaults, auto make) -> std::unique_ptr<torch::optim::Optimizer> {
+    using Options = decltype(defaults);
+    std::vector<torch::optim::OptimizerParamGroup> param_groups;
+    for (const Group& group : groups) {
+      auto options = std::make_unique<Options>(defaults);
+      if (group.weight_decay) options->weight_decay(*group.weight_decay);
+      param_groups.emplace_back(group.params, std::move(options));
+    }
+    return make(std::move(param_groups), defaults);
+  };
   if (name == "adam") {
-    return std::make_unique<torch::optim::Adam>(params, torch::optim::AdamOptions(lr));
+    return build(torch::optim::AdamOptions(lr), [](auto g, auto d) {
+      return std::make_unique<torch::optim::Adam>(std::move(g), d);
+    });
   }
   if (name == "adamw") {
-    return std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(lr));
+    return build(torch::optim::AdamWOptions(lr), [](auto g, auto d) {
+      return std::make_unique<torch::optim::AdamW>(std::move(g), d);
+    });
   }
   if (name == "sgd") {
-    return std::make_unique<torch::optim::SGD>(params,
-                                               torch::optim::SGDOptions(lr).momentum(0.9));
+    return build(torch::optim::SGDOptions(lr).momentum(0.9), [](auto g, auto d) {
+      return std::make_unique<torch::optim::SGD>(std::move(g), d);
+    });
   }
   if (name == "adagrad") {
-    return std::make_unique<torch::optim::Adagrad>(params, torch::optim::AdagradOptions(lr));
+    return build(torch::optim::AdagradOptions(lr), [](auto g, auto d) {
+      return std::make_unique<torch::optim::Adagrad>(std::move(g), d);
+    });
   }
   if (name == "rmsprop") {
-    return std::make_unique<torch::optim::RMSprop>(params, torch::optim::RMSpropOptions(lr));
+    return build(torch::optim::RMSpropOptions(lr), [](auto g, auto d) {
+      return std::make_unique<torch::optim::RMSprop>(std::move(g), d);
+    });
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "--optimizer=", name, " is not one of adam, adamw, sgd, adagrad, rmsprop"));
@@ -102,6 +129,7 @@ struct Job {
   std::unique_ptr<fsdp::FullyShardedDataParallel> fsdp;
   std::function<torch::Tensor()> step_loss;  // forward on the next batch, returns the loss
   int64_t items_per_step = 0;                // tokens or samples, for throughput
+  std::vector<Group> groups;                 // the optimizer's parameter groups
 };
 
 absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
@@ -127,6 +155,16 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
     FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+    if (absl::GetFlag(FLAGS_param_groups) == 2) {
+      // PyTorch's test: block1's parameters, then block2's and block0's with weight decay
+      // 0.9; the root's own bias is in neither group.
+      std::vector<torch::Tensor> group1 = f->parameters(net->block2.ptr().get());
+      for (const torch::Tensor& p : f->parameters(net->block0.module().get())) {
+        group1.push_back(p);
+      }
+      job.groups = {{f->parameters(net->block1.module().get()), std::nullopt},
+                    {std::move(group1), 0.9}};
+    }
     job.step_loss = [f, net] {
       torch::Tensor input = net->get_input();
       return net->get_loss(input, f->forward(input));
@@ -167,15 +205,16 @@ absl::Status RunRank() {
         "--save and --load need the optimizer-state API and checkpoint files, which this "
         "build does not have yet");
   }
-  if (absl::GetFlag(FLAGS_param_groups) != 1) {
-    return absl::UnimplementedError(
-        "--param_groups=2 needs per-module FSDP parameter groups, which this build does not "
-        "have yet");
+  const int param_groups = absl::GetFlag(FLAGS_param_groups);
+  if (param_groups != 1 && (param_groups != 2 || absl::GetFlag(FLAGS_model) != "nested")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--param_groups=", param_groups, ": only 1, or 2 with --model=nested"));
   }
   FSDP_ASSIGN_OR_RETURN(Job job, BuildJob(group));
+  if (job.groups.empty()) job.groups = {{job.fsdp->parameters(), std::nullopt}};
   FSDP_ASSIGN_OR_RETURN(std::unique_ptr<torch::optim::Optimizer> optimizer,
                         MakeOptimizer(absl::GetFlag(FLAGS_optimizer), absl::GetFlag(FLAGS_lr),
-                                      job.fsdp->parameters()));
+                                      job.groups));
   const int rank = group->rank();
   if (rank == 0) {
     absl::PrintF("train: model=%s world_size=%d strategy=%s use_orig_params=%d optimizer=%s "

@@ -47,14 +47,14 @@ std::vector<double> Losses(const std::string& output) {
 }
 
 const std::vector<double>& PyTorchLosses(const std::string& model, const std::string& optimizer,
-                                         int steps) {
+                                         int steps, int param_groups) {
   static std::map<std::string, std::vector<double>> cache;
-  const std::string key = absl::StrCat(model, "/", optimizer, "/", steps);
+  const std::string key = absl::StrCat(model, "/", optimizer, "/", steps, "/", param_groups);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const std::string models_dir = Runfile("models/testdata");
   CommandResult run = RunCommand(absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/pytorch_train.py"),
-                                    " ", models_dir, " ", model, " ", optimizer, " 0.01 ", steps));
+                                    " ", models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
   EXPECT_EQ(run.exit_code, 0) << run.output;
   return cache[key] = Losses(run.output);
 }
@@ -66,6 +66,7 @@ struct Case {
   bool use_orig_params;
   std::string optimizer;
   std::string wrap = "wrap";
+  int param_groups = 1;
 };
 
 class TrainTest : public ::testing::TestWithParam<Case> {};
@@ -76,10 +77,11 @@ TEST_P(TrainTest, LossesMatchPlainPyTorch) {
   CommandResult run = RunCommand(absl::StrCat(
       Runfile("examples/train"), " --model=", c.model, " --world_size=", c.world_size,
       " --sharding_strategy=", c.strategy, " --optimizer=", c.optimizer, " --steps=", kSteps,
-      " --wrap=", c.wrap, c.use_orig_params ? " --use_orig_params" : "", " --timeout_s=120"));
+      " --wrap=", c.wrap, " --param_groups=", c.param_groups,
+      c.use_orig_params ? " --use_orig_params" : "", " --timeout_s=120"));
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::vector<double> losses = Losses(run.output);
-  const std::vector<double>& expected = PyTorchLosses(c.model, c.optimizer, kSteps);
+  const std::vector<double>& expected = PyTorchLosses(c.model, c.optimizer, kSteps, c.param_groups);
   ASSERT_EQ(losses.size(), static_cast<size_t>(kSteps)) << run.output;
   ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
   for (int i = 0; i < kSteps; ++i) {
@@ -95,12 +97,15 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"nested", 4, "full_shard", true, "adamw", "wrap_alt"},
                       Case{"nested", 1, "no_shard", false, "rmsprop", "none"},
                       Case{"nested", 2, "full_shard", false, "adagrad", "none"},
+                      Case{"nested", 2, "full_shard", false, "adam", "wrap", 2},
+                      Case{"nested", 3, "shard_grad_op", true, "sgd", "wrap_alt", 2},
                       Case{"transformer", 2, "full_shard", false, "adam"},
                       Case{"transformer", 3, "no_shard", true, "sgd"}),
     [](const ::testing::TestParamInfo<Case>& info) {
       const Case& c = info.param;
       return absl::StrCat(c.model, "_ws", c.world_size, "_", c.strategy,
-                          c.use_orig_params ? "_orig_" : "_", c.optimizer, "_", c.wrap);
+                          c.use_orig_params ? "_orig_" : "_", c.optimizer, "_", c.wrap,
+                          c.param_groups == 2 ? "_2groups" : "");
     });
 
 TEST(Train, BadFlagsAreRefusedByName) {

@@ -336,7 +336,8 @@ ImplSet ManagedImpls(const std::vector<FullyShardedDataParallel::UnitView>& unit
 
 }  // namespace
 
-std::vector<at::Tensor> FullyShardedDataParallel::parameters() const {
+std::vector<at::Tensor> FullyShardedDataParallel::parameters(
+    const torch::nn::Module* subtree) const {
   const std::vector<UnitView> views = units();
   const ImplSet managed = ManagedImpls(views);
   std::unordered_map<torch::nn::Module*, FlatParamHandle*> handle_of;
@@ -345,7 +346,8 @@ std::vector<at::Tensor> FullyShardedDataParallel::parameters() const {
   ImplSet emitted;
   std::vector<ModuleNode> nodes;
   std::unordered_set<torch::nn::Module*> seen;
-  WalkModules(*module_, "", {}, seen, nodes);
+  WalkModules(subtree != nullptr ? const_cast<torch::nn::Module&>(*subtree) : *module_, "", {},
+              seen, nodes);
   for (const ModuleNode& node : nodes) {
     if (!options_.use_orig_params) {
       auto it = handle_of.find(node.module);

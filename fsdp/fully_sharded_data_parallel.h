@@ -96,7 +96,9 @@ class FullyShardedDataParallel {
   // The tensors an optimizer should own, in PyTorch FSDP's order (a pre-order walk of the
   // modules): each unit's flat parameter at its module's place, and the parameters FSDP does
   // not manage at theirs. With use_orig_params: the original parameters in registration order.
-  std::vector<at::Tensor> parameters() const;
+  // Given a module of the model, only those of its subtree: what PyTorch's
+  // `fsdp_model.block1.parameters()` returns, for optimizer parameter groups.
+  std::vector<at::Tensor> parameters(const torch::nn::Module* subtree = nullptr) const;
 
   // The units' flat parameter handles, in pre-order of their modules; with the FQN prefix of
   // each unit's module ("" for the root, "block1." ...).

@@ -1,7 +1,9 @@
 """The oracle for examples/train_test: trains a reference model in plain PyTorch (one process,
 no FSDP) exactly as `train` does, and prints `step=<i> loss=<loss>` lines.
 
-Usage: /usr/bin/python3 pytorch_train.py MODELS_TESTDATA_DIR MODEL OPTIMIZER LR STEPS
+Usage: /usr/bin/python3 pytorch_train.py MODELS_TESTDATA_DIR MODEL OPTIMIZER LR STEPS [GROUPS]
+GROUPS=2 (nested only) uses the PyTorch test's param_group0 and param_group1, the second with
+weight_decay=0.9.
 """
 
 import sys
@@ -25,6 +27,7 @@ def make_optimizer(name, lr, params):
 
 def main():
     models_dir, model_name, optimizer, lr, steps = sys.argv[1:6]
+    groups = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     sys.path.insert(0, models_dir)
     import reference_models as rm  # noqa: E402
 
@@ -40,7 +43,13 @@ def main():
             return model.get_loss(inputs, model(*inputs))
     else:
         raise SystemExit(f"unknown model {model_name!r}")
-    optim = make_optimizer(optimizer, float(lr), model.parameters())
+    params = list(model.parameters())
+    if groups == 2:
+        params = [
+            {"params": model.param_group0()},
+            {"params": model.param_group1(), "weight_decay": 0.9},
+        ]
+    optim = make_optimizer(optimizer, float(lr), params)
     torch.manual_seed(0)
     for step in range(int(steps)):
         optim.zero_grad()
