@@ -7,6 +7,7 @@
 #include <map>
 
 #include "comm/multiprocess_testutil.h"
+#include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -14,6 +15,7 @@
 namespace fsdp {
 namespace {
 
+using ::fsdp::testing::Borrow;
 using ::fsdp::testing::RunInRanks;
 using ::fsdp::testing::StatusIs;
 using ::testing::HasSubstr;
@@ -105,11 +107,7 @@ TEST(ActivationCheckpointing, RefusesEmptyAndRepeatedSlots) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("already checkpointed")));
 }
 
-struct Case {
-  int world_size;
-  ShardingStrategy strategy;
-  bool use_orig_params;
-};
+using Case = ::fsdp::testing::StrategyCase;
 
 class CheckpointUnderFsdpTest : public ::testing::TestWithParam<Case> {};
 
@@ -122,7 +120,7 @@ TEST_P(CheckpointUnderFsdpTest, LossesMatchUnwrappedTraining) {
     Net net;
     FSDP_ASSERT_OK(ApplyActivationCheckpointing(net->block0));
     FSDP_ASSERT_OK(ApplyActivationCheckpointing(net->block1));
-    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    auto group_ptr = Borrow(group);
     FSDP_ASSERT_OK_AND_ASSIGN(
         auto fsdp, FullyShardedDataParallel::Wrap(
                        net, group_ptr,
@@ -164,11 +162,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{3, ShardingStrategy::kFullShard, true},
                       Case{2, ShardingStrategy::kShardGradOp, false},
                       Case{2, ShardingStrategy::kNoShard, true}),
-    [](const ::testing::TestParamInfo<Case>& info) {
-      return absl::StrCat("ws", info.param.world_size, "_",
-                          std::string(ShardingStrategyName(info.param.strategy)),
-                          info.param.use_orig_params ? "_orig" : "");
-    });
+    ::fsdp::testing::StrategyCaseName);
 
 }  // namespace
 }  // namespace fsdp

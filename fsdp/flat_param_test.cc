@@ -4,28 +4,20 @@
 #include <ATen/ATen.h>
 
 #include "comm/multiprocess_testutil.h"
+#include "fsdp/fsdp_testutil.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace fsdp {
 namespace {
 
+using ::fsdp::testing::Borrow;
 using ::fsdp::testing::RunInRanks;
 using ::fsdp::testing::StatusIs;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-struct Case {
-  int world_size;
-  ShardingStrategy strategy;
-  bool use_orig_params;
-};
-
-std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
-  return absl::StrCat("ws", info.param.world_size, "_",
-                      std::string(ShardingStrategyName(info.param.strategy)),
-                      info.param.use_orig_params ? "_orig" : "");
-}
+using Case = ::fsdp::testing::StrategyCase;
 
 // Three parameters of 15 + 5 + 7 = 27 elements: with 2 ranks shards are 14 (1 padding), with
 // 3 ranks 9 (none), with 4 ranks 7 (1 padding).
@@ -53,7 +45,7 @@ TEST_P(FlatParamTest, ShardsAreEqualPaddedSlicesOfTheFlatTensor) {
     const at::Tensor expected_flat = Flattened(entries);
     std::vector<at::Tensor> originals;
     for (const auto& e : entries) originals.push_back(e.param.detach().clone());
-    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    auto group_ptr = Borrow(group);
     FSDP_ASSERT_OK_AND_ASSIGN(auto handle, FlatParamHandle::Create(entries, group_ptr, c.strategy,
                                                                    c.use_orig_params));
     EXPECT_EQ(handle->numel(), 27);
@@ -95,7 +87,7 @@ TEST_P(FlatParamTest, UnshardRestoresFullParametersInPlaceAndReshardFreesThem) {
     for (const auto& e : entries) originals.push_back(e.param.detach().clone());
     const c10::TensorImpl* weight_impl = entries[0].param.unsafeGetTensorImpl();
     at::Tensor weight = entries[0].param;
-    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    auto group_ptr = Borrow(group);
     FSDP_ASSERT_OK_AND_ASSIGN(auto handle, FlatParamHandle::Create(entries, group_ptr, c.strategy,
                                                                    c.use_orig_params));
     if (c.strategy != ShardingStrategy::kNoShard) {
@@ -127,7 +119,7 @@ TEST_P(FlatParamTest, ReduceGradientsAveragesAndShardsThem) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
     auto entries = MakeParams();
-    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    auto group_ptr = Borrow(group);
     FSDP_ASSERT_OK_AND_ASSIGN(auto handle, FlatParamHandle::Create(entries, group_ptr, c.strategy,
                                                                    c.use_orig_params));
     FSDP_ASSERT_OK(handle->Unshard());
@@ -178,12 +170,12 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{4, ShardingStrategy::kShardGradOp, true},
                       Case{2, ShardingStrategy::kNoShard, false},
                       Case{2, ShardingStrategy::kNoShard, true}),
-    CaseName);
+    ::fsdp::testing::StrategyCaseName);
 
 TEST(FlatParamHandle, RanksWhoseShardIsAllPaddingStillTakePart) {
   // Two elements over four ranks: shards of one element, ranks 2 and 3 hold only padding.
   RunInRanks(4, [](comm::ProcessGroup& group) {
-    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    auto group_ptr = Borrow(group);
     at::Tensor param = at::tensor({3.0f, 4.0f}).set_requires_grad(true);
     FSDP_ASSERT_OK_AND_ASSIGN(
         auto handle,
@@ -210,7 +202,7 @@ TEST(FlatParamHandle, RanksWhoseShardIsAllPaddingStillTakePart) {
 
 TEST(FlatParamHandle, RefusesMixedDtypesNamingBothParameters) {
   RunInRanks(1, [](comm::ProcessGroup& group) {
-    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    auto group_ptr = Borrow(group);
     std::vector<FlatParamEntry> entries;
     entries.push_back({{"a.weight"}, at::zeros({2})});
     entries.push_back({{"b.weight"}, at::zeros({2}, at::kDouble)});

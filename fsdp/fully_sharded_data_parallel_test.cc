@@ -7,12 +7,14 @@
 #include <map>
 
 #include "comm/multiprocess_testutil.h"
+#include "fsdp/fsdp_testutil.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace fsdp {
 namespace {
 
+using ::fsdp::testing::Borrow;
 using ::fsdp::testing::RunInRanks;
 using ::fsdp::testing::StatusIs;
 using ::testing::ElementsAre;
@@ -48,24 +50,14 @@ struct NetImpl : torch::nn::Module {
 TORCH_MODULE(Net);
 
 
-struct Case {
-  int world_size;
-  ShardingStrategy strategy;
-  bool use_orig_params;
-};
-
-std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
-  return absl::StrCat("ws", info.param.world_size, "_",
-                      std::string(ShardingStrategyName(info.param.strategy)),
-                      info.param.use_orig_params ? "_orig" : "");
-}
+using Case = ::fsdp::testing::StrategyCase;
 
 // Wraps l0, inner and inner.b as units inside the root unit.
 absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> WrapNet(Net net,
                                                                   comm::ProcessGroup& group,
                                                                   const Case& c) {
   auto inner = std::dynamic_pointer_cast<InnerImpl>(net->inner.module());
-  auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+  auto group_ptr = Borrow(group);
   return FullyShardedDataParallel::Wrap(
       net, group_ptr,
       {.sharding_strategy = c.strategy,
@@ -203,13 +195,13 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{4, ShardingStrategy::kShardGradOp, false},
                       Case{2, ShardingStrategy::kNoShard, false},
                       Case{3, ShardingStrategy::kNoShard, true}),
-    CaseName);
+    ::fsdp::testing::StrategyCaseName);
 
 TEST(FullyShardedDataParallel, RefusesANestedSlotOutsideTheModel) {
   RunInRanks(1, [](comm::ProcessGroup& group) {
     Net net;
     Net other;
-    auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+    auto group_ptr = Borrow(group);
     EXPECT_THAT(FullyShardedDataParallel::Wrap(net, group_ptr, {.nested = {&other->l0}}),
                 StatusIs(absl::StatusCode::kInvalidArgument,
                          HasSubstr("is not inside the wrapped module")));

@@ -9,6 +9,7 @@
 #include <map>
 
 #include "comm/multiprocess_testutil.h"
+#include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/module_slot.h"
 #include "gmock/gmock.h"
@@ -17,6 +18,7 @@
 namespace fsdp {
 namespace {
 
+using ::fsdp::testing::Borrow;
 using ::fsdp::testing::RunInRanks;
 using ::fsdp::testing::StatusIs;
 using ::testing::AllOf;
@@ -68,22 +70,7 @@ const std::vector<std::string> kNetKeys = {
     "inner.a.weight", "inner.a.bias", "inner.b.weight", "inner.b.bias",
     "head.weight",    "head.bias",    "extra.weight",   "extra.bias"};
 
-struct Case {
-  int world_size;
-  ShardingStrategy strategy;
-  bool use_orig_params;
-};
-
-std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
-  return absl::StrCat("ws", info.param.world_size, "_",
-                      std::string(ShardingStrategyName(info.param.strategy)),
-                      info.param.use_orig_params ? "_orig" : "");
-}
-
-std::shared_ptr<comm::ProcessGroup> Borrow(comm::ProcessGroup& group) {
-  return std::shared_ptr<comm::ProcessGroup>(&group,
-                                             [](comm::ProcessGroup*) {});
-}
+using Case = ::fsdp::testing::StrategyCase;
 
 // Units at l0, inner and inner.b inside the root unit; `extra` ignored. With
 // `nest_inner_b` false, inner.b belongs to inner's unit (another wrapping).
@@ -640,7 +627,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{3, ShardingStrategy::kNoShard, true},
                       Case{4, ShardingStrategy::kFullShard, false},
                       Case{4, ShardingStrategy::kShardGradOp, true}),
-    CaseName);
+    ::fsdp::testing::StrategyCaseName);
 
 INSTANTIATE_TEST_SUITE_P(
     Strategies, StateDictMultiRankTest,
@@ -652,7 +639,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{3, ShardingStrategy::kNoShard, true},
                       Case{4, ShardingStrategy::kFullShard, false},
                       Case{4, ShardingStrategy::kShardGradOp, true}),
-    CaseName);
+    ::fsdp::testing::StrategyCaseName);
 
 // One tensor registered under two names in two modules (weight tying).
 struct ProjImpl : torch::nn::Module {
