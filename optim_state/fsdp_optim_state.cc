@@ -1,0 +1,1057 @@
+#include "optim_state/fsdp_optim_state.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "comm/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace fsdp::optim_state {
+namespace {
+
+using json = nlohmann::json;
+
+// FSDP_ASSIGN_OR_RETURN with a context prefixed to the error (as FSDP_RETURN_IF_ERROR's).
+#define OPTIM_ASSIGN_OR_RETURN(lhs, expr, context) \
+  OPTIM_ASSIGN_OR_RETURN_IMPL_(FSDP_STATUS_CONCAT_(optim_statusor_, __LINE__), lhs, expr, context)
+#define OPTIM_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr, context)           \
+  auto statusor = (expr);                                                     \
+  if (!statusor.ok()) return ::fsdp::Annotate(statusor.status(), (context)); \
+  lhs = std::move(statusor).value()
+
+// CallTorch for functions that return an absl::StatusOr.
+template <typename Fn>
+auto CallTorchOr(absl::string_view context, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    return StatusFromException(e, context);
+  }
+}
+
+// ---------------------------------------------------------------- the model and optimizer
+
+enum class Role { kFlat, kOrig, kUnmanaged };
+
+// What one tensor of the optimizer is to FSDP.
+struct ParamRole {
+  Role role = Role::kUnmanaged;
+  size_t unit = 0;   // kFlat, kOrig: index into ModelIndex::handles
+  size_t index = 0;  // kOrig: index of the original parameter in its handle
+  std::string fqn;   // kOrig, kUnmanaged
+};
+
+struct ModelIndex {
+  std::vector<FlatParamHandle*> handles;  // units that manage parameters, in pre-order
+  absl::flat_hash_map<const c10::TensorImpl*, ParamRole> by_tensor;
+  std::vector<std::pair<std::string, at::Tensor>> unmanaged;
+};
+
+ModelIndex IndexModel(const FullyShardedDataParallel& fsdp) {
+  ModelIndex m;
+  for (const auto& unit : fsdp.units()) {
+    if (unit.handle == nullptr) continue;
+    FlatParamHandle* h = unit.handle;
+    const size_t u = m.handles.size();
+    m.handles.push_back(h);
+    if (!h->use_orig_params()) {
+      m.by_tensor[h->flat_param().unsafeGetTensorImpl()] = ParamRole{Role::kFlat, u, 0, ""};
+    } else {
+      for (size_t i = 0; i < h->params().size(); ++i) {
+        m.by_tensor[h->params()[i].unsafeGetTensorImpl()] =
+            ParamRole{Role::kOrig, u, i, h->infos()[i].fqns[0]};
+      }
+    }
+  }
+  m.unmanaged = fsdp.unmanaged_parameters();
+  for (const auto& [fqn, t] : m.unmanaged) {
+    m.by_tensor.emplace(t.unsafeGetTensorImpl(), ParamRole{Role::kUnmanaged, 0, 0, fqn});
+  }
+  return m;
+}
+
+// The optimizer's parameters in ID order (param_groups order).
+std::vector<at::Tensor> OptimizerParams(const OptimizerAdapter& adapter) {
+  std::vector<at::Tensor> out;
+  for (auto& group : adapter.optimizer().param_groups()) {
+    for (auto& p : group.params()) out.push_back(p);
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<ParamRole>> RolesOf(const ModelIndex& index,
+                                               const std::vector<at::Tensor>& params,
+                                               absl::string_view op) {
+  std::vector<ParamRole> roles;
+  roles.reserve(params.size());
+  for (size_t id = 0; id < params.size(); ++id) {
+    auto it = index.by_tensor.find(params[id].unsafeGetTensorImpl());
+    if (it == index.by_tensor.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          op, ": the optimizer holds a parameter (ID ", id,
+          ") that is neither a flat parameter, an original parameter of a unit, nor an "
+          "unmanaged parameter of the model"));
+    }
+    roles.push_back(it->second);
+  }
+  return roles;
+}
+
+std::vector<std::string> FqnsOf(const ModelIndex& index, const ParamRole& role) {
+  if (role.role != Role::kFlat) return {role.fqn};
+  std::vector<std::string> fqns;
+  for (const FlatParamInfo& info : index.handles[role.unit]->infos()) {
+    fqns.push_back(info.fqns[0]);
+  }
+  return fqns;
+}
+
+std::vector<std::string> HandleFqns(const FlatParamHandle& h) {
+  std::vector<std::string> fqns;
+  for (const FlatParamInfo& info : h.infos()) fqns.push_back(info.fqns[0]);
+  return fqns;
+}
+
+// ---------------------------------------------------------------- Python-like text
+
+std::string PyStr(const std::string& s) { return absl::StrCat("'", s, "'"); }
+
+std::string PyList(const std::vector<std::string>& items) {
+  return absl::StrCat("[",
+                      absl::StrJoin(items, ", ",
+                                    [](std::string* out, const std::string& s) {
+                                      absl::StrAppend(out, PyStr(s));
+                                    }),
+                      "]");
+}
+
+std::string PyTuple(const std::vector<std::string>& items) {
+  std::vector<std::string> quoted;
+  for (const auto& s : items) quoted.push_back(PyStr(s));
+  return absl::StrCat("(", absl::StrJoin(quoted, ", "), items.size() == 1 ? ",)" : ")");
+}
+
+std::string PySet(const std::vector<std::string>& reprs) {
+  return absl::StrCat("{", absl::StrJoin(reprs, ", "), "}");
+}
+
+std::string TorchSize(at::IntArrayRef shape) {
+  return absl::StrCat("torch.Size([", absl::StrJoin(shape, ", "), "])");
+}
+
+std::string TorchDtype(at::ScalarType t) { return absl::StrCat("torch.", DtypeName(t)); }
+
+// Python's `tensor.item()` repr.
+std::string ItemRepr(const at::Tensor& t) {
+  if (t.scalar_type() == at::kBool) return t.item<bool>() ? "True" : "False";
+  if (at::isIntegralType(t.scalar_type(), /*includeBool=*/false)) {
+    return absl::StrCat(t.item<int64_t>());
+  }
+  return DebugString(StateValue(t.item<double>()));
+}
+
+// ---------------------------------------------------------------- values as metadata
+
+bool IsPosDimTensor(const StateValue& v) {
+  const at::Tensor* t = v.GetIf<at::Tensor>();
+  return t != nullptr && t->defined() && t->dim() > 0;
+}
+bool IsZeroDimTensor(const StateValue& v) {
+  const at::Tensor* t = v.GetIf<at::Tensor>();
+  return t != nullptr && t->defined() && t->dim() == 0;
+}
+
+// A scalar value (not a positive-dimension tensor) as JSON.
+absl::StatusOr<json> ToJson(const StateValue& value) {
+  if (value.IsNone()) return json{{"t", "none"}};
+  if (const bool* b = value.GetIf<bool>()) return json{{"t", "bool"}, {"v", *b}};
+  if (const int64_t* i = value.GetIf<int64_t>()) return json{{"t", "int"}, {"v", *i}};
+  if (const double* d = value.GetIf<double>()) return json{{"t", "float"}, {"v", *d}};
+  if (const std::string* s = value.GetIf<std::string>()) return json{{"t", "str"}, {"v", *s}};
+  if (const StateSequence* seq = value.GetIf<StateSequence>()) {
+    json items = json::array();
+    for (const StateValue& item : seq->items) {
+      FSDP_ASSIGN_OR_RETURN(json j, ToJson(item));
+      items.push_back(std::move(j));
+    }
+    return json{{"t", seq->is_tuple ? "tuple" : "list"}, {"v", std::move(items)}};
+  }
+  if (IsZeroDimTensor(value)) {
+    const at::Tensor& t = value.Get<at::Tensor>();
+    json j{{"t", "tensor"}, {"dtype", static_cast<int>(t.scalar_type())}};
+    if (t.scalar_type() == at::kBool) {
+      j["v"] = t.item<bool>();
+    } else if (at::isIntegralType(t.scalar_type(), /*includeBool=*/false)) {
+      j["v"] = t.item<int64_t>();
+    } else if (at::isFloatingType(t.scalar_type())) {
+      j["v"] = t.item<double>();
+    } else {
+      return absl::UnimplementedError(
+          absl::StrCat("a zero-dimension tensor of dtype ", DtypeName(t.scalar_type())));
+    }
+    return j;
+  }
+  return absl::UnimplementedError(
+      absl::StrCat("a value of type ", value.TypeName(), " cannot travel as metadata"));
+}
+
+StateValue FromJson(const json& j) {
+  const std::string t = j.at("t").get<std::string>();
+  if (t == "bool") return StateValue(j.at("v").get<bool>());
+  if (t == "int") return StateValue(j.at("v").get<int64_t>());
+  if (t == "float") return StateValue(j.at("v").get<double>());
+  if (t == "str") return StateValue(j.at("v").get<std::string>());
+  if (t == "tuple" || t == "list") {
+    std::vector<StateValue> items;
+    for (const json& item : j.at("v")) items.push_back(FromJson(item));
+    return t == "tuple" ? StateValue::Tuple(std::move(items)) : StateValue::List(std::move(items));
+  }
+  if (t == "tensor") {
+    const auto dtype = static_cast<at::ScalarType>(j.at("dtype").get<int>());
+    const auto options = at::TensorOptions().dtype(dtype);
+    if (dtype == at::kBool) return StateValue(at::scalar_tensor(j.at("v").get<bool>(), options));
+    if (at::isIntegralType(dtype, /*includeBool=*/false)) {
+      return StateValue(at::scalar_tensor(j.at("v").get<int64_t>(), options));
+    }
+    return StateValue(at::scalar_tensor(j.at("v").get<double>(), options));
+  }
+  return StateValue::None();
+}
+
+absl::StatusOr<json> ParamStateToJson(const ParamState& state) {
+  json out = json::array();
+  for (const auto& [name, value] : state) {
+    OPTIM_ASSIGN_OR_RETURN(json v, ToJson(value), absl::StrCat("state '", name, "'"));
+    out.push_back(json{{"name", name}, {"v", std::move(v)}});
+  }
+  return out;
+}
+
+ParamState ParamStateFromJson(const json& j) {
+  ParamState out;
+  for (const json& e : j) out.Set(e.at("name").get<std::string>(), FromJson(e.at("v")));
+  return out;
+}
+
+absl::StatusOr<json> Parse(const std::string& bytes) {
+  json j = json::parse(bytes, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InternalError("malformed metadata object");
+  return j;
+}
+
+// ---------------------------------------------------------------- full_optim_state_dict
+
+// The sorted names of `state`'s positive-dimension tensors, zero-dimension tensors and others.
+struct NamesByKind {
+  std::vector<std::string> pos, zero, other;
+};
+NamesByKind SortNames(const ParamState& state) {
+  NamesByKind n;
+  for (const auto& [name, value] : state) {
+    (IsPosDimTensor(value) ? n.pos : IsZeroDimTensor(value) ? n.zero : n.other).push_back(name);
+  }
+  std::sort(n.pos.begin(), n.pos.end());
+  std::sort(n.zero.begin(), n.zero.end());
+  std::sort(n.other.begin(), n.other.end());
+  return n;
+}
+
+StateValue CopyValue(const StateValue& v) { return CloneStateValue(v); }
+
+// `full` (numel elements) gathered: all-gathers `local` (this rank's shard) over the handle's
+// group, or takes it as is without sharding.
+absl::StatusOr<at::Tensor> GatherFlat(FlatParamHandle& h, const at::Tensor& local,
+                                      const std::string& name) {
+  const std::string context =
+      absl::StrCat("gathering optimizer state '", name, "' of flat parameter [", h.Describe(), "]");
+  const int64_t expected = h.sharded() ? h.shard_numel() : h.numel();
+  if (local.dim() != 1 || local.numel() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(context, ": state has shape ",
+                                                   TorchSize(local.sizes()), ", expected [",
+                                                   expected, "]"));
+  }
+  if (!h.sharded()) return local;
+  at::Tensor out = at::empty({h.padded_numel()}, local.options());
+  FSDP_RETURN_IF_ERROR(h.group()->AllGatherIntoTensor(out, local.detach().contiguous()), context);
+  return out.narrow(0, 0, h.numel());
+}
+
+}  // namespace
+
+absl::StatusOr<OptimStateDict> FullOptimStateDict(FullyShardedDataParallel& fsdp,
+                                                  const OptimizerAdapter& adapter,
+                                                  const FullOptimStateDictOptions& options) {
+  constexpr absl::string_view kOp = "FullOptimStateDict";
+  std::shared_ptr<comm::ProcessGroup> group = options.group ? options.group : fsdp.group();
+  const int rank = group->rank();
+  const bool to_save = !options.rank0_only || rank == 0;
+  const ModelIndex index = IndexModel(fsdp);
+  OPTIM_ASSIGN_OR_RETURN(OptimStateDict osd, adapter.StateDict(), std::string(kOp));
+  const std::vector<at::Tensor> params = OptimizerParams(adapter);
+  FSDP_ASSIGN_OR_RETURN(std::vector<ParamRole> roles, RolesOf(index, params, kOp));
+
+  // This rank's keys: flat parameters and unmanaged parameters with state (ID order), with
+  // their positive-dimension state names; original parameters with all their state.
+  json keys = json::array();
+  json orig = json::array();
+  absl::flat_hash_map<std::string, int64_t> key_to_id;
+  absl::flat_hash_map<const c10::TensorImpl*, int64_t> tensor_to_id;
+  for (size_t id = 0; id < params.size(); ++id) {
+    tensor_to_id[params[id].unsafeGetTensorImpl()] = static_cast<int64_t>(id);
+    const ParamState* st = osd.state.Find(ParamKey::Id(static_cast<int64_t>(id)));
+    if (st == nullptr) continue;
+    const ParamRole& role = roles[id];
+    if (role.role == Role::kOrig) {
+      json entries = json::array();
+      for (const auto& [name, value] : *st) {
+        if (IsPosDimTensor(value)) {
+          entries.push_back(json{{"name", name},
+                                 {"dtype", static_cast<int>(value.Get<at::Tensor>().scalar_type())}});
+        } else {
+          OPTIM_ASSIGN_OR_RETURN(json v, ToJson(value),
+                                absl::StrCat(kOp, ": state '", name, "' of '", role.fqn, "'"));
+          entries.push_back(json{{"name", name}, {"v", std::move(v)}});
+        }
+      }
+      orig.push_back(json{{"u", role.unit}, {"i", role.index}, {"state", std::move(entries)}});
+      continue;
+    }
+    const std::string key =
+        role.role == Role::kFlat ? absl::StrCat("unit:", role.unit) : absl::StrCat("param:", role.fqn);
+    key_to_id[key] = static_cast<int64_t>(id);
+    keys.push_back(json{{"key", key}, {"fqns", FqnsOf(index, role)}, {"pos", SortNames(*st).pos}});
+  }
+  const json local{{"keys", std::move(keys)}, {"orig", std::move(orig)}};
+  OPTIM_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes, group->AllGatherObject(local.dump()),
+                        absl::StrCat(kOp, ": exchanging optimizer state keys (rank ", rank,
+                                     ", group ", group->name(), ")"));
+  std::vector<json> all;
+  for (const std::string& bytes : all_bytes) {
+    OPTIM_ASSIGN_OR_RETURN(json j, Parse(bytes), std::string(kOp));
+    all.push_back(std::move(j));
+  }
+
+  // Every rank must hold rank 0's states (1.13's check), reported identically on every rank.
+  std::string missing_msg;
+  for (size_t r = 0; r < all.size(); ++r) {
+    absl::flat_hash_map<std::string, std::set<std::string>> theirs;
+    for (const json& k : all[r]["keys"]) {
+      theirs[k["key"].get<std::string>()] = k["pos"].get<std::set<std::string>>();
+    }
+    std::vector<std::string> missing;
+    for (const json& k : all[0]["keys"]) {
+      auto it = theirs.find(k["key"].get<std::string>());
+      bool ok = it != theirs.end();
+      for (const json& name : k["pos"]) ok = ok && it->second.count(name.get<std::string>()) > 0;
+      if (!ok) missing.push_back(PyTuple(k["fqns"].get<std::vector<std::string>>()));
+    }
+    if (!missing.empty()) {
+      absl::StrAppend(&missing_msg, "\nRank ", r, " is missing states for the parameters: [",
+                      absl::StrJoin(missing, ", "), "]");
+    }
+  }
+  if (!missing_msg.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        kOp, " (rank ", rank, ", group ", group->name(),
+        "): FSDP currently requires each rank to have at least the optimizer states needed by "
+        "rank 0's optimizer but some ranks are missing some of those states",
+        missing_msg));
+  }
+
+  absl::flat_hash_map<std::string, ParamState> saved;  // FQN -> its full state (to_save)
+
+  // Flat parameters and unmanaged parameters, in rank 0's order.
+  for (const json& k : all[0]["keys"]) {
+    const int64_t id = key_to_id.at(k["key"].get<std::string>());
+    const ParamState& st = *osd.state.Find(ParamKey::Id(id));
+    const ParamRole& role = roles[static_cast<size_t>(id)];
+    if (role.role == Role::kUnmanaged) {
+      if (to_save) saved[role.fqn] = st;
+      continue;
+    }
+    FlatParamHandle& h = *index.handles[role.unit];
+    std::vector<ParamState> unflat(h.infos().size());
+    for (const json& name_json : k["pos"]) {
+      const std::string name = name_json.get<std::string>();
+      OPTIM_ASSIGN_OR_RETURN(at::Tensor full,
+                            GatherFlat(h, st.Find(name)->Get<at::Tensor>(), name),
+                            std::string(kOp));
+      if (!to_save) continue;
+      FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
+        for (size_t i = 0; i < h.infos().size(); ++i) {
+          const FlatParamInfo& info = h.infos()[i];
+          unflat[i].Set(name, full.narrow(0, info.offset, info.numel).view(info.shape).clone());
+        }
+      }));
+    }
+    if (!to_save) continue;
+    const NamesByKind names = SortNames(st);
+    for (size_t i = 0; i < h.infos().size(); ++i) {
+      for (const auto* list : {&names.zero, &names.other}) {
+        for (const std::string& name : *list) unflat[i].Set(name, CopyValue(*st.Find(name)));
+      }
+      saved[h.infos()[i].fqns[0]] = std::move(unflat[i]);
+    }
+  }
+
+  // use_orig_params: per unit, the union over ranks of its parameters' states.
+  struct OrigParamInfo {
+    std::set<std::string> pos_names;
+    std::map<std::string, StateValue> scalars;  // from the lowest rank that has them
+  };
+  struct OrigUnit {
+    std::map<std::string, int> pos_dtypes;
+    std::map<size_t, OrigParamInfo> params;
+  };
+  std::map<size_t, OrigUnit> orig_units;
+  for (const json& rank_meta : all) {
+    for (const json& e : rank_meta["orig"]) {
+      OrigUnit& unit = orig_units[e["u"].get<size_t>()];
+      OrigParamInfo& p = unit.params[e["i"].get<size_t>()];
+      for (const json& s : e["state"]) {
+        const std::string name = s["name"].get<std::string>();
+        if (s.contains("dtype")) {
+          unit.pos_dtypes.emplace(name, s["dtype"].get<int>());
+          p.pos_names.insert(name);
+        } else {
+          p.scalars.emplace(name, FromJson(s["v"]));
+        }
+      }
+    }
+  }
+  for (auto& [u, unit] : orig_units) {
+    FlatParamHandle& h = *index.handles[u];
+    for (const auto& [name, dtype] : unit.pos_dtypes) {
+      at::Tensor local;
+      FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&]() -> absl::Status {
+        local = at::zeros({h.sharded() ? h.shard_numel() : h.numel()},
+                          at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
+        for (size_t i = 0; i < h.params().size(); ++i) {
+          auto it = tensor_to_id.find(h.params()[i].unsafeGetTensorImpl());
+          if (it == tensor_to_id.end()) continue;
+          const ParamState* st = osd.state.Find(ParamKey::Id(it->second));
+          const StateValue* v = st == nullptr ? nullptr : st->Find(name);
+          if (v == nullptr || !IsPosDimTensor(*v)) continue;
+          const ParamShard s = h.ShardOf(i, h.rank());
+          const at::Tensor& t = v->Get<at::Tensor>();
+          if (t.numel() != s.numel) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "state '", name, "' of '", h.infos()[i].fqns[0], "' has ", t.numel(),
+                " elements but this rank's slice of the parameter has ", s.numel));
+          }
+          local.narrow(0, s.shard_offset, s.numel).copy_(t.reshape({-1}));
+        }
+        return absl::OkStatus();
+      }));
+      OPTIM_ASSIGN_OR_RETURN(at::Tensor full, GatherFlat(h, local, name), std::string(kOp));
+      if (!to_save) continue;
+      for (const auto& [i, p] : unit.params) {
+        if (p.pos_names.count(name) == 0) continue;
+        const FlatParamInfo& info = h.infos()[i];
+        saved[info.fqns[0]].Set(name,
+                                full.narrow(0, info.offset, info.numel).view(info.shape).clone());
+      }
+    }
+    if (!to_save) continue;
+    for (const auto& [i, p] : unit.params) {
+      ParamState& out = saved[h.infos()[i].fqns[0]];
+      for (bool zero : {true, false}) {
+        for (const auto& [name, value] : p.scalars) {
+          if (IsZeroDimTensor(value) == zero) out.Set(name, CopyValue(value));
+        }
+      }
+    }
+  }
+
+  OptimStateDict result;
+  if (!to_save) {
+    result.has_param_groups = false;
+    return result;
+  }
+  // State in this rank's ID order; param_groups with FQNs.
+  for (size_t id = 0; id < params.size(); ++id) {
+    for (const std::string& fqn : FqnsOf(index, roles[id])) {
+      auto it = saved.find(fqn);
+      if (it != saved.end()) result.state.Set(ParamKey::Fqn(fqn), std::move(it->second));
+    }
+  }
+  result.has_param_groups = osd.has_param_groups;
+  for (const ParamGroup& g : osd.param_groups) {
+    ParamGroup out;
+    out.hyper_params = g.hyper_params;
+    for (const ParamKey& key : g.params) {
+      for (const std::string& fqn : FqnsOf(index, roles[static_cast<size_t>(key.id())])) {
+        out.params.push_back(ParamKey::Fqn(fqn));
+      }
+    }
+    result.param_groups.push_back(std::move(out));
+  }
+  return result;
+}
+
+absl::StatusOr<OptimStateDict> RekeyFullOptimStateDictToIds(const OptimStateDict& full_osd) {
+  constexpr absl::string_view kOp = "RekeyFullOptimStateDictToIds";
+  if (!full_osd.has_param_groups) {
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": the dict has no param_groups"));
+  }
+  absl::flat_hash_map<std::string, int64_t> ids;
+  OptimStateDict out;
+  for (const ParamGroup& g : full_osd.param_groups) {
+    ParamGroup pg;
+    pg.hyper_params = g.hyper_params;
+    for (const ParamKey& key : g.params) {
+      if (!key.is_fqn()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(kOp, ": param_groups list ", key.ToString(), ", not an FQN"));
+      }
+      const int64_t id = static_cast<int64_t>(ids.size());
+      ids.emplace(key.fqn(), id);
+      pg.params.push_back(ParamKey::Id(ids.at(key.fqn())));
+    }
+    out.param_groups.push_back(std::move(pg));
+  }
+  for (const auto& [key, state] : full_osd.state) {
+    if (!key.is_fqn() || !ids.contains(key.fqn())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, ": state key ", key.ToString(), " is not an FQN of param_groups"));
+    }
+    out.state.Set(ParamKey::Id(ids.at(key.fqn())), state);
+  }
+  return out;
+}
+
+namespace {
+
+// ---------------------------------------------------------------- flattening a full dict
+
+// One unit's state in its flat layout, built from a full dict. `pos` holds either the whole
+// unpadded flat tensor (numel elements) or, once cut, this rank's local part (ToLocalPart).
+struct UnitFlat {
+  bool has_state = false;
+  std::vector<std::pair<std::string, at::Tensor>> pos;
+  // Flat parameters: the unit's state names in order and its scalar states.
+  std::vector<std::string> order;
+  ParamState scalars;
+  // use_orig_params: per original parameter.
+  struct Orig {
+    bool present = false;
+    std::vector<std::string> order;
+    ParamState scalars;
+  };
+  std::vector<Orig> params;
+};
+
+std::string ValuesRepr(const std::vector<const StateValue*>& values) {
+  std::vector<std::string> reprs;
+  for (const StateValue* v : values) reprs.push_back(DebugString(*v));
+  return absl::StrCat("[", absl::StrJoin(reprs, ", "), "]");
+}
+
+// Concatenates each parameter's tensor state `name` (zeros where null) into one flat tensor.
+absl::StatusOr<at::Tensor> FlattenTensors(const std::string& name,
+                                          const std::vector<const StateValue*>& values,
+                                          const FlatParamHandle& h) {
+  const std::vector<std::string> fqns = HandleFqns(h);
+  std::vector<std::string> dtypes;
+  at::ScalarType dtype = at::kFloat;
+  for (const StateValue* v : values) {
+    if (v == nullptr) continue;
+    const std::string d = TorchDtype(v->Get<at::Tensor>().scalar_type());
+    if (std::find(dtypes.begin(), dtypes.end(), d) == dtypes.end()) dtypes.push_back(d);
+    dtype = v->Get<at::Tensor>().scalar_type();
+  }
+  if (dtypes.size() != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "All unflattened parameters comprising a single flattened parameter must have "
+        "positive-dimension tensor state with the same dtype but got dtypes ",
+        PySet(dtypes), " for state ", name, " and unflattened parameter names ", PyList(fqns)));
+  }
+  std::vector<at::Tensor> parts;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const FlatParamInfo& info = h.infos()[i];
+    if (values[i] == nullptr) {
+      if (info.shape.empty()) {
+        return absl::InvalidArgumentError("Flattening a zero-dimension parameter is not supported");
+      }
+      parts.push_back(at::zeros({info.numel}, at::TensorOptions().dtype(dtype)));
+      continue;
+    }
+    const at::Tensor& t = values[i]->Get<at::Tensor>();
+    if (t.sizes() != at::IntArrayRef(info.shape)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Tensor optimizer state does not have same shape as its parameter: ",
+                       TorchSize(t.sizes()), " ", TorchSize(info.shape)));
+    }
+    parts.push_back(t.to(at::kCPU).reshape({-1}));
+  }
+  return at::cat(parts);
+}
+
+absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& full_state,
+                                     const FlatParamHandle& h) {
+  const std::vector<std::string> fqns = HandleFqns(h);
+  std::vector<const ParamState*> states;
+  bool any = false;
+  for (const std::string& fqn : fqns) {
+    states.push_back(full_state.Find(ParamKey::Fqn(fqn)));
+    any = any || states.back() != nullptr;
+  }
+  UnitFlat out;
+  if (!any) return out;
+  out.has_state = true;
+
+  if (h.use_orig_params()) {
+    out.params.resize(fqns.size());
+    std::vector<std::string> pos_names;  // first-seen order
+    for (size_t i = 0; i < states.size(); ++i) {
+      if (states[i] == nullptr) continue;
+      UnitFlat::Orig& p = out.params[i];
+      p.present = true;
+      for (const auto& [name, value] : *states[i]) {
+        p.order.push_back(name);
+        if (IsPosDimTensor(value)) {
+          if (std::find(pos_names.begin(), pos_names.end(), name) == pos_names.end()) {
+            pos_names.push_back(name);
+          }
+        } else {
+          p.scalars.Set(name, value);
+        }
+      }
+    }
+    for (const std::string& name : pos_names) {
+      std::vector<const StateValue*> values;
+      for (const ParamState* st : states) {
+        const StateValue* v = st == nullptr ? nullptr : st->Find(name);
+        values.push_back(v != nullptr && IsPosDimTensor(*v) ? v : nullptr);
+      }
+      FSDP_ASSIGN_OR_RETURN(at::Tensor flat, FlattenTensors(name, values, h));
+      out.pos.emplace_back(name, std::move(flat));
+    }
+    return out;
+  }
+
+  // Flat parameter: every original parameter with state has the same state names.
+  const ParamState* first = nullptr;
+  for (const ParamState* st : states) {
+    if (st == nullptr) continue;
+    if (first == nullptr) {
+      first = st;
+      continue;
+    }
+    std::set<std::string> a, b;
+    for (const auto& e : *first) a.insert(e.first);
+    for (const auto& e : *st) b.insert(e.first);
+    if (a != b) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Differing optimizer state names for the unflattened parameters: ", PyList(fqns)));
+    }
+  }
+  for (const auto& entry : *first) {
+    const std::string& name = entry.first;
+    out.order.push_back(name);
+    std::vector<const StateValue*> values, non_null;
+    for (const ParamState* st : states) {
+      values.push_back(st == nullptr ? nullptr : st->Find(name));
+      if (values.back() != nullptr) non_null.push_back(values.back());
+    }
+    bool pos = true, zero = true, non_tensor = true;
+    std::set<std::string> types;
+    for (const StateValue* v : non_null) {
+      pos = pos && IsPosDimTensor(*v);
+      zero = zero && IsZeroDimTensor(*v);
+      non_tensor = non_tensor && !v->Is<at::Tensor>();
+      types.insert(v->TypeName());
+    }
+    if (types.size() != 1 || !(pos || zero || non_tensor)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "Differing optimizer state types for state ", name, ", values ", ValuesRepr(non_null),
+          ", and unflattened parameter names ", PyList(fqns)));
+    }
+    if (pos) {
+      FSDP_ASSIGN_OR_RETURN(at::Tensor flat, FlattenTensors(name, values, h));
+      out.pos.emplace_back(name, std::move(flat));
+    } else if (zero) {
+      std::vector<std::string> value_reprs, dtype_reprs;
+      auto add = [](std::vector<std::string>& set, std::string s) {
+        if (std::find(set.begin(), set.end(), s) == set.end()) set.push_back(std::move(s));
+      };
+      for (const StateValue* v : values) {
+        add(value_reprs, v == nullptr ? "None" : ItemRepr(v->Get<at::Tensor>()));
+        add(dtype_reprs, v == nullptr ? "None" : TorchDtype(v->Get<at::Tensor>().scalar_type()));
+      }
+      if (non_null.size() != values.size() || value_reprs.size() != 1 || dtype_reprs.size() != 1) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "All unflattened parameters comprising a single flattened parameter must have scalar "
+            "state with the same value and dtype but got values ",
+            PySet(value_reprs), " and dtypes ", PySet(dtype_reprs), " for state ", name,
+            " and unflattened parameter names ", PyList(fqns)));
+      }
+      out.scalars.Set(name, StateValue(non_null[0]->Get<at::Tensor>().to(at::kCPU).clone()));
+    } else {
+      std::vector<std::string> value_reprs;
+      bool same = non_null.size() == values.size();
+      for (const StateValue* v : values) {
+        const std::string r = v == nullptr ? "None" : DebugString(*v);
+        if (std::find(value_reprs.begin(), value_reprs.end(), r) == value_reprs.end()) {
+          value_reprs.push_back(r);
+        }
+        if (v != nullptr && !(*v == *non_null[0])) same = false;
+      }
+      if (!same) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "All unflattened parameters comprising a single flattened parameter must have scalar "
+            "state with the same value and dtype but got values ",
+            PySet(value_reprs), " for state ", name, " and  unflattened parameter names ",
+            PyList(fqns)));
+      }
+      out.scalars.Set(name, *non_null[0]);
+    }
+  }
+  return out;
+}
+
+// This rank's part of an unpadded flat tensor: its padded shard, or the whole under NO_SHARD.
+at::Tensor LocalPart(const at::Tensor& flat, const FlatParamHandle& h, int rank) {
+  if (!h.sharded()) return flat.clone();
+  at::Tensor padded = at::zeros({h.padded_numel()}, flat.options());
+  padded.narrow(0, 0, h.numel()).copy_(flat);
+  return padded.narrow(0, static_cast<int64_t>(rank) * h.shard_numel(), h.shard_numel()).clone();
+}
+
+// The dict this rank's optimizer loads, from its units' local parts (`units`, by unit
+// index), unmanaged parameters' states (by FQN) and FQN-keyed param groups.
+absl::StatusOr<OptimStateDict> BuildLocalDict(
+    const ModelIndex& index, const std::vector<ParamRole>& roles,
+    const std::vector<UnitFlat>& units,
+    const absl::flat_hash_map<std::string, ParamState>& unmanaged,
+    const std::vector<ParamGroup>& param_groups, bool has_param_groups, absl::string_view op) {
+  OptimStateDict out;
+  absl::flat_hash_map<std::string, int64_t> fqn_to_id;
+  for (size_t id = 0; id < roles.size(); ++id) {
+    const ParamRole& role = roles[id];
+    for (const std::string& fqn : FqnsOf(index, role)) fqn_to_id.emplace(fqn, id);
+    const ParamKey key = ParamKey::Id(static_cast<int64_t>(id));
+    if (role.role == Role::kUnmanaged) {
+      auto it = unmanaged.find(role.fqn);
+      if (it == unmanaged.end()) continue;
+      ParamState st;
+      for (const auto& [name, value] : it->second) st.Set(name, CloneStateValue(value));
+      out.state.Set(key, std::move(st));
+      continue;
+    }
+    const UnitFlat& unit = units[role.unit];
+    if (!unit.has_state) continue;
+    auto find_pos = [&unit](const std::string& name) -> const at::Tensor* {
+      for (const auto& [n, t] : unit.pos) {
+        if (n == name) return &t;
+      }
+      return nullptr;
+    };
+    ParamState st;
+    if (role.role == Role::kFlat) {
+      for (const std::string& name : unit.order) {
+        const at::Tensor* t = find_pos(name);
+        st.Set(name, t != nullptr ? StateValue(*t) : CloneStateValue(*unit.scalars.Find(name)));
+      }
+    } else {
+      const UnitFlat::Orig& p = unit.params[role.index];
+      if (!p.present) continue;
+      const FlatParamHandle& h = *index.handles[role.unit];
+      const ParamShard s = h.ShardOf(role.index, h.rank());
+      if (h.sharded() && s.numel == 0) continue;  // such a slice gets no gradient, no state
+      for (const std::string& name : p.order) {
+        const at::Tensor* t = find_pos(name);
+        if (t != nullptr) {
+          at::Tensor slice = t->narrow(0, s.shard_offset, s.numel).clone();
+          if (!h.sharded()) slice = slice.view(h.infos()[role.index].shape);
+          st.Set(name, StateValue(slice));
+        } else if (const StateValue* v = p.scalars.Find(name)) {
+          st.Set(name, CloneStateValue(*v));
+        }
+      }
+    }
+    out.state.Set(key, std::move(st));
+  }
+  out.has_param_groups = has_param_groups;
+  for (size_t g = 0; g < param_groups.size(); ++g) {
+    ParamGroup pg;
+    for (const auto& [name, value] : param_groups[g].hyper_params) {
+      pg.hyper_params.Set(name, CloneStateValue(value));
+    }
+    std::set<int64_t> ids;
+    for (const ParamKey& key : param_groups[g].params) {
+      if (!key.is_fqn()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            op, ": param_groups[", g, "] lists ", key.ToString(), ", not an FQN"));
+      }
+      auto it = fqn_to_id.find(key.fqn());
+      if (it == fqn_to_id.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(op, ": param_groups[", g, "] lists ",
+                                                       PyStr(key.fqn()),
+                                                       ", which is not a parameter of this "
+                                                       "optimizer"));
+      }
+      ids.insert(it->second);
+    }
+    for (int64_t id : ids) pg.params.push_back(ParamKey::Id(id));
+    out.param_groups.push_back(std::move(pg));
+  }
+  return out;
+}
+
+absl::Status CheckFqnKeyed(const OptimStateDict& full_osd, absl::string_view op) {
+  for (const auto& entry : full_osd.state) {
+    if (!entry.first.is_fqn()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          op, ": state key ", entry.first.ToString(),
+          " is a parameter ID; a full optimizer state dict is keyed by FQNs"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(const OptimStateDict& full_osd,
+                                                       FullyShardedDataParallel& fsdp,
+                                                       const OptimizerAdapter& adapter) {
+  constexpr absl::string_view kOp = "ShardFullOptimStateDict";
+  FSDP_RETURN_IF_ERROR(CheckFqnKeyed(full_osd, kOp));
+  const ModelIndex index = IndexModel(fsdp);
+  const std::vector<at::Tensor> params = OptimizerParams(adapter);
+  FSDP_ASSIGN_OR_RETURN(std::vector<ParamRole> roles, RolesOf(index, params, kOp));
+  std::vector<UnitFlat> units(index.handles.size());
+  std::vector<bool> needed(index.handles.size(), false);
+  for (const ParamRole& role : roles) {
+    if (role.role != Role::kUnmanaged) needed[role.unit] = true;
+  }
+  for (size_t u = 0; u < units.size(); ++u) {
+    if (!needed[u]) continue;
+    const FlatParamHandle& h = *index.handles[u];
+    auto flat = CallTorchOr(kOp, [&] { return FlattenUnit(full_osd.state, h); });
+    if (!flat.ok()) {
+      return absl::Status(flat.status().code(), absl::StrCat(kOp, ": ", flat.status().message()));
+    }
+    units[u] = *std::move(flat);
+    FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
+      for (auto& [name, t] : units[u].pos) t = LocalPart(t, h, h.rank());
+    }));
+  }
+  absl::flat_hash_map<std::string, ParamState> unmanaged;
+  for (const auto& [fqn, t] : index.unmanaged) {
+    if (const ParamState* st = full_osd.state.Find(ParamKey::Fqn(fqn))) unmanaged[fqn] = *st;
+  }
+  return CallTorchOr(kOp, [&] {
+    return BuildLocalDict(index, roles, units, unmanaged, full_osd.param_groups,
+                          full_osd.has_param_groups, kOp);
+  });
+}
+
+namespace {
+
+// Rank 0's side of the scatter: everything but positive-dimension tensors as one object.
+absl::StatusOr<json> ScatterMetadata(const OptimStateDict& full_osd, const ModelIndex& index,
+                                     std::vector<UnitFlat>& units,
+                                     std::vector<ParamState>& unmanaged_states) {
+  constexpr absl::string_view kOp = "ScatterFullOptimStateDict";
+  FSDP_RETURN_IF_ERROR(CheckFqnKeyed(full_osd, kOp));
+  json meta;
+  json units_json = json::array();
+  for (size_t u = 0; u < index.handles.size(); ++u) {
+    const FlatParamHandle& h = *index.handles[u];
+    auto flat = CallTorchOr(kOp, [&] { return FlattenUnit(full_osd.state, h); });
+    if (!flat.ok()) {
+      return absl::Status(flat.status().code(), absl::StrCat(kOp, ": ", flat.status().message()));
+    }
+    units[u] = *std::move(flat);
+    const UnitFlat& unit = units[u];
+    json pos = json::array();
+    for (const auto& [name, t] : unit.pos) {
+      pos.push_back(json{{"name", name}, {"dtype", static_cast<int>(t.scalar_type())}});
+    }
+    OPTIM_ASSIGN_OR_RETURN(json scalars, ParamStateToJson(unit.scalars), std::string(kOp));
+    json params = json::array();
+    for (const UnitFlat::Orig& p : unit.params) {
+      OPTIM_ASSIGN_OR_RETURN(json ps, ParamStateToJson(p.scalars), std::string(kOp));
+      params.push_back(json{{"present", p.present}, {"order", p.order}, {"scalars", std::move(ps)}});
+    }
+    units_json.push_back(json{{"has", unit.has_state},
+                              {"order", unit.order},
+                              {"pos", std::move(pos)},
+                              {"scalars", std::move(scalars)},
+                              {"params", std::move(params)}});
+  }
+  meta["units"] = std::move(units_json);
+  json unmanaged = json::array();
+  for (const auto& [fqn, t] : index.unmanaged) {
+    const ParamState* st = full_osd.state.Find(ParamKey::Fqn(fqn));
+    if (st == nullptr) continue;
+    unmanaged_states.push_back(*st);
+    json entries = json::array();
+    for (const auto& [name, value] : *st) {
+      if (IsPosDimTensor(value)) {
+        const at::Tensor& v = value.Get<at::Tensor>();
+        entries.push_back(json{{"name", name},
+                               {"dtype", static_cast<int>(v.scalar_type())},
+                               {"shape", v.sizes().vec()}});
+      } else {
+        OPTIM_ASSIGN_OR_RETURN(json v, ToJson(value), absl::StrCat(kOp, ": state '", name, "' of '",
+                                                                   fqn, "'"));
+        entries.push_back(json{{"name", name}, {"v", std::move(v)}});
+      }
+    }
+    unmanaged.push_back(json{{"fqn", fqn}, {"state", std::move(entries)}});
+  }
+  meta["unmanaged"] = std::move(unmanaged);
+  meta["has_param_groups"] = full_osd.has_param_groups;
+  json groups = json::array();
+  for (const ParamGroup& g : full_osd.param_groups) {
+    OPTIM_ASSIGN_OR_RETURN(json hyper, ParamStateToJson(g.hyper_params), std::string(kOp));
+    std::vector<std::string> fqns;
+    for (const ParamKey& key : g.params) {
+      if (!key.is_fqn()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(kOp, ": param_groups list ", key.ToString(), ", not an FQN"));
+      }
+      fqns.push_back(key.fqn());
+    }
+    groups.push_back(json{{"hyper", std::move(hyper)}, {"params", fqns}});
+  }
+  meta["param_groups"] = std::move(groups);
+  return meta;
+}
+
+}  // namespace
+
+absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& full_osd,
+                                                         FullyShardedDataParallel& fsdp,
+                                                         const OptimizerAdapter& adapter,
+                                                         std::shared_ptr<comm::ProcessGroup> group) {
+  constexpr absl::string_view kOp = "ScatterFullOptimStateDict";
+  if (group == nullptr) group = fsdp.group();
+  const int rank = group->rank();
+  const std::string where = absl::StrCat(" (rank ", rank, ", group ", group->name(), ")");
+  const ModelIndex index = IndexModel(fsdp);
+  const std::vector<at::Tensor> params = OptimizerParams(adapter);
+  // Roles are checked after the broadcast so that every rank takes part in it.
+  absl::StatusOr<std::vector<ParamRole>> roles = RolesOf(index, params, kOp);
+
+  std::vector<UnitFlat> units(index.handles.size());
+  std::vector<ParamState> unmanaged_full;  // rank 0
+  std::string bytes;
+  if (rank == 0) {
+    absl::StatusOr<json> meta = ScatterMetadata(full_osd, index, units, unmanaged_full);
+    if (!meta.ok()) {
+      bytes = json{{"error", std::string(meta.status().message())},
+                   {"code", static_cast<int>(meta.status().code())}}
+                  .dump();
+    } else {
+      bytes = meta->dump();
+    }
+  }
+  OPTIM_ASSIGN_OR_RETURN(std::string received, group->BroadcastObject(bytes, 0),
+                        absl::StrCat(kOp, where, ": broadcasting metadata"));
+  OPTIM_ASSIGN_OR_RETURN(json meta, Parse(received), std::string(kOp));
+  if (meta.contains("error")) {
+    return absl::Status(static_cast<absl::StatusCode>(meta["code"].get<int>()),
+                        absl::StrCat("rank 0: ", meta["error"].get<std::string>()));
+  }
+  if (!roles.ok()) return roles.status();
+
+  // Positive-dimension state of units: rank 0 broadcasts each rank's shard in turn.
+  const json& units_json = meta["units"];
+  for (size_t u = 0; u < index.handles.size(); ++u) {
+    FlatParamHandle& h = *index.handles[u];
+    const json& uj = units_json[u];
+    UnitFlat& unit = units[u];
+    if (rank != 0) {
+      unit.has_state = uj["has"].get<bool>();
+      unit.order = uj["order"].get<std::vector<std::string>>();
+      unit.scalars = ParamStateFromJson(uj["scalars"]);
+      for (const json& p : uj["params"]) {
+        unit.params.push_back(UnitFlat::Orig{p["present"].get<bool>(),
+                                             p["order"].get<std::vector<std::string>>(),
+                                             ParamStateFromJson(p["scalars"])});
+      }
+    }
+    for (size_t k = 0; k < uj["pos"].size(); ++k) {
+      const std::string name = uj["pos"][k]["name"].get<std::string>();
+      const auto dtype = static_cast<at::ScalarType>(uj["pos"][k]["dtype"].get<int>());
+      const std::string context = absl::StrCat(kOp, where, ": sending optimizer state '", name,
+                                               "' of flat parameter [", h.Describe(), "]");
+      const auto opts = at::TensorOptions().dtype(dtype);
+      at::Tensor mine;
+      if (!h.sharded()) {
+        mine = rank == 0 ? unit.pos[k].second.clone() : at::empty({h.numel()}, opts);
+        FSDP_RETURN_IF_ERROR(group->Broadcast(mine, 0), context);
+      } else {
+        at::Tensor padded;
+        if (rank == 0) {
+          padded = at::zeros({h.padded_numel()}, opts);
+          padded.narrow(0, 0, h.numel()).copy_(unit.pos[k].second);
+        }
+        for (int target = 1; target < group->size(); ++target) {
+          at::Tensor buf = rank == 0 ? padded.narrow(0, target * h.shard_numel(), h.shard_numel())
+                                           .clone()
+                                     : at::empty({h.shard_numel()}, opts);
+          FSDP_RETURN_IF_ERROR(group->Broadcast(buf, 0), context);
+          if (rank == target) mine = buf;
+        }
+        if (rank == 0) mine = padded.narrow(0, 0, h.shard_numel()).clone();
+      }
+      if (rank == 0) {
+        unit.pos[k].second = mine;
+      } else {
+        unit.pos.emplace_back(name, mine);
+      }
+    }
+  }
+
+  // Unmanaged parameters: every rank gets the whole state.
+  absl::flat_hash_map<std::string, ParamState> unmanaged;
+  size_t j = 0;
+  for (const json& e : meta["unmanaged"]) {
+    const std::string fqn = e["fqn"].get<std::string>();
+    ParamState st;
+    for (const json& s : e["state"]) {
+      const std::string name = s["name"].get<std::string>();
+      if (!s.contains("dtype")) {
+        st.Set(name, FromJson(s["v"]));
+        continue;
+      }
+      at::Tensor t = rank == 0 ? unmanaged_full[j].Find(name)->Get<at::Tensor>().contiguous().clone()
+                               : at::empty(s["shape"].get<std::vector<int64_t>>(),
+                                           at::TensorOptions().dtype(static_cast<at::ScalarType>(
+                                               s["dtype"].get<int>())));
+      FSDP_RETURN_IF_ERROR(group->Broadcast(t, 0),
+                           absl::StrCat(kOp, where, ": sending optimizer state '", name,
+                                        "' of '", fqn, "'"));
+      st.Set(name, StateValue(t));
+    }
+    unmanaged[fqn] = std::move(st);
+    ++j;
+  }
+
+  std::vector<ParamGroup> groups;
+  for (const json& g : meta["param_groups"]) {
+    ParamGroup pg;
+    pg.hyper_params = ParamStateFromJson(g["hyper"]);
+    for (const json& fqn : g["params"]) pg.params.push_back(ParamKey::Fqn(fqn.get<std::string>()));
+    groups.push_back(std::move(pg));
+  }
+  return CallTorchOr(kOp, [&] {
+    return BuildLocalDict(index, *roles, units, unmanaged, groups,
+                          meta["has_param_groups"].get<bool>(), kOp);
+  });
+}
+
+}  // namespace fsdp::optim_state

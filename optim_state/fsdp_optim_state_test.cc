@@ -1,0 +1,359 @@
+// FullOptimStateDict, ShardFullOptimStateDict and ScatterFullOptimStateDict on real ranks.
+//
+// Each case trains a reference model of PyTorch's optimizer-state tests under FSDP and, in the
+// same process, unwrapped, with the same optimizer (every rank sees the same batch, so the
+// averaged gradients equal the unwrapped ones):
+//   Nested       NestedModel.wrap (six units, no root unit; block0 and `bias` unmanaged)
+//   Transformer  TransformerWithSharedParams, one unit per layer plus the root
+// and checks that the full optimizer state dict equals the unwrapped optimizer's state dict
+// (OptimizerAdapter::StateDict) up to keys (FQNs for IDs), that sharding or scattering it
+// into a fresh optimizer and taking one more step equals continuing, and the errors.
+#include <torch/optim/adam.h>
+#include <torch/optim/sgd.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <functional>
+#include <memory>
+#include <ostream>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/multiprocess_testutil.h"
+#include "comm/status_macros.h"
+#include "fsdp/fully_sharded_data_parallel.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "models/nested_model.h"
+#include "models/transformer.h"
+#include "optim_state/fsdp_optim_state.h"
+#include "optim_state/optim_state_dict.h"
+#include "optim_state/optimizer_adapter.h"
+
+namespace fsdp::optim_state {
+namespace {
+
+using ::fsdp::testing::RunInRanks;
+using ::fsdp::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+enum class Model { kNested, kTransformer };
+enum class Optim { kAdam, kSgdMomentum };
+
+struct Case {
+  Model model;
+  int world_size;
+  Optim optim;
+  bool use_orig_params = false;
+  ShardingStrategy strategy = ShardingStrategy::kFullShard;
+};
+
+std::string Describe(const Case& c) {
+  return absl::StrCat(c.model == Model::kNested ? "Nested" : "Transformer", "_ws", c.world_size,
+                      c.optim == Optim::kAdam ? "_Adam" : "_SgdMomentum",
+                      c.use_orig_params ? "_orig" : "",
+                      c.strategy == ShardingStrategy::kFullShard
+                          ? ""
+                          : absl::StrCat("_", std::string(ShardingStrategyName(c.strategy))));
+}
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) { return Describe(info.param); }
+void PrintTo(const Case& c, std::ostream* os) { *os << Describe(c); }
+
+std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(Optim optim,
+                                                       std::vector<at::Tensor> params) {
+  if (optim == Optim::kAdam) {
+    // eps 1e-3: see tests/fsdp_models_parity_test.cc (rounding-level gradients).
+    return std::make_unique<torch::optim::Adam>(std::move(params),
+                                                torch::optim::AdamOptions(0.01).eps(1e-3));
+  }
+  return std::make_unique<torch::optim::SGD>(std::move(params),
+                                             torch::optim::SGDOptions(0.01).momentum(0.9));
+}
+
+// The model under FSDP and, unwrapped, the same model; their losses on step `step`'s batch.
+struct Training {
+  std::shared_ptr<torch::nn::Module> reference;
+  std::function<at::Tensor(int step)> reference_loss;
+  std::unique_ptr<FullyShardedDataParallel> fsdp;
+  std::function<at::Tensor(int step)> fsdp_loss;
+};
+
+absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group) {
+  auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+  FsdpOptions options;
+  options.sharding_strategy = c.strategy;
+  options.use_orig_params = c.use_orig_params;
+  Training s;
+  if (c.model == Model::kNested) {
+    models::NestedModel reference;
+    models::NestedModel model;
+    options.nested = model->wrap_slots();
+    options.wrap_root = false;
+    FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
+    s.reference = reference.ptr();
+    s.reference_loss = [reference](int step) mutable {
+      torch::manual_seed(100 + step);
+      at::Tensor x = reference->get_input();
+      return reference->get_loss(x, reference->forward(x));
+    };
+    s.fsdp_loss = [model, fsdp = s.fsdp.get()](int step) {
+      torch::manual_seed(100 + step);
+      at::Tensor x = model->get_input();
+      return model->get_loss(x, fsdp->forward(x));
+    };
+    return s;
+  }
+  models::TransformerWithSharedParams reference(0, true, true);
+  models::TransformerWithSharedParams model(0, true, true);
+  options.nested = model->layer_slots();
+  FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
+  s.reference = reference.ptr();
+  s.reference_loss = [reference](int) mutable {
+    auto input = reference->get_input();
+    return reference->get_loss(input, reference->forward(input.first, input.second));
+  };
+  s.fsdp_loss = [model, fsdp = s.fsdp.get()](int) {
+    auto input = model->get_input();
+    return model->get_loss(input, fsdp->forward(input.first, input.second));
+  };
+  return s;
+}
+
+// Both models with their optimizers (adapters), after training.
+struct Trained {
+  Training s;
+  std::vector<std::string> reference_fqns;  // reference optimizer's parameter IDs -> FQN
+  std::unique_ptr<torch::optim::Optimizer> reference_optim;
+  std::unique_ptr<OptimizerAdapter> reference_adapter;
+  std::unique_ptr<torch::optim::Optimizer> optim;
+  std::unique_ptr<OptimizerAdapter> adapter;
+};
+
+absl::Status Step(Training& s, OptimizerAdapter& reference, OptimizerAdapter& fsdp, int step) {
+  reference.optimizer().zero_grad();
+  fsdp.optimizer().zero_grad();
+  s.reference_loss(step).backward();
+  s.fsdp_loss(step).backward();
+  FSDP_RETURN_IF_ERROR(reference.Step());
+  return fsdp.Step();
+}
+
+absl::StatusOr<Trained> Train(const Case& c, comm::ProcessGroup& group, int steps) {
+  Trained t;
+  FSDP_ASSIGN_OR_RETURN(t.s, Build(c, group));
+  auto named = models::NamedParametersWithoutDuplicates(*t.s.reference);
+  t.reference_fqns = named.keys();
+  t.reference_optim = MakeOptimizer(c.optim, named.values());
+  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter ra, OptimizerAdapter::Create(*t.reference_optim));
+  t.reference_adapter = std::make_unique<OptimizerAdapter>(std::move(ra));
+  t.optim = MakeOptimizer(c.optim, t.s.fsdp->parameters());
+  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter fa, OptimizerAdapter::Create(*t.optim));
+  t.adapter = std::make_unique<OptimizerAdapter>(std::move(fa));
+  for (int step = 0; step < steps; ++step) {
+    FSDP_RETURN_IF_ERROR(Step(t.s, *t.reference_adapter, *t.adapter, step));
+  }
+  return t;
+}
+
+// `full` (FQN-keyed) equals the unwrapped optimizer's dict `reference` (ID-keyed) with
+// reference IDs read as `reference_fqns`: same parameters with state, same state (any order of
+// names), values within 1e-5; same hyper-parameters; each group lists the same FQNs.
+void ExpectMatchesReference(const OptimStateDict& full, const OptimStateDict& reference,
+                            const std::vector<std::string>& reference_fqns) {
+  EXPECT_EQ(full.state.size(), reference.state.size()) << DebugString(full);
+  for (const auto& [key, expected] : reference.state) {
+    const std::string& fqn = reference_fqns[static_cast<size_t>(key.id())];
+    const ParamState* actual = full.state.Find(ParamKey::Fqn(fqn));
+    ASSERT_NE(actual, nullptr) << "no state for " << fqn;
+    EXPECT_EQ(actual->size(), expected.size()) << fqn;
+    for (const auto& [name, value] : expected) {
+      const StateValue* v = actual->Find(name);
+      ASSERT_NE(v, nullptr) << fqn << " has no '" << name << "'";
+      EXPECT_EQ(DiffStateValues(value, *v, Tolerance{1e-5, 1e-5}), "")
+          << "state['" << fqn << "']['" << name << "']";
+    }
+  }
+  ASSERT_EQ(full.param_groups.size(), reference.param_groups.size());
+  for (size_t g = 0; g < full.param_groups.size(); ++g) {
+    std::set<std::string> actual_fqns, expected_fqns;
+    for (const ParamKey& k : full.param_groups[g].params) actual_fqns.insert(k.fqn());
+    for (const ParamKey& k : reference.param_groups[g].params) {
+      expected_fqns.insert(reference_fqns[static_cast<size_t>(k.id())]);
+    }
+    EXPECT_EQ(actual_fqns, expected_fqns) << "param_groups[" << g << "]";
+    EXPECT_EQ(full.param_groups[g].params.size(), expected_fqns.size());
+    for (const auto& [name, value] : reference.param_groups[g].hyper_params) {
+      const StateValue* v = full.param_groups[g].hyper_params.Find(name);
+      ASSERT_NE(v, nullptr) << name;
+      EXPECT_EQ(*v, value) << name;
+    }
+  }
+}
+
+// `dict` with each parameter's state names sorted (the full dict orders them as 1.13 does:
+// positive-dimension tensors, then zero-dimension ones, then the rest).
+OptimStateDict SortStateNames(const OptimStateDict& dict) {
+  OptimStateDict out = dict;
+  for (const auto& [key, state] : dict.state) {
+    std::vector<std::string> names = state.Keys();
+    std::sort(names.begin(), names.end());
+    ParamState sorted;
+    for (const std::string& name : names) sorted.Set(name, *state.Find(name));
+    out.state.Set(key, std::move(sorted));
+  }
+  return out;
+}
+
+class FullOptimStateDictTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(FullOptimStateDictTest, EqualsUnwrappedOptimizerStateDict) {
+  const Case c = GetParam();
+  RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
+    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(c, group, /*steps=*/3));
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict reference, t.reference_adapter->StateDict());
+
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict rank0, FullOptimStateDict(*t.s.fsdp, *t.adapter));
+    if (group.rank() == 0) {
+      ExpectMatchesReference(rank0, reference, t.reference_fqns);
+      // The ID-keyed form is the unwrapped optimizer's own numbering when the FQNs come in
+      // its order; here it at least numbers every listed FQN once.
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict by_id, RekeyFullOptimStateDictToIds(rank0));
+      EXPECT_EQ(by_id.state.size(), rank0.state.size());
+    } else {
+      EXPECT_TRUE(rank0.state.empty());
+      EXPECT_TRUE(rank0.param_groups.empty());
+      EXPECT_FALSE(rank0.has_param_groups);
+    }
+
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict everywhere,
+                              FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = false}));
+    ExpectMatchesReference(everywhere, reference, t.reference_fqns);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, FullOptimStateDictTest,
+    ::testing::Values(Case{Model::kNested, 2, Optim::kAdam},
+                      Case{Model::kNested, 3, Optim::kSgdMomentum},
+                      Case{Model::kNested, 4, Optim::kAdam},
+                      Case{Model::kNested, 3, Optim::kAdam, /*use_orig_params=*/true},
+                      Case{Model::kNested, 2, Optim::kAdam, false, ShardingStrategy::kNoShard},
+                      Case{Model::kTransformer, 2, Optim::kAdam},
+                      Case{Model::kTransformer, 3, Optim::kSgdMomentum, true},
+                      Case{Model::kTransformer, 4, Optim::kAdam}),
+    CaseName);
+
+// Round trip: full dict -> shard (or scatter) -> a fresh optimizer over the same FSDP model
+// loads it -> one more step equals continuing (the unwrapped model and optimizer continue).
+struct RoundTripCase {
+  Case c;
+  bool scatter;
+};
+std::string RoundTripName(const ::testing::TestParamInfo<RoundTripCase>& info) {
+  return absl::StrCat(Describe(info.param.c), info.param.scatter ? "_Scatter" : "_Shard");
+}
+void PrintTo(const RoundTripCase& r, std::ostream* os) {
+  *os << Describe(r.c) << (r.scatter ? "_Scatter" : "_Shard");
+}
+
+class OptimStateRoundTripTest : public ::testing::TestWithParam<RoundTripCase> {};
+
+TEST_P(OptimStateRoundTripTest, OneMoreStepEqualsContinuing) {
+  const RoundTripCase r = GetParam();
+  RunInRanks(r.c.world_size, [r](comm::ProcessGroup& group) {
+    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(r.c, group, /*steps=*/2));
+    FSDP_ASSERT_OK_AND_ASSIGN(
+        OptimStateDict full,
+        FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = r.scatter}));
+    // The local dict must equal what the training optimizer holds now.
+    OptimStateDict local;
+    if (r.scatter) {
+      FSDP_ASSERT_OK_AND_ASSIGN(local, ScatterFullOptimStateDict(full, *t.s.fsdp, *t.adapter));
+    } else {
+      FSDP_ASSERT_OK_AND_ASSIGN(local, ShardFullOptimStateDict(full, *t.s.fsdp, *t.adapter));
+    }
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict own, t.adapter->StateDict());
+    EXPECT_EQ(DiffOptimStateDicts(SortStateNames(own), SortStateNames(local)), "") << "rank " << group.rank();
+
+    auto fresh = MakeOptimizer(r.c.optim, t.s.fsdp->parameters());
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter fresh_adapter, OptimizerAdapter::Create(*fresh));
+    FSDP_ASSERT_OK(fresh_adapter.LoadStateDict(local));
+    FSDP_ASSERT_OK(Step(t.s, *t.reference_adapter, fresh_adapter, /*step=*/2));
+
+    FSDP_ASSERT_OK_AND_ASSIGN(auto params, t.s.fsdp->FullStateDict());
+    auto reference_params = models::NamedParametersWithoutDuplicates(*t.s.reference);
+    for (const auto& [fqn, value] : params) {
+      const at::Tensor* expected = reference_params.find(fqn);
+      if (expected == nullptr) continue;  // buffers, tied names
+      EXPECT_TRUE(at::allclose(value, *expected, 1e-5, 1e-5)) << fqn;
+    }
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict reference, t.reference_adapter->StateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict after,
+                              FullOptimStateDict(*t.s.fsdp, fresh_adapter, {.rank0_only = false}));
+    ExpectMatchesReference(after, reference, t.reference_fqns);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, OptimStateRoundTripTest,
+    ::testing::Values(RoundTripCase{Case{Model::kNested, 2, Optim::kAdam}, false},
+                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, true},
+                      RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum}, true},
+                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam, true}, false},
+                      RoundTripCase{Case{Model::kNested, 2, Optim::kAdam, true}, true},
+                      RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam}, false},
+                      RoundTripCase{Case{Model::kTransformer, 2, Optim::kSgdMomentum}, true},
+                      RoundTripCase{Case{Model::kTransformer, 4, Optim::kAdam, true}, true}),
+    RoundTripName);
+
+// PyTorch's test_full_optim_state_dict_nested_invalid: the unflattened parameters of one flat
+// parameter must agree on `step`.
+TEST(ShardFullOptimStateDict, RefusesDifferingScalarStateOfOneFlatParameter) {
+  RunInRanks(2, [](comm::ProcessGroup& group) {
+    const Case c{Model::kNested, 2, Optim::kAdam};
+    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(c, group, /*steps=*/1));
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict full,
+                              FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = false}));
+    // block1's unit holds block1.weight and block1.bias_module1.bias.
+    ParamState* state = full.state.Find(ParamKey::Fqn("block1.weight"));
+    ASSERT_NE(state, nullptr);
+    state->Set("step", StateValue(at::scalar_tensor(2.0, at::kFloat)));
+    const auto expected = StatusIs(
+        absl::StatusCode::kInvalidArgument,
+        AllOf(HasSubstr("All unflattened parameters comprising a single flattened parameter "
+                        "must have scalar state with the same value and dtype but got values "
+                        "{2.0, 1.0} and dtypes {torch.float32} for state step and unflattened "
+                        "parameter names ['block1.weight', 'block1.bias_module1.bias']")));
+    EXPECT_THAT(ShardFullOptimStateDict(full, *t.s.fsdp, *t.adapter), expected);
+    EXPECT_THAT(ScatterFullOptimStateDict(full, *t.s.fsdp, *t.adapter), expected);
+  });
+}
+
+// Ranks whose optimizer lacks states that rank 0's has: 1.13's error, on every rank.
+TEST(FullOptimStateDict, ReportsRanksMissingRank0States) {
+  RunInRanks(3, [](comm::ProcessGroup& group) {
+    const Case c{Model::kNested, 3, Optim::kAdam};
+    FSDP_ASSERT_OK_AND_ASSIGN(Training s, Build(c, group));
+    auto optim = MakeOptimizer(c.optim, s.fsdp->parameters());
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(*optim));
+    s.fsdp_loss(0).backward();
+    if (group.rank() != 2) {  // rank 2 never steps
+      FSDP_ASSERT_OK(adapter.Step());
+    }
+    EXPECT_THAT(
+        FullOptimStateDict(*s.fsdp, adapter),
+        StatusIs(absl::StatusCode::kFailedPrecondition,
+                 AllOf(HasSubstr("FSDP currently requires each rank to have at least the "
+                                 "optimizer states needed by rank 0's optimizer but some ranks "
+                                 "are missing some of those states"),
+                       HasSubstr("\nRank 2 is missing states for the parameters: [('bias',), "),
+                       ::testing::Not(HasSubstr("Rank 1 is missing")))));
+  });
+}
+
+}  // namespace
+}  // namespace fsdp::optim_state
