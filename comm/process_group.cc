@@ -154,13 +154,13 @@ at::Tensor ProcessGroup::Scratch(int index, int64_t numel, const at::TensorOptio
 }
 
 absl::Status ProcessGroup::SendRecv(const at::Tensor& send, int dst, at::Tensor& recv, int src,
-                                    int tag, std::chrono::milliseconds timeout) {
+                                    int tag, std::chrono::steady_clock::time_point deadline) {
   std::vector<at::Tensor> send_list{send};
   std::vector<at::Tensor> recv_list{recv};
   auto send_work = pg_->send(send_list, dst, tag);
   auto recv_work = pg_->recv(recv_list, src, tag);
-  recv_work->wait(timeout);
-  send_work->wait(timeout);
+  recv_work->wait(RemainingOrZero(deadline));
+  send_work->wait(RemainingOrZero(deadline));
   return absl::OkStatus();
 }
 
@@ -181,7 +181,8 @@ absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Ten
   out.narrow(0, rank_ * n, n).copy_(in);
   if (size_ == 1 || n == 0) return absl::OkStatus();
   const int tag = NextTag();
-  const auto timeout = Timeout(options);
+  // One deadline for the whole ring, not one timeout per step.
+  const auto deadline = std::chrono::steady_clock::now() + Timeout(options);
   const int next = (rank_ + 1) % size_;
   const int prev = (rank_ - 1 + size_) % size_;
   // Ring: at step s, pass on the chunk received at step s - 1 (own chunk first).
@@ -191,7 +192,7 @@ absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Ten
       const int recv_chunk = (rank_ - s - 1 + size_) % size_;
       at::Tensor recv = out.narrow(0, recv_chunk * n, n);
       FSDP_RETURN_IF_ERROR(
-          SendRecv(out.narrow(0, send_chunk * n, n), next, recv, prev, tag, timeout));
+          SendRecv(out.narrow(0, send_chunk * n, n), next, recv, prev, tag, deadline));
     }
     return absl::OkStatus();
   });

@@ -141,7 +141,7 @@ class ProcessGroup {
   absl::Status CheckTensor(absl::string_view op, const at::Tensor& t) const;
   // One send and one receive posted together, then both awaited (the ring step).
   absl::Status SendRecv(const at::Tensor& send, int dst, at::Tensor& recv, int src, int tag,
-                        std::chrono::milliseconds timeout);
+                        std::chrono::steady_clock::time_point deadline);
   int NextTag();
   // `count` consecutive internal tags, the first returned.
   int NextTags(int count);
