@@ -821,10 +821,13 @@ absl::Status CheckFqnKeyed(const OptimStateDict& full_osd, absl::string_view op)
 
 }  // namespace
 
-absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(const OptimStateDict& full_osd,
-                                                       FullyShardedDataParallel& fsdp,
-                                                       const OptimizerAdapter& adapter) {
-  constexpr absl::string_view kOp = "ShardFullOptimStateDict";
+namespace {
+
+// ShardFullOptimStateDict under the name `kOp`.
+absl::StatusOr<OptimStateDict> ShardFullImpl(const OptimStateDict& full_osd,
+                                             FullyShardedDataParallel& fsdp,
+                                             const OptimizerAdapter& adapter,
+                                             absl::string_view kOp) {
   FSDP_RETURN_IF_ERROR(CheckFqnKeyed(full_osd, kOp));
   const ModelIndex index = IndexModel(fsdp);
   const std::vector<at::Tensor> params = OptimizerParams(adapter);
@@ -854,6 +857,14 @@ absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(const OptimStateDict& ful
     return BuildLocalDict(index, roles, units, unmanaged, full_osd.param_groups,
                           full_osd.has_param_groups, kOp);
   });
+}
+
+}  // namespace
+
+absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(const OptimStateDict& full_osd,
+                                                       FullyShardedDataParallel& fsdp,
+                                                       const OptimizerAdapter& adapter) {
+  return ShardFullImpl(full_osd, fsdp, adapter, "ShardFullOptimStateDict");
 }
 
 namespace {
@@ -1052,6 +1063,194 @@ absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& f
     return BuildLocalDict(index, *roles, units, unmanaged, groups,
                           meta["has_param_groups"].get<bool>(), kOp);
   });
+}
+
+
+absl::StatusOr<OptimStateDict> ShardedOptimStateDict(FullyShardedDataParallel& fsdp,
+                                                     const OptimizerAdapter& adapter,
+                                                     std::shared_ptr<comm::ProcessGroup> group) {
+  constexpr absl::string_view kOp = "ShardedOptimStateDict";
+  if (group == nullptr) group = fsdp.group();
+  OPTIM_ASSIGN_OR_RETURN(OptimStateDict dict,
+                         FullOptimStateDict(fsdp, adapter, {.rank0_only = false, .group = group}),
+                         std::string(kOp));
+  const int rank = group->rank();
+  const int64_t world_size = group->size();
+  const ModelIndex index = IndexModel(fsdp);
+  absl::flat_hash_map<std::string, bool> managed;
+  for (const FlatParamHandle* h : index.handles) {
+    for (const FlatParamInfo& info : h->infos()) managed[info.fqns[0]] = true;
+  }
+  OptimStateDict out;
+  out.param_groups = dict.param_groups;
+  out.has_param_groups = dict.has_param_groups;
+  FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
+    for (const auto& [key, state] : dict.state) {
+      if (!managed.contains(key.fqn())) {
+        out.state.Set(key, state);
+        continue;
+      }
+      ParamState chunked;
+      for (const auto& [name, value] : state) {
+        if (!IsPosDimTensor(value)) {
+          chunked.Set(name, value);
+          continue;
+        }
+        // torch.chunk along dim 0, as 1.13's _create_chunk_sharded_tensor.
+        const at::Tensor& t = value.Get<at::Tensor>();
+        const int64_t dim0 = t.size(0);
+        const int64_t chunk = (dim0 + world_size - 1) / world_size;
+        const int64_t begin = std::min(dim0, chunk * rank);
+        const int64_t end = std::min(dim0, begin + chunk);
+        ShardedTensorValue sharded;
+        sharded.local = t.narrow(0, begin, end - begin).clone();
+        sharded.global_shape = t.sizes().vec();
+        sharded.offsets.assign(t.dim(), 0);
+        sharded.offsets[0] = begin;
+        chunked.Set(name, StateValue(std::move(sharded)));
+      }
+      out.state.Set(key, std::move(chunked));
+    }
+  }));
+  return out;
+}
+
+absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
+    const OptimStateDict& sharded_osd, FullyShardedDataParallel& fsdp,
+    const OptimizerAdapter& adapter, std::shared_ptr<comm::ProcessGroup> group) {
+  constexpr absl::string_view kOp = "FlattenShardedOptimStateDict";
+  if (group == nullptr) group = fsdp.group();
+  const int rank = group->rank();
+  const std::string where = absl::StrCat(" (rank ", rank, ", group ", group->name(), ")");
+  FSDP_RETURN_IF_ERROR(CheckFqnKeyed(sharded_osd, kOp));
+  const ModelIndex index = IndexModel(fsdp);
+
+  // This rank's pieces of the managed parameters' sharded states, per unit.
+  json pieces = json::array();
+  for (size_t u = 0; u < index.handles.size(); ++u) {
+    const std::vector<std::string> fqns = HandleFqns(*index.handles[u]);
+    for (size_t i = 0; i < fqns.size(); ++i) {
+      const ParamState* st = sharded_osd.state.Find(ParamKey::Fqn(fqns[i]));
+      if (st == nullptr) continue;
+      for (const auto& [name, value] : *st) {
+        const ShardedTensorValue* v = value.GetIf<ShardedTensorValue>();
+        if (v == nullptr) continue;
+        if (v->offsets.size() != v->global_shape.size() ||
+            v->local.dim() != static_cast<int64_t>(v->global_shape.size())) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              kOp, where, ": state '", name, "' of '", fqns[i],
+              "' is a sharded tensor whose local shard, offsets and global shape disagree in rank"));
+        }
+        for (size_t d = 0; d < v->offsets.size(); ++d) {
+          if (v->offsets[d] < 0 || v->offsets[d] + v->local.size(d) > v->global_shape[d]) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                kOp, where, ": state '", name, "' of '", fqns[i],
+                "': the local shard lies outside the global shape"));
+          }
+        }
+        pieces.push_back(json{{"u", u},
+                              {"i", i},
+                              {"name", name},
+                              {"dtype", static_cast<int>(v->local.scalar_type())},
+                              {"global", v->global_shape},
+                              {"offsets", v->offsets},
+                              {"local", v->local.sizes().vec()}});
+      }
+    }
+  }
+  OPTIM_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes, group->AllGatherObject(pieces.dump()),
+                         absl::StrCat(kOp, where, ": exchanging shard metadata"));
+  std::vector<json> all;
+  for (const std::string& bytes : all_bytes) {
+    OPTIM_ASSIGN_OR_RETURN(json j, Parse(bytes), std::string(kOp));
+    all.push_back(std::move(j));
+  }
+
+  // Per (unit, state name), in sorted order on every rank: one all-gather of every rank's
+  // pieces, packed and padded to the largest rank's total.
+  std::map<std::pair<size_t, std::string>, std::vector<std::vector<json>>> groups;
+  for (size_t r = 0; r < all.size(); ++r) {
+    for (const json& p : all[r]) {
+      auto& per_rank = groups[{p["u"].get<size_t>(), p["name"].get<std::string>()}];
+      per_rank.resize(all.size());
+      per_rank[r].push_back(p);
+    }
+  }
+  OrderedMap<ParamKey, ParamState> state = sharded_osd.state;
+  for (const auto& [unit_and_name, per_rank] : groups) {
+    const auto& [u, name] = unit_and_name;
+    const std::vector<std::string> fqns = HandleFqns(*index.handles[u]);
+    auto numel_of = [](const json& p) {
+      int64_t n = 1;
+      for (const json& d : p["local"]) n *= d.get<int64_t>();
+      return n;
+    };
+    int64_t max_total = 0;
+    at::ScalarType dtype = at::kFloat;
+    for (const auto& rank_pieces : per_rank) {
+      int64_t total = 0;
+      for (const json& p : rank_pieces) {
+        total += numel_of(p);
+        dtype = static_cast<at::ScalarType>(p["dtype"].get<int>());
+      }
+      max_total = std::max(max_total, total);
+    }
+    const auto opts = at::TensorOptions().dtype(dtype);
+    at::Tensor gathered;
+    FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&]() -> absl::Status {
+      at::Tensor mine = at::zeros({max_total}, opts);
+      int64_t off = 0;
+      for (const json& p : per_rank[static_cast<size_t>(rank)]) {
+        const std::string& fqn = fqns[p["i"].get<size_t>()];
+        const at::Tensor& local =
+            state.Find(ParamKey::Fqn(fqn))->Find(name)->Get<ShardedTensorValue>().local;
+        if (local.scalar_type() != dtype) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "state '", name, "' of the flat parameter [", index.handles[u]->Describe(),
+              "] has sharded tensors of different dtypes"));
+        }
+        const int64_t n = local.numel();
+        mine.narrow(0, off, n).copy_(local.reshape({-1}));
+        off += n;
+      }
+      gathered = at::empty({max_total * static_cast<int64_t>(per_rank.size())}, opts);
+      FSDP_RETURN_IF_ERROR(group->AllGatherIntoTensor(gathered, mine));
+      return absl::OkStatus();
+    }),
+                         absl::StrCat(kOp, where, ": gathering state '", name,
+                                      "' of flat parameter [", index.handles[u]->Describe(), "]"));
+    // Reassemble each parameter's full tensor.
+    FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
+      std::map<size_t, at::Tensor> full;
+      for (size_t r = 0; r < per_rank.size(); ++r) {
+        int64_t off = static_cast<int64_t>(r) * max_total;
+        for (const json& p : per_rank[r]) {
+          const size_t i = p["i"].get<size_t>();
+          auto it = full.find(i);
+          if (it == full.end()) {
+            it = full.emplace(i, at::zeros(p["global"].get<std::vector<int64_t>>(), opts)).first;
+          }
+          const auto local_shape = p["local"].get<std::vector<int64_t>>();
+          const auto offsets = p["offsets"].get<std::vector<int64_t>>();
+          at::Tensor region = it->second;
+          for (size_t d = 0; d < offsets.size(); ++d) {
+            region = region.narrow(static_cast<int64_t>(d), offsets[d], local_shape[d]);
+          }
+          const int64_t n = numel_of(p);
+          region.copy_(gathered.narrow(0, off, n).view(local_shape));
+          off += n;
+        }
+      }
+      for (auto& [i, t] : full) {
+        state.Find(ParamKey::Fqn(fqns[i]))->Set(name, StateValue(std::move(t)));
+      }
+    }));
+  }
+  OptimStateDict full_osd;
+  full_osd.state = std::move(state);
+  full_osd.param_groups = sharded_osd.param_groups;
+  full_osd.has_param_groups = sharded_osd.has_param_groups;
+  return ShardFullImpl(full_osd, fsdp, adapter, kOp);
 }
 
 }  // namespace fsdp::optim_state

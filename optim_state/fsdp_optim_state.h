@@ -4,6 +4,8 @@
 //   FullOptimStateDict         FSDP.full_optim_state_dict(model, optim, rank0_only, group)
 //   ShardFullOptimStateDict    FSDP.shard_full_optim_state_dict(full_osd, model, optim=optim)
 //   ScatterFullOptimStateDict  FSDP.scatter_full_optim_state_dict(full_osd, model, optim=optim)
+//   ShardedOptimStateDict      FSDP.sharded_optim_state_dict(model, optim, group)
+//   FlattenShardedOptimStateDict  FSDP.flatten_sharded_optim_state_dict(sharded, model, optim)
 //   RekeyFullOptimStateDictToIds  the full dict keyed by parameter IDs, as torch.optim over
 //                              the unwrapped model with the same parameter groups numbers them
 //
@@ -125,6 +127,32 @@ struct FullOptimStateDictOptions {
 // sharded tensors; collective errors.
 [[nodiscard]] absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(
     const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp,
+    const OptimizerAdapter& adapter, std::shared_ptr<comm::ProcessGroup> group = nullptr);
+
+// FSDP.sharded_optim_state_dict (1.13): FullOptimStateDict's dict on every rank, with each
+// managed parameter's positive-dimension state replaced by this rank's chunk of it along
+// dimension 0 (torch.chunk into world-size chunks of ceil(dim0 / world size) rows, as 1.13's
+// _create_chunk_sharded_tensor): a ShardedTensorValue with the global shape and the chunk's
+// offsets; ranks past the last chunk hold an empty local tensor ([0, ...], offset dim0).
+// Unmanaged parameters' state and scalars are as in the full dict. A collective over `group`
+// (null: fsdp.group()). Like 1.13, every rank gathers each flat parameter's full state; unlike
+// 1.13 (which chunks one flat parameter at a time), the whole full dict is held for a moment.
+// Errors: FullOptimStateDict's, prefixed "ShardedOptimStateDict: ".
+[[nodiscard]] absl::StatusOr<OptimStateDict> ShardedOptimStateDict(
+    FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
+    std::shared_ptr<comm::ProcessGroup> group = nullptr);
+
+// FSDP.flatten_sharded_optim_state_dict: the dict this rank's optimizer loads from a sharded
+// dict (as ShardedOptimStateDict makes it, possibly saved by another world size: any pieces
+// with consistent offsets). Each unit's ShardedTensorValues are gathered with one all-gather
+// per unit and state name (every rank's pieces packed into one buffer; metadata as one
+// object), then flattened and cut as ShardFullOptimStateDict does. A collective over `group`.
+// Errors: INVALID_ARGUMENT for an ID key, a sharded value whose local shard, offsets and
+// global shape disagree or lie outside the global shape, pieces of different dtypes; then
+// ShardFullOptimStateDict's errors, prefixed "FlattenShardedOptimStateDict: "; collective
+// errors.
+[[nodiscard]] absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
+    const OptimStateDict& sharded_osd, FullyShardedDataParallel& fsdp,
     const OptimizerAdapter& adapter, std::shared_ptr<comm::ProcessGroup> group = nullptr);
 
 }  // namespace fsdp::optim_state

@@ -1,4 +1,5 @@
-// FullOptimStateDict, ShardFullOptimStateDict and ScatterFullOptimStateDict on real ranks.
+// FullOptimStateDict, ShardFullOptimStateDict, ScatterFullOptimStateDict,
+// ShardedOptimStateDict and FlattenShardedOptimStateDict on real ranks.
 //
 // Each case trains a reference model of PyTorch's optimizer-state tests under FSDP and, in the
 // same process, unwrapped, with the same optimizer (every rank sees the same batch, so the
@@ -247,17 +248,52 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{Model::kTransformer, 4, Optim::kAdam}),
     CaseName);
 
-// Round trip: full dict -> shard (or scatter) -> a fresh optimizer over the same FSDP model
+// Round trip: full dict -> shard (or scatter, or sharded dict -> flatten) -> a fresh optimizer over the same FSDP model
 // loads it -> one more step equals continuing (the unwrapped model and optimizer continue).
+// kShard: FullOptimStateDict (on every rank) -> ShardFullOptimStateDict;
+// kScatter: FullOptimStateDict (rank 0 only) -> ScatterFullOptimStateDict;
+// kSharded: ShardedOptimStateDict -> FlattenShardedOptimStateDict.
+enum class Path { kShard, kScatter, kSharded };
 struct RoundTripCase {
   Case c;
-  bool scatter;
+  Path path;
 };
-std::string RoundTripName(const ::testing::TestParamInfo<RoundTripCase>& info) {
-  return absl::StrCat(Describe(info.param.c), info.param.scatter ? "_Scatter" : "_Shard");
+std::string PathName(Path path) {
+  return path == Path::kShard ? "_Shard" : path == Path::kScatter ? "_Scatter" : "_Sharded";
 }
-void PrintTo(const RoundTripCase& r, std::ostream* os) {
-  *os << Describe(r.c) << (r.scatter ? "_Scatter" : "_Shard");
+std::string RoundTripName(const ::testing::TestParamInfo<RoundTripCase>& info) {
+  return absl::StrCat(Describe(info.param.c), PathName(info.param.path));
+}
+void PrintTo(const RoundTripCase& r, std::ostream* os) { *os << Describe(r.c) << PathName(r.path); }
+
+// Every managed parameter's positive-dimension state in `sharded` is this rank's dim-0 chunk
+// of the full dict's tensor; everything else is as in the full dict.
+void ExpectChunksOf(const OptimStateDict& full, const OptimStateDict& sharded,
+                    const std::vector<std::string>& unmanaged, int rank, int world_size) {
+  ASSERT_EQ(sharded.state.size(), full.state.size());
+  for (const auto& [key, state] : full.state) {
+    const ParamState* st = sharded.state.Find(key);
+    ASSERT_NE(st, nullptr) << key;
+    const bool managed =
+        std::find(unmanaged.begin(), unmanaged.end(), key.fqn()) == unmanaged.end();
+    for (const auto& [name, value] : state) {
+      const StateValue* v = st->Find(name);
+      ASSERT_NE(v, nullptr) << key << " " << name;
+      const at::Tensor* t = value.GetIf<at::Tensor>();
+      if (!managed || t == nullptr || t->dim() == 0) {
+        EXPECT_EQ(DiffStateValues(value, *v), "") << key << " " << name;
+        continue;
+      }
+      const ShardedTensorValue* shard = v->GetIf<ShardedTensorValue>();
+      ASSERT_NE(shard, nullptr) << key << " " << name << " is " << v->TypeName();
+      EXPECT_EQ(shard->global_shape, t->sizes().vec());
+      const int64_t chunk = (t->size(0) + world_size - 1) / world_size;
+      const int64_t begin = std::min(t->size(0), chunk * rank);
+      EXPECT_EQ(shard->offsets[0], begin);
+      EXPECT_TRUE(shard->local.equal(t->narrow(0, begin, std::min(t->size(0), begin + chunk) - begin)))
+          << key << " " << name;
+    }
+  }
 }
 
 class OptimStateRoundTripTest : public ::testing::TestWithParam<RoundTripCase> {};
@@ -268,13 +304,21 @@ TEST_P(OptimStateRoundTripTest, OneMoreStepEqualsContinuing) {
     FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(r.c, group, /*steps=*/2));
     FSDP_ASSERT_OK_AND_ASSIGN(
         OptimStateDict full,
-        FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = r.scatter}));
+        FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = r.path == Path::kScatter}));
     // The local dict must equal what the training optimizer holds now.
     OptimStateDict local;
-    if (r.scatter) {
+    if (r.path == Path::kScatter) {
       FSDP_ASSERT_OK_AND_ASSIGN(local, ScatterFullOptimStateDict(full, *t.s.fsdp, *t.adapter));
-    } else {
+    } else if (r.path == Path::kShard) {
       FSDP_ASSERT_OK_AND_ASSIGN(local, ShardFullOptimStateDict(full, *t.s.fsdp, *t.adapter));
+    } else {
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict sharded,
+                                ShardedOptimStateDict(*t.s.fsdp, *t.adapter));
+      std::vector<std::string> unmanaged;
+      for (const auto& p : t.s.fsdp->unmanaged_parameters()) unmanaged.push_back(p.first);
+      ExpectChunksOf(full, sharded, unmanaged, group.rank(), group.size());
+      FSDP_ASSERT_OK_AND_ASSIGN(local,
+                                FlattenShardedOptimStateDict(sharded, *t.s.fsdp, *t.adapter));
     }
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict own, t.adapter->StateDict());
     EXPECT_EQ(DiffOptimStateDicts(SortStateNames(own), SortStateNames(local)), "") << "rank " << group.rank();
@@ -300,14 +344,22 @@ TEST_P(OptimStateRoundTripTest, OneMoreStepEqualsContinuing) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, OptimStateRoundTripTest,
-    ::testing::Values(RoundTripCase{Case{Model::kNested, 2, Optim::kAdam}, false},
-                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, true},
-                      RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum}, true},
-                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam, true}, false},
-                      RoundTripCase{Case{Model::kNested, 2, Optim::kAdam, true}, true},
-                      RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam}, false},
-                      RoundTripCase{Case{Model::kTransformer, 2, Optim::kSgdMomentum}, true},
-                      RoundTripCase{Case{Model::kTransformer, 4, Optim::kAdam, true}, true}),
+    ::testing::Values(RoundTripCase{Case{Model::kNested, 2, Optim::kAdam}, Path::kShard},
+                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, Path::kScatter},
+                      RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum}, Path::kScatter},
+                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam, true}, Path::kShard},
+                      RoundTripCase{Case{Model::kNested, 2, Optim::kAdam, true}, Path::kScatter},
+                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, Path::kSharded},
+                      RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum, true},
+                                    Path::kSharded},
+                      RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam}, Path::kShard},
+                      RoundTripCase{Case{Model::kTransformer, 2, Optim::kSgdMomentum},
+                                    Path::kScatter},
+                      RoundTripCase{Case{Model::kTransformer, 4, Optim::kAdam, true},
+                                    Path::kScatter},
+                      RoundTripCase{Case{Model::kTransformer, 2, Optim::kAdam}, Path::kSharded},
+                      RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam, true},
+                                    Path::kSharded}),
     RoundTripName);
 
 // PyTorch's test_full_optim_state_dict_nested_invalid: the unflattened parameters of one flat
