@@ -1,0 +1,222 @@
+"""Writes torch.save files (pickle protocols 2 and 4) and damaged / hostile ones for
+checkpoint/torch_load_test.cc, plus expected.json describing what each valid file holds.
+
+Run with Debian's /usr/bin/python3 (python3-torch 1.13): make_torch_save_files.py OUT_DIR
+
+Nothing here ever unpickles the hostile files; they are only written.
+"""
+import collections
+import io
+import json
+import os
+import pickle
+import struct
+import sys
+import zipfile
+
+import torch
+
+OUT = sys.argv[1]
+os.makedirs(OUT, exist_ok=True)
+torch.manual_seed(0)
+
+
+# ---- expected values as JSON -------------------------------------------------------------
+
+def encode(value, storages):
+    if value is None:
+        return {"t": "none"}
+    if isinstance(value, bool):
+        return {"t": "bool", "v": value}
+    if isinstance(value, int):
+        return {"t": "int", "v": value}
+    if isinstance(value, float):
+        return {"t": "float", "v": value.hex()}
+    if isinstance(value, str):
+        return {"t": "str", "v": value}
+    if isinstance(value, bytes):
+        return {"t": "bytes", "v": value.hex()}
+    if isinstance(value, torch.Tensor):
+        ptr = value.storage().data_ptr()
+        storages.setdefault(ptr, len(storages))
+        flat = value.detach().reshape(-1)
+        if value.dtype.is_floating_point:
+            values = [float(x).hex() for x in flat.double().tolist()]
+        else:
+            values = [int(x) for x in flat.long().tolist()]
+        return {"t": "tensor", "dtype": str(value.dtype).replace("torch.", ""),
+                "shape": list(value.shape), "stride": list(value.stride()),
+                "offset": value.storage_offset(), "storage": storages[ptr],
+                "storage_numel": value.storage().size(),
+                "requires_grad": value.requires_grad, "values": values}
+    if isinstance(value, list):
+        return {"t": "list", "items": [encode(v, storages) for v in value]}
+    if isinstance(value, tuple):
+        return {"t": "tuple", "items": [encode(v, storages) for v in value]}
+    if isinstance(value, dict):
+        return {"t": "dict", "items": [[encode(k, storages), encode(v, storages)]
+                                       for k, v in value.items()]}
+    raise TypeError(type(value))
+
+
+expected = {}
+
+
+def save(name, value, protocol):
+    torch.save(value, os.path.join(OUT, name + ".pt"), pickle_protocol=protocol)
+    expected[name] = encode(value, {})
+
+
+# ---- valid files -------------------------------------------------------------------------
+
+def values():
+    base = torch.arange(24, dtype=torch.float32)
+    dtypes = collections.OrderedDict()
+    for dtype in [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
+                  torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]:
+        if dtype == torch.bool:
+            t = torch.tensor([True, False, True])
+        elif dtype.is_floating_point:
+            t = torch.tensor([1.5, -2.25, 3e-3, 65504.0 if dtype == torch.float16 else 1e30])
+            t = t.to(dtype)
+        else:
+            info = torch.iinfo(dtype)
+            t = torch.tensor([info.min, -1 if info.min < 0 else 0, 1, info.max], dtype=dtype)
+        dtypes[str(dtype).replace("torch.", "")] = t
+    mat = base.view(4, 6)
+    return {
+        "dtypes": dtypes,
+        "zero_dim": {"float": torch.tensor(2.5), "long": torch.tensor(7),
+                     "bfloat16": torch.tensor(-1.0, dtype=torch.bfloat16),
+                     "bool": torch.tensor(True)},
+        "empty": torch.zeros(0, 3),
+        "shared": {"base": base, "slice": base[5:9], "matrix": mat,
+                   "transposed": mat.t(), "strided": mat[1:, ::2], "element": base[17]},
+        "parameter": torch.nn.Parameter(torch.ones(2, 2)),
+        "frozen_parameter": torch.nn.Parameter(torch.ones(3), requires_grad=False),
+        "ordered": collections.OrderedDict([("z", 1), ("a", 2), ("m", 3)]),
+        "nested": {0: {"x": [1, 2, {"deep": (3, 4)}], 1: None}, "s": {5: "five", -6: "minus six"}},
+        "betas": (0.9, 0.999),
+        "none": None, "true": True, "false": False,
+        "ints": [0, 1, -1, 255, 256, 65535, 65536, -129, 2**31 - 1, -2**31, 2**31, 2**40,
+                 2**62, 2**63 - 1, -2**63],
+        "floats": [0.0, -0.0, 1e-3, 3.141592653589793, 1e300, float("inf"), float("-inf")],
+        "strings": ["", "plain", "ünïcödé ✓", "x" * 300],
+        "bytes": [b"", b"\x00\xffab", bytes(range(256))],
+        "empty_containers": ([], (), {}),
+    }
+
+
+def adam():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    optim = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.99), amsgrad=True)
+    for _ in range(2):
+        optim.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        optim.step()
+    return optim.state_dict()
+
+
+def model_state():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3),
+                                torch.nn.Linear(3, 2, bias=False))
+    model(torch.randn(6, 4))  # updates running stats and num_batches_tracked
+    return model.state_dict()
+
+
+for protocol in (2, 4):
+    save("values_p%d" % protocol, values(), protocol)
+    save("adam_p%d" % protocol, adam(), protocol)
+    save("model_p%d" % protocol, model_state(), protocol)
+
+# The same archive written again by Python's zipfile (no data descriptors, no zip64 records)
+# under another top folder name.
+with zipfile.ZipFile(os.path.join(OUT, "values_p2.pt")) as src, \
+        zipfile.ZipFile(os.path.join(OUT, "rezipped.pt"), "w", zipfile.ZIP_STORED) as dst:
+    for info in src.infolist():
+        dst.writestr("renamed_folder/" + info.filename.split("/", 1)[1], src.read(info))
+expected["rezipped"] = expected["values_p2"]
+
+# ---- refused files -----------------------------------------------------------------------
+
+def write_zip(name, entries, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(os.path.join(OUT, name), "w", compression) as z:
+        for entry, data in entries:
+            z.writestr(entry, data)
+
+
+with zipfile.ZipFile(os.path.join(OUT, "values_p2.pt")) as src:
+    write_zip("compressed.pt", [(i.filename, src.read(i)) for i in src.infolist()],
+              zipfile.ZIP_DEFLATED)
+
+torch.save({"a": torch.ones(2)}, os.path.join(OUT, "legacy.pt"),
+           _use_new_zipfile_serialization=False)
+
+MARKER = os.path.join(OUT, "pwned")
+
+
+class RunsACommand:
+    """Pickles as a call of os.system; only ever written, never loaded."""
+
+    def __reduce__(self):
+        return (os.system, ("touch '%s'" % MARKER,))
+
+
+for protocol in (2, 4):
+    write_zip("forbidden_global_p%d.pt" % protocol, [
+        ("evil/data.pkl", pickle.dumps({"state": RunsACommand()}, protocol=protocol)),
+        ("evil/version", b"3\n")])
+
+
+class StorageRef:
+    def __init__(self, key, numel):
+        self.key, self.numel = key, numel
+
+
+class TensorRef:
+    """Pickles as _rebuild_tensor_v2 over a storage reference, like torch.save does."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class StoragePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, StorageRef):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+        return None
+
+
+def crafted_pickle(value):
+    buf = io.BytesIO()
+    StoragePickler(buf, protocol=2).dump(value)
+    return buf.getvalue()
+
+
+ten_floats = struct.pack("<10f", *range(10))
+# The pickle claims 2**40 floats in a 40-byte entry.
+write_zip("huge_numel.pt", [
+    ("huge/data.pkl", crafted_pickle({"w": TensorRef(StorageRef("0", 2**40), 0, (2**40,), (1,))})),
+    ("huge/data/0", ten_floats), ("huge/version", b"3\n")])
+# A view of 1000 elements on a 10-element storage.
+write_zip("view_outside.pt", [
+    ("outside/data.pkl", crafted_pickle({"w": TensorRef(StorageRef("0", 10), 2, (1000,), (1,))})),
+    ("outside/data/0", ten_floats), ("outside/version", b"3\n")])
+# A storage the archive does not hold.
+write_zip("missing_storage.pt", [
+    ("missing/data.pkl", crafted_pickle({"w": TensorRef(StorageRef("7", 10), 0, (10,), (1,))})),
+    ("missing/data/0", ten_floats), ("missing/version", b"3\n")])
+# A str claiming 4 GiB - 16 bytes in a tiny pickle.
+write_zip("huge_string.pt", [
+    ("hstr/data.pkl", b"\x80\x02X\xf0\xff\xff\xffabc."), ("hstr/version", b"3\n")])
+# An opcode torch.save never writes (INST).
+write_zip("unsupported_opcode.pt", [
+    ("op/data.pkl", b"\x80\x02(ibuiltins\nlist\n."), ("op/version", b"3\n")])
+
+with open(os.path.join(OUT, "expected.json"), "w") as f:
+    json.dump(expected, f)
