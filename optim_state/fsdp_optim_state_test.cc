@@ -83,7 +83,18 @@ struct Training {
   std::function<at::Tensor(int step)> fsdp_loss;
 };
 
-absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group) {
+// Copies `from`'s parameter values into `to` (the same model type).
+void CopyParameters(const torch::nn::Module& from, torch::nn::Module& to) {
+  at::NoGradGuard no_grad;
+  auto source = models::NamedParametersWithoutDuplicates(from);
+  for (auto& item : models::NamedParametersWithoutDuplicates(to)) {
+    item.value().detach().copy_(source[item.key()]);
+  }
+}
+
+// `init_from`: a model of the same type whose parameter values the FSDP model starts from.
+absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group,
+                               const torch::nn::Module* init_from = nullptr) {
   auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
   FsdpOptions options;
   options.sharding_strategy = c.strategy;
@@ -92,6 +103,7 @@ absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group) {
   if (c.model == Model::kNested) {
     models::NestedModel reference;
     models::NestedModel model;
+    if (init_from != nullptr) CopyParameters(*init_from, *model);
     options.nested = model->wrap_slots();
     options.wrap_root = false;
     FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
@@ -110,6 +122,7 @@ absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group) {
   }
   models::TransformerWithSharedParams reference(0, true, true);
   models::TransformerWithSharedParams model(0, true, true);
+  if (init_from != nullptr) CopyParameters(*init_from, *model);
   options.nested = model->layer_slots();
   FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
   s.reference = reference.ptr();
@@ -360,6 +373,59 @@ INSTANTIATE_TEST_SUITE_P(
                       RoundTripCase{Case{Model::kTransformer, 2, Optim::kAdam}, Path::kSharded},
                       RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam, true},
                                     Path::kSharded}),
+    RoundTripName);
+
+// PyTorch's *_halve_world_size tests: the full dict of a 4-rank job loads into the same model
+// wrapped over 2 ranks (a subgroup), and one more step there equals continuing unwrapped.
+class HalveWorldSizeTest : public ::testing::TestWithParam<RoundTripCase> {};
+
+TEST_P(HalveWorldSizeTest, LoadsIntoHalfTheRanks) {
+  const RoundTripCase r = GetParam();
+  RunInRanks(r.c.world_size, [r](comm::ProcessGroup& group) {
+    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(r.c, group, /*steps=*/2));
+    FSDP_ASSERT_OK_AND_ASSIGN(
+        OptimStateDict full,
+        FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = r.path == Path::kScatter}));
+    std::vector<int> half;
+    for (int i = 0; i < group.size() / 2; ++i) half.push_back(i);
+    FSDP_ASSERT_OK_AND_ASSIGN(std::shared_ptr<comm::ProcessGroup> sub, group.NewSubgroup(half));
+    if (sub == nullptr) return;
+    Case small = r.c;
+    small.world_size = sub->size();
+    FSDP_ASSERT_OK_AND_ASSIGN(Training s, Build(small, *sub, t.s.reference.get()));
+    auto optim = MakeOptimizer(r.c.optim, s.fsdp->parameters());
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(*optim));
+    OptimStateDict local;
+    if (r.path == Path::kScatter) {
+      FSDP_ASSERT_OK_AND_ASSIGN(local, ScatterFullOptimStateDict(full, *s.fsdp, adapter));
+    } else {
+      FSDP_ASSERT_OK_AND_ASSIGN(local, ShardFullOptimStateDict(full, *s.fsdp, adapter));
+    }
+    FSDP_ASSERT_OK(adapter.LoadStateDict(local));
+    Training continuing{t.s.reference, t.s.reference_loss, std::move(s.fsdp), s.fsdp_loss};
+    FSDP_ASSERT_OK(Step(continuing, *t.reference_adapter, adapter, /*step=*/2));
+
+    FSDP_ASSERT_OK_AND_ASSIGN(auto params, continuing.fsdp->FullStateDict());
+    auto reference_params = models::NamedParametersWithoutDuplicates(*t.s.reference);
+    for (const auto& [fqn, value] : params) {
+      const at::Tensor* expected = reference_params.find(fqn);
+      if (expected == nullptr) continue;
+      EXPECT_TRUE(at::allclose(value, *expected, 1e-5, 1e-5)) << fqn;
+    }
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict reference, t.reference_adapter->StateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(
+        OptimStateDict after,
+        FullOptimStateDict(*continuing.fsdp, adapter, {.rank0_only = false, .group = sub}));
+    ExpectMatchesReference(after, reference, t.reference_fqns);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, HalveWorldSizeTest,
+    ::testing::Values(RoundTripCase{Case{Model::kNested, 4, Optim::kAdam}, Path::kShard},
+                      RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum, true},
+                                    Path::kScatter},
+                      RoundTripCase{Case{Model::kTransformer, 4, Optim::kAdam}, Path::kScatter}),
     RoundTripName);
 
 // PyTorch's test_full_optim_state_dict_nested_invalid: the unflattened parameters of one flat
