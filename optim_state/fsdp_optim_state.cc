@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -285,11 +286,13 @@ absl::StatusOr<at::Tensor> GatherFlat(FlatParamHandle& h, const at::Tensor& loca
   return out.narrow(0, 0, h.numel());
 }
 
-}  // namespace
-
-absl::StatusOr<OptimStateDict> FullOptimStateDict(FullyShardedDataParallel& fsdp,
-                                                  const OptimizerAdapter& adapter,
-                                                  const FullOptimStateDictOptions& options) {
+// FullOptimStateDict; `on_managed` (if set) transforms each managed parameter's entry as soon
+// as it is complete (ShardedOptimStateDict chunks it there, holding one unit's full state at
+// most).
+absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
+                                        const OptimizerAdapter& adapter,
+                                        const FullOptimStateDictOptions& options,
+                                        const std::function<void(ParamState&)>& on_managed) {
   constexpr absl::string_view kOp = "FullOptimStateDict";
   std::shared_ptr<comm::ProcessGroup> group = options.group ? options.group : fsdp.group();
   const int rank = group->rank();
@@ -399,6 +402,7 @@ absl::StatusOr<OptimStateDict> FullOptimStateDict(FullyShardedDataParallel& fsdp
       for (const auto* list : {&names.zero, &names.other}) {
         for (const std::string& name : *list) unflat[i].Set(name, CopyValue(*st.Find(name)));
       }
+      if (on_managed) on_managed(unflat[i]);
       saved[h.infos()[i].fqns[0]] = std::move(unflat[i]);
     }
   }
@@ -469,6 +473,7 @@ absl::StatusOr<OptimStateDict> FullOptimStateDict(FullyShardedDataParallel& fsdp
           if (IsZeroDimTensor(value) == zero) out.Set(name, CopyValue(value));
         }
       }
+      if (on_managed) on_managed(out);
     }
   }
 
@@ -496,6 +501,14 @@ absl::StatusOr<OptimStateDict> FullOptimStateDict(FullyShardedDataParallel& fsdp
     result.param_groups.push_back(std::move(out));
   }
   return result;
+}
+
+}  // namespace
+
+absl::StatusOr<OptimStateDict> FullOptimStateDict(FullyShardedDataParallel& fsdp,
+                                                  const OptimizerAdapter& adapter,
+                                                  const FullOptimStateDictOptions& options) {
+  return FullImpl(fsdp, adapter, options, nullptr);
 }
 
 absl::StatusOr<OptimStateDict> RekeyFullOptimStateDictToIds(const OptimStateDict& full_osd) {
@@ -1071,48 +1084,35 @@ absl::StatusOr<OptimStateDict> ShardedOptimStateDict(FullyShardedDataParallel& f
                                                      std::shared_ptr<comm::ProcessGroup> group) {
   constexpr absl::string_view kOp = "ShardedOptimStateDict";
   if (group == nullptr) group = fsdp.group();
-  OPTIM_ASSIGN_OR_RETURN(OptimStateDict dict,
-                         FullOptimStateDict(fsdp, adapter, {.rank0_only = false, .group = group}),
-                         std::string(kOp));
-  const int rank = group->rank();
+  const int64_t rank = group->rank();
   const int64_t world_size = group->size();
-  const ModelIndex index = IndexModel(fsdp);
-  absl::flat_hash_map<std::string, bool> managed;
-  for (const FlatParamHandle* h : index.handles) {
-    for (const FlatParamInfo& info : h->infos()) managed[info.fqns[0]] = true;
-  }
-  OptimStateDict out;
-  out.param_groups = dict.param_groups;
-  out.has_param_groups = dict.has_param_groups;
-  FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
-    for (const auto& [key, state] : dict.state) {
-      if (!managed.contains(key.fqn())) {
-        out.state.Set(key, state);
+  // torch.chunk along dim 0, as 1.13's _create_chunk_sharded_tensor.
+  auto chunk_state = [rank, world_size](ParamState& state) {
+    ParamState chunked;
+    for (const auto& [name, value] : state) {
+      if (!IsPosDimTensor(value)) {
+        chunked.Set(name, value);
         continue;
       }
-      ParamState chunked;
-      for (const auto& [name, value] : state) {
-        if (!IsPosDimTensor(value)) {
-          chunked.Set(name, value);
-          continue;
-        }
-        // torch.chunk along dim 0, as 1.13's _create_chunk_sharded_tensor.
-        const at::Tensor& t = value.Get<at::Tensor>();
-        const int64_t dim0 = t.size(0);
-        const int64_t chunk = (dim0 + world_size - 1) / world_size;
-        const int64_t begin = std::min(dim0, chunk * rank);
-        const int64_t end = std::min(dim0, begin + chunk);
-        ShardedTensorValue sharded;
-        sharded.local = t.narrow(0, begin, end - begin).clone();
-        sharded.global_shape = t.sizes().vec();
-        sharded.offsets.assign(t.dim(), 0);
-        sharded.offsets[0] = begin;
-        chunked.Set(name, StateValue(std::move(sharded)));
-      }
-      out.state.Set(key, std::move(chunked));
+      const at::Tensor& t = value.Get<at::Tensor>();
+      const int64_t dim0 = t.size(0);
+      const int64_t chunk = (dim0 + world_size - 1) / world_size;
+      const int64_t begin = std::min(dim0, chunk * rank);
+      const int64_t end = std::min(dim0, begin + chunk);
+      ShardedTensorValue sharded;
+      sharded.local = t.narrow(0, begin, end - begin).clone();
+      sharded.global_shape = t.sizes().vec();
+      sharded.offsets.assign(t.dim(), 0);
+      sharded.offsets[0] = begin;
+      chunked.Set(name, StateValue(std::move(sharded)));
     }
-  }));
-  return out;
+    state = std::move(chunked);
+  };
+  absl::StatusOr<OptimStateDict> dict = CallTorchOr(kOp, [&] {
+    return FullImpl(fsdp, adapter, {.rank0_only = false, .group = group}, chunk_state);
+  });
+  if (!dict.ok()) return ::fsdp::Annotate(dict.status(), kOp);
+  return dict;
 }
 
 absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(

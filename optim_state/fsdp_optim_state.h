@@ -135,8 +135,8 @@ struct FullOptimStateDictOptions {
 // _create_chunk_sharded_tensor): a ShardedTensorValue with the global shape and the chunk's
 // offsets; ranks past the last chunk hold an empty local tensor ([0, ...], offset dim0).
 // Unmanaged parameters' state and scalars are as in the full dict. A collective over `group`
-// (null: fsdp.group()). Like 1.13, every rank gathers each flat parameter's full state; unlike
-// 1.13 (which chunks one flat parameter at a time), the whole full dict is held for a moment.
+// (null: fsdp.group()). As 1.13, every rank gathers each flat parameter's full state and
+// chunks it at once, so a rank holds at most one unit's full state beyond its chunks.
 // Errors: FullOptimStateDict's, prefixed "ShardedOptimStateDict: ".
 [[nodiscard]] absl::StatusOr<OptimStateDict> ShardedOptimStateDict(
     FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
