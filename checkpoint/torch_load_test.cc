@@ -206,7 +206,8 @@ TEST_P(TorchLoadPythonFileTest, LoadsTheSameFromBytes) {
 
 INSTANTIATE_TEST_SUITE_P(Files, TorchLoadPythonFileTest,
                          ::testing::Values("values_p2", "values_p4", "adam_p2", "adam_p4",
-                                           "model_p2", "model_p4", "rezipped"),
+                                           "model_p2", "model_p4", "rezipped",
+                                           "zip64_extras"),
                          [](const auto& info) { return info.param; });
 
 class TorchLoadProtocolTest : public ::testing::TestWithParam<int> {
@@ -342,6 +343,12 @@ INSTANTIATE_TEST_SUITE_P(
                     "storage '7' (missing/data/7) is missing from the archive"},
         RefusedCase{"huge_string.pt", absl::StatusCode::kDataLoss,
                     "hstr/data.pkl ends at byte 11 inside a 4294967280-byte argument"},
+        RefusedCase{"deep_nesting.pt", absl::StatusCode::kInvalidArgument,
+                    "values nested deeper than 256 levels (or a cycle)"},
+        RefusedCase{"cycle.pt", absl::StatusCode::kInvalidArgument,
+                    "values nested deeper than 256 levels (or a cycle)"},
+        RefusedCase{"shared_doubling.pt", absl::StatusCode::kInvalidArgument,
+                    "the pickle's shared objects expand to too many values"},
         RefusedCase{"unsupported_opcode.pt", absl::StatusCode::kInvalidArgument,
                     "op/data.pkl at byte 3: unsupported pickle opcode 0x69 ('i')"}),
     [](const auto& info) {

@@ -218,5 +218,58 @@ write_zip("huge_string.pt", [
 write_zip("unsupported_opcode.pt", [
     ("op/data.pkl", b"\x80\x02(ibuiltins\nlist\n."), ("op/version", b"3\n")])
 
+# ---- zip64 extended information, as torch.save's writer (miniz) puts in the central
+# directory for entries at or beyond 4 GiB: here every entry's sizes and offset are moved
+# into a zip64 extra field, by a writer of our own (zipfile only does that past 4 GiB).
+
+def write_zip64(name, entries):
+    import binascii
+    out = bytearray()
+    central = bytearray()
+    for entry, data in entries:
+        entry = entry.encode()
+        offset = len(out)
+        crc = binascii.crc32(data)
+        out += struct.pack("<IHHHHHIIIHH", 0x04034b50, 45, 0, 0, 0, 0, crc, 0xFFFFFFFF,
+                           0xFFFFFFFF, len(entry), 20)
+        out += entry + struct.pack("<HHQQ", 1, 16, len(data), len(data)) + data
+        extra = struct.pack("<HHQQQ", 1, 24, len(data), len(data), offset)
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014b50, 45, 45, 0, 0, 0, 0, crc,
+                               0xFFFFFFFF, 0xFFFFFFFF, len(entry), len(extra), 0, 0, 0, 0,
+                               0xFFFFFFFF)
+        central += entry + extra
+    cd_offset = len(out)
+    out += central
+    record_offset = len(out)
+    out += struct.pack("<IQHHIIQQQQ", 0x06064b50, 44, 45, 45, 0, 0, len(entries), len(entries),
+                       len(central), cd_offset)
+    out += struct.pack("<IIQI", 0x07064b50, 0, record_offset, 1)
+    out += struct.pack("<IHHHHIIH", 0x06054b50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    with open(os.path.join(OUT, name), "wb") as f:
+        f.write(out)
+    with zipfile.ZipFile(os.path.join(OUT, name)) as check:  # Python agrees it is a zip
+        assert check.testzip() is None
+        assert [i.file_size for i in check.infolist()] == [len(d) for _, d in entries]
+
+
+with zipfile.ZipFile(os.path.join(OUT, "values_p4.pt")) as src:
+    write_zip64("zip64_extras.pt", [("zip64/" + i.filename.split("/", 1)[1], src.read(i))
+                                    for i in src.infolist()])
+expected["zip64_extras"] = expected["values_p4"]
+
+# ---- pickles that would expand without bound ---------------------------------------------
+# 100000 lists nested in each other.
+write_zip("deep_nesting.pt", [
+    ("deep/data.pkl", b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b"."),
+    ("deep/version", b"3\n")])
+# A list that contains itself.
+write_zip("cycle.pt", [("cycle/data.pkl", b"\x80\x02]q\x00h\x00a."), ("cycle/version", b"3\n")])
+# 40 levels of lists holding the level below twice: 2**40 values in a few hundred bytes.
+doubling = bytearray(b"\x80\x02]q\x00")
+for level in range(40):
+    doubling += b"](h" + bytes([level]) + b"h" + bytes([level]) + b"eq" + bytes([level + 1])
+doubling += b"."
+write_zip("shared_doubling.pt", [("dbl/data.pkl", bytes(doubling)), ("dbl/version", b"3\n")])
+
 with open(os.path.join(OUT, "expected.json"), "w") as f:
     json.dump(expected, f)
