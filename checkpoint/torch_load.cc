@@ -49,7 +49,7 @@ const PyValue* PyValue::Find(int64_t key) const {
 }
 
 std::string PyValue::TypeName() const {
-  static constexpr const char* kNames[] = {"None", "bool",  "int",   "float", "str",
+  static constexpr const char* kNames[] = {"None",  "bool", "int",   "float", "str",
                                            "bytes", "list", "tuple", "dict",  "Tensor"};
   return kNames[value_.index()];
 }
@@ -171,8 +171,7 @@ class FileSource : public Source {
       ::close(fd);
       return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
     }
-    return std::unique_ptr<FileSource>(
-        new FileSource(path, fd, static_cast<uint64_t>(st.st_size)));
+    return std::unique_ptr<FileSource>(new FileSource(path, fd, static_cast<uint64_t>(st.st_size)));
   }
   ~FileSource() override { ::close(fd_); }
   uint64_t size() const override { return size_; }
@@ -186,8 +185,8 @@ class FileSource : public Source {
         return absl::UnknownError(absl::StrCat(path_, ": read failed: ", std::strerror(errno)));
       }
       if (got == 0) {
-        return absl::DataLossError(
-            absl::StrCat(path_, ": file ended at byte ", offset, " while reading (did it shrink?)"));
+        return absl::DataLossError(absl::StrCat(path_, ": file ended at byte ", offset,
+                                                " while reading (did it shrink?)"));
       }
       out += got;
       offset += static_cast<uint64_t>(got);
@@ -236,9 +235,10 @@ class ZipReader {
       FSDP_RETURN_IF_ERROR(source_.ReadAt(0, 4, magic));
       if (ReadLE(magic, 4) != kLocalHeaderSig) {
         if (static_cast<uint8_t>(magic[0]) == 0x80) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              file_, ": not a zip file: it starts with a pickle (torch.save's legacy format, "
-                     "_use_new_zipfile_serialization=False, is not supported)"));
+          return absl::InvalidArgumentError(
+              absl::StrCat(file_,
+                           ": not a zip file: it starts with a pickle (torch.save's legacy format, "
+                           "_use_new_zipfile_serialization=False, is not supported)"));
         }
         return absl::InvalidArgumentError(
             absl::StrCat(file_, ": not a zip file (torch.save writes zip archives)"));
@@ -254,7 +254,8 @@ class ZipReader {
     FSDP_RETURN_IF_ERROR(source_.ReadAt(size - tail_size, tail_size, tail.data()));
     std::optional<uint64_t> eocd_in_tail;
     for (uint64_t p = tail_size - kEocdSize + 1; p-- > 0;) {
-      if (ReadLE(&tail[p], 4) == kEocdSig && ReadLE(&tail[p + 20], 2) == tail_size - p - kEocdSize) {
+      if (ReadLE(&tail[p], 4) == kEocdSig &&
+          ReadLE(&tail[p + 20], 2) == tail_size - p - kEocdSize) {
         eocd_in_tail = p;
         break;
       }
@@ -275,14 +276,14 @@ class ZipReader {
       if (ReadLE(locator, 4) == kZip64LocatorSig) {
         const uint64_t record_offset = ReadLE(locator + 8, 8);
         if (!FitsIn(record_offset, 56, eocd_offset - 20)) {
-          return Loss(absl::StrCat("zip64 end-of-central-directory record offset ",
-                                   record_offset, " is outside the file"));
+          return Loss(absl::StrCat("zip64 end-of-central-directory record offset ", record_offset,
+                                   " is outside the file"));
         }
         char record[56];
         FSDP_RETURN_IF_ERROR(source_.ReadAt(record_offset, 56, record));
         if (ReadLE(record, 4) != kZip64EocdSig) {
-          return Loss(absl::StrCat("no zip64 end-of-central-directory record at byte ",
-                                   record_offset));
+          return Loss(
+              absl::StrCat("no zip64 end-of-central-directory record at byte ", record_offset));
         }
         disk = ReadLE(record + 16, 4);
         cd_disk = ReadLE(record + 20, 4);
@@ -302,8 +303,8 @@ class ZipReader {
                                ") is outside the file (", size, " bytes)"));
     }
     if (entries > cd_size / kCentralHeaderSize) {
-      return Loss(absl::StrCat("zip directory claims ", entries, " entries in ", cd_size,
-                               " bytes"));
+      return Loss(
+          absl::StrCat("zip directory claims ", entries, " entries in ", cd_size, " bytes"));
     }
     std::string cd(cd_size, '\0');
     FSDP_RETURN_IF_ERROR(source_.ReadAt(cd_offset, cd_size, cd.data()));
@@ -340,8 +341,8 @@ class ZipReader {
     const uint32_t crc = Crc32(dst, entry.size);
     if (crc != entry.crc) {
       return Loss(absl::StrCat("entry ", Printable(entry.name), " is corrupted (CRC-32 ",
-                               absl::Hex(crc), ", the zip directory says ",
-                               absl::Hex(entry.crc), ")"));
+                               absl::Hex(crc), ", the zip directory says ", absl::Hex(entry.crc),
+                               ")"));
     }
     return absl::OkStatus();
   }
@@ -357,8 +358,8 @@ class ZipReader {
     }
     const char* h = cd.data() + *pos;
     if (ReadLE(h, 4) != kCentralSig) {
-      return Loss(absl::StrCat("bad zip central directory entry signature at byte ",
-                               cd_offset + *pos));
+      return Loss(
+          absl::StrCat("bad zip central directory entry signature at byte ", cd_offset + *pos));
     }
     const uint64_t flags = ReadLE(h + 8, 2), method = ReadLE(h + 10, 2);
     const uint32_t crc = static_cast<uint32_t>(ReadLE(h + 16, 4));
@@ -377,7 +378,8 @@ class ZipReader {
     // zip64 extended information: 8-byte values for the fields saturated above, in order.
     for (size_t e = 0; e + 4 <= extra.size();) {
       const uint64_t id = ReadLE(&extra[e], 2), len = ReadLE(&extra[e + 2], 2);
-      if (e + 4 + len > extra.size()) return Loss(absl::StrCat("entry ", Printable(entry.name), ": bad extra field"));
+      if (e + 4 + len > extra.size())
+        return Loss(absl::StrCat("entry ", Printable(entry.name), ": bad extra field"));
       if (id == 1) {
         size_t f = e + 4;
         for (uint64_t* field : {&uncompressed, &compressed, &header_offset}) {
@@ -392,13 +394,14 @@ class ZipReader {
       e += 4 + len;
     }
     if (flags & 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          file_, ": zip entry ", Printable(entry.name), " is encrypted, which torch.save never writes"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file_, ": zip entry ", Printable(entry.name),
+                       " is encrypted, which torch.save never writes"));
     }
     if (method != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          file_, ": zip entry ", Printable(entry.name), " is compressed (method ", method,
-          "); torch.save writes stored (uncompressed) entries only"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file_, ": zip entry ", Printable(entry.name), " is compressed (method ",
+                       method, "); torch.save writes stored (uncompressed) entries only"));
     }
     if (compressed != uncompressed) {
       return Loss(absl::StrCat("stored zip entry ", Printable(entry.name), " has sizes ",
@@ -416,7 +419,8 @@ class ZipReader {
                                header_offset));
     }
     const uint64_t local_name_len = ReadLE(local + 26, 2), local_extra_len = ReadLE(local + 28, 2);
-    const uint64_t data_offset = header_offset + kLocalHeaderSize + local_name_len + local_extra_len;
+    const uint64_t data_offset =
+        header_offset + kLocalHeaderSize + local_name_len + local_extra_len;
     if (local_name_len != name_len || !FitsIn(data_offset, uncompressed, cd_offset)) {
       return Loss(absl::StrCat("entry ", Printable(entry.name), " (", uncompressed,
                                " bytes at byte ", data_offset,
@@ -449,8 +453,20 @@ class ZipReader {
 // The pickle machine. Objects live in an arena owned by the machine and refer to each other
 // by pointer, so memo references, shared and even cyclic structures cost nothing to destroy.
 
-enum class Kind { kNone, kBool, kInt, kFloat, kStr, kBytes, kList, kTuple, kDict, kTensor,
-                  kGlobal, kStorage };
+enum class Kind {
+  kNone,
+  kBool,
+  kInt,
+  kFloat,
+  kStr,
+  kBytes,
+  kList,
+  kTuple,
+  kDict,
+  kTensor,
+  kGlobal,
+  kStorage
+};
 
 struct Obj {
   explicit Obj(Kind k) : kind(k) {}
@@ -458,29 +474,41 @@ struct Obj {
   bool b = false;
   int64_t i = 0;
   double f = 0;
-  std::string s;                              // str, bytes, a global's "module.name"
-  std::vector<Obj*> items;                    // list, tuple
-  std::vector<std::pair<Obj*, Obj*>> dict;    // dict
+  std::string s;                                      // str, bytes, a global's "module.name"
+  std::vector<Obj*> items;                            // list, tuple
+  std::vector<std::pair<Obj*, Obj*>> dict;            // dict
   std::unordered_map<std::string, size_t> str_index;  // dict: str key -> position
   std::unordered_map<int64_t, size_t> int_index;      // dict: int/bool key -> position
-  at::Tensor tensor;                          // tensor, or a storage's 1-D base
-  std::string storage_key;                    // storage
+  at::Tensor tensor;                                  // tensor, or a storage's 1-D base
+  std::string storage_key;                            // storage
 };
 
 const char* KindName(Kind k) {
   switch (k) {
-    case Kind::kNone: return "None";
-    case Kind::kBool: return "bool";
-    case Kind::kInt: return "int";
-    case Kind::kFloat: return "float";
-    case Kind::kStr: return "str";
-    case Kind::kBytes: return "bytes";
-    case Kind::kList: return "list";
-    case Kind::kTuple: return "tuple";
-    case Kind::kDict: return "dict";
-    case Kind::kTensor: return "Tensor";
-    case Kind::kGlobal: return "global";
-    case Kind::kStorage: return "storage";
+    case Kind::kNone:
+      return "None";
+    case Kind::kBool:
+      return "bool";
+    case Kind::kInt:
+      return "int";
+    case Kind::kFloat:
+      return "float";
+    case Kind::kStr:
+      return "str";
+    case Kind::kBytes:
+      return "bytes";
+    case Kind::kList:
+      return "list";
+    case Kind::kTuple:
+      return "tuple";
+    case Kind::kDict:
+      return "dict";
+    case Kind::kTensor:
+      return "Tensor";
+    case Kind::kGlobal:
+      return "global";
+    case Kind::kStorage:
+      return "storage";
   }
   return "?";
 }
@@ -490,11 +518,16 @@ struct StorageType {
   at::ScalarType dtype;
 };
 constexpr StorageType kStorageTypes[] = {
-    {"torch.FloatStorage", at::kFloat},        {"torch.DoubleStorage", at::kDouble},
-    {"torch.HalfStorage", at::kHalf},          {"torch.BFloat16Storage", at::kBFloat16},
-    {"torch.LongStorage", at::kLong},          {"torch.IntStorage", at::kInt},
-    {"torch.ShortStorage", at::kShort},        {"torch.CharStorage", at::kChar},
-    {"torch.ByteStorage", at::kByte},          {"torch.BoolStorage", at::kBool},
+    {"torch.FloatStorage", at::kFloat},
+    {"torch.DoubleStorage", at::kDouble},
+    {"torch.HalfStorage", at::kHalf},
+    {"torch.BFloat16Storage", at::kBFloat16},
+    {"torch.LongStorage", at::kLong},
+    {"torch.IntStorage", at::kInt},
+    {"torch.ShortStorage", at::kShort},
+    {"torch.CharStorage", at::kChar},
+    {"torch.ByteStorage", at::kByte},
+    {"torch.BoolStorage", at::kBool},
     {"torch.ComplexFloatStorage", at::kComplexFloat},
     {"torch.ComplexDoubleStorage", at::kComplexDouble},
 };
@@ -509,9 +542,12 @@ std::optional<at::ScalarType> StorageDtype(const std::string& global) {
 // Globals whose REDUCE the machine emulates (it never calls anything named in the file).
 bool IsAllowedGlobal(const std::string& name) {
   static const char* const kCallables[] = {
-      "collections.OrderedDict",        "torch._utils._rebuild_tensor_v2",
-      "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-      "torch.Size",                     "_codecs.encode",
+      "collections.OrderedDict",
+      "torch._utils._rebuild_tensor_v2",
+      "torch._utils._rebuild_parameter",
+      "torch._utils._rebuild_parameter_with_state",
+      "torch.Size",
+      "_codecs.encode",
       "builtins.bytes",
   };
   for (const char* allowed : kCallables) {
@@ -543,12 +579,23 @@ class Unpickler {
           if (frame > data_.size() - pos_) return Truncated("inside a FRAME");
           break;
         }
-        case '}': Push(New(Kind::kDict)); break;   // EMPTY_DICT
-        case ']': Push(New(Kind::kList)); break;   // EMPTY_LIST
-        case ')': Push(New(Kind::kTuple)); break;  // EMPTY_TUPLE
-        case '(': marks_.push_back(stack_.size()); break;  // MARK
-        case 'N': Push(New(Kind::kNone)); break;
-        case 0x88: case 0x89: {  // NEWTRUE, NEWFALSE
+        case '}':
+          Push(New(Kind::kDict));
+          break;  // EMPTY_DICT
+        case ']':
+          Push(New(Kind::kList));
+          break;  // EMPTY_LIST
+        case ')':
+          Push(New(Kind::kTuple));
+          break;  // EMPTY_TUPLE
+        case '(':
+          marks_.push_back(stack_.size());
+          break;  // MARK
+        case 'N':
+          Push(New(Kind::kNone));
+          break;
+        case 0x88:
+        case 0x89: {  // NEWTRUE, NEWFALSE
           Obj* o = New(Kind::kBool);
           o->b = op == 0x88;
           Push(o);
@@ -559,12 +606,14 @@ class Unpickler {
           PushInt(static_cast<int32_t>(static_cast<uint32_t>(v)));
           break;
         }
-        case 'K': case 'M': {  // BININT1, BININT2: unsigned
+        case 'K':
+        case 'M': {  // BININT1, BININT2: unsigned
           FSDP_ASSIGN_OR_RETURN(uint64_t v, Uint(op == 'K' ? 1 : 2));
           PushInt(static_cast<int64_t>(v));
           break;
         }
-        case 0x8a: case 0x8b: {  // LONG1, LONG4: little-endian two's complement
+        case 0x8a:
+        case 0x8b: {  // LONG1, LONG4: little-endian two's complement
           FSDP_ASSIGN_OR_RETURN(uint64_t n, Uint(op == 0x8a ? 1 : 4));
           if (op == 0x8b && n > 0x7FFFFFFFu) return Bad("LONG4 with a negative length");
           FSDP_ASSIGN_OR_RETURN(std::string_view bytes, Bytes(n));
@@ -581,8 +630,12 @@ class Unpickler {
           Push(o);
           break;
         }
-        case 'X': case 0x8c: case 0x8d:    // BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-        case 'B': case 'C': case 0x8e: {   // BINBYTES, SHORT_BINBYTES, BINBYTES8
+        case 'X':
+        case 0x8c:
+        case 0x8d:  // BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+        case 'B':
+        case 'C':
+        case 0x8e: {  // BINBYTES, SHORT_BINBYTES, BINBYTES8
           const int width = (op == 'X' || op == 'B') ? 4 : (op == 0x8c || op == 'C') ? 1 : 8;
           FSDP_ASSIGN_OR_RETURN(uint64_t n, Uint(width));
           FSDP_ASSIGN_OR_RETURN(std::string_view bytes, Bytes(n));
@@ -591,18 +644,20 @@ class Unpickler {
           Push(o);
           break;
         }
-        case 'q': case 'r': {  // BINPUT, LONG_BINPUT
+        case 'q':
+        case 'r': {  // BINPUT, LONG_BINPUT
           FSDP_ASSIGN_OR_RETURN(uint64_t index, Uint(op == 'q' ? 1 : 4));
-          FSDP_ASSIGN_OR_RETURN(Obj* top, Top());
+          FSDP_ASSIGN_OR_RETURN(Obj * top, Top());
           memo_[index] = top;
           break;
         }
         case 0x94: {  // MEMOIZE
-          FSDP_ASSIGN_OR_RETURN(Obj* top, Top());
+          FSDP_ASSIGN_OR_RETURN(Obj * top, Top());
           memo_[memo_.size()] = top;
           break;
         }
-        case 'h': case 'j': {  // BINGET, LONG_BINGET
+        case 'h':
+        case 'j': {  // BINGET, LONG_BINGET
           FSDP_ASSIGN_OR_RETURN(uint64_t index, Uint(op == 'h' ? 1 : 4));
           auto it = memo_.find(index);
           if (it == memo_.end()) return Bad(absl::StrCat("memo index ", index, " was never set"));
@@ -610,7 +665,7 @@ class Unpickler {
           break;
         }
         case '0': {  // POP
-          FSDP_ASSIGN_OR_RETURN(Obj* unused, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * unused, Pop());
           (void)unused;
           break;
         }
@@ -619,7 +674,7 @@ class Unpickler {
           break;
         }
         case '2': {  // DUP
-          FSDP_ASSIGN_OR_RETURN(Obj* top, Top());
+          FSDP_ASSIGN_OR_RETURN(Obj * top, Top());
           Push(top);
           break;
         }
@@ -628,7 +683,9 @@ class Unpickler {
           Push(NewTuple(std::move(items)));
           break;
         }
-        case 0x85: case 0x86: case 0x87: {  // TUPLE1..3
+        case 0x85:
+        case 0x86:
+        case 0x87: {  // TUPLE1..3
           const size_t n = op - 0x84;
           if (stack_.size() < n + CurrentMark()) return Bad("stack underflow");
           std::vector<Obj*> items(stack_.end() - n, stack_.end());
@@ -637,30 +694,32 @@ class Unpickler {
           break;
         }
         case 'a': {  // APPEND
-          FSDP_ASSIGN_OR_RETURN(Obj* item, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* list, Top());
-          if (list->kind != Kind::kList) return Bad(absl::StrCat("APPEND to a ", KindName(list->kind)));
+          FSDP_ASSIGN_OR_RETURN(Obj * item, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * list, Top());
+          if (list->kind != Kind::kList)
+            return Bad(absl::StrCat("APPEND to a ", KindName(list->kind)));
           list->items.push_back(item);
           break;
         }
         case 'e': {  // APPENDS
           FSDP_ASSIGN_OR_RETURN(std::vector<Obj*> items, PopToMark());
-          FSDP_ASSIGN_OR_RETURN(Obj* list, Top());
-          if (list->kind != Kind::kList) return Bad(absl::StrCat("APPENDS to a ", KindName(list->kind)));
+          FSDP_ASSIGN_OR_RETURN(Obj * list, Top());
+          if (list->kind != Kind::kList)
+            return Bad(absl::StrCat("APPENDS to a ", KindName(list->kind)));
           list->items.insert(list->items.end(), items.begin(), items.end());
           break;
         }
         case 's': {  // SETITEM
-          FSDP_ASSIGN_OR_RETURN(Obj* value, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* key, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* dict, Top());
+          FSDP_ASSIGN_OR_RETURN(Obj * value, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * key, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * dict, Top());
           FSDP_RETURN_IF_ERROR(SetItem(dict, key, value));
           break;
         }
         case 'u': {  // SETITEMS
           FSDP_ASSIGN_OR_RETURN(std::vector<Obj*> items, PopToMark());
           if (items.size() % 2 != 0) return Bad("SETITEMS with an odd number of items");
-          FSDP_ASSIGN_OR_RETURN(Obj* dict, Top());
+          FSDP_ASSIGN_OR_RETURN(Obj * dict, Top());
           for (size_t k = 0; k < items.size(); k += 2) {
             FSDP_RETURN_IF_ERROR(SetItem(dict, items[k], items[k + 1]));
           }
@@ -669,51 +728,55 @@ class Unpickler {
         case 'c': {  // GLOBAL: "module\nname\n"
           FSDP_ASSIGN_OR_RETURN(std::string module, Line());
           FSDP_ASSIGN_OR_RETURN(std::string name, Line());
-          FSDP_ASSIGN_OR_RETURN(Obj* global, Global(module, name));
+          FSDP_ASSIGN_OR_RETURN(Obj * global, Global(module, name));
           Push(global);
           break;
         }
         case 0x93: {  // STACK_GLOBAL
-          FSDP_ASSIGN_OR_RETURN(Obj* name, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* module, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * name, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * module, Pop());
           if (module->kind != Kind::kStr || name->kind != Kind::kStr) {
             return Bad("STACK_GLOBAL without two strs");
           }
-          FSDP_ASSIGN_OR_RETURN(Obj* global, Global(module->s, name->s));
+          FSDP_ASSIGN_OR_RETURN(Obj * global, Global(module->s, name->s));
           Push(global);
           break;
         }
         case 'R': {  // REDUCE
-          FSDP_ASSIGN_OR_RETURN(Obj* args, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* callable, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* result, Reduce(callable, args));
+          FSDP_ASSIGN_OR_RETURN(Obj * args, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * callable, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * result, Reduce(callable, args));
           Push(result);
           break;
         }
         case 'b': {  // BUILD: only the attributes of an OrderedDict (a state dict's _metadata)
-          FSDP_ASSIGN_OR_RETURN(Obj* state, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* inst, Top());
+          FSDP_ASSIGN_OR_RETURN(Obj * state, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * inst, Top());
           (void)state;
           if (inst->kind != Kind::kDict) {
-            return Bad(absl::StrCat("BUILD on a ", KindName(inst->kind),
-                                    " (only an OrderedDict's attributes are accepted, and dropped)"));
+            return Bad(
+                absl::StrCat("BUILD on a ", KindName(inst->kind),
+                             " (only an OrderedDict's attributes are accepted, and dropped)"));
           }
           break;
         }
         case 'Q': {  // BINPERSID
-          FSDP_ASSIGN_OR_RETURN(Obj* pid, Pop());
-          FSDP_ASSIGN_OR_RETURN(Obj* storage, PersistentLoad(pid));
+          FSDP_ASSIGN_OR_RETURN(Obj * pid, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * storage, PersistentLoad(pid));
           Push(storage);
           break;
         }
         case '.': {  // STOP
-          FSDP_ASSIGN_OR_RETURN(Obj* result, Pop());
+          FSDP_ASSIGN_OR_RETURN(Obj * result, Pop());
           return result;
         }
         default:
-          return Bad(absl::StrCat("unsupported pickle opcode 0x", absl::Hex(op),
-                                  (op >= 0x20 && op < 0x7f) ? absl::StrCat(" ('", std::string(1, static_cast<char>(op)), "')") : "",
-                                  "; torch.save does not write it"));
+          return Bad(
+              absl::StrCat("unsupported pickle opcode 0x", absl::Hex(op),
+                           (op >= 0x20 && op < 0x7f)
+                               ? absl::StrCat(" ('", std::string(1, static_cast<char>(op)), "')")
+                               : "",
+                           "; torch.save does not write it"));
       }
     }
   }
@@ -724,9 +787,8 @@ class Unpickler {
         absl::StrCat(file_, ": ", entry_, " at byte ", op_pos_, ": ", what));
   }
   absl::Status Truncated(const std::string& where) const {
-    return absl::DataLossError(
-        absl::StrCat(file_, ": ", entry_, " ends at byte ", data_.size(), " ", where,
-                     " (truncated or corrupted)"));
+    return absl::DataLossError(absl::StrCat(file_, ": ", entry_, " ends at byte ", data_.size(),
+                                            " ", where, " (truncated or corrupted)"));
   }
 
   Obj* New(Kind kind) {
@@ -765,14 +827,16 @@ class Unpickler {
   }
 
   absl::StatusOr<uint64_t> Uint(int n) {
-    if (data_.size() - pos_ < static_cast<size_t>(n)) return Truncated("inside an opcode's argument");
+    if (data_.size() - pos_ < static_cast<size_t>(n))
+      return Truncated("inside an opcode's argument");
     const uint64_t v = ReadLE(data_.data() + pos_, n);
     pos_ += n;
     return v;
   }
   absl::StatusOr<std::string_view> Bytes(uint64_t n) {
     if (n > data_.size() - pos_) {
-      return Truncated(absl::StrCat("inside a ", n, "-byte argument of the opcode at byte ", op_pos_));
+      return Truncated(
+          absl::StrCat("inside a ", n, "-byte argument of the opcode at byte ", op_pos_));
     }
     std::string_view out = data_.substr(pos_, n);
     pos_ += n;
@@ -806,10 +870,11 @@ class Unpickler {
     if (protocol_ < 3 && module == "__builtin__") module = "builtins";  // fix_imports
     const std::string full = absl::StrCat(module, ".", name);
     if (!IsAllowedGlobal(full)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "refusing to load global ", Printable(full), " from ", file_, " (", entry_,
-          " at byte ", op_pos_, "; only the globals torch.save writes for tensors and state "
-          "dicts are allowed)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("refusing to load global ", Printable(full), " from ", file_, " (", entry_,
+                       " at byte ", op_pos_,
+                       "; only the globals torch.save writes for tensors and state "
+                       "dicts are allowed)"));
     }
     Obj* o = New(Kind::kGlobal);
     o->s = full;
@@ -853,8 +918,8 @@ class Unpickler {
     auto wrong_args = [&]() {
       std::vector<std::string> kinds;
       for (const Obj* o : a) kinds.push_back(KindName(o->kind));
-      return Bad(absl::StrCat("unexpected arguments to ", fn, ": (", absl::StrJoin(kinds, ", "),
-                              ")"));
+      return Bad(
+          absl::StrCat("unexpected arguments to ", fn, ": (", absl::StrJoin(kinds, ", "), ")"));
     };
     if (fn == "collections.OrderedDict") {
       if (!a.empty()) return wrong_args();
@@ -930,15 +995,16 @@ class Unpickler {
 
   absl::StatusOr<Obj*> RebuildTensor(Obj* storage, int64_t offset, const std::vector<Obj*>& size,
                                      const std::vector<Obj*>& stride, bool requires_grad) {
-    const std::string where = absl::StrCat("tensor on storage '", Printable(storage->storage_key),
-                                           "' (", prefix_, "data/", Printable(storage->storage_key), ")");
+    const std::string where =
+        absl::StrCat("tensor on storage '", Printable(storage->storage_key), "' (", prefix_,
+                     "data/", Printable(storage->storage_key), ")");
     auto bad_view = [&](const std::string& why) {
       std::vector<std::string> sz, st;
       for (const Obj* o : size) sz.push_back(o->kind == Kind::kInt ? absl::StrCat(o->i) : "?");
       for (const Obj* o : stride) st.push_back(o->kind == Kind::kInt ? absl::StrCat(o->i) : "?");
-      return absl::DataLossError(absl::StrCat(
-          file_, ": ", where, ": view with offset ", offset, ", size [", absl::StrJoin(sz, ", "),
-          "], stride [", absl::StrJoin(st, ", "), "] ", why));
+      return absl::DataLossError(absl::StrCat(file_, ": ", where, ": view with offset ", offset,
+                                              ", size [", absl::StrJoin(sz, ", "), "], stride [",
+                                              absl::StrJoin(st, ", "), "] ", why));
     };
     constexpr size_t kMaxDims = 64;
     if (size.size() != stride.size() || size.size() > kMaxDims) {
@@ -955,10 +1021,13 @@ class Unpickler {
       }
       sizes.push_back(size[d]->i);
       strides.push_back(stride[d]->i);
-      if (size[d]->i == 0) empty = true;
-      else if (__builtin_mul_overflow(count, size[d]->i, &count)) return bad_view("has too many elements");
+      if (size[d]->i == 0)
+        empty = true;
+      else if (__builtin_mul_overflow(count, size[d]->i, &count))
+        return bad_view("has too many elements");
     }
-    if (offset < 0 || offset > numel) return bad_view(absl::StrCat("starts outside the storage's ", numel, " elements"));
+    if (offset < 0 || offset > numel)
+      return bad_view(absl::StrCat("starts outside the storage's ", numel, " elements"));
     if (!empty) {
       int64_t last = offset;  // index of the view's last element
       for (size_t d = 0; d < sizes.size(); ++d) {
@@ -969,8 +1038,8 @@ class Unpickler {
         }
       }
       if (last >= numel) {
-        return bad_view(absl::StrCat("reaches element ", last, " of a storage of ", numel,
-                                     " elements"));
+        return bad_view(
+            absl::StrCat("reaches element ", last, " of a storage of ", numel, " elements"));
       }
     }
     Obj* o = New(Kind::kTensor);
@@ -984,10 +1053,10 @@ class Unpickler {
   // ('storage', storage_type, key, location, numel) -> the storage's 1-D base tensor, read
   // once per key from <prefix>data/<key>.
   absl::StatusOr<Obj*> PersistentLoad(Obj* pid) {
-    if (pid->kind != Kind::kTuple || pid->items.size() != 5 ||
-        pid->items[0]->kind != Kind::kStr || pid->items[0]->s != "storage" ||
-        pid->items[1]->kind != Kind::kGlobal || pid->items[2]->kind != Kind::kStr ||
-        pid->items[3]->kind != Kind::kStr || pid->items[4]->kind != Kind::kInt) {
+    if (pid->kind != Kind::kTuple || pid->items.size() != 5 || pid->items[0]->kind != Kind::kStr ||
+        pid->items[0]->s != "storage" || pid->items[1]->kind != Kind::kGlobal ||
+        pid->items[2]->kind != Kind::kStr || pid->items[3]->kind != Kind::kStr ||
+        pid->items[4]->kind != Kind::kInt) {
       return Bad("persistent id is not ('storage', storage_type, key, location, numel)");
     }
     const std::optional<at::ScalarType> dtype = StorageDtype(pid->items[1]->s);
@@ -995,15 +1064,16 @@ class Unpickler {
     const std::string& key = pid->items[2]->s;
     const int64_t numel = pid->items[4]->i;
     const std::string entry_name = absl::StrCat(prefix_, "data/", key);
-    const std::string where = absl::StrCat("storage '", Printable(key), "' (", Printable(entry_name), ")");
+    const std::string where =
+        absl::StrCat("storage '", Printable(key), "' (", Printable(entry_name), ")");
     auto cached = storages_.find(key);
     if (cached != storages_.end()) {
       Obj* s = cached->second;
       if (s->tensor.scalar_type() != *dtype || s->tensor.numel() != numel) {
-        return absl::DataLossError(absl::StrCat(
-            file_, ": ", where, " is used as ", pid->items[1]->s, " of ", numel,
-            " elements and as ", std::string(c10::toString(s->tensor.scalar_type())), " of ",
-            s->tensor.numel(), " elements"));
+        return absl::DataLossError(
+            absl::StrCat(file_, ": ", where, " is used as ", pid->items[1]->s, " of ", numel,
+                         " elements and as ", std::string(c10::toString(s->tensor.scalar_type())),
+                         " of ", s->tensor.numel(), " elements"));
       }
       return s;
     }
@@ -1052,8 +1122,8 @@ class Unpickler {
 absl::StatusOr<PyValue> ToPyValue(const Obj* o, int depth, int64_t* budget,
                                   const std::string& file) {
   if (depth > kMaxDepth) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        file, ": values nested deeper than ", kMaxDepth, " levels (or a cycle)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": values nested deeper than ", kMaxDepth, " levels (or a cycle)"));
   }
   if (--*budget < 0) {
     return absl::InvalidArgumentError(
@@ -1069,13 +1139,20 @@ absl::StatusOr<PyValue> ToPyValue(const Obj* o, int depth, int64_t* budget,
     return out;
   };
   switch (o->kind) {
-    case Kind::kNone: return PyValue();
-    case Kind::kBool: return PyValue(o->b);
-    case Kind::kInt: return PyValue(o->i);
-    case Kind::kFloat: return PyValue(o->f);
-    case Kind::kStr: return PyValue(o->s);
-    case Kind::kBytes: return PyValue(PyBytes{o->s});
-    case Kind::kTensor: return PyValue(o->tensor);
+    case Kind::kNone:
+      return PyValue();
+    case Kind::kBool:
+      return PyValue(o->b);
+    case Kind::kInt:
+      return PyValue(o->i);
+    case Kind::kFloat:
+      return PyValue(o->f);
+    case Kind::kStr:
+      return PyValue(o->s);
+    case Kind::kBytes:
+      return PyValue(PyBytes{o->s});
+    case Kind::kTensor:
+      return PyValue(o->tensor);
     case Kind::kList: {
       FSDP_ASSIGN_OR_RETURN(std::vector<PyValue> v, items(o->items));
       return PyValue(PyList{std::move(v)});
@@ -1098,9 +1175,9 @@ absl::StatusOr<PyValue> ToPyValue(const Obj* o, int depth, int64_t* budget,
     case Kind::kStorage:
       break;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      file, ": the pickle leaves a bare ", KindName(o->kind), " ", Printable(o->s),
-      " in the result (torch.save never does)"));
+  return absl::InvalidArgumentError(absl::StrCat(file, ": the pickle leaves a bare ",
+                                                 KindName(o->kind), " ", Printable(o->s),
+                                                 " in the result (torch.save never does)"));
 }
 
 absl::StatusOr<PyValue> Load(const Source& source, const std::string& file) {
@@ -1113,19 +1190,21 @@ absl::StatusOr<PyValue> Load(const Source& source, const std::string& file) {
     if (slash != std::string::npos && name.substr(slash) == "/data.pkl") pickles.push_back(&entry);
   }
   if (pickles.size() != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        file, ": ", pickles.empty() ? "no <archive>/data.pkl entry: not a torch.save file"
-                                    : "more than one <archive>/data.pkl entry"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": ",
+                     pickles.empty() ? "no <archive>/data.pkl entry: not a torch.save file"
+                                     : "more than one <archive>/data.pkl entry"));
   }
   const ZipEntry& pickle_entry = *pickles[0];
   const std::string prefix = pickle_entry.name.substr(0, pickle_entry.name.size() - 8);
   if (const ZipEntry* byteorder = zip.Find(prefix + "byteorder")) {
-    if (byteorder->size > 16) return absl::DataLossError(absl::StrCat(file, ": bad byteorder entry"));
+    if (byteorder->size > 16)
+      return absl::DataLossError(absl::StrCat(file, ": bad byteorder entry"));
     std::string order(byteorder->size, '\0');
     FSDP_RETURN_IF_ERROR(zip.Read(*byteorder, order.data()));
     if (order != "little") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          file, ": byte order '", Printable(order), "' is not supported (only little-endian)"));
+      return absl::InvalidArgumentError(absl::StrCat(file, ": byte order '", Printable(order),
+                                                     "' is not supported (only little-endian)"));
     }
   }
   std::string pickle(pickle_entry.size, '\0');  // size checked against the file

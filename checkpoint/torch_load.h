@@ -65,8 +65,9 @@ struct PyTuple {
   std::vector<PyValue> items;
 };
 // Python `dict` or `collections.OrderedDict`: items in insertion order (pickle order). Keys
-// are whatever the file holds (str and int in state dicts). Assigning an existing key again
-// replaces its value in place, as in Python.
+// are whatever the file holds (str and int in state dicts); a key the pickle sets twice keeps
+// its first position and its last value, as in Python. An OrderedDict's attributes (a model
+// state dict's `_metadata`, restored by pickle's BUILD) are not kept.
 struct PyDict {
   std::vector<std::pair<PyValue, PyValue>> items;
 };
@@ -75,13 +76,23 @@ struct PyDict {
 // (tensors are copied by reference, as at::Tensor always is).
 class PyValue {
  public:
-  using Variant = std::variant<PyNone, bool, int64_t, double, std::string, PyBytes, PyList,
-                               PyTuple, PyDict, at::Tensor>;
+  using Variant = std::variant<PyNone, bool, int64_t, double, std::string, PyBytes, PyList, PyTuple,
+                               PyDict, at::Tensor>;
 
+  // Implicit from each held type (plain overloads: a string literal is a str, an int an int).
   PyValue() : value_(PyNone{}) {}
-  template <typename T, typename = std::enable_if_t<std::is_constructible_v<Variant, T&&> &&
-                                                    !std::is_same_v<std::decay_t<T>, PyValue>>>
-  PyValue(T&& value) : value_(std::forward<T>(value)) {}  // NOLINT: implicit on purpose
+  PyValue(PyNone) : value_(PyNone{}) {}               // NOLINT
+  PyValue(bool b) : value_(b) {}                      // NOLINT
+  PyValue(int i) : value_(int64_t{i}) {}              // NOLINT
+  PyValue(int64_t i) : value_(i) {}                   // NOLINT
+  PyValue(double d) : value_(d) {}                    // NOLINT
+  PyValue(const char* s) : value_(std::string(s)) {}  // NOLINT
+  PyValue(std::string s) : value_(std::move(s)) {}    // NOLINT
+  PyValue(PyBytes b) : value_(std::move(b)) {}        // NOLINT
+  PyValue(PyList l) : value_(std::move(l)) {}         // NOLINT
+  PyValue(PyTuple t) : value_(std::move(t)) {}        // NOLINT
+  PyValue(PyDict d) : value_(std::move(d)) {}         // NOLINT
+  PyValue(at::Tensor t) : value_(std::move(t)) {}     // NOLINT
 
   bool is_none() const { return std::holds_alternative<PyNone>(value_); }
   bool is_bool() const { return std::holds_alternative<bool>(value_); }
@@ -107,7 +118,8 @@ class PyValue {
 
   // Items of a list or a tuple; precondition: is_list() || is_tuple().
   const std::vector<PyValue>& items() const;
-  // For a dict: the value under a str / int key, or nullptr (also when not a dict).
+  // For a dict: the value under a str / int key, or nullptr (also when not a dict). A linear
+  // scan: iterate as_dict().items to visit every entry.
   const PyValue* Find(std::string_view key) const;
   const PyValue* Find(int64_t key) const;
 

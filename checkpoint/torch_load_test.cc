@@ -11,11 +11,10 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <type_traits>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -72,9 +71,10 @@ double ParseHexFloat(const std::string& hex) { return std::strtod(hex.c_str(), n
 
 at::ScalarType DtypeFromName(const std::string& name) {
   static const std::map<std::string, at::ScalarType> kDtypes = {
-      {"float32", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf},
-      {"bfloat16", at::kBFloat16}, {"int8", at::kChar}, {"int16", at::kShort},
-      {"int32", at::kInt}, {"int64", at::kLong}, {"uint8", at::kByte}, {"bool", at::kBool}};
+      {"float32", at::kFloat},     {"float64", at::kDouble}, {"float16", at::kHalf},
+      {"bfloat16", at::kBFloat16}, {"int8", at::kChar},      {"int16", at::kShort},
+      {"int32", at::kInt},         {"int64", at::kLong},     {"uint8", at::kByte},
+      {"bool", at::kBool}};
   auto it = kDtypes.find(name);
   EXPECT_NE(it, kDtypes.end()) << "unknown dtype " << name;
   return it == kDtypes.end() ? at::kFloat : it->second;
@@ -185,6 +185,31 @@ template <typename T>
 }
 
 // ------------------------------------------------------------------------------------------
+// PyValue itself
+
+TEST(PyValue, HoldsWhatItIsGiven) {
+  EXPECT_TRUE(PyValue().is_none());
+  EXPECT_TRUE(PyValue("text").is_str());  // not a bool
+  EXPECT_EQ(PyValue("text").as_str(), "text");
+  EXPECT_EQ(PyValue(3).as_int(), 3);
+  EXPECT_TRUE(PyValue(true).as_bool());
+  EXPECT_EQ(PyValue(0.5).as_float(), 0.5);
+  EXPECT_EQ(PyValue(PyBytes{"\x01"}).as_bytes().data, "\x01");
+  EXPECT_EQ(PyValue(at::ones({2})).as_tensor().numel(), 2);
+  const PyValue dict =
+      PyDict{{{"a", PyTuple{{1, 2.5, PyValue()}}}, {7, PyList{{"x", false}}}}};
+  ASSERT_NE(dict.Find("a"), nullptr);
+  EXPECT_EQ(dict.Find("a")->items().size(), 3u);
+  EXPECT_EQ(dict.Find(int64_t{7})->items()[0].as_str(), "x");
+  EXPECT_EQ(dict.Find("b"), nullptr);
+  EXPECT_EQ(dict.Find(int64_t{8}), nullptr);
+  EXPECT_EQ(PyValue(1).Find("a"), nullptr);
+  EXPECT_EQ(dict.TypeName(), "dict");
+  EXPECT_EQ(dict.DebugString(), "{'a': (1, 2.5, None), 7: ['x', False]}");
+  EXPECT_EQ(PyValue(PyTuple{{1}}).DebugString(), "(1,)");
+}
+
+// ------------------------------------------------------------------------------------------
 // Files written by torch.save
 
 class TorchLoadPythonFileTest : public ::testing::TestWithParam<std::string> {};
@@ -206,8 +231,7 @@ TEST_P(TorchLoadPythonFileTest, LoadsTheSameFromBytes) {
 
 INSTANTIATE_TEST_SUITE_P(Files, TorchLoadPythonFileTest,
                          ::testing::Values("values_p2", "values_p4", "adam_p2", "adam_p4",
-                                           "model_p2", "model_p4", "rezipped",
-                                           "zip64_extras"),
+                                           "model_p2", "model_p4", "rezipped", "zip64_extras"),
                          [](const auto& info) { return info.param; });
 
 class TorchLoadProtocolTest : public ::testing::TestWithParam<int> {
@@ -255,9 +279,9 @@ TEST_P(TorchLoadProtocolTest, ModelStateDictKeepsKeyOrder) {
   FSDP_ASSERT_OK_AND_ASSIGN(PyValue value, TorchLoad(Path("model")));
   std::vector<std::string> keys;
   for (const auto& [k, v] : value.as_dict().items) keys.push_back(k.as_str());
-  EXPECT_THAT(keys, ::testing::ElementsAre("0.weight", "0.bias", "1.weight", "1.bias",
-                                           "1.running_mean", "1.running_var",
-                                           "1.num_batches_tracked", "2.weight"));
+  EXPECT_THAT(keys,
+              ::testing::ElementsAre("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                                     "1.running_var", "1.num_batches_tracked", "2.weight"));
   EXPECT_EQ(value.Find("1.num_batches_tracked")->as_tensor().scalar_type(), at::kLong);
 }
 
@@ -376,8 +400,8 @@ TEST(TorchLoadDamage, RefusesEveryTruncation) {
   const std::string bytes = ReadFile(PathOf("values_p4.pt"));
   ASSERT_GT(bytes.size(), 1000u);
   for (size_t n = 0; n < bytes.size(); ++n) {
-    EXPECT_TRUE(IsRefused(TorchLoadFromBytes(std::string_view(bytes).substr(0, n), "cut.pt"),
-                          "cut.pt"))
+    EXPECT_TRUE(
+        IsRefused(TorchLoadFromBytes(std::string_view(bytes).substr(0, n), "cut.pt"), "cut.pt"))
         << "prefix of " << n << " bytes";
   }
 }
