@@ -11,6 +11,7 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -21,6 +22,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "comm/status_macros.h"
+
+// Storages are copied byte for byte into tensors, and torch.save writes little-endian data.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "TorchLoad needs a little-endian host");
 
 namespace fsdp::checkpoint {
 
@@ -101,21 +105,34 @@ uint64_t ReadLE(const char* p, int n) {
   return v;
 }
 
-std::array<uint32_t, 256> MakeCrcTable() {
-  std::array<uint32_t, 256> table{};
+// Slicing-by-8 tables: table[0] is the classic byte table, table[k] advances k more bytes.
+using CrcTables = std::array<std::array<uint32_t, 256>, 8>;
+CrcTables MakeCrcTables() {
+  CrcTables t{};
   for (uint32_t i = 0; i < 256; ++i) {
     uint32_t c = i;
     for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-    table[i] = c;
+    t[0][i] = c;
   }
-  return table;
+  for (uint32_t i = 0; i < 256; ++i) {
+    for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFF];
+  }
+  return t;
 }
 
 uint32_t Crc32(const void* data, size_t n) {
-  static const std::array<uint32_t, 256> kTable = MakeCrcTable();
+  static const CrcTables t = MakeCrcTables();
   const auto* p = static_cast<const uint8_t*>(data);
   uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; ++i) c = kTable[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+  for (; n >= 8; n -= 8, p += 8) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, p, 4);
+    std::memcpy(&hi, p + 4, 4);
+    lo ^= c;
+    c = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^
+        t[3][hi & 0xFF] ^ t[2][(hi >> 8) & 0xFF] ^ t[1][(hi >> 16) & 0xFF] ^ t[0][hi >> 24];
+  }
+  for (; n > 0; --n, ++p) c = t[0][(c ^ *p) & 0xFF] ^ (c >> 8);
   return c ^ 0xFFFFFFFFu;
 }
 
@@ -468,19 +485,29 @@ enum class Kind {
   kStorage
 };
 
+struct Obj;
+
+// A dict's items and the positions of its str and int keys (for Python's replace-in-place).
+struct DictData {
+  std::vector<std::pair<Obj*, Obj*>> items;
+  std::unordered_map<std::string, size_t> str_index;
+  std::unordered_map<int64_t, size_t> int_index;  // int and bool keys
+};
+
+// Kept small (about 100 bytes): a hostile pickle can create one object per byte, as with
+// Python's own unpickler.
 struct Obj {
   explicit Obj(Kind k) : kind(k) {}
   Kind kind;
   bool b = false;
-  int64_t i = 0;
-  double f = 0;
-  std::string s;                                      // str, bytes, a global's "module.name"
-  std::vector<Obj*> items;                            // list, tuple
-  std::vector<std::pair<Obj*, Obj*>> dict;            // dict
-  std::unordered_map<std::string, size_t> str_index;  // dict: str key -> position
-  std::unordered_map<int64_t, size_t> int_index;      // dict: int/bool key -> position
-  at::Tensor tensor;                                  // tensor, or a storage's 1-D base
-  std::string storage_key;                            // storage
+  union {
+    int64_t i = 0;
+    double f;
+  };
+  std::string s;                   // str, bytes, a global's "module.name", a storage's key
+  std::vector<Obj*> items;         // list, tuple
+  std::unique_ptr<DictData> dict;  // dict
+  at::Tensor tensor;               // tensor, or a storage's 1-D base
 };
 
 const char* KindName(Kind k) {
@@ -792,8 +819,9 @@ class Unpickler {
   }
 
   Obj* New(Kind kind) {
-    arena_.push_back(std::make_unique<Obj>(kind));
-    return arena_.back().get();
+    Obj* o = &arena_.emplace_back(kind);
+    if (kind == Kind::kDict) o->dict = std::make_unique<DictData>();
+    return o;
   }
   Obj* NewTuple(std::vector<Obj*> items) {
     Obj* o = New(Kind::kTuple);
@@ -886,22 +914,22 @@ class Unpickler {
     // Python's dict semantics for the key types of state dicts: an equal key is replaced in
     // place. (1 == True, as in Python.) Other key types are kept as they come.
     if (key->kind == Kind::kStr) {
-      auto [it, inserted] = dict->str_index.emplace(key->s, dict->dict.size());
+      auto [it, inserted] = dict->dict->str_index.emplace(key->s, dict->dict->items.size());
       if (!inserted) {
-        dict->dict[it->second].second = value;
+        dict->dict->items[it->second].second = value;
         return absl::OkStatus();
       }
     } else if (key->kind == Kind::kInt || key->kind == Kind::kBool) {
       const int64_t k = key->kind == Kind::kInt ? key->i : key->b;
-      auto [it, inserted] = dict->int_index.emplace(k, dict->dict.size());
+      auto [it, inserted] = dict->dict->int_index.emplace(k, dict->dict->items.size());
       if (!inserted) {
-        dict->dict[it->second].second = value;
+        dict->dict->items[it->second].second = value;
         return absl::OkStatus();
       }
     } else if (key->kind == Kind::kList || key->kind == Kind::kDict) {
       return Bad(absl::StrCat("unhashable dict key of type ", KindName(key->kind)));
     }
-    dict->dict.emplace_back(key, value);
+    dict->dict->items.emplace_back(key, value);
     return absl::OkStatus();
   }
 
@@ -995,9 +1023,8 @@ class Unpickler {
 
   absl::StatusOr<Obj*> RebuildTensor(Obj* storage, int64_t offset, const std::vector<Obj*>& size,
                                      const std::vector<Obj*>& stride, bool requires_grad) {
-    const std::string where =
-        absl::StrCat("tensor on storage '", Printable(storage->storage_key), "' (", prefix_,
-                     "data/", Printable(storage->storage_key), ")");
+    const std::string where = absl::StrCat("tensor on storage '", Printable(storage->s), "' (",
+                                           prefix_, "data/", Printable(storage->s), ")");
     auto bad_view = [&](const std::string& why) {
       std::vector<std::string> sz, st;
       for (const Obj* o : size) sz.push_back(o->kind == Kind::kInt ? absl::StrCat(o->i) : "?");
@@ -1091,7 +1118,7 @@ class Unpickler {
     }
     // Only now, with the size checked against the archive, allocate.
     Obj* s = New(Kind::kStorage);
-    s->storage_key = key;
+    s->s = key;
     FSDP_ASSIGN_OR_RETURN(s->tensor, CallTorch(absl::StrCat(file_, ": ", where), [&] {
                             return at::empty({numel}, at::TensorOptions().dtype(*dtype));
                           }));
@@ -1112,12 +1139,13 @@ class Unpickler {
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, Obj*> memo_;
   std::unordered_map<std::string, Obj*> storages_;
-  std::vector<std::unique_ptr<Obj>> arena_;
+  std::deque<Obj> arena_;  // stable addresses
 };
 
 // ------------------------------------------------------------------------------------------
-// Machine objects -> PyValue. Shared sub-objects are copied; `budget` bounds the copies so
-// that a small pickle of nested shared lists cannot expand into an enormous tree.
+// Machine objects -> PyValue. Shared sub-objects are copied; `budget` (bytes) bounds the copies
+// so that a small pickle of nested shared lists, or of one long str referenced many times,
+// cannot expand into an enormous tree.
 
 absl::StatusOr<PyValue> ToPyValue(const Obj* o, int depth, int64_t* budget,
                                   const std::string& file) {
@@ -1125,7 +1153,9 @@ absl::StatusOr<PyValue> ToPyValue(const Obj* o, int depth, int64_t* budget,
     return absl::InvalidArgumentError(
         absl::StrCat(file, ": values nested deeper than ", kMaxDepth, " levels (or a cycle)"));
   }
-  if (--*budget < 0) {
+  *budget -= static_cast<int64_t>(sizeof(PyValue));
+  if (o->kind == Kind::kStr || o->kind == Kind::kBytes) *budget -= o->s.size();
+  if (*budget < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(file, ": the pickle's shared objects expand to too many values"));
   }
@@ -1163,8 +1193,8 @@ absl::StatusOr<PyValue> ToPyValue(const Obj* o, int depth, int64_t* budget,
     }
     case Kind::kDict: {
       PyDict dict;
-      dict.items.reserve(o->dict.size());
-      for (const auto& [k, v] : o->dict) {
+      dict.items.reserve(o->dict->items.size());
+      for (const auto& [k, v] : o->dict->items) {
         FSDP_ASSIGN_OR_RETURN(PyValue key, ToPyValue(k, depth + 1, budget, file));
         FSDP_ASSIGN_OR_RETURN(PyValue value, ToPyValue(v, depth + 1, budget, file));
         dict.items.emplace_back(std::move(key), std::move(value));
@@ -1211,7 +1241,9 @@ absl::StatusOr<PyValue> Load(const Source& source, const std::string& file) {
   FSDP_RETURN_IF_ERROR(zip.Read(pickle_entry, pickle.data()));
   Unpickler unpickler(pickle, file, pickle_entry.name, zip, prefix);
   FSDP_ASSIGN_OR_RETURN(const Obj* result, unpickler.Run());
-  int64_t budget = 16 * static_cast<int64_t>(pickle.size()) + 1024;
+  // A torch.save pickle's tree takes at most a few dozen times its bytes; only sharing that
+  // torch.save never writes can exceed this.
+  int64_t budget = 128 * static_cast<int64_t>(pickle.size()) + (int64_t{64} << 20);
   return ToPyValue(result, 0, &budget, file);
 }
 

@@ -196,8 +196,7 @@ TEST(PyValue, HoldsWhatItIsGiven) {
   EXPECT_EQ(PyValue(0.5).as_float(), 0.5);
   EXPECT_EQ(PyValue(PyBytes{"\x01"}).as_bytes().data, "\x01");
   EXPECT_EQ(PyValue(at::ones({2})).as_tensor().numel(), 2);
-  const PyValue dict =
-      PyDict{{{"a", PyTuple{{1, 2.5, PyValue()}}}, {7, PyList{{"x", false}}}}};
+  const PyValue dict = PyDict{{{"a", PyTuple{{1, 2.5, PyValue()}}}, {7, PyList{{"x", false}}}}};
   ASSERT_NE(dict.Find("a"), nullptr);
   EXPECT_EQ(dict.Find("a")->items().size(), 3u);
   EXPECT_EQ(dict.Find(int64_t{7})->items()[0].as_str(), "x");
@@ -231,7 +230,8 @@ TEST_P(TorchLoadPythonFileTest, LoadsTheSameFromBytes) {
 
 INSTANTIATE_TEST_SUITE_P(Files, TorchLoadPythonFileTest,
                          ::testing::Values("values_p2", "values_p4", "adam_p2", "adam_p4",
-                                           "model_p2", "model_p4", "rezipped", "zip64_extras"),
+                                           "model_p2", "model_p4", "rezipped", "zip64_extras",
+                                           "with_byteorder"),
                          [](const auto& info) { return info.param; });
 
 class TorchLoadProtocolTest : public ::testing::TestWithParam<int> {
@@ -373,6 +373,8 @@ INSTANTIATE_TEST_SUITE_P(
                     "values nested deeper than 256 levels (or a cycle)"},
         RefusedCase{"shared_doubling.pt", absl::StatusCode::kInvalidArgument,
                     "the pickle's shared objects expand to too many values"},
+        RefusedCase{"big_endian.pt", absl::StatusCode::kInvalidArgument,
+                    "byte order 'big' is not supported"},
         RefusedCase{"unsupported_opcode.pt", absl::StatusCode::kInvalidArgument,
                     "op/data.pkl at byte 3: unsupported pickle opcode 0x69 ('i')"}),
     [](const auto& info) {

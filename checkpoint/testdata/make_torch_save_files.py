@@ -139,6 +139,17 @@ with zipfile.ZipFile(os.path.join(OUT, "values_p2.pt")) as src, \
         dst.writestr("renamed_folder/" + info.filename.split("/", 1)[1], src.read(info))
 expected["rezipped"] = expected["values_p2"]
 
+# Newer PyTorch also writes <archive>/byteorder.
+with zipfile.ZipFile(os.path.join(OUT, "values_p4.pt")) as src:
+    entries = [(i.filename, src.read(i)) for i in src.infolist()]
+with zipfile.ZipFile(os.path.join(OUT, "with_byteorder.pt"), "w") as dst:
+    for entry, data in entries + [("values_p4/byteorder", b"little")]:
+        dst.writestr(entry, data)
+expected["with_byteorder"] = expected["values_p4"]
+with zipfile.ZipFile(os.path.join(OUT, "big_endian.pt"), "w") as dst:
+    for entry, data in entries + [("values_p4/byteorder", b"big")]:
+        dst.writestr(entry, data)
+
 # ---- refused files -----------------------------------------------------------------------
 
 def write_zip(name, entries, compression=zipfile.ZIP_STORED):
