@@ -576,6 +576,9 @@ bool IsAllowedGlobal(const std::string& name) {
       "torch.Size",
       "_codecs.encode",
       "builtins.bytes",
+      // LibTorch's torch::pickle_save tags typed dicts and lists with their TorchScript type:
+      // restore_type_tag(obj, "Dict[str, Tensor]") returns obj. We keep obj, ignore the tag.
+      "torch.jit._pickle.restore_type_tag",
   };
   for (const char* allowed : kCallables) {
     if (name == allowed) return true;
@@ -952,6 +955,10 @@ class Unpickler {
     if (fn == "collections.OrderedDict") {
       if (!a.empty()) return wrong_args();
       return New(Kind::kDict);
+    }
+    if (fn == "torch.jit._pickle.restore_type_tag") {
+      if (a.size() != 2 || a[1]->kind != Kind::kStr) return wrong_args();
+      return a[0];
     }
     if (fn == "torch.Size") {
       if (a.size() != 1 || a[0]->kind != Kind::kTuple) return wrong_args();

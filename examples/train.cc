@@ -21,6 +21,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <string>
@@ -33,13 +34,17 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint/full_checkpoint.h"
 #include "comm/launcher.h"
 #include "comm/rendezvous.h"
 #include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
 #include "models/nested_model.h"
 #include "models/simple_models.h"
 #include "models/transformer.h"
+#include "optim_state/fsdp_optim_state.h"
+#include "optim_state/optimizer_adapter.h"
 
 ABSL_FLAG(std::string, model, "transformer", "nested, transformer or dummy.");
 ABSL_FLAG(int, world_size, 2, "Ranks to launch when not started by a launcher.");
@@ -128,6 +133,7 @@ struct Job {
   std::shared_ptr<torch::nn::Module> module;
   std::unique_ptr<fsdp::FullyShardedDataParallel> fsdp;
   std::function<torch::Tensor()> step_loss;  // forward on the next batch, returns the loss
+  std::function<void()> skip_batch;          // draws the next batch and drops it (resuming)
   int64_t items_per_step = 0;                // tokens or samples, for throughput
   std::vector<Group> groups;                 // the optimizer's parameter groups
 };
@@ -169,6 +175,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
       torch::Tensor input = net->get_input();
       return net->get_loss(input, f->forward(input));
     };
+    job.skip_batch = [net] { net->get_input(); };
     job.items_per_step = 8;
   } else if (model == "transformer") {
     fsdp::models::TransformerWithSharedParams net(/*rank=*/0);
@@ -180,6 +187,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
       auto input = net->get_input();  // the same on every rank (seeded with rank 0's seed)
       return net->get_loss(input, f->forward(input.first, input.second));
     };
+    job.skip_batch = [] {};  // get_input seeds itself: every step has the same batch
     job.items_per_step = 8;  // target tokens per step
   } else if (model == "dummy") {
     fsdp::models::TestDummyModel net;
@@ -187,6 +195,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
     job.step_loss = [f, net] { return f->forward(net->get_input()).sum(); };
+    job.skip_batch = [net] { net->get_input(); };
     job.items_per_step = 8;
   } else {
     return absl::InvalidArgumentError(
@@ -195,15 +204,86 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
   return job;
 }
 
+constexpr char kProgressFile[] = "progress.txt";
+
+// A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (rank 0
+// writes; Python's torch.load reads both) and DIR/progress.txt with the steps done.
+absl::Status SaveCheckpoint(const std::string& dir, int steps_done,
+                            fsdp::comm::ProcessGroup& group, fsdp::FullyShardedDataParallel& fsdp,
+                            const fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_ASSIGN_OR_RETURN(fsdp::StateDict model_state,
+                        fsdp::FullStateDict(fsdp, {.rank0_only = true}));
+  FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict optim_state,
+                        fsdp::optim_state::FullOptimStateDict(fsdp, adapter, {.rank0_only = true}));
+  absl::Status status = absl::OkStatus();
+  if (group.rank() == 0) {
+    std::error_code error;
+    std::filesystem::create_directories(dir, error);
+    if (error) {
+      status = absl::InternalError(absl::StrCat("cannot create ", dir, ": ", error.message()));
+    }
+    if (status.ok()) status = fsdp::checkpoint::WriteModelStateDict(model_state, dir + "/model.pt");
+    if (status.ok()) status = fsdp::checkpoint::WriteOptimStateDict(optim_state, dir + "/optim.pt");
+    if (status.ok()) {
+      std::ofstream progress(dir + "/" + kProgressFile, std::ios::trunc);
+      progress << "steps_done=" << steps_done << "\n";
+      if (!progress) status = absl::InternalError(absl::StrCat("cannot write ", dir, "/", kProgressFile));
+    }
+  }
+  // Everyone learns whether rank 0 managed.
+  FSDP_ASSIGN_OR_RETURN(std::string outcome,
+                        group.BroadcastObject(std::string(status.message()), 0));
+  if (!outcome.empty()) return absl::InternalError(outcome);
+  return absl::OkStatus();
+}
+
+// Loads a full checkpoint written by SaveCheckpoint (or by PyTorch: model.pt and optim.pt
+// FQN-keyed) into this job, whatever its world size and wrapping; returns the steps done.
+absl::StatusOr<int> LoadCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
+                                   fsdp::FullyShardedDataParallel& fsdp,
+                                   fsdp::optim_state::OptimizerAdapter& adapter) {
+  fsdp::StateDict model_state;
+  fsdp::optim_state::OptimStateDict optim_state;
+  optim_state.has_param_groups = false;
+  int steps_done = 0;
+  absl::Status status = absl::OkStatus();
+  if (group.rank() == 0) {
+    auto model = fsdp::checkpoint::ReadModelStateDict(dir + "/model.pt");
+    auto optim = fsdp::checkpoint::ReadOptimStateDict(dir + "/optim.pt");
+    if (!model.ok()) status = model.status();
+    if (status.ok() && !optim.ok()) status = optim.status();
+    if (status.ok()) {
+      model_state = *std::move(model);
+      optim_state = *std::move(optim);
+      std::ifstream progress(dir + "/" + kProgressFile);
+      std::string line;
+      if (progress >> line && line.rfind("steps_done=", 0) == 0) {
+        steps_done = std::atoi(line.c_str() + 11);
+      }
+    }
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string outcome,
+                        group.BroadcastObject(std::string(status.message()), 0));
+  if (!outcome.empty()) return absl::InvalidArgumentError(outcome);
+  FSDP_RETURN_IF_ERROR(fsdp::LoadFullStateDict(fsdp, model_state, {.rank0_only = true}),
+                       "loading model.pt");
+  FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict local,
+                        fsdp::optim_state::ScatterFullOptimStateDict(optim_state, fsdp, adapter));
+  FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(local), "loading optim.pt");
+  FSDP_ASSIGN_OR_RETURN(std::string steps,
+                        group.BroadcastObject(std::to_string(steps_done), 0));
+  return std::atoi(steps.c_str());
+}
+
 absl::Status RunRank() {
   FSDP_ASSIGN_OR_RETURN(
       std::shared_ptr<fsdp::comm::ProcessGroup> group,
       fsdp::comm::InitProcessGroupFromEnv(
           {.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s))}));
-  if (!absl::GetFlag(FLAGS_save).empty() || !absl::GetFlag(FLAGS_load).empty()) {
-    return absl::UnimplementedError(
-        "--save and --load need the optimizer-state API and checkpoint files, which this "
-        "build does not have yet");
+  if (absl::GetFlag(FLAGS_state_dict_type) != "full") {
+    return absl::UnimplementedError(absl::StrCat(
+        "--state_dict_type=", absl::GetFlag(FLAGS_state_dict_type),
+        ": only full checkpoints (model.pt and optim.pt) are written and read so far"));
   }
   const int param_groups = absl::GetFlag(FLAGS_param_groups);
   if (param_groups != 1 && (param_groups != 2 || absl::GetFlag(FLAGS_model) != "nested")) {
@@ -215,6 +295,14 @@ absl::Status RunRank() {
   FSDP_ASSIGN_OR_RETURN(std::unique_ptr<torch::optim::Optimizer> optimizer,
                         MakeOptimizer(absl::GetFlag(FLAGS_optimizer), absl::GetFlag(FLAGS_lr),
                                       job.groups));
+  FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimizerAdapter adapter,
+                        fsdp::optim_state::OptimizerAdapter::Create(*optimizer));
+  int first_step = 0;
+  if (const std::string dir = absl::GetFlag(FLAGS_load); !dir.empty()) {
+    auto loaded = LoadCheckpoint(dir, *group, *job.fsdp, adapter);
+    if (!loaded.ok()) return fsdp::Annotate(loaded.status(), absl::StrCat("--load=", dir));
+    first_step = *loaded;
+  }
   const int rank = group->rank();
   if (rank == 0) {
     absl::PrintF("train: model=%s world_size=%d strategy=%s use_orig_params=%d optimizer=%s "
@@ -224,18 +312,20 @@ absl::Status RunRank() {
                  absl::GetFlag(FLAGS_optimizer), static_cast<int>(job.fsdp->units().size()));
   }
   torch::manual_seed(0);
+  // A resumed run draws (and drops) the batches the saved run already used.
+  for (int step = 0; step < first_step; ++step) job.skip_batch();
   const int steps = absl::GetFlag(FLAGS_steps);
   const auto run_start = std::chrono::steady_clock::now();
   double last_loss = 0;
-  for (int step = 0; step < steps; ++step) {
+  for (int step = first_step; step < first_step + steps; ++step) {
     const auto start = std::chrono::steady_clock::now();
     FSDP_ASSIGN_OR_RETURN(last_loss, fsdp::CallTorch(absl::StrCat("step ", step), [&] {
                             optimizer->zero_grad();
                             torch::Tensor loss = job.step_loss();
                             loss.backward();
-                            optimizer->step();
                             return loss.item<double>();
                           }));
+    FSDP_RETURN_IF_ERROR(adapter.Step(), absl::StrCat("optimizer step ", step));
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     // Every rank's resident memory, for the progress line.
@@ -256,6 +346,12 @@ absl::Status RunRank() {
     const double total =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
     absl::PrintF("train: done, %d steps in %.2f s, final loss %.9g\n", steps, total, last_loss);
+  }
+  if (const std::string dir = absl::GetFlag(FLAGS_save); !dir.empty()) {
+    FSDP_RETURN_IF_ERROR(
+        SaveCheckpoint(dir, first_step + steps, *group, *job.fsdp, adapter),
+        absl::StrCat("--save=", dir));
+    if (rank == 0) absl::PrintF("train: saved a full checkpoint in %s\n", dir);
   }
   return absl::OkStatus();
 }

@@ -108,6 +108,81 @@ INSTANTIATE_TEST_SUITE_P(
                           c.param_groups == 2 ? "_2groups" : "");
     });
 
+std::string TempDir(const std::string& name) {
+  const char* root = std::getenv("TEST_TMPDIR");
+  return absl::StrCat(root != nullptr ? root : "/tmp", "/", name);
+}
+
+struct ResumeCase {
+  std::string model;
+  std::string optimizer;
+  int save_world_size;
+  std::string save_flags;
+  int load_world_size;
+  std::string load_flags;
+};
+
+class TrainResumeTest : public ::testing::TestWithParam<ResumeCase> {};
+
+// Saving halfway and resuming at another world size and wrapping continues the same losses
+// as training straight through, and the files match plain PyTorch's model and optimizer.
+TEST_P(TrainResumeTest, ResumedRunContinuesTheLossAndFilesMatchPyTorch) {
+  const ResumeCase& c = GetParam();
+  const std::string train = Runfile("examples/train");
+  const std::string common =
+      absl::StrCat(" --model=", c.model, " --optimizer=", c.optimizer, " --timeout_s=120");
+  CommandResult straight = RunCommand(absl::StrCat(
+      train, common, " --steps=6 --world_size=", c.save_world_size, " ", c.save_flags));
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  const std::string dir = TempDir(absl::StrCat("ckpt_", c.model, "_", c.optimizer, "_",
+                                               c.save_world_size, "_", c.load_world_size));
+  CommandResult first = RunCommand(absl::StrCat(train, common, " --steps=3 --world_size=",
+                                                c.save_world_size, " ", c.save_flags,
+                                                " --save=", dir));
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_THAT(first.output, HasSubstr("saved a full checkpoint in " + dir));
+  // Python's torch.load reads both files and they hold what PyTorch's own training holds.
+  CommandResult check = RunCommand(absl::StrCat(
+      "/usr/bin/python3 ", Runfile("examples/testdata/check_full_checkpoint.py"), " ",
+      Runfile("models/testdata"), " ", c.model, " ", c.optimizer, " 3 ", dir));
+  EXPECT_EQ(check.exit_code, 0) << check.output;
+  EXPECT_THAT(check.output, HasSubstr("checkpoint matches PyTorch"));
+  CommandResult resumed = RunCommand(absl::StrCat(train, common, " --steps=3 --world_size=",
+                                                  c.load_world_size, " ", c.load_flags,
+                                                  " --load=", dir));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  const std::vector<double> all = Losses(straight.output);
+  const std::vector<double> tail = Losses(resumed.output);
+  ASSERT_EQ(all.size(), 6u) << straight.output;
+  ASSERT_EQ(tail.size(), 3u) << resumed.output;
+  EXPECT_THAT(resumed.output, HasSubstr("step=3 loss="));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(tail[i], all[3 + i], 1e-5 * std::max(1.0, std::abs(all[3 + i])))
+        << "step " << 3 + i << "\n" << resumed.output;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Grid, TrainResumeTest,
+    ::testing::Values(
+        ResumeCase{"nested", "adam", 2, "--wrap=wrap", 3, "--wrap=none"},
+        ResumeCase{"nested", "sgd", 4, "--wrap=wrap_alt", 2,
+                   "--wrap=wrap --sharding_strategy=shard_grad_op --use_orig_params"},
+        ResumeCase{"transformer", "adam", 2, "", 3, "--sharding_strategy=no_shard"}),
+    [](const ::testing::TestParamInfo<ResumeCase>& info) {
+      const ResumeCase& c = info.param;
+      return absl::StrCat(c.model, "_", c.optimizer, "_ws", c.save_world_size, "_to_ws",
+                          c.load_world_size);
+    });
+
+TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
+  CommandResult run = RunCommand(absl::StrCat(Runfile("examples/train"),
+                                              " --world_size=2 --steps=1 --model=nested --load=",
+                                              TempDir("no_such_checkpoint")));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("no_such_checkpoint/model.pt"));
+}
+
 TEST(Train, BadFlagsAreRefusedByName) {
   CommandResult run = RunCommand(absl::StrCat(Runfile("examples/train"),
                                     " --world_size=1 --optimizer=lamb --steps=1"));

@@ -1,0 +1,39 @@
+// Full checkpoint files, as a PyTorch FSDP user saves them: DIR/model.pt (a FULL_STATE_DICT
+// model state dict, FQN -> tensor) and DIR/optim.pt (the full optimizer state dict, FQN-keyed
+// as FSDP's full_optim_state_dict lays it out), in torch.save's zip format. Python's torch.load
+// reads what we write (LibTorch's torch::pickle_save writes that format); we read both our
+// files and Python's torch.save files (checkpoint/torch_load.h; nothing is executed).
+//
+// Errors: INTERNAL when a file cannot be written (naming it, with errno's text);
+// INVALID_ARGUMENT / DATA_LOSS from TorchLoad for unreadable files; INVALID_ARGUMENT when a
+// file's contents are not a model state dict (a dict of str -> tensor) or an optimizer state
+// dict ({"state": {...}, "param_groups": [...]}), naming the file and the offending entry.
+#ifndef FSDP_CPP_CHECKPOINT_FULL_CHECKPOINT_H_
+#define FSDP_CPP_CHECKPOINT_FULL_CHECKPOINT_H_
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "optim_state/optim_state_dict.h"
+
+namespace fsdp::checkpoint {
+
+using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
+
+[[nodiscard]] absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path);
+[[nodiscard]] absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path);
+
+// Sharded tensor values are refused (a full dict holds whole tensors).
+[[nodiscard]] absl::Status WriteOptimStateDict(const optim_state::OptimStateDict& state,
+                                               const std::string& path);
+[[nodiscard]] absl::StatusOr<optim_state::OptimStateDict> ReadOptimStateDict(
+    const std::string& path);
+
+}  // namespace fsdp::checkpoint
+
+#endif  // FSDP_CPP_CHECKPOINT_FULL_CHECKPOINT_H_
