@@ -459,65 +459,38 @@ constexpr ShardingStrategy kNone = ShardingStrategy::kNoShard;
 constexpr Optim kAdam = Optim::kAdam;
 constexpr Optim kSgd = Optim::kSgdMomentum;
 
-// Per model: world sizes 2 and 3 always, 1 or 4 for some; each strategy; with and without
-// use_orig_params; both optimizers. Not the full cross product.
-INSTANTIATE_TEST_SUITE_P(
-    NestedModel, FsdpModelsParityTest,
-    ::testing::Values(Case{Model::kNested, 1, kFull, false, kAdam},
-                      Case{Model::kNested, 2, kFull, false, kAdam},
-                      Case{Model::kNested, 3, kFull, true, kSgd},
-                      Case{Model::kNested, 2, kGradOp, true, kAdam},
-                      Case{Model::kNested, 3, kNone, false, kSgd},
-                      Case{Model::kNested, 4, kFull, true, kAdam},
-                      Case{Model::kNestedAlt, 2, kFull, true, kAdam},
-                      Case{Model::kNestedAlt, 3, kGradOp, false, kSgd},
-                      Case{Model::kNestedAlt, 3, kFull, false, kAdam},
-                      Case{Model::kNestedAlt, 2, kNone, true, kSgd},
-                      Case{Model::kNestedIgnored, 2, kFull, false, kAdam},
-                      Case{Model::kNestedIgnored, 3, kFull, true, kSgd},
-                      Case{Model::kNestedIgnored, 3, kGradOp, false, kAdam},
-                      Case{Model::kNestedIgnored, 2, kNone, true, kAdam},
-                      Case{Model::kNestedUnmanagedInUnit, 2, kFull, true, kAdam},
-                      Case{Model::kNestedUnmanagedInUnit, 3, kFull, false, kSgd},
-                      Case{Model::kNestedUnmanagedInUnit, 2, kGradOp, false, kAdam},
-                      Case{Model::kNestedUnmanagedInUnit, 3, kNone, true, kAdam},
-                      Case{Model::kNestedUnmanagedAtRoot, 2, kFull, false, kAdam},
-                      Case{Model::kNestedUnmanagedAtRoot, 3, kFull, true, kSgd},
-                      Case{Model::kNestedUnmanagedAtRoot, 3, kGradOp, true, kAdam},
-                      Case{Model::kNestedUnmanagedAtRoot, 2, kNone, false, kSgd}),
-    CaseName);
+// The full grid: every model (and wrapping) at world sizes 1 to 4, each strategy, with and
+// without use_orig_params. The optimizer alternates between Adam and SGD with momentum so that
+// each model meets both at every world size.
+std::vector<Case> FullGrid(std::initializer_list<Model> models) {
+  std::vector<Case> cases;
+  for (Model model : models) {
+    for (int world_size = 1; world_size <= 4; ++world_size) {
+      for (ShardingStrategy strategy : {kFull, kGradOp, kNone}) {
+        for (bool use_orig_params : {false, true}) {
+          const Optim optim = (cases.size() % 2 == 0) ? kAdam : kSgd;
+          cases.push_back(Case{model, world_size, strategy, use_orig_params, optim});
+        }
+      }
+    }
+  }
+  return cases;
+}
 
 INSTANTIATE_TEST_SUITE_P(
-    Transformer, FsdpModelsParityTest,
-    ::testing::Values(Case{Model::kTransformer, 1, kFull, false, kAdam},
-                      Case{Model::kTransformer, 2, kFull, false, kAdam},
-                      Case{Model::kTransformer, 2, kFull, true, kSgd},
-                      Case{Model::kTransformer, 3, kFull, false, kSgd},
-                      Case{Model::kTransformer, 3, kGradOp, true, kAdam},
-                      Case{Model::kTransformer, 3, kNone, true, kAdam},
-                      Case{Model::kTransformer, 2, kNone, false, kSgd},
-                      Case{Model::kTransformer, 4, kFull, true, kAdam}),
+    NestedModel, FsdpModelsParityTest,
+    ::testing::ValuesIn(FullGrid({Model::kNested, Model::kNestedAlt, Model::kNestedIgnored,
+                                  Model::kNestedUnmanagedInUnit,
+                                  Model::kNestedUnmanagedAtRoot})),
     CaseName);
+
+INSTANTIATE_TEST_SUITE_P(Transformer, FsdpModelsParityTest,
+                         ::testing::ValuesIn(FullGrid({Model::kTransformer})), CaseName);
 
 INSTANTIATE_TEST_SUITE_P(
     SmallModels, FsdpModelsParityTest,
-    ::testing::Values(Case{Model::kUnusedFirstLayer, 2, kFull, false, kAdam},
-                      Case{Model::kUnusedFirstLayer, 3, kFull, true, kAdam},
-                      Case{Model::kUnusedFirstLayer, 2, kGradOp, true, kSgd},
-                      Case{Model::kUnusedFirstLayer, 3, kNone, false, kSgd},
-                      Case{Model::kUnusedFirstLayer, 4, kGradOp, false, kAdam},
-                      Case{Model::kDummyNoGrad, 2, kFull, true, kAdam},
-                      Case{Model::kDummyNoGrad, 3, kFull, true, kSgd},
-                      Case{Model::kDummyNoGrad, 2, kGradOp, true, kAdam},
-                      Case{Model::kDummyNoGrad, 3, kNone, true, kAdam},
-                      Case{Model::kDummyNoGrad, 3, kFull, false, kAdam},
-                      Case{Model::kDummyNoGrad, 2, kNone, false, kSgd},
-                      Case{Model::kDummyNoGrad, 4, kFull, true, kAdam},
-                      Case{Model::kSimple, 1, kFull, false, kAdam},
-                      Case{Model::kSimple, 2, kFull, true, kAdam},
-                      Case{Model::kSimple, 3, kGradOp, false, kSgd},
-                      Case{Model::kSimple, 2, kNone, true, kSgd},
-                      Case{Model::kSimple, 4, kFull, false, kSgd}),
+    ::testing::ValuesIn(FullGrid({Model::kUnusedFirstLayer, Model::kDummyNoGrad,
+                                  Model::kSimple})),
     CaseName);
 
 TEST(FsdpTransformerWithSharedParams, FlattensTheTiedWeightOnceUnderBothNames) {
