@@ -290,10 +290,21 @@ TEST_P(OptimStateDictToLoadTest,
     // Expected names, in ID order.
     std::vector<std::string> names;
     for (const auto& unit : t.s.fsdp->units()) {
-      if (unit.handle != nullptr)
+      if (unit.handle != nullptr && !unit.handle->use_orig_params()) {
         names.push_back(unit.module_prefix + "_flat_param");
+      }
     }
-    if (p.c.model == Model::kNested) {
+    if (p.c.use_orig_params) {
+      EXPECT_TRUE(names.empty());
+      // Each key is an original parameter's FQN (a rank's empty slice may have
+      // no state).
+      const auto fqns =
+          models::NamedParametersWithoutDuplicates(*t.s.reference).keys();
+      for (const auto& [key, state] : by_name.state) {
+        EXPECT_NE(std::find(fqns.begin(), fqns.end(), key.fqn()), fqns.end())
+            << key;
+      }
+    } else if (p.c.model == Model::kNested) {
       // NestedModel.wrap: six units in pre-order; block0's parameters and
       // `bias` stay unmanaged under their FQNs.
       ASSERT_EQ(names.size(), 6u);
@@ -331,14 +342,18 @@ TEST_P(OptimStateDictToLoadTest,
 
 INSTANTIATE_TEST_SUITE_P(
     Models, OptimStateDictToLoadTest,
-    ::testing::Values(TypeCase{Case{Model::kNested, 2}, Type::kFull},
-                      TypeCase{Case{Model::kNested, 3}, Type::kFullRank0Only},
-                      TypeCase{Case{Model::kNested, 3}, Type::kSharded},
-                      TypeCase{Case{Model::kNested, 2}, Type::kSharded},
-                      TypeCase{Case{Model::kTransformer, 3}, Type::kFull},
-                      TypeCase{Case{Model::kTransformer, 2},
-                               Type::kFullRank0Only},
-                      TypeCase{Case{Model::kTransformer, 3}, Type::kSharded}),
+    ::testing::Values(
+        TypeCase{Case{Model::kNested, 2}, Type::kFull},
+        TypeCase{Case{Model::kNested, 3}, Type::kFullRank0Only},
+        TypeCase{Case{Model::kNested, 3}, Type::kSharded},
+        TypeCase{Case{Model::kNested, 2}, Type::kSharded},
+        TypeCase{Case{Model::kTransformer, 3}, Type::kFull},
+        TypeCase{Case{Model::kTransformer, 2}, Type::kFullRank0Only},
+        TypeCase{Case{Model::kTransformer, 3}, Type::kSharded},
+        TypeCase{Case{Model::kNested, 3, /*use_orig_params=*/true},
+                 Type::kFull},
+        TypeCase{Case{Model::kNested, 2, true}, Type::kFullRank0Only},
+        TypeCase{Case{Model::kTransformer, 2, true}, Type::kSharded}),
     TypeCaseName);
 
 TEST(ScopedStateDictType, SetsTheTypeAndConfigAndRestoresThePreviousSettings) {
