@@ -9,6 +9,7 @@
 #include "comm/multiprocess_testutil.h"
 #include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -145,7 +146,7 @@ TEST_P(CheckpointUnderFsdpTest, LossesMatchUnwrappedTraining) {
       optim.step();
     }
     EXPECT_EQ(net->block0_calls(), 6) << "each step runs the checkpointed forward twice";
-    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp->FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(*fsdp));
     std::map<std::string, at::Tensor> expected;
     for (const auto& p : reference->named_parameters()) expected[p.key()] = p.value();
     ASSERT_EQ(state.size(), expected.size());

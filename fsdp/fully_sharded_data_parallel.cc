@@ -380,37 +380,4 @@ std::vector<std::pair<std::string, at::Tensor>> FullyShardedDataParallel::unmana
   return out;
 }
 
-absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>>
-FullyShardedDataParallel::FullStateDict(bool rank0_only) {
-  at::NoGradGuard no_grad;
-  std::unordered_map<const c10::TensorImpl*, at::Tensor> full_values;
-  for (size_t i = 0; i < units_.size(); ++i) {
-    FlatParamHandle* handle = units_[i]->handle();
-    if (handle == nullptr) continue;
-    FSDP_ASSIGN_OR_RETURN(at::Tensor flat, handle->GatherFullFlat());
-    for (size_t j = 0; j < handle->params().size(); ++j) {
-      const FlatParamInfo& info = handle->infos()[j];
-      full_values[handle->params()[j].unsafeGetTensorImpl()] =
-          flat.narrow(0, info.offset, info.numel).view(info.shape).clone();
-    }
-  }
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  if (rank0_only && group_->rank() != 0) return out;
-  // PyTorch's state_dict order: each module's parameters, then its buffers, then children.
-  std::vector<ModuleNode> nodes;
-  std::unordered_set<torch::nn::Module*> seen;
-  WalkModules(*module_, "", {}, seen, nodes);
-  for (const ModuleNode& node : nodes) {
-    for (const auto& param : node.module->named_parameters(/*recurse=*/false)) {
-      auto it = full_values.find(param.value().unsafeGetTensorImpl());
-      out.emplace_back(absl::StrCat(node.prefix, param.key()),
-                       it != full_values.end() ? it->second : param.value().detach().clone());
-    }
-    for (const auto& buffer : node.module->named_buffers(/*recurse=*/false)) {
-      out.emplace_back(absl::StrCat(node.prefix, buffer.key()), buffer.value().detach().clone());
-    }
-  }
-  return out;
-}
-
 }  // namespace fsdp

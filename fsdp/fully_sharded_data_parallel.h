@@ -114,12 +114,7 @@ class FullyShardedDataParallel {
   torch::nn::Module& module() const { return *module_; }
   const std::shared_ptr<comm::ProcessGroup>& group() const { return group_; }
   const FsdpOptions& options() const { return options_; }
-
-  // FULL_STATE_DICT: every parameter and buffer of the model under its FQN (a shared
-  // parameter under each of its names), as full tensors (copies). A collective: every rank
-  // calls it. With rank0_only, ranks other than 0 return an empty list.
-  [[nodiscard]] absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> FullStateDict(
-      bool rank0_only = false);
+  // Model state dicts (full and sharded, saving and loading) are in fsdp/state_dict.h.
 
  private:
   FullyShardedDataParallel() = default;

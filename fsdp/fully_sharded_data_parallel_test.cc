@@ -1,6 +1,7 @@
 // FSDP against the same model trained unwrapped in one process: losses, gradients, final
 // parameters, and the memory each strategy holds, at world sizes 1 to 4.
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
 
 #include <torch/torch.h>
 
@@ -98,7 +99,7 @@ TEST_P(FsdpParityTest, LossesAndParametersMatchUnwrappedTraining) {
       ref_optim.step();
       optim.step();
     }
-    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp->FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(*fsdp));
     const auto expected = Named(*reference);
     std::vector<std::string> names;
     for (const auto& [name, value] : state) {

@@ -26,6 +26,7 @@
 #include "comm/multiprocess_testutil.h"
 #include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "models/nested_model.h"
@@ -341,7 +342,7 @@ TEST_P(OptimStateRoundTripTest, OneMoreStepEqualsContinuing) {
     FSDP_ASSERT_OK(fresh_adapter.LoadStateDict(local));
     FSDP_ASSERT_OK(Step(t.s, *t.reference_adapter, fresh_adapter, /*step=*/2));
 
-    FSDP_ASSERT_OK_AND_ASSIGN(auto params, t.s.fsdp->FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto params, fsdp::FullStateDict(*t.s.fsdp));
     auto reference_params = models::NamedParametersWithoutDuplicates(*t.s.reference);
     for (const auto& [fqn, value] : params) {
       const at::Tensor* expected = reference_params.find(fqn);
@@ -405,7 +406,7 @@ TEST_P(HalveWorldSizeTest, LoadsIntoHalfTheRanks) {
     Training continuing{t.s.reference, t.s.reference_loss, std::move(s.fsdp), s.fsdp_loss};
     FSDP_ASSERT_OK(Step(continuing, *t.reference_adapter, adapter, /*step=*/2));
 
-    FSDP_ASSERT_OK_AND_ASSIGN(auto params, continuing.fsdp->FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto params, fsdp::FullStateDict(*continuing.fsdp));
     auto reference_params = models::NamedParametersWithoutDuplicates(*t.s.reference);
     for (const auto& [fqn, value] : params) {
       const at::Tensor* expected = reference_params.find(fqn);

@@ -23,6 +23,7 @@
 #include "comm/multiprocess_testutil.h"
 #include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "models/nested_model.h"
@@ -135,7 +136,7 @@ TEST_P(OptimStateDictToLoadTest, RoundTripContinuesTrainingIdentically) {
     EXPECT_EQ(DiffOptimStateDicts(Canonical(own), Canonical(loaded)), "");
 
     FSDP_ASSERT_OK(Step(t.s, *t.reference_adapter, fresh_adapter, /*step=*/2));
-    FSDP_ASSERT_OK_AND_ASSIGN(auto params, t.s.fsdp->FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto params, fsdp::FullStateDict(*t.s.fsdp));
     auto reference_params =
         models::NamedParametersWithoutDuplicates(*t.s.reference);
     for (const auto& [fqn, value] : params) {

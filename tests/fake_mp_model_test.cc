@@ -8,6 +8,7 @@
 #include "comm/multiprocess_testutil.h"
 #include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "models/simple_models.h"
@@ -66,7 +67,7 @@ TEST_P(FakeMPModelTest, DenseUnderFsdpTrainsLikeOneProcess) {
       ref_optim.step();
       optim.step();
     }
-    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp->FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(*fsdp));
     std::map<std::string, at::Tensor> expected;
     for (const auto& p : reference->named_parameters()) {
       std::string name = p.key();

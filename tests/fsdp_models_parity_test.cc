@@ -38,6 +38,7 @@
 #include "comm/multiprocess_testutil.h"
 #include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "models/nested_model.h"
@@ -433,7 +434,7 @@ TEST_P(FsdpModelsParityTest, TrainsLikeTheUnwrappedModel) {
       ExpectUnitsHoldOnlyTheirShard(fsdp, step);
     }
 
-    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp.FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(fsdp));
     const auto expected_state = StateDict(*s.reference);
     std::vector<std::string> names, expected_names;
     for (const auto& entry : state) names.push_back(entry.first);
@@ -516,7 +517,7 @@ TEST(FsdpTransformerWithSharedParams, FlattensTheTiedWeightOnceUnderBothNames) {
       }
     }
     EXPECT_EQ(found, 1);
-    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp->FullStateDict());
+    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(*fsdp));
     std::map<std::string, at::Tensor> by_name(state.begin(), state.end());
     ASSERT_EQ(by_name.count("embed_tokens.weight"), 1u);
     ASSERT_EQ(by_name.count("output_proj.weight"), 1u);
