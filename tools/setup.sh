@@ -15,6 +15,7 @@ PACKAGES=(
   nlohmann-json3-dev
   libxxhash-dev
   libzstd-dev
+  zlib1g-dev           # deflate for the loss-curve PNG
   python3-torch        # reference oracle: /usr/bin/python3 with torch 1.13
 )
 

@@ -204,6 +204,35 @@ class TransformerWithSharedParams(nn.Module):
         )
 
 
+# --- models/char_lm.h: the main job's character-level language model ------------------------
+
+
+class CharTransformerLM(nn.Module):
+    def __init__(self, vocab_size, context, d_model, nhead, num_layers, dim_feedforward, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed_tokens = nn.Embedding(vocab_size, d_model)
+        self.pos_embed = nn.Parameter(torch.empty(context, d_model))
+        with torch.no_grad():
+            self.embed_tokens.weight.normal_(0.0, 0.02)
+            self.pos_embed.normal_(0.0, 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(
+            layer, num_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False
+        )
+        for p in self.encoder.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        self.output_proj = nn.Linear(d_model, vocab_size)
+        self.output_proj.weight = self.embed_tokens.weight
+
+    def forward(self, ids):
+        length = ids.size(0)
+        x = self.embed_tokens(ids) + self.pos_embed[:length].unsqueeze(1)
+        mask = torch.triu(torch.full((length, length), float("-inf")), diagonal=1)
+        return self.output_proj(self.encoder(x, mask=mask))
+
+
 # --- building and dumping -------------------------------------------------------------------
 
 
@@ -249,6 +278,17 @@ def build(name):
         model = SimpleModel()
         torch.manual_seed(0)
         return model, (torch.rand(3, 2),), None, extra
+    if name == "char_lm":
+        model = CharTransformerLM(
+            vocab_size=11, context=8, d_model=16, nhead=4, num_layers=2, dim_feedforward=32
+        )
+        torch.manual_seed(0)
+        ids = torch.randint(0, 11, (8, 3))
+        # Next-token loss over the first 7 positions (causal: they ignore the 8th token).
+        loss_fn = lambda inp, out: nn.functional.cross_entropy(  # noqa: E731
+            out[:-1].reshape(-1, 11), inp[0][1:].reshape(-1)
+        )
+        return model, (ids,), loss_fn, extra
     raise SystemExit(f"unknown model {name!r}")
 
 
