@@ -41,9 +41,9 @@ class CharDataset {
   // world_size]: targets are inputs shifted by one character. Errors:
   // INVALID_ARGUMENT if global_batch is not a positive multiple of world_size,
   // or rank is outside [0, world_size).
-  absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> Batch(
-      uint64_t seed, int64_t step, int64_t global_batch, int rank,
-      int world_size) const;
+  absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> Batch(uint64_t seed, int64_t step,
+                                                                int64_t global_batch, int rank,
+                                                                int world_size) const;
 
   // The characters of token ids (for printing samples).
   std::string Decode(const torch::Tensor& ids) const;

@@ -18,8 +18,7 @@ using ::testing::HasSubstr;
 TEST(CharDataset, DefaultTextIsTheShippedPlay) {
   const absl::string_view text = DefaultTrainingText();
   EXPECT_GT(text.size(), 15000u);
-  EXPECT_TRUE(
-      absl::StartsWith(text, "First Citizen:\nBefore we proceed any further"));
+  EXPECT_TRUE(absl::StartsWith(text, "First Citizen:\nBefore we proceed any further"));
   auto dataset = CharDataset::Create(std::string(text), 64);
   ASSERT_TRUE(dataset.ok()) << dataset.status();
   EXPECT_EQ(dataset->vocab_size(), 58);
@@ -61,8 +60,7 @@ TEST(CharDataset, RanksSplitTheSameGlobalBatchAtEveryWorldSize) {
       ASSERT_TRUE(part.ok()) << part.status();
       pieces.push_back(part->first);
     }
-    EXPECT_TRUE(torch::equal(torch::cat(pieces, 1), whole->first))
-        << world_size;
+    EXPECT_TRUE(torch::equal(torch::cat(pieces, 1), whole->first)) << world_size;
   }
   auto other_step = dataset->Batch(1, 43, 12, 0, 1);
   ASSERT_TRUE(other_step.ok());
@@ -71,11 +69,9 @@ TEST(CharDataset, RanksSplitTheSameGlobalBatchAtEveryWorldSize) {
 
 TEST(CharDataset, RefusesBadArguments) {
   EXPECT_THAT(CharDataset::Create("abc", 5).status(),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("fewer than context + 2")));
-  EXPECT_THAT(
-      CharDataset::Create("abcdef", 0).status(),
-      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("context 0 < 1")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("fewer than context + 2")));
+  EXPECT_THAT(CharDataset::Create("abcdef", 0).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("context 0 < 1")));
   auto dataset = CharDataset::Create("abcdefghij", 3);
   ASSERT_TRUE(dataset.ok());
   EXPECT_THAT(dataset->Batch(0, 0, 5, 0, 2).status(),
@@ -83,8 +79,7 @@ TEST(CharDataset, RefusesBadArguments) {
                        HasSubstr("global batch 5 is not a positive multiple of "
                                  "the world size 2")));
   EXPECT_THAT(dataset->Batch(0, 0, 4, 2, 2).status(),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("rank 2 of world size 2")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("rank 2 of world size 2")));
 }
 
 }  // namespace

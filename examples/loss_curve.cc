@@ -83,9 +83,7 @@ const Glyph* FindGlyph(char c) {
 class Canvas {
  public:
   Canvas(int width, int height)
-      : width_(width),
-        height_(height),
-        pixels_(static_cast<size_t>(width) * height * 3, 255) {}
+      : width_(width), height_(height), pixels_(static_cast<size_t>(width) * height * 3, 255) {}
 
   void Set(int x, int y, uint32_t rgb) {
     if (x < 0 || y < 0 || x >= width_ || y >= height_) return;
@@ -102,8 +100,8 @@ class Canvas {
   }
 
   // A line `thickness` pixels wide; dashed draws 6 on, 4 off.
-  void Line(double x0, double y0, double x1, double y1, uint32_t rgb,
-            int thickness = 1, bool dashed = false) {
+  void Line(double x0, double y0, double x1, double y1, uint32_t rgb, int thickness = 1,
+            bool dashed = false) {
     const double length = std::hypot(x1 - x0, y1 - y0);
     const int steps = std::max(1, static_cast<int>(std::ceil(length * 2)));
     for (int i = 0; i <= steps; ++i) {
@@ -112,8 +110,7 @@ class Canvas {
       const int x = static_cast<int>(std::lround(x0 + (x1 - x0) * t));
       const int y = static_cast<int>(std::lround(y0 + (y1 - y0) * t));
       const int lo = -(thickness - 1) / 2;
-      FillRect(x + lo, y + lo, x + lo + thickness - 1, y + lo + thickness - 1,
-               rgb);
+      FillRect(x + lo, y + lo, x + lo + thickness - 1, y + lo + thickness - 1, rgb);
     }
   }
 
@@ -125,9 +122,8 @@ class Canvas {
         for (int row = 0; row < 7; ++row) {
           for (int col = 0; col < 5; ++col) {
             if (glyph->rows[row] & (0x10 >> col)) {
-              FillRect(x + col * scale, y + row * scale,
-                       x + col * scale + scale - 1, y + row * scale + scale - 1,
-                       rgb);
+              FillRect(x + col * scale, y + row * scale, x + col * scale + scale - 1,
+                       y + row * scale + scale - 1, rgb);
             }
           }
         }
@@ -151,19 +147,16 @@ class Canvas {
 };
 
 void AppendBigEndian32(std::string& out, uint32_t value) {
-  for (int shift = 24; shift >= 0; shift -= 8)
-    out.push_back(static_cast<char>(value >> shift));
+  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<char>(value >> shift));
 }
 
-void AppendChunk(std::string& out, const char type[4],
-                 const std::string& data) {
+void AppendChunk(std::string& out, const char type[4], const std::string& data) {
   AppendBigEndian32(out, static_cast<uint32_t>(data.size()));
   std::string body(type, 4);
   body += data;
   out += body;
-  AppendBigEndian32(
-      out, static_cast<uint32_t>(crc32(
-               0, reinterpret_cast<const Bytef*>(body.data()), body.size())));
+  AppendBigEndian32(out, static_cast<uint32_t>(
+                             crc32(0, reinterpret_cast<const Bytef*>(body.data()), body.size())));
 }
 
 absl::StatusOr<std::string> EncodePng(const Canvas& canvas) {
@@ -171,16 +164,14 @@ absl::StatusOr<std::string> EncodePng(const Canvas& canvas) {
   raw.reserve(static_cast<size_t>(canvas.height()) * (canvas.width() * 3 + 1));
   for (int y = 0; y < canvas.height(); ++y) {
     raw.push_back(0);  // filter: none
-    raw.append(
-        reinterpret_cast<const char*>(
-            &canvas.pixels()[static_cast<size_t>(y) * canvas.width() * 3]),
-        static_cast<size_t>(canvas.width()) * 3);
+    raw.append(reinterpret_cast<const char*>(
+                   &canvas.pixels()[static_cast<size_t>(y) * canvas.width() * 3]),
+               static_cast<size_t>(canvas.width()) * 3);
   }
   uLongf compressed_size = compressBound(raw.size());
   std::string compressed(compressed_size, '\0');
   if (compress2(reinterpret_cast<Bytef*>(compressed.data()), &compressed_size,
-                reinterpret_cast<const Bytef*>(raw.data()), raw.size(),
-                9) != Z_OK) {
+                reinterpret_cast<const Bytef*>(raw.data()), raw.size(), 9) != Z_OK) {
     return absl::InternalError("WriteLossCurvePng: zlib's compress2 failed");
   }
   compressed.resize(compressed_size);
@@ -208,29 +199,26 @@ double TickSpacing(double range, int count) {
 }
 
 std::string FormatTick(double value, double spacing) {
-  const int decimals =
-      spacing >= 1 ? 0 : static_cast<int>(std::ceil(-std::log10(spacing)));
+  const int decimals = spacing >= 1 ? 0 : static_cast<int>(std::ceil(-std::log10(spacing)));
   return absl::StrFormat("%.*f", decimals, value);
 }
 
 }  // namespace
 
-absl::Status WriteLossCurvePng(const std::string& path,
-                               const std::vector<LossSeries>& series,
+absl::Status WriteLossCurvePng(const std::string& path, const std::vector<LossSeries>& series,
                                const LossChartOptions& options) {
   if (options.width < 200 || options.height < 150) {
     return absl::InvalidArgumentError(
-        absl::StrFormat("WriteLossCurvePng(%s): %dx%d is smaller than 200x150",
-                        path, options.width, options.height));
+        absl::StrFormat("WriteLossCurvePng(%s): %dx%d is smaller than 200x150", path, options.width,
+                        options.height));
   }
   double x_min = std::numeric_limits<double>::infinity(), x_max = -x_min;
   double y_min = x_min, y_max = -x_min;
   for (const LossSeries& s : series) {
     for (const auto& [x, y] : s.points) {
       if (!std::isfinite(x) || !std::isfinite(y)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("WriteLossCurvePng(", path, "): series '", s.label,
-                         "' has a non-finite point"));
+        return absl::InvalidArgumentError(absl::StrCat("WriteLossCurvePng(", path, "): series '",
+                                                       s.label, "' has a non-finite point"));
       }
       x_min = std::min(x_min, x);
       x_max = std::max(x_max, x);
@@ -249,47 +237,36 @@ absl::Status WriteLossCurvePng(const std::string& path,
   y_max += y_pad;
 
   Canvas canvas(options.width, options.height);
-  const int left = 70, right = options.width - 20, top = 40,
-            bottom = options.height - 50;
-  auto to_x = [&](double x) {
-    return left + (x - x_min) / (x_max - x_min) * (right - left);
-  };
-  auto to_y = [&](double y) {
-    return bottom - (y - y_min) / (y_max - y_min) * (bottom - top);
-  };
+  const int left = 70, right = options.width - 20, top = 40, bottom = options.height - 50;
+  auto to_x = [&](double x) { return left + (x - x_min) / (x_max - x_min) * (right - left); };
+  auto to_y = [&](double y) { return bottom - (y - y_min) / (y_max - y_min) * (bottom - top); };
   constexpr uint32_t kAxis = 0x333333, kGrid = 0xE5E5E5, kText = 0x222222;
 
   // Grid, ticks and labels.
   const double y_spacing = TickSpacing(y_max - y_min, 6);
-  for (double y = std::ceil(y_min / y_spacing) * y_spacing; y <= y_max;
-       y += y_spacing) {
+  for (double y = std::ceil(y_min / y_spacing) * y_spacing; y <= y_max; y += y_spacing) {
     const double py = to_y(y);
     canvas.Line(left, py, right, py, kGrid);
     const std::string label = FormatTick(y, y_spacing);
-    canvas.Text(left - 8 - Canvas::TextWidth(label), static_cast<int>(py) - 3,
-                label, kText);
+    canvas.Text(left - 8 - Canvas::TextWidth(label), static_cast<int>(py) - 3, label, kText);
   }
   const double x_spacing = TickSpacing(x_max - x_min, 8);
-  for (double x = std::ceil(x_min / x_spacing) * x_spacing; x <= x_max;
-       x += x_spacing) {
+  for (double x = std::ceil(x_min / x_spacing) * x_spacing; x <= x_max; x += x_spacing) {
     const double px = to_x(x);
     canvas.Line(px, top, px, bottom, kGrid);
     const std::string label = FormatTick(x, x_spacing);
-    canvas.Text(static_cast<int>(px) - Canvas::TextWidth(label) / 2, bottom + 8,
-                label, kText);
+    canvas.Text(static_cast<int>(px) - Canvas::TextWidth(label) / 2, bottom + 8, label, kText);
   }
   canvas.Line(left, bottom, right, bottom, kAxis);
   canvas.Line(left, top, left, bottom, kAxis);
-  canvas.Text((left + right) / 2 - Canvas::TextWidth("STEP") / 2, bottom + 24,
-              "STEP", kText);
+  canvas.Text((left + right) / 2 - Canvas::TextWidth("STEP") / 2, bottom + 24, "STEP", kText);
   canvas.Text(8, top - 16, "LOSS", kText);
   canvas.Text(left, 12, options.title, kText, 2);
 
   if (options.marker_step) {
     const double px = to_x(*options.marker_step);
     canvas.Line(px, top, px, bottom, 0x888888, 1, /*dashed=*/true);
-    canvas.Text(static_cast<int>(px) + 4, top + 4, options.marker_label,
-                0x666666);
+    canvas.Text(static_cast<int>(px) + 4, top + 4, options.marker_label, 0x666666);
   }
 
   // Series, then the legend in the top-right corner.
@@ -317,9 +294,7 @@ absl::Status WriteLossCurvePng(const std::string& path,
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(png->data(), static_cast<std::streamsize>(png->size()));
   out.close();
-  if (!out)
-    return absl::InternalError(
-        absl::StrCat("WriteLossCurvePng: cannot write ", path));
+  if (!out) return absl::InternalError(absl::StrCat("WriteLossCurvePng: cannot write ", path));
   return absl::OkStatus();
 }
 

@@ -35,9 +35,9 @@ struct LossChartOptions {
   std::string marker_label;
 };
 
-[[nodiscard]] absl::Status WriteLossCurvePng(
-    const std::string& path, const std::vector<LossSeries>& series,
-    const LossChartOptions& options = {});
+[[nodiscard]] absl::Status WriteLossCurvePng(const std::string& path,
+                                             const std::vector<LossSeries>& series,
+                                             const LossChartOptions& options = {});
 
 }  // namespace fsdp::examples
 

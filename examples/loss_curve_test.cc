@@ -24,11 +24,10 @@ std::string TmpPath(const std::string& name) {
 // Decodes `png` with testdata/read_png.py (Python's zlib): size and pixel count
 // per colour.
 nlohmann::json DecodePng(const std::string& png) {
-  const std::string script = std::string(std::getenv("TEST_SRCDIR")) +
-                             "/fsdp_cpp/examples/testdata/read_png.py";
+  const std::string script =
+      std::string(std::getenv("TEST_SRCDIR")) + "/fsdp_cpp/examples/testdata/read_png.py";
   const std::string out = png + ".json";
-  const std::string command =
-      "python3 '" + script + "' '" + png + "' > '" + out + "'";
+  const std::string command = "python3 '" + script + "' '" + png + "' > '" + out + "'";
   if (std::system(command.c_str()) != 0) {
     ADD_FAILURE() << command << " failed";
     return {};
@@ -36,8 +35,7 @@ nlohmann::json DecodePng(const std::string& png) {
   FILE* file = std::fopen(out.c_str(), "r");
   std::string text;
   char buffer[4096];
-  for (size_t n; (n = std::fread(buffer, 1, sizeof(buffer), file)) > 0;)
-    text.append(buffer, n);
+  for (size_t n; (n = std::fread(buffer, 1, sizeof(buffer), file)) > 0;) text.append(buffer, n);
   std::fclose(file);
   return nlohmann::json::parse(text);
 }
@@ -47,8 +45,7 @@ TEST(WriteLossCurvePng, DrawsEverySeriesInItsColourOnAValidPng) {
   LossSeries resumed{.label = "resumed (3 ranks)", .rgb = 0xd62728};
   for (int step = 0; step < 100; ++step) {
     falling.points.emplace_back(step, 4.0 * std::exp(-step / 30.0) + 1.0);
-    if (step >= 50)
-      resumed.points.emplace_back(step, 4.0 * std::exp(-step / 30.0) + 1.05);
+    if (step >= 50) resumed.points.emplace_back(step, 4.0 * std::exp(-step / 30.0) + 1.05);
   }
   const std::string path = TmpPath("curve.png");
   ASSERT_TRUE(WriteLossCurvePng(path, {falling, resumed},
@@ -75,21 +72,16 @@ TEST(WriteLossCurvePng, RefusesNonFinitePointsAndEmptyCharts) {
   EXPECT_THAT(WriteLossCurvePng(TmpPath("bad.png"), {bad}),
               StatusIs(absl::StatusCode::kInvalidArgument,
                        HasSubstr("series 'bad' has a non-finite point")));
-  EXPECT_THAT(
-      WriteLossCurvePng(TmpPath("empty.png"), {LossSeries{.label = "empty"}}),
-      StatusIs(absl::StatusCode::kInvalidArgument,
-               HasSubstr("no points to draw")));
-  EXPECT_THAT(WriteLossCurvePng(TmpPath("tiny.png"), {bad},
-                                {.width = 100, .height = 100}),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("smaller than 200x150")));
+  EXPECT_THAT(WriteLossCurvePng(TmpPath("empty.png"), {LossSeries{.label = "empty"}}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("no points to draw")));
+  EXPECT_THAT(WriteLossCurvePng(TmpPath("tiny.png"), {bad}, {.width = 100, .height = 100}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("smaller than 200x150")));
 }
 
 TEST(WriteLossCurvePng, NamesTheFileItCannotWrite) {
   LossSeries one{.label = "one", .points = {{0, 1.0}, {1, 0.5}}};
   EXPECT_THAT(WriteLossCurvePng("/nonexistent-dir/curve.png", {one}),
-              StatusIs(absl::StatusCode::kInternal,
-                       HasSubstr("/nonexistent-dir/curve.png")));
+              StatusIs(absl::StatusCode::kInternal, HasSubstr("/nonexistent-dir/curve.png")));
 }
 
 }  // namespace

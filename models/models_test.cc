@@ -1,9 +1,8 @@
-// Checks every reference model against PyTorch itself:
-// testdata/reference_models.py builds the same model with Python's nn modules
-// and seeds (Debian's python3-torch 1.13, the same libtorch as ours) and dumps
-// parameter names, shapes and values plus one forward pass; the tests below
-// build the C++ model the same way and compare. Also checks the ModuleSlots
-// each model exposes for FSDP wrapping.
+// Checks every reference model against PyTorch itself: testdata/reference_models.py builds the
+// same model with Python's nn modules and seeds (Debian's python3-torch 1.13, the same
+// libtorch as ours) and dumps parameter names, shapes and values plus one forward pass; the
+// tests below build the C++ model the same way and compare. Also checks the ModuleSlots each
+// model exposes for FSDP wrapping.
 #include <c10/util/Exception.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/activation.h>
@@ -42,30 +41,23 @@ using ::testing::ElementsAreArray;
 using ::testing::Eq;
 using ::testing::SizeIs;
 
-// Construction draws the same random numbers as Python, so parameters (and
-// seeded inputs) must be bit-identical. Forward results may differ by float
-// rounding in principle (kernel choice, thread count); with one thread on both
-// sides they are identical too.
+// Construction draws the same random numbers as Python, so parameters (and seeded inputs)
+// must be bit-identical. Forward results may differ by float rounding in principle (kernel
+// choice, thread count); with one thread on both sides they are identical too.
 constexpr double kParameterTolerance = 0.0;
 constexpr double kOutputTolerance = 1e-6;
 
-// `actual` (any dtype) has `expected`'s shape and its values within
-// `tolerance`.
+// `actual` (any dtype) has `expected`'s shape and its values within `tolerance`.
 MATCHER_P2(TensorNear, expected, tolerance,
-           "has the expected shape and values within " +
-               ::testing::PrintToString(tolerance)) {
+           "has the expected shape and values within " + ::testing::PrintToString(tolerance)) {
   const torch::Tensor& actual = arg;
   if (actual.sizes() != expected.sizes()) {
-    *result_listener << "has shape " << actual.sizes() << ", expected "
-                     << expected.sizes();
+    *result_listener << "has shape " << actual.sizes() << ", expected " << expected.sizes();
     return false;
   }
   if (actual.numel() == 0) return true;
   const torch::Tensor reference = expected;
-  const double diff = (actual.detach().to(torch::kDouble) - reference)
-                          .abs()
-                          .max()
-                          .item<double>();
+  const double diff = (actual.detach().to(torch::kDouble) - reference).abs().max().item<double>();
   *result_listener << "max |difference| " << diff;
   return diff <= tolerance;
 }
@@ -77,25 +69,21 @@ std::string ReadFile(const std::string& path) {
   return contents.str();
 }
 
-// Runs the Python oracle for `model` and returns its JSON (empty, with a test
-// failure, if the script fails).
+// Runs the Python oracle for `model` and returns its JSON (empty, with a test failure, if the
+// script fails).
 json RunReference(const std::string& model) {
-  torch::set_num_threads(
-      1);  // as the script does: same reduction order on both sides
+  torch::set_num_threads(1);  // as the script does: same reduction order on both sides
   const char* srcdir = std::getenv("TEST_SRCDIR");
   const char* tmpdir = std::getenv("TEST_TMPDIR");
   if (srcdir == nullptr || tmpdir == nullptr) {
-    ADD_FAILURE()
-        << "TEST_SRCDIR and TEST_TMPDIR must be set (run under bazel test)";
+    ADD_FAILURE() << "TEST_SRCDIR and TEST_TMPDIR must be set (run under bazel test)";
     return json();
   }
-  const std::string script =
-      std::string(srcdir) + "/fsdp_cpp/models/testdata/reference_models.py";
+  const std::string script = std::string(srcdir) + "/fsdp_cpp/models/testdata/reference_models.py";
   const std::string out = std::string(tmpdir) + "/reference_" + model + ".json";
-  const std::string err =
-      std::string(tmpdir) + "/reference_" + model + ".stderr";
-  const std::string command = "/usr/bin/python3 '" + script + "' " + model +
-                              " '" + out + "' 2>'" + err + "'";
+  const std::string err = std::string(tmpdir) + "/reference_" + model + ".stderr";
+  const std::string command =
+      "/usr/bin/python3 '" + script + "' " + model + " '" + out + "' 2>'" + err + "'";
   if (std::system(command.c_str()) != 0) {
     ADD_FAILURE() << "`" << command << "` failed:\n" << ReadFile(err);
     return json();
@@ -103,8 +91,7 @@ json RunReference(const std::string& model) {
   return json::parse(ReadFile(out));
 }
 
-// A dumped tensor as a double tensor of its shape (float32 values convert
-// exactly).
+// A dumped tensor as a double tensor of its shape (float32 values convert exactly).
 torch::Tensor ToTensor(const json& entry) {
   const auto values = entry.at("values").get<std::vector<double>>();
   const auto shape = entry.at("shape").get<std::vector<int64_t>>();
@@ -113,73 +100,60 @@ torch::Tensor ToTensor(const json& entry) {
 
 std::vector<std::string> NamesOf(const json& entries) {
   std::vector<std::string> names;
-  for (const json& entry : entries)
-    names.push_back(entry.at("name").get<std::string>());
+  for (const json& entry : entries) names.push_back(entry.at("name").get<std::string>());
   return names;
 }
 
 // Compares `entries` (dumped name/value pairs) with `actual`, in order.
-void ExpectSameTensors(
-    const json& entries,
-    const torch::OrderedDict<std::string, torch::Tensor>& actual,
-    bool check_requires_grad) {
+void ExpectSameTensors(const json& entries,
+                       const torch::OrderedDict<std::string, torch::Tensor>& actual,
+                       bool check_requires_grad) {
   ASSERT_THAT(actual.keys(), ElementsAreArray(NamesOf(entries)));
   for (size_t i = 0; i < entries.size(); ++i) {
     const json& entry = entries[i];
     const torch::Tensor& tensor = actual[i].value();
     SCOPED_TRACE(actual[i].key());
     EXPECT_THAT(tensor, TensorNear(ToTensor(entry), kParameterTolerance));
-    EXPECT_EQ(
-        std::string(c10::toString(tensor.scalar_type())),
-        entry.at("dtype").get<std::string>() == "float32" ? "Float" : "Long");
+    EXPECT_EQ(std::string(c10::toString(tensor.scalar_type())),
+              entry.at("dtype").get<std::string>() == "float32" ? "Float" : "Long");
     if (check_requires_grad) {
       EXPECT_EQ(tensor.requires_grad(), entry.at("requires_grad").get<bool>());
     }
   }
 }
 
-// The checks every model gets: Python's parameters (each tensor once) and every
-// registered name, buffers, the forward inputs (same random numbers), output
-// and loss.
+// The checks every model gets: Python's parameters (each tensor once) and every registered
+// name, buffers, the forward inputs (same random numbers), output and loss.
 void ExpectMatchesReference(const json& ref, const torch::nn::Module& model,
-                            const std::vector<torch::Tensor>& inputs,
-                            const torch::Tensor& output,
+                            const std::vector<torch::Tensor>& inputs, const torch::Tensor& output,
                             std::optional<torch::Tensor> loss = std::nullopt) {
   ASSERT_FALSE(ref.is_null());
   {
     SCOPED_TRACE("parameters");
-    ExpectSameTensors(ref.at("parameters"),
-                      NamedParametersWithoutDuplicates(model),
+    ExpectSameTensors(ref.at("parameters"), NamedParametersWithoutDuplicates(model),
                       /*check_requires_grad=*/true);
   }
-  EXPECT_THAT(
-      model.named_parameters().keys(),
-      ElementsAreArray(
-          ref.at("all_parameter_names").get<std::vector<std::string>>()));
+  EXPECT_THAT(model.named_parameters().keys(),
+              ElementsAreArray(ref.at("all_parameter_names").get<std::vector<std::string>>()));
   {
     SCOPED_TRACE("buffers");
-    ExpectSameTensors(ref.at("buffers"), model.named_buffers(),
-                      /*check_requires_grad=*/false);
+    ExpectSameTensors(ref.at("buffers"), model.named_buffers(), /*check_requires_grad=*/false);
   }
   ASSERT_THAT(ref.at("inputs"), SizeIs(inputs.size()));
   for (size_t i = 0; i < inputs.size(); ++i) {
-    EXPECT_THAT(inputs[i],
-                TensorNear(ToTensor(ref.at("inputs")[i]), kParameterTolerance))
+    EXPECT_THAT(inputs[i], TensorNear(ToTensor(ref.at("inputs")[i]), kParameterTolerance))
         << "input " << i;
   }
-  EXPECT_THAT(output, TensorNear(ToTensor(ref.at("output")), kOutputTolerance))
-      << "forward output";
+  EXPECT_THAT(output, TensorNear(ToTensor(ref.at("output")), kOutputTolerance)) << "forward output";
   if (loss.has_value()) {
     ASSERT_FALSE(ref.at("loss").is_null());
     EXPECT_NEAR(loss->item<double>(), ref.at("loss").get<double>(),
-                kOutputTolerance *
-                    std::max(1.0, std::abs(ref.at("loss").get<double>())));
+                kOutputTolerance * std::max(1.0, std::abs(ref.at("loss").get<double>())));
   }
 }
 
 // FQN of every module of `root` ("" for the root itself).
-std::map<const torch::nn::Module*, std::string> ModuleNames(
-    const torch::nn::Module& root) {
+std::map<const torch::nn::Module*, std::string> ModuleNames(const torch::nn::Module& root) {
   std::map<const torch::nn::Module*, std::string> names;
   names[&root] = "";
   for (const auto& item : root.named_modules("", /*include_self=*/false)) {
@@ -188,9 +162,8 @@ std::map<const torch::nn::Module*, std::string> ModuleNames(
   return names;
 }
 
-std::vector<std::string> SlotNames(
-    const torch::nn::Module& root,
-    const std::vector<fsdp::ModuleSlot*>& slots) {
+std::vector<std::string> SlotNames(const torch::nn::Module& root,
+                                   const std::vector<fsdp::ModuleSlot*>& slots) {
   const auto names = ModuleNames(root);
   std::vector<std::string> out;
   for (const fsdp::ModuleSlot* slot : slots) {
@@ -200,15 +173,14 @@ std::vector<std::string> SlotNames(
   return out;
 }
 
-std::vector<std::string> NamesOfTensors(
-    const torch::nn::Module& root, const std::vector<torch::Tensor>& tensors) {
+std::vector<std::string> NamesOfTensors(const torch::nn::Module& root,
+                                        const std::vector<torch::Tensor>& tensors) {
   std::map<const c10::TensorImpl*, std::string> by_impl;
   for (const auto& item : NamedParametersWithoutDuplicates(root)) {
     by_impl[item.value().unsafeGetTensorImpl()] = item.key();
   }
   std::vector<std::string> names;
-  for (const torch::Tensor& t : tensors)
-    names.push_back(by_impl[t.unsafeGetTensorImpl()]);
+  for (const torch::Tensor& t : tensors) names.push_back(by_impl[t.unsafeGetTensorImpl()]);
   return names;
 }
 
@@ -224,33 +196,25 @@ class CountingInterceptor : public fsdp::ForwardInterceptor {
   int post_forwards = 0;
 };
 
-// --- Oracle comparisons
-// ---------------------------------------------------------------------
+// --- Oracle comparisons ---------------------------------------------------------------------
 
-void CheckNestedModel(const std::string& reference_name,
-                      std::optional<bool> unmanaged_in_fsdp) {
+void CheckNestedModel(const std::string& reference_name, std::optional<bool> unmanaged_in_fsdp) {
   const json ref = RunReference(reference_name);
   NestedModel model;
-  if (unmanaged_in_fsdp.has_value())
-    model->add_unmanaged_param(*unmanaged_in_fsdp);
+  if (unmanaged_in_fsdp.has_value()) model->add_unmanaged_param(*unmanaged_in_fsdp);
   torch::manual_seed(0);  // as the test's _step_model does before get_input
   torch::Tensor input = model->get_input();
   torch::NoGradGuard no_grad;
   torch::Tensor output = model->forward(input);
-  ExpectMatchesReference(ref, *model, {input}, output,
-                         model->get_loss(input, output));
+  ExpectMatchesReference(ref, *model, {input}, output, model->get_loss(input, output));
   ASSERT_FALSE(ref.is_null());
   EXPECT_THAT(NamesOfTensors(*model, model->param_group0()),
-              ElementsAreArray(
-                  ref.at("param_groups")[0].get<std::vector<std::string>>()));
+              ElementsAreArray(ref.at("param_groups")[0].get<std::vector<std::string>>()));
   EXPECT_THAT(NamesOfTensors(*model, model->param_group1()),
-              ElementsAreArray(
-                  ref.at("param_groups")[1].get<std::vector<std::string>>()));
+              ElementsAreArray(ref.at("param_groups")[1].get<std::vector<std::string>>()));
 }
 
-TEST(NestedModel, MatchesPyTorchReference) {
-  CheckNestedModel("nested", std::nullopt);
-}
+TEST(NestedModel, MatchesPyTorchReference) { CheckNestedModel("nested", std::nullopt); }
 
 TEST(NestedModel, UnmanagedParamOnWrappedBlockMatchesPyTorchReference) {
   CheckNestedModel("nested_unmanaged_in_fsdp", true);
@@ -330,8 +294,7 @@ TEST(SimpleModel, MatchesPyTorchReference) {
   ExpectMatchesReference(ref, *model, {input}, model->forward(input));
 }
 
-// --- Slots for FSDP wrapping
-// ----------------------------------------------------------------
+// --- Slots for FSDP wrapping ----------------------------------------------------------------
 
 TEST(CharTransformerLM, MatchesPyTorchReference) {
   const json ref = RunReference("char_lm");
@@ -345,44 +308,35 @@ TEST(CharTransformerLM, MatchesPyTorchReference) {
   const torch::Tensor ids = torch::randint(11, {8, 3}, torch::kLong);
   torch::NoGradGuard no_grad;
   const torch::Tensor output = model->forward(ids);
-  // Python takes the loss from the full sequence's first 7 positions; causal
-  // attention makes them equal to a forward over the first 7 tokens alone.
+  // Python takes the loss from the full sequence's first 7 positions; causal attention makes
+  // them equal to a forward over the first 7 tokens alone.
   const torch::Tensor loss = model->loss(ids.slice(0, 0, 7), ids.slice(0, 1));
   ExpectMatchesReference(ref, *model, {ids}, output, loss);
 }
 
 TEST(CharTransformerLM, LayerSlotsAreTheTransformerLayersAndShareNoDraws) {
-  CharTransformerLM model(CharLMConfig{.vocab_size = 5,
-                                       .context = 4,
-                                       .d_model = 8,
-                                       .nhead = 2,
-                                       .num_layers = 3,
-                                       .dim_feedforward = 16});
+  CharTransformerLM model(CharLMConfig{
+      .vocab_size = 5, .context = 4, .d_model = 8, .nhead = 2, .num_layers = 3,
+      .dim_feedforward = 16});
   const std::vector<fsdp::ModuleSlot*> slots = model->layer_slots();
   ASSERT_THAT(slots, SizeIs(3));
   for (size_t i = 0; i < slots.size(); ++i) {
-    EXPECT_EQ(slots[i]->module().get(),
-              model->encoder->layers->slot(i).module().get());
+    EXPECT_EQ(slots[i]->module().get(), model->encoder->layers->slot(i).module().get());
   }
-  // Layers start from one prototype, then xavier_uniform_ re-draws their
-  // matrices.
-  auto weight = [&](size_t i) {
-    return slots[i]->module()->named_parameters()["linear1.weight"];
-  };
+  // Layers start from one prototype, then xavier_uniform_ re-draws their matrices.
+  auto weight = [&](size_t i) { return slots[i]->module()->named_parameters()["linear1.weight"]; };
   EXPECT_FALSE(torch::equal(weight(0), weight(1)));
   EXPECT_TRUE(model->output_proj->weight.is_same(model->embed_tokens->weight));
 }
 
 TEST(NestedModel, WrapSlotsHoldTheModulesPythonWraps) {
   NestedModel model;
-  EXPECT_THAT(
-      SlotNames(*model, model->wrap_slots()),
-      ElementsAre("block1.bias_module0", "block1", "block2.1.bias_module0",
-                  "block2.1.bias_module1", "block2.1", "block2.2"));
+  EXPECT_THAT(SlotNames(*model, model->wrap_slots()),
+              ElementsAre("block1.bias_module0", "block1", "block2.1.bias_module0",
+                          "block2.1.bias_module1", "block2.1", "block2.2"));
   EXPECT_THAT(SlotNames(*model, model->wrap_alt_slots()),
               ElementsAre("block0.bias_module0", "block0"));
-  EXPECT_THAT(ModuleNames(*model).at(model->ignored_module().get()),
-              Eq("block2.2.bias_module0"));
+  EXPECT_THAT(ModuleNames(*model).at(model->ignored_module().get()), Eq("block2.2.bias_module0"));
 }
 
 TEST(NestedModel, ForwardGoesThroughEveryWrappableSlot) {
@@ -402,16 +356,14 @@ TEST(NestedModel, ForwardGoesThroughEveryWrappableSlot) {
   EXPECT_TRUE(model->forward(input).equal(plain));
   for (size_t i = 0; i < counters.size(); ++i) {
     EXPECT_EQ(counters[i]->pre_forwards, 1) << SlotNames(*model, {slots[i]})[0];
-    EXPECT_EQ(counters[i]->post_forwards, 1)
-        << SlotNames(*model, {slots[i]})[0];
+    EXPECT_EQ(counters[i]->post_forwards, 1) << SlotNames(*model, {slots[i]})[0];
   }
 }
 
 TEST(NestedModel, AddedUnmanagedParamIsNamedAsInPython) {
   NestedModel on_block;
   on_block->add_unmanaged_param(/*add_to_fsdp_module=*/true);
-  EXPECT_TRUE(
-      on_block->named_parameters().contains("block2.2.unmanaged_param"));
+  EXPECT_TRUE(on_block->named_parameters().contains("block2.2.unmanaged_param"));
   NestedModel on_root;
   on_root->add_unmanaged_param(/*add_to_fsdp_module=*/false);
   EXPECT_EQ(on_root->named_parameters()[1].key(), "unmanaged_param");
@@ -420,12 +372,9 @@ TEST(NestedModel, AddedUnmanagedParamIsNamedAsInPython) {
 TEST(TransformerWithSharedParams, LayerSlotsAreTheAutoWrapUnits) {
   TransformerWithSharedParams model;
   EXPECT_THAT(SlotNames(*model, model->layer_slots()),
-              ElementsAre("transformer.encoder.layers.0",
-                          "transformer.encoder.layers.1",
-                          "transformer.decoder.layers.0",
-                          "transformer.decoder.layers.1"));
-  EXPECT_EQ(ModuleNames(*model).at(model->ignored_module().get()),
-            "transformer");
+              ElementsAre("transformer.encoder.layers.0", "transformer.encoder.layers.1",
+                          "transformer.decoder.layers.0", "transformer.decoder.layers.1"));
+  EXPECT_EQ(ModuleNames(*model).at(model->ignored_module().get()), "transformer");
 
   std::vector<std::shared_ptr<CountingInterceptor>> counters;
   for (fsdp::ModuleSlot* slot : model->layer_slots()) {
@@ -446,8 +395,7 @@ TEST(TransformerWithSharedParams, OutputProjectionSharesTheEmbeddingTensor) {
   EXPECT_TRUE(model->output_proj->weight.is_same(model->embed_tokens->weight));
   const auto all = model->named_parameters();
   const auto unique = NamedParametersWithoutDuplicates(*model);
-  // LibTorch lists the tied tensor under both names; Python (and the unique
-  // view) once.
+  // LibTorch lists the tied tensor under both names; Python (and the unique view) once.
   EXPECT_TRUE(all["output_proj.weight"].is_same(all["embed_tokens.weight"]));
   EXPECT_EQ(all.size(), unique.size() + 1);
   EXPECT_FALSE(unique.contains("output_proj.weight"));
@@ -455,8 +403,7 @@ TEST(TransformerWithSharedParams, OutputProjectionSharesTheEmbeddingTensor) {
 }
 
 TEST(TransformerWithSharedParams, LayersStartAsCopiesOfOnePrototype) {
-  // Python deep-copies one layer into every position, then re-draws only >1-dim
-  // parameters.
+  // Python deep-copies one layer into every position, then re-draws only >1-dim parameters.
   TransformerWithSharedParams model;
   auto& layers = model->transformer->encoder->layers;
   auto first = layers->child_as<TransformerEncoderLayerImpl>(0);

@@ -23,13 +23,11 @@ torch::nn::LayerNorm MakeLayerNorm(const TransformerConfig& config) {
       torch::nn::LayerNormOptions({config.d_model}).eps(config.layer_norm_eps));
 }
 
-// Python builds one layer and deep-copies it into every position (_get_clones),
-// so the copies draw no random numbers. Our copies are constructed (which
-// draws) with the default CPU generator's state saved before and restored
-// after, then take the prototype's values.
+// Python builds one layer and deep-copies it into every position (_get_clones), so the copies
+// draw no random numbers. Our copies are constructed (which draws) with the default CPU
+// generator's state saved before and restored after, then take the prototype's values.
 template <typename Layer>
-Layer CopyWithoutDrawing(const Layer& prototype,
-                         const TransformerConfig& config) {
+Layer CopyWithoutDrawing(const Layer& prototype, const TransformerConfig& config) {
   at::Generator generator = at::detail::getDefaultCPUGenerator();
   torch::Tensor state;
   {
@@ -67,22 +65,14 @@ torch::OrderedDict<std::string, torch::Tensor> NamedParametersWithoutDuplicates(
   return unique;
 }
 
-MultiheadAttentionImpl::MultiheadAttentionImpl(int64_t embed_dim,
-                                               int64_t num_heads,
-                                               double dropout, bool causal)
-    : embed_dim_(embed_dim),
-      num_heads_(num_heads),
-      dropout_(dropout),
-      causal_(causal) {
-  TORCH_CHECK(num_heads > 0 && embed_dim % num_heads == 0,
-              "MultiheadAttention: embed_dim ", embed_dim,
-              " is not divisible by num_heads ", num_heads);
-  in_proj_weight = register_parameter("in_proj_weight",
-                                      torch::empty({3 * embed_dim, embed_dim}));
-  in_proj_bias =
-      register_parameter("in_proj_bias", torch::empty({3 * embed_dim}));
-  out_proj =
-      register_module("out_proj", torch::nn::Linear(embed_dim, embed_dim));
+MultiheadAttentionImpl::MultiheadAttentionImpl(int64_t embed_dim, int64_t num_heads, double dropout,
+                                               bool causal)
+    : embed_dim_(embed_dim), num_heads_(num_heads), dropout_(dropout), causal_(causal) {
+  TORCH_CHECK(num_heads > 0 && embed_dim % num_heads == 0, "MultiheadAttention: embed_dim ",
+              embed_dim, " is not divisible by num_heads ", num_heads);
+  in_proj_weight = register_parameter("in_proj_weight", torch::empty({3 * embed_dim, embed_dim}));
+  in_proj_bias = register_parameter("in_proj_bias", torch::empty({3 * embed_dim}));
+  out_proj = register_module("out_proj", torch::nn::Linear(embed_dim, embed_dim));
   // Python's _reset_parameters, after out_proj's own Linear init.
   torch::NoGradGuard no_grad;
   torch::nn::init::xavier_uniform_(in_proj_weight);
@@ -115,15 +105,9 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& query,
   }
 
   // [len, batch, embed] -> [batch * heads, len, head_dim]
-  q = q.contiguous()
-          .view({tgt_len, batch * num_heads_, head_dim})
-          .transpose(0, 1);
-  k = k.contiguous()
-          .view({k.size(0), batch * num_heads_, head_dim})
-          .transpose(0, 1);
-  v = v.contiguous()
-          .view({v.size(0), batch * num_heads_, head_dim})
-          .transpose(0, 1);
+  q = q.contiguous().view({tgt_len, batch * num_heads_, head_dim}).transpose(0, 1);
+  k = k.contiguous().view({k.size(0), batch * num_heads_, head_dim}).transpose(0, 1);
+  v = v.contiguous().view({v.size(0), batch * num_heads_, head_dim}).transpose(0, 1);
 
   torch::Tensor q_scaled = q / std::sqrt(static_cast<double>(head_dim));
   torch::Tensor scores = torch::bmm(q_scaled, k.transpose(-2, -1));
@@ -142,16 +126,13 @@ torch::Tensor MultiheadAttentionImpl::forward(const torch::Tensor& query,
   return out.view({tgt_len, batch, out.size(1)});
 }
 
-TransformerEncoderLayerImpl::TransformerEncoderLayerImpl(
-    const TransformerConfig& config) {
-  self_attn = register_module(
-      "self_attn", MultiheadAttention(config.d_model, config.nhead,
-                                      config.dropout, config.causal));
-  linear1 = register_module(
-      "linear1", torch::nn::Linear(config.d_model, config.dim_feedforward));
+TransformerEncoderLayerImpl::TransformerEncoderLayerImpl(const TransformerConfig& config) {
+  self_attn = register_module("self_attn",
+                              MultiheadAttention(config.d_model, config.nhead, config.dropout,
+                                                 config.causal));
+  linear1 = register_module("linear1", torch::nn::Linear(config.d_model, config.dim_feedforward));
   dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
-  linear2 = register_module(
-      "linear2", torch::nn::Linear(config.dim_feedforward, config.d_model));
+  linear2 = register_module("linear2", torch::nn::Linear(config.dim_feedforward, config.d_model));
   norm1 = register_module("norm1", MakeLayerNorm(config));
   norm2 = register_module("norm2", MakeLayerNorm(config));
   dropout1 = register_module("dropout1", torch::nn::Dropout(config.dropout));
@@ -163,19 +144,15 @@ torch::Tensor TransformerEncoderLayerImpl::forward(torch::Tensor src) {
   return norm2(x + dropout2(linear2(dropout(torch::relu(linear1(x))))));
 }
 
-TransformerDecoderLayerImpl::TransformerDecoderLayerImpl(
-    const TransformerConfig& config) {
-  self_attn = register_module(
-      "self_attn", MultiheadAttention(config.d_model, config.nhead,
-                                      config.dropout, config.causal));
+TransformerDecoderLayerImpl::TransformerDecoderLayerImpl(const TransformerConfig& config) {
+  self_attn = register_module("self_attn",
+                              MultiheadAttention(config.d_model, config.nhead, config.dropout,
+                                                 config.causal));
   multihead_attn = register_module(
-      "multihead_attn",
-      MultiheadAttention(config.d_model, config.nhead, config.dropout));
-  linear1 = register_module(
-      "linear1", torch::nn::Linear(config.d_model, config.dim_feedforward));
+      "multihead_attn", MultiheadAttention(config.d_model, config.nhead, config.dropout));
+  linear1 = register_module("linear1", torch::nn::Linear(config.d_model, config.dim_feedforward));
   dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
-  linear2 = register_module(
-      "linear2", torch::nn::Linear(config.dim_feedforward, config.d_model));
+  linear2 = register_module("linear2", torch::nn::Linear(config.dim_feedforward, config.d_model));
   norm1 = register_module("norm1", MakeLayerNorm(config));
   norm2 = register_module("norm2", MakeLayerNorm(config));
   norm3 = register_module("norm3", MakeLayerNorm(config));
@@ -184,16 +161,15 @@ TransformerDecoderLayerImpl::TransformerDecoderLayerImpl(
   dropout3 = register_module("dropout3", torch::nn::Dropout(config.dropout));
 }
 
-torch::Tensor TransformerDecoderLayerImpl::forward(torch::Tensor tgt,
-                                                   torch::Tensor memory) {
+torch::Tensor TransformerDecoderLayerImpl::forward(torch::Tensor tgt, torch::Tensor memory) {
   torch::Tensor x = norm1(tgt + dropout1(self_attn(tgt, tgt)));
   x = norm2(x + dropout2(multihead_attn(x, memory)));
   return norm3(x + dropout3(linear2(dropout(torch::relu(linear1(x))))));
 }
 
-TransformerEncoderImpl::TransformerEncoderImpl(
-    const TransformerEncoderLayer& prototype, int64_t num_layers,
-    const TransformerConfig& config) {
+TransformerEncoderImpl::TransformerEncoderImpl(const TransformerEncoderLayer& prototype,
+                                               int64_t num_layers,
+                                               const TransformerConfig& config) {
   layers = register_module("layers", SlotList());
   for (int64_t i = 0; i < num_layers; ++i) {
     layers->push_back(CopyWithoutDrawing(prototype, config));
@@ -208,9 +184,9 @@ torch::Tensor TransformerEncoderImpl::forward(torch::Tensor src) {
   return norm(src);
 }
 
-TransformerDecoderImpl::TransformerDecoderImpl(
-    const TransformerDecoderLayer& prototype, int64_t num_layers,
-    const TransformerConfig& config) {
+TransformerDecoderImpl::TransformerDecoderImpl(const TransformerDecoderLayer& prototype,
+                                               int64_t num_layers,
+                                               const TransformerConfig& config) {
   layers = register_module("layers", SlotList());
   for (int64_t i = 0; i < num_layers; ++i) {
     layers->push_back(CopyWithoutDrawing(prototype, config));
@@ -218,8 +194,7 @@ TransformerDecoderImpl::TransformerDecoderImpl(
   norm = register_module("norm", MakeLayerNorm(config));
 }
 
-torch::Tensor TransformerDecoderImpl::forward(torch::Tensor tgt,
-                                              const torch::Tensor& memory) {
+torch::Tensor TransformerDecoderImpl::forward(torch::Tensor tgt, const torch::Tensor& memory) {
   for (size_t i = 0; i < layers->size(); ++i) {
     tgt = layers->slot(i).forward(tgt, memory);
   }
@@ -228,13 +203,11 @@ torch::Tensor TransformerDecoderImpl::forward(torch::Tensor tgt,
 
 TransformerImpl::TransformerImpl(const TransformerConfig& config) {
   TransformerEncoderLayer encoder_layer(config);
-  encoder = register_module(
-      "encoder",
-      TransformerEncoder(encoder_layer, config.num_encoder_layers, config));
+  encoder = register_module("encoder",
+                            TransformerEncoder(encoder_layer, config.num_encoder_layers, config));
   TransformerDecoderLayer decoder_layer(config);
-  decoder = register_module(
-      "decoder",
-      TransformerDecoder(decoder_layer, config.num_decoder_layers, config));
+  decoder = register_module("decoder",
+                            TransformerDecoder(decoder_layer, config.num_decoder_layers, config));
   // nn.Transformer._reset_parameters.
   torch::NoGradGuard no_grad;
   for (torch::Tensor& p : parameters()) {
@@ -242,34 +215,29 @@ TransformerImpl::TransformerImpl(const TransformerConfig& config) {
   }
 }
 
-torch::Tensor TransformerImpl::forward(const torch::Tensor& src,
-                                       const torch::Tensor& tgt) {
+torch::Tensor TransformerImpl::forward(const torch::Tensor& src, const torch::Tensor& tgt) {
   TORCH_CHECK(src.dim() == 3 && tgt.dim() == 3 && src.size(1) == tgt.size(1),
-              "Transformer: src and tgt must be [len, batch, d_model] with "
-              "equal batch");
+              "Transformer: src and tgt must be [len, batch, d_model] with equal batch");
   return decoder(tgt, encoder(src));
 }
 
 void TiedLinearImpl::tie_weight(const torch::Tensor& shared) {
-  TORCH_CHECK(shared.sizes() == weight.sizes(), "tie_weight: shape ",
-              shared.sizes(), " does not match the weight's ", weight.sizes());
+  TORCH_CHECK(shared.sizes() == weight.sizes(), "tie_weight: shape ", shared.sizes(),
+              " does not match the weight's ", weight.sizes());
   parameters_["weight"] = shared;
   weight = shared;
 }
 
-TransformerWithSharedParamsImpl::TransformerWithSharedParamsImpl(
-    int64_t rank, bool add_bn, bool deterministic)
+TransformerWithSharedParamsImpl::TransformerWithSharedParamsImpl(int64_t rank, bool add_bn,
+                                                                 bool deterministic)
     : rank_(rank) {
   if (deterministic) torch::manual_seed(0);
-  embed_tokens =
-      register_module("embed_tokens", torch::nn::Embedding(kVocab, kModelDim));
-  transformer =
-      register_module("transformer", Transformer(TransformerConfig{}));
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(kVocab, kModelDim));
+  transformer = register_module("transformer", Transformer(TransformerConfig{}));
   output_proj = register_module("output_proj", TiedLinear(kModelDim, kVocab));
   output_proj->tie_weight(embed_tokens->weight);
   vocab_bias = register_buffer("vocab_bias", torch::ones({kModelDim}));
-  long_buffer =
-      register_buffer("long_buffer", torch::zeros({kModelDim}, torch::kLong));
+  long_buffer = register_buffer("long_buffer", torch::zeros({kModelDim}, torch::kLong));
   if (add_bn) {
     bn = register_module("bn", torch::nn::BatchNorm1d(kBatch));
   } else {
@@ -278,16 +246,16 @@ TransformerWithSharedParamsImpl::TransformerWithSharedParamsImpl(
   if (deterministic) eval();
 }
 
-torch::Tensor TransformerWithSharedParamsImpl::forward(
-    const torch::Tensor& src_ids, const torch::Tensor& tgt_ids) {
+torch::Tensor TransformerWithSharedParamsImpl::forward(const torch::Tensor& src_ids,
+                                                       const torch::Tensor& tgt_ids) {
   torch::Tensor src = embed_tokens(src_ids);
   src = src + vocab_bias + long_buffer.type_as(src);
   torch::Tensor tgt = bn(embed_tokens(tgt_ids));
   return output_proj(transformer(src, tgt));
 }
 
-std::pair<torch::Tensor, torch::Tensor>
-TransformerWithSharedParamsImpl::get_input(torch::Device device) const {
+std::pair<torch::Tensor, torch::Tensor> TransformerWithSharedParamsImpl::get_input(
+    torch::Device device) const {
   torch::manual_seed(1 + rank_);
   auto options = torch::TensorOptions().dtype(torch::kLong).device(device);
   return {torch::arange(12, options).view({6, kBatch}),
@@ -295,11 +263,9 @@ TransformerWithSharedParamsImpl::get_input(torch::Device device) const {
 }
 
 torch::Tensor TransformerWithSharedParamsImpl::get_loss(
-    const std::pair<torch::Tensor, torch::Tensor>& input,
-    const torch::Tensor& output) const {
+    const std::pair<torch::Tensor, torch::Tensor>& input, const torch::Tensor& output) const {
   namespace F = torch::nn::functional;
-  return F::cross_entropy(output.view({-1, output.size(-1)}),
-                          input.second.view({-1}),
+  return F::cross_entropy(output.view({-1, output.size(-1)}), input.second.view({-1}),
                           F::CrossEntropyFuncOptions().reduction(torch::kSum));
 }
 
