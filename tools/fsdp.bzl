@@ -31,3 +31,36 @@ def fsdp_cc_test(name, copts = [], deps = [], size = "small", **kwargs):
         linkstatic = True,
         **kwargs
     )
+
+def fsdp_cc_fuzz_test(name, srcs, corpus, deps = [], copts = [], **kwargs):
+    """A libFuzzer target and its replay test.
+
+    `srcs` define `LLVMFuzzerTestOneInput`. `corpus` is a label (a filegroup) of seed and
+    regression inputs. Makes:
+      * `name`: the fuzz binary, tagged "fuzz" and "manual" (not part of //...); build it with
+        `--config=fuzz` (clang-14, -fsanitize=fuzzer,address), see checkpoint/fuzz/README.md
+        and tools/fuzz.sh;
+      * `name + "_replay_test"`: a GoogleTest under the default gcc build (and asan / ubsan)
+        that runs every corpus file once through the same function, so CI replays the seeds
+        and every regression input without clang.
+    """
+    native.cc_binary(
+        name = name,
+        srcs = srcs,
+        copts = FSDP_COPTS + copts,
+        deps = deps,
+        linkopts = ["-fsanitize=fuzzer"],
+        linkstatic = True,
+        testonly = True,
+        tags = ["fuzz", "manual"],
+        **kwargs
+    )
+    fsdp_cc_test(
+        name = name + "_replay_test",
+        srcs = srcs,
+        copts = copts,
+        deps = deps + ["//checkpoint/fuzz:replay_main"],
+        data = [corpus],
+        args = ["$(rootpaths %s)" % corpus],
+        **kwargs
+    )
