@@ -15,6 +15,7 @@
 #include "absl/strings/str_join.h"
 #include "comm/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "optim_state/optim_input.h"
 
 namespace fsdp::optim_state {
 namespace {
@@ -286,6 +287,33 @@ absl::StatusOr<at::Tensor> GatherFlat(FlatParamHandle& h, const at::Tensor& loca
   return out.narrow(0, 0, h.numel());
 }
 
+// Every ID of `osd` ("state" keys and param_groups' "params") names one of `count` parameters.
+absl::Status CheckIdsInRange(const OptimStateDict& osd, size_t count, bool from_optim_input,
+                             absl::string_view op) {
+  auto check = [&](const ParamKey& key, const std::string& where) -> absl::Status {
+    if (key.is_fqn()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          op, ": ", where, " ", key.ToString(),
+          " is a parameter name; the optimizer's state dict is keyed by parameter IDs"));
+    }
+    if (key.id() < 0 || static_cast<size_t>(key.id()) >= count) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          op, ": ", where, " ", key.id(), " is not a parameter ID of the ",
+          from_optim_input ? "optim_input" : "optimizer", " (", count, " parameters)"));
+    }
+    return absl::OkStatus();
+  };
+  for (const auto& entry : osd.state) {
+    FSDP_RETURN_IF_ERROR(check(entry.first, "state key"));
+  }
+  for (size_t g = 0; g < osd.param_groups.size(); ++g) {
+    for (const ParamKey& key : osd.param_groups[g].params) {
+      FSDP_RETURN_IF_ERROR(check(key, absl::StrCat("param_groups[", g, "] lists")));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // FullOptimStateDict; `on_managed` (if set) transforms each managed parameter's entry as soon
 // as it is complete (ShardedOptimStateDict chunks it there, holding one unit's full state at
 // most).
@@ -298,9 +326,27 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
   const int rank = group->rank();
   const bool to_save = !options.rank0_only || rank == 0;
   const ModelIndex index = IndexModel(fsdp);
-  OPTIM_ASSIGN_OR_RETURN(OptimStateDict osd, adapter.StateDict(), std::string(kOp));
-  const std::vector<at::Tensor> params = OptimizerParams(adapter);
+  OptimStateDict osd;
+  if (options.optim_state_dict != nullptr) {
+    osd = *options.optim_state_dict;
+  } else {
+    OPTIM_ASSIGN_OR_RETURN(osd, adapter.StateDict(), std::string(kOp));
+  }
+  std::vector<at::Tensor> params;
+  if (options.optim_input.has_value()) {
+    WarnOptimInputDeprecated();
+    FSDP_RETURN_IF_ERROR(CheckOptimInput(*options.optim_input, kOp));
+    params = options.optim_input->Params();
+  } else {
+    params = OptimizerParams(adapter);
+  }
+  FSDP_RETURN_IF_ERROR(CheckIdsInRange(osd, params.size(), options.optim_input.has_value(), kOp));
   FSDP_ASSIGN_OR_RETURN(std::vector<ParamRole> roles, RolesOf(index, params, kOp));
+  // PyTorch 2.0 merges the ranks' keys when FSDP uses the original parameters: state of
+  // parameters FSDP does not manage is then each rank's own (a model-parallel part may differ
+  // by rank) and escapes the check that every rank holds rank 0's states.
+  bool merge_keys = false;
+  for (const FlatParamHandle* h : index.handles) merge_keys = merge_keys || h->use_orig_params();
 
   // This rank's keys: flat parameters and unmanaged parameters with state (ID order), with
   // their positive-dimension state names; original parameters with all their state.
@@ -352,6 +398,7 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
     }
     std::vector<std::string> missing;
     for (const json& k : all[0]["keys"]) {
+      if (merge_keys && k["key"].get<std::string>().rfind("param:", 0) == 0) continue;
       auto it = theirs.find(k["key"].get<std::string>());
       bool ok = it != theirs.end();
       for (const json& name : k["pos"]) ok = ok && it->second.count(name.get<std::string>()) > 0;
@@ -372,8 +419,9 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
 
   absl::flat_hash_map<std::string, ParamState> saved;  // FQN -> its full state (to_save)
 
-  // Flat parameters and unmanaged parameters, in rank 0's order.
-  for (const json& k : all[0]["keys"]) {
+  // Flat parameters and unmanaged parameters, in rank 0's order (merge_keys: unmanaged ones in
+  // this rank's order).
+  for (const json& k : all[merge_keys ? static_cast<size_t>(rank) : 0]["keys"]) {
     const int64_t id = key_to_id.at(k["key"].get<std::string>());
     const ParamState& st = *osd.state.Find(ParamKey::Id(id));
     const ParamRole& role = roles[static_cast<size_t>(id)];
@@ -584,7 +632,7 @@ absl::StatusOr<at::Tensor> FlattenTensors(const std::string& name,
   }
   if (dtypes.size() != 1) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "All unflattened parameters comprising a single flattened parameter must have "
+        "All unflattened parameters comprising a single flat parameter must have "
         "positive-dimension tensor state with the same dtype but got dtypes ",
         PySet(dtypes), " for state ", name, " and unflattened parameter names ", PyList(fqns)));
   }
@@ -703,7 +751,7 @@ absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& ful
       }
       if (non_null.size() != values.size() || value_reprs.size() != 1 || dtype_reprs.size() != 1) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "All unflattened parameters comprising a single flattened parameter must have scalar "
+            "All unflattened parameters comprising a single flat parameter must have scalar "
             "state with the same value and dtype but got values ",
             PySet(value_reprs), " and dtypes ", PySet(dtype_reprs), " for state ", name,
             " and unflattened parameter names ", PyList(fqns)));
@@ -721,7 +769,7 @@ absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& ful
       }
       if (!same) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "All unflattened parameters comprising a single flattened parameter must have scalar "
+            "All unflattened parameters comprising a single flat parameter must have scalar "
             "state with the same value and dtype but got values ",
             PySet(value_reprs), " for state ", name, " and  unflattened parameter names ",
             PyList(fqns)));
@@ -837,13 +885,13 @@ absl::Status CheckFqnKeyed(const OptimStateDict& full_osd, absl::string_view op)
 namespace {
 
 // ShardFullOptimStateDict under the name `kOp`.
+// `params`: the optimizer's parameters in ID order.
 absl::StatusOr<OptimStateDict> ShardFullImpl(const OptimStateDict& full_osd,
                                              FullyShardedDataParallel& fsdp,
-                                             const OptimizerAdapter& adapter,
+                                             const std::vector<at::Tensor>& params,
                                              absl::string_view kOp) {
   FSDP_RETURN_IF_ERROR(CheckFqnKeyed(full_osd, kOp));
   const ModelIndex index = IndexModel(fsdp);
-  const std::vector<at::Tensor> params = OptimizerParams(adapter);
   FSDP_ASSIGN_OR_RETURN(std::vector<ParamRole> roles, RolesOf(index, params, kOp));
   std::vector<UnitFlat> units(index.handles.size());
   std::vector<bool> needed(index.handles.size(), false);
@@ -877,7 +925,21 @@ absl::StatusOr<OptimStateDict> ShardFullImpl(const OptimStateDict& full_osd,
 absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(const OptimStateDict& full_osd,
                                                        FullyShardedDataParallel& fsdp,
                                                        const OptimizerAdapter& adapter) {
-  return ShardFullImpl(full_osd, fsdp, adapter, "ShardFullOptimStateDict");
+  return ShardFullImpl(full_osd, fsdp, OptimizerParams(adapter), "ShardFullOptimStateDict");
+}
+
+absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(const OptimStateDict& full_osd,
+                                                       FullyShardedDataParallel& fsdp,
+                                                       const OptimInput& optim_input) {
+  constexpr absl::string_view kOp = "ShardFullOptimStateDict";
+  WarnOptimInputDeprecated();
+  FSDP_RETURN_IF_ERROR(CheckOptimInput(optim_input, kOp));
+  return ShardFullImpl(full_osd, fsdp, optim_input.Params(), kOp);
+}
+
+absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(const OptimStateDict& full_osd,
+                                                       FullyShardedDataParallel& fsdp) {
+  return ShardFullImpl(full_osd, fsdp, fsdp.parameters(), "ShardFullOptimStateDict");
 }
 
 namespace {
@@ -954,20 +1016,21 @@ absl::StatusOr<json> ScatterMetadata(const OptimStateDict& full_osd, const Model
   return meta;
 }
 
-}  // namespace
 
-absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& full_osd,
-                                                         FullyShardedDataParallel& fsdp,
-                                                         const OptimizerAdapter& adapter,
-                                                         std::shared_ptr<comm::ProcessGroup> group) {
+absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
+                                           FullyShardedDataParallel& fsdp,
+                                           const std::vector<at::Tensor>& params,
+                                           absl::Status input_status,
+                                           std::shared_ptr<comm::ProcessGroup> group) {
   constexpr absl::string_view kOp = "ScatterFullOptimStateDict";
   if (group == nullptr) group = fsdp.group();
   const int rank = group->rank();
   const std::string where = absl::StrCat(" (rank ", rank, ", group ", group->name(), ")");
   const ModelIndex index = IndexModel(fsdp);
-  const std::vector<at::Tensor> params = OptimizerParams(adapter);
   // Roles are checked after the broadcast so that every rank takes part in it.
-  absl::StatusOr<std::vector<ParamRole>> roles = RolesOf(index, params, kOp);
+  absl::StatusOr<std::vector<ParamRole>> roles =
+      input_status.ok() ? RolesOf(index, params, kOp)
+                        : absl::StatusOr<std::vector<ParamRole>>(input_status);
 
   std::vector<UnitFlat> units(index.handles.size());
   std::vector<ParamState> unmanaged_full;  // rank 0
@@ -1078,10 +1141,30 @@ absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& f
   });
 }
 
+}  // namespace
+
+absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& full_osd,
+                                                         FullyShardedDataParallel& fsdp,
+                                                         const OptimizerAdapter& adapter,
+                                                         std::shared_ptr<comm::ProcessGroup> group) {
+  return ScatterImpl(full_osd, fsdp, OptimizerParams(adapter), absl::OkStatus(),
+                     std::move(group));
+}
+
+absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& full_osd,
+                                                         FullyShardedDataParallel& fsdp,
+                                                         const OptimInput& optim_input,
+                                                         std::shared_ptr<comm::ProcessGroup> group) {
+  WarnOptimInputDeprecated();
+  return ScatterImpl(full_osd, fsdp, optim_input.Params(),
+                     CheckOptimInput(optim_input, "ScatterFullOptimStateDict"), std::move(group));
+}
+
 
 absl::StatusOr<OptimStateDict> ShardedOptimStateDict(FullyShardedDataParallel& fsdp,
                                                      const OptimizerAdapter& adapter,
-                                                     std::shared_ptr<comm::ProcessGroup> group) {
+                                                     std::shared_ptr<comm::ProcessGroup> group,
+                                                     const OptimStateDict* optim_state_dict) {
   constexpr absl::string_view kOp = "ShardedOptimStateDict";
   if (group == nullptr) group = fsdp.group();
   const int64_t rank = group->rank();
@@ -1109,7 +1192,9 @@ absl::StatusOr<OptimStateDict> ShardedOptimStateDict(FullyShardedDataParallel& f
     state = std::move(chunked);
   };
   absl::StatusOr<OptimStateDict> dict = CallTorchOr(kOp, [&] {
-    return FullImpl(fsdp, adapter, {.rank0_only = false, .group = group}, chunk_state);
+    return FullImpl(fsdp, adapter,
+                    {.rank0_only = false, .group = group, .optim_state_dict = optim_state_dict},
+                    chunk_state);
   });
   if (!dict.ok()) return ::fsdp::Annotate(dict.status(), kOp);
   return dict;
@@ -1250,7 +1335,7 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
   full_osd.state = std::move(state);
   full_osd.param_groups = sharded_osd.param_groups;
   full_osd.has_param_groups = sharded_osd.has_param_groups;
-  return ShardFullImpl(full_osd, fsdp, adapter, kOp);
+  return ShardFullImpl(full_osd, fsdp, OptimizerParams(adapter), kOp);
 }
 
 }  // namespace fsdp::optim_state

@@ -48,10 +48,12 @@
 #define FSDP_CPP_OPTIM_STATE_FSDP_OPTIM_STATE_H_
 
 #include <memory>
+#include <optional>
 
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "optim_state/optim_input.h"
 #include "optim_state/optim_state_dict.h"
 #include "optim_state/optimizer_adapter.h"
 
@@ -64,6 +66,14 @@ struct FullOptimStateDictOptions {
   // The group to agree on keys over; null means fsdp.group(). Flat parameters are gathered
   // over their own handle's group.
   std::shared_ptr<comm::ProcessGroup> group;
+  // PyTorch 1.13's deprecated `optim_input` (optim_input.h): which tensor each of the
+  // optimizer's parameter IDs is, read from these parameters (groups) instead of the
+  // optimizer's own param_groups. Warns (TORCH_WARN) that it is deprecated.
+  std::optional<OptimInput> optim_input;
+  // PyTorch 2.0's `optim_state_dict=` argument: the optimizer's own dict (ID-keyed, as
+  // OptimizerAdapter::StateDict returns it, possibly edited) used in place of
+  // adapter.StateDict(). Null: adapter.StateDict(). Must outlive the call.
+  const OptimStateDict* optim_state_dict = nullptr;
 };
 
 // FSDP.full_optim_state_dict: the optimizer state of the unwrapped model, keyed by FQN. A
@@ -77,6 +87,12 @@ struct FullOptimStateDictOptions {
 //     [('fqn', ...), ...]" (returned on every rank);
 //   * UNIMPLEMENTED for a scalar state value that is a tuple/list/sharded tensor under
 //     use_orig_params (it would have to travel as metadata);
+//   * INVALID_ARGUMENT "<where> <id> is not a parameter ID of the optimizer|optim_input (<n>
+//     parameters)" for an ID of the optimizer's dict past the parameters (possible with
+//     optim_input or optim_state_dict), "... is a parameter name ..." for an FQN key there;
+//     "Optimizer input should not be empty" (PyTorch's text) for an empty optim_input;
+// Under use_orig_params, as PyTorch 2.0 (which merges the ranks' keys then), the state of
+// parameters FSDP does not manage is each rank's own and is not checked against rank 0's.
 //   * the adapter's and the collectives' errors, with context.
 [[nodiscard]] absl::StatusOr<OptimStateDict> FullOptimStateDict(
     FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
@@ -103,12 +119,12 @@ struct FullOptimStateDictOptions {
 //   * "Differing optimizer state names for the unflattened parameters: [...]";
 //   * "Differing optimizer state types for state <name>, values [...], and unflattened
 //     parameter names [...]";
-//   * "All unflattened parameters comprising a single flattened parameter must have
+//   * "All unflattened parameters comprising a single flat parameter must have
 //     positive-dimension tensor state with the same dtype but got dtypes {...} for state
 //     <name> and unflattened parameter names [...]";
 //   * "Tensor optimizer state does not have same shape as its parameter: torch.Size([...])
 //     torch.Size([...])";
-//   * "All unflattened parameters comprising a single flattened parameter must have scalar
+//   * "All unflattened parameters comprising a single flat parameter must have scalar
 //     state with the same value and dtype but got values {...} and dtypes {...} for state
 //     <name> and unflattened parameter names [...]" (zero-dimension tensors; for other scalars
 //     "... but got values {...} for state <name> and  unflattened parameter names [...]");
@@ -116,6 +132,16 @@ struct FullOptimStateDictOptions {
 [[nodiscard]] absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(
     const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp,
     const OptimizerAdapter& adapter);
+// FSDP.shard_full_optim_state_dict(full_osd, model, optim_input=...): keyed by the IDs the
+// optimizer constructed from `optim_input` would give. Warns that optim_input is deprecated.
+// Errors: as above; "Optimizer input should not be empty" for an empty optim_input.
+[[nodiscard]] absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(
+    const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp,
+    const OptimInput& optim_input);
+// FSDP.shard_full_optim_state_dict(full_osd, model) (neither optim nor optim_input): as PyTorch,
+// the optimizer is taken to be over fsdp.parameters() in that order.
+[[nodiscard]] absl::StatusOr<OptimStateDict> ShardFullOptimStateDict(
+    const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp);
 
 // FSDP.scatter_full_optim_state_dict: as ShardFullOptimStateDict, but only rank 0 needs the
 // full dict (`full_osd` is ignored elsewhere; pass an empty one). Rank 0 flattens it,
@@ -128,6 +154,12 @@ struct FullOptimStateDictOptions {
 [[nodiscard]] absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(
     const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp,
     const OptimizerAdapter& adapter, std::shared_ptr<comm::ProcessGroup> group = nullptr);
+// FSDP.scatter_full_optim_state_dict(full_osd, model, optim_input=..., group): keyed by the IDs
+// `optim_input` gives (per rank). Warns that optim_input is deprecated. An empty optim_input
+// ("Optimizer input should not be empty") is reported after the collective, on that rank.
+[[nodiscard]] absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(
+    const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp, const OptimInput& optim_input,
+    std::shared_ptr<comm::ProcessGroup> group = nullptr);
 
 // FSDP.sharded_optim_state_dict (1.13): FullOptimStateDict's dict on every rank, with each
 // managed parameter's positive-dimension state replaced by this rank's chunk of it along
@@ -138,9 +170,11 @@ struct FullOptimStateDictOptions {
 // (null: fsdp.group()). As 1.13, every rank gathers each flat parameter's full state and
 // chunks it at once, so a rank holds at most one unit's full state beyond its chunks.
 // Errors: FullOptimStateDict's, prefixed "ShardedOptimStateDict: ".
+// `optim_state_dict`: as FullOptimStateDictOptions::optim_state_dict.
 [[nodiscard]] absl::StatusOr<OptimStateDict> ShardedOptimStateDict(
     FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
-    std::shared_ptr<comm::ProcessGroup> group = nullptr);
+    std::shared_ptr<comm::ProcessGroup> group = nullptr,
+    const OptimStateDict* optim_state_dict = nullptr);
 
 // FSDP.flatten_sharded_optim_state_dict: the dict this rank's optimizer loads from a sharded
 // dict (as ShardedOptimStateDict makes it, possibly saved by another world size: any pieces

@@ -443,7 +443,7 @@ TEST(ShardFullOptimStateDict, RefusesDifferingScalarStateOfOneFlatParameter) {
     state->Set("step", StateValue(at::scalar_tensor(2.0, at::kFloat)));
     const auto expected = StatusIs(
         absl::StatusCode::kInvalidArgument,
-        AllOf(HasSubstr("All unflattened parameters comprising a single flattened parameter "
+        AllOf(HasSubstr("All unflattened parameters comprising a single flat parameter "
                         "must have scalar state with the same value and dtype but got values "
                         "{2.0, 1.0} and dtypes {torch.float32} for state step and unflattened "
                         "parameter names ['block1.weight', 'block1.bias_module1.bias']")));

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "comm/status_macros.h"
 #include "fsdp/flat_param.h"
 
 namespace fsdp::optim_state {
@@ -88,10 +89,15 @@ std::vector<const c10::TensorImpl*> OptimizerParams(
   return out;
 }
 
-absl::StatusOr<OptimStateDict> Rekey(const OptimStateDict& osd,
-                                     OptimStateKeyType key_type,
-                                     const ParamNames& names,
-                                     const OptimizerAdapter& adapter) {
+std::vector<const c10::TensorImpl*> InputParams(const OptimInput& input) {
+  std::vector<const c10::TensorImpl*> out;
+  for (const at::Tensor& p : input.Params()) out.push_back(p.unsafeGetTensorImpl());
+  return out;
+}
+
+absl::StatusOr<OptimStateDict> Rekey(
+    const OptimStateDict& osd, OptimStateKeyType key_type, const ParamNames& names,
+    const std::vector<const c10::TensorImpl*>& params) {
   bool any_id = false, any_name = false;
   for (const auto& [key, state] : osd.state)
     (key.is_id() ? any_id : any_name) = true;
@@ -111,7 +117,6 @@ absl::StatusOr<OptimStateDict> Rekey(const OptimStateDict& osd,
     if (!result.ok()) return result.status();
     param_to_name = *std::move(result);
   }
-  const std::vector<const c10::TensorImpl*> params = OptimizerParams(adapter);
   // ID -> name for the optimizer's parameters; name -> ID for those of them in
   // the model.
   absl::flat_hash_map<int64_t, std::string> id_to_name;
@@ -173,13 +178,29 @@ absl::StatusOr<OptimStateDict> Rekey(const OptimStateDict& osd,
 absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
     const OptimStateDict& osd, OptimStateKeyType key_type,
     const FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter) {
-  return Rekey(osd, key_type, NamesOf(fsdp), adapter);
+  return Rekey(osd, key_type, NamesOf(fsdp), OptimizerParams(adapter));
 }
 
 absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
     const OptimStateDict& osd, OptimStateKeyType key_type,
     const torch::nn::Module& model, const OptimizerAdapter& adapter) {
-  return Rekey(osd, key_type, NamesOf(model), adapter);
+  return Rekey(osd, key_type, NamesOf(model), OptimizerParams(adapter));
+}
+
+absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
+    const OptimStateDict& osd, OptimStateKeyType key_type,
+    const FullyShardedDataParallel& fsdp, const OptimInput& optim_input) {
+  WarnOptimInputDeprecated();
+  FSDP_RETURN_IF_ERROR(CheckOptimInput(optim_input, "RekeyOptimStateDict"));
+  return Rekey(osd, key_type, NamesOf(fsdp), InputParams(optim_input));
+}
+
+absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
+    const OptimStateDict& osd, OptimStateKeyType key_type,
+    const torch::nn::Module& model, const OptimInput& optim_input) {
+  WarnOptimInputDeprecated();
+  FSDP_RETURN_IF_ERROR(CheckOptimInput(optim_input, "RekeyOptimStateDict"));
+  return Rekey(osd, key_type, NamesOf(model), InputParams(optim_input));
 }
 
 }  // namespace fsdp::optim_state

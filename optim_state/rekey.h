@@ -66,6 +66,7 @@
 
 #include "absl/status/statusor.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "optim_state/optim_input.h"
 #include "optim_state/optim_state_dict.h"
 #include "optim_state/optimizer_adapter.h"
 
@@ -84,6 +85,16 @@ enum class OptimStateKeyType { kParamName, kParamId };
 [[nodiscard]] absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
     const OptimStateDict& osd, OptimStateKeyType key_type,
     const torch::nn::Module& model, const OptimizerAdapter& adapter);
+
+// FSDP.rekey_optim_state_dict(osd, key_type, model, optim_input=...): the IDs are those the
+// optimizer constructed from `optim_input` gives (optim_input.h). Warns that optim_input is
+// deprecated. Errors: as above; "RekeyOptimStateDict: Optimizer input should not be empty".
+[[nodiscard]] absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
+    const OptimStateDict& osd, OptimStateKeyType key_type,
+    const FullyShardedDataParallel& fsdp, const OptimInput& optim_input);
+[[nodiscard]] absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
+    const OptimStateDict& osd, OptimStateKeyType key_type,
+    const torch::nn::Module& model, const OptimInput& optim_input);
 
 }  // namespace fsdp::optim_state
 

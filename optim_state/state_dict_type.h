@@ -108,6 +108,22 @@ class ScopedStateDictType {
     const StateDictSettings& settings,
     std::shared_ptr<comm::ProcessGroup> group = nullptr);
 
+// FSDP.optim_state_dict(model, optim, optim_state_dict=osd, group) (PyTorch 2.0): as above
+// from `optim_state_dict`, the optimizer's own dict (possibly edited: extra entries such as
+// PyTorch's test's `value1=2.74` are carried; a dict without param_groups gives one without),
+// instead of adapter.StateDict(). As PyTorch's _is_named_optimizer, a dict whose first state
+// key is a name is a named optimizer's (torchrec KeyedOptimizer style): its keys are this
+// rank's parameter names as OptimStateDictToLoadOptions::is_named_optimizer describes them
+// (an original or unmanaged parameter's FQN, a flat parameter's "<prefix>_flat_param"), in
+// state and param_groups. The result is the same FQN-keyed dict either way.
+// Errors: those above; INVALID_ARGUMENT "GetOptimStateDict: the named optimizer's dict has
+// state key '<k>', which names none of the optimizer's parameters" (or a param_groups key);
+// "<id> is not a parameter ID of the optimizer" for an ID past the optimizer's parameters.
+[[nodiscard]] absl::StatusOr<OptimStateDict> GetOptimStateDict(
+    FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
+    const StateDictSettings& settings, const OptimStateDict& optim_state_dict,
+    std::shared_ptr<comm::ProcessGroup> group = nullptr);
+
 struct OptimStateDictToLoadOptions {
   // The optimizer is a named (torchrec KeyedOptimizer style) one: the returned
   // dict is keyed by this rank's parameter names instead of IDs (PyTorch 2.0's

@@ -280,7 +280,7 @@ TEST(OptimStateDictToLoad, RefusesDifferingScalarStateAndLoadsNothing) {
                                      {.load_directly = true}),
                 StatusIs(absl::StatusCode::kInvalidArgument,
                          HasSubstr("All unflattened parameters comprising a "
-                                   "single flattened parameter "
+                                   "single flat parameter "
                                    "must have scalar state with the same value "
                                    "and dtype but got values "
                                    "{2.0, 1.0} and dtypes {torch.float32} for "
