@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -382,6 +383,26 @@ INSTANTIATE_TEST_SUITE_P(
       name.erase(std::remove(name.begin(), name.end(), '_'), name.end());
       return name;
     });
+
+// Found by //checkpoint/fuzz:torch_load_fuzz (a 588-byte variant of shared_doubling.pt, kept as
+// testdata/fuzz_corpus/torch_load/regress_slow_shared_expansion.pt): lists shared twice per
+// level spent seconds of CPU copying values before the expansion budget refused them. Now a
+// small file is refused after little work (the old budget took over 4 s here, unsanitized).
+TEST(TorchLoadHostile, SharedExpansionIsRefusedQuickly) {
+  ASSERT_FALSE(FilesDir().empty());
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  ASSERT_NE(srcdir, nullptr);
+  for (const std::string& path :
+       {PathOf("shared_doubling.pt"), std::string(srcdir) +
+                                          "/fsdp_cpp/checkpoint/testdata/fuzz_corpus/torch_load/"
+                                          "regress_slow_shared_expansion.pt"}) {
+    const std::clock_t start = std::clock();
+    EXPECT_THAT(TorchLoad(path), StatusIs(absl::StatusCode::kInvalidArgument,
+                                          AllOf(HasSubstr(path), HasSubstr("expand to too many"))));
+    const double cpu_seconds = static_cast<double>(std::clock() - start) / CLOCKS_PER_SEC;
+    EXPECT_LT(cpu_seconds, 1.0) << path;
+  }
+}
 
 TEST(TorchLoadForbiddenGlobal, NothingRuns) {
   ASSERT_FALSE(FilesDir().empty());
