@@ -17,6 +17,9 @@ PACKAGES=(
   libzstd-dev
   zlib1g-dev           # deflate for the loss-curve PNG
   python3-torch        # reference oracle: /usr/bin/python3 with torch 1.13
+  clang-14             # libFuzzer targets: bazel build --config=fuzz, tools/fuzz.sh
+  libclang-rt-14-dev   # libFuzzer and ASan runtimes for clang-14
+  iproute2             # `ip netns` for comm:multihost_failure_test
 )
 
 missing=()

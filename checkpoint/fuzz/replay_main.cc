@@ -1,8 +1,7 @@
-// main() for a fuzz target's replay test (fsdp_cc_fuzz_test in
-// //tools:fsdp.bzl): runs every file named on the command line (a directory:
-// every file in it) once through the target's LLVMFuzzerTestOneInput, as one
-// GoogleTest case per file, under the ordinary gcc build and the asan / ubsan
-// configs. A crash, a sanitizer report or an abort from the target's own checks
+// main() for a fuzz target's replay test (fsdp_cc_fuzz_test in //tools:fsdp.bzl): runs every
+// file named on the command line (a directory: every file in it) once through the target's
+// LLVMFuzzerTestOneInput, as one GoogleTest case per file, under the ordinary gcc build and the
+// asan / ubsan configs. A crash, a sanitizer report or an abort from the target's own checks
 // fails the case; a target returning non-zero fails it too.
 #include <algorithm>
 #include <cctype>
@@ -26,10 +25,8 @@ class ReplayTest : public testing::Test {
   void TestBody() override {
     std::ifstream in(path_, std::ios::binary);
     ASSERT_TRUE(in) << "cannot read " << path_;
-    const std::string bytes((std::istreambuf_iterator<char>(in)),
-                            std::istreambuf_iterator<char>());
-    EXPECT_EQ(LLVMFuzzerTestOneInput(
-                  reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()),
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(LLVMFuzzerTestOneInput(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()),
               0)
         << path_;
   }
@@ -63,15 +60,12 @@ int main(int argc, char** argv) {
   }
   std::sort(files.begin(), files.end());
   if (files.empty()) {
-    std::fprintf(stderr,
-                 "replay: no corpus files given; usage: %s FILE_OR_DIR...\n",
-                 argv[0]);
+    std::fprintf(stderr, "replay: no corpus files given; usage: %s FILE_OR_DIR...\n", argv[0]);
     return 1;
   }
   for (const std::string& path : files) {
-    testing::RegisterTest(
-        "Corpus", TestName(path).c_str(), nullptr, path.c_str(), __FILE__,
-        __LINE__, [path]() -> testing::Test* { return new ReplayTest(path); });
+    testing::RegisterTest("Corpus", TestName(path).c_str(), nullptr, path.c_str(), __FILE__,
+                          __LINE__, [path]() -> testing::Test* { return new ReplayTest(path); });
   }
   return RUN_ALL_TESTS();
 }

@@ -1,13 +1,10 @@
-// libFuzzer target for TorchLoadFromBytes, the torch.save reader
-// (checkpoint/torch_load.h).
+// libFuzzer target for TorchLoadFromBytes, the torch.save reader (checkpoint/torch_load.h).
 //
-// Any input must end in a value or an error status, never in a crash, a
-// sanitizer report, a leak, an allocation beyond the file's size or a hang.
-// Beyond that the target checks what a caller relies on: an error names the
-// file, and a loaded value can be walked and printed. Seeds:
-// checkpoint/testdata/fuzz_corpus/torch_load/ (real torch.save files and the
-// regression inputs of crashes found so far). How to run it:
-// checkpoint/fuzz/README.md.
+// Any input must end in a value or an error status, never in a crash, a sanitizer report, a
+// leak, an allocation beyond the file's size or a hang. Beyond that the target checks what a
+// caller relies on: an error names the file, and a loaded value can be walked and printed.
+// Seeds: checkpoint/testdata/fuzz_corpus/torch_load/ (real torch.save files and the regression
+// inputs of findings so far). How to run it: checkpoint/fuzz/README.md.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -26,12 +23,10 @@ constexpr char kName[] = "fuzz-input.pt";
   std::abort();
 }
 
-// Touches every value of a loaded tree (tensors: their bytes), so that a view
-// reaching outside its storage or a malformed container shows up under the
-// sanitizers.
+// Touches every value of a loaded tree (tensors: their bytes), so that a view reaching outside
+// its storage or a malformed container shows up under the sanitizers.
 void Walk(const fsdp::checkpoint::PyValue& v, int depth) {
-  if (depth > fsdp::checkpoint::kMaxDepth + 1)
-    Fail("a loaded value nests deeper than kMaxDepth");
+  if (depth > fsdp::checkpoint::kMaxDepth + 1) Fail("a loaded value nests deeper than kMaxDepth");
   if (v.is_list() || v.is_tuple()) {
     for (const auto& item : v.items()) Walk(item, depth + 1);
   } else if (v.is_dict()) {
