@@ -273,7 +273,8 @@ absl::Status WriteLossCurvePng(const std::string& path, const std::vector<LossSe
   for (const LossSeries& s : series) {
     for (size_t i = 1; i < s.points.size(); ++i) {
       canvas.Line(to_x(s.points[i - 1].first), to_y(s.points[i - 1].second),
-                  to_x(s.points[i].first), to_y(s.points[i].second), s.rgb, 2);
+                  to_x(s.points[i].first), to_y(s.points[i].second), s.rgb,
+                  std::clamp(s.thickness, 1, 9));
     }
     if (s.points.size() == 1) {
       const double px = to_x(s.points[0].first), py = to_y(s.points[0].second);

@@ -23,7 +23,8 @@ namespace fsdp::examples {
 
 struct LossSeries {
   std::string label;
-  uint32_t rgb = 0x1f77b4;                        // 0xRRGGBB
+  uint32_t rgb = 0x1f77b4;  // 0xRRGGBB
+  int thickness = 2;        // line width in pixels (a wide first series shows under a second)
   std::vector<std::pair<double, double>> points;  // (step, loss)
 };
 

@@ -17,6 +17,7 @@
 // TransformerWithSharedParams (one unit per layer plus the root), --model=dummy TestDummyModel
 // (one unit). Optimizers use PyTorch's defaults with --lr; SGD has momentum 0.9.
 #include <sys/resource.h>
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -24,10 +25,11 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -38,27 +40,49 @@
 #include "comm/launcher.h"
 #include "comm/rendezvous.h"
 #include "comm/status_macros.h"
+#include "examples/char_dataset.h"
+#include "examples/loss_curve.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/state_dict.h"
+#include "models/char_lm.h"
 #include "models/nested_model.h"
 #include "models/simple_models.h"
 #include "models/transformer.h"
 #include "optim_state/fsdp_optim_state.h"
 #include "optim_state/optimizer_adapter.h"
 
-ABSL_FLAG(std::string, model, "transformer", "nested, transformer or dummy.");
+ABSL_FLAG(std::string, model, "lm",
+          "lm (character-level transformer language model on the shipped text), nested, "
+          "transformer or dummy.");
 ABSL_FLAG(int, world_size, 2, "Ranks to launch when not started by a launcher.");
-ABSL_FLAG(int, steps, 20, "Training steps.");
+ABSL_FLAG(int, steps, 160, "Training steps.");
 ABSL_FLAG(std::string, optimizer, "adam", "adam, adamw, sgd, adagrad or rmsprop.");
-ABSL_FLAG(double, lr, 0.01, "Learning rate.");
+ABSL_FLAG(double, lr, 0.003, "Learning rate.");
 ABSL_FLAG(int, param_groups, 1, "1, or 2 for NestedModel's param_group0/param_group1.");
-ABSL_FLAG(std::string, wrap, "wrap", "nested model wrapping: wrap, wrap_alt or none.");
+ABSL_FLAG(std::string, wrap, "",
+          "FSDP units. nested: wrap (default), wrap_alt or none; lm and transformer: layers "
+          "(default: one unit per transformer layer plus the root) or none (one unit).");
 ABSL_FLAG(std::string, sharding_strategy, "full_shard", "full_shard, shard_grad_op, no_shard.");
 ABSL_FLAG(bool, use_orig_params, false, "The optimizer sees the original parameters.");
 ABSL_FLAG(std::string, save, "", "Write a checkpoint to this directory at the end.");
 ABSL_FLAG(std::string, state_dict_type, "full", "Checkpoint kind for --save: full or sharded.");
 ABSL_FLAG(std::string, load, "", "Start from the checkpoint in this directory.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
+ABSL_FLAG(int, save_at_step, 0,
+          "With --save: write the checkpoint after this many steps (counted from step 0) and "
+          "train on; 0 saves at the end.");
+ABSL_FLAG(int, resume_world_size, 0,
+          "After the run, launch a second job at this world size that loads the --save "
+          "checkpoint (saved at --save_at_step) and trains to the same last step, then compare "
+          "its losses with the first run's. 0: no second job.");
+ABSL_FLAG(std::string, resume_wrap, "none", "--wrap of the resumed job.");
+ABSL_FLAG(std::string, loss_log, "", "Rank 0 writes 'step loss' lines to this file.");
+ABSL_FLAG(std::string, text_file, "", "lm: train on this text instead of the shipped play.");
+ABSL_FLAG(int, context, 64, "lm: characters per training sequence.");
+ABSL_FLAG(int, global_batch, 24, "lm: sequences per step over all ranks (split evenly).");
+ABSL_FLAG(int, d_model, 128, "lm: model width.");
+ABSL_FLAG(int, num_layers, 4, "lm: transformer layers.");
+ABSL_FLAG(int, nhead, 4, "lm: attention heads.");
 
 namespace {
 
@@ -124,19 +148,37 @@ absl::StatusOr<std::unique_ptr<torch::optim::Optimizer>> MakeOptimizer(
       return std::make_unique<torch::optim::RMSprop>(std::move(g), d);
     });
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--optimizer=", name, " is not one of adam, adamw, sgd, adagrad, rmsprop"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("--optimizer=", name, " is not one of adam, adamw, sgd, adagrad, rmsprop"));
 }
 
 // One model with its FSDP wrapper and how to run a step on it.
 struct Job {
   std::shared_ptr<torch::nn::Module> module;
   std::unique_ptr<fsdp::FullyShardedDataParallel> fsdp;
-  std::function<torch::Tensor()> step_loss;  // forward on the next batch, returns the loss
-  std::function<void()> skip_batch;          // draws the next batch and drops it (resuming)
-  int64_t items_per_step = 0;                // tokens or samples, for throughput
-  std::vector<Group> groups;                 // the optimizer's parameter groups
+  std::function<torch::Tensor(int step)> step_loss;  // forward on step's batch, returns the loss
+  std::function<void()> skip_batch;                  // draws the next batch and drops it (resuming)
+  int64_t items_per_step = 0;                        // tokens or samples, for throughput
+  std::vector<Group> groups;                         // the optimizer's parameter groups
+  bool data_parallel = false;   // ranks see different batches: report the mean loss
+  int64_t parameter_count = 0;  // of the unwrapped model, each shared tensor once
 };
+
+int64_t CountParameters(const torch::nn::Module& module) {
+  int64_t count = 0;
+  for (const auto& item : fsdp::models::NamedParametersWithoutDuplicates(module)) {
+    count += item.value().numel();
+  }
+  return count;
+}
+
+// --wrap for the transformers: true for one unit per layer ("layers", the default).
+absl::StatusOr<bool> PerLayerWrap() {
+  const std::string wrap = absl::GetFlag(FLAGS_wrap);
+  if (wrap.empty() || wrap == "layers") return true;
+  if (wrap == "none") return false;
+  return absl::InvalidArgumentError(absl::StrCat("--wrap=", wrap, " is not one of layers, none"));
+}
 
 absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
   FSDP_ASSIGN_OR_RETURN(ShardingStrategy strategy,
@@ -147,7 +189,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
   Job job;
   if (model == "nested") {
     fsdp::models::NestedModel net;
-    const std::string wrap = absl::GetFlag(FLAGS_wrap);
+    const std::string wrap = absl::GetFlag(FLAGS_wrap).empty() ? "wrap" : absl::GetFlag(FLAGS_wrap);
     if (wrap == "wrap") {
       options.nested = net->wrap_slots();
       options.wrap_root = false;
@@ -158,6 +200,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
       return absl::InvalidArgumentError(
           absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, none"));
     }
+    job.parameter_count = CountParameters(*net);
     FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
@@ -171,7 +214,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
       job.groups = {{f->parameters(net->block1.module().get()), std::nullopt},
                     {std::move(group1), 0.9}};
     }
-    job.step_loss = [f, net] {
+    job.step_loss = [f, net](int) {
       torch::Tensor input = net->get_input();
       return net->get_loss(input, f->forward(input));
     };
@@ -179,11 +222,13 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
     job.items_per_step = 8;
   } else if (model == "transformer") {
     fsdp::models::TransformerWithSharedParams net(/*rank=*/0);
-    options.nested = net->layer_slots();
+    FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
+    if (per_layer) options.nested = net->layer_slots();
+    job.parameter_count = CountParameters(*net);
     FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
-    job.step_loss = [f, net] {
+    job.step_loss = [f, net](int) {
       auto input = net->get_input();  // the same on every rank (seeded with rank 0's seed)
       return net->get_loss(input, f->forward(input.first, input.second));
     };
@@ -191,15 +236,62 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
     job.items_per_step = 8;  // target tokens per step
   } else if (model == "dummy") {
     fsdp::models::TestDummyModel net;
+    job.parameter_count = CountParameters(*net);
     FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
-    job.step_loss = [f, net] { return f->forward(net->get_input()).sum(); };
+    job.step_loss = [f, net](int) { return f->forward(net->get_input()).sum(); };
     job.skip_batch = [net] { net->get_input(); };
     job.items_per_step = 8;
+  } else if (model == "lm") {
+    std::string text(fsdp::examples::DefaultTrainingText());
+    if (const std::string path = absl::GetFlag(FLAGS_text_file); !path.empty()) {
+      std::ifstream in(path, std::ios::binary);
+      std::stringstream contents;
+      contents << in.rdbuf();
+      if (!in) return absl::NotFoundError(absl::StrCat("--text_file=", path, ": cannot read it"));
+      text = contents.str();
+    }
+    FSDP_ASSIGN_OR_RETURN(
+        fsdp::examples::CharDataset dataset,
+        fsdp::examples::CharDataset::Create(std::move(text), absl::GetFlag(FLAGS_context)));
+    const int64_t global_batch = absl::GetFlag(FLAGS_global_batch);
+    if (global_batch % group->size() != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--global_batch=", global_batch, " is not a multiple of the world size ",
+                       group->size(), ": every rank trains on an equal share"));
+    }
+    const int64_t d_model = absl::GetFlag(FLAGS_d_model);
+    fsdp::models::CharLMConfig config{.vocab_size = dataset.vocab_size(),
+                                      .context = dataset.context(),
+                                      .d_model = d_model,
+                                      .nhead = absl::GetFlag(FLAGS_nhead),
+                                      .num_layers = absl::GetFlag(FLAGS_num_layers),
+                                      .dim_feedforward = 4 * d_model};
+    FSDP_ASSIGN_OR_RETURN(fsdp::models::CharTransformerLM net,
+                          fsdp::CallTorch("building the language model",
+                                          [&] { return fsdp::models::CharTransformerLM(config); }));
+    FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
+    if (per_layer) options.nested = net->layer_slots();
+    job.parameter_count = CountParameters(*net);
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    job.module = net.ptr();
+    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+    auto data = std::make_shared<fsdp::examples::CharDataset>(std::move(dataset));
+    const int rank = group->rank(), world_size = group->size();
+    job.step_loss = [f, net, data, global_batch, rank, world_size](int step) {
+      auto batch = data->Batch(/*seed=*/0, step, global_batch, rank, world_size);
+      TORCH_CHECK(batch.ok(), std::string(batch.status().message()));
+      torch::Tensor logits = f->forward(batch->first);
+      return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}),
+                                                  batch->second.reshape({-1}));
+    };
+    job.skip_batch = [] {};                               // batches are functions of the step
+    job.items_per_step = global_batch * data->context();  // tokens
+    job.data_parallel = true;
   } else {
     return absl::InvalidArgumentError(
-        absl::StrCat("--model=", model, " is not one of nested, transformer, dummy"));
+        absl::StrCat("--model=", model, " is not one of lm, nested, transformer, dummy"));
   }
   return job;
 }
@@ -208,8 +300,8 @@ constexpr char kProgressFile[] = "progress.txt";
 
 // A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (rank 0
 // writes; Python's torch.load reads both) and DIR/progress.txt with the steps done.
-absl::Status SaveCheckpoint(const std::string& dir, int steps_done,
-                            fsdp::comm::ProcessGroup& group, fsdp::FullyShardedDataParallel& fsdp,
+absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
+                            fsdp::FullyShardedDataParallel& fsdp,
                             const fsdp::optim_state::OptimizerAdapter& adapter) {
   FSDP_ASSIGN_OR_RETURN(fsdp::StateDict model_state,
                         fsdp::FullStateDict(fsdp, {.rank0_only = true}));
@@ -227,7 +319,8 @@ absl::Status SaveCheckpoint(const std::string& dir, int steps_done,
     if (status.ok()) {
       std::ofstream progress(dir + "/" + kProgressFile, std::ios::trunc);
       progress << "steps_done=" << steps_done << "\n";
-      if (!progress) status = absl::InternalError(absl::StrCat("cannot write ", dir, "/", kProgressFile));
+      if (!progress)
+        status = absl::InternalError(absl::StrCat("cannot write ", dir, "/", kProgressFile));
     }
   }
   // Everyone learns whether rank 0 managed.
@@ -270,16 +363,34 @@ absl::StatusOr<int> LoadCheckpoint(const std::string& dir, fsdp::comm::ProcessGr
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict local,
                         fsdp::optim_state::ScatterFullOptimStateDict(optim_state, fsdp, adapter));
   FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(local), "loading optim.pt");
-  FSDP_ASSIGN_OR_RETURN(std::string steps,
-                        group.BroadcastObject(std::to_string(steps_done), 0));
+  FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
   return std::atoi(steps.c_str());
 }
 
+absl::Status SaveAndReport(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
+                           fsdp::FullyShardedDataParallel& fsdp,
+                           const fsdp::optim_state::OptimizerAdapter& adapter) {
+  const auto start = std::chrono::steady_clock::now();
+  FSDP_RETURN_IF_ERROR(SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
+                       absl::StrCat("--save=", dir));
+  if (group.rank() == 0) {
+    absl::PrintF("train: saved a full checkpoint in %s after step %d (%.2f s)\n", dir,
+                 steps_done - 1,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunRank() {
-  FSDP_ASSIGN_OR_RETURN(
-      std::shared_ptr<fsdp::comm::ProcessGroup> group,
-      fsdp::comm::InitProcessGroupFromEnv(
-          {.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s))}));
+  FSDP_ASSIGN_OR_RETURN(std::shared_ptr<fsdp::comm::ProcessGroup> group,
+                        fsdp::comm::InitProcessGroupFromEnv(
+                            {.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s))}));
+  // Local ranks share the machine's cores: one intra-op thread each unless cores are spare.
+  const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
+  const int local_ranks = local_world != nullptr ? std::max(1, std::atoi(local_world)) : 1;
+  torch::set_num_threads(
+      std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_ranks));
   if (absl::GetFlag(FLAGS_state_dict_type) != "full") {
     return absl::UnimplementedError(absl::StrCat(
         "--state_dict_type=", absl::GetFlag(FLAGS_state_dict_type),
@@ -287,47 +398,70 @@ absl::Status RunRank() {
   }
   const int param_groups = absl::GetFlag(FLAGS_param_groups);
   if (param_groups != 1 && (param_groups != 2 || absl::GetFlag(FLAGS_model) != "nested")) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--param_groups=", param_groups, ": only 1, or 2 with --model=nested"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--param_groups=", param_groups, ": only 1, or 2 with --model=nested"));
   }
   FSDP_ASSIGN_OR_RETURN(Job job, BuildJob(group));
   if (job.groups.empty()) job.groups = {{job.fsdp->parameters(), std::nullopt}};
-  FSDP_ASSIGN_OR_RETURN(std::unique_ptr<torch::optim::Optimizer> optimizer,
-                        MakeOptimizer(absl::GetFlag(FLAGS_optimizer), absl::GetFlag(FLAGS_lr),
-                                      job.groups));
+  FSDP_ASSIGN_OR_RETURN(
+      std::unique_ptr<torch::optim::Optimizer> optimizer,
+      MakeOptimizer(absl::GetFlag(FLAGS_optimizer), absl::GetFlag(FLAGS_lr), job.groups));
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimizerAdapter adapter,
                         fsdp::optim_state::OptimizerAdapter::Create(*optimizer));
   int first_step = 0;
   if (const std::string dir = absl::GetFlag(FLAGS_load); !dir.empty()) {
+    const auto start = std::chrono::steady_clock::now();
     auto loaded = LoadCheckpoint(dir, *group, *job.fsdp, adapter);
     if (!loaded.ok()) return fsdp::Annotate(loaded.status(), absl::StrCat("--load=", dir));
     first_step = *loaded;
+    if (group->rank() == 0) {
+      absl::PrintF("train: loaded %s (%d steps done) in %.2f s; resuming at step %d\n", dir,
+                   first_step,
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                   first_step);
+    }
   }
   const int rank = group->rank();
   if (rank == 0) {
-    absl::PrintF("train: model=%s world_size=%d strategy=%s use_orig_params=%d optimizer=%s "
-                 "units=%d\n",
-                 absl::GetFlag(FLAGS_model), group->size(),
-                 absl::GetFlag(FLAGS_sharding_strategy), absl::GetFlag(FLAGS_use_orig_params),
-                 absl::GetFlag(FLAGS_optimizer), static_cast<int>(job.fsdp->units().size()));
+    absl::PrintF(
+        "train: model=%s (%d parameters) world_size=%d strategy=%s use_orig_params=%d "
+        "optimizer=%s units=%d\n",
+        absl::GetFlag(FLAGS_model), job.parameter_count, group->size(),
+        absl::GetFlag(FLAGS_sharding_strategy), absl::GetFlag(FLAGS_use_orig_params),
+        absl::GetFlag(FLAGS_optimizer), static_cast<int>(job.fsdp->units().size()));
+  }
+  std::ofstream loss_log;
+  if (const std::string path = absl::GetFlag(FLAGS_loss_log); !path.empty() && rank == 0) {
+    loss_log.open(path, std::ios::trunc);
+    if (!loss_log) return absl::InternalError(absl::StrCat("--loss_log=", path, ": cannot write"));
   }
   torch::manual_seed(0);
   // A resumed run draws (and drops) the batches the saved run already used.
   for (int step = 0; step < first_step; ++step) job.skip_batch();
   const int steps = absl::GetFlag(FLAGS_steps);
+  const std::string save_dir = absl::GetFlag(FLAGS_save);
+  const int save_at = absl::GetFlag(FLAGS_save_at_step);
+  if (save_at < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--save_at_step=", save_at, " is negative"));
+  }
   const auto run_start = std::chrono::steady_clock::now();
   double last_loss = 0;
   for (int step = first_step; step < first_step + steps; ++step) {
     const auto start = std::chrono::steady_clock::now();
-    FSDP_ASSIGN_OR_RETURN(last_loss, fsdp::CallTorch(absl::StrCat("step ", step), [&] {
+    FSDP_ASSIGN_OR_RETURN(torch::Tensor loss, fsdp::CallTorch(absl::StrCat("step ", step), [&] {
                             optimizer->zero_grad();
-                            torch::Tensor loss = job.step_loss();
+                            torch::Tensor loss = job.step_loss(step);
                             loss.backward();
-                            return loss.item<double>();
+                            return loss.detach().reshape({1}).to(at::kDouble);
                           }));
     FSDP_RETURN_IF_ERROR(adapter.Step(), absl::StrCat("optimizer step ", step));
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (job.data_parallel) {
+      FSDP_RETURN_IF_ERROR(group->AllReduce(loss, fsdp::comm::ReduceOp::kAvg),
+                           "averaging the loss");
+    }
+    last_loss = loss.item<double>();
     // Every rank's resident memory, for the progress line.
     at::Tensor rss = at::full({1}, ResidentMiB(), at::kDouble);
     at::Tensor all_rss = at::empty({group->size()}, at::kDouble);
@@ -337,9 +471,13 @@ absl::Status RunRank() {
       for (int r = 0; r < group->size(); ++r) {
         absl::StrAppendFormat(&memory, "%s%.0f", r == 0 ? "" : ",", all_rss[r].item<double>());
       }
-      absl::PrintF("step=%d loss=%.9g items_per_s=%.1f rss_mib=[%s]\n", step, last_loss,
-                   job.items_per_step / seconds, memory);
+      absl::PrintF("step=%d loss=%.9g %s_per_s=%.1f rss_mib=[%s]\n", step, last_loss,
+                   job.data_parallel ? "tokens" : "items", job.items_per_step / seconds, memory);
       std::fflush(stdout);
+      if (loss_log.is_open()) loss_log << step << " " << absl::StrFormat("%.9g", last_loss) << "\n";
+    }
+    if (!save_dir.empty() && save_at > 0 && step + 1 == save_at) {
+      FSDP_RETURN_IF_ERROR(SaveAndReport(save_dir, step + 1, *group, *job.fsdp, adapter));
     }
   }
   if (rank == 0) {
@@ -347,12 +485,118 @@ absl::Status RunRank() {
         std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
     absl::PrintF("train: done, %d steps in %.2f s, final loss %.9g\n", steps, total, last_loss);
   }
-  if (const std::string dir = absl::GetFlag(FLAGS_save); !dir.empty()) {
-    FSDP_RETURN_IF_ERROR(
-        SaveCheckpoint(dir, first_step + steps, *group, *job.fsdp, adapter),
-        absl::StrCat("--save=", dir));
-    if (rank == 0) absl::PrintF("train: saved a full checkpoint in %s\n", dir);
+  if (!save_dir.empty() && save_at == 0) {
+    FSDP_RETURN_IF_ERROR(SaveAndReport(save_dir, first_step + steps, *group, *job.fsdp, adapter));
   }
+  return absl::OkStatus();
+}
+
+// (step, loss) pairs of a --loss_log file.
+std::vector<std::pair<double, double>> ReadLossLog(const std::string& path) {
+  std::vector<std::pair<double, double>> points;
+  std::ifstream in(path);
+  double step = 0, loss = 0;
+  while (in >> step >> loss) points.emplace_back(step, loss);
+  return points;
+}
+
+absl::Status LaunchJob(const std::vector<std::string>& args, int world_size) {
+  fsdp::comm::LaunchOptions options;
+  options.world_size = world_size;
+  options.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
+  options.output = fsdp::comm::RankOutput::kRank0Raw;
+  return fsdp::comm::Launch(args, options);
+}
+
+// The whole demonstration: train, save at --save_at_step, train on to the end; then a second
+// job at --resume_world_size with --resume_wrap loads the checkpoint and trains the same last
+// steps; their losses are compared and drawn beside the checkpoint.
+absl::Status RunWithResume(std::vector<std::string> args) {
+  const std::string dir = absl::GetFlag(FLAGS_save);
+  const int save_at = absl::GetFlag(FLAGS_save_at_step);
+  const int steps = absl::GetFlag(FLAGS_steps);
+  const int resume_world_size = absl::GetFlag(FLAGS_resume_world_size);
+  if (dir.empty() || save_at <= 0 || save_at >= steps) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--resume_world_size needs --save=DIR and 0 < --save_at_step < --steps (got --save='", dir,
+        "', --save_at_step=", save_at, ", --steps=", steps, ")"));
+  }
+  if (!absl::GetFlag(FLAGS_load).empty()) {
+    return absl::InvalidArgumentError("--resume_world_size and --load cannot be combined");
+  }
+  const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
+  std::error_code error;
+  std::filesystem::create_directories(parent, error);
+  const std::string straight_log = (parent / "losses_uninterrupted.txt").string();
+  const std::string resumed_log = (parent / "losses_resumed.txt").string();
+  const int world_size = absl::GetFlag(FLAGS_world_size);
+  const std::string wrap = absl::GetFlag(FLAGS_wrap).empty() ? "layers" : absl::GetFlag(FLAGS_wrap);
+  const std::string resume_wrap = absl::GetFlag(FLAGS_resume_wrap);
+
+  std::printf("train: part 1 of 2: %d ranks, wrap=%s, %d steps, saving at step %d\n", world_size,
+              wrap.c_str(), steps, save_at);
+  std::fflush(stdout);
+  std::vector<std::string> first = args;
+  first.push_back("--resume_world_size=0");
+  first.push_back("--loss_log=" + straight_log);
+  FSDP_RETURN_IF_ERROR(LaunchJob(first, world_size), "part 1");
+
+  std::printf("\ntrain: part 2 of 2: %d ranks, wrap=%s, loading %s and training steps %d-%d\n",
+              resume_world_size, resume_wrap.c_str(), dir.c_str(), save_at, steps - 1);
+  std::fflush(stdout);
+  std::vector<std::string> second = args;
+  for (const std::string& flag : std::vector<std::string>{
+           "--resume_world_size=0", "--save=", "--save_at_step=0", "--load=" + dir,
+           "--wrap=" + resume_wrap, "--steps=" + std::to_string(steps - save_at),
+           "--loss_log=" + resumed_log}) {
+    second.push_back(flag);
+  }
+  FSDP_RETURN_IF_ERROR(LaunchJob(second, resume_world_size), "part 2 (resumed)");
+
+  const auto straight = ReadLossLog(straight_log);
+  const auto resumed = ReadLossLog(resumed_log);
+  if (straight.size() != static_cast<size_t>(steps) ||
+      resumed.size() != static_cast<size_t>(steps - save_at)) {
+    return absl::InternalError(absl::StrCat("the loss logs ", straight_log, " and ", resumed_log,
+                                            " hold ", straight.size(), " and ", resumed.size(),
+                                            " steps; expected ", steps, " and ", steps - save_at));
+  }
+  double max_difference = 0;
+  std::printf("\ntrain: the resumed job against the uninterrupted one\n");
+  std::printf("  step  uninterrupted      resumed   |difference|\n");
+  for (size_t i = 0; i < resumed.size(); ++i) {
+    const auto& [step, loss] = resumed[i];
+    const double reference = straight[save_at + i].second;
+    const double difference = std::abs(loss - reference);
+    max_difference = std::max(max_difference, difference);
+    if (i < 3 || i + 3 >= resumed.size() || i % 10 == 0) {
+      std::printf("  %4.0f  %13.6f  %11.6f  %.2e\n", step, reference, loss, difference);
+    }
+  }
+  std::printf("  largest difference over %zu resumed steps: %.2e (loss went %.4f -> %.4f)\n",
+              resumed.size(), max_difference, straight.front().second, straight.back().second);
+
+  const std::string png = (parent / "loss_curve.png").string();
+  fsdp::examples::LossSeries first_series{
+      .label = absl::StrCat("uninterrupted (", world_size, " ranks, wrap=", wrap, ")"),
+      .rgb = 0x1f77b4,
+      .thickness = 5,
+      .points = straight};
+  fsdp::examples::LossSeries second_series{
+      .label = absl::StrCat("resumed (", resume_world_size, " ranks, wrap=", resume_wrap, ")"),
+      .rgb = 0xd62728,
+      .points = resumed};
+  FSDP_RETURN_IF_ERROR(fsdp::examples::WriteLossCurvePng(
+      png, {first_series, second_series},
+      {.title =
+           absl::StrCat("fsdp-cpp train --model=", absl::GetFlag(FLAGS_model), ": loss per step"),
+       .marker_step = save_at - 0.5,
+       .marker_label = "checkpoint"}));
+  std::printf("\ntrain: summary\n");
+  std::printf("  checkpoint:  %s (saved after step %d)\n", dir.c_str(), save_at - 1);
+  std::printf("  inspect it:  bazel run //tools:ckpt -- inspect %s\n", dir.c_str());
+  std::printf("  loss curve:  %s\n", png.c_str());
+  std::printf("  loss logs:   %s, %s\n", straight_log.c_str(), resumed_log.c_str());
   return absl::OkStatus();
 }
 
@@ -363,11 +607,9 @@ int main(int argc, char** argv) {
   if (!fsdp::comm::LaunchedByLauncher()) {
     std::vector<std::string> args(argv, argv + argc);
     args[0] = "/proc/self/exe";
-    fsdp::comm::LaunchOptions options;
-    options.world_size = absl::GetFlag(FLAGS_world_size);
-    options.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s));
-    options.output = fsdp::comm::RankOutput::kRank0Raw;
-    const absl::Status status = fsdp::comm::Launch(args, options);
+    const absl::Status status = absl::GetFlag(FLAGS_resume_world_size) > 0
+                                    ? RunWithResume(args)
+                                    : LaunchJob(args, absl::GetFlag(FLAGS_world_size));
     if (!status.ok()) {
       std::fprintf(stderr, "train: %s\n", std::string(status.message()).c_str());
       return 1;

@@ -1,5 +1,7 @@
 // End to end: `train` on real rank processes against plain PyTorch (/usr/bin/python3, Debian's
 // python3-torch) training the same model in one process. Per-step losses must agree.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -174,6 +176,33 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat(c.model, "_", c.optimizer, "_ws", c.save_world_size, "_to_ws",
                           c.load_world_size);
     });
+
+// The main job's demonstration at a small size: train, save halfway, train on; a second job at
+// another world size and wrapping loads the checkpoint and its losses match the first's.
+TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
+  const std::string out = TempDir("lm_demo");
+  CommandResult run = RunCommand(absl::StrCat(
+      Runfile("examples/train"),
+      " --model=lm --d_model=32 --num_layers=2 --nhead=2 --context=16 --global_batch=12",
+      " --steps=6 --save_at_step=3 --world_size=2 --resume_world_size=3 --resume_wrap=none",
+      " --timeout_s=120 --save=", out, "/checkpoint"));
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("part 2 of 2: 3 ranks, wrap=none"));
+  EXPECT_THAT(run.output, HasSubstr("resuming at step 3"));
+  const std::vector<double> losses = Losses(run.output);
+  ASSERT_EQ(losses.size(), 9u) << run.output;  // steps 0-5, then 3-5 again
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(losses[6 + i], losses[3 + i], 1e-5 * std::max(1.0, std::abs(losses[3 + i])))
+        << "step " << 3 + i << "\n" << run.output;
+  }
+  EXPECT_THAT(run.output, HasSubstr("loss curve:  " + out + "/loss_curve.png"));
+  FILE* png = std::fopen((out + "/loss_curve.png").c_str(), "rb");
+  ASSERT_NE(png, nullptr);
+  char signature[8] = {};
+  EXPECT_EQ(std::fread(signature, 1, 8, png), 8u);
+  std::fclose(png);
+  EXPECT_EQ(std::string(signature, 8), std::string("\x89PNG\r\n\x1a\n", 8));
+}
 
 TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
   CommandResult run = RunCommand(absl::StrCat(Runfile("examples/train"),
