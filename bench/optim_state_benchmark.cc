@@ -1,0 +1,553 @@
+// optim_state_benchmark: FSDP's optimizer-state dict functions (optim_state/) on a 52.5M-
+// parameter transformer with Adam state, each timed against the raw collective that moves the
+// same bytes over the same group in the same run.
+//
+//   bazel run -c opt //bench:optim_state_benchmark [-- --benchmark_filter=Full ...]
+//
+// Cases (one benchmark per function and world size, world size 2 first, then 4):
+//   FullOptimStateDict        GetOptimStateDict, FULL_STATE_DICT, rank0_only, offload_to_cpu
+//                             (PyTorch's full_optim_state_dict(rank0_only=True) with CPU
+//                             offload). Reference: all-gather of the state bytes.
+//   ShardedOptimStateDict     sharded_optim_state_dict. Reference: all-gather.
+//   FlattenShardedOptimStateDict  flatten_sharded_optim_state_dict of the dict the previous
+//                             function made. Reference: all-gather.
+//   OptimStateDictToLoad/sharded  optim_state_dict_to_load under SHARDED_STATE_DICT with
+//                             load_directly (flatten, then load into Adam). Reference:
+//                             all-gather.
+//   ShardFullOptimStateDict   shard_full_optim_state_dict of a full dict every rank holds.
+//                             No communication: the reference is copying this rank's share
+//                             of the state bytes (state bytes / world) in memory.
+//   ScatterFullOptimStateDict scatter_full_optim_state_dict of a full dict on rank 0 only.
+//                             Reference: broadcast of the state bytes from rank 0 (one
+//                             broadcast per shard is what the function is documented to do);
+//                             also `vs_scatter`, against rank 0 sending each rank only its
+//                             shard (send/recv), the least a scatter must move.
+//   OptimStateDictToLoad/full_rank0  optim_state_dict_to_load under FULL_STATE_DICT with
+//                             rank0_only and load_directly (scatter, then load). Reference:
+//                             broadcast (and vs_scatter).
+//
+// The model: BenchTransformer (bench_transformer.h), FULL_SHARD, one unit per transformer layer
+// plus the root, Adam(lr 1e-4) after one real training step (forward, backward,
+// OptimizerAdapter::Step), so every flat parameter has `step`, `exp_avg`, `exp_avg_sq`.
+// "State bytes" = the bytes of `exp_avg` and `exp_avg_sq` of the whole unsharded model
+// (2 x 52.5M float32 = 420 MB): what every function has to move or produce.
+//
+// Counters (rank 0's wall time; UseRealTime; SetBytesProcessed = state bytes per iteration):
+//   vs_collective   API time per call / reference time per call (goal: <= 1.5).
+//   vs_scatter      (scatter cases) API time / send-recv scatter time.
+//   ref_ms          the reference's time per call.
+//   peak_rss_rank0  rank 0's VmHWM during the timed calls (reset before them through
+//                   /proc/self/clear_refs), bytes; includes the model, its Adam state and the
+//                   case's input dict, which are resident before the calls.
+//   peak_rss_other  the largest VmHWM of the group's other ranks, bytes.
+//   base_rss_rank0  rank 0's VmRSS right before the timed calls, bytes.
+//
+// How it runs: as comm_benchmark, the binary re-executes itself as 4 ranks (OMP_NUM_THREADS=1
+// unless set). Rank 0 runs Google Benchmark; before each case it broadcasts a command (case,
+// world size, iterations) on the full group; the case's group (ranks {0, 1} or all four)
+// builds the model when the world size changes, prepares the case's input dict, meets at a
+// barrier, runs the calls, then runs the reference. Each case runs a fixed number of
+// iterations (kIterations), one call each, so the whole binary takes a few minutes.
+#include <ATen/ATen.h>
+#include <benchmark/benchmark.h>
+#include <c10/util/Exception.h>
+#include <torch/optim/adam.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "bench/bench_transformer.h"
+#include "bench/rank_util.h"
+#include "comm/launcher.h"
+#include "comm/process_group.h"
+#include "comm/rendezvous.h"
+#include "fsdp/fully_sharded_data_parallel.h"
+#include "optim_state/fsdp_optim_state.h"
+#include "optim_state/optim_state_dict.h"
+#include "optim_state/optimizer_adapter.h"
+#include "optim_state/state_dict_type.h"
+
+namespace fsdp::bench {
+namespace {
+
+using comm::CollectiveOptions;
+using comm::ProcessGroup;
+using optim_state::OptimizerAdapter;
+using optim_state::OptimStateDict;
+
+constexpr int kLaunchedRanks = 4;
+constexpr int64_t kIterations = 3;     // timed calls per case
+constexpr int64_t kReferenceReps = 3;  // reference collectives per case
+constexpr std::chrono::milliseconds kCollectiveTimeout = std::chrono::minutes(5);
+constexpr std::chrono::milliseconds kJobTimeout = std::chrono::minutes(60);
+
+enum class Op : int64_t {
+  kQuit = 0,
+  kFull = 1,
+  kSharded = 2,
+  kFlattenSharded = 3,
+  kToLoadSharded = 4,
+  kShardFull = 5,
+  kScatterFull = 6,
+  kToLoadFull = 7,
+};
+
+// The input dict a case needs, prepared before its timed calls.
+enum class Input { kNone, kSharded, kFullEveryRank, kFullRank0 };
+
+// How a case's reference moves the state bytes.
+enum class Reference { kAllGather, kBroadcast, kLocalCopy };
+
+struct Case {
+  Op op;
+  const char* name;
+  Input input;
+  Reference reference;
+};
+
+// In the order they run at each world size (cases that share an input are adjacent).
+constexpr Case kCases[] = {
+    {Op::kFull, "FullOptimStateDict/rank0_only_offload", Input::kNone, Reference::kAllGather},
+    {Op::kSharded, "ShardedOptimStateDict", Input::kNone, Reference::kAllGather},
+    {Op::kFlattenSharded, "FlattenShardedOptimStateDict", Input::kSharded, Reference::kAllGather},
+    {Op::kToLoadSharded, "OptimStateDictToLoad/sharded", Input::kSharded, Reference::kAllGather},
+    {Op::kShardFull, "ShardFullOptimStateDict", Input::kFullEveryRank, Reference::kLocalCopy},
+    {Op::kScatterFull, "ScatterFullOptimStateDict", Input::kFullRank0, Reference::kBroadcast},
+    {Op::kToLoadFull, "OptimStateDictToLoad/full_rank0", Input::kFullRank0, Reference::kBroadcast},
+};
+
+const Case* FindCase(Op op) {
+  for (const Case& c : kCases) {
+    if (c.op == op) return &c;
+  }
+  return nullptr;
+}
+
+struct Command {
+  Op op = Op::kQuit;
+  int64_t world_size = 0;
+  int64_t iterations = 0;
+};
+
+// One world size's model, optimizer and the current input dict, on the members of its group.
+struct Setup {
+  int64_t world_size = 0;
+  std::shared_ptr<ProcessGroup> group;
+  BenchTransformer model{nullptr};
+  std::unique_ptr<FullyShardedDataParallel> fsdp;
+  std::unique_ptr<torch::optim::Adam> adam;
+  std::optional<OptimizerAdapter> adapter;
+  int64_t state_bytes = 0;
+  Input input_kind = Input::kNone;
+  OptimStateDict input;
+};
+
+struct RankContext {
+  std::shared_ptr<ProcessGroup> world;
+  std::shared_ptr<ProcessGroup> pair;  // ranks {0, 1}; nullptr on the others
+  std::unique_ptr<Setup> setup;
+  std::string error;  // rank 0: first failure; later cases are skipped
+};
+
+RankContext* g_context = nullptr;
+
+std::shared_ptr<ProcessGroup> GroupFor(const RankContext& context, int64_t world_size) {
+  if (world_size == context.world->size()) return context.world;
+  if (world_size == 2) return context.pair;
+  return nullptr;
+}
+
+absl::Status ExchangeCommand(ProcessGroup& world, Command& command) {
+  at::Tensor packed = at::empty({3}, at::kLong);
+  if (world.rank() == 0) {
+    packed[0] = static_cast<int64_t>(command.op);
+    packed[1] = command.world_size;
+    packed[2] = command.iterations;
+  }
+  absl::Status status = world.Broadcast(packed, /*root=*/0, CollectiveOptions{kJobTimeout});
+  if (!status.ok()) return status;
+  const int64_t* values = packed.data_ptr<int64_t>();
+  command.op = static_cast<Op>(values[0]);
+  command.world_size = values[1];
+  command.iterations = values[2];
+  return absl::OkStatus();
+}
+
+// Builds the model on `group`, wraps it, and takes one Adam step so the state exists.
+absl::StatusOr<std::unique_ptr<Setup>> BuildSetup(std::shared_ptr<ProcessGroup> group) {
+  auto setup = std::make_unique<Setup>();
+  setup->world_size = group->size();
+  setup->group = group;
+  setup->model = BenchTransformer(BenchTransformerConfig{}, /*seed=*/0);
+  int64_t params = 0;
+  for (const at::Tensor& p : setup->model->parameters()) params += p.numel();
+  setup->state_bytes = 2 * params * static_cast<int64_t>(sizeof(float));
+  FsdpOptions options;
+  options.sharding_strategy = ShardingStrategy::kFullShard;
+  options.nested = setup->model->layer_slots();
+  absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> fsdp =
+      FullyShardedDataParallel::Wrap(setup->model, group, options);
+  if (!fsdp.ok()) return fsdp.status();
+  setup->fsdp = *std::move(fsdp);
+  setup->adam = std::make_unique<torch::optim::Adam>(setup->fsdp->parameters(),
+                                                     torch::optim::AdamOptions(1e-4));
+  absl::StatusOr<OptimizerAdapter> adapter = OptimizerAdapter::Create(*setup->adam);
+  if (!adapter.ok()) return adapter.status();
+  setup->adapter.emplace(*std::move(adapter));
+  try {
+    auto [src, tgt] = setup->model->MakeBatch(/*seq=*/16, /*batch=*/2, /*seed=*/1 + group->rank());
+    torch::Tensor logits = setup->fsdp->forward(src, tgt.slice(0, 0, -1));
+    torch::Tensor loss = setup->model->Loss(logits, tgt);
+    setup->adam->zero_grad();
+    loss.backward();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("training step: ", e.what()));
+  }
+  if (absl::Status s = setup->adapter->Step(); !s.ok()) return s;
+  return setup;
+}
+
+absl::Status PrepareInput(Setup& setup, Input kind) {
+  if (setup.input_kind == kind) return absl::OkStatus();
+  setup.input = OptimStateDict();
+  setup.input_kind = Input::kNone;
+  absl::StatusOr<OptimStateDict> input = OptimStateDict();
+  switch (kind) {
+    case Input::kNone:
+      break;
+    case Input::kSharded:
+      input = optim_state::ShardedOptimStateDict(*setup.fsdp, *setup.adapter);
+      break;
+    case Input::kFullEveryRank:
+    case Input::kFullRank0: {
+      optim_state::FullOptimStateDictOptions options;
+      options.rank0_only = kind == Input::kFullRank0;
+      input = optim_state::FullOptimStateDict(*setup.fsdp, *setup.adapter, options);
+      break;
+    }
+  }
+  if (!input.ok()) return input.status();
+  setup.input = *std::move(input);
+  setup.input_kind = kind;
+  return absl::OkStatus();
+}
+
+// One call of the case's function; the result is dropped.
+absl::Status RunOp(Setup& setup, Op op) {
+  using optim_state::StateDictSettings;
+  using optim_state::StateDictType;
+  absl::StatusOr<OptimStateDict> result = OptimStateDict();
+  switch (op) {
+    case Op::kFull: {
+      StateDictSettings settings;
+      settings.state_dict_type = StateDictType::kFullStateDict;
+      settings.full_optim_config.rank0_only = true;
+      settings.full_optim_config.offload_to_cpu = true;
+      result = optim_state::GetOptimStateDict(*setup.fsdp, *setup.adapter, settings);
+      break;
+    }
+    case Op::kSharded:
+      result = optim_state::ShardedOptimStateDict(*setup.fsdp, *setup.adapter);
+      break;
+    case Op::kFlattenSharded:
+      result = optim_state::FlattenShardedOptimStateDict(setup.input, *setup.fsdp, *setup.adapter);
+      break;
+    case Op::kToLoadSharded: {
+      StateDictSettings settings;
+      settings.state_dict_type = StateDictType::kShardedStateDict;
+      optim_state::OptimStateDictToLoadOptions options;
+      options.load_directly = true;
+      result = optim_state::OptimStateDictToLoad(*setup.fsdp, *setup.adapter, setup.input, settings,
+                                                 options);
+      break;
+    }
+    case Op::kShardFull:
+      result = optim_state::ShardFullOptimStateDict(setup.input, *setup.fsdp, *setup.adapter);
+      break;
+    case Op::kScatterFull:
+      result = optim_state::ScatterFullOptimStateDict(setup.input, *setup.fsdp, *setup.adapter);
+      break;
+    case Op::kToLoadFull: {
+      StateDictSettings settings;
+      settings.state_dict_type = StateDictType::kFullStateDict;
+      settings.full_optim_config.rank0_only = true;
+      optim_state::OptimStateDictToLoadOptions options;
+      options.load_directly = true;
+      result = optim_state::OptimStateDictToLoad(*setup.fsdp, *setup.adapter, setup.input, settings,
+                                                 options);
+      break;
+    }
+    case Op::kQuit:
+      return absl::InvalidArgumentError("optim_state_benchmark: not a case");
+  }
+  return result.status();
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Mean seconds per call of `reference` over `reps` calls, moving `bytes` over `group` (every
+// member calls it). Buffers are allocated and touched before the clock starts.
+absl::StatusOr<double> TimeReference(ProcessGroup& group, Reference reference, int64_t bytes,
+                                     int64_t reps) {
+  const int64_t world = group.size();
+  const int64_t shard_numel = (bytes / static_cast<int64_t>(sizeof(float)) + world - 1) / world;
+  at::Tensor full;
+  at::Tensor shard = at::ones({shard_numel}, at::kFloat);
+  at::Tensor copy_target;
+  if (reference == Reference::kLocalCopy) {
+    copy_target = at::zeros({shard_numel}, at::kFloat);
+  } else {
+    full = at::ones({shard_numel * world}, at::kFloat);
+  }
+  if (absl::Status s = group.Barrier(); !s.ok()) return s;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < reps; ++i) {
+    absl::Status status;
+    switch (reference) {
+      case Reference::kAllGather:
+        status = group.AllGatherIntoTensor(full, shard);
+        break;
+      case Reference::kBroadcast:
+        status = group.Broadcast(full, /*root=*/0);
+        break;
+      case Reference::kLocalCopy:
+        copy_target.copy_(shard);
+        break;
+    }
+    if (!status.ok()) return status;
+  }
+  return SecondsSince(start) / static_cast<double>(reps);
+}
+
+// The least a scatter moves: rank 0 sends each other rank its 1 / world of `bytes`.
+absl::StatusOr<double> TimeSendRecvScatter(ProcessGroup& group, int64_t bytes, int64_t reps) {
+  const int64_t world = group.size();
+  const int64_t shard_numel = (bytes / static_cast<int64_t>(sizeof(float)) + world - 1) / world;
+  at::Tensor full;
+  at::Tensor shard = at::ones({shard_numel}, at::kFloat);
+  if (group.rank() == 0) full = at::ones({shard_numel * world}, at::kFloat);
+  if (absl::Status s = group.Barrier(); !s.ok()) return s;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < reps; ++i) {
+    if (group.rank() == 0) {
+      for (int r = 1; r < world; ++r) {
+        at::Tensor piece = full.narrow(0, r * shard_numel, shard_numel);
+        if (absl::Status s = group.Send(piece, r, /*tag=*/static_cast<int>(i)); !s.ok()) return s;
+      }
+      shard.copy_(full.narrow(0, 0, shard_numel));
+    } else {
+      if (absl::Status s = group.Recv(shard, 0, /*tag=*/static_cast<int>(i)); !s.ok()) return s;
+    }
+  }
+  if (absl::Status s = group.Barrier(); !s.ok()) return s;
+  return SecondsSince(start) / static_cast<double>(reps);
+}
+
+struct CaseResult {
+  double api_seconds = 0;  // per call
+  double reference_seconds = 0;
+  double scatter_seconds = 0;  // scatter cases only
+  int64_t peak_rank0 = 0;
+  int64_t peak_other = 0;
+  int64_t base_rank0 = 0;
+  int64_t state_bytes = 0;
+};
+
+// Every member of the command's group runs this; on rank 0 `state` is Google Benchmark's
+// (its loop times the calls), elsewhere null. Non-members return right away.
+absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command,
+                                   benchmark::State* state) {
+  std::shared_ptr<ProcessGroup> group = GroupFor(context, command.world_size);
+  if (group == nullptr) return CaseResult{};
+  const Case* c = FindCase(command.op);
+  if (c == nullptr) return absl::InvalidArgumentError("unknown case");
+  if (context.setup == nullptr || context.setup->world_size != command.world_size) {
+    context.setup.reset();  // frees the other world size's model first
+    absl::StatusOr<std::unique_ptr<Setup>> setup = BuildSetup(group);
+    if (!setup.ok()) return setup.status();
+    context.setup = *std::move(setup);
+  }
+  Setup& setup = *context.setup;
+  if (absl::Status s = PrepareInput(setup, c->input); !s.ok()) return s;
+  if (absl::Status s = group->Barrier(); !s.ok()) return s;
+
+  CaseResult result;
+  result.state_bytes = setup.state_bytes;
+  ResetPeakRss();
+  result.base_rank0 = CurrentRssBytes();
+  const auto start = std::chrono::steady_clock::now();
+  if (state != nullptr) {
+    for (auto _ : *state) {
+      if (absl::Status s = RunOp(setup, c->op); !s.ok()) return s;
+    }
+  } else {
+    for (int64_t i = 0; i < command.iterations; ++i) {
+      if (absl::Status s = RunOp(setup, c->op); !s.ok()) return s;
+    }
+  }
+  result.api_seconds = SecondsSince(start) / static_cast<double>(command.iterations);
+  const int64_t peak = PeakRssBytes();
+
+  absl::StatusOr<std::vector<std::string>> peaks = group->AllGatherObject(std::to_string(peak));
+  if (!peaks.ok()) return peaks.status();
+  result.peak_rank0 = std::stoll((*peaks)[0]);
+  for (size_t r = 1; r < peaks->size(); ++r) {
+    result.peak_other = std::max<int64_t>(result.peak_other, std::stoll((*peaks)[r]));
+  }
+
+  absl::StatusOr<double> reference =
+      TimeReference(*group, c->reference, setup.state_bytes, kReferenceReps);
+  if (!reference.ok()) return reference.status();
+  result.reference_seconds = *reference;
+  if (c->reference == Reference::kBroadcast) {
+    absl::StatusOr<double> scatter = TimeSendRecvScatter(*group, setup.state_bytes, kReferenceReps);
+    if (!scatter.ok()) return scatter.status();
+    result.scatter_seconds = *scatter;
+  }
+  return result;
+}
+
+int WorkerLoop(RankContext& context) {
+  const int rank = context.world->rank();
+  while (true) {
+    Command command;
+    if (absl::Status s = ExchangeCommand(*context.world, command); !s.ok()) {
+      std::fprintf(stderr, "optim_state_benchmark rank %d: waiting for a command: %s\n", rank,
+                   s.ToString().c_str());
+      return 1;
+    }
+    if (command.op == Op::kQuit) return 0;
+    absl::StatusOr<CaseResult> result = RunCase(context, command, nullptr);
+    if (!result.ok()) {
+      std::fprintf(stderr, "optim_state_benchmark rank %d: %s\n", rank,
+                   result.status().ToString().c_str());
+      return 1;
+    }
+  }
+}
+
+benchmark::Counter Bytes(double value) {
+  return benchmark::Counter(value, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
+}
+
+void BM_OptimState(benchmark::State& state, Op op, int64_t world_size) {
+  RankContext& context = *g_context;
+  if (!context.error.empty()) {
+    state.SkipWithError(absl::StrCat("skipped after an earlier failure: ", context.error).c_str());
+    return;
+  }
+  if (GroupFor(context, world_size) == nullptr) {
+    state.SkipWithError(absl::StrCat("no group of ", world_size, " ranks").c_str());
+    return;
+  }
+  Command command{op, world_size, static_cast<int64_t>(state.max_iterations)};
+  absl::Status status = ExchangeCommand(*context.world, command);
+  absl::StatusOr<CaseResult> result =
+      status.ok() ? RunCase(context, command, &state) : absl::StatusOr<CaseResult>(status);
+  if (!result.ok()) {
+    context.error = result.status().ToString();
+    state.SkipWithError(context.error.c_str());
+    return;
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * result->state_bytes);
+  state.counters["vs_collective"] = result->api_seconds / result->reference_seconds;
+  if (result->scatter_seconds > 0) {
+    state.counters["vs_scatter"] = result->api_seconds / result->scatter_seconds;
+  }
+  state.counters["ref_ms"] = result->reference_seconds * 1e3;
+  state.counters["peak_rss_rank0"] = Bytes(static_cast<double>(result->peak_rank0));
+  state.counters["peak_rss_other"] = Bytes(static_cast<double>(result->peak_other));
+  state.counters["base_rss_rank0"] = Bytes(static_cast<double>(result->base_rank0));
+  state.counters["state_bytes"] = Bytes(static_cast<double>(result->state_bytes));
+}
+
+void RegisterCases() {
+  for (int64_t world_size : {2, 4}) {
+    for (const Case& c : kCases) {
+      const Op op = c.op;
+      benchmark::RegisterBenchmark(
+          absl::StrCat("BM_", c.name, "/world:", world_size).c_str(),
+          [op, world_size](benchmark::State& state) { BM_OptimState(state, op, world_size); })
+          ->Iterations(kIterations)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+}
+
+int RunBenchmarks(RankContext& context, int argc, char** argv) {
+  RegisterCases();
+  benchmark::Initialize(&argc, argv);
+  int exit_code = 0;
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
+    exit_code = 2;
+  } else {
+    benchmark::RunSpecifiedBenchmarks();
+  }
+  benchmark::Shutdown();
+  if (!context.error.empty()) {
+    std::fprintf(stderr, "optim_state_benchmark: failed: %s\n", context.error.c_str());
+    return 1;
+  }
+  context.setup.reset();
+  Command quit;
+  if (absl::Status s = ExchangeCommand(*context.world, quit); !s.ok()) {
+    std::fprintf(stderr, "optim_state_benchmark: sending quit: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return exit_code;
+}
+
+int RunRank(int argc, char** argv) {
+  comm::RendezvousOptions options;
+  options.timeout = kCollectiveTimeout;
+  absl::StatusOr<std::shared_ptr<ProcessGroup>> world = comm::InitProcessGroupFromEnv(options);
+  if (!world.ok()) {
+    std::fprintf(stderr, "optim_state_benchmark: rendezvous: %s\n",
+                 world.status().ToString().c_str());
+    return 1;
+  }
+  RankContext context;
+  context.world = *std::move(world);
+  if (context.world->size() == 2) {
+    context.pair = context.world;
+  } else if (context.world->size() > 2) {
+    absl::StatusOr<std::shared_ptr<ProcessGroup>> pair = context.world->NewSubgroup({0, 1});
+    if (!pair.ok()) {
+      std::fprintf(stderr, "optim_state_benchmark: sub-group {0, 1}: %s\n",
+                   pair.status().ToString().c_str());
+      return 1;
+    }
+    context.pair = *std::move(pair);
+  }
+  g_context = &context;
+  const int exit_code =
+      context.world->rank() == 0 ? RunBenchmarks(context, argc, argv) : WorkerLoop(context);
+  g_context = nullptr;
+  return exit_code;
+}
+
+}  // namespace
+}  // namespace fsdp::bench
+
+int main(int argc, char** argv) {
+  if (!fsdp::comm::LaunchedByLauncher()) {
+    return fsdp::bench::LaunchSelfAsRanks(argc, argv, fsdp::bench::kLaunchedRanks,
+                                          "optim_state_benchmark");
+  }
+  return fsdp::bench::RunRank(argc, argv);
+}

@@ -1,0 +1,31 @@
+// Helpers shared by the multi-rank benchmarks in bench/: resident-memory readings from
+// /proc/self and re-executing the benchmark binary as N rank processes.
+//
+// Peak memory. Linux keeps a process's peak resident set size in /proc/self/status (VmHWM);
+// writing "5" to /proc/self/clear_refs resets it to the current RSS, so a benchmark can read
+// the peak of one case alone. On a kernel without that, ResetPeakRss returns false and the
+// peak covers everything since the process started.
+#ifndef FSDP_CPP_BENCH_RANK_UTIL_H_
+#define FSDP_CPP_BENCH_RANK_UTIL_H_
+
+#include <cstdint>
+#include <string>
+
+namespace fsdp::bench {
+
+// VmRSS / VmHWM of this process in bytes; -1 if /proc/self/status cannot be read.
+int64_t CurrentRssBytes();
+int64_t PeakRssBytes();
+// Returns freed heap memory to the kernel (glibc malloc_trim), so that one case's freed
+// buffers do not count as the next case's resident memory, then resets VmHWM to the current
+// RSS. Returns false if the kernel refused the reset.
+bool ResetPeakRss();
+
+// Not a rank yet: runs this very binary (same arguments) as `world_size` ranks through
+// comm::Launch, printing rank 0's output as is, with OMP_NUM_THREADS=1 unless set (as torchrun
+// does for several ranks on one host). Returns the process exit code; `name` prefixes errors.
+int LaunchSelfAsRanks(int argc, char** argv, int world_size, const std::string& name);
+
+}  // namespace fsdp::bench
+
+#endif  // FSDP_CPP_BENCH_RANK_UTIL_H_
