@@ -1,0 +1,382 @@
+// fsdp_step_benchmark: one training step (forward, backward, Adam step) of the 52.5M-parameter
+// BenchTransformer (bench_transformer.h) under FSDP's FULL_SHARD, SHARD_GRAD_OP and NO_SHARD and
+// unwrapped, on 2 ranks, with each rank's peak memory.
+//
+//   bazel run -c opt //bench:fsdp_step_benchmark [-- --benchmark_filter=FULL_SHARD]
+//
+// Each rank trains on its own batch of kBatch sequences of kSeq tokens (source and target:
+// 2 x kSeq x kBatch tokens per rank and step); wrapped models have one unit per transformer
+// layer plus the root. "unwrapped" is the same model and optimizer with no FSDP at all: each
+// rank trains alone, nothing is communicated (the compute floor).
+//
+// Per case, on both ranks: build the model (same seed) and Adam(lr 1e-4), take one warm-up
+// step (it creates the Adam state), reset the peak RSS (/proc/self/clear_refs), time
+// kIterations steps, read the peak, free everything; then build a NO_SHARD model the same way
+// and time as many of its steps: the case's reference, measured in the same run right after,
+// so the ratio holds on a noisy machine.
+//
+// Counters (rank 0's wall time per step; UseRealTime; SetBytesProcessed = parameter bytes per
+// step, i.e. the model's weights processed once per step):
+//   vs_no_shard        step time / NO_SHARD step time (goal for FULL_SHARD: <= 1.5).
+//   no_shard_ms        the reference NO_SHARD step time.
+//   peak_rss_rank0/1   each rank's VmHWM during the timed steps (bytes).
+//   step_mem_rank0/1   that peak minus the rank's VmRSS before the model was built: the memory
+//                      the model, its gradients, Adam state and the step's buffers take.
+//   held_mem_rank0     rank 0's VmRSS between steps (after the warm-up step) minus the same
+//                      baseline: what stays resident; step_mem - held_mem is the step's
+//                      transient memory (activations, gathered units, gradients in flight).
+//   local_state_bytes  rank 0's parameters + gradients + Adam state (exp_avg, exp_avg_sq) as
+//                      the optimizer holds them (flat shards for FULL_SHARD / SHARD_GRAD_OP).
+//   param_bytes, optim_bytes  the whole unsharded model's parameter and Adam-state bytes.
+//   largest_unit_bytes the largest unit's padded unsharded flat parameter.
+//   shard_target       (2 x param_bytes + optim_bytes) / 2 + largest_unit_bytes: a rank's
+//                      share of parameters, gradients and Adam state plus one gathered unit,
+//                      what FULL_SHARD should stay near per rank.
+#include <ATen/ATen.h>
+#include <benchmark/benchmark.h>
+#include <torch/optim/adam.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "bench/bench_transformer.h"
+#include "bench/rank_util.h"
+#include "comm/launcher.h"
+#include "comm/process_group.h"
+#include "comm/rendezvous.h"
+#include "fsdp/fully_sharded_data_parallel.h"
+
+namespace fsdp::bench {
+namespace {
+
+using comm::CollectiveOptions;
+using comm::ProcessGroup;
+
+constexpr int kLaunchedRanks = 2;
+constexpr int64_t kIterations = 2;  // timed steps per case (and reference steps)
+constexpr int64_t kSeq = 8;
+constexpr int64_t kBatch = 2;
+constexpr std::chrono::milliseconds kCollectiveTimeout = std::chrono::minutes(5);
+constexpr std::chrono::milliseconds kJobTimeout = std::chrono::minutes(60);
+
+enum class Mode : int64_t {
+  kQuit = 0,
+  kFullShard = 1,
+  kShardGradOp = 2,
+  kNoShard = 3,
+  kUnwrapped = 4
+};
+
+const char* ModeName(Mode mode) {
+  switch (mode) {
+    case Mode::kFullShard:
+      return "FULL_SHARD";
+    case Mode::kShardGradOp:
+      return "SHARD_GRAD_OP";
+    case Mode::kNoShard:
+      return "NO_SHARD";
+    case Mode::kUnwrapped:
+      return "unwrapped";
+    case Mode::kQuit:
+      break;
+  }
+  return "quit";
+}
+
+struct Command {
+  Mode mode = Mode::kQuit;
+  int64_t iterations = 0;
+};
+
+absl::Status ExchangeCommand(ProcessGroup& world, Command& command) {
+  at::Tensor packed = at::empty({2}, at::kLong);
+  if (world.rank() == 0) {
+    packed[0] = static_cast<int64_t>(command.mode);
+    packed[1] = command.iterations;
+  }
+  absl::Status status = world.Broadcast(packed, /*root=*/0, CollectiveOptions{kJobTimeout});
+  if (!status.ok()) return status;
+  command.mode = static_cast<Mode>(packed[0].item<int64_t>());
+  command.iterations = packed[1].item<int64_t>();
+  return absl::OkStatus();
+}
+
+// A model in one mode with its optimizer and this rank's batch.
+struct Trainer {
+  BenchTransformer model{nullptr};
+  std::unique_ptr<FullyShardedDataParallel> fsdp;  // null when unwrapped
+  std::unique_ptr<torch::optim::Adam> adam;
+  at::Tensor src, tgt;
+  int64_t param_bytes = 0;
+  int64_t largest_unit_bytes = 0;
+
+  absl::Status Step() {
+    try {
+      torch::Tensor tgt_in = tgt.slice(0, 0, -1);
+      torch::Tensor logits = fsdp ? fsdp->forward(src, tgt_in) : model->forward(src, tgt_in);
+      torch::Tensor loss = model->Loss(logits, tgt);
+      adam->zero_grad();
+      loss.backward();
+      adam->step();
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("training step: ", e.what()));
+    }
+    return absl::OkStatus();
+  }
+
+  // Parameters, gradients and Adam state this rank's optimizer holds.
+  int64_t LocalStateBytes() const {
+    int64_t bytes = 0;
+    for (const auto& group : adam->param_groups()) {
+      for (const at::Tensor& p : group.params()) {
+        bytes += p.numel() * static_cast<int64_t>(p.element_size());
+        if (p.grad().defined()) bytes += p.grad().numel() * p.grad().element_size();
+      }
+    }
+    for (const auto& item : adam->state()) {
+      const auto& s = static_cast<const torch::optim::AdamParamState&>(*item.second);
+      bytes += s.exp_avg().numel() * s.exp_avg().element_size();
+      bytes += s.exp_avg_sq().numel() * s.exp_avg_sq().element_size();
+    }
+    return bytes;
+  }
+};
+
+absl::StatusOr<std::unique_ptr<Trainer>> BuildTrainer(Mode mode,
+                                                      std::shared_ptr<ProcessGroup> group) {
+  auto trainer = std::make_unique<Trainer>();
+  trainer->model = BenchTransformer(BenchTransformerConfig{}, /*seed=*/0);
+  for (const at::Tensor& p : trainer->model->parameters()) {
+    trainer->param_bytes += p.numel() * static_cast<int64_t>(p.element_size());
+  }
+  std::vector<at::Tensor> params;
+  if (mode == Mode::kUnwrapped) {
+    params = trainer->model->parameters();
+  } else {
+    FsdpOptions options;
+    options.sharding_strategy = mode == Mode::kFullShard     ? ShardingStrategy::kFullShard
+                                : mode == Mode::kShardGradOp ? ShardingStrategy::kShardGradOp
+                                                             : ShardingStrategy::kNoShard;
+    options.nested = trainer->model->layer_slots();
+    absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> fsdp =
+        FullyShardedDataParallel::Wrap(trainer->model, group, options);
+    if (!fsdp.ok()) return fsdp.status();
+    trainer->fsdp = *std::move(fsdp);
+    params = trainer->fsdp->parameters();
+    for (const auto& unit : trainer->fsdp->units()) {
+      if (unit.handle == nullptr) continue;
+      trainer->largest_unit_bytes =
+          std::max<int64_t>(trainer->largest_unit_bytes,
+                            unit.handle->padded_numel() *
+                                static_cast<int64_t>(unit.handle->flat_param().element_size()));
+    }
+  }
+  trainer->adam =
+      std::make_unique<torch::optim::Adam>(std::move(params), torch::optim::AdamOptions(1e-4));
+  auto [src, tgt] = trainer->model->MakeBatch(kSeq, kBatch, /*seed=*/1 + group->rank());
+  trainer->src = src;
+  trainer->tgt = tgt;
+  return trainer;
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+struct Measured {
+  double seconds = 0;  // per step, this rank
+  int64_t peak = 0;
+  int64_t step_mem = 0;
+  int64_t resident = 0;  // VmRSS right before the timed steps, minus `before`
+  int64_t local_state_bytes = 0;
+  int64_t param_bytes = 0;
+  int64_t largest_unit_bytes = 0;
+};
+
+// Builds, warms up, times `iterations` steps (through Google Benchmark's loop when `state` is
+// given) and frees one trainer.
+absl::StatusOr<Measured> Measure(Mode mode, int64_t iterations, std::shared_ptr<ProcessGroup> group,
+                                 benchmark::State* state) {
+  Measured m;
+  ResetPeakRss();  // trims the heap, so `before` is what this process really holds
+  const int64_t before = CurrentRssBytes();
+  {
+    absl::StatusOr<std::unique_ptr<Trainer>> trainer = BuildTrainer(mode, group);
+    if (!trainer.ok()) return trainer.status();
+    Trainer& t = **trainer;
+    if (absl::Status s = t.Step(); !s.ok()) return s;  // warm-up: creates the Adam state
+    if (absl::Status s = group->Barrier(); !s.ok()) return s;
+    ResetPeakRss();
+    m.resident = CurrentRssBytes() - before;
+    const auto start = std::chrono::steady_clock::now();
+    if (state != nullptr) {
+      for (auto _ : *state) {
+        if (absl::Status s = t.Step(); !s.ok()) return s;
+      }
+    } else {
+      for (int64_t i = 0; i < iterations; ++i) {
+        if (absl::Status s = t.Step(); !s.ok()) return s;
+      }
+    }
+    m.seconds = SecondsSince(start) / static_cast<double>(iterations);
+    m.peak = PeakRssBytes();
+    m.step_mem = m.peak - before;
+    m.local_state_bytes = t.LocalStateBytes();
+    m.param_bytes = t.param_bytes;
+    m.largest_unit_bytes = t.largest_unit_bytes;
+  }
+  if (absl::Status s = group->Barrier(); !s.ok()) return s;
+  return m;
+}
+
+struct CaseResult {
+  Measured mine;
+  double no_shard_seconds = 0;
+  std::vector<int64_t> peaks;     // per rank
+  std::vector<int64_t> step_mem;  // per rank
+};
+
+absl::StatusOr<CaseResult> RunCase(std::shared_ptr<ProcessGroup> world, const Command& command,
+                                   benchmark::State* state) {
+  CaseResult result;
+  absl::StatusOr<Measured> mine = Measure(command.mode, command.iterations, world, state);
+  if (!mine.ok()) return mine.status();
+  result.mine = *mine;
+  absl::StatusOr<std::vector<std::string>> gathered =
+      world->AllGatherObject(absl::StrCat(mine->peak, " ", mine->step_mem));
+  if (!gathered.ok()) return gathered.status();
+  for (const std::string& item : *gathered) {
+    const size_t space = item.find(' ');
+    result.peaks.push_back(std::stoll(item.substr(0, space)));
+    result.step_mem.push_back(std::stoll(item.substr(space + 1)));
+  }
+  absl::StatusOr<Measured> reference = Measure(Mode::kNoShard, command.iterations, world, nullptr);
+  if (!reference.ok()) return reference.status();
+  result.no_shard_seconds = reference->seconds;
+  return result;
+}
+
+int WorkerLoop(std::shared_ptr<ProcessGroup> world) {
+  while (true) {
+    Command command;
+    if (absl::Status s = ExchangeCommand(*world, command); !s.ok()) {
+      std::fprintf(stderr, "fsdp_step_benchmark rank %d: waiting for a command: %s\n",
+                   world->rank(), s.ToString().c_str());
+      return 1;
+    }
+    if (command.mode == Mode::kQuit) return 0;
+    absl::StatusOr<CaseResult> result = RunCase(world, command, nullptr);
+    if (!result.ok()) {
+      std::fprintf(stderr, "fsdp_step_benchmark rank %d: %s\n", world->rank(),
+                   result.status().ToString().c_str());
+      return 1;
+    }
+  }
+}
+
+std::shared_ptr<ProcessGroup>* g_world = nullptr;
+std::string* g_error = nullptr;
+
+benchmark::Counter Bytes(double value) {
+  return benchmark::Counter(value, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
+}
+
+void BM_Step(benchmark::State& state, Mode mode) {
+  if (!g_error->empty()) {
+    state.SkipWithError(absl::StrCat("skipped after an earlier failure: ", *g_error).c_str());
+    return;
+  }
+  std::shared_ptr<ProcessGroup> world = *g_world;
+  Command command{mode, static_cast<int64_t>(state.max_iterations)};
+  absl::Status status = ExchangeCommand(*world, command);
+  absl::StatusOr<CaseResult> result =
+      status.ok() ? RunCase(world, command, &state) : absl::StatusOr<CaseResult>(status);
+  if (!result.ok()) {
+    *g_error = result.status().ToString();
+    state.SkipWithError(g_error->c_str());
+    return;
+  }
+  const Measured& m = result->mine;
+  const int64_t optim_bytes = 2 * m.param_bytes;  // Adam's exp_avg and exp_avg_sq
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * m.param_bytes);
+  state.counters["vs_no_shard"] = m.seconds / result->no_shard_seconds;
+  state.counters["no_shard_ms"] = result->no_shard_seconds * 1e3;
+  for (size_t r = 0; r < result->peaks.size(); ++r) {
+    state.counters[absl::StrCat("peak_rss_rank", r)] = Bytes(static_cast<double>(result->peaks[r]));
+    state.counters[absl::StrCat("step_mem_rank", r)] =
+        Bytes(static_cast<double>(result->step_mem[r]));
+  }
+  state.counters["held_mem_rank0"] = Bytes(static_cast<double>(m.resident));
+  state.counters["local_state_bytes"] = Bytes(static_cast<double>(m.local_state_bytes));
+  state.counters["param_bytes"] = Bytes(static_cast<double>(m.param_bytes));
+  state.counters["optim_bytes"] = Bytes(static_cast<double>(optim_bytes));
+  state.counters["largest_unit_bytes"] = Bytes(static_cast<double>(m.largest_unit_bytes));
+  state.counters["shard_target"] =
+      Bytes(static_cast<double>((2 * m.param_bytes + optim_bytes) / world->size()) +
+            static_cast<double>(m.largest_unit_bytes));
+}
+
+int RunBenchmarks(std::shared_ptr<ProcessGroup> world, int argc, char** argv) {
+  for (Mode mode : {Mode::kNoShard, Mode::kFullShard, Mode::kShardGradOp, Mode::kUnwrapped}) {
+    benchmark::RegisterBenchmark(absl::StrCat("BM_Step/", ModeName(mode), "/world:2").c_str(),
+                                 [mode](benchmark::State& state) { BM_Step(state, mode); })
+        ->Iterations(kIterations)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+  std::string error;
+  g_world = &world;
+  g_error = &error;
+  benchmark::Initialize(&argc, argv);
+  int exit_code = 0;
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
+    exit_code = 2;
+  } else {
+    benchmark::RunSpecifiedBenchmarks();
+  }
+  benchmark::Shutdown();
+  if (!error.empty()) {
+    std::fprintf(stderr, "fsdp_step_benchmark: failed: %s\n", error.c_str());
+    return 1;
+  }
+  Command quit;
+  if (absl::Status s = ExchangeCommand(*world, quit); !s.ok()) {
+    std::fprintf(stderr, "fsdp_step_benchmark: sending quit: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return exit_code;
+}
+
+int RunRank(int argc, char** argv) {
+  comm::RendezvousOptions options;
+  options.timeout = kCollectiveTimeout;
+  absl::StatusOr<std::shared_ptr<ProcessGroup>> world = comm::InitProcessGroupFromEnv(options);
+  if (!world.ok()) {
+    std::fprintf(stderr, "fsdp_step_benchmark: rendezvous: %s\n",
+                 world.status().ToString().c_str());
+    return 1;
+  }
+  std::shared_ptr<ProcessGroup> group = *std::move(world);
+  return group->rank() == 0 ? RunBenchmarks(group, argc, argv) : WorkerLoop(group);
+}
+
+}  // namespace
+}  // namespace fsdp::bench
+
+int main(int argc, char** argv) {
+  if (!fsdp::comm::LaunchedByLauncher()) {
+    return fsdp::bench::LaunchSelfAsRanks(argc, argv, fsdp::bench::kLaunchedRanks,
+                                          "fsdp_step_benchmark");
+  }
+  return fsdp::bench::RunRank(argc, argv);
+}
