@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/atomic_dir.h"
 #include "checkpoint/torch_load.h"
 #include "comm/status_macros.h"
 
@@ -85,12 +86,18 @@ absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& w
 
 }  // namespace
 
-absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path) {
+static absl::StatusOr<std::vector<char>> ModelBytes(const ModelStateDict& state,
+                                                    const std::string& path) {
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
   for (const auto& [fqn, tensor] : state) dict.insert(fqn, tensor.detach().contiguous());
-  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes,
-                        CallTorch(absl::StrCat("serializing ", path),
-                                  [&] { return torch::pickle_save(c10::IValue(dict)); }));
+  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, CallTorch(absl::StrCat("serializing ", path), [&] {
+                          return torch::pickle_save(c10::IValue(dict));
+                        }));
+  return bytes;
+}
+
+absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path) {
+  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, ModelBytes(state, path));
   return WriteBytes(bytes, path);
 }
 
@@ -103,23 +110,24 @@ absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path) {
   ModelStateDict out;
   for (const auto& [key, tensor] : value.as_dict().items) {
     if (!key.is_str() || !tensor.is_tensor()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": entry ", key.DebugString(), " is not a str -> tensor entry (", key.TypeName(),
-          " -> ", tensor.TypeName(), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": entry ", key.DebugString(), " is not a str -> tensor entry (",
+                       key.TypeName(), " -> ", tensor.TypeName(), ")"));
     }
     out.emplace_back(key.as_str(), tensor.as_tensor());
   }
   return out;
 }
 
-absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string& path) {
+static absl::StatusOr<std::vector<char>> OptimBytes(const OptimStateDict& state,
+                                                    const std::string& path) {
   c10::impl::GenericDict state_dict(c10::AnyType::get(), c10::AnyType::get());
   for (const auto& [key, param_state] : state.state) {
     c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
     for (const auto& [name, value] : param_state) {
-      FSDP_ASSIGN_OR_RETURN(c10::IValue converted,
-                            ToIValue(value, absl::StrCat(path, ": state[", key.ToString(), "][",
-                                                         name, "]")));
+      FSDP_ASSIGN_OR_RETURN(
+          c10::IValue converted,
+          ToIValue(value, absl::StrCat(path, ": state[", key.ToString(), "][", name, "]")));
       entry.insert(name, std::move(converted));
     }
     state_dict.insert(KeyToIValue(key), c10::IValue(entry));
@@ -144,10 +152,32 @@ absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string&
     }
     top.insert("param_groups", c10::IValue(groups));
   }
-  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes,
-                        CallTorch(absl::StrCat("serializing ", path),
-                                  [&] { return torch::pickle_save(c10::IValue(top)); }));
+  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, CallTorch(absl::StrCat("serializing ", path), [&] {
+                          return torch::pickle_save(c10::IValue(top));
+                        }));
+  return bytes;
+}
+
+absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string& path) {
+  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, OptimBytes(state, path));
   return WriteBytes(bytes, path);
+}
+
+absl::Status WriteFullCheckpoint(const std::string& dir, const ModelStateDict& model,
+                                 const OptimStateDict* optim) {
+  FSDP_ASSIGN_OR_RETURN(std::vector<char> model_bytes, ModelBytes(model, dir + "/model.pt"));
+  std::vector<char> optim_bytes;
+  if (optim != nullptr) {
+    FSDP_ASSIGN_OR_RETURN(optim_bytes, OptimBytes(*optim, dir + "/optim.pt"));
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string staging, CreateStagingDir(dir));
+  FSDP_RETURN_IF_ERROR(WriteFileDurably(staging + "/model.pt",
+                                        absl::string_view(model_bytes.data(), model_bytes.size())));
+  if (optim != nullptr) {
+    FSDP_RETURN_IF_ERROR(WriteFileDurably(
+        staging + "/optim.pt", absl::string_view(optim_bytes.data(), optim_bytes.size())));
+  }
+  return CommitStagingDir(staging, dir);
 }
 
 absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
@@ -163,8 +193,8 @@ absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
     const std::string where = absl::StrCat(path, ": state[", key.DebugString(), "]");
     FSDP_ASSIGN_OR_RETURN(ParamKey param_key, KeyFromPyValue(key, where));
     if (!entry.is_dict()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, " is a ", entry.TypeName(),
-                                                     ", not a dict of state values"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, " is a ", entry.TypeName(), ", not a dict of state values"));
     }
     optim_state::ParamState param_state;
     for (const auto& [name, item] : entry.as_dict().items) {
@@ -181,8 +211,8 @@ absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
   out.has_param_groups = groups != nullptr;
   if (groups == nullptr) return out;
   if (!groups->is_list()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": \"param_groups\" is a ",
-                                                   groups->TypeName(), ", not a list"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": \"param_groups\" is a ", groups->TypeName(), ", not a list"));
   }
   for (size_t g = 0; g < groups->items().size(); ++g) {
     const PyValue& group = groups->items()[g];

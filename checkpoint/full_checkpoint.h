@@ -4,6 +4,10 @@
 // reads what we write (LibTorch's torch::pickle_save writes that format); we read both our
 // files and Python's torch.save files (checkpoint/torch_load.h; nothing is executed).
 //
+// WriteFullCheckpoint writes DIR/model.pt and DIR/optim.pt as a pair, atomically: both go into a
+// fresh staging directory that replaces DIR in one rename (checkpoint/atomic_dir.h), so a crash
+// at any instant leaves DIR holding the old pair or the new one, never a mix.
+//
 // Errors: INTERNAL when a file cannot be written (naming it, with errno's text);
 // INVALID_ARGUMENT / DATA_LOSS from TorchLoad for unreadable files; INVALID_ARGUMENT when a
 // file's contents are not a model state dict (a dict of str -> tensor) or an optimizer state
@@ -25,7 +29,8 @@ namespace fsdp::checkpoint {
 
 using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
 
-[[nodiscard]] absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path);
+[[nodiscard]] absl::Status WriteModelStateDict(const ModelStateDict& state,
+                                               const std::string& path);
 [[nodiscard]] absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path);
 
 // Sharded tensor values are refused (a full dict holds whole tensors).
@@ -33,6 +38,11 @@ using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
                                                const std::string& path);
 [[nodiscard]] absl::StatusOr<optim_state::OptimStateDict> ReadOptimStateDict(
     const std::string& path);
+
+// DIR/model.pt (+ DIR/optim.pt unless `optim` is null), atomically (see above). Everything is
+// serialized before anything is written; the parent of DIR must exist.
+[[nodiscard]] absl::Status WriteFullCheckpoint(const std::string& dir, const ModelStateDict& model,
+                                               const optim_state::OptimStateDict* optim);
 
 }  // namespace fsdp::checkpoint
 

@@ -1,0 +1,122 @@
+// Full checkpoints written as a pair, atomically: read back equal, recognised by
+// DetectCheckpointKind, and a save SIGKILLed at each of its crash points leaves DIR with the
+// old pair or the new one, never a mix.
+#include "checkpoint/full_checkpoint.h"
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "checkpoint/atomic_dir.h"
+#include "checkpoint/sharded_format.h"
+#include "comm/multiprocess_testutil.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "optim_state/optim_state_dict.h"
+
+namespace fsdp::checkpoint {
+namespace {
+
+using ::fsdp::testing::IsOk;
+using optim_state::OptimStateDict;
+using optim_state::ParamKey;
+using optim_state::StateValue;
+
+std::string TestDir(const std::string& name) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/full_", name);
+  EXPECT_THAT(RemoveTree(dir), IsOk());
+  return dir;
+}
+
+// A model dict and an Adam-like optimizer dict whose every value is `v`.
+ModelStateDict Model(float v) {
+  return {{"a.weight", torch::full({3, 4}, v)}, {"a.bias", torch::full({4}, v)}};
+}
+
+OptimStateDict Optim(float v) {
+  OptimStateDict d;
+  optim_state::ParamState s;
+  s.Set("step", StateValue(torch::tensor(v)));
+  s.Set("exp_avg", StateValue(torch::full({3, 4}, v)));
+  d.state.Set(ParamKey::Fqn("a.weight"), s);
+  optim_state::ParamGroup g;
+  g.hyper_params.Set("lr", StateValue(0.01));
+  g.hyper_params.Set("betas", StateValue::Tuple({StateValue(0.9), StateValue(0.999)}));
+  g.params = {ParamKey::Fqn("a.weight"), ParamKey::Fqn("a.bias")};
+  d.param_groups.push_back(g);
+  return d;
+}
+
+// The value every tensor of DIR's pair holds, or -1 if the pair is missing, unreadable or mixed.
+float PairValue(const std::string& dir) {
+  auto model = ReadModelStateDict(dir + "/model.pt");
+  auto optim = ReadOptimStateDict(dir + "/optim.pt");
+  if (!model.ok() || !optim.ok()) return -1;
+  const float v = (*model)[0].second.flatten()[0].item<float>();
+  if (optim_state::DiffOptimStateDicts(Optim(v), *optim) != "") return -1;
+  for (const auto& [k, t] : *model) {
+    if (!torch::equal(t, torch::full_like(t, v))) return -1;
+  }
+  return v;
+}
+
+TEST(FullCheckpoint, WritesThePairAtomicallyAndReadsItBack) {
+  const std::string dir = TestDir("pair");
+  const OptimStateDict optim = Optim(2);
+  ASSERT_THAT(WriteFullCheckpoint(dir, Model(2), &optim), IsOk());
+  EXPECT_EQ(PairValue(dir), 2);
+  auto kind = DetectCheckpointKind(dir);
+  ASSERT_THAT(kind, IsOk());
+  EXPECT_EQ(*kind, CheckpointKind::kFull);
+  const OptimStateDict optim3 = Optim(3);
+  ASSERT_THAT(WriteFullCheckpoint(dir, Model(3), &optim3), IsOk());
+  EXPECT_EQ(PairValue(dir), 3);
+}
+
+TEST(FullCheckpoint, ModelOnly) {
+  const std::string dir = TestDir("model_only");
+  ASSERT_THAT(WriteFullCheckpoint(dir, Model(1), nullptr), IsOk());
+  EXPECT_THAT(ReadModelStateDict(dir + "/model.pt"), IsOk());
+  struct stat st;
+  EXPECT_NE(stat((dir + "/optim.pt").c_str(), &st), 0);
+}
+
+TEST(FullCheckpoint, AKilledSaveLeavesTheOldOrTheNewPair) {
+  const std::string dir = TestDir("killed");
+  const OptimStateDict old_optim = Optim(1);
+  const OptimStateDict new_optim = Optim(2);
+  int points = 0;
+  for (int k = 1; k < 40; ++k) {
+    SCOPED_TRACE(absl::StrCat("crash point ", k));
+    ASSERT_THAT(WriteFullCheckpoint(dir, Model(1), &old_optim), IsOk());
+    const pid_t pid = fork();
+    if (pid == 0) {
+      setenv("FSDP_CHECKPOINT_CRASH_AT", std::to_string(k).c_str(), 1);
+      ResetCrashPointCounter();
+      _exit(WriteFullCheckpoint(dir, Model(2), &new_optim).ok() ? 0 : 3);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    const float v = PairValue(dir);
+    EXPECT_TRUE(v == 1 || v == 2) << v;
+    if (!WIFSIGNALED(status)) {
+      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+      EXPECT_EQ(v, 2);
+      points = k - 1;
+      break;
+    }
+  }
+  // staging created, 2 x (written, fsynced), staging fsynced, renamed, parent fsynced, old
+  // removed.
+  EXPECT_EQ(points, 9);
+}
+
+}  // namespace
+}  // namespace fsdp::checkpoint
