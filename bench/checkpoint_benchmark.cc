@@ -1,0 +1,767 @@
+// checkpoint_benchmark: saving and loading checkpoints of a 52.5M-parameter transformer with
+// Adam state, each timed against plainly writing (write + fsync) or reading (read) the same
+// bytes on the same filesystem in the same run.
+//
+//   bazel run -c opt //bench:checkpoint_benchmark [-- --out_dir=/some/dir --benchmark_filter=...]
+//
+// Cases, in the order they run (grouped by world size so each model is built once):
+//   SaveSharded/world:N        SaveShardedCheckpoint (checkpoint/sharded_checkpoint.h) of model
+//                              and optimizer at world size N into a fresh directory (the
+//                              previous iteration's is removed before the clock starts).
+//                              Reference: every rank of the group writes as many bytes as it
+//                              wrote (its data file; rank 0 also metadata.json) to a new file
+//                              with write() and fsync(), all ranks at once.
+//   LoadSharded/from:S/world:N LoadShardedCheckpoint of the world-S checkpoint into the world-N
+//                              model and optimizer (S != N: a resharded load). Reference: every
+//                              rank reads as many bytes as it read (LoadStats::read.bytes_read)
+//                              with read() from the checkpoint's files (rank r starts where rank
+//                              r-1's bytes end in the files taken in name order), all at once.
+//   SaveFull/world:N           a full checkpoint as examples/train saves one, PyTorch-FSDP
+//                              style: FullStateDict(rank0_only) and FullOptimStateDict
+//                              (rank0_only), then rank 0 writes model.pt and optim.pt
+//                              (checkpoint/full_checkpoint.h, torch.save format), fsyncs them in
+//                              a staging directory and swaps it in (atomic_dir.h); rank 0's
+//                              outcome is broadcast. Reference: rank 0 writes the bytes of
+//                              model.pt + optim.pt with write() and fsync().
+//   LoadFull/world:N           rank 0 reads model.pt and optim.pt (TorchLoad), then
+//                              LoadFullStateDict(rank0_only), ScatterFullOptimStateDict and
+//                              OptimizerAdapter::LoadStateDict, as examples/train loads one.
+//                              Reference: rank 0 reads the two files with read().
+// World sizes: N = 4 (all ranks), 2 (ranks {0, 1}), 3 (ranks {0, 1, 2}); resharded loads
+// 4 -> 2 and 2 -> 3 (the grid); full save and load at 4 and 2.
+//
+// Counters (rank 0's wall time per call, from a barrier before to a barrier after the call, so
+// the slowest rank counts; UseManualTime):
+//   vs_write           API time per call / reference time per call (goal: <= 1.5).
+//   vs_same_size_load  (resharded loads) time per call / time of loading the world-N
+//                      checkpoint into the same world-N model, measured right after in the
+//                      same case (goal: <= 1.2).
+//   ref_ms             the reference's time per call.
+//   ckpt_bytes         bytes written (saves) or read (loads) per call, all ranks together;
+//                      also SetBytesProcessed, so bytes_per_second is the API's throughput.
+// Reads are from the page cache: the files were written moments before in the same run (and
+// the reference reads the same files right after the API did), so loads are measured against a
+// memory-speed read; saves against the disk's write + fsync.
+//
+// The model: BenchTransformer (bench_transformer.h; 52.5M parameters), FULL_SHARD with one
+// unit per transformer layer plus the root, Adam(lr 1e-4) after one real training step (forward,
+// backward, OptimizerAdapter::Step): 210 MB of parameters and 420 MB of exp_avg / exp_avg_sq,
+// so a checkpoint holds about 630 MB.
+//
+// How it runs: as comm_benchmark, the binary re-executes itself as 4 ranks (rank_util.h's
+// LaunchSelfAsRanks; OMP_NUM_THREADS=1 unless set). Rank 0 runs Google Benchmark; before each
+// case it broadcasts a command (case, world size, source world size, iterations) on the full
+// group; the members of the case's group (re)build the model when the world size changes (the
+// other ranks free theirs), then run the timed calls and the reference. A load whose source
+// checkpoint this run has not written yet (a --benchmark_filter left out its save) is preceded
+// by an untimed save at the source world size. Every case runs a fixed number of iterations
+// (kSaveIterations / kLoadIterations) so that the whole binary finishes in a few minutes.
+//
+// --out_dir=DIR (default $TMPDIR, else /tmp): rank 0 creates DIR/fsdp-ckbench-<nonce> for the
+// checkpoints and reference files and removes it at the end. All ranks must see DIR (they run
+// on one host here). Errors skip the case and every later one with the status message, and the
+// binary exits non-zero.
+#include <ATen/ATen.h>
+#include <benchmark/benchmark.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <torch/optim/adam.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "bench/bench_transformer.h"
+#include "bench/rank_util.h"
+#include "checkpoint/atomic_dir.h"
+#include "checkpoint/full_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
+#include "comm/launcher.h"
+#include "comm/process_group.h"
+#include "comm/rendezvous.h"
+#include "comm/status_macros.h"
+#include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
+#include "optim_state/fsdp_optim_state.h"
+#include "optim_state/optim_state_dict.h"
+#include "optim_state/optimizer_adapter.h"
+
+namespace fsdp::bench {
+namespace {
+
+using comm::CollectiveOptions;
+using comm::ProcessGroup;
+using optim_state::OptimizerAdapter;
+using optim_state::OptimStateDict;
+
+constexpr int kLaunchedRanks = 4;
+constexpr int64_t kSaveIterations = 2;
+constexpr int64_t kLoadIterations = 3;
+constexpr int64_t kWriteReferenceReps = 2;
+constexpr int64_t kReadReferenceReps = 3;
+constexpr int64_t kChunkBytes = int64_t{16} << 20;  // reference I/O size per call
+constexpr std::chrono::milliseconds kCollectiveTimeout = std::chrono::minutes(5);
+constexpr std::chrono::milliseconds kJobTimeout = std::chrono::minutes(60);
+
+enum class Op : int64_t {
+  kQuit = 0,
+  kSaveSharded = 1,
+  kLoadSharded = 2,
+  kSaveFull = 3,
+  kLoadFull = 4,
+  kMakeSharded = 5,  // untimed save of a missing source checkpoint
+  kMakeFull = 6,
+  kSetOutDir = 7,  // the run's directory follows as an object broadcast
+};
+
+struct Command {
+  Op op = Op::kQuit;
+  int64_t world_size = 0;
+  int64_t source_world = 0;  // loads: the saving world size
+  int64_t iterations = 0;
+};
+
+// One world size's model and optimizer, on the members of its group.
+struct Setup {
+  int64_t world_size = 0;
+  std::shared_ptr<ProcessGroup> group;
+  BenchTransformer model{nullptr};
+  std::unique_ptr<FullyShardedDataParallel> fsdp;
+  std::unique_ptr<torch::optim::Adam> adam;
+  std::optional<OptimizerAdapter> adapter;
+};
+
+struct RankContext {
+  std::shared_ptr<ProcessGroup> world;
+  std::map<int64_t, std::shared_ptr<ProcessGroup>> groups;  // world size -> group (or null)
+  std::unique_ptr<Setup> setup;
+  std::string run_dir;
+  std::string error;  // rank 0: first failure; later cases are skipped
+};
+
+RankContext* g_context = nullptr;
+
+std::shared_ptr<ProcessGroup> GroupFor(const RankContext& context, int64_t world_size) {
+  auto it = context.groups.find(world_size);
+  return it == context.groups.end() ? nullptr : it->second;
+}
+
+std::string ShardedDir(const RankContext& context, int64_t world_size) {
+  return absl::StrCat(context.run_dir, "/sharded-w", world_size);
+}
+std::string FullDir(const RankContext& context) { return context.run_dir + "/full"; }
+
+bool Exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+absl::Status ExchangeCommand(ProcessGroup& world, Command& command) {
+  at::Tensor packed = at::empty({4}, at::kLong);
+  if (world.rank() == 0) {
+    packed[0] = static_cast<int64_t>(command.op);
+    packed[1] = command.world_size;
+    packed[2] = command.source_world;
+    packed[3] = command.iterations;
+  }
+  FSDP_RETURN_IF_ERROR(world.Broadcast(packed, /*root=*/0, CollectiveOptions{kJobTimeout}));
+  const int64_t* values = packed.data_ptr<int64_t>();
+  command.op = static_cast<Op>(values[0]);
+  command.world_size = values[1];
+  command.source_world = values[2];
+  command.iterations = values[3];
+  return absl::OkStatus();
+}
+
+// Builds the model on `group`, wraps it, and takes one Adam step so the state exists.
+absl::StatusOr<std::unique_ptr<Setup>> BuildSetup(std::shared_ptr<ProcessGroup> group) {
+  auto setup = std::make_unique<Setup>();
+  setup->world_size = group->size();
+  setup->group = group;
+  setup->model = BenchTransformer(BenchTransformerConfig{}, /*seed=*/0);
+  FsdpOptions options;
+  options.sharding_strategy = ShardingStrategy::kFullShard;
+  options.nested = setup->model->layer_slots();
+  FSDP_ASSIGN_OR_RETURN(setup->fsdp, FullyShardedDataParallel::Wrap(setup->model, group, options));
+  setup->adam = std::make_unique<torch::optim::Adam>(setup->fsdp->parameters(),
+                                                     torch::optim::AdamOptions(1e-4));
+  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*setup->adam));
+  setup->adapter.emplace(std::move(adapter));
+  try {
+    auto [src, tgt] = setup->model->MakeBatch(/*seq=*/16, /*batch=*/2, /*seed=*/1 + group->rank());
+    torch::Tensor logits = setup->fsdp->forward(src, tgt.slice(0, 0, -1));
+    torch::Tensor loss = setup->model->Loss(logits, tgt);
+    setup->adam->zero_grad();
+    loss.backward();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("training step: ", e.what()));
+  }
+  FSDP_RETURN_IF_ERROR(setup->adapter->Step());
+  return setup;
+}
+
+// ---- the APIs under test ----
+
+absl::StatusOr<int64_t> SaveSharded(Setup& setup, const std::string& dir) {
+  FSDP_ASSIGN_OR_RETURN(checkpoint::SaveStats stats,
+                        checkpoint::SaveShardedCheckpoint(dir, *setup.fsdp, &*setup.adapter));
+  return stats.bytes_written;
+}
+
+absl::StatusOr<int64_t> LoadSharded(Setup& setup, const std::string& dir) {
+  FSDP_ASSIGN_OR_RETURN(checkpoint::LoadStats stats,
+                        checkpoint::LoadShardedCheckpoint(dir, *setup.fsdp, &*setup.adapter));
+  return stats.read.bytes_read;
+}
+
+// examples/train's full save: gather to rank 0, which writes model.pt and optim.pt durably and
+// swaps the directory in; everyone learns rank 0's outcome.
+absl::Status SaveFull(Setup& setup, const std::string& dir) {
+  FSDP_ASSIGN_OR_RETURN(StateDict model_state, FullStateDict(*setup.fsdp, {.rank0_only = true}));
+  optim_state::FullOptimStateDictOptions optim_options;
+  optim_options.rank0_only = true;
+  FSDP_ASSIGN_OR_RETURN(OptimStateDict optim, optim_state::FullOptimStateDict(
+                                                  *setup.fsdp, *setup.adapter, optim_options));
+  absl::Status status = absl::OkStatus();
+  if (setup.group->rank() == 0) {
+    status = [&]() -> absl::Status {
+      FSDP_ASSIGN_OR_RETURN(std::string staging, checkpoint::CreateStagingDir(dir));
+      FSDP_RETURN_IF_ERROR(checkpoint::WriteModelStateDict(model_state, staging + "/model.pt"));
+      FSDP_RETURN_IF_ERROR(checkpoint::FsyncPath(staging + "/model.pt"));
+      FSDP_RETURN_IF_ERROR(checkpoint::WriteOptimStateDict(optim, staging + "/optim.pt"));
+      FSDP_RETURN_IF_ERROR(checkpoint::FsyncPath(staging + "/optim.pt"));
+      return checkpoint::CommitStagingDir(staging, dir);
+    }();
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string outcome,
+                        setup.group->BroadcastObject(std::string(status.message()), 0));
+  if (!outcome.empty()) return absl::InternalError(outcome);
+  return absl::OkStatus();
+}
+
+absl::Status LoadFull(Setup& setup, const std::string& dir) {
+  StateDict model_state;
+  OptimStateDict optim;
+  optim.has_param_groups = false;
+  absl::Status status = absl::OkStatus();
+  if (setup.group->rank() == 0) {
+    status = [&]() -> absl::Status {
+      FSDP_ASSIGN_OR_RETURN(model_state, checkpoint::ReadModelStateDict(dir + "/model.pt"));
+      FSDP_ASSIGN_OR_RETURN(optim, checkpoint::ReadOptimStateDict(dir + "/optim.pt"));
+      return absl::OkStatus();
+    }();
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string outcome,
+                        setup.group->BroadcastObject(std::string(status.message()), 0));
+  if (!outcome.empty()) return absl::InvalidArgumentError(outcome);
+  FSDP_RETURN_IF_ERROR(LoadFullStateDict(*setup.fsdp, model_state, {.rank0_only = true}));
+  FSDP_ASSIGN_OR_RETURN(OptimStateDict local,
+                        optim_state::ScatterFullOptimStateDict(optim, *setup.fsdp, *setup.adapter));
+  return setup.adapter->LoadStateDict(local);
+}
+
+// ---- the references: plain write + fsync / read ----
+
+absl::Status Errno(const std::string& what, const std::string& path) {
+  return absl::InternalError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+}
+
+// A kChunkBytes buffer of non-zero bytes, touched once so no page fault lands in a timed call.
+std::vector<char>& IoBuffer() {
+  static std::vector<char> buffer = [] {
+    std::vector<char> b(static_cast<size_t>(kChunkBytes));
+    for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<char>(i * 131 + 7);
+    return b;
+  }();
+  return buffer;
+}
+
+// Writes `bytes` to a new file `path` with write() in kChunkBytes calls, then fsync().
+absl::Status PlainWrite(const std::string& path, int64_t bytes) {
+  const std::vector<char>& buffer = IoBuffer();
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Errno("cannot open", path);
+  int64_t left = bytes;
+  while (left > 0) {
+    const ssize_t n = ::write(fd, buffer.data(), static_cast<size_t>(std::min(left, kChunkBytes)));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      ::close(fd);
+      return Errno("cannot write", path);
+    }
+    left -= n;
+  }
+  if (::fsync(fd) != 0) {
+    ::close(fd);
+    return Errno("cannot fsync", path);
+  }
+  if (::close(fd) != 0) return Errno("cannot close", path);
+  return absl::OkStatus();
+}
+
+// The regular files of `dir` in name order, with their sizes.
+absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> FilesOf(const std::string& dir) {
+  std::vector<std::pair<std::string, int64_t>> files;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    if (!entry.is_regular_file()) continue;
+    files.emplace_back(entry.path().string(), static_cast<int64_t>(entry.file_size()));
+  }
+  if (error) return absl::InternalError(absl::StrCat("cannot list ", dir, ": ", error.message()));
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+// Reads `bytes` with read() from `files` taken as one stream, starting at `offset` (wrapping
+// around at the end).
+absl::Status PlainRead(const std::vector<std::pair<std::string, int64_t>>& files, int64_t offset,
+                       int64_t bytes) {
+  int64_t total = 0;
+  for (const auto& [path, size] : files) total += size;
+  if (total == 0) return absl::InternalError("nothing to read");
+  std::vector<char>& buffer = IoBuffer();
+  offset %= total;
+  size_t index = 0;
+  while (offset >= files[index].second) offset -= files[index++].second;
+  int64_t left = bytes;
+  while (left > 0) {
+    const auto& [path, size] = files[index];
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Errno("cannot open", path);
+    if (::lseek(fd, offset, SEEK_SET) < 0) {
+      ::close(fd);
+      return Errno("cannot seek", path);
+    }
+    int64_t in_file = std::min(left, size - offset);
+    while (in_file > 0) {
+      const ssize_t n =
+          ::read(fd, buffer.data(), static_cast<size_t>(std::min(in_file, kChunkBytes)));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        ::close(fd);
+        return Errno("cannot read", path);
+      }
+      in_file -= n;
+      left -= n;
+    }
+    ::close(fd);
+    offset = 0;
+    index = (index + 1) % files.size();
+  }
+  return absl::OkStatus();
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Sum over the group of each rank's `value`, and the sum over lower ranks (exclusive prefix).
+absl::StatusOr<std::pair<int64_t, int64_t>> SumAndPrefix(ProcessGroup& group, int64_t value) {
+  FSDP_ASSIGN_OR_RETURN(std::vector<std::string> all, group.AllGatherObject(std::to_string(value)));
+  int64_t sum = 0, prefix = 0;
+  for (size_t r = 0; r < all.size(); ++r) {
+    const int64_t v = std::stoll(all[r]);
+    if (static_cast<int>(r) < group.rank()) prefix += v;
+    sum += v;
+  }
+  return std::make_pair(sum, prefix);
+}
+
+// Runs `body` `reps` times between barriers of `group`, with `cleanup` (untimed) before each;
+// returns each call's seconds (barrier to barrier).
+template <typename Body, typename Cleanup>
+absl::StatusOr<std::vector<double>> TimeCalls(ProcessGroup& group, int64_t reps, Body body,
+                                              Cleanup cleanup) {
+  std::vector<double> seconds;
+  for (int64_t i = 0; i < reps; ++i) {
+    FSDP_RETURN_IF_ERROR(cleanup());
+    FSDP_RETURN_IF_ERROR(group.Barrier());
+    const auto start = std::chrono::steady_clock::now();
+    FSDP_RETURN_IF_ERROR(body());
+    FSDP_RETURN_IF_ERROR(group.Barrier());
+    seconds.push_back(SecondsSince(start));
+  }
+  return seconds;
+}
+
+double Mean(const std::vector<double>& values) {
+  double sum = 0;
+  for (double v : values) sum += v;
+  return values.empty() ? 0 : sum / static_cast<double>(values.size());
+}
+
+absl::Status NoCleanup() { return absl::OkStatus(); }
+
+struct CaseResult {
+  std::vector<double> api_seconds;  // per call
+  double reference_seconds = 0;
+  double same_size_seconds = 0;  // resharded loads
+  int64_t bytes = 0;             // per call, all ranks
+};
+
+absl::Status EnsureSetup(RankContext& context, const std::shared_ptr<ProcessGroup>& group) {
+  if (context.setup != nullptr && context.setup->world_size == group->size()) {
+    return absl::OkStatus();
+  }
+  context.setup.reset();  // frees the other world size's model first
+  FSDP_ASSIGN_OR_RETURN(context.setup, BuildSetup(group));
+  return absl::OkStatus();
+}
+
+// Rank 0 removes `dir`; the group waits for it.
+absl::Status RemoveOnRank0(ProcessGroup& group, const std::string& dir) {
+  if (group.rank() == 0) FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(dir));
+  return absl::OkStatus();
+}
+
+// Every member of the command's group runs this; non-members free their model and return.
+absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command) {
+  std::shared_ptr<ProcessGroup> group = GroupFor(context, command.world_size);
+  if (group == nullptr) {
+    context.setup.reset();
+    return CaseResult{};
+  }
+  FSDP_RETURN_IF_ERROR(EnsureSetup(context, group));
+  Setup& setup = *context.setup;
+  ProcessGroup& g = *group;
+  const std::string plain = absl::StrCat(context.run_dir, "/plain-r", g.rank());
+  CaseResult result;
+  int64_t my_bytes = 0;
+  switch (command.op) {
+    case Op::kMakeSharded: {
+      FSDP_ASSIGN_OR_RETURN(my_bytes, SaveSharded(setup, ShardedDir(context, command.world_size)));
+      return result;
+    }
+    case Op::kMakeFull: {
+      FSDP_RETURN_IF_ERROR(SaveFull(setup, FullDir(context)));
+      return result;
+    }
+    case Op::kSaveSharded: {
+      const std::string dir = ShardedDir(context, command.world_size);
+      FSDP_ASSIGN_OR_RETURN(result.api_seconds, TimeCalls(
+                                                    g, command.iterations,
+                                                    [&]() -> absl::Status {
+                                                      FSDP_ASSIGN_OR_RETURN(
+                                                          my_bytes, SaveSharded(setup, dir));
+                                                      return absl::OkStatus();
+                                                    },
+                                                    [&] { return RemoveOnRank0(g, dir); }));
+      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
+      result.bytes = sum_prefix.first;
+      FSDP_ASSIGN_OR_RETURN(std::vector<double> reference,
+                            TimeCalls(
+                                g, kWriteReferenceReps, [&] { return PlainWrite(plain, my_bytes); },
+                                [&] { return checkpoint::RemoveTree(plain); }));
+      FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(plain));
+      result.reference_seconds = Mean(reference);
+      return result;
+    }
+    case Op::kLoadSharded: {
+      const std::string dir = ShardedDir(context, command.source_world);
+      FSDP_ASSIGN_OR_RETURN(result.api_seconds, TimeCalls(
+                                                    g, command.iterations,
+                                                    [&]() -> absl::Status {
+                                                      FSDP_ASSIGN_OR_RETURN(
+                                                          my_bytes, LoadSharded(setup, dir));
+                                                      return absl::OkStatus();
+                                                    },
+                                                    NoCleanup));
+      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
+      result.bytes = sum_prefix.first;
+      FSDP_ASSIGN_OR_RETURN(auto files, FilesOf(dir));
+      FSDP_ASSIGN_OR_RETURN(
+          std::vector<double> reference,
+          TimeCalls(
+              g, kReadReferenceReps, [&] { return PlainRead(files, sum_prefix.second, my_bytes); },
+              NoCleanup));
+      result.reference_seconds = Mean(reference);
+      if (command.source_world != command.world_size) {
+        const std::string same = ShardedDir(context, command.world_size);
+        FSDP_ASSIGN_OR_RETURN(std::vector<double> same_size,
+                              TimeCalls(
+                                  g, command.iterations,
+                                  [&] { return LoadSharded(setup, same).status(); }, NoCleanup));
+        result.same_size_seconds = Mean(same_size);
+      }
+      return result;
+    }
+    case Op::kSaveFull: {
+      const std::string dir = FullDir(context);
+      FSDP_ASSIGN_OR_RETURN(result.api_seconds,
+                            TimeCalls(
+                                g, command.iterations, [&] { return SaveFull(setup, dir); },
+                                [&] { return RemoveOnRank0(g, dir); }));
+      if (g.rank() == 0) {
+        FSDP_ASSIGN_OR_RETURN(auto files, FilesOf(dir));
+        for (const auto& [path, size] : files) my_bytes += size;
+      }
+      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
+      result.bytes = sum_prefix.first;
+      FSDP_ASSIGN_OR_RETURN(
+          std::vector<double> reference,
+          TimeCalls(
+              g, kWriteReferenceReps,
+              [&] { return g.rank() == 0 ? PlainWrite(plain, my_bytes) : absl::OkStatus(); },
+              [&] { return checkpoint::RemoveTree(plain); }));
+      FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(plain));
+      result.reference_seconds = Mean(reference);
+      return result;
+    }
+    case Op::kLoadFull: {
+      const std::string dir = FullDir(context);
+      FSDP_ASSIGN_OR_RETURN(
+          result.api_seconds,
+          TimeCalls(
+              g, command.iterations, [&] { return LoadFull(setup, dir); }, NoCleanup));
+      std::vector<std::pair<std::string, int64_t>> files;
+      if (g.rank() == 0) {
+        FSDP_ASSIGN_OR_RETURN(files, FilesOf(dir));
+        for (const auto& [path, size] : files) my_bytes += size;
+      }
+      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
+      result.bytes = sum_prefix.first;
+      FSDP_ASSIGN_OR_RETURN(
+          std::vector<double> reference,
+          TimeCalls(
+              g, kReadReferenceReps,
+              [&] { return g.rank() == 0 ? PlainRead(files, 0, my_bytes) : absl::OkStatus(); },
+              NoCleanup));
+      result.reference_seconds = Mean(reference);
+      return result;
+    }
+    case Op::kQuit:
+    case Op::kSetOutDir:
+      break;
+  }
+  return absl::InvalidArgumentError("checkpoint_benchmark: not a case");
+}
+
+int WorkerLoop(RankContext& context) {
+  const int rank = context.world->rank();
+  while (true) {
+    Command command;
+    if (absl::Status s = ExchangeCommand(*context.world, command); !s.ok()) {
+      std::fprintf(stderr, "checkpoint_benchmark rank %d: waiting for a command: %s\n", rank,
+                   s.ToString().c_str());
+      return 1;
+    }
+    if (command.op == Op::kQuit) return 0;
+    absl::Status status;
+    if (command.op == Op::kSetOutDir) {
+      absl::StatusOr<std::string> dir = context.world->BroadcastObject("", 0);
+      status = dir.status();
+      if (dir.ok()) context.run_dir = *dir;
+    } else {
+      status = RunCase(context, command).status();
+    }
+    if (!status.ok()) {
+      std::fprintf(stderr, "checkpoint_benchmark rank %d: %s\n", rank, status.ToString().c_str());
+      return 1;
+    }
+  }
+}
+
+// Rank 0: sends `command` and runs its part.
+absl::StatusOr<CaseResult> Dispatch(RankContext& context, Command command) {
+  FSDP_RETURN_IF_ERROR(ExchangeCommand(*context.world, command));
+  return RunCase(context, command);
+}
+
+// Rank 0: makes sure the world-`world_size` sharded checkpoint exists.
+absl::Status EnsureSharded(RankContext& context, int64_t world_size) {
+  if (Exists(ShardedDir(context, world_size) + "/metadata.json")) return absl::OkStatus();
+  return Dispatch(context, Command{Op::kMakeSharded, world_size, world_size, 1}).status();
+}
+
+void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t world_size) {
+  RankContext& context = *g_context;
+  if (!context.error.empty()) {
+    state.SkipWithError(absl::StrCat("skipped after an earlier failure: ", context.error).c_str());
+    return;
+  }
+  if (GroupFor(context, world_size) == nullptr || GroupFor(context, source_world) == nullptr) {
+    state.SkipWithError(absl::StrCat("no group of ", world_size, " ranks").c_str());
+    return;
+  }
+  absl::StatusOr<CaseResult> result = [&]() -> absl::StatusOr<CaseResult> {
+    if (op == Op::kLoadSharded) {
+      FSDP_RETURN_IF_ERROR(EnsureSharded(context, source_world));
+      if (source_world != world_size) FSDP_RETURN_IF_ERROR(EnsureSharded(context, world_size));
+    }
+    if (op == Op::kLoadFull && !Exists(FullDir(context) + "/optim.pt")) {
+      const Command make{Op::kMakeFull, world_size, world_size, 1};
+      FSDP_RETURN_IF_ERROR(Dispatch(context, make).status());
+    }
+    return Dispatch(
+        context, Command{op, world_size, source_world, static_cast<int64_t>(state.max_iterations)});
+  }();
+  if (!result.ok()) {
+    context.error = result.status().ToString();
+    state.SkipWithError(context.error.c_str());
+    return;
+  }
+  size_t i = 0;
+  for (auto _ : state) state.SetIterationTime(result->api_seconds.at(i++));
+  const double api = Mean(result->api_seconds);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * result->bytes);
+  state.counters["vs_write"] = api / result->reference_seconds;
+  state.counters["ref_ms"] = result->reference_seconds * 1e3;
+  state.counters["ckpt_bytes"] =
+      benchmark::Counter(static_cast<double>(result->bytes), benchmark::Counter::kDefaults,
+                         benchmark::Counter::kIs1024);
+  if (result->same_size_seconds > 0) {
+    state.counters["vs_same_size_load"] = api / result->same_size_seconds;
+    state.counters["same_size_ms"] = result->same_size_seconds * 1e3;
+  }
+}
+
+void Register(const std::string& name, Op op, int64_t source_world, int64_t world_size,
+              int64_t iterations) {
+  benchmark::RegisterBenchmark(
+      name.c_str(),
+      [=](benchmark::State& state) { BM_Checkpoint(state, op, source_world, world_size); })
+      ->Iterations(iterations)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+void RegisterCases() {
+  // World 4, then 2, then 3: the model is rebuilt only when the world size changes.
+  for (int64_t world : {4, 2, 3}) {
+    Register(absl::StrCat("BM_SaveSharded/world:", world), Op::kSaveSharded, world, world,
+             kSaveIterations);
+    Register(absl::StrCat("BM_LoadSharded/from:", world, "/world:", world), Op::kLoadSharded, world,
+             world, kLoadIterations);
+    const int64_t resharded_from = world == 2 ? 4 : world == 3 ? 2 : 0;
+    if (resharded_from != 0) {
+      Register(absl::StrCat("BM_LoadSharded/from:", resharded_from, "/world:", world),
+               Op::kLoadSharded, resharded_from, world, kLoadIterations);
+    }
+    if (world != 3) {
+      Register(absl::StrCat("BM_SaveFull/world:", world), Op::kSaveFull, world, world,
+               kSaveIterations);
+      Register(absl::StrCat("BM_LoadFull/world:", world), Op::kLoadFull, world, world,
+               kLoadIterations);
+    }
+  }
+}
+
+// Rank 0: creates the run directory under `out_dir` and tells every rank.
+absl::Status SetUpRunDir(RankContext& context, const std::string& out_dir) {
+  std::error_code error;
+  std::filesystem::create_directories(out_dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("--out_dir=", out_dir, ": ", error.message()));
+  }
+  const std::string dir = absl::StrCat(out_dir, "/fsdp-ckbench-", checkpoint::RandomNonce());
+  if (::mkdir(dir.c_str(), 0755) != 0) return Errno("cannot create", dir);
+  Command command{Op::kSetOutDir, 0, 0, 0};
+  FSDP_RETURN_IF_ERROR(ExchangeCommand(*context.world, command));
+  FSDP_ASSIGN_OR_RETURN(context.run_dir, context.world->BroadcastObject(dir, 0));
+  return absl::OkStatus();
+}
+
+int RunBenchmarks(RankContext& context, int argc, char** argv) {
+  // --out_dir is ours; everything else goes to Google Benchmark.
+  const char* tmp = std::getenv("TMPDIR");
+  std::string out_dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (i > 0 && arg.rfind("--out_dir=", 0) == 0) {
+      out_dir = arg.substr(10);
+    } else {
+      args.push_back(argv[i]);
+    }
+  }
+  int bench_argc = static_cast<int>(args.size());
+  args.push_back(nullptr);
+  RegisterCases();
+  benchmark::Initialize(&bench_argc, args.data());
+  int exit_code = 0;
+  if (benchmark::ReportUnrecognizedArguments(bench_argc, args.data())) {
+    exit_code = 2;
+  } else if (absl::Status s = SetUpRunDir(context, out_dir); !s.ok()) {
+    std::fprintf(stderr, "checkpoint_benchmark: %s\n", s.ToString().c_str());
+    exit_code = 1;
+  } else {
+    benchmark::RunSpecifiedBenchmarks();
+  }
+  benchmark::Shutdown();
+  if (!context.run_dir.empty()) {
+    if (absl::Status s = checkpoint::RemoveTree(context.run_dir); !s.ok()) {
+      std::fprintf(stderr, "checkpoint_benchmark: cleaning up: %s\n", s.ToString().c_str());
+    }
+  }
+  if (!context.error.empty()) {
+    std::fprintf(stderr, "checkpoint_benchmark: failed: %s\n", context.error.c_str());
+    return 1;
+  }
+  context.setup.reset();
+  Command quit;
+  if (absl::Status s = ExchangeCommand(*context.world, quit); !s.ok()) {
+    std::fprintf(stderr, "checkpoint_benchmark: sending quit: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  return exit_code;
+}
+
+int RunRank(int argc, char** argv) {
+  comm::RendezvousOptions options;
+  options.timeout = kCollectiveTimeout;
+  absl::StatusOr<std::shared_ptr<ProcessGroup>> world = comm::InitProcessGroupFromEnv(options);
+  if (!world.ok()) {
+    std::fprintf(stderr, "checkpoint_benchmark: rendezvous: %s\n",
+                 world.status().ToString().c_str());
+    return 1;
+  }
+  RankContext context;
+  context.world = *std::move(world);
+  const int size = context.world->size();
+  context.groups[size] = context.world;
+  // Every rank takes part in creating each sub-group, in the same order.
+  for (int sub : {2, 3}) {
+    if (sub >= size) continue;
+    std::vector<int> ranks;
+    for (int r = 0; r < sub; ++r) ranks.push_back(r);
+    absl::StatusOr<std::shared_ptr<ProcessGroup>> group = context.world->NewSubgroup(ranks);
+    if (!group.ok()) {
+      std::fprintf(stderr, "checkpoint_benchmark: sub-group of %d: %s\n", sub,
+                   group.status().ToString().c_str());
+      return 1;
+    }
+    context.groups[sub] = *std::move(group);
+  }
+  g_context = &context;
+  const int exit_code =
+      context.world->rank() == 0 ? RunBenchmarks(context, argc, argv) : WorkerLoop(context);
+  g_context = nullptr;
+  return exit_code;
+}
+
+}  // namespace
+}  // namespace fsdp::bench
+
+int main(int argc, char** argv) {
+  if (!fsdp::comm::LaunchedByLauncher()) {
+    return fsdp::bench::LaunchSelfAsRanks(argc, argv, fsdp::bench::kLaunchedRanks,
+                                          "checkpoint_benchmark");
+  }
+  return fsdp::bench::RunRank(argc, argv);
+}
