@@ -36,6 +36,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint/atomic_dir.h"
 #include "checkpoint/full_checkpoint.h"
 #include "comm/launcher.h"
 #include "comm/rendezvous.h"
@@ -57,7 +58,7 @@ ABSL_FLAG(std::string, model, "lm",
 ABSL_FLAG(int, world_size, 2, "Ranks to launch when not started by a launcher.");
 ABSL_FLAG(int, steps, 160, "Training steps.");
 ABSL_FLAG(std::string, optimizer, "adam", "adam, adamw, sgd, adagrad or rmsprop.");
-ABSL_FLAG(double, lr, 0.003, "Learning rate.");
+ABSL_FLAG(double, lr, 0, "Learning rate (0: 0.003 for lm, 0.01 for the other models).");
 ABSL_FLAG(int, param_groups, 1, "1, or 2 for NestedModel's param_group0/param_group1.");
 ABSL_FLAG(std::string, wrap, "",
           "FSDP units. nested: wrap (default), wrap_alt or none; lm and transformer: layers "
@@ -76,6 +77,9 @@ ABSL_FLAG(int, resume_world_size, 0,
           "checkpoint (saved at --save_at_step) and trains to the same last step, then compare "
           "its losses with the first run's. 0: no second job.");
 ABSL_FLAG(std::string, resume_wrap, "none", "--wrap of the resumed job.");
+ABSL_FLAG(bool, demo, false,
+          "The main job (README command 1): unless given, --save=<where bazel run was started>/"
+          "train_out/checkpoint, --save_at_step=--steps/2 and --resume_world_size=3.");
 ABSL_FLAG(std::string, loss_log, "", "Rank 0 writes 'step loss' lines to this file.");
 ABSL_FLAG(std::string, text_file, "", "lm: train on this text instead of the shipped play.");
 ABSL_FLAG(int, context, 64, "lm: characters per training sequence.");
@@ -298,6 +302,31 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
 
 constexpr char kProgressFile[] = "progress.txt";
 
+// Rank 0's part of a full save: model.pt, optim.pt and progress.txt written into a staging
+// directory beside DIR, made durable and swapped in as DIR in one step (atomic_dir.h), so an
+// interrupted save leaves the previous checkpoint in place.
+absl::Status WriteFullCheckpointFiles(const std::string& dir, int steps_done,
+                                      const fsdp::StateDict& model_state,
+                                      const fsdp::optim_state::OptimStateDict& optim_state) {
+  std::error_code error;
+  const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
+  std::filesystem::create_directories(parent, error);
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot create ", parent.string(), ": ", error.message()));
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string staging, fsdp::checkpoint::CreateStagingDir(dir));
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::WriteModelStateDict(model_state, staging + "/model.pt"));
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::FsyncPath(staging + "/model.pt"));
+  fsdp::checkpoint::CrashPoint("train: model.pt written");
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::WriteOptimStateDict(optim_state, staging + "/optim.pt"));
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::FsyncPath(staging + "/optim.pt"));
+  fsdp::checkpoint::CrashPoint("train: optim.pt written");
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::WriteFileDurably(
+      staging + "/" + kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")));
+  return fsdp::checkpoint::CommitStagingDir(staging, dir);
+}
+
 // A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (rank 0
 // writes; Python's torch.load reads both) and DIR/progress.txt with the steps done.
 absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
@@ -308,21 +337,8 @@ absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict optim_state,
                         fsdp::optim_state::FullOptimStateDict(fsdp, adapter, {.rank0_only = true}));
   absl::Status status = absl::OkStatus();
-  if (group.rank() == 0) {
-    std::error_code error;
-    std::filesystem::create_directories(dir, error);
-    if (error) {
-      status = absl::InternalError(absl::StrCat("cannot create ", dir, ": ", error.message()));
-    }
-    if (status.ok()) status = fsdp::checkpoint::WriteModelStateDict(model_state, dir + "/model.pt");
-    if (status.ok()) status = fsdp::checkpoint::WriteOptimStateDict(optim_state, dir + "/optim.pt");
-    if (status.ok()) {
-      std::ofstream progress(dir + "/" + kProgressFile, std::ios::trunc);
-      progress << "steps_done=" << steps_done << "\n";
-      if (!progress)
-        status = absl::InternalError(absl::StrCat("cannot write ", dir, "/", kProgressFile));
-    }
-  }
+  if (group.rank() == 0)
+    status = WriteFullCheckpointFiles(dir, steps_done, model_state, optim_state);
   // Everyone learns whether rank 0 managed.
   FSDP_ASSIGN_OR_RETURN(std::string outcome,
                         group.BroadcastObject(std::string(status.message()), 0));
@@ -382,6 +398,11 @@ absl::Status SaveAndReport(const std::string& dir, int steps_done, fsdp::comm::P
   return absl::OkStatus();
 }
 
+double LearningRate() {
+  if (absl::GetFlag(FLAGS_lr) != 0) return absl::GetFlag(FLAGS_lr);
+  return absl::GetFlag(FLAGS_model) == "lm" ? 0.003 : 0.01;
+}
+
 absl::Status RunRank() {
   FSDP_ASSIGN_OR_RETURN(std::shared_ptr<fsdp::comm::ProcessGroup> group,
                         fsdp::comm::InitProcessGroupFromEnv(
@@ -405,7 +426,7 @@ absl::Status RunRank() {
   if (job.groups.empty()) job.groups = {{job.fsdp->parameters(), std::nullopt}};
   FSDP_ASSIGN_OR_RETURN(
       std::unique_ptr<torch::optim::Optimizer> optimizer,
-      MakeOptimizer(absl::GetFlag(FLAGS_optimizer), absl::GetFlag(FLAGS_lr), job.groups));
+      MakeOptimizer(absl::GetFlag(FLAGS_optimizer), LearningRate(), job.groups));
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimizerAdapter adapter,
                         fsdp::optim_state::OptimizerAdapter::Create(*optimizer));
   int first_step = 0;
@@ -602,11 +623,35 @@ absl::Status RunWithResume(std::vector<std::string> args) {
 
 }  // namespace
 
+// --demo: fills in the flags of the whole demonstration that were not given.
+void ApplyDemoDefaults(std::vector<std::string>& args) {
+  if (!absl::GetFlag(FLAGS_demo)) return;
+  auto set = [&](const std::string& name, const std::string& value) {
+    args.push_back(absl::StrCat("--", name, "=", value));
+  };
+  if (absl::GetFlag(FLAGS_save).empty()) {
+    const char* cwd = std::getenv("BUILD_WORKING_DIRECTORY");  // set by `bazel run`
+    const std::string root = cwd != nullptr ? cwd : std::filesystem::current_path().string();
+    absl::SetFlag(&FLAGS_save, root + "/train_out/checkpoint");
+    set("save", absl::GetFlag(FLAGS_save));
+  }
+  if (absl::GetFlag(FLAGS_save_at_step) == 0) {
+    absl::SetFlag(&FLAGS_save_at_step, std::max(1, absl::GetFlag(FLAGS_steps) / 2));
+    set("save_at_step", std::to_string(absl::GetFlag(FLAGS_save_at_step)));
+  }
+  if (absl::GetFlag(FLAGS_resume_world_size) == 0) {
+    absl::SetFlag(&FLAGS_resume_world_size, 3);
+    set("resume_world_size", "3");
+  }
+  set("demo", "false");
+}
+
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   if (!fsdp::comm::LaunchedByLauncher()) {
     std::vector<std::string> args(argv, argv + argc);
     args[0] = "/proc/self/exe";
+    ApplyDemoDefaults(args);
     const absl::Status status = absl::GetFlag(FLAGS_resume_world_size) > 0
                                     ? RunWithResume(args)
                                     : LaunchJob(args, absl::GetFlag(FLAGS_world_size));

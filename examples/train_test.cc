@@ -55,8 +55,9 @@ const std::vector<double>& PyTorchLosses(const std::string& model, const std::st
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const std::string models_dir = Runfile("models/testdata");
-  CommandResult run = RunCommand(absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/pytorch_train.py"),
-                                    " ", models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
+  CommandResult run = RunCommand(
+      absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/pytorch_train.py"), " ",
+                   models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
   EXPECT_EQ(run.exit_code, 0) << run.output;
   return cache[key] = Losses(run.output);
 }
@@ -67,7 +68,7 @@ struct Case {
   std::string strategy;
   bool use_orig_params;
   std::string optimizer;
-  std::string wrap = "wrap";
+  std::string wrap;  // empty: the model's default (nested: wrap, transformer: layers)
   int param_groups = 1;
 };
 
@@ -79,7 +80,7 @@ TEST_P(TrainTest, LossesMatchPlainPyTorch) {
   CommandResult run = RunCommand(absl::StrCat(
       Runfile("examples/train"), " --model=", c.model, " --world_size=", c.world_size,
       " --sharding_strategy=", c.strategy, " --optimizer=", c.optimizer, " --steps=", kSteps,
-      " --wrap=", c.wrap, " --param_groups=", c.param_groups,
+      c.wrap.empty() ? "" : " --wrap=", c.wrap, " --param_groups=", c.param_groups,
       c.use_orig_params ? " --use_orig_params" : "", " --timeout_s=120"));
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::vector<double> losses = Losses(run.output);
@@ -88,7 +89,8 @@ TEST_P(TrainTest, LossesMatchPlainPyTorch) {
   ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
   for (int i = 0; i < kSteps; ++i) {
     EXPECT_NEAR(losses[i], expected[i], 1e-5 * std::max(1.0, std::abs(expected[i])))
-        << "step " << i << "\n" << run.output;
+        << "step " << i << "\n"
+        << run.output;
   }
 }
 
@@ -106,7 +108,8 @@ INSTANTIATE_TEST_SUITE_P(
     [](const ::testing::TestParamInfo<Case>& info) {
       const Case& c = info.param;
       return absl::StrCat(c.model, "_ws", c.world_size, "_", c.strategy,
-                          c.use_orig_params ? "_orig_" : "_", c.optimizer, "_", c.wrap,
+                          c.use_orig_params ? "_orig_" : "_", c.optimizer, "_",
+                          c.wrap.empty() ? "default_wrap" : c.wrap,
                           c.param_groups == 2 ? "_2groups" : "");
     });
 
@@ -138,20 +141,20 @@ TEST_P(TrainResumeTest, ResumedRunContinuesTheLossAndFilesMatchPyTorch) {
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
   const std::string dir = TempDir(absl::StrCat("ckpt_", c.model, "_", c.optimizer, "_",
                                                c.save_world_size, "_", c.load_world_size));
-  CommandResult first = RunCommand(absl::StrCat(train, common, " --steps=3 --world_size=",
-                                                c.save_world_size, " ", c.save_flags,
-                                                " --save=", dir));
+  CommandResult first =
+      RunCommand(absl::StrCat(train, common, " --steps=3 --world_size=", c.save_world_size, " ",
+                              c.save_flags, " --save=", dir));
   ASSERT_EQ(first.exit_code, 0) << first.output;
   EXPECT_THAT(first.output, HasSubstr("saved a full checkpoint in " + dir));
   // Python's torch.load reads both files and they hold what PyTorch's own training holds.
-  CommandResult check = RunCommand(absl::StrCat(
-      "/usr/bin/python3 ", Runfile("examples/testdata/check_full_checkpoint.py"), " ",
-      Runfile("models/testdata"), " ", c.model, " ", c.optimizer, " 3 ", dir));
+  CommandResult check = RunCommand(
+      absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/check_full_checkpoint.py"), " ",
+                   Runfile("models/testdata"), " ", c.model, " ", c.optimizer, " 3 ", dir));
   EXPECT_EQ(check.exit_code, 0) << check.output;
   EXPECT_THAT(check.output, HasSubstr("checkpoint matches PyTorch"));
-  CommandResult resumed = RunCommand(absl::StrCat(train, common, " --steps=3 --world_size=",
-                                                  c.load_world_size, " ", c.load_flags,
-                                                  " --load=", dir));
+  CommandResult resumed =
+      RunCommand(absl::StrCat(train, common, " --steps=3 --world_size=", c.load_world_size, " ",
+                              c.load_flags, " --load=", dir));
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
   const std::vector<double> all = Losses(straight.output);
   const std::vector<double> tail = Losses(resumed.output);
@@ -160,17 +163,17 @@ TEST_P(TrainResumeTest, ResumedRunContinuesTheLossAndFilesMatchPyTorch) {
   EXPECT_THAT(resumed.output, HasSubstr("step=3 loss="));
   for (int i = 0; i < 3; ++i) {
     EXPECT_NEAR(tail[i], all[3 + i], 1e-5 * std::max(1.0, std::abs(all[3 + i])))
-        << "step " << 3 + i << "\n" << resumed.output;
+        << "step " << 3 + i << "\n"
+        << resumed.output;
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Grid, TrainResumeTest,
-    ::testing::Values(
-        ResumeCase{"nested", "adam", 2, "--wrap=wrap", 3, "--wrap=none"},
-        ResumeCase{"nested", "sgd", 4, "--wrap=wrap_alt", 2,
-                   "--wrap=wrap --sharding_strategy=shard_grad_op --use_orig_params"},
-        ResumeCase{"transformer", "adam", 2, "", 3, "--sharding_strategy=no_shard"}),
+    ::testing::Values(ResumeCase{"nested", "adam", 2, "--wrap=wrap", 3, "--wrap=none"},
+                      ResumeCase{"nested", "sgd", 4, "--wrap=wrap_alt", 2,
+                                 "--wrap=wrap --sharding_strategy=shard_grad_op --use_orig_params"},
+                      ResumeCase{"transformer", "adam", 2, "", 3, "--sharding_strategy=no_shard"}),
     [](const ::testing::TestParamInfo<ResumeCase>& info) {
       const ResumeCase& c = info.param;
       return absl::StrCat(c.model, "_", c.optimizer, "_ws", c.save_world_size, "_to_ws",
@@ -193,7 +196,8 @@ TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
   ASSERT_EQ(losses.size(), 9u) << run.output;  // steps 0-5, then 3-5 again
   for (int i = 0; i < 3; ++i) {
     EXPECT_NEAR(losses[6 + i], losses[3 + i], 1e-5 * std::max(1.0, std::abs(losses[3 + i])))
-        << "step " << 3 + i << "\n" << run.output;
+        << "step " << 3 + i << "\n"
+        << run.output;
   }
   EXPECT_THAT(run.output, HasSubstr("loss curve:  " + out + "/loss_curve.png"));
   FILE* png = std::fopen((out + "/loss_curve.png").c_str(), "rb");
@@ -205,16 +209,16 @@ TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
 }
 
 TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
-  CommandResult run = RunCommand(absl::StrCat(Runfile("examples/train"),
-                                              " --world_size=2 --steps=1 --model=nested --load=",
-                                              TempDir("no_such_checkpoint")));
+  CommandResult run = RunCommand(absl::StrCat(
+      Runfile("examples/train"),
+      " --world_size=2 --steps=1 --model=nested --load=", TempDir("no_such_checkpoint")));
   EXPECT_NE(run.exit_code, 0);
   EXPECT_THAT(run.output, HasSubstr("no_such_checkpoint/model.pt"));
 }
 
 TEST(Train, BadFlagsAreRefusedByName) {
-  CommandResult run = RunCommand(absl::StrCat(Runfile("examples/train"),
-                                    " --world_size=1 --optimizer=lamb --steps=1"));
+  CommandResult run = RunCommand(
+      absl::StrCat(Runfile("examples/train"), " --world_size=1 --optimizer=lamb --steps=1"));
   EXPECT_NE(run.exit_code, 0);
   EXPECT_THAT(run.output, HasSubstr("--optimizer=lamb is not one of"));
   run = RunCommand(absl::StrCat(Runfile("examples/train"),
