@@ -18,11 +18,12 @@
 //                              r-1's bytes end in the files taken in name order), all at once.
 //   SaveFull/world:N           a full checkpoint as examples/train saves one, PyTorch-FSDP
 //                              style: FullStateDict(rank0_only) and FullOptimStateDict
-//                              (rank0_only), then rank 0 writes model.pt and optim.pt
-//                              (checkpoint/full_checkpoint.h, torch.save format), fsyncs them in
-//                              a staging directory and swaps it in (atomic_dir.h); rank 0's
-//                              outcome is broadcast. Reference: rank 0 writes the bytes of
-//                              model.pt + optim.pt with write() and fsync().
+//                              (rank0_only), then rank 0's WriteFullCheckpoint
+//                              (checkpoint/full_checkpoint.h: model.pt and optim.pt in torch.save
+//                              format, serialized first, then written and fsynced in a staging
+//                              directory swapped in atomically); rank 0's outcome is broadcast.
+//                              Reference: rank 0 writes the bytes of model.pt + optim.pt with
+//                              write() and fsync().
 //   LoadFull/world:N           rank 0 reads model.pt and optim.pt (TorchLoad), then
 //                              LoadFullStateDict(rank0_only), ScatterFullOptimStateDict and
 //                              OptimizerAdapter::LoadStateDict, as examples/train loads one.
@@ -39,9 +40,19 @@
 //   ref_ms             the reference's time per call.
 //   ckpt_bytes         bytes written (saves) or read (loads) per call, all ranks together;
 //                      also SetBytesProcessed, so bytes_per_second is the API's throughput.
-// Reads are from the page cache: the files were written moments before in the same run (and
-// the reference reads the same files right after the API did), so loads are measured against a
-// memory-speed read; saves against the disk's write + fsync.
+//   api_cpu_ms,        CPU time per call of the API and of the reference, summed over the
+//   ref_cpu_ms         group's processes (all their threads): on a busy machine, where wall
+//                      time includes waiting for a core, this shows the work each one does.
+//   p2_snapshot_ms,    (same-size sharded loads) rank 0's time for the parts of the loader's
+//   p2_optim_load_ms,  second phase, done alone right after on the same model: the
+//   p2_model_load_ms   optimizer snapshot (StateDict + CloneOptimStateDict), LoadStateDict of
+//                      a dict of that size, and LoadShardedStateDict of this rank's shards.
+//                      What is left of a load's time is reading, checking and building.
+// Reads: by default from the page cache: the files were written moments before in the same run
+// (and the reference reads the same files right after the API did), so loads are measured
+// against a memory-speed read; saves against the disk's write + fsync. With --cold_reads, rank
+// 0 drops the checkpoint's files from the page cache (posix_fadvise DONTNEED, untimed) before
+// every timed load and every reference read, so both read from the disk.
 //
 // The model: BenchTransformer (bench_transformer.h; 52.5M parameters), FULL_SHARD with one
 // unit per transformer layer plus the root, Adam(lr 1e-4) after one real training step (forward,
@@ -57,9 +68,12 @@
 // by an untimed save at the source world size. Every case runs a fixed number of iterations
 // (kSaveIterations / kLoadIterations) so that the whole binary finishes in a few minutes.
 //
-// --out_dir=DIR (default $TMPDIR, else /tmp): rank 0 creates DIR/fsdp-ckbench-<nonce> for the
-// checkpoints and reference files and removes it at the end. All ranks must see DIR (they run
-// on one host here). Errors skip the case and every later one with the status message, and the
+// Flags besides Google Benchmark's:
+//   --out_dir=DIR  (default $TMPDIR, else /tmp) rank 0 creates DIR/fsdp-ckbench-<nonce> for the
+//                  checkpoints and reference files and removes it at the end. All ranks must
+//                  see DIR (they run on one host here).
+//   --cold_reads   loads and reference reads from the disk, not the page cache (see above).
+// Errors skip the case and every later one with the status message, and the
 // binary exits non-zero.
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
@@ -75,6 +89,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <exception>
 #include <filesystem>
 #include <map>
@@ -152,6 +167,7 @@ struct RankContext {
   std::map<int64_t, std::shared_ptr<ProcessGroup>> groups;  // world size -> group (or null)
   std::unique_ptr<Setup> setup;
   std::string run_dir;
+  bool cold_reads = false;
   std::string error;  // rank 0: first failure; later cases are skipped
 };
 
@@ -230,8 +246,8 @@ absl::StatusOr<int64_t> LoadSharded(Setup& setup, const std::string& dir) {
   return stats.read.bytes_read;
 }
 
-// examples/train's full save: gather to rank 0, which writes model.pt and optim.pt durably and
-// swaps the directory in; everyone learns rank 0's outcome.
+// A full save as examples/train makes one: gather to rank 0, which writes model.pt and optim.pt
+// as a pair atomically (WriteFullCheckpoint); everyone learns rank 0's outcome.
 absl::Status SaveFull(Setup& setup, const std::string& dir) {
   FSDP_ASSIGN_OR_RETURN(StateDict model_state, FullStateDict(*setup.fsdp, {.rank0_only = true}));
   optim_state::FullOptimStateDictOptions optim_options;
@@ -239,16 +255,7 @@ absl::Status SaveFull(Setup& setup, const std::string& dir) {
   FSDP_ASSIGN_OR_RETURN(OptimStateDict optim, optim_state::FullOptimStateDict(
                                                   *setup.fsdp, *setup.adapter, optim_options));
   absl::Status status = absl::OkStatus();
-  if (setup.group->rank() == 0) {
-    status = [&]() -> absl::Status {
-      FSDP_ASSIGN_OR_RETURN(std::string staging, checkpoint::CreateStagingDir(dir));
-      FSDP_RETURN_IF_ERROR(checkpoint::WriteModelStateDict(model_state, staging + "/model.pt"));
-      FSDP_RETURN_IF_ERROR(checkpoint::FsyncPath(staging + "/model.pt"));
-      FSDP_RETURN_IF_ERROR(checkpoint::WriteOptimStateDict(optim, staging + "/optim.pt"));
-      FSDP_RETURN_IF_ERROR(checkpoint::FsyncPath(staging + "/optim.pt"));
-      return checkpoint::CommitStagingDir(staging, dir);
-    }();
-  }
+  if (setup.group->rank() == 0) status = checkpoint::WriteFullCheckpoint(dir, model_state, &optim);
   FSDP_ASSIGN_OR_RETURN(std::string outcome,
                         setup.group->BroadcastObject(std::string(status.message()), 0));
   if (!outcome.empty()) return absl::InternalError(outcome);
@@ -328,6 +335,31 @@ absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> FilesOf(const std::
   return files;
 }
 
+// Drops the pages of every regular file under `dir` (a file or directory) from the page cache.
+absl::Status DropFromCache(const std::string& path) {
+  std::vector<std::string> files;
+  std::error_code error;
+  if (std::filesystem::is_directory(path, error)) {
+    for (const auto& entry : std::filesystem::directory_iterator(path, error)) {
+      if (entry.is_regular_file()) files.push_back(entry.path().string());
+    }
+  } else {
+    files.push_back(path);
+  }
+  if (error) return absl::InternalError(absl::StrCat("cannot list ", path, ": ", error.message()));
+  for (const std::string& file : files) {
+    const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Errno("cannot open", file);
+    const int rc = ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+    if (rc != 0) {
+      errno = rc;
+      return Errno("posix_fadvise(DONTNEED) failed on", file);
+    }
+  }
+  return absl::OkStatus();
+}
+
 // Reads `bytes` with read() from `files` taken as one stream, starting at `offset` (wrapping
 // around at the end).
 absl::Status PlainRead(const std::vector<std::pair<std::string, int64_t>>& files, int64_t offset,
@@ -383,21 +415,41 @@ absl::StatusOr<std::pair<int64_t, int64_t>> SumAndPrefix(ProcessGroup& group, in
   return std::make_pair(sum, prefix);
 }
 
+// CPU seconds of this process (all its threads) so far.
+double ProcessCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
 // Runs `body` `reps` times between barriers of `group`, with `cleanup` (untimed) before each;
-// returns each call's seconds (barrier to barrier).
+// returns each call's seconds (barrier to barrier) and sets `*cpu_per_call` to this process's
+// mean CPU seconds in `body`.
 template <typename Body, typename Cleanup>
 absl::StatusOr<std::vector<double>> TimeCalls(ProcessGroup& group, int64_t reps, Body body,
-                                              Cleanup cleanup) {
+                                              Cleanup cleanup, double* cpu_per_call) {
   std::vector<double> seconds;
+  double cpu = 0;
   for (int64_t i = 0; i < reps; ++i) {
     FSDP_RETURN_IF_ERROR(cleanup());
     FSDP_RETURN_IF_ERROR(group.Barrier());
     const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = ProcessCpuSeconds();
     FSDP_RETURN_IF_ERROR(body());
+    cpu += ProcessCpuSeconds() - cpu_start;
     FSDP_RETURN_IF_ERROR(group.Barrier());
     seconds.push_back(SecondsSince(start));
   }
+  *cpu_per_call = reps > 0 ? cpu / static_cast<double>(reps) : 0;
   return seconds;
+}
+
+// Sum over the group of each rank's `value`.
+absl::StatusOr<double> SumOverGroup(ProcessGroup& group, double value) {
+  FSDP_ASSIGN_OR_RETURN(std::vector<std::string> all, group.AllGatherObject(absl::StrCat(value)));
+  double sum = 0;
+  for (const std::string& v : all) sum += std::stod(v);
+  return sum;
 }
 
 double Mean(const std::vector<double>& values) {
@@ -406,13 +458,17 @@ double Mean(const std::vector<double>& values) {
   return values.empty() ? 0 : sum / static_cast<double>(values.size());
 }
 
-absl::Status NoCleanup() { return absl::OkStatus(); }
-
 struct CaseResult {
   std::vector<double> api_seconds;  // per call
   double reference_seconds = 0;
   double same_size_seconds = 0;  // resharded loads
   int64_t bytes = 0;             // per call, all ranks
+  double api_cpu = 0;            // CPU seconds per call, all ranks
+  double reference_cpu = 0;
+  // Same-size sharded loads: rank 0's seconds for the loader's second phase done alone.
+  double snapshot_seconds = 0;
+  double optim_load_seconds = 0;
+  double model_load_seconds = 0;
 };
 
 absl::Status EnsureSetup(RankContext& context, const std::shared_ptr<ProcessGroup>& group) {
@@ -430,6 +486,46 @@ absl::Status RemoveOnRank0(ProcessGroup& group, const std::string& dir) {
   return absl::OkStatus();
 }
 
+// With --cold_reads, rank 0 drops `path`'s files from the page cache; the group waits for it.
+absl::Status MaybeDropOnRank0(const RankContext& context, ProcessGroup& group,
+                              const std::string& path) {
+  if (context.cold_reads && group.rank() == 0) FSDP_RETURN_IF_ERROR(DropFromCache(path));
+  return absl::OkStatus();
+}
+
+// The loader's second phase (LoadShardedCheckpoint's step 2) done alone on the same model and
+// optimizer, each part timed between barriers: the optimizer's snapshot (StateDict +
+// CloneOptimStateDict), OptimizerAdapter::LoadStateDict of a dict that size, and
+// LoadShardedStateDict of this rank's shards. Rank 0's times go into `result`.
+absl::Status TimeLoaderPhases(Setup& setup, CaseResult& result) {
+  ProcessGroup& g = *setup.group;
+  double unused = 0;
+  OptimStateDict snapshot;
+  FSDP_ASSIGN_OR_RETURN(std::vector<double> snap,
+                        TimeCalls(
+                            g, 1,
+                            [&]() -> absl::Status {
+                              FSDP_ASSIGN_OR_RETURN(OptimStateDict current,
+                                                    setup.adapter->StateDict());
+                              snapshot = optim_state::CloneOptimStateDict(current);
+                              return absl::OkStatus();
+                            },
+                            [] { return absl::OkStatus(); }, &unused));
+  FSDP_ASSIGN_OR_RETURN(std::vector<double> optim,
+                        TimeCalls(
+                            g, 1, [&] { return setup.adapter->LoadStateDict(snapshot); },
+                            [] { return absl::OkStatus(); }, &unused));
+  FSDP_ASSIGN_OR_RETURN(ShardedDict shards, ShardedStateDict(*setup.fsdp));
+  FSDP_ASSIGN_OR_RETURN(std::vector<double> model,
+                        TimeCalls(
+                            g, 1, [&] { return LoadShardedStateDict(*setup.fsdp, shards); },
+                            [] { return absl::OkStatus(); }, &unused));
+  result.snapshot_seconds = Mean(snap);
+  result.optim_load_seconds = Mean(optim);
+  result.model_load_seconds = Mean(model);
+  return absl::OkStatus();
+}
+
 // Every member of the command's group runs this; non-members free their model and return.
 absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command) {
   std::shared_ptr<ProcessGroup> group = GroupFor(context, command.world_size);
@@ -443,6 +539,15 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
   const std::string plain = absl::StrCat(context.run_dir, "/plain-r", g.rank());
   CaseResult result;
   int64_t my_bytes = 0;
+  struct {
+    double api = 0, ref = 0, same = 0;
+  } cpu;
+  // Every case's end: CPU seconds per call summed over the group.
+  auto finish = [&]() -> absl::StatusOr<CaseResult> {
+    FSDP_ASSIGN_OR_RETURN(result.api_cpu, SumOverGroup(g, cpu.api));
+    FSDP_ASSIGN_OR_RETURN(result.reference_cpu, SumOverGroup(g, cpu.ref));
+    return result;
+  };
   switch (command.op) {
     case Op::kMakeSharded: {
       FSDP_ASSIGN_OR_RETURN(my_bytes, SaveSharded(setup, ShardedDir(context, command.world_size)));
@@ -454,26 +559,27 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
     }
     case Op::kSaveSharded: {
       const std::string dir = ShardedDir(context, command.world_size);
-      FSDP_ASSIGN_OR_RETURN(result.api_seconds, TimeCalls(
-                                                    g, command.iterations,
-                                                    [&]() -> absl::Status {
-                                                      FSDP_ASSIGN_OR_RETURN(
-                                                          my_bytes, SaveSharded(setup, dir));
-                                                      return absl::OkStatus();
-                                                    },
-                                                    [&] { return RemoveOnRank0(g, dir); }));
+      FSDP_ASSIGN_OR_RETURN(result.api_seconds,
+                            TimeCalls(
+                                g, command.iterations,
+                                [&]() -> absl::Status {
+                                  FSDP_ASSIGN_OR_RETURN(my_bytes, SaveSharded(setup, dir));
+                                  return absl::OkStatus();
+                                },
+                                [&] { return RemoveOnRank0(g, dir); }, &cpu.api));
       FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
       result.bytes = sum_prefix.first;
       FSDP_ASSIGN_OR_RETURN(std::vector<double> reference,
                             TimeCalls(
                                 g, kWriteReferenceReps, [&] { return PlainWrite(plain, my_bytes); },
-                                [&] { return checkpoint::RemoveTree(plain); }));
+                                [&] { return checkpoint::RemoveTree(plain); }, &cpu.ref));
       FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(plain));
       result.reference_seconds = Mean(reference);
-      return result;
+      return finish();
     }
     case Op::kLoadSharded: {
       const std::string dir = ShardedDir(context, command.source_world);
+      auto drop_source = [&] { return MaybeDropOnRank0(context, g, dir); };
       FSDP_ASSIGN_OR_RETURN(result.api_seconds, TimeCalls(
                                                     g, command.iterations,
                                                     [&]() -> absl::Status {
@@ -481,7 +587,7 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
                                                           my_bytes, LoadSharded(setup, dir));
                                                       return absl::OkStatus();
                                                     },
-                                                    NoCleanup));
+                                                    drop_source, &cpu.api));
       FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
       result.bytes = sum_prefix.first;
       FSDP_ASSIGN_OR_RETURN(auto files, FilesOf(dir));
@@ -489,24 +595,27 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
           std::vector<double> reference,
           TimeCalls(
               g, kReadReferenceReps, [&] { return PlainRead(files, sum_prefix.second, my_bytes); },
-              NoCleanup));
+              drop_source, &cpu.ref));
       result.reference_seconds = Mean(reference);
       if (command.source_world != command.world_size) {
         const std::string same = ShardedDir(context, command.world_size);
-        FSDP_ASSIGN_OR_RETURN(std::vector<double> same_size,
-                              TimeCalls(
-                                  g, command.iterations,
-                                  [&] { return LoadSharded(setup, same).status(); }, NoCleanup));
+        FSDP_ASSIGN_OR_RETURN(
+            std::vector<double> same_size,
+            TimeCalls(
+                g, command.iterations, [&] { return LoadSharded(setup, same).status(); },
+                [&] { return MaybeDropOnRank0(context, g, same); }, &cpu.same));
         result.same_size_seconds = Mean(same_size);
+      } else {
+        FSDP_RETURN_IF_ERROR(TimeLoaderPhases(setup, result));
       }
-      return result;
+      return finish();
     }
     case Op::kSaveFull: {
       const std::string dir = FullDir(context);
       FSDP_ASSIGN_OR_RETURN(result.api_seconds,
                             TimeCalls(
                                 g, command.iterations, [&] { return SaveFull(setup, dir); },
-                                [&] { return RemoveOnRank0(g, dir); }));
+                                [&] { return RemoveOnRank0(g, dir); }, &cpu.api));
       if (g.rank() == 0) {
         FSDP_ASSIGN_OR_RETURN(auto files, FilesOf(dir));
         for (const auto& [path, size] : files) my_bytes += size;
@@ -518,17 +627,18 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
           TimeCalls(
               g, kWriteReferenceReps,
               [&] { return g.rank() == 0 ? PlainWrite(plain, my_bytes) : absl::OkStatus(); },
-              [&] { return checkpoint::RemoveTree(plain); }));
+              [&] { return checkpoint::RemoveTree(plain); }, &cpu.ref));
       FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(plain));
       result.reference_seconds = Mean(reference);
-      return result;
+      return finish();
     }
     case Op::kLoadFull: {
       const std::string dir = FullDir(context);
+      auto drop = [&] { return MaybeDropOnRank0(context, g, dir); };
       FSDP_ASSIGN_OR_RETURN(
           result.api_seconds,
           TimeCalls(
-              g, command.iterations, [&] { return LoadFull(setup, dir); }, NoCleanup));
+              g, command.iterations, [&] { return LoadFull(setup, dir); }, drop, &cpu.api));
       std::vector<std::pair<std::string, int64_t>> files;
       if (g.rank() == 0) {
         FSDP_ASSIGN_OR_RETURN(files, FilesOf(dir));
@@ -541,9 +651,9 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
           TimeCalls(
               g, kReadReferenceReps,
               [&] { return g.rank() == 0 ? PlainRead(files, 0, my_bytes) : absl::OkStatus(); },
-              NoCleanup));
+              drop, &cpu.ref));
       result.reference_seconds = Mean(reference);
-      return result;
+      return finish();
     }
     case Op::kQuit:
     case Op::kSetOutDir:
@@ -625,6 +735,13 @@ void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t
   state.counters["ckpt_bytes"] =
       benchmark::Counter(static_cast<double>(result->bytes), benchmark::Counter::kDefaults,
                          benchmark::Counter::kIs1024);
+  state.counters["api_cpu_ms"] = result->api_cpu * 1e3;
+  state.counters["ref_cpu_ms"] = result->reference_cpu * 1e3;
+  if (result->snapshot_seconds > 0) {
+    state.counters["p2_snapshot_ms"] = result->snapshot_seconds * 1e3;
+    state.counters["p2_optim_load_ms"] = result->optim_load_seconds * 1e3;
+    state.counters["p2_model_load_ms"] = result->model_load_seconds * 1e3;
+  }
   if (result->same_size_seconds > 0) {
     state.counters["vs_same_size_load"] = api / result->same_size_seconds;
     state.counters["same_size_ms"] = result->same_size_seconds * 1e3;
@@ -678,7 +795,7 @@ absl::Status SetUpRunDir(RankContext& context, const std::string& out_dir) {
 }
 
 int RunBenchmarks(RankContext& context, int argc, char** argv) {
-  // --out_dir is ours; everything else goes to Google Benchmark.
+  // --out_dir and --cold_reads (RunRank) are ours; everything else goes to Google Benchmark.
   const char* tmp = std::getenv("TMPDIR");
   std::string out_dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
   std::vector<char*> args;
@@ -686,6 +803,8 @@ int RunBenchmarks(RankContext& context, int argc, char** argv) {
     const std::string arg = argv[i];
     if (i > 0 && arg.rfind("--out_dir=", 0) == 0) {
       out_dir = arg.substr(10);
+    } else if (i > 0 && arg == "--cold_reads") {
+      continue;
     } else {
       args.push_back(argv[i]);
     }
@@ -733,6 +852,9 @@ int RunRank(int argc, char** argv) {
   }
   RankContext context;
   context.world = *std::move(world);
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--cold_reads") context.cold_reads = true;
+  }
   const int size = context.world->size();
   context.groups[size] = context.world;
   // Every rank takes part in creating each sub-group, in the same order.
