@@ -36,7 +36,7 @@ GOALS = {
     ],
     "checkpoint_benchmark": [
         (r".", "vs_write", 1.5, "save or load time / plain write+fsync or read time"),
-        (r"(?i)reshard", "vs_same_size", 1.2, "resharded load / same-size load"),
+        (r".", "vs_same_size_load", 1.2, "resharded load / same-size load"),
     ],
     "fsdp_step_benchmark": [
         (r"^Step/FULL_SHARD", "vs_no_shard", 1.5, "step time / NO_SHARD step time"),
@@ -50,6 +50,8 @@ COLUMNS = {
     "comm_benchmark": ["busbw_GBps", "vs_allgather"],
     "optim_state_benchmark": ["vs_collective", "vs_scatter", "ref_ms", "peak_rss_rank0",
                               "peak_rss_other", "base_rss_rank0"],
+    "checkpoint_benchmark": ["vs_write", "vs_same_size_load", "ref_ms", "same_size_ms",
+                             "ckpt_bytes"],
     "fsdp_step_benchmark": ["vs_no_shard", "no_shard_ms", "step_mem_rank0", "step_mem_rank1", "held_mem_rank0",
                             "local_state_bytes", "shard_target", "mem_vs_target"],
 }
