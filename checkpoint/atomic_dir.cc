@@ -24,8 +24,7 @@ namespace fsdp::checkpoint {
 namespace {
 
 absl::Status Errno(absl::string_view what, const std::string& path) {
-  return absl::InternalError(
-      absl::StrCat(what, " ", path, ": ", strerror(errno)));
+  return absl::InternalError(absl::StrCat(what, " ", path, ": ", strerror(errno)));
 }
 
 std::string Parent(const std::string& path) {
@@ -42,9 +41,8 @@ std::string Base(const std::string& path) {
 
 absl::Status CheckDir(const std::string& dir) {
   if (dir.empty() || dir.back() == '/') {
-    return absl::InvalidArgumentError(
-        absl::StrCat("checkpoint directory '", dir,
-                     "' must be a non-empty path not ending in '/'"));
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint directory '", dir,
+                                                   "' must be a non-empty path not ending in '/'"));
   }
   return absl::OkStatus();
 }
@@ -57,8 +55,8 @@ std::string StagingDirName(const std::string& dir, const std::string& nonce) {
 
 std::string RandomNonce() {
   std::random_device rd;
-  const uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^
-                     (static_cast<uint64_t>(getpid()) << 16);
+  const uint64_t v =
+      (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ (static_cast<uint64_t>(getpid()) << 16);
   return absl::StrFormat("%016x", v);
 }
 
@@ -81,12 +79,10 @@ absl::Status RemoveTree(const std::string& path) {
       absl::Status s = RemoveTree(absl::StrCat(path, "/", name));
       if (!s.ok()) return s;
     }
-    if (rmdir(path.c_str()) != 0 && errno != ENOENT)
-      return Errno("cannot remove", path);
+    if (rmdir(path.c_str()) != 0 && errno != ENOENT) return Errno("cannot remove", path);
     return absl::OkStatus();
   }
-  if (unlink(path.c_str()) != 0 && errno != ENOENT)
-    return Errno("cannot remove", path);
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("cannot remove", path);
   return absl::OkStatus();
 }
 
@@ -99,8 +95,7 @@ absl::Status RemoveStaleStagingDirs(const std::string& dir) {
   std::vector<std::string> stale;
   while (dirent* e = readdir(d)) {
     const std::string name = e->d_name;
-    if (absl::StartsWith(name, prefix))
-      stale.push_back(absl::StrCat(parent, "/", name));
+    if (absl::StartsWith(name, prefix)) stale.push_back(absl::StrCat(parent, "/", name));
   }
   closedir(d);
   for (const std::string& path : stale) {
@@ -109,13 +104,10 @@ absl::Status RemoveStaleStagingDirs(const std::string& dir) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> CreateStagingDir(const std::string& dir,
-                                             const std::string& nonce) {
+absl::StatusOr<std::string> CreateStagingDir(const std::string& dir, const std::string& nonce) {
   if (absl::Status s = RemoveStaleStagingDirs(dir); !s.ok()) return s;
-  const std::string staging =
-      StagingDirName(dir, nonce.empty() ? RandomNonce() : nonce);
-  if (mkdir(staging.c_str(), 0755) != 0)
-    return Errno("cannot create directory", staging);
+  const std::string staging = StagingDirName(dir, nonce.empty() ? RandomNonce() : nonce);
+  if (mkdir(staging.c_str(), 0755) != 0) return Errno("cannot create directory", staging);
   CrashPoint("staging directory created");
   return staging;
 }
@@ -131,10 +123,8 @@ absl::Status FsyncPath(const std::string& path) {
   return absl::OkStatus();
 }
 
-absl::Status WriteFileDurably(const std::string& path,
-                              absl::string_view bytes) {
-  const int fd =
-      open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+absl::Status WriteFileDurably(const std::string& path, absl::string_view bytes) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return Errno("cannot create", path);
   size_t done = 0;
   while (done < bytes.size()) {
@@ -160,8 +150,7 @@ absl::Status WriteFileDurably(const std::string& path,
   return absl::OkStatus();
 }
 
-absl::Status CommitStagingDir(const std::string& staging,
-                              const std::string& dir) {
+absl::Status CommitStagingDir(const std::string& staging, const std::string& dir) {
   if (absl::Status s = CheckDir(dir); !s.ok()) return s;
   if (absl::Status s = FsyncPath(staging); !s.ok()) return s;
   CrashPoint("staging directory fsynced");
@@ -169,13 +158,11 @@ absl::Status CommitStagingDir(const std::string& staging,
   struct stat st;
   const bool exists = lstat(dir.c_str(), &st) == 0;
   if (exists) {
-    if (renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(),
-                  RENAME_EXCHANGE) != 0) {
+    if (renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0) {
       if (errno == EINVAL || errno == ENOSYS) {
-        return absl::UnimplementedError(
-            absl::StrCat("cannot exchange ", staging, " and ", dir,
-                         " atomically: the filesystem does not support "
-                         "renameat2(RENAME_EXCHANGE)"));
+        return absl::UnimplementedError(absl::StrCat("cannot exchange ", staging, " and ", dir,
+                                                     " atomically: the filesystem does not support "
+                                                     "renameat2(RENAME_EXCHANGE)"));
       }
       return Errno(absl::StrCat("cannot exchange ", staging, " and"), dir);
     }
@@ -212,6 +199,12 @@ void CrashPoint(absl::string_view name) {
       fprintf(f, "%d %.*s\n", k, static_cast<int>(name.size()), name.data());
       fclose(f);
     }
+  }
+  // FSDP_CHECKPOINT_CRASH_RANK: only the process whose RANK (torchrun's variable) matches.
+  const char* only = std::getenv("FSDP_CHECKPOINT_CRASH_RANK");
+  const char* rank = std::getenv("RANK");
+  if (only != nullptr && *only != '\0' && (rank == nullptr || std::strcmp(only, rank) != 0)) {
+    crash_at = 0;
   }
   if (crash_at > 0 && k == crash_at) {
     kill(getpid(), SIGKILL);

@@ -27,9 +27,10 @@
 //
 // Crash points (tests of issue 7): when the environment variable
 // FSDP_CHECKPOINT_CRASH_AT=<k> is set, the k-th call (1-based, counted per
-// process) of CrashPoint() kills the process with SIGKILL. Savers call
-// CrashPoint() between each durable step (file written, fsynced, directory
-// renamed, old removed, ...). FSDP_CHECKPOINT_CRASH_LOG=<path> appends each
+// process) of CrashPoint() kills the process with SIGKILL; with
+// FSDP_CHECKPOINT_CRASH_RANK=<r> set too, only in the process whose RANK
+// (torchrun's variable) is r. Savers call CrashPoint() between each durable step (file written,
+// fsynced, directory renamed, old removed, ...). FSDP_CHECKPOINT_CRASH_LOG=<path> appends each
 // point's name to a file as it is passed (to count the points of a save).
 //
 // Errors: INTERNAL naming the path and errno's text for any failing system
@@ -56,19 +57,17 @@ std::string RandomNonce();
 
 // RemoveStaleStagingDirs, then creates DIR.tmp-<nonce> (a fresh nonce if
 // empty); returns its path. The parent directory must exist.
-[[nodiscard]] absl::StatusOr<std::string> CreateStagingDir(
-    const std::string& dir, const std::string& nonce = "");
+[[nodiscard]] absl::StatusOr<std::string> CreateStagingDir(const std::string& dir,
+                                                           const std::string& nonce = "");
 
 // Writes `bytes` to `path` (created or truncated) and fsyncs it.
-[[nodiscard]] absl::Status WriteFileDurably(const std::string& path,
-                                            absl::string_view bytes);
+[[nodiscard]] absl::Status WriteFileDurably(const std::string& path, absl::string_view bytes);
 
 // fsync of a file or directory.
 [[nodiscard]] absl::Status FsyncPath(const std::string& path);
 
 // Makes `staging` durable and swaps it in as `dir` (see above).
-[[nodiscard]] absl::Status CommitStagingDir(const std::string& staging,
-                                            const std::string& dir);
+[[nodiscard]] absl::Status CommitStagingDir(const std::string& staging, const std::string& dir);
 
 // rm -rf `path` (no error if it does not exist).
 [[nodiscard]] absl::Status RemoveTree(const std::string& path);
