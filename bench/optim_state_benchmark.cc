@@ -32,22 +32,26 @@
 // "State bytes" = the bytes of `exp_avg` and `exp_avg_sq` of the whole unsharded model
 // (2 x 52.5M float32 = 420 MB): what every function has to move or produce.
 //
-// Counters (rank 0's wall time; UseRealTime; SetBytesProcessed = state bytes per iteration):
-//   vs_collective   API time per call / reference time per call (goal: <= 1.5).
+// Counters (rank 0's wall time per call, from a barrier before to a barrier after it, so the
+// slowest rank counts; UseManualTime; SetBytesProcessed = state bytes per iteration):
+//   vs_collective   API time / reference time, summed over the iterations (goal: <= 1.5).
 //   vs_scatter      (scatter cases) API time / send-recv scatter time.
 //   ref_ms          the reference's time per call.
-//   peak_rss_rank0  rank 0's VmHWM during the timed calls (reset before them through
-//                   /proc/self/clear_refs), bytes; includes the model, its Adam state and the
+//   peak_rss_rank0  rank 0's VmHWM during the case (reset before it through
+//                   /proc/self/clear_refs, after malloc_trim), minus the reference's buffers,
+//                   which are resident throughout; includes the model, its Adam state and the
 //                   case's input dict, which are resident before the calls.
-//   peak_rss_other  the largest VmHWM of the group's other ranks, bytes.
-//   base_rss_rank0  rank 0's VmRSS right before the timed calls, bytes.
+//   peak_rss_other  the same for the group's other ranks (the largest), bytes.
+//   base_rss_rank0  rank 0's VmRSS right before the calls (reference buffers left out).
 //
 // How it runs: as comm_benchmark, the binary re-executes itself as 4 ranks (OMP_NUM_THREADS=1
 // unless set). Rank 0 runs Google Benchmark; before each case it broadcasts a command (case,
 // world size, iterations) on the full group; the case's group (ranks {0, 1} or all four)
-// builds the model when the world size changes, prepares the case's input dict, meets at a
-// barrier, runs the calls, then runs the reference. Each case runs a fixed number of
-// iterations (kIterations), one call each, so the whole binary takes a few minutes.
+// builds the model when the world size changes, prepares the case's input dict and the
+// reference's buffers, then runs kIterations iterations of: one API call, one reference call
+// (and for scatter cases one send/recv scatter), each between barriers. Interleaving them makes
+// the API and its reference see the same load on a shared machine. The whole binary takes a
+// few minutes.
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
 #include <c10/util/Exception.h>
@@ -88,8 +92,7 @@ using optim_state::OptimizerAdapter;
 using optim_state::OptimStateDict;
 
 constexpr int kLaunchedRanks = 4;
-constexpr int64_t kIterations = 3;     // timed calls per case
-constexpr int64_t kReferenceReps = 3;  // reference collectives per case
+constexpr int64_t kIterations = 3;  // timed calls per case
 constexpr std::chrono::milliseconds kCollectiveTimeout = std::chrono::minutes(5);
 constexpr std::chrono::milliseconds kJobTimeout = std::chrono::minutes(60);
 
@@ -299,62 +302,66 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Mean seconds per call of `reference` over `reps` calls, moving `bytes` over `group` (every
-// member calls it). Buffers are allocated and touched before the clock starts.
-absl::StatusOr<double> TimeReference(ProcessGroup& group, Reference reference, int64_t bytes,
-                                     int64_t reps) {
-  const int64_t world = group.size();
-  const int64_t shard_numel = (bytes / static_cast<int64_t>(sizeof(float)) + world - 1) / world;
-  at::Tensor full;
-  at::Tensor shard = at::ones({shard_numel}, at::kFloat);
+// The reference's buffers (float32, `bytes` split into `world` shards), allocated and touched
+// before the clock starts and resident during the whole case.
+struct ReferenceBuffers {
+  int64_t shard_numel = 0;
+  at::Tensor full;   // all-gather output / broadcast buffer (rank 0's scatter source)
+  at::Tensor shard;  // all-gather input / scatter destination / copy source
   at::Tensor copy_target;
-  if (reference == Reference::kLocalCopy) {
-    copy_target = at::zeros({shard_numel}, at::kFloat);
-  } else {
-    full = at::ones({shard_numel * world}, at::kFloat);
-  }
-  if (absl::Status s = group.Barrier(); !s.ok()) return s;
-  const auto start = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < reps; ++i) {
-    absl::Status status;
-    switch (reference) {
-      case Reference::kAllGather:
-        status = group.AllGatherIntoTensor(full, shard);
-        break;
-      case Reference::kBroadcast:
-        status = group.Broadcast(full, /*root=*/0);
-        break;
-      case Reference::kLocalCopy:
-        copy_target.copy_(shard);
-        break;
+
+  ReferenceBuffers(Reference reference, int64_t bytes, int world) {
+    shard_numel = (bytes / static_cast<int64_t>(sizeof(float)) + world - 1) / world;
+    shard = at::ones({shard_numel}, at::kFloat);
+    if (reference == Reference::kLocalCopy) {
+      copy_target = at::zeros({shard_numel}, at::kFloat);
+    } else {
+      full = at::ones({shard_numel * world}, at::kFloat);
     }
-    if (!status.ok()) return status;
   }
-  return SecondsSince(start) / static_cast<double>(reps);
+  int64_t resident_bytes() const {
+    int64_t n = shard.numel();
+    if (full.defined()) n += full.numel();
+    if (copy_target.defined()) n += copy_target.numel();
+    return n * static_cast<int64_t>(sizeof(float));
+  }
+};
+
+// One call of the reference over `group` (every member calls it).
+absl::Status RunReference(ProcessGroup& group, Reference reference, ReferenceBuffers& buffers) {
+  switch (reference) {
+    case Reference::kAllGather:
+      return group.AllGatherIntoTensor(buffers.full, buffers.shard);
+    case Reference::kBroadcast:
+      return group.Broadcast(buffers.full, /*root=*/0);
+    case Reference::kLocalCopy:
+      buffers.copy_target.copy_(buffers.shard);
+      return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError("not a reference");
 }
 
-// The least a scatter moves: rank 0 sends each other rank its 1 / world of `bytes`.
-absl::StatusOr<double> TimeSendRecvScatter(ProcessGroup& group, int64_t bytes, int64_t reps) {
-  const int64_t world = group.size();
-  const int64_t shard_numel = (bytes / static_cast<int64_t>(sizeof(float)) + world - 1) / world;
-  at::Tensor full;
-  at::Tensor shard = at::ones({shard_numel}, at::kFloat);
-  if (group.rank() == 0) full = at::ones({shard_numel * world}, at::kFloat);
+// The least a scatter moves: rank 0 sends each other rank its 1 / world of the bytes.
+absl::Status RunSendRecvScatter(ProcessGroup& group, ReferenceBuffers& buffers, int tag) {
+  const int64_t n = buffers.shard_numel;
+  if (group.rank() != 0) return group.Recv(buffers.shard, 0, tag);
+  for (int r = 1; r < group.size(); ++r) {
+    if (absl::Status s = group.Send(buffers.full.narrow(0, r * n, n), r, tag); !s.ok()) return s;
+  }
+  buffers.shard.copy_(buffers.full.narrow(0, 0, n));
+  return absl::OkStatus();
+}
+
+// Seconds `fn` takes on this rank, started right after a barrier of the group (so no rank's
+// time includes waiting for a straggler from the previous step) and ended by a barrier (so
+// the slowest rank counts).
+template <typename Fn>
+absl::StatusOr<double> TimeBetweenBarriers(ProcessGroup& group, Fn&& fn) {
   if (absl::Status s = group.Barrier(); !s.ok()) return s;
   const auto start = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < reps; ++i) {
-    if (group.rank() == 0) {
-      for (int r = 1; r < world; ++r) {
-        at::Tensor piece = full.narrow(0, r * shard_numel, shard_numel);
-        if (absl::Status s = group.Send(piece, r, /*tag=*/static_cast<int>(i)); !s.ok()) return s;
-      }
-      shard.copy_(full.narrow(0, 0, shard_numel));
-    } else {
-      if (absl::Status s = group.Recv(shard, 0, /*tag=*/static_cast<int>(i)); !s.ok()) return s;
-    }
-  }
+  if (absl::Status s = fn(); !s.ok()) return s;
   if (absl::Status s = group.Barrier(); !s.ok()) return s;
-  return SecondsSince(start) / static_cast<double>(reps);
+  return SecondsSince(start);
 }
 
 struct CaseResult {
@@ -368,7 +375,9 @@ struct CaseResult {
 };
 
 // Every member of the command's group runs this; on rank 0 `state` is Google Benchmark's
-// (its loop times the calls), elsewhere null. Non-members return right away.
+// (manual time: each iteration reports the API call's time), elsewhere null. Non-members
+// return right away. Each iteration runs the API call, then the reference (and the send/recv
+// scatter), each between barriers, so API and reference see the same load on a busy machine.
 absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command,
                                    benchmark::State* state) {
   std::shared_ptr<ProcessGroup> group = GroupFor(context, command.world_size);
@@ -383,40 +392,53 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command,
   }
   Setup& setup = *context.setup;
   if (absl::Status s = PrepareInput(setup, c->input); !s.ok()) return s;
-  if (absl::Status s = group->Barrier(); !s.ok()) return s;
+  ReferenceBuffers buffers(c->reference, setup.state_bytes, group->size());
 
   CaseResult result;
   result.state_bytes = setup.state_bytes;
   ResetPeakRss();
-  result.base_rank0 = CurrentRssBytes();
-  const auto start = std::chrono::steady_clock::now();
+  // The reference's buffers stay resident throughout: left out of the reported memory.
+  const int64_t excluded = buffers.resident_bytes();
+  result.base_rank0 = CurrentRssBytes() - excluded;
+  double api_total = 0, reference_total = 0, scatter_total = 0;
+  auto iteration = [&](int64_t i) -> absl::Status {
+    absl::StatusOr<double> api = TimeBetweenBarriers(*group, [&] { return RunOp(setup, c->op); });
+    if (!api.ok()) return api.status();
+    if (state != nullptr) state->SetIterationTime(*api);
+    api_total += *api;
+    absl::StatusOr<double> reference =
+        TimeBetweenBarriers(*group, [&] { return RunReference(*group, c->reference, buffers); });
+    if (!reference.ok()) return reference.status();
+    reference_total += *reference;
+    if (c->reference == Reference::kBroadcast) {
+      absl::StatusOr<double> scatter = TimeBetweenBarriers(
+          *group, [&] { return RunSendRecvScatter(*group, buffers, static_cast<int>(i)); });
+      if (!scatter.ok()) return scatter.status();
+      scatter_total += *scatter;
+    }
+    return absl::OkStatus();
+  };
   if (state != nullptr) {
+    int64_t i = 0;
     for (auto _ : *state) {
-      if (absl::Status s = RunOp(setup, c->op); !s.ok()) return s;
+      if (absl::Status s = iteration(i++); !s.ok()) return s;
     }
   } else {
     for (int64_t i = 0; i < command.iterations; ++i) {
-      if (absl::Status s = RunOp(setup, c->op); !s.ok()) return s;
+      if (absl::Status s = iteration(i); !s.ok()) return s;
     }
   }
-  result.api_seconds = SecondsSince(start) / static_cast<double>(command.iterations);
-  const int64_t peak = PeakRssBytes();
+  const double n = static_cast<double>(command.iterations);
+  result.api_seconds = api_total / n;
+  result.reference_seconds = reference_total / n;
+  result.scatter_seconds = scatter_total / n;
+  const int64_t peak = PeakRssBytes() - excluded;
 
   absl::StatusOr<std::vector<std::string>> peaks = group->AllGatherObject(std::to_string(peak));
   if (!peaks.ok()) return peaks.status();
   result.peak_rank0 = std::stoll((*peaks)[0]);
   for (size_t r = 1; r < peaks->size(); ++r) {
     result.peak_other = std::max<int64_t>(result.peak_other, std::stoll((*peaks)[r]));
-  }
-
-  absl::StatusOr<double> reference =
-      TimeReference(*group, c->reference, setup.state_bytes, kReferenceReps);
-  if (!reference.ok()) return reference.status();
-  result.reference_seconds = *reference;
-  if (c->reference == Reference::kBroadcast) {
-    absl::StatusOr<double> scatter = TimeSendRecvScatter(*group, setup.state_bytes, kReferenceReps);
-    if (!scatter.ok()) return scatter.status();
-    result.scatter_seconds = *scatter;
   }
   return result;
 }
@@ -483,7 +505,7 @@ void RegisterCases() {
           absl::StrCat("BM_", c.name, "/world:", world_size).c_str(),
           [op, world_size](benchmark::State& state) { BM_OptimState(state, op, world_size); })
           ->Iterations(kIterations)
-          ->UseRealTime()
+          ->UseManualTime()
           ->Unit(benchmark::kMillisecond);
     }
   }
