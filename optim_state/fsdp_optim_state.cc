@@ -1210,10 +1210,22 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
   FSDP_RETURN_IF_ERROR(CheckFqnKeyed(sharded_osd, kOp));
   const ModelIndex index = IndexModel(fsdp);
 
-  // This rank's pieces of the managed parameters' sharded states, per unit.
+  // Groups of parameters whose sharded states are gathered together: each unit (its original
+  // parameters), then each parameter FSDP does not manage here (a dict saved under another
+  // wrapping may hold it sharded; it is loaded whole, as this model keeps it).
+  const size_t num_units = index.handles.size();
+  auto group_fqns = [&index, num_units](size_t u) -> std::vector<std::string> {
+    if (u < num_units) return HandleFqns(*index.handles[u]);
+    return {index.unmanaged[u - num_units].first};
+  };
+  auto describe = [&index, num_units](size_t u) -> std::string {
+    if (u < num_units) return absl::StrCat("flat parameter [", index.handles[u]->Describe(), "]");
+    return absl::StrCat("unmanaged parameter '", index.unmanaged[u - num_units].first, "'");
+  };
+  // This rank's pieces of the sharded states, per group.
   json pieces = json::array();
-  for (size_t u = 0; u < index.handles.size(); ++u) {
-    const std::vector<std::string> fqns = HandleFqns(*index.handles[u]);
+  for (size_t u = 0; u < num_units + index.unmanaged.size(); ++u) {
+    const std::vector<std::string> fqns = group_fqns(u);
     for (size_t i = 0; i < fqns.size(); ++i) {
       const ParamState* st = sharded_osd.state.Find(ParamKey::Fqn(fqns[i]));
       if (st == nullptr) continue;
@@ -1264,7 +1276,7 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
   OrderedMap<ParamKey, ParamState> state = sharded_osd.state;
   for (const auto& [unit_and_name, per_rank] : groups) {
     const auto& [u, name] = unit_and_name;
-    const std::vector<std::string> fqns = HandleFqns(*index.handles[u]);
+    const std::vector<std::string> fqns = group_fqns(u);
     auto numel_of = [](const json& p) {
       int64_t n = 1;
       for (const json& d : p["local"]) n *= d.get<int64_t>();
@@ -1291,8 +1303,8 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
             state.Find(ParamKey::Fqn(fqn))->Find(name)->Get<ShardedTensorValue>().local;
         if (local.scalar_type() != dtype) {
           return absl::InvalidArgumentError(absl::StrCat(
-              "state '", name, "' of the flat parameter [", index.handles[u]->Describe(),
-              "] has sharded tensors of different dtypes"));
+              "state '", name, "' of the ", describe(u),
+              " has sharded tensors of different dtypes"));
         }
         const int64_t n = local.numel();
         mine.narrow(0, off, n).copy_(local.reshape({-1}));
@@ -1303,7 +1315,7 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
       return absl::OkStatus();
     }),
                          absl::StrCat(kOp, where, ": gathering state '", name,
-                                      "' of flat parameter [", index.handles[u]->Describe(), "]"));
+                                      "' of ", describe(u)));
     // Reassemble each parameter's full tensor.
     FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
       std::map<size_t, at::Tensor> full;

@@ -181,6 +181,10 @@ struct FullOptimStateDictOptions {
 // with consistent offsets). Each unit's ShardedTensorValues are gathered with one all-gather
 // per unit and state name (every rank's pieces packed into one buffer; metadata as one
 // object), then flattened and cut as ShardFullOptimStateDict does. A collective over `group`.
+// State of a parameter this model does not manage that the dict holds sharded (saved under a
+// wrapping where a unit managed it, e.g. NestedModel's `wrap` loaded into `wrap_alt`) is
+// gathered the same way and loaded whole, as the optimizer keeps it; PyTorch 2.0 leaves such
+// state a ShardedTensor, which its optimizer cannot use.
 // Errors: INVALID_ARGUMENT for an ID key, a sharded value whose local shard, offsets and
 // global shape disagree or lie outside the global shape, pieces of different dtypes; then
 // ShardFullOptimStateDict's errors, prefixed "FlattenShardedOptimStateDict: "; collective
