@@ -1,0 +1,485 @@
+// Port of PyTorch's test_fsdp_optim_state.py (2.0 era): full-dict keys and errors, unmanaged
+// parameters, rekeying, the optim_input deprecation warning and a 0th parameter without state.
+//
+// Python test                                     C++ (this file)
+// ----------------------------------------------  ----------------------------------------------
+// test_full_optim_state_dict_keys                 TEST_P(FullOptimStateDictKeys,
+//                                                   test_full_optim_state_dict_keys)
+//   NestedModel.wrap(ignore_modules=True) with activation checkpointing. Python checkpoints
+//   every nn.Sequential (block2); in models/ block2 is a SlotSequential called directly, not a
+//   slot, so its three children (slots) are checkpointed instead: the check (no checkpoint
+//   prefix in any key, keys == the full model state dict's) is the same.
+// test_full_optim_state_dict_nested_invalid       TEST_P(FullOptimStateDictNestedInvalid,
+//                                                   test_full_optim_state_dict_nested_invalid)
+// test_shard_full_optim_state_dict_unmanaged_     TEST_P(ShardFullOptimStateDictUnmanagedParams,
+//   params                                          test_shard_full_..._unmanaged_params)
+//   parametrize state_dict_type x add_to_fsdp_module; subtests use_optim_input (FULL only)
+// test_rekey_optim_state_dict_to_ids              TEST_P(RekeyOptimStateDictToIds,
+//                                                   test_rekey_optim_state_dict_to_ids)
+//   parametrize state_dict_type x use_multiple_param_groups; subtests use_optim_input (FULL)
+// test_rekey_optim_state_dict_to_names            TEST_P(RekeyOptimStateDictToNames,
+//                                                   test_rekey_optim_state_dict_to_names)
+//   subtests use_optim_input
+// test_optim_input_warning                        TEST_P(OptimInputWarning,
+//                                                   test_optim_input_warning)
+//   LibTorch warning (TORCH_WARN) caught with c10::Warning::WarningHandlerGuard; also checks
+//   that the same calls without optim_input do not warn
+// test_save_load_without_0th_param_state          TEST_P(SaveLoadWithout0thParamState,
+//                                                   test_save_load_without_0th_param_state)
+//   parametrize state_dict_type
+// Every test at world sizes 4 (PyTorch's) and 3.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/multiprocess_testutil.h"
+#include "comm/status_macros.h"
+#include "fsdp/activation_checkpointing.h"
+#include "fsdp/state_dict.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "models/nested_model.h"
+#include "models/simple_models.h"
+#include "optim_state/fsdp_optim_state.h"
+#include "optim_state/optim_input.h"
+#include "optim_state/rekey.h"
+#include "optim_state/state_dict_type.h"
+#include "tests/optim_state/port_testutil.h"
+
+namespace fsdp::optim_state::port {
+namespace {
+
+using ::fsdp::testing::RunInRanks;
+using ::fsdp::testing::StatusIs;
+using ::testing::HasSubstr;
+
+std::string WorldSizeName(const ::testing::TestParamInfo<int>& info) {
+  return absl::StrCat("ws", info.param);
+}
+
+std::string TypeName(StateDictType type) {
+  return type == StateDictType::kFullStateDict ? "Full" : "Sharded";
+}
+
+// ---------------------------------------------------------------- test_full_optim_state_dict_keys
+
+class FullOptimStateDictKeys : public ::testing::TestWithParam<int> {};
+TEST_P(FullOptimStateDictKeys, test_full_optim_state_dict_keys) {
+  RunInRanks(GetParam(), [](comm::ProcessGroup& group) {
+    models::NestedModel model;
+    FsdpOptions options;
+    options.nested = model->wrap_slots();
+    options.wrap_root = false;
+    options.ignored_modules = {model->ignored_module()};
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp,
+                              FullyShardedDataParallel::Wrap(model, Borrow(group), options));
+    for (size_t i = 0; i < model->block2->size(); ++i) {
+      FSDP_ASSERT_OK(ApplyActivationCheckpointing(model->block2->slot(i)));
+    }
+    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(1e-3));
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(optim));
+    torch::manual_seed(0);
+    optim.zero_grad();
+    at::Tensor x = model->get_input();
+    model->get_loss(x, fsdp->forward(x)).backward();
+    FSDP_ASSERT_OK(adapter.Step());
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd,
+                              FullOptimStateDict(*fsdp, adapter, {.rank0_only = false}));
+    FSDP_ASSERT_OK_AND_ASSIGN(StateDict state_dict, FullStateDict(*fsdp));
+    std::set<std::string> osd_keys, sd_keys;
+    for (const auto& [key, state] : osd.state) osd_keys.insert(key.fqn());
+    for (const auto& [key, tensor] : state_dict) sd_keys.insert(key);
+    EXPECT_EQ(osd_keys, sd_keys);
+    for (const std::string& key : osd_keys) {
+      EXPECT_THAT(key, ::testing::Not(HasSubstr("checkpoint")));
+    }
+  });
+}
+INSTANTIATE_TEST_SUITE_P(WorldSizes, FullOptimStateDictKeys, ::testing::Values(4, 3),
+                         WorldSizeName);
+
+// ----------------------------------------------------------------
+// test_full_optim_state_dict_nested_invalid
+
+class FullOptimStateDictNestedInvalid : public ::testing::TestWithParam<int> {};
+TEST_P(FullOptimStateDictNestedInvalid, test_full_optim_state_dict_nested_invalid) {
+  RunInRanks(GetParam(), [](comm::ProcessGroup& group) {
+    models::NestedModel model;
+    FsdpOptions options;
+    options.nested = model->wrap_slots();
+    options.wrap_root = false;
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp,
+                              FullyShardedDataParallel::Wrap(model, Borrow(group), options));
+    std::vector<at::Tensor> optim_input = fsdp->parameters();
+    // Exclude a parameter so that nonzero ranks are missing state.
+    if (group.rank() != 0) optim_input.pop_back();
+    torch::optim::Adam optim(optim_input, torch::optim::AdamOptions(1e-3));
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(optim));
+    torch::manual_seed(0);
+    for (int i = 0; i < 3; ++i) {
+      optim.zero_grad();
+      at::Tensor x = model->get_input();
+      model->get_loss(x, fsdp->forward(x)).backward();
+      FSDP_ASSERT_OK(adapter.Step());
+    }
+    // The last of fsdp->parameters() is block2.2's flat parameter.
+    std::string missing = "\nRank 1 is missing states for the parameters: [('block2.2.weight', ";
+    EXPECT_THAT(FullOptimStateDict(*fsdp, adapter),
+                StatusIs(absl::StatusCode::kFailedPrecondition,
+                         ::testing::AllOf(
+                             HasSubstr("FSDP currently requires each rank to have at least the "
+                                       "optimizer states needed by rank 0's optimizer but some "
+                                       "ranks are missing some of those states"),
+                             HasSubstr(missing))));
+  });
+}
+INSTANTIATE_TEST_SUITE_P(WorldSizes, FullOptimStateDictNestedInvalid, ::testing::Values(4, 3),
+                         WorldSizeName);
+
+// ---------------------------------------------------------------- unmanaged params
+
+struct UnmanagedParams {
+  int world_size;
+  StateDictType state_dict_type;
+  bool add_to_fsdp_module;
+};
+
+// NestedModel.add_unmanaged_param_entry: an Adam entry for the unmanaged parameter under the
+// ID the flattened dict skipped (single parameter group).
+void AddUnmanagedParamEntry(OptimStateDict& osd, const at::Tensor& unmanaged_param, int step) {
+  std::vector<ParamKey>& ids = osd.param_groups[0].params;
+  int64_t unmanaged_id = -1;
+  for (size_t i = 1; i < ids.size(); ++i) {
+    const int64_t diff = ids[i].id() - ids[i - 1].id();
+    if (diff != 1) {
+      ASSERT_GT(diff, 1);
+      unmanaged_id = ids[i - 1].id() + 1;
+      break;
+    }
+  }
+  if (unmanaged_id == -1) unmanaged_id = static_cast<int64_t>(ids.size());
+  ParamState state;
+  state.Set("step", StateValue(at::scalar_tensor(static_cast<double>(step), at::kFloat)));
+  state.Set("exp_avg", StateValue(torch::randn(unmanaged_param.sizes())));
+  state.Set("exp_avg_sq", StateValue(torch::randn(unmanaged_param.sizes())));
+  osd.state.Set(ParamKey::Id(unmanaged_id), std::move(state));
+  ids.insert(std::upper_bound(ids.begin(), ids.end(), ParamKey::Id(unmanaged_id)),
+             ParamKey::Id(unmanaged_id));
+}
+
+class ShardFullOptimStateDictUnmanagedParams : public ::testing::TestWithParam<UnmanagedParams> {};
+TEST_P(ShardFullOptimStateDictUnmanagedParams, test_shard_full_optim_state_dict_unmanaged_params) {
+  const UnmanagedParams p = GetParam();
+  RunInRanks(p.world_size, [p](comm::ProcessGroup& group) {
+    const bool full = p.state_dict_type == StateDictType::kFullStateDict;
+    for (bool use_optim_input : {false, true}) {
+      if (use_optim_input && !full) continue;  // Python: [False] for SHARDED_STATE_DICT
+      SCOPED_TRACE(absl::StrCat("use_optim_input=", use_optim_input));
+      constexpr int kNumIters = 1;
+      FSDP_ASSERT_OK_AND_ASSIGN(port::Setup model1,
+                                InitNested({.wrap = true, .group = Borrow(group)}));
+      FSDP_ASSERT_OK(StepModel(model1, kNumIters).status());
+      OptimStateDict fsdp_osd;
+      if (full) {
+        FullOptimStateDictOptions options{.rank0_only = false};
+        if (use_optim_input) options.optim_input = model1.optim_input;
+        FSDP_ASSERT_OK_AND_ASSIGN(fsdp_osd,
+                                  FullOptimStateDict(*model1.fsdp, *model1.adapter, options));
+      } else {
+        FSDP_ASSERT_OK_AND_ASSIGN(fsdp_osd, ShardedOptimStateDict(*model1.fsdp, *model1.adapter));
+      }
+      // The model to load into: the same structure with an unmanaged parameter.
+      models::NestedModel model;
+      at::Tensor unmanaged_param = model->add_unmanaged_param(p.add_to_fsdp_module);
+      FsdpOptions options;
+      options.nested = model->wrap_slots();
+      options.wrap_root = false;
+      FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp,
+                                FullyShardedDataParallel::Wrap(model, Borrow(group), options));
+      const OptimInput optim_input = OptimInput::FromParams(fsdp->parameters());
+      torch::optim::Adam optim(optim_input.Params(), torch::optim::AdamOptions(1e-3));
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(optim));
+      auto flatten = [&]() -> absl::StatusOr<OptimStateDict> {
+        if (!full) return FlattenShardedOptimStateDict(fsdp_osd, *fsdp, adapter);
+        if (use_optim_input) return ShardFullOptimStateDict(fsdp_osd, *fsdp, optim_input);
+        return ShardFullOptimStateDict(fsdp_osd, *fsdp, adapter);
+      };
+      if (p.add_to_fsdp_module) {
+        // block2.2's flat parameter now holds an original parameter without Adam's `step`.
+        EXPECT_THAT(flatten(), StatusIs(absl::StatusCode::kInvalidArgument,
+                                        HasSubstr("All unflattened parameters comprising a "
+                                                  "single flat parameter must have scalar state "
+                                                  "with the same value and dtype")));
+        continue;
+      }
+      // A parameter outside every unit is left alone (model parallelism).
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict flattened_osd, flatten());
+      AddUnmanagedParamEntry(flattened_osd, unmanaged_param, kNumIters);
+      FSDP_EXPECT_OK(adapter.LoadStateDict(flattened_osd));
+    }
+  });
+}
+INSTANTIATE_TEST_SUITE_P(
+    All, ShardFullOptimStateDictUnmanagedParams,
+    ::testing::Values(UnmanagedParams{4, StateDictType::kFullStateDict, false},
+                      UnmanagedParams{4, StateDictType::kFullStateDict, true},
+                      UnmanagedParams{4, StateDictType::kShardedStateDict, false},
+                      UnmanagedParams{4, StateDictType::kShardedStateDict, true},
+                      UnmanagedParams{3, StateDictType::kFullStateDict, false},
+                      UnmanagedParams{3, StateDictType::kFullStateDict, true},
+                      UnmanagedParams{3, StateDictType::kShardedStateDict, false},
+                      UnmanagedParams{3, StateDictType::kShardedStateDict, true}),
+    [](const ::testing::TestParamInfo<UnmanagedParams>& info) {
+      return absl::StrCat("ws", info.param.world_size, "_", TypeName(info.param.state_dict_type),
+                          info.param.add_to_fsdp_module ? "_AddToFsdpModule" : "_OutsideFsdp");
+    });
+
+// ---------------------------------------------------------------- rekey
+
+struct RekeyParams {
+  int world_size;
+  StateDictType state_dict_type;
+  bool use_multiple_param_groups;
+};
+
+class RekeyOptimStateDictToIds : public ::testing::TestWithParam<RekeyParams> {};
+TEST_P(RekeyOptimStateDictToIds, test_rekey_optim_state_dict_to_ids) {
+  const RekeyParams p = GetParam();
+  RunInRanks(p.world_size, [p](comm::ProcessGroup& group) {
+    const bool full = p.state_dict_type == StateDictType::kFullStateDict;
+    for (bool use_optim_input : {false, true}) {
+      if (use_optim_input && !full) continue;  // Python: [False] for SHARDED_STATE_DICT
+      SCOPED_TRACE(absl::StrCat("use_optim_input=", use_optim_input));
+      constexpr int kNumIters = 3;
+      FSDP_ASSERT_OK_AND_ASSIGN(port::Setup model1, InitNested({.wrap = true,
+                                                                .group = Borrow(group),
+                                                                .use_multiple_param_groups =
+                                                                    p.use_multiple_param_groups}));
+      FSDP_ASSERT_OK(StepModel(model1, kNumIters).status());
+      OptimStateDict fsdp_osd;
+      if (full) {
+        FullOptimStateDictOptions options;  // rank0_only, as Python's default
+        if (use_optim_input) options.optim_input = model1.optim_input;
+        FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict on_rank0,
+                                  FullOptimStateDict(*model1.fsdp, *model1.adapter, options));
+        FSDP_ASSERT_OK_AND_ASSIGN(
+            fsdp_osd,
+            BroadcastFullOsd(on_rank0, group, absl::StrCat("rekey_to_ids_", use_optim_input)));
+      } else {
+        FSDP_ASSERT_OK_AND_ASSIGN(fsdp_osd, ShardedOptimStateDict(*model1.fsdp, *model1.adapter));
+      }
+      FSDP_ASSERT_OK_AND_ASSIGN(port::Setup model2, InitNested({.wrap = false,
+                                                                .group = Borrow(group),
+                                                                .use_multiple_param_groups =
+                                                                    p.use_multiple_param_groups}));
+      FSDP_ASSERT_OK(StepModel(model2, kNumIters).status());
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict rekeyed_osd,
+                                use_optim_input
+                                    ? RekeyOptimStateDict(fsdp_osd, OptimStateKeyType::kParamId,
+                                                          *model2.module, model2.optim_input)
+                                    : RekeyOptimStateDict(fsdp_osd, OptimStateKeyType::kParamId,
+                                                          *model2.module, *model2.adapter));
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd, model2.adapter->StateDict());
+      ExpectSameParamGroups(rekeyed_osd, osd, /*check_same_param_keys=*/true);
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict gathered, GatherShardedValues(rekeyed_osd, group));
+      ExpectSameState(gathered, osd);
+      if (full) {
+        FSDP_ASSERT_OK(model2.adapter->LoadStateDict(rekeyed_osd));
+        FSDP_ASSERT_OK(StepModel(model2, kNumIters).status());
+      }
+    }
+  });
+}
+INSTANTIATE_TEST_SUITE_P(
+    All, RekeyOptimStateDictToIds, ::testing::ValuesIn([] {
+      std::vector<RekeyParams> out;
+      for (int ws : {4, 3}) {
+        for (StateDictType t : {StateDictType::kFullStateDict, StateDictType::kShardedStateDict}) {
+          for (bool groups : {false, true}) out.push_back(RekeyParams{ws, t, groups});
+        }
+      }
+      return out;
+    }()),
+    [](const ::testing::TestParamInfo<RekeyParams>& info) {
+      return absl::StrCat("ws", info.param.world_size, "_", TypeName(info.param.state_dict_type),
+                          info.param.use_multiple_param_groups ? "_MultipleGroups" : "_OneGroup");
+    });
+
+class RekeyOptimStateDictToNames : public ::testing::TestWithParam<int> {};
+TEST_P(RekeyOptimStateDictToNames, test_rekey_optim_state_dict_to_names) {
+  RunInRanks(GetParam(), [](comm::ProcessGroup& group) {
+    for (bool use_optim_input : {false, true}) {
+      SCOPED_TRACE(absl::StrCat("use_optim_input=", use_optim_input));
+      constexpr int kNumIters = 3;
+      FSDP_ASSERT_OK_AND_ASSIGN(port::Setup model1,
+                                InitNested({.wrap = true, .group = Borrow(group)}));
+      FSDP_ASSERT_OK(StepModel(model1, kNumIters).status());
+      FSDP_ASSERT_OK_AND_ASSIGN(port::Setup model2,
+                                InitNested({.wrap = false, .group = Borrow(group)}));
+      FSDP_ASSERT_OK(StepModel(model2, kNumIters).status());
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd2, model2.adapter->StateDict());
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict rekeyed_osd,
+                                use_optim_input
+                                    ? RekeyOptimStateDict(osd2, OptimStateKeyType::kParamName,
+                                                          *model2.module, model2.optim_input)
+                                    : RekeyOptimStateDict(osd2, OptimStateKeyType::kParamName,
+                                                          *model2.module, *model2.adapter));
+      FSDP_ASSERT_OK_AND_ASSIGN(
+          OptimStateDict sharded_osd,
+          use_optim_input ? ShardFullOptimStateDict(rekeyed_osd, *model1.fsdp, model1.optim_input)
+                          : ShardFullOptimStateDict(rekeyed_osd, *model1.fsdp, *model1.adapter));
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd1, model1.adapter->StateDict());
+      ExpectSameParamGroups(sharded_osd, osd1, /*check_same_param_keys=*/true);
+      ExpectSameState(sharded_osd, osd1);
+      FSDP_ASSERT_OK(model1.adapter->LoadStateDict(sharded_osd));
+      FSDP_ASSERT_OK(StepModel(model1, kNumIters).status());
+    }
+  });
+}
+INSTANTIATE_TEST_SUITE_P(WorldSizes, RekeyOptimStateDictToNames, ::testing::Values(4, 3),
+                         WorldSizeName);
+
+// ---------------------------------------------------------------- test_optim_input_warning
+
+class OptimInputWarning : public ::testing::TestWithParam<int> {};
+TEST_P(OptimInputWarning, test_optim_input_warning) {
+  RunInRanks(GetParam(), [](comm::ProcessGroup& group) {
+    // `call` warns exactly once with PyTorch's text.
+    auto expect_warns = [](const std::string& method, const std::function<absl::Status()>& call) {
+      WarningCapture capture;
+      {
+        c10::Warning::WarningHandlerGuard guard(&capture);
+        FSDP_EXPECT_OK(call()) << method;
+      }
+      EXPECT_THAT(capture.messages(),
+                  ::testing::ElementsAre(HasSubstr("`optim_input` argument is deprecated")))
+          << method;
+      EXPECT_THAT(capture.messages(),
+                  ::testing::Contains(std::string(kOptimInputDeprecationWarning)))
+          << method;
+    };
+    auto expect_silent = [](const std::string& method, const std::function<absl::Status()>& call) {
+      WarningCapture capture;
+      {
+        c10::Warning::WarningHandlerGuard guard(&capture);
+        FSDP_EXPECT_OK(call()) << method;
+      }
+      EXPECT_THAT(capture.messages(), ::testing::IsEmpty()) << method;
+    };
+    FSDP_ASSERT_OK_AND_ASSIGN(port::Setup wrapped,
+                              InitNested({.wrap = true, .group = Borrow(group)}));
+    FSDP_ASSERT_OK(StepModel(wrapped, 2).status());
+    // sharded_optim_state_dict / flatten_sharded_optim_state_dict take no optim_input.
+    OptimStateDict sharded;
+    expect_silent("sharded_optim_state_dict", [&]() -> absl::Status {
+      FSDP_ASSIGN_OR_RETURN(sharded, ShardedOptimStateDict(*wrapped.fsdp, *wrapped.adapter));
+      return absl::OkStatus();
+    });
+    expect_silent("flatten_sharded_optim_state_dict", [&] {
+      return FlattenShardedOptimStateDict(sharded, *wrapped.fsdp, *wrapped.adapter).status();
+    });
+    OptimStateDict fsdp_osd;
+    expect_warns("full_optim_state_dict", [&]() -> absl::Status {
+      FSDP_ASSIGN_OR_RETURN(
+          fsdp_osd, FullOptimStateDict(*wrapped.fsdp, *wrapped.adapter,
+                                       {.rank0_only = false, .optim_input = wrapped.optim_input}));
+      return absl::OkStatus();
+    });
+    expect_silent("full_optim_state_dict without optim_input", [&] {
+      return FullOptimStateDict(*wrapped.fsdp, *wrapped.adapter, {.rank0_only = false}).status();
+    });
+    expect_warns("shard_full_optim_state_dict", [&] {
+      return ShardFullOptimStateDict(fsdp_osd, *wrapped.fsdp, wrapped.optim_input).status();
+    });
+    expect_silent("shard_full_optim_state_dict with optim", [&] {
+      return ShardFullOptimStateDict(fsdp_osd, *wrapped.fsdp, *wrapped.adapter).status();
+    });
+    expect_warns("scatter_full_optim_state_dict", [&] {
+      return ScatterFullOptimStateDict(fsdp_osd, *wrapped.fsdp, wrapped.optim_input).status();
+    });
+    FSDP_ASSERT_OK_AND_ASSIGN(port::Setup nonwrapped,
+                              InitNested({.wrap = false, .group = Borrow(group)}));
+    expect_warns("rekey_optim_state_dict to IDs", [&] {
+      return RekeyOptimStateDict(fsdp_osd, OptimStateKeyType::kParamId, *nonwrapped.module,
+                                 nonwrapped.optim_input)
+          .status();
+    });
+    FSDP_ASSERT_OK(StepModel(nonwrapped, 2).status());
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd, nonwrapped.adapter->StateDict());
+    expect_warns("rekey_optim_state_dict to names", [&] {
+      return RekeyOptimStateDict(osd, OptimStateKeyType::kParamName, *nonwrapped.module,
+                                 nonwrapped.optim_input)
+          .status();
+    });
+    // An empty optim_input is refused with PyTorch's text (after the warning).
+    WarningCapture capture;
+    c10::Warning::WarningHandlerGuard guard(&capture);
+    EXPECT_THAT(ShardFullOptimStateDict(fsdp_osd, *wrapped.fsdp, OptimInput{}),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("Optimizer input should not be empty")));
+  });
+}
+INSTANTIATE_TEST_SUITE_P(WorldSizes, OptimInputWarning, ::testing::Values(4, 3), WorldSizeName);
+
+// ----------------------------------------------------------------
+// test_save_load_without_0th_param_state
+
+struct ZerothParams {
+  int world_size;
+  StateDictType state_dict_type;
+};
+
+class SaveLoadWithout0thParamState : public ::testing::TestWithParam<ZerothParams> {};
+TEST_P(SaveLoadWithout0thParamState, test_save_load_without_0th_param_state) {
+  const ZerothParams p = GetParam();
+  RunInRanks(p.world_size, [p](comm::ProcessGroup& group) {
+    models::UnusedFirstLayerModel model;
+    FsdpOptions options;
+    options.nested = {&model->lin1, &model->lin2};
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp,
+                              FullyShardedDataParallel::Wrap(model, Borrow(group), options));
+    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(1e-2));
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(optim));
+    auto step = [&] {
+      optim.zero_grad();
+      fsdp->forward(torch::randn({2, 5})).sum().backward();
+      return adapter.Step();
+    };
+    FSDP_ASSERT_OK(step());
+    OptimStateDict flattened_osd;
+    if (p.state_dict_type == StateDictType::kFullStateDict) {
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd,
+                                FullOptimStateDict(*fsdp, adapter, {.rank0_only = false}));
+      // Neither optim nor optim_input: the model's parameters() order, as PyTorch.
+      FSDP_ASSERT_OK_AND_ASSIGN(flattened_osd, ShardFullOptimStateDict(fsdp_osd, *fsdp));
+    } else {
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd, ShardedOptimStateDict(*fsdp, adapter));
+      FSDP_ASSERT_OK_AND_ASSIGN(flattened_osd,
+                                FlattenShardedOptimStateDict(fsdp_osd, *fsdp, adapter));
+    }
+    // lin1 (the 0th unit's flat parameter) has no state.
+    EXPECT_EQ(flattened_osd.state.Find(ParamKey::Id(0)), nullptr);
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict before, adapter.StateDict());
+    FSDP_ASSERT_OK(adapter.LoadStateDict(flattened_osd));
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict after, adapter.StateDict());
+    // (Not compared for order: the full dict lists positive-dimension state first, as 1.13.)
+    ExpectSameState(after, before);
+    FSDP_ASSERT_OK(step());
+  });
+}
+INSTANTIATE_TEST_SUITE_P(All, SaveLoadWithout0thParamState,
+                         ::testing::Values(ZerothParams{4, StateDictType::kFullStateDict},
+                                           ZerothParams{4, StateDictType::kShardedStateDict},
+                                           ZerothParams{3, StateDictType::kFullStateDict},
+                                           ZerothParams{3, StateDictType::kShardedStateDict}),
+                         [](const ::testing::TestParamInfo<ZerothParams>& info) {
+                           return absl::StrCat("ws", info.param.world_size, "_",
+                                               TypeName(info.param.state_dict_type));
+                         });
+
+}  // namespace
+}  // namespace fsdp::optim_state::port
