@@ -43,6 +43,9 @@
 //   api_cpu_ms,        CPU time per call of the API and of the reference, summed over the
 //   ref_cpu_ms         group's processes (all their threads): on a busy machine, where wall
 //                      time includes waiting for a core, this shows the work each one does.
+//   vs_write_cpu,      the same ratios as vs_write and vs_same_size_load, of CPU time (all
+//   vs_same_size_load_cpu  ranks): steadier than wall time on a shared machine. For saves the
+//                      reference's CPU time is the write() copy into the page cache only.
 //   p2_snapshot_ms,    (same-size sharded loads) rank 0's time for the parts of the loader's
 //   p2_optim_load_ms,  second phase, done alone right after on the same model: the
 //   p2_model_load_ms   optimizer snapshot (StateDict + CloneOptimStateDict), LoadStateDict of
@@ -465,6 +468,7 @@ struct CaseResult {
   int64_t bytes = 0;             // per call, all ranks
   double api_cpu = 0;            // CPU seconds per call, all ranks
   double reference_cpu = 0;
+  double same_size_cpu = 0;
   // Same-size sharded loads: rank 0's seconds for the loader's second phase done alone.
   double snapshot_seconds = 0;
   double optim_load_seconds = 0;
@@ -546,6 +550,7 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
   auto finish = [&]() -> absl::StatusOr<CaseResult> {
     FSDP_ASSIGN_OR_RETURN(result.api_cpu, SumOverGroup(g, cpu.api));
     FSDP_ASSIGN_OR_RETURN(result.reference_cpu, SumOverGroup(g, cpu.ref));
+    FSDP_ASSIGN_OR_RETURN(result.same_size_cpu, SumOverGroup(g, cpu.same));
     return result;
   };
   switch (command.op) {
@@ -737,6 +742,9 @@ void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t
                          benchmark::Counter::kIs1024);
   state.counters["api_cpu_ms"] = result->api_cpu * 1e3;
   state.counters["ref_cpu_ms"] = result->reference_cpu * 1e3;
+  if (result->reference_cpu > 0) {
+    state.counters["vs_write_cpu"] = result->api_cpu / result->reference_cpu;
+  }
   if (result->snapshot_seconds > 0) {
     state.counters["p2_snapshot_ms"] = result->snapshot_seconds * 1e3;
     state.counters["p2_optim_load_ms"] = result->optim_load_seconds * 1e3;
@@ -745,6 +753,9 @@ void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t
   if (result->same_size_seconds > 0) {
     state.counters["vs_same_size_load"] = api / result->same_size_seconds;
     state.counters["same_size_ms"] = result->same_size_seconds * 1e3;
+    if (result->same_size_cpu > 0) {
+      state.counters["vs_same_size_load_cpu"] = result->api_cpu / result->same_size_cpu;
+    }
   }
 }
 
