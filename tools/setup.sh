@@ -16,6 +16,8 @@ PACKAGES=(
   libxxhash-dev
   libzstd-dev
   zlib1g-dev           # deflate for the loss-curve PNG
+  libopenblas0-serial  # LibTorch's BLAS: ~10x Debian's reference libblas3 (single-threaded,
+                       # so rank processes do not oversubscribe the cores)
   python3-torch        # reference oracle: /usr/bin/python3 with torch 1.13
   clang-14             # libFuzzer targets: bazel build --config=fuzz, tools/fuzz.sh
   libclang-rt-14-dev   # libFuzzer and ASan runtimes for clang-14
