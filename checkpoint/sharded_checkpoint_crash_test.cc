@@ -47,16 +47,19 @@ FullContents Contents(const std::string& dir) {
   return contents.ok() ? *contents : FullContents{};
 }
 
-bool Same(const FullContents& a, const FullContents& b) {
-  if (a.model.size() != b.model.size() || a.model.empty()) return false;
+// "" if equal, else the first difference.
+std::string Diff(const FullContents& a, const FullContents& b) {
+  if (a.model.empty() || a.model.size() != b.model.size()) return "model keys differ";
   for (size_t i = 0; i < a.model.size(); ++i) {
     if (a.model[i].first != b.model[i].first ||
         !torch::equal(a.model[i].second, b.model[i].second)) {
-      return false;
+      return absl::StrCat("model tensor ", a.model[i].first, " differs");
     }
   }
-  return optim_state::DiffOptimStateDicts(a.optim, b.optim) == "";
+  return optim_state::DiffOptimStateDicts(a.optim, b.optim);
 }
+
+bool Same(const FullContents& a, const FullContents& b) { return Diff(a, b).empty(); }
 
 TEST(ShardedCheckpointCrash, AKilledSaveLeavesTheOldOrTheNewCheckpoint) {
   const std::string root = TmpDir("crash");
@@ -105,7 +108,8 @@ TEST(ShardedCheckpointCrash, AKilledSaveLeavesTheOldOrTheNewCheckpoint) {
       const FullContents now = Contents(dir);
       const bool is_old = Same(now, old_contents);
       const bool is_new = Same(now, new_contents);
-      EXPECT_TRUE(is_old || is_new);
+      EXPECT_TRUE(is_old || is_new) << "from the old: " << Diff(old_contents, now)
+                                    << "\nfrom the new: " << Diff(new_contents, now);
       struct stat st;
       if (stat(done.c_str(), &st) == 0) {  // the save ran to its end: no point k
         EXPECT_TRUE(is_new);
