@@ -414,9 +414,16 @@ TEST_P(OptimInputWarning, test_optim_input_warning) {
                                  nonwrapped.optim_input)
           .status();
     });
-    // An empty optim_input is refused with PyTorch's text (after the warning).
+    // An empty optim_input is refused with PyTorch's text (after the warning); one that lists
+    // fewer parameters than the optimizer's state names is refused too (1.13: a KeyError).
     WarningCapture capture;
     c10::Warning::WarningHandlerGuard guard(&capture);
+    OptimInput short_input = wrapped.optim_input;
+    short_input.groups[0].pop_back();
+    EXPECT_THAT(FullOptimStateDict(*wrapped.fsdp, *wrapped.adapter,
+                                   {.rank0_only = false, .optim_input = short_input}),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("is not a parameter ID of the optim_input")));
     EXPECT_THAT(ShardFullOptimStateDict(fsdp_osd, *wrapped.fsdp, OptimInput{}),
                 StatusIs(absl::StatusCode::kInvalidArgument,
                          HasSubstr("Optimizer input should not be empty")));
