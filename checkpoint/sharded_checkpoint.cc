@@ -463,6 +463,7 @@ absl::StatusOr<SaveStats> SaveShardedCheckpoint(const std::string& dir,
       absl::Status committed = [&]() -> absl::Status {
         FSDP_ASSIGN_OR_RETURN(ShardedMetadata m, Assemble(local, all, id, world_size, fsdp,
                                                           adapter != nullptr, options.block_bytes));
+        m.user_metadata = options.user_metadata;
         const std::string text = MetadataToJson(m);
         stats.bytes_written += static_cast<int64_t>(text.size());
         CrashPoint("before metadata.json");

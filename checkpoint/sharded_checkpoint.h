@@ -64,6 +64,7 @@
 #define FSDP_CPP_CHECKPOINT_SHARDED_CHECKPOINT_H_
 
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "absl/status/status.h"
@@ -77,6 +78,9 @@ namespace fsdp::checkpoint {
 struct SaveShardedOptions {
   // Size of the checksummed blocks (a partial reader reads whole blocks).
   int64_t block_bytes = kDefaultBlockBytes;
+  // Stored in metadata.json's "user_metadata" (rank 0's map is used), committed with the
+  // checkpoint; read back with ShardedCheckpointReader::Open(dir)->metadata().user_metadata.
+  std::map<std::string, std::string> user_metadata;
 };
 
 struct SaveStats {

@@ -360,6 +360,10 @@ std::string MetadataToJson(const ShardedMetadata& m) {
   j["world_size"] = m.world_size;
   j["saved_with"] = json::object();
   for (const auto& [k, v] : m.saved_with) j["saved_with"][k] = v;
+  if (!m.user_metadata.empty()) {
+    j["user_metadata"] = json::object();
+    for (const auto& [k, v] : m.user_metadata) j["user_metadata"][k] = v;
+  }
   j["block_bytes"] = m.block_bytes;
   json files = json::array();
   for (const FileRecord& f : m.files) {
@@ -456,6 +460,16 @@ absl::StatusOr<ShardedMetadata> MetadataFromJson(absl::string_view text, const s
     if (j.contains("saved_with") && j["saved_with"].is_object()) {
       for (const auto& [k, v] : j["saved_with"].items()) {
         m.saved_with[k] = v.is_string() ? v.get<std::string>() : v.dump();
+      }
+    }
+    if (j.contains("user_metadata")) {
+      if (!j["user_metadata"].is_object())
+        Bad(absl::StrCat(where, ": user_metadata is not an object"));
+      for (const auto& [k, v] : j["user_metadata"].items()) {
+        if (!v.is_string()) {
+          Bad(absl::StrCat(where, ": user_metadata[\"", k, "\"] is not a string"));
+        }
+        m.user_metadata[k] = v.get<std::string>();
       }
     }
     m.block_bytes = GetInt(j, "block_bytes", where);

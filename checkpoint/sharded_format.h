@@ -143,6 +143,9 @@ struct ShardedMetadata {
   std::string checkpoint_id;
   int world_size = 1;
   std::map<std::string, std::string> saved_with;
+  // The saving program's own entries (e.g. examples/train's "steps_done"), committed atomically
+  // with the checkpoint; metadata.json's "user_metadata" object (optional, string values).
+  std::map<std::string, std::string> user_metadata;
   int64_t block_bytes = kDefaultBlockBytes;
   std::vector<FileRecord> files;
   std::vector<TensorRecord> tensors;

@@ -204,6 +204,26 @@ TEST(ShardedFormat, HostileSizesAreRefusedBeforeAllocating) {
               StatusIs(absl::StatusCode::kDataLoss, HasSubstr("rank-0-of-2.safetensors")));
 }
 
+TEST(ShardedFormat, UserMetadataSurvivesTheRoundTripAndMustHoldStrings) {
+  const std::string dir = TestDir("user_metadata");
+  ASSERT_THAT(WriteShardedFromFull(dir, MakeModel(0), nullptr, 2), IsOk());
+  auto reader = ShardedCheckpointReader::Open(dir);
+  ASSERT_THAT(reader, IsOk());
+  ShardedMetadata metadata = (*reader)->metadata();
+  EXPECT_TRUE(metadata.user_metadata.empty());
+  metadata.user_metadata = {{"steps_done", "80"}, {"note", "after \"warmup\""}};
+  auto parsed = MetadataFromJson(MetadataToJson(metadata), "metadata.json");
+  ASSERT_THAT(parsed, IsOk());
+  EXPECT_EQ(parsed->user_metadata, metadata.user_metadata);
+  std::string text = MetadataToJson(metadata);
+  const std::string from = "\"steps_done\": \"80\"";
+  ASSERT_NE(text.find(from), std::string::npos) << text;
+  text.replace(text.find(from), from.size(), "\"steps_done\": 80");
+  EXPECT_THAT(MetadataFromJson(text, "metadata.json").status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("user_metadata[\"steps_done\"] is not a string")));
+}
+
 TEST(ShardedFormat, DetectCheckpointKindRefusesWhatItDoesNotKnow) {
   const std::string dir = TestDir("kind");
   EXPECT_THAT(DetectCheckpointKind(dir), StatusIs(absl::StatusCode::kNotFound, HasSubstr(dir)));

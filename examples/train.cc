@@ -34,10 +34,14 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/atomic_dir.h"
 #include "checkpoint/full_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
+#include "checkpoint/sharded_format.h"
 #include "comm/launcher.h"
 #include "comm/rendezvous.h"
 #include "comm/status_macros.h"
@@ -66,7 +70,10 @@ ABSL_FLAG(std::string, wrap, "",
 ABSL_FLAG(std::string, sharding_strategy, "full_shard", "full_shard, shard_grad_op, no_shard.");
 ABSL_FLAG(bool, use_orig_params, false, "The optimizer sees the original parameters.");
 ABSL_FLAG(std::string, save, "", "Write a checkpoint to this directory at the end.");
-ABSL_FLAG(std::string, state_dict_type, "full", "Checkpoint kind for --save: full or sharded.");
+ABSL_FLAG(std::string, state_dict_type, "",
+          "Checkpoint kind for --save: full (model.pt + optim.pt, what PyTorch FSDP users save) "
+          "or sharded (metadata.json + one file per rank; loads at any world size). Default: "
+          "sharded with --demo, full otherwise. --load recognises both.");
 ABSL_FLAG(std::string, load, "", "Start from the checkpoint in this directory.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
 ABSL_FLAG(int, save_at_step, 0,
@@ -348,9 +355,9 @@ absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::
 
 // Loads a full checkpoint written by SaveCheckpoint (or by PyTorch: model.pt and optim.pt
 // FQN-keyed) into this job, whatever its world size and wrapping; returns the steps done.
-absl::StatusOr<int> LoadCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
-                                   fsdp::FullyShardedDataParallel& fsdp,
-                                   fsdp::optim_state::OptimizerAdapter& adapter) {
+absl::StatusOr<int> LoadFullCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
+                                       fsdp::FullyShardedDataParallel& fsdp,
+                                       fsdp::optim_state::OptimizerAdapter& adapter) {
   fsdp::StateDict model_state;
   fsdp::optim_state::OptimStateDict optim_state;
   optim_state.has_param_groups = false;
@@ -383,14 +390,73 @@ absl::StatusOr<int> LoadCheckpoint(const std::string& dir, fsdp::comm::ProcessGr
   return std::atoi(steps.c_str());
 }
 
+std::string StateDictType() {
+  const std::string type = absl::GetFlag(FLAGS_state_dict_type);
+  if (!type.empty()) return type;
+  return absl::GetFlag(FLAGS_demo) ? "sharded" : "full";
+}
+
+// A sharded checkpoint (checkpoint/sharded_checkpoint.h): every rank writes its own shard, no
+// gathering; the steps done travel in metadata.json's user_metadata, committed atomically
+// with the rest.
+absl::Status SaveShardedTrainCheckpoint(const std::string& dir, int steps_done,
+                                        fsdp::FullyShardedDataParallel& fsdp,
+                                        const fsdp::optim_state::OptimizerAdapter& adapter) {
+  std::error_code error;
+  const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
+  std::filesystem::create_directories(parent, error);
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot create ", parent.string(), ": ", error.message()));
+  }
+  fsdp::checkpoint::SaveShardedOptions options;
+  options.user_metadata["steps_done"] = std::to_string(steps_done);
+  return fsdp::checkpoint::SaveShardedCheckpoint(dir, fsdp, &adapter, options).status();
+}
+
+absl::StatusOr<int> LoadShardedTrainCheckpoint(const std::string& dir,
+                                               fsdp::FullyShardedDataParallel& fsdp,
+                                               fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_ASSIGN_OR_RETURN(auto reader, fsdp::checkpoint::ShardedCheckpointReader::Open(dir));
+  const auto& user = reader->metadata().user_metadata;
+  const auto steps = user.find("steps_done");
+  int steps_done = 0;
+  if (steps == user.end() || !absl::SimpleAtoi(steps->second, &steps_done) || steps_done < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, "/metadata.json: no user_metadata.steps_done (not written by examples/train)"));
+  }
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::LoadShardedCheckpoint(dir, fsdp, &adapter).status());
+  return steps_done;
+}
+
+// --load: rank 0 tells which kind DIR holds (full or sharded), everyone loads it.
+absl::StatusOr<int> LoadCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
+                                   fsdp::FullyShardedDataParallel& fsdp,
+                                   fsdp::optim_state::OptimizerAdapter& adapter) {
+  std::string kind;
+  if (group.rank() == 0) {
+    auto detected = fsdp::checkpoint::DetectCheckpointKind(dir);
+    kind = !detected.ok() ? absl::StrCat("error:", detected.status().message())
+           : *detected == fsdp::checkpoint::CheckpointKind::kSharded ? "sharded"
+                                                                     : "full";
+  }
+  FSDP_ASSIGN_OR_RETURN(kind, group.BroadcastObject(kind, 0));
+  if (absl::StartsWith(kind, "error:")) return absl::NotFoundError(kind.substr(6));
+  if (kind == "sharded") return LoadShardedTrainCheckpoint(dir, fsdp, adapter);
+  return LoadFullCheckpoint(dir, group, fsdp, adapter);
+}
+
 absl::Status SaveAndReport(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
                            fsdp::FullyShardedDataParallel& fsdp,
                            const fsdp::optim_state::OptimizerAdapter& adapter) {
   const auto start = std::chrono::steady_clock::now();
-  FSDP_RETURN_IF_ERROR(SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
+  const std::string type = StateDictType();
+  FSDP_RETURN_IF_ERROR(type == "sharded"
+                           ? SaveShardedTrainCheckpoint(dir, steps_done, fsdp, adapter)
+                           : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
                        absl::StrCat("--save=", dir));
   if (group.rank() == 0) {
-    absl::PrintF("train: saved a full checkpoint in %s after step %d (%.2f s)\n", dir,
+    absl::PrintF("train: saved a %s checkpoint in %s after step %d (%.2f s)\n", type, dir,
                  steps_done - 1,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     std::fflush(stdout);
@@ -412,10 +478,9 @@ absl::Status RunRank() {
   const int local_ranks = local_world != nullptr ? std::max(1, std::atoi(local_world)) : 1;
   torch::set_num_threads(
       std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_ranks));
-  if (absl::GetFlag(FLAGS_state_dict_type) != "full") {
-    return absl::UnimplementedError(absl::StrCat(
-        "--state_dict_type=", absl::GetFlag(FLAGS_state_dict_type),
-        ": only full checkpoints (model.pt and optim.pt) are written and read so far"));
+  if (StateDictType() != "full" && StateDictType() != "sharded") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--state_dict_type=", StateDictType(), " is not one of full, sharded"));
   }
   const int param_groups = absl::GetFlag(FLAGS_param_groups);
   if (param_groups != 1 && (param_groups != 2 || absl::GetFlag(FLAGS_model) != "nested")) {
@@ -424,9 +489,8 @@ absl::Status RunRank() {
   }
   FSDP_ASSIGN_OR_RETURN(Job job, BuildJob(group));
   if (job.groups.empty()) job.groups = {{job.fsdp->parameters(), std::nullopt}};
-  FSDP_ASSIGN_OR_RETURN(
-      std::unique_ptr<torch::optim::Optimizer> optimizer,
-      MakeOptimizer(absl::GetFlag(FLAGS_optimizer), LearningRate(), job.groups));
+  FSDP_ASSIGN_OR_RETURN(std::unique_ptr<torch::optim::Optimizer> optimizer,
+                        MakeOptimizer(absl::GetFlag(FLAGS_optimizer), LearningRate(), job.groups));
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimizerAdapter adapter,
                         fsdp::optim_state::OptimizerAdapter::Create(*optimizer));
   int first_step = 0;
@@ -643,6 +707,7 @@ void ApplyDemoDefaults(std::vector<std::string>& args) {
     absl::SetFlag(&FLAGS_resume_world_size, 3);
     set("resume_world_size", "3");
   }
+  if (absl::GetFlag(FLAGS_state_dict_type).empty()) set("state_dict_type", "sharded");
   set("demo", "false");
 }
 
