@@ -60,9 +60,9 @@ ABSL_FLAG(std::string, model, "lm",
           "lm (character-level transformer language model on the shipped text), nested, "
           "transformer or dummy.");
 ABSL_FLAG(int, world_size, 2, "Ranks to launch when not started by a launcher.");
-ABSL_FLAG(int, steps, 160, "Training steps.");
+ABSL_FLAG(int, steps, 240, "Training steps.");
 ABSL_FLAG(std::string, optimizer, "adam", "adam, adamw, sgd, adagrad or rmsprop.");
-ABSL_FLAG(double, lr, 0, "Learning rate (0: 0.003 for lm, 0.01 for the other models).");
+ABSL_FLAG(double, lr, 0, "Learning rate (0: 0.001 for lm, 0.01 for the other models).");
 ABSL_FLAG(int, param_groups, 1, "1, or 2 for NestedModel's param_group0/param_group1.");
 ABSL_FLAG(std::string, wrap, "",
           "FSDP units. nested: wrap (default), wrap_alt or none; lm and transformer: layers "
@@ -466,7 +466,7 @@ absl::Status SaveAndReport(const std::string& dir, int steps_done, fsdp::comm::P
 
 double LearningRate() {
   if (absl::GetFlag(FLAGS_lr) != 0) return absl::GetFlag(FLAGS_lr);
-  return absl::GetFlag(FLAGS_model) == "lm" ? 0.003 : 0.01;
+  return absl::GetFlag(FLAGS_model) == "lm" ? 0.001 : 0.01;
 }
 
 absl::Status RunRank() {
