@@ -209,6 +209,54 @@ TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
   EXPECT_EQ(std::string(signature, 8), std::string("\x89PNG\r\n\x1a\n", 8));
 }
 
+struct PyTorchCheckpointCase {
+  std::string model;
+  std::string optimizer;
+  int protocol;
+  int world_size;
+  std::string flags;
+};
+
+class TrainLoadsPyTorchCheckpointTest : public ::testing::TestWithParam<PyTorchCheckpointCase> {};
+
+// PyTorch trains, saves model.pt/optim.pt with torch.save (pickle protocol 2 or 4) halfway and
+// trains on; train loads that checkpoint at some world size and wrapping and continues with
+// PyTorch's losses.
+TEST_P(TrainLoadsPyTorchCheckpointTest, ContinuesWithPyTorchsLosses) {
+  const PyTorchCheckpointCase& c = GetParam();
+  const std::string dir = TempDir(absl::StrCat("pytorch_ckpt_", c.model, "_", c.optimizer, "_p",
+                                               c.protocol, "_ws", c.world_size));
+  CommandResult python =
+      RunCommand(absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/pytorch_train.py"),
+                              " ", Runfile("models/testdata"), " ", c.model, " ", c.optimizer,
+                              " 0.01 6 1 3 ", dir, " ", c.protocol));
+  ASSERT_EQ(python.exit_code, 0) << python.output;
+  const std::vector<double> expected = Losses(python.output);
+  ASSERT_EQ(expected.size(), 6u) << python.output;
+  CommandResult resumed = RunCommand(absl::StrCat(
+      Runfile("examples/train"), " --model=", c.model, " --optimizer=", c.optimizer,
+      " --world_size=", c.world_size, " --steps=3 --timeout_s=120 --load=", dir, " ", c.flags));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_THAT(resumed.output, HasSubstr("resuming at step 3"));
+  const std::vector<double> tail = Losses(resumed.output);
+  ASSERT_EQ(tail.size(), 3u) << resumed.output;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(tail[i], expected[3 + i], 1e-5 * std::max(1.0, std::abs(expected[3 + i])))
+        << "step " << 3 + i << "\n"
+        << resumed.output;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Grid, TrainLoadsPyTorchCheckpointTest,
+    ::testing::Values(PyTorchCheckpointCase{"nested", "adam", 2, 2, "--wrap=wrap"},
+                      PyTorchCheckpointCase{"nested", "sgd", 4, 3, "--wrap=wrap_alt"},
+                      PyTorchCheckpointCase{"transformer", "adam", 4, 2, "--use_orig_params"}),
+    [](const ::testing::TestParamInfo<PyTorchCheckpointCase>& info) {
+      const PyTorchCheckpointCase& c = info.param;
+      return absl::StrCat(c.model, "_", c.optimizer, "_protocol", c.protocol, "_ws", c.world_size);
+    });
+
 TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
   CommandResult run = RunCommand(absl::StrCat(
       Runfile("examples/train"),

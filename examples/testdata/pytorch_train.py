@@ -1,11 +1,17 @@
 """The oracle for examples/train_test: trains a reference model in plain PyTorch (one process,
 no FSDP) exactly as `train` does, and prints `step=<i> loss=<loss>` lines.
 
-Usage: /usr/bin/python3 pytorch_train.py MODELS_TESTDATA_DIR MODEL OPTIMIZER LR STEPS [GROUPS]
+Usage: /usr/bin/python3 pytorch_train.py MODELS_TESTDATA_DIR MODEL OPTIMIZER LR STEPS [GROUPS
+       [SAVE_AFTER SAVE_DIR PROTOCOL]]
 GROUPS=2 (nested only) uses the PyTorch test's param_group0 and param_group1, the second with
-weight_decay=0.9.
+weight_decay=0.9. With SAVE_AFTER=K it writes, after K steps, the full checkpoint a PyTorch FSDP
+user writes: SAVE_DIR/model.pt (model.state_dict()) and SAVE_DIR/optim.pt (the optimizer state
+keyed by parameter names, as FSDP.full_optim_state_dict lays it out), with torch.save's pickle
+protocol PROTOCOL, plus SAVE_DIR/progress.txt (steps_done=K) for examples/train --load; then it
+trains on.
 """
 
+import os
 import sys
 
 import torch
@@ -50,6 +56,7 @@ def main():
             {"params": model.param_group1(), "weight_decay": 0.9},
         ]
     optim = make_optimizer(optimizer, float(lr), params)
+    save_after = int(sys.argv[7]) if len(sys.argv) > 7 else -1
     torch.manual_seed(0)
     for step in range(int(steps)):
         optim.zero_grad()
@@ -57,6 +64,31 @@ def main():
         loss.backward()
         optim.step()
         print(f"step={step} loss={loss.item():.9g}")
+        if step + 1 == save_after:
+            save_full_checkpoint(model, optim, sys.argv[8], int(sys.argv[9]), save_after)
+
+
+def save_full_checkpoint(model, optim, directory, protocol, steps_done):
+    os.makedirs(directory, exist_ok=True)
+    names = {}
+    for name, param in model.named_parameters():  # each tensor once, under its first name
+        names.setdefault(id(param), name)
+    raw = optim.state_dict()
+    ids = [id(p) for group in optim.param_groups for p in group["params"]]
+    state = {names[ids[i]]: value for i, value in raw["state"].items()}
+    groups = []
+    for group in raw["param_groups"]:
+        group = dict(group)
+        group["params"] = [names[ids[i]] for i in group["params"]]
+        groups.append(group)
+    torch.save(model.state_dict(), os.path.join(directory, "model.pt"), pickle_protocol=protocol)
+    torch.save(
+        {"state": state, "param_groups": groups},
+        os.path.join(directory, "optim.pt"),
+        pickle_protocol=protocol,
+    )
+    with open(os.path.join(directory, "progress.txt"), "w") as f:
+        f.write(f"steps_done={steps_done}\n")
 
 
 if __name__ == "__main__":
