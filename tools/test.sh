@@ -4,6 +4,9 @@
 #   2. bazel test //...        (every GoogleTest target, real rank processes over Gloo)
 #   3. the NCCL targets under --config=cuda (built against /usr/local/cuda; their tests skip
 #      without a GPU)
+#   4. under CI (CI=true) also: the fast targets under AddressSanitizer
+#      (tools/sanitizer_test.sh) and each libFuzzer target for FSDP_CI_FUZZ_SECONDS (default
+#      30) seconds (tools/fuzz.sh, clang-14)
 # Ends with one line "tests: N passed, N failed, N skipped" counted over every test case.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +25,11 @@ bazel test "${test_flags[@]}" //... || status=$?
 if [[ -f /usr/local/cuda/include/nccl.h ]]; then
   # The configuration differs, so results of this run land under their own testlogs tree.
   bazel test "${test_flags[@]}" --config=cuda //comm:nccl_communicator_test || status=$?
+fi
+
+if [[ "${CI:-}" == "true" ]]; then
+  bash tools/sanitizer_test.sh asan "${test_flags[@]}" || status=$?
+  bash tools/fuzz.sh "${FSDP_CI_FUZZ_SECONDS:-30}" || status=$?
 fi
 
 /usr/bin/python3 tools/test_summary.py "$(bazel info bazel-testlogs 2>/dev/null)" \
