@@ -781,11 +781,16 @@ absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& ful
 }
 
 // This rank's part of an unpadded flat tensor: its padded shard, or the whole under NO_SHARD.
+// Writes only the shard: its part of `flat`, then zeros where the shard runs into the padding
+// (no padded copy of the whole flat tensor).
 at::Tensor LocalPart(const at::Tensor& flat, const FlatParamHandle& h, int rank) {
   if (!h.sharded()) return flat.clone();
-  at::Tensor padded = at::zeros({h.padded_numel()}, flat.options());
-  padded.narrow(0, 0, h.numel()).copy_(flat);
-  return padded.narrow(0, static_cast<int64_t>(rank) * h.shard_numel(), h.shard_numel()).clone();
+  const int64_t begin = static_cast<int64_t>(rank) * h.shard_numel();
+  const int64_t present = std::clamp<int64_t>(h.numel() - begin, 0, h.shard_numel());
+  at::Tensor shard = at::empty({h.shard_numel()}, flat.options());
+  if (present > 0) shard.narrow(0, 0, present).copy_(flat.narrow(0, begin, present));
+  if (present < h.shard_numel()) shard.narrow(0, present, h.shard_numel() - present).zero_();
+  return shard;
 }
 
 // The dict this rank's optimizer loads, from its units' local parts (`units`, by unit
@@ -1081,19 +1086,20 @@ absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
         mine = rank == 0 ? unit.pos[k].second.clone() : at::empty({h.numel()}, opts);
         FSDP_RETURN_IF_ERROR(group->Broadcast(mine, 0), context);
       } else {
-        at::Tensor padded;
+        // A scatter: rank 0 sends each rank only its own shard (point to point, in rank
+        // order; every rank walks the same units and states, so the pairs match up).
+        constexpr int kScatterTag = 0x5CA7;
         if (rank == 0) {
-          padded = at::zeros({h.padded_numel()}, opts);
-          padded.narrow(0, 0, h.numel()).copy_(unit.pos[k].second);
+          for (int target = 1; target < group->size(); ++target) {
+            FSDP_RETURN_IF_ERROR(
+                group->Send(LocalPart(unit.pos[k].second, h, target), target, kScatterTag),
+                absl::StrCat(context, " to rank ", target));
+          }
+          mine = LocalPart(unit.pos[k].second, h, 0);
+        } else {
+          mine = at::empty({h.shard_numel()}, opts);
+          FSDP_RETURN_IF_ERROR(group->Recv(mine, 0, kScatterTag), context);
         }
-        for (int target = 1; target < group->size(); ++target) {
-          at::Tensor buf = rank == 0 ? padded.narrow(0, target * h.shard_numel(), h.shard_numel())
-                                           .clone()
-                                     : at::empty({h.shard_numel()}, opts);
-          FSDP_RETURN_IF_ERROR(group->Broadcast(buf, 0), context);
-          if (rank == target) mine = buf;
-        }
-        if (rank == 0) mine = padded.narrow(0, 0, h.shard_numel()).clone();
       }
       if (rank == 0) {
         unit.pos[k].second = mine;

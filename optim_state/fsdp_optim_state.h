@@ -35,8 +35,9 @@
 // in this mode; later PyTorch does, as here.)
 //
 // Cost. Positive-dimension state moves with tensor collectives only: one all-gather per flat
-// parameter (or unit) and state name when gathering; one broadcast per target rank, flat
-// parameter and state name when scattering (as 1.13). Serialized objects carry only
+// parameter (or unit) and state name when gathering; when scattering, rank 0 sends each other
+// rank its own shard of each flat parameter and state name (1.13 broadcasts every shard to
+// every rank; each rank here receives only 1/N). Serialized objects carry only
 // metadata (keys, state names, dtypes, scalar values, param_groups). With rank0_only, ranks
 // other than 0 hold at most one gathered flat parameter's worth beyond their shard at a time.
 //
@@ -145,8 +146,8 @@ struct FullOptimStateDictOptions {
 
 // FSDP.scatter_full_optim_state_dict: as ShardFullOptimStateDict, but only rank 0 needs the
 // full dict (`full_osd` is ignored elsewhere; pass an empty one). Rank 0 flattens it,
-// broadcasts the metadata as one object and each shard of each positive-dimension state with
-// a tensor broadcast; every rank keeps its own. A collective over `group` (null:
+// broadcasts the metadata as one object and sends each rank its shard of each
+// positive-dimension state (point to point). A collective over `group` (null:
 // fsdp.group()).
 // Errors: those of ShardFullOptimStateDict, found on rank 0 and returned on every rank (with
 // "rank 0: " in the message); UNIMPLEMENTED for hyper-parameters or scalar states that are
