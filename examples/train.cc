@@ -417,6 +417,9 @@ absl::Status SaveShardedTrainCheckpoint(const std::string& dir, int steps_done,
 absl::StatusOr<int> LoadShardedTrainCheckpoint(const std::string& dir,
                                                fsdp::FullyShardedDataParallel& fsdp,
                                                fsdp::optim_state::OptimizerAdapter& adapter) {
+  // The load first: it is the collective that makes the ranks agree on errors; the steps done
+  // are then read from the same, validated metadata.json on every rank.
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::LoadShardedCheckpoint(dir, fsdp, &adapter).status());
   FSDP_ASSIGN_OR_RETURN(auto reader, fsdp::checkpoint::ShardedCheckpointReader::Open(dir));
   const auto& user = reader->metadata().user_metadata;
   const auto steps = user.find("steps_done");
@@ -425,7 +428,6 @@ absl::StatusOr<int> LoadShardedTrainCheckpoint(const std::string& dir,
     return absl::InvalidArgumentError(absl::StrCat(
         dir, "/metadata.json: no user_metadata.steps_done (not written by examples/train)"));
   }
-  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::LoadShardedCheckpoint(dir, fsdp, &adapter).status());
   return steps_done;
 }
 
