@@ -17,19 +17,32 @@ cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
 shift || true
-output_base=${FSDP_FUZZ_OUTPUT_BASE:-$HOME/.cache/fsdp-cpp/bazel-fuzz}
+# One output base per checkout: Bazel refuses an output base that belongs to another workspace
+# (CI's fresh clone would otherwise find no targets).
+workspace_id=$(pwd -P | md5sum | cut -c1-12)
+output_base=${FSDP_FUZZ_OUTPUT_BASE:-$HOME/.cache/fsdp-cpp/bazel-fuzz-$workspace_id}
 work=${FSDP_FUZZ_DIR:-$HOME/.cache/fsdp-cpp/fuzz}
 bazel_=(bazel --output_base="$output_base")
 build_flags=(--config=fuzz --symlink_prefix=/ --jobs="${FSDP_FUZZ_JOBS:-2}")
 
 if (($# == 0)); then
+  # Every package of the checkout, without the convenience symlinks bazel-*: //... would walk
+  # bazel-<checkout name>/external too, whose packages do not load.
+  universe=""
+  for dir in */; do
+    dir=${dir%/}
+    [[ "$dir" == bazel-* || -L "$dir" ]] && continue
+    universe+="${universe:+ + }//$dir/..."
+  done
+  query_log=$(mktemp)
   mapfile -t targets < <("${bazel_[@]}" query --noshow_progress \
-    'attr(tags, "\bfuzz\b", kind("cc_binary", //...))' 2>/dev/null)
+    "attr(tags, '\\bfuzz\\b', kind('cc_binary', $universe))" 2>"$query_log")
 else
   targets=("$@")
 fi
 if ((${#targets[@]} == 0)); then
   echo "fuzz: no fuzz targets found" >&2
+  [[ -n "${query_log:-}" ]] && cat "$query_log" >&2
   exit 1
 fi
 
