@@ -58,9 +58,7 @@ torch::Tensor CharTransformerLMImpl::loss(const torch::Tensor& inputs,
 }
 
 std::vector<fsdp::ModuleSlot*> CharTransformerLMImpl::layer_slots() {
-  std::vector<fsdp::ModuleSlot*> slots;
-  for (size_t i = 0; i < encoder->layers->size(); ++i) slots.push_back(&encoder->layers->slot(i));
-  return slots;
+  return encoder->layers->slots();
 }
 
 }  // namespace fsdp::models

@@ -30,6 +30,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "fsdp/module_slot.h"
 
@@ -69,6 +70,13 @@ class SlotListImpl : public torch::nn::Module {
     TORCH_CHECK(index < slots_.size(), "slot index ", index, " out of range for ", name(),
                 " of size ", slots_.size());
     return slots_[index];
+  }
+
+  // Every slot, in index order (e.g. FSDP's per-layer units: FsdpOptions::nested).
+  std::vector<fsdp::ModuleSlot*> slots() {
+    std::vector<fsdp::ModuleSlot*> all;
+    for (fsdp::ModuleSlot& s : slots_) all.push_back(&s);
+    return all;
   }
 
   // The child at `index` as its concrete type (throws if it is another type).

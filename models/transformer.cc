@@ -270,13 +270,8 @@ torch::Tensor TransformerWithSharedParamsImpl::get_loss(
 }
 
 std::vector<fsdp::ModuleSlot*> TransformerWithSharedParamsImpl::layer_slots() {
-  std::vector<fsdp::ModuleSlot*> slots;
-  for (size_t i = 0; i < transformer->encoder->layers->size(); ++i) {
-    slots.push_back(&transformer->encoder->layers->slot(i));
-  }
-  for (size_t i = 0; i < transformer->decoder->layers->size(); ++i) {
-    slots.push_back(&transformer->decoder->layers->slot(i));
-  }
+  std::vector<fsdp::ModuleSlot*> slots = transformer->encoder->layers->slots();
+  for (fsdp::ModuleSlot* slot : transformer->decoder->layers->slots()) slots.push_back(slot);
   return slots;
 }
 
