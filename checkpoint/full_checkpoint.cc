@@ -164,7 +164,8 @@ absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string&
 }
 
 absl::Status WriteFullCheckpoint(const std::string& dir, const ModelStateDict& model,
-                                 const OptimStateDict* optim) {
+                                 const OptimStateDict* optim,
+                                 const std::map<std::string, std::string>& extra_files) {
   FSDP_ASSIGN_OR_RETURN(std::vector<char> model_bytes, ModelBytes(model, dir + "/model.pt"));
   std::vector<char> optim_bytes;
   if (optim != nullptr) {
@@ -176,6 +177,9 @@ absl::Status WriteFullCheckpoint(const std::string& dir, const ModelStateDict& m
   if (optim != nullptr) {
     FSDP_RETURN_IF_ERROR(WriteFileDurably(
         staging + "/optim.pt", absl::string_view(optim_bytes.data(), optim_bytes.size())));
+  }
+  for (const auto& [name, contents] : extra_files) {
+    FSDP_RETURN_IF_ERROR(WriteFileDurably(staging + "/" + name, contents));
   }
   return CommitStagingDir(staging, dir);
 }

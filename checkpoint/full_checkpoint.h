@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,10 +40,12 @@ using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
 [[nodiscard]] absl::StatusOr<optim_state::OptimStateDict> ReadOptimStateDict(
     const std::string& path);
 
-// DIR/model.pt (+ DIR/optim.pt unless `optim` is null), atomically (see above). Everything is
-// serialized before anything is written; the parent of DIR must exist.
-[[nodiscard]] absl::Status WriteFullCheckpoint(const std::string& dir, const ModelStateDict& model,
-                                               const optim_state::OptimStateDict* optim);
+// DIR/model.pt (+ DIR/optim.pt unless `optim` is null), atomically (see above), with
+// `extra_files` (name -> contents, e.g. a training program's progress file) in the same
+// commit. Everything is serialized before anything is written; the parent of DIR must exist.
+[[nodiscard]] absl::Status WriteFullCheckpoint(
+    const std::string& dir, const ModelStateDict& model, const optim_state::OptimStateDict* optim,
+    const std::map<std::string, std::string>& extra_files = {});
 
 }  // namespace fsdp::checkpoint
 

@@ -38,7 +38,6 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "checkpoint/atomic_dir.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/sharded_checkpoint.h"
 #include "checkpoint/sharded_format.h"
@@ -309,12 +308,8 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
 
 constexpr char kProgressFile[] = "progress.txt";
 
-// Rank 0's part of a full save: model.pt, optim.pt and progress.txt written into a staging
-// directory beside DIR, made durable and swapped in as DIR in one step (atomic_dir.h), so an
-// interrupted save leaves the previous checkpoint in place.
-absl::Status WriteFullCheckpointFiles(const std::string& dir, int steps_done,
-                                      const fsdp::StateDict& model_state,
-                                      const fsdp::optim_state::OptimStateDict& optim_state) {
+// Creates the directory that will hold checkpoint DIR (atomic saves stage beside DIR).
+absl::Status CreateParentDir(const std::string& dir) {
   std::error_code error;
   const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
   std::filesystem::create_directories(parent, error);
@@ -322,16 +317,7 @@ absl::Status WriteFullCheckpointFiles(const std::string& dir, int steps_done,
     return absl::InternalError(
         absl::StrCat("cannot create ", parent.string(), ": ", error.message()));
   }
-  FSDP_ASSIGN_OR_RETURN(std::string staging, fsdp::checkpoint::CreateStagingDir(dir));
-  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::WriteModelStateDict(model_state, staging + "/model.pt"));
-  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::FsyncPath(staging + "/model.pt"));
-  fsdp::checkpoint::CrashPoint("train: model.pt written");
-  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::WriteOptimStateDict(optim_state, staging + "/optim.pt"));
-  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::FsyncPath(staging + "/optim.pt"));
-  fsdp::checkpoint::CrashPoint("train: optim.pt written");
-  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::WriteFileDurably(
-      staging + "/" + kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")));
-  return fsdp::checkpoint::CommitStagingDir(staging, dir);
+  return absl::OkStatus();
 }
 
 // A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (rank 0
@@ -344,8 +330,15 @@ absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict optim_state,
                         fsdp::optim_state::FullOptimStateDict(fsdp, adapter, {.rank0_only = true}));
   absl::Status status = absl::OkStatus();
-  if (group.rank() == 0)
-    status = WriteFullCheckpointFiles(dir, steps_done, model_state, optim_state);
+  if (group.rank() == 0) {
+    // model.pt, optim.pt and progress.txt in one atomic commit (checkpoint/atomic_dir.h).
+    status = CreateParentDir(dir);
+    if (status.ok()) {
+      status = fsdp::checkpoint::WriteFullCheckpoint(
+          dir, model_state, &optim_state,
+          {{kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")}});
+    }
+  }
   // Everyone learns whether rank 0 managed.
   FSDP_ASSIGN_OR_RETURN(std::string outcome,
                         group.BroadcastObject(std::string(status.message()), 0));
@@ -402,13 +395,7 @@ std::string StateDictType() {
 absl::Status SaveShardedTrainCheckpoint(const std::string& dir, int steps_done,
                                         fsdp::FullyShardedDataParallel& fsdp,
                                         const fsdp::optim_state::OptimizerAdapter& adapter) {
-  std::error_code error;
-  const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
-  std::filesystem::create_directories(parent, error);
-  if (error) {
-    return absl::InternalError(
-        absl::StrCat("cannot create ", parent.string(), ": ", error.message()));
-  }
+  FSDP_RETURN_IF_ERROR(CreateParentDir(dir));
   fsdp::checkpoint::SaveShardedOptions options;
   options.user_metadata["steps_done"] = std::to_string(steps_done);
   return fsdp::checkpoint::SaveShardedCheckpoint(dir, fsdp, &adapter, options).status();
@@ -611,9 +598,8 @@ absl::Status RunWithResume(std::vector<std::string> args) {
   if (!absl::GetFlag(FLAGS_load).empty()) {
     return absl::InvalidArgumentError("--resume_world_size and --load cannot be combined");
   }
+  FSDP_RETURN_IF_ERROR(CreateParentDir(dir));
   const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
-  std::error_code error;
-  std::filesystem::create_directories(parent, error);
   const std::string straight_log = (parent / "losses_uninterrupted.txt").string();
   const std::string resumed_log = (parent / "losses_resumed.txt").string();
   const int world_size = absl::GetFlag(FLAGS_world_size);
