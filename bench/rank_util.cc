@@ -41,6 +41,10 @@ bool ResetPeakRss() {
   return static_cast<bool>(clear_refs);
 }
 
+bool MmapAllocationsFrom(int64_t bytes) {
+  return mallopt(M_MMAP_THRESHOLD, static_cast<int>(bytes)) == 1;
+}
+
 int LaunchSelfAsRanks(int argc, char** argv, int world_size, const std::string& name) {
   std::string self(4096, '\0');
   const ssize_t n = readlink("/proc/self/exe", self.data(), self.size() - 1);

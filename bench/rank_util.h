@@ -21,6 +21,14 @@ int64_t PeakRssBytes();
 // RSS. Returns false if the kernel refused the reset.
 bool ResetPeakRss();
 
+// Makes glibc serve every allocation of at least `bytes` with its own mmap, returned to the
+// kernel when freed (mallopt M_MMAP_THRESHOLD, which also turns off glibc's dynamic threshold).
+// By default glibc raises the threshold to the size of each large block freed, so after FSDP
+// frees a gathered unit (32 MiB here) later blocks of that size come from the heap and stay
+// resident once freed: peak RSS then counts memory the program no longer holds. Returns false
+// if glibc refused.
+bool MmapAllocationsFrom(int64_t bytes);
+
 // Not a rank yet: runs this very binary (same arguments) as `world_size` ranks through
 // comm::Launch, printing rank 0's output as is, with OMP_NUM_THREADS=1 unless set (as torchrun
 // does for several ranks on one host). Returns the process exit code; `name` prefixes errors.
