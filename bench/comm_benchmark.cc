@@ -35,20 +35,20 @@
 // and the launcher stops the job. Every collective has the group's timeout.
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "bench/rank_harness.h"
+#include "bench/rank_util.h"
 #include "comm/launcher.h"
 #include "comm/process_group.h"
 #include "comm/rendezvous.h"
@@ -56,7 +56,6 @@
 namespace fsdp::bench {
 namespace {
 
-using comm::CollectiveOptions;
 using comm::ProcessGroup;
 
 constexpr int kLaunchedRanks = 4;
@@ -77,6 +76,11 @@ struct Command {
   int64_t bytes = 0;       // full buffer size
   int64_t world_size = 0;  // size of the group that runs it
   int64_t iterations = 0;
+
+  CommandWords Words() const {
+    return {static_cast<int64_t>(op), bytes, world_size, iterations};
+  }
+  static Command From(const CommandWords& w) { return {static_cast<Op>(w[0]), w[1], w[2], w[3]}; }
 };
 
 // The float32 buffers of one (bytes, world size): `full` holds the whole buffer, `shard` one
@@ -105,23 +109,8 @@ class Buffers {
   at::Tensor shard_;
 };
 
-struct RankContext {
-  std::shared_ptr<ProcessGroup> world;  // every launched rank
-  std::shared_ptr<ProcessGroup> pair;   // ranks {0, 1}; nullptr on the others
-  Buffers buffers;
-  // First communication error seen by rank 0; every later benchmark is skipped with it.
-  std::string error;
-};
-
-RankContext* g_context = nullptr;
-
-// The group that runs benchmarks of `world_size`, or nullptr when this rank is not in it (or no
-// such group exists).
-ProcessGroup* GroupFor(RankContext& context, int64_t world_size) {
-  if (world_size == context.world->size()) return context.world.get();
-  if (world_size == 2) return context.pair.get();
-  return nullptr;
-}
+// This rank's buffers, kept between commands.
+Buffers* g_buffers = nullptr;
 
 absl::Status RunOp(ProcessGroup& group, Op op, Buffers& buffers) {
   switch (op) {
@@ -137,53 +126,22 @@ absl::Status RunOp(ProcessGroup& group, Op op, Buffers& buffers) {
   return absl::InvalidArgumentError("comm_benchmark: not a collective");
 }
 
-// Rank 0 sends `command` to every rank; the others receive it.
-absl::Status ExchangeCommand(ProcessGroup& world, Command& command) {
-  at::Tensor packed = at::empty({4}, at::kLong);
-  if (world.rank() == 0) {
-    packed[0] = static_cast<int64_t>(command.op);
-    packed[1] = command.bytes;
-    packed[2] = command.world_size;
-    packed[3] = command.iterations;
-  }
-  absl::Status status = world.Broadcast(packed, /*root=*/0, CollectiveOptions{kJobTimeout});
-  if (!status.ok()) return status;
-  const int64_t* values = packed.data_ptr<int64_t>();
-  command.op = static_cast<Op>(values[0]);
-  command.bytes = values[1];
-  command.world_size = values[2];
-  command.iterations = values[3];
-  return absl::OkStatus();
-}
-
 // Members of the command's group: buffers ready, then everyone starts together.
-absl::Status PrepareCommand(RankContext& context, ProcessGroup& group, const Command& command) {
-  context.buffers.Prepare(command.bytes, command.world_size);
+absl::Status PrepareCommand(ProcessGroup& group, const Command& command) {
+  g_buffers->Prepare(command.bytes, command.world_size);
   return group.Barrier();
 }
 
-// Ranks 1..N-1: execute rank 0's commands until "quit". Returns the process exit code.
-int WorkerLoop(RankContext& context) {
-  const int rank = context.world->rank();
-  while (true) {
-    Command command;
-    if (absl::Status s = ExchangeCommand(*context.world, command); !s.ok()) {
-      std::fprintf(stderr, "comm_benchmark rank %d: waiting for a command: %s\n", rank,
-                   s.ToString().c_str());
-      return 1;
-    }
-    if (command.op == Op::kQuit) return 0;
-    ProcessGroup* group = GroupFor(context, command.world_size);
-    if (group == nullptr) continue;  // not in this benchmark's group
-    absl::Status status = PrepareCommand(context, *group, command);
-    for (int64_t i = 0; status.ok() && i < command.iterations; ++i) {
-      status = RunOp(*group, command.op, context.buffers);
-    }
-    if (!status.ok()) {
-      std::fprintf(stderr, "comm_benchmark rank %d: %s\n", rank, status.ToString().c_str());
-      return 1;
-    }
+// Ranks 1..N-1: run the command's collective if this rank is in its group.
+absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) {
+  const Command command = Command::From(words);
+  std::shared_ptr<ProcessGroup> group = groups.ForSize(command.world_size);
+  if (group == nullptr) return absl::OkStatus();  // not in this benchmark's group
+  absl::Status status = PrepareCommand(*group, command);
+  for (int64_t i = 0; status.ok() && i < command.iterations; ++i) {
+    status = RunOp(*group, command.op, *g_buffers);
   }
+  return status;
 }
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
@@ -192,51 +150,43 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
 
 // Rank 0's side of one command outside any timed loop: send it, prepare, run, and return the
 // mean seconds per iteration.
-absl::StatusOr<double> TimeUntimedCommand(RankContext& context, ProcessGroup& group,
-                                          Command command) {
-  if (absl::Status s = ExchangeCommand(*context.world, command); !s.ok()) return s;
-  if (absl::Status s = PrepareCommand(context, group, command); !s.ok()) return s;
+absl::StatusOr<double> TimeUntimedCommand(ProcessGroup& group, const Command& command) {
+  if (absl::Status s = SendCommand(command.Words()); !s.ok()) return s;
+  if (absl::Status s = PrepareCommand(group, command); !s.ok()) return s;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < command.iterations; ++i) {
-    if (absl::Status s = RunOp(group, command.op, context.buffers); !s.ok()) return s;
+    if (absl::Status s = RunOp(group, command.op, *g_buffers); !s.ok()) return s;
   }
   return SecondsSince(start) / static_cast<double>(command.iterations);
 }
 
+const RankGroups* g_groups = nullptr;  // rank 0's groups while the benchmarks run
+
 void RunCollectiveBenchmark(benchmark::State& state, Op op) {
-  RankContext& context = *g_context;
   const int64_t mib = state.range(0);
   const int64_t world_size = state.range(1);
   const int64_t bytes = mib << 20;
-  if (!context.error.empty()) {
-    state.SkipWithError(
-        absl::StrCat("skipped after an earlier failure: ", context.error).c_str());
-    return;
-  }
-  ProcessGroup* group = GroupFor(context, world_size);
+  if (SkipAfterFailure(state)) return;
+  std::shared_ptr<ProcessGroup> group = g_groups->ForSize(world_size);
   if (group == nullptr) {
     state.SkipWithError(absl::StrCat("no group of ", world_size, " ranks in a job of ",
-                                     context.world->size())
+                                     g_groups->world->size())
                             .c_str());
     return;
   }
-  auto fail = [&](const absl::Status& status) {
-    context.error = status.ToString();
-    state.SkipWithError(context.error.c_str());
-  };
+  auto fail = [&](const absl::Status& status) { FailBenchmark(state, status); };
 
-  Command command{op, bytes, world_size, static_cast<int64_t>(state.max_iterations)};
-  if (absl::Status s = ExchangeCommand(*context.world, command); !s.ok()) return fail(s);
-  if (absl::Status s = PrepareCommand(context, *group, command); !s.ok()) return fail(s);
+  const Command command{op, bytes, world_size, static_cast<int64_t>(state.max_iterations)};
+  if (absl::Status s = SendCommand(command.Words()); !s.ok()) return fail(s);
+  if (absl::Status s = PrepareCommand(*group, command); !s.ok()) return fail(s);
   const auto start = std::chrono::steady_clock::now();
+  absl::Status status;
   for (auto _ : state) {
-    if (absl::Status s = RunOp(*group, op, context.buffers); !s.ok()) {
-      fail(s);
-      break;
-    }
+    status = RunOp(*group, op, *g_buffers);
+    if (!status.ok()) break;
   }
   const double elapsed = SecondsSince(start);
-  if (!context.error.empty()) return;
+  if (!status.ok()) return fail(status);
 
   const double seconds_per_iter = elapsed / static_cast<double>(state.iterations());
   state.SetBytesProcessed(state.iterations() * bytes);
@@ -249,7 +199,7 @@ void RunCollectiveBenchmark(benchmark::State& state, Op op) {
         static_cast<int64_t>(std::ceil(kCompareSeconds / seconds_per_iter)), kMinCompareReps,
         kMaxCompareReps);
     absl::StatusOr<double> all_gather =
-        TimeUntimedCommand(context, *group, Command{Op::kAllGather, bytes, world_size, reps});
+        TimeUntimedCommand(*group, Command{Op::kAllGather, bytes, world_size, reps});
     if (!all_gather.ok()) return fail(all_gather.status());
     state.counters["vs_allgather"] = seconds_per_iter / *all_gather;
   }
@@ -274,92 +224,27 @@ BENCHMARK(BM_AllGather)->Apply(CommArgs);
 BENCHMARK(BM_ReduceScatter)->Apply(CommArgs);
 BENCHMARK(BM_Broadcast)->Apply(CommArgs);
 
-// Rank 0: Google Benchmark, then "quit" for the workers.
-int RunBenchmarks(RankContext& context, int argc, char** argv) {
-  // A short default --benchmark_min_time; one given on the command line comes later and wins.
-  std::string default_min_time = "--benchmark_min_time=0.2";
-  std::vector<char*> args = {argv[0], default_min_time.data()};
-  for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
-  int bench_argc = static_cast<int>(args.size());
-  args.push_back(nullptr);
-  benchmark::Initialize(&bench_argc, args.data());
-  int exit_code = 0;
-  if (benchmark::ReportUnrecognizedArguments(bench_argc, args.data())) {
-    exit_code = 2;
-  } else {
-    benchmark::RunSpecifiedBenchmarks();
-  }
-  benchmark::Shutdown();
-  if (!context.error.empty()) {
-    // The group may be mid-collective on other ranks; the launcher stops them.
-    std::fprintf(stderr, "comm_benchmark: failed: %s\n", context.error.c_str());
-    return 1;
-  }
-  Command quit;
-  if (absl::Status s = ExchangeCommand(*context.world, quit); !s.ok()) {
-    std::fprintf(stderr, "comm_benchmark: sending quit: %s\n", s.ToString().c_str());
-    return 1;
-  }
-  return exit_code;
-}
-
 int RunRank(int argc, char** argv) {
-  comm::RendezvousOptions options;
-  options.timeout = kCollectiveTimeout;
-  absl::StatusOr<std::shared_ptr<ProcessGroup>> world = comm::InitProcessGroupFromEnv(options);
-  if (!world.ok()) {
-    std::fprintf(stderr, "comm_benchmark: rendezvous: %s\n", world.status().ToString().c_str());
-    return 1;
-  }
-  RankContext context;
-  context.world = *std::move(world);
-  if (context.world->size() == 2) {
-    context.pair = context.world;
-  } else if (context.world->size() > 2) {
-    // Every rank takes part in creating the sub-group; non-members get nullptr.
-    absl::StatusOr<std::shared_ptr<ProcessGroup>> pair = context.world->NewSubgroup({0, 1});
-    if (!pair.ok()) {
-      std::fprintf(stderr, "comm_benchmark: sub-group {0, 1}: %s\n",
-                   pair.status().ToString().c_str());
-      return 1;
-    }
-    context.pair = *std::move(pair);
-  }
-  g_context = &context;
-  const int exit_code =
-      context.world->rank() == 0 ? RunBenchmarks(context, argc, argv) : WorkerLoop(context);
-  g_context = nullptr;
-  return exit_code;
-}
-
-// Not a rank: run this very binary, with the same arguments, as kLaunchedRanks ranks.
-int LaunchRanks(int argc, char** argv) {
-  std::string self(4096, '\0');
-  const ssize_t n = readlink("/proc/self/exe", self.data(), self.size() - 1);
-  self = n > 0 ? self.substr(0, static_cast<size_t>(n)) : std::string("/proc/self/exe");
-  std::vector<std::string> command = {self};
-  for (int i = 1; i < argc; ++i) command.push_back(argv[i]);
-  comm::LaunchOptions options;
-  options.world_size = kLaunchedRanks;
-  options.timeout = kJobTimeout;
-  options.output = comm::RankOutput::kRank0Raw;
-  // One intra-op thread per rank unless told otherwise, as torchrun does for several ranks on
-  // a host: otherwise every rank's OpenMP pool competes for the same cores.
-  if (std::getenv("OMP_NUM_THREADS") == nullptr) {
-    options.extra_env.emplace_back("OMP_NUM_THREADS", "1");
-  }
-  const absl::Status status = comm::Launch(command, options);
-  if (!status.ok()) {
-    std::fprintf(stderr, "comm_benchmark: %s\n", std::string(status.message()).c_str());
-    return 1;
-  }
-  return 0;
+  RankHarnessOptions options;
+  options.name = "comm_benchmark";
+  options.collective_timeout = kCollectiveTimeout;
+  options.command_timeout = kJobTimeout;
+  options.make_pair = true;
+  // A short default --benchmark_min_time; one given on the command line comes later and wins.
+  options.default_benchmark_args = {"--benchmark_min_time=0.2"};
+  Buffers buffers;
+  g_buffers = &buffers;
+  return RunRankHarness(
+      argc, argv, options, [](const RankGroups& groups) { g_groups = &groups; }, FollowCommand);
 }
 
 }  // namespace
 }  // namespace fsdp::bench
 
 int main(int argc, char** argv) {
-  if (!fsdp::comm::LaunchedByLauncher()) return fsdp::bench::LaunchRanks(argc, argv);
+  if (!fsdp::comm::LaunchedByLauncher()) {
+    return fsdp::bench::LaunchSelfAsRanks(argc, argv, fsdp::bench::kLaunchedRanks,
+                                          "comm_benchmark");
+  }
   return fsdp::bench::RunRank(argc, argv);
 }

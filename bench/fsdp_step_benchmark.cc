@@ -52,6 +52,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
+#include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "comm/launcher.h"
 #include "comm/process_group.h"
@@ -61,7 +62,6 @@
 namespace fsdp::bench {
 namespace {
 
-using comm::CollectiveOptions;
 using comm::ProcessGroup;
 
 constexpr int kLaunchedRanks = 2;
@@ -102,20 +102,10 @@ const char* ModeName(Mode mode) {
 struct Command {
   Mode mode = Mode::kQuit;
   int64_t iterations = 0;
-};
 
-absl::Status ExchangeCommand(ProcessGroup& world, Command& command) {
-  at::Tensor packed = at::empty({2}, at::kLong);
-  if (world.rank() == 0) {
-    packed[0] = static_cast<int64_t>(command.mode);
-    packed[1] = command.iterations;
-  }
-  absl::Status status = world.Broadcast(packed, /*root=*/0, CollectiveOptions{kJobTimeout});
-  if (!status.ok()) return status;
-  command.mode = static_cast<Mode>(packed[0].item<int64_t>());
-  command.iterations = packed[1].item<int64_t>();
-  return absl::OkStatus();
-}
+  CommandWords Words() const { return {static_cast<int64_t>(mode), iterations}; }
+  static Command From(const CommandWords& w) { return {static_cast<Mode>(w[0]), w[1]}; }
+};
 
 // A model in one mode with its optimizer and this rank's batch.
 struct Trainer {
@@ -272,46 +262,25 @@ absl::StatusOr<CaseResult> RunCase(std::shared_ptr<ProcessGroup> world, const Co
   return result;
 }
 
-int WorkerLoop(std::shared_ptr<ProcessGroup> world) {
-  while (true) {
-    Command command;
-    if (absl::Status s = ExchangeCommand(*world, command); !s.ok()) {
-      std::fprintf(stderr, "fsdp_step_benchmark rank %d: waiting for a command: %s\n",
-                   world->rank(), s.ToString().c_str());
-      return 1;
-    }
-    if (command.mode == Mode::kQuit) return 0;
-    absl::StatusOr<CaseResult> result = RunCase(world, command, nullptr);
-    if (!result.ok()) {
-      std::fprintf(stderr, "fsdp_step_benchmark rank %d: %s\n", world->rank(),
-                   result.status().ToString().c_str());
-      return 1;
-    }
-  }
+// Ranks other than 0: the case rank 0 runs.
+absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) {
+  return RunCase(groups.world, Command::From(words), nullptr).status();
 }
 
-std::shared_ptr<ProcessGroup>* g_world = nullptr;
-std::string* g_error = nullptr;
+const RankGroups* g_groups = nullptr;  // rank 0's groups while the benchmarks run
 
 benchmark::Counter Bytes(double value) {
   return benchmark::Counter(value, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
 }
 
 void BM_Step(benchmark::State& state, Mode mode) {
-  if (!g_error->empty()) {
-    state.SkipWithError(absl::StrCat("skipped after an earlier failure: ", *g_error).c_str());
-    return;
-  }
-  std::shared_ptr<ProcessGroup> world = *g_world;
-  Command command{mode, static_cast<int64_t>(state.max_iterations)};
-  absl::Status status = ExchangeCommand(*world, command);
+  if (SkipAfterFailure(state)) return;
+  std::shared_ptr<ProcessGroup> world = g_groups->world;
+  const Command command{mode, static_cast<int64_t>(state.max_iterations)};
+  absl::Status status = SendCommand(command.Words());
   absl::StatusOr<CaseResult> result =
       status.ok() ? RunCase(world, command, &state) : absl::StatusOr<CaseResult>(status);
-  if (!result.ok()) {
-    *g_error = result.status().ToString();
-    state.SkipWithError(g_error->c_str());
-    return;
-  }
+  if (!result.ok()) return FailBenchmark(state, result.status());
   const Measured& m = result->mine;
   const int64_t optim_bytes = 2 * m.param_bytes;  // Adam's exp_avg and exp_avg_sq
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * m.param_bytes);
@@ -333,7 +302,8 @@ void BM_Step(benchmark::State& state, Mode mode) {
             static_cast<double>(m.largest_unit_bytes));
 }
 
-int RunBenchmarks(std::shared_ptr<ProcessGroup> world, int argc, char** argv) {
+void RegisterCases(const RankGroups& groups) {
+  g_groups = &groups;
   for (Mode mode : {Mode::kNoShard, Mode::kFullShard, Mode::kShardGradOp, Mode::kUnwrapped}) {
     benchmark::RegisterBenchmark(absl::StrCat("BM_Step/", ModeName(mode), "/world:2").c_str(),
                                  [mode](benchmark::State& state) { BM_Step(state, mode); })
@@ -341,27 +311,6 @@ int RunBenchmarks(std::shared_ptr<ProcessGroup> world, int argc, char** argv) {
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
   }
-  std::string error;
-  g_world = &world;
-  g_error = &error;
-  benchmark::Initialize(&argc, argv);
-  int exit_code = 0;
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
-    exit_code = 2;
-  } else {
-    benchmark::RunSpecifiedBenchmarks();
-  }
-  benchmark::Shutdown();
-  if (!error.empty()) {
-    std::fprintf(stderr, "fsdp_step_benchmark: failed: %s\n", error.c_str());
-    return 1;
-  }
-  Command quit;
-  if (absl::Status s = ExchangeCommand(*world, quit); !s.ok()) {
-    std::fprintf(stderr, "fsdp_step_benchmark: sending quit: %s\n", s.ToString().c_str());
-    return 1;
-  }
-  return exit_code;
 }
 
 int RunRank(int argc, char** argv) {
@@ -370,16 +319,11 @@ int RunRank(int argc, char** argv) {
                  static_cast<long long>(kMmapThresholdBytes));
     return 1;
   }
-  comm::RendezvousOptions options;
-  options.timeout = kCollectiveTimeout;
-  absl::StatusOr<std::shared_ptr<ProcessGroup>> world = comm::InitProcessGroupFromEnv(options);
-  if (!world.ok()) {
-    std::fprintf(stderr, "fsdp_step_benchmark: rendezvous: %s\n",
-                 world.status().ToString().c_str());
-    return 1;
-  }
-  std::shared_ptr<ProcessGroup> group = *std::move(world);
-  return group->rank() == 0 ? RunBenchmarks(group, argc, argv) : WorkerLoop(group);
+  RankHarnessOptions options;
+  options.name = "fsdp_step_benchmark";
+  options.collective_timeout = kCollectiveTimeout;
+  options.command_timeout = kJobTimeout;
+  return RunRankHarness(argc, argv, options, RegisterCases, FollowCommand);
 }
 
 }  // namespace
