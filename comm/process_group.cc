@@ -110,8 +110,14 @@ absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::Create(
   if (!pg.ok()) return pg.status();
   std::vector<int> global_ranks(size);
   for (int i = 0; i < size; ++i) global_ranks[i] = i;
-  return std::shared_ptr<ProcessGroup>(
+  std::shared_ptr<ProcessGroup> group(
       new ProcessGroup(std::move(store), *std::move(pg), rank, size, options, global_ranks));
+  // Gloo's constructor returns once this rank's own connections are up, not everyone's: a rank
+  // could go on, finish and exit while a slower peer is still completing its handshake with it,
+  // and that peer would fail with "Connection closed by peer". Seen once under ASan at load 19.
+  // A barrier makes creation end together on every rank.
+  FSDP_RETURN_IF_ERROR(group->Barrier());
+  return group;
 }
 
 std::chrono::milliseconds ProcessGroup::Timeout(const CollectiveOptions& options) const {
