@@ -13,6 +13,7 @@
 #include <limits>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -243,7 +244,8 @@ absl::Status Validate(const ShardedMetadata& m, const std::string& where) {
                                 es, " bytes"));
       }
       if (p.offset < f.header_bytes || p.offset > f.size || p.bytes > f.size - p.offset) {
-        return bad(absl::StrCat(pw, ": bytes ", RangeText(p.offset, p.offset + p.bytes),
+        // (Not offset + bytes: the claims may be anything, and their sum overflow.)
+        return bad(absl::StrCat(pw, ": ", p.bytes, " bytes at offset ", p.offset,
                                 " lie outside the data of '", f.name, "' (", f.size, " bytes)"));
       }
       const int64_t blocks = (p.bytes + m.block_bytes - 1) / m.block_bytes;
@@ -254,6 +256,39 @@ absl::Status Validate(const ShardedMetadata& m, const std::string& where) {
     }
     if (next != numel) {
       return bad(absl::StrCat(tw, ": pieces cover [0, ", next, ") of [0, ", numel, ")"));
+    }
+  }
+  // Sizes in metadata.json are claims that the reader allocates by. Each byte of a data file
+  // belongs to at most one piece, so the bytes of all pieces are at most the files' sizes (which
+  // the reader checks against the real files before reading); and zeros stand only for state
+  // of a stored parameter, with its shape, so they are no larger than it (found by
+  // sharded_data_fuzz: either made a few hundred bytes of metadata.json cost gigabytes).
+  std::vector<std::tuple<int, int64_t, int64_t, const TensorRecord*>> extents;
+  for (const TensorRecord& t : m.tensors) {
+    bool zeros = false;
+    for (const PieceRecord& p : t.pieces) {
+      if (p.file == -1) zeros = true;
+      if (p.file >= 0 && p.bytes > 0) extents.emplace_back(p.file, p.offset, p.bytes, &t);
+    }
+    if (!zeros) continue;
+    const TensorRecord* param = m.FindTensor(absl::StrCat("model/", t.fqn));
+    if (param == nullptr || param->numel() != t.numel()) {
+      return bad(absl::StrCat("tensor '", t.key,
+                              "' holds zeros (state no rank held) but is not shaped as the stored "
+                              "parameter 'model/",
+                              t.fqn, "'"));
+    }
+  }
+  std::sort(extents.begin(), extents.end(), [](const auto& a, const auto& b) {
+    return std::tie(std::get<0>(a), std::get<1>(a)) < std::tie(std::get<0>(b), std::get<1>(b));
+  });
+  for (size_t i = 1; i < extents.size(); ++i) {
+    const auto& [file, offset, bytes, t] = extents[i];
+    const auto& [prev_file, prev_offset, prev_bytes, prev_t] = extents[i - 1];
+    if (file == prev_file && offset < prev_offset + prev_bytes) {
+      return bad(absl::StrCat("tensor '", t->key, "': bytes ", RangeText(offset, offset + bytes),
+                              " of '", m.files[static_cast<size_t>(file)].name,
+                              "' overlap those of tensor '", prev_t->key, "'"));
     }
   }
   for (const auto& [key, stored] : m.model_keys) {
@@ -740,6 +775,12 @@ absl::StatusOr<std::unique_ptr<ShardedCheckpointReader>> ShardedCheckpointReader
 
 absl::Status ShardedCheckpointReader::OpenFile(int file) {
   if (checked_[static_cast<size_t>(file)]) return absl::OkStatus();
+  // A file that failed its checks before is opened and checked again (and reports the same
+  // error); its earlier descriptor is closed first, not leaked (found by sharded_data_fuzz).
+  if (fds_[static_cast<size_t>(file)] >= 0) {
+    close(fds_[static_cast<size_t>(file)]);
+    fds_[static_cast<size_t>(file)] = -1;
+  }
   const FileRecord& f = metadata_.files[static_cast<size_t>(file)];
   const std::string path = JoinPath(dir_, f.name);
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -870,6 +911,20 @@ absl::Status ShardedCheckpointReader::ReadRange(const TensorRecord& tensor, int6
 }
 
 absl::StatusOr<at::Tensor> ShardedCheckpointReader::ReadTensor(const TensorRecord& tensor) {
+  // The tensor is allocated whole before it is read: first check the files that back its size
+  // against their real sizes (its pieces' files; for zeros, those of the parameter it mirrors,
+  // see Validate), so that metadata.json's claims alone never size an allocation.
+  const TensorRecord* param = &tensor;
+  for (const PieceRecord& p : tensor.pieces) {
+    if (p.file == -1) param = metadata_.FindTensor(absl::StrCat("model/", tensor.fqn));
+  }
+  for (const TensorRecord* t : {&tensor, param}) {
+    for (const PieceRecord& p : t->pieces) {
+      if (p.file >= 0) {
+        FSDP_RETURN_IF_ERROR(OpenFile(p.file), absl::StrCat("reading '", tensor.key, "'"));
+      }
+    }
+  }
   at::Tensor out = at::empty({tensor.numel()}, at::TensorOptions().dtype(tensor.dtype));
   FSDP_RETURN_IF_ERROR(ReadRange(tensor, 0, tensor.numel(), out));
   return out.view(tensor.shape);

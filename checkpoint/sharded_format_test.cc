@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -202,6 +203,131 @@ TEST(ShardedFormat, HostileSizesAreRefusedBeforeAllocating) {
   ASSERT_THAT(reader, IsOk());
   EXPECT_THAT((*reader)->ReadTensor((*reader)->metadata().tensors[0]),
               StatusIs(absl::StatusCode::kDataLoss, HasSubstr("rank-0-of-2.safetensors")));
+}
+
+int OpenDescriptors() {
+  int n = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    (void)entry;
+    ++n;
+  }
+  return n;
+}
+
+// Found by sharded_data_fuzz: each read of a data file that had failed its checks opened the
+// file again and leaked the descriptor of the previous attempt.
+TEST(ShardedFormat, ARefusedDataFileLeavesNoDescriptorOpen) {
+  const std::string dir = TestDir("fd_leak");
+  ASSERT_THAT(WriteShardedFromFull(dir, MakeModel(0), nullptr, 2), IsOk());
+  const std::string file = dir + "/rank-0-of-2.safetensors";
+  std::string bytes = Slurp(file);
+  bytes[10] ^= 1;  // inside the header: its checksum no longer matches
+  Spit(file, bytes);
+  const int before = OpenDescriptors();
+  {
+    auto reader = ShardedCheckpointReader::Open(dir);
+    ASSERT_THAT(reader, IsOk());
+    const TensorRecord& t = *(*reader)->metadata().FindTensor("model/emb.weight");
+    for (int i = 0; i < 20; ++i) {
+      EXPECT_THAT((*reader)->ReadTensor(t),
+                  StatusIs(absl::StatusCode::kDataLoss,
+                           HasSubstr("rank-0-of-2.safetensors: header checksum mismatch")));
+    }
+    auto bad = (*reader)->Verify();
+    ASSERT_THAT(bad, IsOk());
+    EXPECT_FALSE(bad->empty());
+    EXPECT_LE(OpenDescriptors(), before + 2);  // at most one per data file
+  }
+  EXPECT_EQ(OpenDescriptors(), before);
+}
+
+// Rewrites DIR/metadata.json after `edit` (the metadata as read).
+template <typename Edit>
+void EditMetadata(const std::string& dir, Edit edit) {
+  auto m = MetadataFromJson(Slurp(dir + "/metadata.json"), "metadata.json");
+  ASSERT_THAT(m, IsOk());
+  edit(*m);
+  Spit(dir + "/metadata.json", MetadataToJson(*m));
+}
+
+// Found while writing sharded_data_fuzz (its inputs are regress_claimed_*_bytes in
+// fuzz_corpus/sharded_data/): a few hundred bytes of metadata.json sized allocations of
+// gigabytes to terabytes, by claims that only later reads would have refuted.
+TEST(ShardedFormat, ClaimedSizesDoNotSizeAllocations) {
+  const std::string dir = TestDir("claims");
+  const OptimStateDict optim = MakeOptim(0);
+  ASSERT_THAT(WriteShardedFromFull(dir, MakeModel(0), &optim, 1, /*block_bytes=*/16), IsOk());
+  const std::string intact = Slurp(dir + "/metadata.json");
+
+  // 1. A 4 TiB piece in a file whose claimed size makes room for it, with 1 TiB blocks so that
+  // four checksums cover it: the real file is checked before the tensor is allocated.
+  EditMetadata(dir, [](ShardedMetadata& m) {
+    m.block_bytes = int64_t{1} << 40;
+    for (TensorRecord& t : m.tensors) {
+      for (PieceRecord& p : t.pieces) p.block_xxh64.resize(p.bytes > 0 ? 1 : 0);
+    }
+    TensorRecord& t = m.tensors[0];
+    t.shape = {int64_t{1} << 40};
+    t.pieces[0].end = int64_t{1} << 40;
+    t.pieces[0].bytes = int64_t{4} << 40;
+    t.pieces[0].block_xxh64.resize(4);
+    t.pieces[0].offset = m.files[0].size;  // after every other piece's bytes
+    m.files[0].size = t.pieces[0].offset + t.pieces[0].bytes + 100;
+  });
+  auto reader = ShardedCheckpointReader::Open(dir);
+  ASSERT_THAT(reader, IsOk());
+  EXPECT_THAT(
+      (*reader)->ReadTensor((*reader)->metadata().tensors[0]),
+      StatusIs(absl::StatusCode::kDataLoss, HasSubstr("rank-0-of-1.safetensors: truncated: ")));
+
+  // 2. Zeros (state no rank held) of 24 GiB for a parameter of 60 elements.
+  Spit(dir + "/metadata.json", intact);
+  EditMetadata(dir, [](ShardedMetadata& m) {
+    for (TensorRecord& t : m.tensors) {
+      if (t.key != "optim/emb.weight/exp_avg") continue;
+      t.shape = {6, int64_t{1} << 30};
+      t.pieces.push_back(PieceRecord{-1, t.pieces.back().end, t.numel(), 0, 0, {}});
+    }
+  });
+  EXPECT_THAT(ShardedCheckpointReader::Open(dir).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("tensor 'optim/emb.weight/exp_avg' holds zeros (state no rank "
+                                 "held) but is not shaped as the stored parameter "
+                                 "'model/emb.weight'")));
+
+  // Zeros shaped as their parameter (what a save with use_orig_params writes) still read.
+  Spit(dir + "/metadata.json", intact);
+  EditMetadata(dir, [](ShardedMetadata& m) {
+    for (TensorRecord& t : m.tensors) {
+      if (t.key == "optim/emb.weight/exp_avg") t.pieces = {PieceRecord{-1, 0, 60, 0, 0, {}}};
+    }
+  });
+  reader = ShardedCheckpointReader::Open(dir);
+  ASSERT_THAT(reader, IsOk());
+  auto zeros = (*reader)->ReadTensor(*(*reader)->metadata().FindTensor("optim/emb.weight/exp_avg"));
+  ASSERT_THAT(zeros, IsOk());
+  EXPECT_TRUE(torch::equal(*zeros, torch::zeros({6, 10})));
+
+  // 3. One stretch of file bytes claimed by two pieces (a tensor could repeat a file's bytes as
+  // often as metadata.json lists them).
+  Spit(dir + "/metadata.json", intact);
+  EditMetadata(dir, [](ShardedMetadata& m) {
+    for (TensorRecord& t : m.tensors) {
+      if (t.key != "model/out.bias") continue;
+      PieceRecord again = t.pieces[0];
+      again.begin = 7;
+      again.end = 14;
+      t.shape = {14};
+      t.pieces.push_back(again);
+    }
+  });
+  EXPECT_THAT(
+      ShardedCheckpointReader::Open(dir).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("tensor 'model/out.bias': bytes ")));
+  EXPECT_THAT(ShardedCheckpointReader::Open(dir).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("of 'rank-0-of-1.safetensors' overlap those of tensor "
+                                 "'model/out.bias'")));
 }
 
 TEST(ShardedFormat, UserMetadataSurvivesTheRoundTripAndMustHoldStrings) {
