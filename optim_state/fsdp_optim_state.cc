@@ -26,7 +26,7 @@ using json = nlohmann::json;
 #define OPTIM_ASSIGN_OR_RETURN(lhs, expr, context) \
   OPTIM_ASSIGN_OR_RETURN_IMPL_(FSDP_STATUS_CONCAT_(optim_statusor_, __LINE__), lhs, expr, context)
 #define OPTIM_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr, context)           \
-  auto statusor = (expr);                                                     \
+  auto statusor = (expr);                                                    \
   if (!statusor.ok()) return ::fsdp::Annotate(statusor.status(), (context)); \
   lhs = std::move(statusor).value()
 
@@ -128,12 +128,11 @@ std::vector<std::string> HandleFqns(const FlatParamHandle& h) {
 std::string PyStr(const std::string& s) { return absl::StrCat("'", s, "'"); }
 
 std::string PyList(const std::vector<std::string>& items) {
-  return absl::StrCat("[",
-                      absl::StrJoin(items, ", ",
-                                    [](std::string* out, const std::string& s) {
-                                      absl::StrAppend(out, PyStr(s));
-                                    }),
-                      "]");
+  return absl::StrCat(
+      "[",
+      absl::StrJoin(items, ", ",
+                    [](std::string* out, const std::string& s) { absl::StrAppend(out, PyStr(s)); }),
+      "]");
 }
 
 std::string PyTuple(const std::vector<std::string>& items) {
@@ -269,21 +268,66 @@ NamesByKind SortNames(const ParamState& state) {
 
 StateValue CopyValue(const StateValue& v) { return CloneStateValue(v); }
 
-// `full` (numel elements) gathered: all-gathers `local` (this rank's shard) over the handle's
-// group, or takes it as is without sharding.
+constexpr int kGatherTag = 0x6A7;  // GatherFlat's point-to-point messages
+
+// How GatherFlat gathers one flat state.
+struct GatherPlan {
+  // Gather to rank 0 of the handle's group only (point to point); other ranks get nothing.
+  // Otherwise all-gather to every rank.
+  bool to_root = false;
+  // If set, the gathered buffer lives in *reuse (grown as needed) and the result is a view of
+  // it that the next gather with the same buffer overwrites; else a fresh buffer the caller
+  // owns. Under NO_SHARD the result is then `local` itself (the optimizer's tensor), else a
+  // copy of it.
+  at::Tensor* reuse = nullptr;
+};
+
+// A buffer of `numel` elements of `dtype`: the front of `*buffer` when it is large enough, else
+// a new one stored there.
+at::Tensor ReuseBuffer(at::Tensor& buffer, int64_t numel, at::ScalarType dtype) {
+  if (!buffer.defined() || buffer.scalar_type() != dtype || buffer.numel() < numel) {
+    buffer = at::Tensor();  // frees the old one first
+    buffer = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  }
+  return buffer.narrow(0, 0, numel);
+}
+
+// `full` (numel elements) gathered from `local` (this rank's shard) over the handle's group,
+// or taken as is without sharding. Undefined on ranks that receive nothing (plan.to_root).
 absl::StatusOr<at::Tensor> GatherFlat(FlatParamHandle& h, const at::Tensor& local,
-                                      const std::string& name) {
+                                      const std::string& name, const GatherPlan& plan) {
   const std::string context =
       absl::StrCat("gathering optimizer state '", name, "' of flat parameter [", h.Describe(), "]");
   const int64_t expected = h.sharded() ? h.shard_numel() : h.numel();
   if (local.dim() != 1 || local.numel() != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(context, ": state has shape ",
-                                                   TorchSize(local.sizes()), ", expected [",
-                                                   expected, "]"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        context, ": state has shape ", TorchSize(local.sizes()), ", expected [", expected, "]"));
   }
-  if (!h.sharded()) return local;
-  at::Tensor out = at::empty({h.padded_numel()}, local.options());
-  FSDP_RETURN_IF_ERROR(h.group()->AllGatherIntoTensor(out, local.detach().contiguous()), context);
+  if (!h.sharded()) {
+    if (plan.to_root && h.group()->rank() != 0) return at::Tensor();
+    return plan.reuse != nullptr ? local : local.clone();
+  }
+  const at::Tensor shard = local.detach().contiguous();
+  comm::ProcessGroup& group = *h.group();
+  if (plan.to_root && group.rank() != 0) {
+    // Every rank but the root sends its shard; the root receives them in rank order.
+    FSDP_RETURN_IF_ERROR(group.Send(shard, 0, kGatherTag), absl::StrCat(context, " to rank 0"));
+    return at::Tensor();
+  }
+  at::Tensor out = plan.reuse != nullptr
+                       ? ReuseBuffer(*plan.reuse, h.padded_numel(), shard.scalar_type())
+                       : at::empty({h.padded_numel()}, shard.options());
+  if (plan.to_root) {
+    const int64_t n = h.shard_numel();
+    out.narrow(0, 0, n).copy_(shard);
+    for (int r = 1; r < group.size(); ++r) {
+      at::Tensor part = out.narrow(0, r * n, n);
+      FSDP_RETURN_IF_ERROR(group.Recv(part, r, kGatherTag),
+                           absl::StrCat(context, " from rank ", r));
+    }
+  } else {
+    FSDP_RETURN_IF_ERROR(group.AllGatherIntoTensor(out, shard), context);
+  }
   return out.narrow(0, 0, h.numel());
 }
 
@@ -363,26 +407,26 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
       json entries = json::array();
       for (const auto& [name, value] : *st) {
         if (IsPosDimTensor(value)) {
-          entries.push_back(json{{"name", name},
-                                 {"dtype", static_cast<int>(value.Get<at::Tensor>().scalar_type())}});
+          entries.push_back(json{
+              {"name", name}, {"dtype", static_cast<int>(value.Get<at::Tensor>().scalar_type())}});
         } else {
           OPTIM_ASSIGN_OR_RETURN(json v, ToJson(value),
-                                absl::StrCat(kOp, ": state '", name, "' of '", role.fqn, "'"));
+                                 absl::StrCat(kOp, ": state '", name, "' of '", role.fqn, "'"));
           entries.push_back(json{{"name", name}, {"v", std::move(v)}});
         }
       }
       orig.push_back(json{{"u", role.unit}, {"i", role.index}, {"state", std::move(entries)}});
       continue;
     }
-    const std::string key =
-        role.role == Role::kFlat ? absl::StrCat("unit:", role.unit) : absl::StrCat("param:", role.fqn);
+    const std::string key = role.role == Role::kFlat ? absl::StrCat("unit:", role.unit)
+                                                     : absl::StrCat("param:", role.fqn);
     key_to_id[key] = static_cast<int64_t>(id);
     keys.push_back(json{{"key", key}, {"fqns", FqnsOf(index, role)}, {"pos", SortNames(*st).pos}});
   }
   const json local{{"keys", std::move(keys)}, {"orig", std::move(orig)}};
   OPTIM_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes, group->AllGatherObject(local.dump()),
-                        absl::StrCat(kOp, ": exchanging optimizer state keys (rank ", rank,
-                                     ", group ", group->name(), ")"));
+                         absl::StrCat(kOp, ": exchanging optimizer state keys (rank ", rank,
+                                      ", group ", group->name(), ")"));
   std::vector<json> all;
   for (const std::string& bytes : all_bytes) {
     OPTIM_ASSIGN_OR_RETURN(json j, Parse(bytes), std::string(kOp));
@@ -419,6 +463,20 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
 
   absl::flat_hash_map<std::string, ParamState> saved;  // FQN -> its full state (to_save)
 
+  // With rank0_only only rank 0 receives the gathered state (when the handle's group is this
+  // group, so that its rank 0 is ours). With `on_managed`, which keeps a copy of what it needs
+  // right away, each state name's gathers share one buffer.
+  std::vector<at::Tensor> gather_buffers;
+  auto plan_for = [&](const FlatParamHandle& h, size_t name_index) {
+    GatherPlan plan;
+    plan.to_root = options.rank0_only && h.group().get() == group.get();
+    if (on_managed) {
+      if (gather_buffers.size() <= name_index) gather_buffers.resize(name_index + 1);
+      plan.reuse = &gather_buffers[name_index];
+    }
+    return plan;
+  };
+
   // Flat parameters and unmanaged parameters, in rank 0's order (merge_keys: unmanaged ones in
   // this rank's order).
   for (const json& k : all[merge_keys ? static_cast<size_t>(rank) : 0]["keys"]) {
@@ -431,16 +489,24 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
     }
     FlatParamHandle& h = *index.handles[role.unit];
     std::vector<ParamState> unflat(h.infos().size());
+    size_t name_index = 0;
     for (const json& name_json : k["pos"]) {
       const std::string name = name_json.get<std::string>();
       OPTIM_ASSIGN_OR_RETURN(at::Tensor full,
-                            GatherFlat(h, st.Find(name)->Get<at::Tensor>(), name),
-                            std::string(kOp));
+                             CallTorchOr(kOp,
+                                         [&] {
+                                           return GatherFlat(h, st.Find(name)->Get<at::Tensor>(),
+                                                             name, plan_for(h, name_index));
+                                         }),
+                             std::string(kOp));
+      ++name_index;
       if (!to_save) continue;
+      // Views of the gathered buffer, which nothing else holds (no copy); `on_managed` copies
+      // what it keeps before the buffer is reused.
       FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
         for (size_t i = 0; i < h.infos().size(); ++i) {
           const FlatParamInfo& info = h.infos()[i];
-          unflat[i].Set(name, full.narrow(0, info.offset, info.numel).view(info.shape).clone());
+          unflat[i].Set(name, full.narrow(0, info.offset, info.numel).view(info.shape));
         }
       }));
     }
@@ -482,6 +548,7 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
   }
   for (auto& [u, unit] : orig_units) {
     FlatParamHandle& h = *index.handles[u];
+    size_t name_index = 0;
     for (const auto& [name, dtype] : unit.pos_dtypes) {
       at::Tensor local;
       FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&]() -> absl::Status {
@@ -496,22 +563,27 @@ absl::StatusOr<OptimStateDict> FullImpl(FullyShardedDataParallel& fsdp,
           const ParamShard s = h.ShardOf(i, h.rank());
           const at::Tensor& t = v->Get<at::Tensor>();
           if (t.numel() != s.numel) {
-            return absl::InvalidArgumentError(absl::StrCat(
-                "state '", name, "' of '", h.infos()[i].fqns[0], "' has ", t.numel(),
-                " elements but this rank's slice of the parameter has ", s.numel));
+            return absl::InvalidArgumentError(
+                absl::StrCat("state '", name, "' of '", h.infos()[i].fqns[0], "' has ", t.numel(),
+                             " elements but this rank's slice of the parameter has ", s.numel));
           }
           local.narrow(0, s.shard_offset, s.numel).copy_(t.reshape({-1}));
         }
         return absl::OkStatus();
       }));
-      OPTIM_ASSIGN_OR_RETURN(at::Tensor full, GatherFlat(h, local, name), std::string(kOp));
+      OPTIM_ASSIGN_OR_RETURN(
+          at::Tensor full,
+          CallTorchOr(kOp, [&] { return GatherFlat(h, local, name, plan_for(h, name_index)); }),
+          std::string(kOp));
+      ++name_index;
       if (!to_save) continue;
-      for (const auto& [i, p] : unit.params) {
-        if (p.pos_names.count(name) == 0) continue;
-        const FlatParamInfo& info = h.infos()[i];
-        saved[info.fqns[0]].Set(name,
-                                full.narrow(0, info.offset, info.numel).view(info.shape).clone());
-      }
+      FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
+        for (const auto& [i, p] : unit.params) {
+          if (p.pos_names.count(name) == 0) continue;
+          const FlatParamInfo& info = h.infos()[i];
+          saved[info.fqns[0]].Set(name, full.narrow(0, info.offset, info.numel).view(info.shape));
+        }
+      }));
     }
     if (!to_save) continue;
     for (const auto& [i, p] : unit.params) {
@@ -594,10 +666,20 @@ namespace {
 
 // ---------------------------------------------------------------- flattening a full dict
 
-// One unit's state in its flat layout, built from a full dict. `pos` holds either the whole
-// unpadded flat tensor (numel elements) or, once cut, this rank's local part (ToLocalPart).
+// One positive-dimension state of a unit before it is cut into shards: its name, dtype and
+// each original parameter's tensor (of the parameter's shape; undefined where the parameter
+// has no such state, which counts as zeros).
+struct PosSource {
+  std::string name;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<at::Tensor> values;
+};
+
+// One unit's state in its flat layout, built from a full dict: `sources` as FlattenUnit
+// checked them, then `pos`, this rank's local part of each (LocalPart).
 struct UnitFlat {
   bool has_state = false;
+  std::vector<PosSource> sources;
   std::vector<std::pair<std::string, at::Tensor>> pos;
   // Flat parameters: the unit's state names in order and its scalar states.
   std::vector<std::string> order;
@@ -617,18 +699,20 @@ std::string ValuesRepr(const std::vector<const StateValue*>& values) {
   return absl::StrCat("[", absl::StrJoin(reprs, ", "), "]");
 }
 
-// Concatenates each parameter's tensor state `name` (zeros where null) into one flat tensor.
-absl::StatusOr<at::Tensor> FlattenTensors(const std::string& name,
-                                          const std::vector<const StateValue*>& values,
-                                          const FlatParamHandle& h) {
+// Checks each parameter's tensor state `name` (null where absent) against the unit's layout;
+// the source its flat tensor is cut from (no copy).
+absl::StatusOr<PosSource> CheckTensors(const std::string& name,
+                                       const std::vector<const StateValue*>& values,
+                                       const FlatParamHandle& h) {
   const std::vector<std::string> fqns = HandleFqns(h);
   std::vector<std::string> dtypes;
-  at::ScalarType dtype = at::kFloat;
+  PosSource out;
+  out.name = name;
   for (const StateValue* v : values) {
     if (v == nullptr) continue;
     const std::string d = TorchDtype(v->Get<at::Tensor>().scalar_type());
     if (std::find(dtypes.begin(), dtypes.end(), d) == dtypes.end()) dtypes.push_back(d);
-    dtype = v->Get<at::Tensor>().scalar_type();
+    out.dtype = v->Get<at::Tensor>().scalar_type();
   }
   if (dtypes.size() != 1) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -636,14 +720,13 @@ absl::StatusOr<at::Tensor> FlattenTensors(const std::string& name,
         "positive-dimension tensor state with the same dtype but got dtypes ",
         PySet(dtypes), " for state ", name, " and unflattened parameter names ", PyList(fqns)));
   }
-  std::vector<at::Tensor> parts;
   for (size_t i = 0; i < values.size(); ++i) {
     const FlatParamInfo& info = h.infos()[i];
     if (values[i] == nullptr) {
       if (info.shape.empty()) {
         return absl::InvalidArgumentError("Flattening a zero-dimension parameter is not supported");
       }
-      parts.push_back(at::zeros({info.numel}, at::TensorOptions().dtype(dtype)));
+      out.values.emplace_back();
       continue;
     }
     const at::Tensor& t = values[i]->Get<at::Tensor>();
@@ -652,9 +735,9 @@ absl::StatusOr<at::Tensor> FlattenTensors(const std::string& name,
           absl::StrCat("Tensor optimizer state does not have same shape as its parameter: ",
                        TorchSize(t.sizes()), " ", TorchSize(info.shape)));
     }
-    parts.push_back(t.to(at::kCPU).reshape({-1}));
+    out.values.push_back(t);
   }
-  return at::cat(parts);
+  return out;
 }
 
 absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& full_state,
@@ -694,8 +777,8 @@ absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& ful
         const StateValue* v = st == nullptr ? nullptr : st->Find(name);
         values.push_back(v != nullptr && IsPosDimTensor(*v) ? v : nullptr);
       }
-      FSDP_ASSIGN_OR_RETURN(at::Tensor flat, FlattenTensors(name, values, h));
-      out.pos.emplace_back(name, std::move(flat));
+      FSDP_ASSIGN_OR_RETURN(PosSource source, CheckTensors(name, values, h));
+      out.sources.push_back(std::move(source));
     }
     return out;
   }
@@ -733,13 +816,13 @@ absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& ful
       types.insert(v->TypeName());
     }
     if (types.size() != 1 || !(pos || zero || non_tensor)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "Differing optimizer state types for state ", name, ", values ", ValuesRepr(non_null),
-          ", and unflattened parameter names ", PyList(fqns)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("Differing optimizer state types for state ", name, ", values ",
+                       ValuesRepr(non_null), ", and unflattened parameter names ", PyList(fqns)));
     }
     if (pos) {
-      FSDP_ASSIGN_OR_RETURN(at::Tensor flat, FlattenTensors(name, values, h));
-      out.pos.emplace_back(name, std::move(flat));
+      FSDP_ASSIGN_OR_RETURN(PosSource source, CheckTensors(name, values, h));
+      out.sources.push_back(std::move(source));
     } else if (zero) {
       std::vector<std::string> value_reprs, dtype_reprs;
       auto add = [](std::vector<std::string>& set, std::string s) {
@@ -780,17 +863,54 @@ absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& ful
   return out;
 }
 
-// This rank's part of an unpadded flat tensor: its padded shard, or the whole under NO_SHARD.
-// Writes only the shard: its part of `flat`, then zeros where the shard runs into the padding
-// (no padded copy of the whole flat tensor).
-at::Tensor LocalPart(const at::Tensor& flat, const FlatParamHandle& h, int rank) {
-  if (!h.sharded()) return flat.clone();
-  const int64_t begin = static_cast<int64_t>(rank) * h.shard_numel();
-  const int64_t present = std::clamp<int64_t>(h.numel() - begin, 0, h.shard_numel());
-  at::Tensor shard = at::empty({h.shard_numel()}, flat.options());
-  if (present > 0) shard.narrow(0, 0, present).copy_(flat.narrow(0, begin, present));
-  if (present < h.shard_numel()) shard.narrow(0, present, h.shard_numel() - present).zero_();
-  return shard;
+// FlattenShardedOptimStateDict's stand-ins: elements [begin, begin + data.numel()) of an
+// original parameter's flattened state, this rank's part of it, already cut out of the
+// gathered pieces. Keyed by the stand-in tensor of the parameter's shape that the full dict
+// holds in its place (its values are not read).
+struct PartialState {
+  int64_t begin = 0;
+  at::Tensor data;
+};
+using PartialStates = absl::flat_hash_map<const c10::TensorImpl*, PartialState>;
+
+// Rank `rank`'s part of a unit's flat state: its padded shard, or the whole unpadded flat
+// tensor without sharding. Copies into `out` (allocated if undefined) only the part of each
+// parameter's state that lies in that shard, then zeros the rest (padding, parameters without
+// state, gaps): the unit's whole flat tensor is never built.
+at::Tensor LocalPart(const PosSource& source, const FlatParamHandle& h, int rank,
+                     const PartialStates* partial, at::Tensor out = at::Tensor()) {
+  const int64_t size = h.sharded() ? h.shard_numel() : h.numel();
+  if (!out.defined()) out = at::empty({size}, at::TensorOptions().dtype(source.dtype));
+  std::vector<std::pair<int64_t, int64_t>> written;  // (offset, numel) in the shard
+  for (size_t i = 0; i < source.values.size(); ++i) {
+    const at::Tensor& t = source.values[i];
+    if (!t.defined()) continue;
+    const ParamShard s = h.ShardOf(i, rank);
+    if (s.numel == 0) continue;
+    at::Tensor dst = out.narrow(0, s.shard_offset, s.numel);
+    const PartialState* p = nullptr;
+    if (partial != nullptr) {
+      auto it = partial->find(t.unsafeGetTensorImpl());
+      if (it != partial->end()) p = &it->second;
+    }
+    if (p != nullptr) {
+      TORCH_CHECK(p->begin == s.param_offset && p->data.numel() == s.numel,
+                  "internal: the part of '", h.infos()[i].fqns[0], "' cut for rank ", rank,
+                  " does not match its shard");
+      dst.copy_(p->data);
+    } else {
+      dst.copy_(t.reshape({-1}).narrow(0, s.param_offset, s.numel));
+    }
+    written.emplace_back(s.shard_offset, s.numel);
+  }
+  std::sort(written.begin(), written.end());
+  int64_t next = 0;
+  for (const auto& [offset, numel] : written) {
+    if (offset > next) out.narrow(0, next, offset - next).zero_();
+    next = std::max(next, offset + numel);
+  }
+  if (next < size) out.narrow(0, next, size - next).zero_();
+  return out;
 }
 
 // The dict this rank's optimizer loads, from its units' local parts (`units`, by unit
@@ -856,8 +976,8 @@ absl::StatusOr<OptimStateDict> BuildLocalDict(
     std::set<int64_t> ids;
     for (const ParamKey& key : param_groups[g].params) {
       if (!key.is_fqn()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            op, ": param_groups[", g, "] lists ", key.ToString(), ", not an FQN"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(op, ": param_groups[", g, "] lists ", key.ToString(), ", not an FQN"));
       }
       auto it = fqn_to_id.find(key.fqn());
       if (it == fqn_to_id.end()) {
@@ -877,9 +997,9 @@ absl::StatusOr<OptimStateDict> BuildLocalDict(
 absl::Status CheckFqnKeyed(const OptimStateDict& full_osd, absl::string_view op) {
   for (const auto& entry : full_osd.state) {
     if (!entry.first.is_fqn()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          op, ": state key ", entry.first.ToString(),
-          " is a parameter ID; a full optimizer state dict is keyed by FQNs"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": state key ", entry.first.ToString(),
+                       " is a parameter ID; a full optimizer state dict is keyed by FQNs"));
     }
   }
   return absl::OkStatus();
@@ -891,10 +1011,12 @@ namespace {
 
 // ShardFullOptimStateDict under the name `kOp`.
 // `params`: the optimizer's parameters in ID order.
+// `partial`: FlattenShardedOptimStateDict's stand-ins in `full_osd` (null: none).
 absl::StatusOr<OptimStateDict> ShardFullImpl(const OptimStateDict& full_osd,
                                              FullyShardedDataParallel& fsdp,
                                              const std::vector<at::Tensor>& params,
-                                             absl::string_view kOp) {
+                                             absl::string_view kOp,
+                                             const PartialStates* partial = nullptr) {
   FSDP_RETURN_IF_ERROR(CheckFqnKeyed(full_osd, kOp));
   const ModelIndex index = IndexModel(fsdp);
   FSDP_ASSIGN_OR_RETURN(std::vector<ParamRole> roles, RolesOf(index, params, kOp));
@@ -912,7 +1034,10 @@ absl::StatusOr<OptimStateDict> ShardFullImpl(const OptimStateDict& full_osd,
     }
     units[u] = *std::move(flat);
     FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
-      for (auto& [name, t] : units[u].pos) t = LocalPart(t, h, h.rank());
+      for (const PosSource& source : units[u].sources) {
+        units[u].pos.emplace_back(source.name, LocalPart(source, h, h.rank(), partial));
+      }
+      units[u].sources.clear();
     }));
   }
   absl::flat_hash_map<std::string, ParamState> unmanaged;
@@ -966,14 +1091,15 @@ absl::StatusOr<json> ScatterMetadata(const OptimStateDict& full_osd, const Model
     units[u] = *std::move(flat);
     const UnitFlat& unit = units[u];
     json pos = json::array();
-    for (const auto& [name, t] : unit.pos) {
-      pos.push_back(json{{"name", name}, {"dtype", static_cast<int>(t.scalar_type())}});
+    for (const PosSource& source : unit.sources) {
+      pos.push_back(json{{"name", source.name}, {"dtype", static_cast<int>(source.dtype)}});
     }
     OPTIM_ASSIGN_OR_RETURN(json scalars, ParamStateToJson(unit.scalars), std::string(kOp));
     json params = json::array();
     for (const UnitFlat::Orig& p : unit.params) {
       OPTIM_ASSIGN_OR_RETURN(json ps, ParamStateToJson(p.scalars), std::string(kOp));
-      params.push_back(json{{"present", p.present}, {"order", p.order}, {"scalars", std::move(ps)}});
+      params.push_back(
+          json{{"present", p.present}, {"order", p.order}, {"scalars", std::move(ps)}});
     }
     units_json.push_back(json{{"has", unit.has_state},
                               {"order", unit.order},
@@ -995,8 +1121,8 @@ absl::StatusOr<json> ScatterMetadata(const OptimStateDict& full_osd, const Model
                                {"dtype", static_cast<int>(v.scalar_type())},
                                {"shape", v.sizes().vec()}});
       } else {
-        OPTIM_ASSIGN_OR_RETURN(json v, ToJson(value), absl::StrCat(kOp, ": state '", name, "' of '",
-                                                                   fqn, "'"));
+        OPTIM_ASSIGN_OR_RETURN(json v, ToJson(value),
+                               absl::StrCat(kOp, ": state '", name, "' of '", fqn, "'"));
         entries.push_back(json{{"name", name}, {"v", std::move(v)}});
       }
     }
@@ -1020,7 +1146,6 @@ absl::StatusOr<json> ScatterMetadata(const OptimStateDict& full_osd, const Model
   meta["param_groups"] = std::move(groups);
   return meta;
 }
-
 
 absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
                                            FullyShardedDataParallel& fsdp,
@@ -1051,7 +1176,7 @@ absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
     }
   }
   OPTIM_ASSIGN_OR_RETURN(std::string received, group->BroadcastObject(bytes, 0),
-                        absl::StrCat(kOp, where, ": broadcasting metadata"));
+                         absl::StrCat(kOp, where, ": broadcasting metadata"));
   OPTIM_ASSIGN_OR_RETURN(json meta, Parse(received), std::string(kOp));
   if (meta.contains("error")) {
     return absl::Status(static_cast<absl::StatusCode>(meta["code"].get<int>()),
@@ -1059,8 +1184,9 @@ absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
   }
   if (!roles.ok()) return roles.status();
 
-  // Positive-dimension state of units: rank 0 broadcasts each rank's shard in turn.
+  // Positive-dimension state of units: rank 0 sends each rank its shard.
   const json& units_json = meta["units"];
+  at::Tensor send_buffer;  // rank 0
   for (size_t u = 0; u < index.handles.size(); ++u) {
     FlatParamHandle& h = *index.handles[u];
     const json& uj = units_json[u];
@@ -1083,29 +1209,34 @@ absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
       const auto opts = at::TensorOptions().dtype(dtype);
       at::Tensor mine;
       if (!h.sharded()) {
-        mine = rank == 0 ? unit.pos[k].second.clone() : at::empty({h.numel()}, opts);
+        FSDP_RETURN_IF_ERROR(CallTorch(context, [&] {
+          mine =
+              rank == 0 ? LocalPart(unit.sources[k], h, 0, nullptr) : at::empty({h.numel()}, opts);
+        }));
         FSDP_RETURN_IF_ERROR(group->Broadcast(mine, 0), context);
       } else {
-        // A scatter: rank 0 sends each rank only its own shard (point to point, in rank
-        // order; every rank walks the same units and states, so the pairs match up).
+        // A scatter: rank 0 cuts each rank's shard (into one reused buffer) and sends it to
+        // that rank only (point to point, in rank order; every rank walks the same units and
+        // states, so the pairs match up).
         constexpr int kScatterTag = 0x5CA7;
         if (rank == 0) {
           for (int target = 1; target < group->size(); ++target) {
-            FSDP_RETURN_IF_ERROR(
-                group->Send(LocalPart(unit.pos[k].second, h, target), target, kScatterTag),
-                absl::StrCat(context, " to rank ", target));
+            at::Tensor shard;
+            FSDP_RETURN_IF_ERROR(CallTorch(context, [&] {
+              shard = LocalPart(unit.sources[k], h, target, nullptr,
+                                ReuseBuffer(send_buffer, h.shard_numel(), dtype));
+            }));
+            FSDP_RETURN_IF_ERROR(group->Send(shard, target, kScatterTag),
+                                 absl::StrCat(context, " to rank ", target));
           }
-          mine = LocalPart(unit.pos[k].second, h, 0);
+          FSDP_RETURN_IF_ERROR(
+              CallTorch(context, [&] { mine = LocalPart(unit.sources[k], h, 0, nullptr); }));
         } else {
           mine = at::empty({h.shard_numel()}, opts);
           FSDP_RETURN_IF_ERROR(group->Recv(mine, 0, kScatterTag), context);
         }
       }
-      if (rank == 0) {
-        unit.pos[k].second = mine;
-      } else {
-        unit.pos.emplace_back(name, mine);
-      }
+      unit.pos.emplace_back(name, mine);
     }
   }
 
@@ -1121,13 +1252,15 @@ absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
         st.Set(name, FromJson(s["v"]));
         continue;
       }
-      at::Tensor t = rank == 0 ? unmanaged_full[j].Find(name)->Get<at::Tensor>().contiguous().clone()
-                               : at::empty(s["shape"].get<std::vector<int64_t>>(),
-                                           at::TensorOptions().dtype(static_cast<at::ScalarType>(
-                                               s["dtype"].get<int>())));
-      FSDP_RETURN_IF_ERROR(group->Broadcast(t, 0),
-                           absl::StrCat(kOp, where, ": sending optimizer state '", name,
-                                        "' of '", fqn, "'"));
+      at::Tensor t =
+          rank == 0
+              ? unmanaged_full[j].Find(name)->Get<at::Tensor>().contiguous().clone()
+              : at::empty(
+                    s["shape"].get<std::vector<int64_t>>(),
+                    at::TensorOptions().dtype(static_cast<at::ScalarType>(s["dtype"].get<int>())));
+      FSDP_RETURN_IF_ERROR(
+          group->Broadcast(t, 0),
+          absl::StrCat(kOp, where, ": sending optimizer state '", name, "' of '", fqn, "'"));
       st.Set(name, StateValue(t));
     }
     unmanaged[fqn] = std::move(st);
@@ -1149,23 +1282,19 @@ absl::StatusOr<OptimStateDict> ScatterImpl(const OptimStateDict& full_osd,
 
 }  // namespace
 
-absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& full_osd,
-                                                         FullyShardedDataParallel& fsdp,
-                                                         const OptimizerAdapter& adapter,
-                                                         std::shared_ptr<comm::ProcessGroup> group) {
-  return ScatterImpl(full_osd, fsdp, OptimizerParams(adapter), absl::OkStatus(),
-                     std::move(group));
+absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(
+    const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
+    std::shared_ptr<comm::ProcessGroup> group) {
+  return ScatterImpl(full_osd, fsdp, OptimizerParams(adapter), absl::OkStatus(), std::move(group));
 }
 
-absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(const OptimStateDict& full_osd,
-                                                         FullyShardedDataParallel& fsdp,
-                                                         const OptimInput& optim_input,
-                                                         std::shared_ptr<comm::ProcessGroup> group) {
+absl::StatusOr<OptimStateDict> ScatterFullOptimStateDict(
+    const OptimStateDict& full_osd, FullyShardedDataParallel& fsdp, const OptimInput& optim_input,
+    std::shared_ptr<comm::ProcessGroup> group) {
   WarnOptimInputDeprecated();
   return ScatterImpl(full_osd, fsdp, optim_input.Params(),
                      CheckOptimInput(optim_input, "ScatterFullOptimStateDict"), std::move(group));
 }
-
 
 absl::StatusOr<OptimStateDict> ShardedOptimStateDict(FullyShardedDataParallel& fsdp,
                                                      const OptimizerAdapter& adapter,
@@ -1240,15 +1369,16 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
         if (v == nullptr) continue;
         if (v->offsets.size() != v->global_shape.size() ||
             v->local.dim() != static_cast<int64_t>(v->global_shape.size())) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              kOp, where, ": state '", name, "' of '", fqns[i],
-              "' is a sharded tensor whose local shard, offsets and global shape disagree in rank"));
+          return absl::InvalidArgumentError(
+              absl::StrCat(kOp, where, ": state '", name, "' of '", fqns[i],
+                           "' is a sharded tensor whose local shard, offsets and global shape "
+                           "disagree in rank"));
         }
         for (size_t d = 0; d < v->offsets.size(); ++d) {
           if (v->offsets[d] < 0 || v->offsets[d] + v->local.size(d) > v->global_shape[d]) {
-            return absl::InvalidArgumentError(absl::StrCat(
-                kOp, where, ": state '", name, "' of '", fqns[i],
-                "': the local shard lies outside the global shape"));
+            return absl::InvalidArgumentError(
+                absl::StrCat(kOp, where, ": state '", name, "' of '", fqns[i],
+                             "': the local shard lies outside the global shape"));
           }
         }
         pieces.push_back(json{{"u", u},
@@ -1280,6 +1410,12 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
     }
   }
   OrderedMap<ParamKey, ParamState> state = sharded_osd.state;
+  // Each managed parameter's gathered state becomes a stand-in of its shape in `state` and
+  // this rank's part of it in `partial`: the gathered buffer is unpacked straight into the
+  // parts this rank's shard needs, and no parameter's full tensor is built (except for pieces
+  // that are not whole rows, below). Both buffers are reused across states.
+  PartialStates partial;
+  at::Tensor send_buffer, gather_buffer;
   for (const auto& [unit_and_name, per_rank] : groups) {
     const auto& [u, name] = unit_and_name;
     const std::vector<std::string> fqns = group_fqns(u);
@@ -1300,52 +1436,96 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
     }
     const auto opts = at::TensorOptions().dtype(dtype);
     at::Tensor gathered;
-    FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&]() -> absl::Status {
-      at::Tensor mine = at::zeros({max_total}, opts);
-      int64_t off = 0;
-      for (const json& p : per_rank[static_cast<size_t>(rank)]) {
-        const std::string& fqn = fqns[p["i"].get<size_t>()];
-        const at::Tensor& local =
-            state.Find(ParamKey::Fqn(fqn))->Find(name)->Get<ShardedTensorValue>().local;
-        if (local.scalar_type() != dtype) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "state '", name, "' of the ", describe(u),
-              " has sharded tensors of different dtypes"));
-        }
-        const int64_t n = local.numel();
-        mine.narrow(0, off, n).copy_(local.reshape({-1}));
-        off += n;
+    FSDP_RETURN_IF_ERROR(
+        CallTorch(
+            kOp,
+            [&]() -> absl::Status {
+              at::Tensor mine = ReuseBuffer(send_buffer, max_total, dtype);
+              int64_t off = 0;
+              for (const json& p : per_rank[static_cast<size_t>(rank)]) {
+                const std::string& fqn = fqns[p["i"].get<size_t>()];
+                const at::Tensor& local =
+                    state.Find(ParamKey::Fqn(fqn))->Find(name)->Get<ShardedTensorValue>().local;
+                if (local.scalar_type() != dtype) {
+                  return absl::InvalidArgumentError(
+                      absl::StrCat("state '", name, "' of the ", describe(u),
+                                   " has sharded tensors of different dtypes"));
+                }
+                const int64_t n = local.numel();
+                mine.narrow(0, off, n).copy_(local.reshape({-1}));
+                off += n;
+              }
+              if (off < max_total) mine.narrow(0, off, max_total - off).zero_();
+              gathered = ReuseBuffer(gather_buffer,
+                                     max_total * static_cast<int64_t>(per_rank.size()), dtype);
+              FSDP_RETURN_IF_ERROR(group->AllGatherIntoTensor(gathered, mine));
+              return absl::OkStatus();
+            }),
+        absl::StrCat(kOp, where, ": gathering state '", name, "' of ", describe(u)));
+    // Each parameter's pieces, in rank order (a later piece overwrites an earlier one).
+    struct Piece {
+      const json* meta;
+      int64_t gathered_offset;
+    };
+    std::map<size_t, std::vector<Piece>> by_param;
+    for (size_t r = 0; r < per_rank.size(); ++r) {
+      int64_t off = static_cast<int64_t>(r) * max_total;
+      for (const json& p : per_rank[r]) {
+        by_param[p["i"].get<size_t>()].push_back(Piece{&p, off});
+        off += numel_of(p);
       }
-      gathered = at::empty({max_total * static_cast<int64_t>(per_rank.size())}, opts);
-      FSDP_RETURN_IF_ERROR(group->AllGatherIntoTensor(gathered, mine));
-      return absl::OkStatus();
-    }),
-                         absl::StrCat(kOp, where, ": gathering state '", name,
-                                      "' of ", describe(u)));
-    // Reassemble each parameter's full tensor.
+    }
     FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
-      std::map<size_t, at::Tensor> full;
-      for (size_t r = 0; r < per_rank.size(); ++r) {
-        int64_t off = static_cast<int64_t>(r) * max_total;
-        for (const json& p : per_rank[r]) {
-          const size_t i = p["i"].get<size_t>();
-          auto it = full.find(i);
-          if (it == full.end()) {
-            it = full.emplace(i, at::zeros(p["global"].get<std::vector<int64_t>>(), opts)).first;
+      for (const auto& [i, pieces] : by_param) {
+        ParamState* param_state = state.Find(ParamKey::Fqn(fqns[i]));
+        if (param_state == nullptr) continue;  // this rank's dict has no state for it
+        const auto global = (*pieces[0].meta)["global"].get<std::vector<int64_t>>();
+        // A piece of whole rows (offsets and sizes beyond dimension 0 span the parameter, as
+        // ShardedOptimStateDict's chunks do) is one range of the flattened parameter.
+        bool rows = u < num_units;
+        for (const Piece& piece : pieces) {
+          const auto local_shape = (*piece.meta)["local"].get<std::vector<int64_t>>();
+          const auto offsets = (*piece.meta)["offsets"].get<std::vector<int64_t>>();
+          rows = rows && local_shape.size() == global.size() && !global.empty() &&
+                 (*piece.meta)["global"].get<std::vector<int64_t>>() == global;
+          for (size_t d = 1; rows && d < global.size(); ++d) {
+            rows = offsets[d] == 0 && local_shape[d] == global[d];
           }
-          const auto local_shape = p["local"].get<std::vector<int64_t>>();
-          const auto offsets = p["offsets"].get<std::vector<int64_t>>();
-          at::Tensor region = it->second;
+        }
+        if (rows) {
+          const FlatParamHandle& h = *index.handles[u];
+          int64_t row_numel = 1;
+          for (size_t d = 1; d < global.size(); ++d) row_numel *= global[d];
+          const ParamShard s = h.ShardOf(i, h.rank());
+          PartialState part{s.param_offset, at::zeros({s.numel}, opts)};
+          for (const Piece& piece : pieces) {
+            const int64_t begin = (*piece.meta)["offsets"][0].get<int64_t>() * row_numel;
+            const int64_t n = numel_of(*piece.meta);
+            const int64_t lo = std::max(begin, s.param_offset);
+            const int64_t hi = std::min(begin + n, s.param_offset + s.numel);
+            if (hi <= lo) continue;
+            part.data.narrow(0, lo - s.param_offset, hi - lo)
+                .copy_(gathered.narrow(0, piece.gathered_offset + lo - begin, hi - lo));
+          }
+          // The stand-in: the parameter's shape and dtype, one element of storage.
+          at::Tensor stand_in = at::zeros({1}, opts).expand(global);
+          partial.emplace(stand_in.unsafeGetTensorImpl(), std::move(part));
+          param_state->Set(name, StateValue(std::move(stand_in)));
+          continue;
+        }
+        // Other pieces (or an unmanaged parameter's state, loaded whole): the full tensor.
+        at::Tensor full = at::zeros(global, opts);
+        for (const Piece& piece : pieces) {
+          const auto local_shape = (*piece.meta)["local"].get<std::vector<int64_t>>();
+          const auto offsets = (*piece.meta)["offsets"].get<std::vector<int64_t>>();
+          at::Tensor region = full;
           for (size_t d = 0; d < offsets.size(); ++d) {
             region = region.narrow(static_cast<int64_t>(d), offsets[d], local_shape[d]);
           }
-          const int64_t n = numel_of(p);
-          region.copy_(gathered.narrow(0, off, n).view(local_shape));
-          off += n;
+          region.copy_(
+              gathered.narrow(0, piece.gathered_offset, numel_of(*piece.meta)).view(local_shape));
         }
-      }
-      for (auto& [i, t] : full) {
-        state.Find(ParamKey::Fqn(fqns[i]))->Set(name, StateValue(std::move(t)));
+        param_state->Set(name, StateValue(std::move(full)));
       }
     }));
   }
@@ -1353,7 +1533,7 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
   full_osd.state = std::move(state);
   full_osd.param_groups = sharded_osd.param_groups;
   full_osd.has_param_groups = sharded_osd.has_param_groups;
-  return ShardFullImpl(full_osd, fsdp, OptimizerParams(adapter), kOp);
+  return ShardFullImpl(full_osd, fsdp, OptimizerParams(adapter), kOp, &partial);
 }
 
 }  // namespace fsdp::optim_state
