@@ -35,11 +35,16 @@
 // in this mode; later PyTorch does, as here.)
 //
 // Cost. Positive-dimension state moves with tensor collectives only: one all-gather per flat
-// parameter (or unit) and state name when gathering; when scattering, rank 0 sends each other
-// rank its own shard of each flat parameter and state name (1.13 broadcasts every shard to
-// every rank; each rank here receives only 1/N). Serialized objects carry only
-// metadata (keys, state names, dtypes, scalar values, param_groups). With rank0_only, ranks
-// other than 0 hold at most one gathered flat parameter's worth beyond their shard at a time.
+// parameter (or unit) and state name when gathering (with rank0_only, when the handle's group
+// is the call's group, each rank sends its shard to rank 0 only, point to point); when
+// scattering, rank 0 sends each other rank its own shard of each flat parameter and state
+// name (1.13 broadcasts every shard to every rank; each rank here receives only 1/N).
+// Serialized objects carry only metadata (keys, state names, dtypes, scalar values,
+// param_groups). With rank0_only, ranks other than 0 hold nothing gathered beyond their shard.
+// Shards are cut straight from each original parameter's state (only the part that lies in
+// the shard is copied); a unit's whole flat state is never built. The full dict's tensors of
+// one unit and state name are views of one gathered buffer (they share its storage; nothing
+// else refers to it, so the dict stays a snapshot of the optimizer's state).
 //
 // Preconditions: every rank of the group calls these collectives with the same model wrapping
 // (the same units in the same order) and an optimizer over `fsdp.parameters()` (or parameter
