@@ -1,4 +1,4 @@
-// See torch_load.h. Layout of this file: byte helpers and CRC-32; the byte sources (a file,
+// See torch_load.h. Layout of this file: byte helpers; the byte sources (a file,
 // or bytes in memory); the zip directory; the pickle machine over arena-owned objects; the
 // conversion of the machine's result into a PyValue tree; the public functions.
 #include "checkpoint/torch_load.h"
@@ -21,6 +21,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "checkpoint/crc32.h"
 #include "comm/status_macros.h"
 
 // Storages are copied byte for byte into tensors, and torch.save writes little-endian data.
@@ -97,43 +98,12 @@ std::string PyValue::DebugString() const {
 namespace {
 
 // ------------------------------------------------------------------------------------------
-// Little-endian reads (the zip format and the pickle's binary ints) and CRC-32.
+// Little-endian reads (the zip format and the pickle's binary ints).
 
 uint64_t ReadLE(const char* p, int n) {
   uint64_t v = 0;
   for (int i = n - 1; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(p[i]);
   return v;
-}
-
-// Slicing-by-8 tables: table[0] is the classic byte table, table[k] advances k more bytes.
-using CrcTables = std::array<std::array<uint32_t, 256>, 8>;
-CrcTables MakeCrcTables() {
-  CrcTables t{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t c = i;
-    for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-    t[0][i] = c;
-  }
-  for (uint32_t i = 0; i < 256; ++i) {
-    for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFF];
-  }
-  return t;
-}
-
-uint32_t Crc32(const void* data, size_t n) {
-  static const CrcTables t = MakeCrcTables();
-  const auto* p = static_cast<const uint8_t*>(data);
-  uint32_t c = 0xFFFFFFFFu;
-  for (; n >= 8; n -= 8, p += 8) {
-    uint32_t lo, hi;
-    std::memcpy(&lo, p, 4);
-    std::memcpy(&hi, p + 4, 4);
-    lo ^= c;
-    c = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^
-        t[3][hi & 0xFF] ^ t[2][(hi >> 8) & 0xFF] ^ t[1][(hi >> 16) & 0xFF] ^ t[0][hi >> 24];
-  }
-  for (; n > 0; --n, ++p) c = t[0][(c ^ *p) & 0xFF] ^ (c >> 8);
-  return c ^ 0xFFFFFFFFu;
 }
 
 // a + b <= limit without overflow.
@@ -352,10 +322,17 @@ class ZipReader {
     return it == entries_.end() ? nullptr : &it->second;
   }
 
-  // Reads an entry's bytes into `dst` (entry.size bytes) and checks its CRC-32.
+  // Reads an entry's bytes into `dst` (entry.size bytes) and checks its CRC-32. In chunks, each
+  // checksummed right after it is read, while it is still in the CPU's cache.
   absl::Status Read(const ZipEntry& entry, void* dst) const {
-    FSDP_RETURN_IF_ERROR(source_.ReadAt(entry.data_offset, entry.size, dst));
-    const uint32_t crc = Crc32(dst, entry.size);
+    constexpr uint64_t kChunk = uint64_t{1} << 20;
+    char* out = static_cast<char*>(dst);
+    uint32_t crc = 0;
+    for (uint64_t done = 0; done < entry.size; done += kChunk) {
+      const uint64_t n = std::min(kChunk, entry.size - done);
+      FSDP_RETURN_IF_ERROR(source_.ReadAt(entry.data_offset + done, n, out + done));
+      crc = Crc32(crc, out + done, static_cast<size_t>(n));
+    }
     if (crc != entry.crc) {
       return Loss(absl::StrCat("entry ", Printable(entry.name), " is corrupted (CRC-32 ",
                                absl::Hex(crc), ", the zip directory says ", absl::Hex(entry.crc),
