@@ -2,6 +2,7 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <set>
@@ -666,8 +667,10 @@ absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& 
         state.Set(name, StateValue(out.view(params[id].sizes())));
         continue;
       }
-      // A flat parameter: each original parameter's slice at its place, zeros elsewhere.
-      at::Tensor out = at::zeros({params[id].numel()}, options);
+      // A flat parameter: each original parameter's slice at its place, zeros elsewhere (only
+      // the elements no slice is read into are zeroed: padding, parameters without state).
+      at::Tensor out = at::empty({params[id].numel()}, options);
+      std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) read into `out`
       for (size_t i = 0; i < fqns.size(); ++i) {
         const OptimValueRecord* v = FindValue(recs[i], name);
         if (v == nullptr) continue;
@@ -684,7 +687,15 @@ absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& 
         if (ps.numel == 0) continue;
         FSDP_RETURN_IF_ERROR(ReadState(reader, *v, fqns[i], h.infos()[i].shape, ps.param_offset,
                                        out.narrow(0, ps.shard_offset, ps.numel)));
+        filled.emplace_back(ps.shard_offset, ps.shard_offset + ps.numel);
       }
+      std::sort(filled.begin(), filled.end());
+      int64_t next = 0;
+      for (const auto& [b, e] : filled) {
+        if (b > next) out.narrow(0, next, b - next).zero_();
+        next = std::max(next, e);
+      }
+      if (next < out.numel()) out.narrow(0, next, out.numel() - next).zero_();
       state.Set(name, StateValue(out.view(params[id].sizes())));
     }
     osd.state.Set(ParamKey::Id(static_cast<int64_t>(id)), std::move(state));
@@ -762,8 +773,9 @@ absl::StatusOr<LoadStats> LoadShardedCheckpoint(const std::string& dir,
   OptimStateDict snapshot;
   if (adapter != nullptr) {
     absl::Status loaded = CallTorch(where, [&]() -> absl::Status {
-      FSDP_ASSIGN_OR_RETURN(OptimStateDict current, adapter->StateDict());
-      snapshot = optim_state::CloneOptimStateDict(current);
+      // No copy is needed to restore: LoadStateDict builds new state tensors and swaps them in,
+      // so the tensors `snapshot` refers to are left as they are.
+      FSDP_ASSIGN_OR_RETURN(snapshot, adapter->StateDict());
       return adapter->LoadStateDict(plan.optim);
     });
     absl::Status agreed = AgreeOn(group, where, loaded);

@@ -873,7 +873,6 @@ absl::Status ShardedCheckpointReader::ReadRange(const TensorRecord& tensor, int6
   const int64_t es = ElementSize(tensor.dtype);
   const int64_t bb = metadata_.block_bytes;
   char* dst = static_cast<char*>(out.data_ptr());
-  std::string buffer;
   for (const PieceRecord& p : tensor.pieces) {
     const int64_t ob = std::max(begin, p.begin);
     const int64_t oe = std::min(end, p.end);
@@ -885,29 +884,43 @@ absl::Status ShardedCheckpointReader::ReadRange(const TensorRecord& tensor, int6
     }
     FSDP_RETURN_IF_ERROR(OpenFile(p.file), what);
     const std::string& name = metadata_.files[static_cast<size_t>(p.file)].name;
+    // Bytes [rb, re) of the piece are wanted; they land at `to`. Block by block: a block the
+    // range covers whole is read straight into its place in `out` and hashed there while it is
+    // still in the cache; a block it covers in part (at most the first and the last) is read
+    // into the scratch block and only its wanted part copied. Every block read is verified.
     const int64_t rb = (ob - p.begin) * es;
     const int64_t re = (oe - p.begin) * es;
-    const int64_t b0 = rb / bb;
-    const int64_t b1 = (re - 1) / bb;
-    const int64_t read_begin = b0 * bb;
-    const int64_t read_end = std::min((b1 + 1) * bb, p.bytes);
-    buffer.resize(static_cast<size_t>(read_end - read_begin));
-    FSDP_RETURN_IF_ERROR(PRead(p.file, p.offset + read_begin, read_end - read_begin, buffer.data()),
-                         what);
-    stats_.data_bytes_read += read_end - read_begin;
-    for (int64_t b = b0; b <= b1; ++b) {
-      const int64_t s = b * bb - read_begin;
-      const int64_t n = std::min(bb, p.bytes - b * bb);
-      if (Xxh64(buffer.data() + s, static_cast<size_t>(n)) !=
-          p.block_xxh64[static_cast<size_t>(b)]) {
-        return absl::DataLossError(
-            absl::StrCat(what, ": ", JoinPath(dir_, name), ": checksum mismatch in bytes ",
-                         RangeText(p.offset + b * bb, p.offset + b * bb + n), " (damaged)"));
+    for (int64_t b = rb / bb; b * bb < re; ++b) {
+      const int64_t block_begin = b * bb;
+      const int64_t n = std::min(bb, p.bytes - block_begin);
+      const bool whole = block_begin >= rb && block_begin + n <= re;
+      char* into = whole ? to + (block_begin - rb) : Scratch(n);
+      FSDP_RETURN_IF_ERROR(PRead(p.file, p.offset + block_begin, n, into), what);
+      stats_.data_bytes_read += n;
+      if (Xxh64(into, static_cast<size_t>(n)) != p.block_xxh64[static_cast<size_t>(b)]) {
+        return absl::DataLossError(absl::StrCat(
+            what, ": ", JoinPath(dir_, name), ": checksum mismatch in bytes ",
+            RangeText(p.offset + block_begin, p.offset + block_begin + n), " (damaged)"));
+      }
+      if (!whole) {
+        const int64_t from = std::max(rb, block_begin);
+        const int64_t upto = std::min(re, block_begin + n);
+        std::memcpy(to + (from - rb), into + (from - block_begin),
+                    static_cast<size_t>(upto - from));
       }
     }
-    std::memcpy(to, buffer.data() + (rb - read_begin), static_cast<size_t>(re - rb));
   }
   return absl::OkStatus();
+}
+
+char* ShardedCheckpointReader::Scratch(int64_t bytes) {
+  // Grown to the largest partly read block (no more than a block of a piece whose file is
+  // checked to hold it), uninitialised: it is always read into before use.
+  if (scratch_bytes_ < bytes) {
+    scratch_.reset(new char[static_cast<size_t>(bytes)]);
+    scratch_bytes_ = bytes;
+  }
+  return scratch_.get();
 }
 
 absl::StatusOr<at::Tensor> ShardedCheckpointReader::ReadTensor(const TensorRecord& tensor) {

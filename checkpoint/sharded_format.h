@@ -223,7 +223,9 @@ class ShardedCheckpointReader {
 
   // Elements [begin, end) of `tensor` (flattened) into `out`, a contiguous tensor of
   // end - begin elements of the tensor's dtype, reading (and verifying) only the checksum
-  // blocks of pieces that overlap the range.
+  // blocks of pieces that overlap the range. Blocks the range covers whole are read straight
+  // into `out` and verified there, so on an error `out` holds unverified bytes: a caller
+  // keeps it only on success.
   [[nodiscard]] absl::Status ReadRange(const TensorRecord& tensor, int64_t begin, int64_t end,
                                        at::Tensor& out);
   // The whole tensor, with its shape.
@@ -245,11 +247,15 @@ class ShardedCheckpointReader {
   ShardedCheckpointReader() = default;
   [[nodiscard]] absl::Status OpenFile(int file);
   [[nodiscard]] absl::Status PRead(int file, int64_t offset, int64_t bytes, char* out);
+  // A buffer of at least `bytes` for blocks read in part.
+  char* Scratch(int64_t bytes);
 
   std::string dir_;
   ShardedMetadata metadata_;
   std::vector<int> fds_;       // -1 until opened
   std::vector<bool> checked_;  // file validated
+  std::unique_ptr<char[]> scratch_;
+  int64_t scratch_bytes_ = 0;
   ReadStats stats_;
 };
 
