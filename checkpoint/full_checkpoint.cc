@@ -3,11 +3,15 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/List.h>
 #include <ATen/core/ivalue.h>
-#include <torch/serialize.h>
+#include <caffe2/serialize/inline_container.h>
+#include <fcntl.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
@@ -48,13 +52,76 @@ c10::IValue KeyToIValue(const ParamKey& key) {
   return key.is_id() ? c10::IValue(key.id()) : c10::IValue(key.fqn());
 }
 
-absl::Status WriteBytes(const std::vector<char>& bytes, const std::string& path) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) return absl::InternalError(absl::StrCat("cannot open ", path, ": ", strerror(errno)));
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  out.close();
-  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path, ": ", strerror(errno)));
-  return absl::OkStatus();
+// A value pickled as torch::pickle_save does it, in its two steps: here the pickle (data.pkl,
+// small: tensors appear in it as references to their storages), then WriteArchive streams the
+// zip archive of data.pkl and the storages to a file. The file's bytes are pickle_save's, but
+// the storages go from the tensors to the file with no copy of the whole archive in memory.
+struct Pickled {
+  std::vector<char> pickle;
+  std::vector<at::Tensor> storages;  // in the order data.pkl names them
+};
+
+absl::StatusOr<Pickled> Pickle(const c10::IValue& value, const std::string& path) {
+  return CallTorch(absl::StrCat("serializing ", path), [&] {
+    Pickled out;
+    torch::jit::Pickler pickler([&](const char* bytes, size_t n) {
+      out.pickle.insert(out.pickle.end(), bytes, bytes + n);
+    });
+    pickler.protocol();
+    pickler.pushIValue(value);
+    pickler.stop();
+    out.storages = pickler.tensorData();
+    return out;
+  });
+}
+
+absl::Status Errno(const char* what, const std::string& path) {
+  return absl::InternalError(absl::StrCat("cannot ", what, " ", path, ": ", strerror(errno)));
+}
+
+std::string BaseName(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+// Writes the zip archive of `pickled` (as torch::pickle_save lays it out) to `path`, created or
+// truncated; with `durable`, fsyncs it, passing the crash points WriteFileDurably passes.
+absl::Status WriteArchive(const Pickled& pickled, const std::string& path, bool durable) {
+  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Errno("create", path);
+  // The archive writer must never see a short write (it would throw from its destructor), so
+  // the first failure is kept here and later bytes are dropped.
+  absl::Status io = absl::OkStatus();
+  auto write_all = [&](const void* data, size_t n) -> size_t {
+    const char* p = static_cast<const char*>(data);
+    size_t left = n;
+    while (io.ok() && left > 0) {
+      const ssize_t w = write(fd, p, left);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        io = Errno("write", path);
+        break;
+      }
+      p += w;
+      left -= static_cast<size_t>(w);
+    }
+    return n;
+  };
+  absl::Status status = CallTorch(absl::StrCat("writing ", path), [&]() -> absl::Status {
+    caffe2::serialize::PyTorchStreamWriter writer(write_all);
+    torch::jit::writeArchiveAndTensors("data", pickled.pickle.data(), pickled.pickle.size(),
+                                       pickled.storages, writer);
+    writer.writeEndOfFile();
+    return absl::OkStatus();
+  });
+  if (status.ok()) status = io;
+  if (status.ok() && durable) {
+    CrashPoint(absl::StrCat("written ", BaseName(path)));
+    if (fsync(fd) != 0) status = Errno("fsync", path);
+  }
+  if (close(fd) != 0 && status.ok()) status = Errno("close", path);
+  if (status.ok() && durable) CrashPoint(absl::StrCat("fsynced ", BaseName(path)));
+  return status;
 }
 
 absl::StatusOr<StateValue> FromPyValue(const PyValue& value, const std::string& where) {
@@ -86,19 +153,15 @@ absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& w
 
 }  // namespace
 
-static absl::StatusOr<std::vector<char>> ModelBytes(const ModelStateDict& state,
-                                                    const std::string& path) {
+static absl::StatusOr<Pickled> PickleModel(const ModelStateDict& state, const std::string& path) {
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
   for (const auto& [fqn, tensor] : state) dict.insert(fqn, tensor.detach().contiguous());
-  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, CallTorch(absl::StrCat("serializing ", path), [&] {
-                          return torch::pickle_save(c10::IValue(dict));
-                        }));
-  return bytes;
+  return Pickle(c10::IValue(dict), path);
 }
 
 absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path) {
-  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, ModelBytes(state, path));
-  return WriteBytes(bytes, path);
+  FSDP_ASSIGN_OR_RETURN(Pickled pickled, PickleModel(state, path));
+  return WriteArchive(pickled, path, /*durable=*/false);
 }
 
 absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path) {
@@ -119,8 +182,7 @@ absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path) {
   return out;
 }
 
-static absl::StatusOr<std::vector<char>> OptimBytes(const OptimStateDict& state,
-                                                    const std::string& path) {
+static absl::StatusOr<Pickled> PickleOptim(const OptimStateDict& state, const std::string& path) {
   c10::impl::GenericDict state_dict(c10::AnyType::get(), c10::AnyType::get());
   for (const auto& [key, param_state] : state.state) {
     c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
@@ -152,31 +214,26 @@ static absl::StatusOr<std::vector<char>> OptimBytes(const OptimStateDict& state,
     }
     top.insert("param_groups", c10::IValue(groups));
   }
-  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, CallTorch(absl::StrCat("serializing ", path), [&] {
-                          return torch::pickle_save(c10::IValue(top));
-                        }));
-  return bytes;
+  return Pickle(c10::IValue(top), path);
 }
 
 absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string& path) {
-  FSDP_ASSIGN_OR_RETURN(std::vector<char> bytes, OptimBytes(state, path));
-  return WriteBytes(bytes, path);
+  FSDP_ASSIGN_OR_RETURN(Pickled pickled, PickleOptim(state, path));
+  return WriteArchive(pickled, path, /*durable=*/false);
 }
 
 absl::Status WriteFullCheckpoint(const std::string& dir, const ModelStateDict& model,
                                  const OptimStateDict* optim,
                                  const std::map<std::string, std::string>& extra_files) {
-  FSDP_ASSIGN_OR_RETURN(std::vector<char> model_bytes, ModelBytes(model, dir + "/model.pt"));
-  std::vector<char> optim_bytes;
+  FSDP_ASSIGN_OR_RETURN(Pickled model_pickled, PickleModel(model, dir + "/model.pt"));
+  Pickled optim_pickled;
   if (optim != nullptr) {
-    FSDP_ASSIGN_OR_RETURN(optim_bytes, OptimBytes(*optim, dir + "/optim.pt"));
+    FSDP_ASSIGN_OR_RETURN(optim_pickled, PickleOptim(*optim, dir + "/optim.pt"));
   }
   FSDP_ASSIGN_OR_RETURN(std::string staging, CreateStagingDir(dir));
-  FSDP_RETURN_IF_ERROR(WriteFileDurably(staging + "/model.pt",
-                                        absl::string_view(model_bytes.data(), model_bytes.size())));
+  FSDP_RETURN_IF_ERROR(WriteArchive(model_pickled, staging + "/model.pt", /*durable=*/true));
   if (optim != nullptr) {
-    FSDP_RETURN_IF_ERROR(WriteFileDurably(
-        staging + "/optim.pt", absl::string_view(optim_bytes.data(), optim_bytes.size())));
+    FSDP_RETURN_IF_ERROR(WriteArchive(optim_pickled, staging + "/optim.pt", /*durable=*/true));
   }
   for (const auto& [name, contents] : extra_files) {
     FSDP_RETURN_IF_ERROR(WriteFileDurably(staging + "/" + name, contents));

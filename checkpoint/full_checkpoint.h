@@ -42,7 +42,9 @@ using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
 
 // DIR/model.pt (+ DIR/optim.pt unless `optim` is null), atomically (see above), with
 // `extra_files` (name -> contents, e.g. a training program's progress file) in the same
-// commit. Everything is serialized before anything is written; the parent of DIR must exist.
+// commit. Every value is converted and pickled before anything is written; the tensors' bytes
+// are then streamed from the tensors into the files (no copy of a whole file in memory), which
+// are byte for byte what torch::pickle_save makes. The parent of DIR must exist.
 [[nodiscard]] absl::Status WriteFullCheckpoint(
     const std::string& dir, const ModelStateDict& model, const optim_state::OptimStateDict* optim,
     const std::map<std::string, std::string>& extra_files = {});

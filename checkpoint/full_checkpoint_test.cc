@@ -1,6 +1,7 @@
 // Full checkpoints written as a pair, atomically: read back equal, recognised by
-// DetectCheckpointKind, and a save SIGKILLed at each of its crash points leaves DIR with the
-// old pair or the new one, never a mix.
+// DetectCheckpointKind, byte for byte what torch::pickle_save makes (which Python's torch.load
+// reads; examples/train_test loads ours in Python), write errors reported, and a save SIGKILLed
+// at each of its crash points leaves DIR with the old pair or the new one, never a mix.
 #include "checkpoint/full_checkpoint.h"
 
 #include <signal.h>
@@ -10,7 +11,10 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
@@ -24,9 +28,11 @@ namespace fsdp::checkpoint {
 namespace {
 
 using ::fsdp::testing::IsOk;
+using ::fsdp::testing::StatusIs;
 using optim_state::OptimStateDict;
 using optim_state::ParamKey;
 using optim_state::StateValue;
+using ::testing::HasSubstr;
 
 std::string TestDir(const std::string& name) {
   const char* tmp = std::getenv("TEST_TMPDIR");
@@ -86,6 +92,45 @@ TEST(FullCheckpoint, ModelOnly) {
   EXPECT_THAT(ReadModelStateDict(dir + "/model.pt"), IsOk());
   struct stat st;
   EXPECT_NE(stat((dir + "/optim.pt").c_str(), &st), 0);
+}
+
+std::vector<char> FileBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+TEST(FullCheckpoint, ModelFileIsWhatTorchPickleSaveWrites) {
+  const std::string dir = TestDir("bytes");
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  // Two tensors sharing one storage (stored once), a non-contiguous one, an empty one, and one
+  // larger than a page.
+  const torch::Tensor base = torch::arange(24, torch::kFloat);
+  const ModelStateDict model = {{"a.weight", base.view({4, 6})},
+                                {"a.bias", base.narrow(0, 6, 6)},
+                                {"b.weight", torch::arange(12, torch::kDouble).view({3, 4}).t()},
+                                {"b.bias", torch::empty({0})},
+                                {"c.weight", torch::randn({300, 70})}};
+  const std::string path = dir + "/model.pt";
+  ASSERT_THAT(WriteModelStateDict(model, path), IsOk());
+  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
+  for (const auto& [fqn, tensor] : model) dict.insert(fqn, tensor.detach().contiguous());
+  EXPECT_EQ(FileBytes(path), torch::pickle_save(c10::IValue(dict)));
+  auto read = ReadModelStateDict(path);
+  ASSERT_THAT(read, IsOk());
+  ASSERT_EQ(read->size(), model.size());
+  for (size_t i = 0; i < model.size(); ++i) {
+    EXPECT_EQ((*read)[i].first, model[i].first);
+    EXPECT_TRUE(torch::equal((*read)[i].second, model[i].second)) << model[i].first;
+  }
+}
+
+TEST(FullCheckpoint, AFailingWriteIsAnErrorNamingTheFile) {
+  struct stat st;
+  if (stat("/dev/full", &st) != 0) GTEST_SKIP() << "no /dev/full here";
+  EXPECT_THAT(WriteModelStateDict(Model(1), "/dev/full"),
+              StatusIs(absl::StatusCode::kInternal, HasSubstr("cannot write /dev/full")));
+  EXPECT_THAT(WriteOptimStateDict(Optim(1), "/dev/full"),
+              StatusIs(absl::StatusCode::kInternal, HasSubstr("cannot write /dev/full")));
 }
 
 TEST(FullCheckpoint, AKilledSaveLeavesTheOldOrTheNewPair) {
