@@ -106,6 +106,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
+#include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "checkpoint/atomic_dir.h"
 #include "checkpoint/full_checkpoint.h"
@@ -123,7 +124,6 @@
 namespace fsdp::bench {
 namespace {
 
-using comm::CollectiveOptions;
 using comm::ProcessGroup;
 using optim_state::OptimizerAdapter;
 using optim_state::OptimStateDict;
@@ -153,6 +153,13 @@ struct Command {
   int64_t world_size = 0;
   int64_t source_world = 0;  // loads: the saving world size
   int64_t iterations = 0;
+
+  CommandWords Words() const {
+    return {static_cast<int64_t>(op), world_size, source_world, iterations};
+  }
+  static Command From(const CommandWords& w) {
+    return {static_cast<Op>(w[0]), w[1], w[2], w[3]};
+  }
 };
 
 // One world size's model and optimizer, on the members of its group.
@@ -166,19 +173,18 @@ struct Setup {
 };
 
 struct RankContext {
-  std::shared_ptr<ProcessGroup> world;
-  std::map<int64_t, std::shared_ptr<ProcessGroup>> groups;  // world size -> group (or null)
+  const RankGroups* groups = nullptr;
   std::unique_ptr<Setup> setup;
-  std::string run_dir;
+  std::string out_dir;  // rank 0: where the run directory is made (--out_dir)
+  std::string run_dir;  // every rank, once the first case has made it
+  bool made_run_dir = false;  // rank 0, which removes it at the end
   bool cold_reads = false;
-  std::string error;  // rank 0: first failure; later cases are skipped
 };
 
 RankContext* g_context = nullptr;
 
 std::shared_ptr<ProcessGroup> GroupFor(const RankContext& context, int64_t world_size) {
-  auto it = context.groups.find(world_size);
-  return it == context.groups.end() ? nullptr : it->second;
+  return context.groups->ForSize(world_size);
 }
 
 std::string ShardedDir(const RankContext& context, int64_t world_size) {
@@ -189,23 +195,6 @@ std::string FullDir(const RankContext& context) { return context.run_dir + "/ful
 bool Exists(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;
-}
-
-absl::Status ExchangeCommand(ProcessGroup& world, Command& command) {
-  at::Tensor packed = at::empty({4}, at::kLong);
-  if (world.rank() == 0) {
-    packed[0] = static_cast<int64_t>(command.op);
-    packed[1] = command.world_size;
-    packed[2] = command.source_world;
-    packed[3] = command.iterations;
-  }
-  FSDP_RETURN_IF_ERROR(world.Broadcast(packed, /*root=*/0, CollectiveOptions{kJobTimeout}));
-  const int64_t* values = packed.data_ptr<int64_t>();
-  command.op = static_cast<Op>(values[0]);
-  command.world_size = values[1];
-  command.source_world = values[2];
-  command.iterations = values[3];
-  return absl::OkStatus();
 }
 
 // Builds the model on `group`, wraps it, and takes one Adam step so the state exists.
@@ -667,34 +656,21 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
   return absl::InvalidArgumentError("checkpoint_benchmark: not a case");
 }
 
-int WorkerLoop(RankContext& context) {
-  const int rank = context.world->rank();
-  while (true) {
-    Command command;
-    if (absl::Status s = ExchangeCommand(*context.world, command); !s.ok()) {
-      std::fprintf(stderr, "checkpoint_benchmark rank %d: waiting for a command: %s\n", rank,
-                   s.ToString().c_str());
-      return 1;
-    }
-    if (command.op == Op::kQuit) return 0;
-    absl::Status status;
-    if (command.op == Op::kSetOutDir) {
-      absl::StatusOr<std::string> dir = context.world->BroadcastObject("", 0);
-      status = dir.status();
-      if (dir.ok()) context.run_dir = *dir;
-    } else {
-      status = RunCase(context, command).status();
-    }
-    if (!status.ok()) {
-      std::fprintf(stderr, "checkpoint_benchmark rank %d: %s\n", rank, status.ToString().c_str());
-      return 1;
-    }
+// Ranks other than 0: the command's case, or the run directory rank 0 made.
+absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) {
+  RankContext& context = *g_context;
+  context.groups = &groups;
+  const Command command = Command::From(words);
+  if (command.op == Op::kSetOutDir) {
+    FSDP_ASSIGN_OR_RETURN(context.run_dir, groups.world->BroadcastObject("", 0));
+    return absl::OkStatus();
   }
+  return RunCase(context, command).status();
 }
 
 // Rank 0: sends `command` and runs its part.
-absl::StatusOr<CaseResult> Dispatch(RankContext& context, Command command) {
-  FSDP_RETURN_IF_ERROR(ExchangeCommand(*context.world, command));
+absl::StatusOr<CaseResult> Dispatch(RankContext& context, const Command& command) {
+  FSDP_RETURN_IF_ERROR(SendCommand(command.Words()));
   return RunCase(context, command);
 }
 
@@ -704,17 +680,32 @@ absl::Status EnsureSharded(RankContext& context, int64_t world_size) {
   return Dispatch(context, Command{Op::kMakeSharded, world_size, world_size, 1}).status();
 }
 
+// Rank 0, before the first case: creates the run directory under --out_dir and tells every
+// rank.
+absl::Status SetUpRunDir(RankContext& context) {
+  const std::string& out_dir = context.out_dir;
+  std::error_code error;
+  std::filesystem::create_directories(out_dir, error);
+  if (error) {
+    return absl::InternalError(absl::StrCat("--out_dir=", out_dir, ": ", error.message()));
+  }
+  const std::string dir = absl::StrCat(out_dir, "/fsdp-ckbench-", checkpoint::RandomNonce());
+  if (::mkdir(dir.c_str(), 0755) != 0) return Errno("cannot create", dir);
+  context.run_dir = dir;
+  context.made_run_dir = true;
+  FSDP_RETURN_IF_ERROR(SendCommand(Command{Op::kSetOutDir, 0, 0, 0}.Words()));
+  return context.groups->world->BroadcastObject(dir, 0).status();
+}
+
 void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t world_size) {
   RankContext& context = *g_context;
-  if (!context.error.empty()) {
-    state.SkipWithError(absl::StrCat("skipped after an earlier failure: ", context.error).c_str());
-    return;
-  }
+  if (SkipAfterFailure(state)) return;
   if (GroupFor(context, world_size) == nullptr || GroupFor(context, source_world) == nullptr) {
     state.SkipWithError(absl::StrCat("no group of ", world_size, " ranks").c_str());
     return;
   }
   absl::StatusOr<CaseResult> result = [&]() -> absl::StatusOr<CaseResult> {
+    if (context.run_dir.empty()) FSDP_RETURN_IF_ERROR(SetUpRunDir(context));
     if (op == Op::kLoadSharded) {
       FSDP_RETURN_IF_ERROR(EnsureSharded(context, source_world));
       if (source_world != world_size) FSDP_RETURN_IF_ERROR(EnsureSharded(context, world_size));
@@ -726,11 +717,7 @@ void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t
     return Dispatch(
         context, Command{op, world_size, source_world, static_cast<int64_t>(state.max_iterations)});
   }();
-  if (!result.ok()) {
-    context.error = result.status().ToString();
-    state.SkipWithError(context.error.c_str());
-    return;
-  }
+  if (!result.ok()) return FailBenchmark(state, result.status());
   size_t i = 0;
   for (auto _ : state) state.SetIterationTime(result->api_seconds.at(i++));
   const double api = Mean(result->api_seconds);
@@ -769,7 +756,8 @@ void Register(const std::string& name, Op op, int64_t source_world, int64_t worl
       ->Unit(benchmark::kMillisecond);
 }
 
-void RegisterCases() {
+void RegisterCases(const RankGroups& groups) {
+  g_context->groups = &groups;
   // World 4, then 2, then 3: the model is rebuilt only when the world size changes.
   for (int64_t world : {4, 2, 3}) {
     Register(absl::StrCat("BM_SaveSharded/world:", world), Op::kSaveSharded, world, world,
@@ -790,101 +778,38 @@ void RegisterCases() {
   }
 }
 
-// Rank 0: creates the run directory under `out_dir` and tells every rank.
-absl::Status SetUpRunDir(RankContext& context, const std::string& out_dir) {
-  std::error_code error;
-  std::filesystem::create_directories(out_dir, error);
-  if (error) {
-    return absl::InternalError(absl::StrCat("--out_dir=", out_dir, ": ", error.message()));
-  }
-  const std::string dir = absl::StrCat(out_dir, "/fsdp-ckbench-", checkpoint::RandomNonce());
-  if (::mkdir(dir.c_str(), 0755) != 0) return Errno("cannot create", dir);
-  Command command{Op::kSetOutDir, 0, 0, 0};
-  FSDP_RETURN_IF_ERROR(ExchangeCommand(*context.world, command));
-  FSDP_ASSIGN_OR_RETURN(context.run_dir, context.world->BroadcastObject(dir, 0));
-  return absl::OkStatus();
-}
-
-int RunBenchmarks(RankContext& context, int argc, char** argv) {
-  // --out_dir and --cold_reads (RunRank) are ours; everything else goes to Google Benchmark.
+int RunRank(int argc, char** argv) {
+  RankContext context;
+  // --out_dir and --cold_reads are ours; everything else goes to Google Benchmark.
   const char* tmp = std::getenv("TMPDIR");
-  std::string out_dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+  context.out_dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     const std::string arg = argv[i];
     if (i > 0 && arg.rfind("--out_dir=", 0) == 0) {
-      out_dir = arg.substr(10);
+      context.out_dir = arg.substr(10);
     } else if (i > 0 && arg == "--cold_reads") {
-      continue;
+      context.cold_reads = true;
     } else {
       args.push_back(argv[i]);
     }
   }
-  int bench_argc = static_cast<int>(args.size());
-  args.push_back(nullptr);
-  RegisterCases();
-  benchmark::Initialize(&bench_argc, args.data());
-  int exit_code = 0;
-  if (benchmark::ReportUnrecognizedArguments(bench_argc, args.data())) {
-    exit_code = 2;
-  } else if (absl::Status s = SetUpRunDir(context, out_dir); !s.ok()) {
-    std::fprintf(stderr, "checkpoint_benchmark: %s\n", s.ToString().c_str());
-    exit_code = 1;
-  } else {
-    benchmark::RunSpecifiedBenchmarks();
-  }
-  benchmark::Shutdown();
-  if (!context.run_dir.empty()) {
+  RankHarnessOptions options;
+  options.name = "checkpoint_benchmark";
+  options.collective_timeout = kCollectiveTimeout;
+  options.command_timeout = kJobTimeout;
+  options.subgroup_sizes = {2, 3};
+  g_context = &context;
+  const int exit_code = RunRankHarness(static_cast<int>(args.size()), args.data(), options,
+                                       RegisterCases, FollowCommand);
+  g_context = nullptr;
+  context.groups = nullptr;  // they ended with RunRankHarness
+  // The rank that made the run directory removes it, also after a failure.
+  if (context.made_run_dir) {
     if (absl::Status s = checkpoint::RemoveTree(context.run_dir); !s.ok()) {
       std::fprintf(stderr, "checkpoint_benchmark: cleaning up: %s\n", s.ToString().c_str());
     }
   }
-  if (!context.error.empty()) {
-    std::fprintf(stderr, "checkpoint_benchmark: failed: %s\n", context.error.c_str());
-    return 1;
-  }
-  context.setup.reset();
-  Command quit;
-  if (absl::Status s = ExchangeCommand(*context.world, quit); !s.ok()) {
-    std::fprintf(stderr, "checkpoint_benchmark: sending quit: %s\n", s.ToString().c_str());
-    return 1;
-  }
-  return exit_code;
-}
-
-int RunRank(int argc, char** argv) {
-  comm::RendezvousOptions options;
-  options.timeout = kCollectiveTimeout;
-  absl::StatusOr<std::shared_ptr<ProcessGroup>> world = comm::InitProcessGroupFromEnv(options);
-  if (!world.ok()) {
-    std::fprintf(stderr, "checkpoint_benchmark: rendezvous: %s\n",
-                 world.status().ToString().c_str());
-    return 1;
-  }
-  RankContext context;
-  context.world = *std::move(world);
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]) == "--cold_reads") context.cold_reads = true;
-  }
-  const int size = context.world->size();
-  context.groups[size] = context.world;
-  // Every rank takes part in creating each sub-group, in the same order.
-  for (int sub : {2, 3}) {
-    if (sub >= size) continue;
-    std::vector<int> ranks;
-    for (int r = 0; r < sub; ++r) ranks.push_back(r);
-    absl::StatusOr<std::shared_ptr<ProcessGroup>> group = context.world->NewSubgroup(ranks);
-    if (!group.ok()) {
-      std::fprintf(stderr, "checkpoint_benchmark: sub-group of %d: %s\n", sub,
-                   group.status().ToString().c_str());
-      return 1;
-    }
-    context.groups[sub] = *std::move(group);
-  }
-  g_context = &context;
-  const int exit_code =
-      context.world->rank() == 0 ? RunBenchmarks(context, argc, argv) : WorkerLoop(context);
-  g_context = nullptr;
   return exit_code;
 }
 

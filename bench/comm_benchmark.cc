@@ -229,7 +229,7 @@ int RunRank(int argc, char** argv) {
   options.name = "comm_benchmark";
   options.collective_timeout = kCollectiveTimeout;
   options.command_timeout = kJobTimeout;
-  options.make_pair = true;
+  options.subgroup_sizes = {2};
   // A short default --benchmark_min_time; one given on the command line comes later and wins.
   options.default_benchmark_args = {"--benchmark_min_time=0.2"};
   Buffers buffers;

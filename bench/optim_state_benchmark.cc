@@ -73,6 +73,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
+#include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "comm/launcher.h"
 #include "comm/process_group.h"
@@ -86,7 +87,6 @@
 namespace fsdp::bench {
 namespace {
 
-using comm::CollectiveOptions;
 using comm::ProcessGroup;
 using optim_state::OptimizerAdapter;
 using optim_state::OptimStateDict;
@@ -142,6 +142,9 @@ struct Command {
   Op op = Op::kQuit;
   int64_t world_size = 0;
   int64_t iterations = 0;
+
+  CommandWords Words() const { return {static_cast<int64_t>(op), world_size, iterations}; }
+  static Command From(const CommandWords& w) { return {static_cast<Op>(w[0]), w[1], w[2]}; }
 };
 
 // One world size's model, optimizer and the current input dict, on the members of its group.
@@ -158,35 +161,11 @@ struct Setup {
 };
 
 struct RankContext {
-  std::shared_ptr<ProcessGroup> world;
-  std::shared_ptr<ProcessGroup> pair;  // ranks {0, 1}; nullptr on the others
+  const RankGroups* groups = nullptr;
   std::unique_ptr<Setup> setup;
-  std::string error;  // rank 0: first failure; later cases are skipped
 };
 
 RankContext* g_context = nullptr;
-
-std::shared_ptr<ProcessGroup> GroupFor(const RankContext& context, int64_t world_size) {
-  if (world_size == context.world->size()) return context.world;
-  if (world_size == 2) return context.pair;
-  return nullptr;
-}
-
-absl::Status ExchangeCommand(ProcessGroup& world, Command& command) {
-  at::Tensor packed = at::empty({3}, at::kLong);
-  if (world.rank() == 0) {
-    packed[0] = static_cast<int64_t>(command.op);
-    packed[1] = command.world_size;
-    packed[2] = command.iterations;
-  }
-  absl::Status status = world.Broadcast(packed, /*root=*/0, CollectiveOptions{kJobTimeout});
-  if (!status.ok()) return status;
-  const int64_t* values = packed.data_ptr<int64_t>();
-  command.op = static_cast<Op>(values[0]);
-  command.world_size = values[1];
-  command.iterations = values[2];
-  return absl::OkStatus();
-}
 
 // Builds the model on `group`, wraps it, and takes one Adam step so the state exists.
 absl::StatusOr<std::unique_ptr<Setup>> BuildSetup(std::shared_ptr<ProcessGroup> group) {
@@ -380,7 +359,7 @@ struct CaseResult {
 // scatter), each between barriers, so API and reference see the same load on a busy machine.
 absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command,
                                    benchmark::State* state) {
-  std::shared_ptr<ProcessGroup> group = GroupFor(context, command.world_size);
+  std::shared_ptr<ProcessGroup> group = context.groups->ForSize(command.world_size);
   if (group == nullptr) return CaseResult{};
   const Case* c = FindCase(command.op);
   if (c == nullptr) return absl::InvalidArgumentError("unknown case");
@@ -443,23 +422,10 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command,
   return result;
 }
 
-int WorkerLoop(RankContext& context) {
-  const int rank = context.world->rank();
-  while (true) {
-    Command command;
-    if (absl::Status s = ExchangeCommand(*context.world, command); !s.ok()) {
-      std::fprintf(stderr, "optim_state_benchmark rank %d: waiting for a command: %s\n", rank,
-                   s.ToString().c_str());
-      return 1;
-    }
-    if (command.op == Op::kQuit) return 0;
-    absl::StatusOr<CaseResult> result = RunCase(context, command, nullptr);
-    if (!result.ok()) {
-      std::fprintf(stderr, "optim_state_benchmark rank %d: %s\n", rank,
-                   result.status().ToString().c_str());
-      return 1;
-    }
-  }
+// Ranks other than 0: the case rank 0 runs, if this rank is in its group.
+absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) {
+  g_context->groups = &groups;
+  return RunCase(*g_context, Command::From(words), nullptr).status();
 }
 
 benchmark::Counter Bytes(double value) {
@@ -468,23 +434,16 @@ benchmark::Counter Bytes(double value) {
 
 void BM_OptimState(benchmark::State& state, Op op, int64_t world_size) {
   RankContext& context = *g_context;
-  if (!context.error.empty()) {
-    state.SkipWithError(absl::StrCat("skipped after an earlier failure: ", context.error).c_str());
-    return;
-  }
-  if (GroupFor(context, world_size) == nullptr) {
+  if (SkipAfterFailure(state)) return;
+  if (context.groups->ForSize(world_size) == nullptr) {
     state.SkipWithError(absl::StrCat("no group of ", world_size, " ranks").c_str());
     return;
   }
-  Command command{op, world_size, static_cast<int64_t>(state.max_iterations)};
-  absl::Status status = ExchangeCommand(*context.world, command);
+  const Command command{op, world_size, static_cast<int64_t>(state.max_iterations)};
+  absl::Status status = SendCommand(command.Words());
   absl::StatusOr<CaseResult> result =
       status.ok() ? RunCase(context, command, &state) : absl::StatusOr<CaseResult>(status);
-  if (!result.ok()) {
-    context.error = result.status().ToString();
-    state.SkipWithError(context.error.c_str());
-    return;
-  }
+  if (!result.ok()) return FailBenchmark(state, result.status());
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * result->state_bytes);
   state.counters["vs_collective"] = result->api_seconds / result->reference_seconds;
   if (result->scatter_seconds > 0) {
@@ -497,7 +456,8 @@ void BM_OptimState(benchmark::State& state, Op op, int64_t world_size) {
   state.counters["state_bytes"] = Bytes(static_cast<double>(result->state_bytes));
 }
 
-void RegisterCases() {
+void RegisterCases(const RankGroups& groups) {
+  g_context->groups = &groups;
   for (int64_t world_size : {2, 4}) {
     for (const Case& c : kCases) {
       const Op op = c.op;
@@ -511,54 +471,15 @@ void RegisterCases() {
   }
 }
 
-int RunBenchmarks(RankContext& context, int argc, char** argv) {
-  RegisterCases();
-  benchmark::Initialize(&argc, argv);
-  int exit_code = 0;
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
-    exit_code = 2;
-  } else {
-    benchmark::RunSpecifiedBenchmarks();
-  }
-  benchmark::Shutdown();
-  if (!context.error.empty()) {
-    std::fprintf(stderr, "optim_state_benchmark: failed: %s\n", context.error.c_str());
-    return 1;
-  }
-  context.setup.reset();
-  Command quit;
-  if (absl::Status s = ExchangeCommand(*context.world, quit); !s.ok()) {
-    std::fprintf(stderr, "optim_state_benchmark: sending quit: %s\n", s.ToString().c_str());
-    return 1;
-  }
-  return exit_code;
-}
-
 int RunRank(int argc, char** argv) {
-  comm::RendezvousOptions options;
-  options.timeout = kCollectiveTimeout;
-  absl::StatusOr<std::shared_ptr<ProcessGroup>> world = comm::InitProcessGroupFromEnv(options);
-  if (!world.ok()) {
-    std::fprintf(stderr, "optim_state_benchmark: rendezvous: %s\n",
-                 world.status().ToString().c_str());
-    return 1;
-  }
+  RankHarnessOptions options;
+  options.name = "optim_state_benchmark";
+  options.collective_timeout = kCollectiveTimeout;
+  options.command_timeout = kJobTimeout;
+  options.subgroup_sizes = {2};
   RankContext context;
-  context.world = *std::move(world);
-  if (context.world->size() == 2) {
-    context.pair = context.world;
-  } else if (context.world->size() > 2) {
-    absl::StatusOr<std::shared_ptr<ProcessGroup>> pair = context.world->NewSubgroup({0, 1});
-    if (!pair.ok()) {
-      std::fprintf(stderr, "optim_state_benchmark: sub-group {0, 1}: %s\n",
-                   pair.status().ToString().c_str());
-      return 1;
-    }
-    context.pair = *std::move(pair);
-  }
   g_context = &context;
-  const int exit_code =
-      context.world->rank() == 0 ? RunBenchmarks(context, argc, argv) : WorkerLoop(context);
+  const int exit_code = RunRankHarness(argc, argv, options, RegisterCases, FollowCommand);
   g_context = nullptr;
   return exit_code;
 }

@@ -89,9 +89,8 @@ int Lead(int argc, char** argv, const RankHarnessOptions& options, const RankGro
 }  // namespace
 
 std::shared_ptr<comm::ProcessGroup> RankGroups::ForSize(int64_t world_size) const {
-  if (world && world_size == world->size()) return world;
-  if (world_size == 2) return pair;
-  return nullptr;
+  auto it = by_size.find(world_size);
+  return it == by_size.end() ? nullptr : it->second;
 }
 
 int RunRankHarness(int argc, char** argv, const RankHarnessOptions& options,
@@ -107,17 +106,20 @@ int RunRankHarness(int argc, char** argv, const RankHarnessOptions& options,
   }
   RankGroups groups;
   groups.world = *std::move(world);
-  if (options.make_pair && groups.world->size() == 2) {
-    groups.pair = groups.world;
-  } else if (options.make_pair && groups.world->size() > 2) {
-    // Every rank takes part in creating the sub-group; non-members get nullptr.
-    absl::StatusOr<std::shared_ptr<comm::ProcessGroup>> pair = groups.world->NewSubgroup({0, 1});
-    if (!pair.ok()) {
-      std::fprintf(stderr, "%s: sub-group {0, 1}: %s\n", options.name.c_str(),
-                   pair.status().ToString().c_str());
+  const int size = groups.world->size();
+  groups.by_size[size] = groups.world;
+  // Every rank takes part in creating each sub-group, in the same order; non-members get null.
+  for (int k : options.subgroup_sizes) {
+    if (k <= 0 || k >= size || groups.by_size.count(k) != 0) continue;
+    std::vector<int> ranks(static_cast<size_t>(k));
+    for (int r = 0; r < k; ++r) ranks[static_cast<size_t>(r)] = r;
+    absl::StatusOr<std::shared_ptr<comm::ProcessGroup>> group = groups.world->NewSubgroup(ranks);
+    if (!group.ok()) {
+      std::fprintf(stderr, "%s: sub-group of ranks 0..%d: %s\n", options.name.c_str(), k - 1,
+                   group.status().ToString().c_str());
       return 1;
     }
-    groups.pair = *std::move(pair);
+    groups.by_size[k] = *std::move(group);
   }
   return groups.world->rank() == 0 ? Lead(argc, argv, options, groups, register_cases)
                                    : Follow(options, groups, follow);

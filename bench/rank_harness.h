@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,13 +35,13 @@ namespace fsdp::bench {
 inline constexpr int kCommandWords = 8;
 using CommandWords = std::array<int64_t, kCommandWords>;  // words[0] == 0: quit
 
-// The groups a rank works in: every launched rank, and the sub-group of ranks {0, 1} (the world
-// itself at world size 2; null on ranks outside it, and when not asked for).
+// The groups a rank works in: every launched rank, and the sub-groups of the first k ranks
+// {0, ..., k - 1} asked for in RankHarnessOptions::subgroup_sizes.
 struct RankGroups {
   std::shared_ptr<comm::ProcessGroup> world;
-  std::shared_ptr<comm::ProcessGroup> pair;
-  // The group that runs cases of `world_size` ranks: world or pair; null if this rank is not in
-  // it or there is no such group.
+  std::map<int64_t, std::shared_ptr<comm::ProcessGroup>> by_size;  // world included; null: not in it
+  // The group that runs cases of `world_size` ranks; null if this rank is not in it or there is
+  // no such group.
   std::shared_ptr<comm::ProcessGroup> ForSize(int64_t world_size) const;
 };
 
@@ -51,7 +52,8 @@ struct RankHarnessOptions {
   // How long a follower waits for the next command (rank 0 may be busy with a group the
   // follower is not in).
   std::chrono::milliseconds command_timeout = std::chrono::minutes(60);
-  bool make_pair = false;  // create RankGroups::pair
+  // Sizes k of the sub-groups {0, ..., k - 1} to create (sizes >= the world's are left out).
+  std::vector<int> subgroup_sizes;
   // Google Benchmark flags put before the command line's, so the command line wins
   // (e.g. "--benchmark_min_time=0.2").
   std::vector<std::string> default_benchmark_args;
