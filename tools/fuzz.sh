@@ -27,11 +27,13 @@ build_flags=(--config=fuzz --symlink_prefix=/ --jobs="${FSDP_FUZZ_JOBS:-2}")
 
 if (($# == 0)); then
   # Every package of the checkout, without the convenience symlinks bazel-*: //... would walk
-  # bazel-<checkout name>/external too, whose packages do not load.
+  # bazel-<checkout name>/external too, whose packages do not load. Directories holding no
+  # package (train_out/ of run_main.sh, ...) are left out: `//dir/...` of one fails the query.
   universe=""
   for dir in */; do
     dir=${dir%/}
     [[ "$dir" == bazel-* || -L "$dir" ]] && continue
+    [[ -n $(find "$dir" \( -name BUILD.bazel -o -name BUILD \) -print -quit) ]] || continue
     universe+="${universe:+ + }//$dir/..."
   done
   query_log=$(mktemp)
