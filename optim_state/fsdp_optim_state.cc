@@ -870,8 +870,22 @@ absl::StatusOr<UnitFlat> FlattenUnit(const OrderedMap<ParamKey, ParamState>& ful
 struct PartialState {
   int64_t begin = 0;
   at::Tensor data;
+  // The unit's local part that `data` is a view of (already zero outside the parameters'
+  // parts), which LocalPart then fills in place; undefined if `data` stands alone.
+  at::Tensor local_part;
 };
 using PartialStates = absl::flat_hash_map<const c10::TensorImpl*, PartialState>;
+
+// Zeros the elements of the 1-D `t` outside the given (offset, numel) ranges.
+void ZeroOutside(const at::Tensor& t, std::vector<std::pair<int64_t, int64_t>> ranges) {
+  std::sort(ranges.begin(), ranges.end());
+  int64_t next = 0;
+  for (const auto& [offset, numel] : ranges) {
+    if (offset > next) t.narrow(0, next, offset - next).zero_();
+    next = std::max(next, offset + numel);
+  }
+  if (next < t.numel()) t.narrow(0, next, t.numel() - next).zero_();
+}
 
 // Rank `rank`'s part of a unit's flat state: its padded shard, or the whole unpadded flat
 // tensor without sharding. Copies into `out` (allocated if undefined) only the part of each
@@ -880,6 +894,17 @@ using PartialStates = absl::flat_hash_map<const c10::TensorImpl*, PartialState>;
 at::Tensor LocalPart(const PosSource& source, const FlatParamHandle& h, int rank,
                      const PartialStates* partial, at::Tensor out = at::Tensor()) {
   const int64_t size = h.sharded() ? h.shard_numel() : h.numel();
+  if (!out.defined() && partial != nullptr) {
+    for (const at::Tensor& t : source.values) {
+      auto it = t.defined() ? partial->find(t.unsafeGetTensorImpl()) : partial->end();
+      if (it == partial->end()) continue;
+      const at::Tensor& ready = it->second.local_part;
+      if (ready.defined() && ready.numel() == size && ready.scalar_type() == source.dtype) {
+        out = ready;
+      }
+      break;
+    }
+  }
   if (!out.defined()) out = at::empty({size}, at::TensorOptions().dtype(source.dtype));
   std::vector<std::pair<int64_t, int64_t>> written;  // (offset, numel) in the shard
   for (size_t i = 0; i < source.values.size(); ++i) {
@@ -897,19 +922,13 @@ at::Tensor LocalPart(const PosSource& source, const FlatParamHandle& h, int rank
       TORCH_CHECK(p->begin == s.param_offset && p->data.numel() == s.numel,
                   "internal: the part of '", h.infos()[i].fqns[0], "' cut for rank ", rank,
                   " does not match its shard");
-      dst.copy_(p->data);
+      if (p->data.data_ptr() != dst.data_ptr()) dst.copy_(p->data);  // else already in place
     } else {
       dst.copy_(t.reshape({-1}).narrow(0, s.param_offset, s.numel));
     }
     written.emplace_back(s.shard_offset, s.numel);
   }
-  std::sort(written.begin(), written.end());
-  int64_t next = 0;
-  for (const auto& [offset, numel] : written) {
-    if (offset > next) out.narrow(0, next, offset - next).zero_();
-    next = std::max(next, offset + numel);
-  }
-  if (next < size) out.narrow(0, next, size - next).zero_();
+  ZeroOutside(out, std::move(written));
   return out;
 }
 
@@ -1476,6 +1495,7 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
       }
     }
     FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
+      at::Tensor local_part;  // this (unit, state)'s, once a parameter needs it
       for (const auto& [i, pieces] : by_param) {
         ParamState* param_state = state.Find(ParamKey::Fqn(fqns[i]));
         if (param_state == nullptr) continue;  // this rank's dict has no state for it
@@ -1497,7 +1517,13 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
           int64_t row_numel = 1;
           for (size_t d = 1; d < global.size(); ++d) row_numel *= global[d];
           const ParamShard s = h.ShardOf(i, h.rank());
-          PartialState part{s.param_offset, at::zeros({s.numel}, opts)};
+          // Straight into this rank's local part of the unit, where LocalPart will want it.
+          if (!local_part.defined()) {
+            local_part = at::empty({h.sharded() ? h.shard_numel() : h.numel()}, opts);
+          }
+          PartialState part{s.param_offset, local_part.narrow(0, s.shard_offset, s.numel),
+                            local_part};
+          std::vector<std::pair<int64_t, int64_t>> copied;  // (offset, numel) in part.data
           for (const Piece& piece : pieces) {
             const int64_t begin = (*piece.meta)["offsets"][0].get<int64_t>() * row_numel;
             const int64_t n = numel_of(*piece.meta);
@@ -1506,7 +1532,9 @@ absl::StatusOr<OptimStateDict> FlattenShardedOptimStateDict(
             if (hi <= lo) continue;
             part.data.narrow(0, lo - s.param_offset, hi - lo)
                 .copy_(gathered.narrow(0, piece.gathered_offset + lo - begin, hi - lo));
+            copied.emplace_back(lo - s.param_offset, hi - lo);
           }
+          ZeroOutside(part.data, std::move(copied));
           // The stand-in: the parameter's shape and dtype, one element of storage.
           at::Tensor stand_in = at::zeros({1}, opts).expand(global);
           partial.emplace(stand_in.unsafeGetTensorImpl(), std::move(part));
