@@ -272,7 +272,7 @@ absl::Status LoadFull(Setup& setup, const std::string& dir) {
   FSDP_RETURN_IF_ERROR(LoadFullStateDict(*setup.fsdp, model_state, {.rank0_only = true}));
   FSDP_ASSIGN_OR_RETURN(OptimStateDict local,
                         optim_state::ScatterFullOptimStateDict(optim, *setup.fsdp, *setup.adapter));
-  return setup.adapter->LoadStateDict(local);
+  return setup.adapter->LoadStateDict(std::move(local));
 }
 
 // ---- the references: plain write + fsync / read ----

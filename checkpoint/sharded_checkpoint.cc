@@ -773,20 +773,22 @@ absl::StatusOr<LoadStats> LoadShardedCheckpoint(const std::string& dir,
   OptimStateDict snapshot;
   if (adapter != nullptr) {
     absl::Status loaded = CallTorch(where, [&]() -> absl::Status {
-      // No copy is needed to restore: LoadStateDict builds new state tensors and swaps them in,
-      // so the tensors `snapshot` refers to are left as they are.
+      // No copy is needed to restore: LoadStateDict swaps new state tensors in, so the tensors
+      // `snapshot` refers to are left as they are. The plan's tensors were read for this load
+      // alone: the optimizer takes them as they are (the rvalue LoadStateDict), as it takes
+      // the snapshot's back if this load is undone.
       FSDP_ASSIGN_OR_RETURN(snapshot, adapter->StateDict());
-      return adapter->LoadStateDict(plan.optim);
+      return adapter->LoadStateDict(std::move(plan.optim));
     });
     absl::Status agreed = AgreeOn(group, where, loaded);
     if (!agreed.ok()) {
-      if (loaded.ok()) (void)adapter->LoadStateDict(snapshot);
+      if (loaded.ok()) (void)adapter->LoadStateDict(std::move(snapshot));
       return agreed;
     }
   }
   absl::Status model = LoadShardedStateDict(fsdp, plan.model);
   if (!model.ok()) {
-    if (adapter != nullptr) (void)adapter->LoadStateDict(snapshot);
+    if (adapter != nullptr) (void)adapter->LoadStateDict(std::move(snapshot));
     return Annotate(model, where);
   }
   stats.seconds = Since(start);

@@ -378,7 +378,7 @@ absl::StatusOr<int> LoadFullCheckpoint(const std::string& dir, fsdp::comm::Proce
                        "loading model.pt");
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict local,
                         fsdp::optim_state::ScatterFullOptimStateDict(optim_state, fsdp, adapter));
-  FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(local), "loading optim.pt");
+  FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(std::move(local)), "loading optim.pt");
   FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
   return std::atoi(steps.c_str());
 }

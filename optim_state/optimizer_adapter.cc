@@ -398,12 +398,15 @@ std::string ShapeString(at::IntArrayRef shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-// Checks and copies the state of one parameter being loaded.
+// Checks and copies the state of one parameter being loaded. With `adopted` (the rvalue
+// LoadStateDict), a tensor that already has the parameter's device and dtype is taken as it is
+// unless another adopted tensor starts at the same address (then it is copied, so no two
+// states share memory); `adopted` collects the addresses.
 class ParamStateLoader {
  public:
   ParamStateLoader(OptimizerKind kind, int64_t id, const at::Tensor& param,
-                   const ParamState& loaded)
-      : kind_(kind), id_(id), param_(param), loaded_(loaded) {}
+                   const ParamState& loaded, absl::flat_hash_set<const void*>* adopted)
+      : kind_(kind), id_(id), param_(param), loaded_(loaded), adopted_(adopted) {}
 
   bool Has(const char* name) const { return loaded_.Contains(name); }
   bool HasAny(std::initializer_list<const char*> names) const {
@@ -442,8 +445,11 @@ class ParamStateLoader {
                    absl::StrCat("has shape ", ShapeString(t->sizes()),
                                 ", but the parameter has shape ", ShapeString(param_.sizes())));
     }
+    const bool adopt = adopted_ != nullptr && t->device() == param_.device() &&
+                       t->scalar_type() == param_.scalar_type() &&
+                       adopted_->insert(t->data_ptr()).second;
     return t->detach().to(param_.device(), param_.scalar_type(), /*non_blocking=*/false,
-                          /*copy=*/true);
+                          /*copy=*/!adopt);
   }
 
   absl::StatusOr<at::Tensor> TensorIfPresent(const char* name) const {
@@ -552,6 +558,7 @@ class ParamStateLoader {
   int64_t id_;
   const at::Tensor& param_;
   const ParamState& loaded_;
+  absl::flat_hash_set<const void*>* adopted_;
 };
 
 std::string StateKey(const at::Tensor& param) {
@@ -748,11 +755,20 @@ absl::StatusOr<OptimStateDict> OptimizerAdapter::StateDict() const {
 
 absl::Status OptimizerAdapter::LoadStateDict(const OptimStateDict& state_dict) {
   const std::string context = absl::StrCat("LoadStateDict (", OptimizerKindName(kind_), ")");
-  return CallTorch(context,
-                   [&]() -> absl::Status { return Annotate(LoadImpl(state_dict), context); });
+  return CallTorch(context, [&]() -> absl::Status {
+    return Annotate(LoadImpl(state_dict, /*adopt=*/false), context);
+  });
 }
 
-absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict) {
+absl::Status OptimizerAdapter::LoadStateDict(OptimStateDict&& state_dict) {
+  const std::string context = absl::StrCat("LoadStateDict (", OptimizerKindName(kind_), ")");
+  return CallTorch(context, [&]() -> absl::Status {
+    return Annotate(LoadImpl(state_dict, /*adopt=*/true), context);
+  });
+}
+
+absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict, bool adopt) {
+  absl::flat_hash_set<const void*> adopted;
   auto& groups = optimizer_->param_groups();
   const std::vector<ParamRef> refs = ParamRefs();
 
@@ -860,7 +876,7 @@ absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict) {
   std::vector<std::string> new_order;
   for (const auto& [key, loaded] : state_dict.state) {
     const ParamRef& ref = *id_map.at(key.id());
-    ParamStateLoader loader(kind_, key.id(), ref.param, loaded);
+    ParamStateLoader loader(kind_, key.id(), ref.param, loaded, adopt ? &adopted : nullptr);
     ParamState extra_values;
     FSDP_ASSIGN_OR_RETURN(std::unique_ptr<OptimizerParamState> torch_state,
                           loader.Load(*new_options[ref.group], &extra_values));

@@ -112,6 +112,11 @@ class OptimizerAdapter {
   //     one LibTorch needs (`lr`, ...), `maximize` set.
   // LibTorch's exceptions while copying tensors: INTERNAL (nothing changed either).
   [[nodiscard]] absl::Status LoadStateDict(const OptimStateDict& state_dict);
+  // The same, for a dict the caller gives up: a state tensor that already has its parameter's
+  // device and dtype becomes the optimizer's state as it is, without a copy (the first of
+  // several tensors at one address; the others are copied). For loaders that build a dict only
+  // to load it (a checkpoint's state read from disk); the tensors must not be used elsewhere.
+  [[nodiscard]] absl::Status LoadStateDict(OptimStateDict&& state_dict);
 
   // `optim.state[param][name] = value` for a name the optimizer does not keep itself.
   // Errors: INVALID_ARGUMENT if `param` is not one of the optimizer's parameters or `name` is
@@ -148,7 +153,7 @@ class OptimizerAdapter {
   const HyperParams& GroupTemplate(size_t group) const;
   bool HasState(const std::string& key) const;
   void RecordStateOrder();
-  [[nodiscard]] absl::Status LoadImpl(const OptimStateDict& state_dict);
+  [[nodiscard]] absl::Status LoadImpl(const OptimStateDict& state_dict, bool adopt);
 
   torch::optim::Optimizer* optimizer_;
   OptimizerKind kind_;

@@ -606,6 +606,42 @@ TEST(OptimizerAdapterLoad, DictWithoutParamGroupsKeepsHyperParameters) {
   EXPECT_EQ(DiffOptimStateDicts(dict, saved), "");
 }
 
+// The rvalue LoadStateDict takes the dict's tensors as the optimizer's state (no copy), the
+// const& one copies them; a tensor given for two states is taken once and copied for the other,
+// so two states never share memory (Adam would update both through one buffer).
+TEST(OptimizerAdapterLoad, RvalueLoadAdoptsTensorsButNeverSharesOneBetweenStates) {
+  ASSERT_FALSE(Oracle().is_null());
+  const json& c = Oracle().at("cases").at("Adam");
+  auto exp_avg_of = [](const OptimStateDict& d, const ParamKey& key, const char* name) {
+    return d.state.Find(key)->Find(name)->Get<at::Tensor>();
+  };
+  Trainer copied = MakeTrainer("Adam", ParamsFrom(c, "params"));
+  Trainer adopted = MakeTrainer("Adam", ParamsFrom(c, "params"));
+  ASSERT_NE(copied.adapter, nullptr);
+  ASSERT_NE(adopted.adapter, nullptr);
+  OptimStateDict dict = DecodeStateDict(c.at("state_dict"));
+  const ParamKey key = ParamKey::Id(0);
+  ASSERT_NE(dict.state.Find(key), nullptr);
+  // Parameter 0's exp_avg_sq is given the very tensor of its exp_avg.
+  const at::Tensor shared = exp_avg_of(dict, key, "exp_avg");
+  dict.state.Find(key)->Set("exp_avg_sq", StateValue(shared));
+  const void* exp_avg_1 = exp_avg_of(dict, ParamKey::Id(1), "exp_avg").data_ptr();
+
+  ASSERT_THAT(copied.adapter->LoadStateDict(dict), IsOk());
+  FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict from_copy, copied.adapter->StateDict());
+  EXPECT_NE(exp_avg_of(from_copy, ParamKey::Id(1), "exp_avg").data_ptr(), exp_avg_1);
+
+  OptimStateDict expected = CloneOptimStateDict(dict);
+  ASSERT_THAT(adopted.adapter->LoadStateDict(std::move(dict)), IsOk());
+  FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict from_move, adopted.adapter->StateDict());
+  EXPECT_EQ(exp_avg_of(from_move, ParamKey::Id(1), "exp_avg").data_ptr(), exp_avg_1);
+  const at::Tensor avg = exp_avg_of(from_move, key, "exp_avg");
+  const at::Tensor avg_sq = exp_avg_of(from_move, key, "exp_avg_sq");
+  EXPECT_NE(avg.data_ptr(), avg_sq.data_ptr());
+  EXPECT_EQ(DiffOptimStateDicts(expected, from_move), "");
+  EXPECT_EQ(DiffOptimStateDicts(from_copy, from_move), "");
+}
+
 TEST(OptimizerAdapterLoad, KeepsUnknownHyperParametersAndFillsPythonDefaults) {
   at::Tensor p = torch::ones({2}, torch::requires_grad());
   torch::optim::SGD sgd(std::vector<at::Tensor>{p}, torch::optim::SGDOptions(0.1).momentum(0.5));
