@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "comm/internal/on_demand_tcp_store.h"
 #include "comm/status_macros.h"
 
 namespace fsdp::comm {
@@ -107,6 +108,10 @@ absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::Create(
         gloo_options->threads = 2;
         return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, gloo_options);
       });
+  // Gloo has exchanged its addresses: the store is not needed again until another group is
+  // created, and a connection kept open would abort this rank if the store's host died
+  // (comm/internal/on_demand_tcp_store.h).
+  internal::DisconnectStore(store);
   if (!pg.ok()) return pg.status();
   std::vector<int> global_ranks(size);
   for (int i = 0; i < size; ++i) global_ranks[i] = i;

@@ -6,7 +6,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <thread>
 
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
@@ -152,6 +156,53 @@ TEST_P(RendezvousTest, FileStoreGroup) {
     EXPECT_EQ(t[0].item<float>(), group.size() - 1);
     EXPECT_EQ(file_group->name(), "file");
   });
+}
+
+// CPU time this process has used, in seconds.
+double ProcessCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+TEST(StoreHostDeath, OtherRanksStayIdleAndTheirCollectivesFail) {
+  // Rank 0 hosts the store and exits once the group is up. LibTorch's TCPStore keeps a second
+  // connection with a thread of its own; left open, that thread spins on the closed socket (or
+  // aborts the rank when the connection is reset). The other ranks must stay idle and learn of
+  // the loss from their next collective, as a status.
+  LaunchOptions options;
+  options.world_size = 3;
+  options.output = RankOutput::kCapture;
+  options.timeout = std::chrono::seconds(90);
+  options.extra_env = {{"TORCHELASTIC_USE_AGENT_STORE", "False"},
+                       {"MASTER_PORT", std::to_string(FreePort())}};
+  LaunchReport report;
+  absl::Status status = RunInRanksWithReport(
+      options,
+      [](ProcessGroup& group) {
+        FSDP_ASSERT_OK(group.Barrier());
+        if (group.rank() == 0) {
+          std::fflush(stdout);
+          _exit(0);
+        }
+        std::this_thread::sleep_for(std::chrono::seconds(2));  // rank 0 is gone by now
+        const double before = ProcessCpuSeconds();
+        std::this_thread::sleep_for(std::chrono::seconds(2));
+        EXPECT_LT(ProcessCpuSeconds() - before, 0.2)
+            << "rank " << group.rank() << " kept a core busy after the store's host exited";
+        at::Tensor t = at::ones({4});
+        EXPECT_THAT(group.AllReduce(t, ReduceOp::kSum, {.timeout = std::chrono::seconds(10)}),
+                    StatusIs(absl::StatusCode::kUnavailable, HasSubstr("all_reduce on rank")));
+      },
+      &report);
+  if (fsdp::testing::IsRankProcess()) return;
+  ASSERT_EQ(report.ranks.size(), 3u);
+  EXPECT_TRUE(report.ranks[0].ok()) << report.ranks[0].Describe() << "\n" << report.ranks[0].output;
+  for (int r = 1; r < 3; ++r) {
+    EXPECT_THAT(report.ranks[r].output, HasSubstr("[  PASSED  ] 1 test."))
+        << "rank " << r << " " << report.ranks[r].Describe() << ":\n"
+        << report.ranks[r].output;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, RendezvousTest, ::testing::Values(1, 2, 3, 4),
