@@ -45,14 +45,22 @@ std::vector<std::string> BuildEnv(const LaunchOptions& options, int rank, int po
     const std::string name(entry.substr(0, entry.find('=')));
     if (!replaced.count(name)) env.emplace_back(entry);
   }
-  env.push_back(absl::StrCat("RANK=", rank));
-  env.push_back(absl::StrCat("WORLD_SIZE=", options.world_size));
-  env.push_back(absl::StrCat("LOCAL_RANK=", rank));
-  env.push_back(absl::StrCat("LOCAL_WORLD_SIZE=", options.world_size));
-  env.push_back("GROUP_RANK=0");
-  env.push_back(absl::StrCat("MASTER_ADDR=", options.master_addr));
-  env.push_back(absl::StrCat("MASTER_PORT=", port));
-  env.push_back("TORCHELASTIC_USE_AGENT_STORE=True");
+  // The launcher's own variables, unless extra_env sets them: with two entries for one name,
+  // getenv would return the first one, so an override must replace the entry, not follow it.
+  const std::vector<std::pair<std::string, std::string>> own = {
+      {"RANK", absl::StrCat(rank)},
+      {"WORLD_SIZE", absl::StrCat(options.world_size)},
+      {"LOCAL_RANK", absl::StrCat(rank)},
+      {"LOCAL_WORLD_SIZE", absl::StrCat(options.world_size)},
+      {"GROUP_RANK", "0"},
+      {"MASTER_ADDR", options.master_addr},
+      {"MASTER_PORT", absl::StrCat(port)},
+      {"TORCHELASTIC_USE_AGENT_STORE", "True"}};
+  std::set<std::string> overridden;
+  for (const auto& [name, value] : options.extra_env) overridden.insert(name);
+  for (const auto& [name, value] : own) {
+    if (!overridden.count(name)) env.push_back(absl::StrCat(name, "=", value));
+  }
   for (const auto& [name, value] : options.extra_env) env.push_back(absl::StrCat(name, "=", value));
   return env;
 }

@@ -2,7 +2,11 @@
 #include "comm/launcher.h"
 
 #include <chrono>
+#include <string>
+#include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -12,6 +16,7 @@ namespace {
 
 using ::fsdp::testing::StatusIs;
 using ::testing::AllOf;
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::MatchesRegex;
 
@@ -43,6 +48,25 @@ TEST(Launcher, GivesEachRankTheTorchrunEnvironment) {
     EXPECT_TRUE(report.ranks[r].ok());
   }
   EXPECT_EQ(report.failed_rank, -1);
+}
+
+TEST(Launcher, ExtraEnvReplacesTheLaunchersOwnVariables) {
+  // /usr/bin/env prints the environment exactly as received: a variable given twice would show
+  // twice (and getenv would return the launcher's value, the first one).
+  LaunchOptions options = Quiet(2);
+  options.extra_env = {{"MASTER_PORT", "29555"}, {"TORCHELASTIC_USE_AGENT_STORE", "False"}};
+  LaunchReport report;
+  FSDP_ASSERT_OK(Launch({"/usr/bin/env"}, options, &report));
+  ASSERT_EQ(report.ranks.size(), 2u);
+  for (const RankExit& rank : report.ranks) {
+    std::vector<std::string> ports, agents;
+    for (absl::string_view line : absl::StrSplit(rank.output, '\n')) {
+      if (absl::StartsWith(line, "MASTER_PORT=")) ports.emplace_back(line);
+      if (absl::StartsWith(line, "TORCHELASTIC_USE_AGENT_STORE=")) agents.emplace_back(line);
+    }
+    EXPECT_THAT(ports, ElementsAre("MASTER_PORT=29555")) << "rank " << rank.rank;
+    EXPECT_THAT(agents, ElementsAre("TORCHELASTIC_USE_AGENT_STORE=False")) << "rank " << rank.rank;
+  }
 }
 
 TEST(Launcher, UnsetEnvRemovesVariables) {
