@@ -114,16 +114,23 @@ int FreePort() {
   return ntohs(addr.sin_port);
 }
 
-class RendezvousTest : public ::testing::TestWithParam<int> {};
-
-TEST_P(RendezvousTest, RankZeroHostsTheStoreWithoutAnAgentStore) {
-  // As a plain `RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. ./prog` start on each host.
+// Ranks started as by hand on each host (no agent store): rank 0 hosts the TCPStore on a free
+// port. Output is captured for the test to read.
+LaunchOptions RankZeroHostsTheStore(int world_size) {
   LaunchOptions options;
-  options.world_size = GetParam();
+  options.world_size = world_size;
   options.output = RankOutput::kCapture;
   options.timeout = std::chrono::seconds(90);
   options.extra_env = {{"TORCHELASTIC_USE_AGENT_STORE", "False"},
                        {"MASTER_PORT", std::to_string(FreePort())}};
+  return options;
+}
+
+class RendezvousTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(RendezvousTest, RankZeroHostsTheStoreWithoutAnAgentStore) {
+  // As a plain `RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. ./prog` start on each host.
+  const LaunchOptions options = RankZeroHostsTheStore(GetParam());
   LaunchReport report;
   absl::Status status = RunInRanksWithReport(
       options,
@@ -170,12 +177,7 @@ TEST(StoreHostDeath, OtherRanksStayIdleAndTheirCollectivesFail) {
   // connection with a thread of its own; left open, that thread spins on the closed socket (or
   // aborts the rank when the connection is reset). The other ranks must stay idle and learn of
   // the loss from their next collective, as a status.
-  LaunchOptions options;
-  options.world_size = 3;
-  options.output = RankOutput::kCapture;
-  options.timeout = std::chrono::seconds(90);
-  options.extra_env = {{"TORCHELASTIC_USE_AGENT_STORE", "False"},
-                       {"MASTER_PORT", std::to_string(FreePort())}};
+  const LaunchOptions options = RankZeroHostsTheStore(3);
   LaunchReport report;
   absl::Status status = RunInRanksWithReport(
       options,
