@@ -1,7 +1,6 @@
-#!/usr/bin/python3
 """Renders Google Benchmark JSON results of bench/ as bench/results/RESULTS.md and results.png.
 
-    /usr/bin/python3 bench/render_results.py [--out_dir DIR] [RESULT.json ...]
+    tools/python bench/render_results.py [--out_dir DIR] [RESULT.json ...]
 
 Each JSON file is one benchmark binary's `--benchmark_out` (format json); its name without
 `.json` names the benchmark (comm_benchmark.json -> comm_benchmark). Without files, every

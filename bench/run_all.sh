@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs every benchmark binary of bench/ with `bazel run -c opt`, stores each one's Google
 # Benchmark JSON as bench/results/<name>.json and renders bench/results/RESULTS.md and
-# results.png (bench/render_results.py, /usr/bin/python3).
+# results.png (bench/render_results.py, tools/python).
 #
 #   bash bench/run_all.sh
 #
@@ -36,7 +36,7 @@ for name in $benchmarks; do
     failed+=("$name")
   fi
 done
-/usr/bin/python3 bench/render_results.py --out_dir "$out"
+tools/python bench/render_results.py --out_dir "$out"
 if ((${#failed[@]})); then
   echo "run_all: failed: ${failed[*]}"
   exit 1

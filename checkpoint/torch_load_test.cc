@@ -1,5 +1,5 @@
-// TorchLoad against files written by Python's torch.save (Debian's python3-torch 1.13 run as
-// /usr/bin/python3 on testdata/make_torch_save_files.py, once per test binary): every value
+// TorchLoad against files written by Python's torch.save (PyTorch 2.13 run as
+// tools/python on testdata/make_torch_save_files.py, once per test binary): every value
 // is compared with the JSON description the script writes alongside; then damaged, hostile
 // and foreign files, each refused with a clear error and without large allocations.
 #include "checkpoint/torch_load.h"
@@ -22,6 +22,7 @@
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tools/python_testutil.h"
 
 namespace fsdp::checkpoint {
 namespace {
@@ -51,7 +52,7 @@ const std::string& FilesDir() {
         std::string(srcdir) + "/fsdp_cpp/checkpoint/testdata/make_torch_save_files.py";
     const std::string out = std::string(tmpdir) + "/torch_save_files";
     const std::string err = std::string(tmpdir) + "/make_torch_save_files.stderr";
-    const std::string command = "/usr/bin/python3 '" + script + "' '" + out + "' 2>'" + err + "'";
+    const std::string command = fsdp::testing::PythonCommand() + " '" + script + "' '" + out + "' 2>'" + err + "'";
     if (std::system(command.c_str()) != 0) {
       ADD_FAILURE() << "`" << command << "` failed:\n" << ReadFile(err);
       return new std::string();

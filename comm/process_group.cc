@@ -9,7 +9,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "comm/internal/on_demand_tcp_store.h"
 #include "comm/status_macros.h"
 
 namespace fsdp::comm {
@@ -75,7 +74,7 @@ std::chrono::milliseconds RemainingOrZero(std::chrono::steady_clock::time_point 
 }  // namespace
 
 ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Store> store,
-                           c10::intrusive_ptr<c10d::ProcessGroup> pg, int rank, int size,
+                           c10::intrusive_ptr<c10d::Backend> pg, int rank, int size,
                            ProcessGroupOptions options, std::vector<int> global_ranks)
     : store_(std::move(store)),
       pg_(std::move(pg)),
@@ -101,17 +100,13 @@ absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::Create(
   auto pg = CallTorch(
       absl::StrCat("creating Gloo process group '", options.name, "' (rank ", rank, " of ", size,
                    ")"),
-      [&]() -> c10::intrusive_ptr<c10d::ProcessGroup> {
+      [&]() -> c10::intrusive_ptr<c10d::Backend> {
         auto gloo_options = c10d::ProcessGroupGloo::Options::create(options.timeout);
         gloo_options->devices.push_back(MakeDevice(options));
         // Two worker threads: a collective and a pending send/recv can progress together.
         gloo_options->threads = 2;
         return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, gloo_options);
       });
-  // Gloo has exchanged its addresses: the store is not needed again until another group is
-  // created, and a connection kept open would abort this rank if the store's host died
-  // (comm/internal/on_demand_tcp_store.h).
-  internal::DisconnectStore(store);
   if (!pg.ok()) return pg.status();
   std::vector<int> global_ranks(size);
   for (int i = 0; i < size; ++i) global_ranks[i] = i;

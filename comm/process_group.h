@@ -44,7 +44,7 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 namespace c10d {
-class ProcessGroup;
+class Backend;
 }  // namespace c10d
 
 namespace fsdp::comm {
@@ -133,7 +133,7 @@ class ProcessGroup {
       const std::vector<int>& ranks, std::optional<std::chrono::milliseconds> timeout = {});
 
  private:
-  ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::ProcessGroup> pg,
+  ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> pg,
                int rank, int size, ProcessGroupOptions options, std::vector<int> global_ranks);
 
   std::chrono::milliseconds Timeout(const CollectiveOptions& options) const;
@@ -149,7 +149,7 @@ class ProcessGroup {
   at::Tensor Scratch(int index, int64_t numel, const at::TensorOptions& options);
 
   c10::intrusive_ptr<c10d::Store> store_;
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  c10::intrusive_ptr<c10d::Backend> pg_;
   int rank_;
   int size_;
   ProcessGroupOptions options_;

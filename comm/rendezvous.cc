@@ -8,7 +8,6 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "comm/internal/on_demand_tcp_store.h"
 #include "comm/status_macros.h"
 
 namespace fsdp::comm {
@@ -79,8 +78,7 @@ absl::StatusOr<std::shared_ptr<ProcessGroup>> InitProcessGroupFromEnv(
     store_options.numWorkers = info.world_size;
     store_options.waitWorkers = false;
     store_options.timeout = options.timeout;
-    // Connected only while groups are created (see on_demand_tcp_store.h).
-    return c10::make_intrusive<internal::OnDemandTcpStore>(info.master_addr, store_options);
+    return c10::make_intrusive<c10d::TCPStore>(info.master_addr, store_options);
   });
   if (!store.ok()) return store.status();
   ProcessGroupOptions pg_options;

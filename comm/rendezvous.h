@@ -9,9 +9,10 @@
 //   GLOO_SOCKET_IFNAME      interface the Gloo transport binds to (optional)
 // The same binary thus runs unchanged on one host or many.
 //
-// Ranks that do not host the store hold a connection to it only while a group is being created
-// (this call, and ProcessGroup::NewSubgroup); the host must stay up for those. Once groups exist,
-// the host's death reaches the others through their next collective, as an error status.
+// The store's host must stay up while groups are created (this call, ProcessGroup::NewSubgroup).
+// Once groups exist, the host's death reaches the others through their next collective, as an
+// error status (LibTorch 2.x's TCPStore client has no thread of its own that the loss could
+// disturb).
 //
 // Errors: INVALID_ARGUMENT naming a missing or malformed variable; DEADLINE_EXCEEDED when the
 // other ranks do not arrive within the timeout; UNAVAILABLE when the store cannot be reached.

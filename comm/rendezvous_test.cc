@@ -173,10 +173,10 @@ double ProcessCpuSeconds() {
 }
 
 TEST(StoreHostDeath, OtherRanksStayIdleAndTheirCollectivesFail) {
-  // Rank 0 hosts the store and exits once the group is up. LibTorch's TCPStore keeps a second
-  // connection with a thread of its own; left open, that thread spins on the closed socket (or
-  // aborts the rank when the connection is reset). The other ranks must stay idle and learn of
-  // the loss from their next collective, as a status.
+  // Rank 0 hosts the store and exits once the group is up. The other ranks must stay idle and
+  // learn of the loss from their next collective, as a status. (LibTorch 1.13's TCPStore client
+  // served a second connection from a thread that spun on the closed socket, or aborted the
+  // rank when the connection was reset.)
   const LaunchOptions options = RankZeroHostsTheStore(3);
   LaunchReport report;
   absl::Status status = RunInRanksWithReport(

@@ -10,6 +10,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tools/python_testutil.h"
 
 namespace fsdp::examples {
 namespace {
@@ -27,7 +28,7 @@ nlohmann::json DecodePng(const std::string& png) {
   const std::string script =
       std::string(std::getenv("TEST_SRCDIR")) + "/fsdp_cpp/examples/testdata/read_png.py";
   const std::string out = png + ".json";
-  const std::string command = "python3 '" + script + "' '" + png + "' > '" + out + "'";
+  const std::string command = fsdp::testing::PythonCommand() + " '" + script + "' '" + png + "' > '" + out + "'";
   if (std::system(command.c_str()) != 0) {
     ADD_FAILURE() << command << " failed";
     return {};

@@ -1,4 +1,4 @@
-// End to end: `train` on real rank processes against plain PyTorch (/usr/bin/python3, Debian's
+// End to end: `train` on real rank processes against plain PyTorch (tools/python, PyTorch 2.13's
 // python3-torch) training the same model in one process. Per-step losses must agree.
 #include <algorithm>
 #include <cmath>
@@ -12,14 +12,13 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tools/python_testutil.h"
 
 namespace {
 
 using ::testing::HasSubstr;
 
-std::string Runfile(const std::string& path) {
-  return absl::StrCat(std::getenv("TEST_SRCDIR"), "/fsdp_cpp/", path);
-}
+using ::fsdp::testing::Runfile;
 
 struct CommandResult {
   int exit_code = -1;
@@ -56,7 +55,7 @@ const std::vector<double>& PyTorchLosses(const std::string& model, const std::st
   if (it != cache.end()) return it->second;
   const std::string models_dir = Runfile("models/testdata");
   CommandResult run = RunCommand(
-      absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/pytorch_train.py"), " ",
+      absl::StrCat(fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"), " ",
                    models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
   EXPECT_EQ(run.exit_code, 0) << run.output;
   return cache[key] = Losses(run.output);
@@ -148,7 +147,7 @@ TEST_P(TrainResumeTest, ResumedRunContinuesTheLossAndFilesMatchPyTorch) {
   EXPECT_THAT(first.output, HasSubstr("saved a full checkpoint in " + dir));
   // Python's torch.load reads both files and they hold what PyTorch's own training holds.
   CommandResult check = RunCommand(
-      absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/check_full_checkpoint.py"), " ",
+      absl::StrCat(fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/check_full_checkpoint.py"), " ",
                    Runfile("models/testdata"), " ", c.model, " ", c.optimizer, " 3 ", dir));
   EXPECT_EQ(check.exit_code, 0) << check.output;
   EXPECT_THAT(check.output, HasSubstr("checkpoint matches PyTorch"));
@@ -227,7 +226,7 @@ TEST_P(TrainLoadsPyTorchCheckpointTest, ContinuesWithPyTorchsLosses) {
   const std::string dir = TempDir(absl::StrCat("pytorch_ckpt_", c.model, "_", c.optimizer, "_p",
                                                c.protocol, "_ws", c.world_size));
   CommandResult python =
-      RunCommand(absl::StrCat("/usr/bin/python3 ", Runfile("examples/testdata/pytorch_train.py"),
+      RunCommand(absl::StrCat(fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"),
                               " ", Runfile("models/testdata"), " ", c.model, " ", c.optimizer,
                               " 0.01 6 1 3 ", dir, " ", c.protocol));
   ASSERT_EQ(python.exit_code, 0) << python.output;

@@ -105,7 +105,7 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
   // Parameters that required gradients at the last forward: the gradients a backward waits for.
   int expected_grads_ = 0;
   std::vector<bool> hooked_;  // per parameter
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
+  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators_;
 };
 
 namespace {
@@ -144,7 +144,7 @@ void FsdpUnit::InstallGradHooks() {
     // Holding it keeps the same node, and so our hook, for every backward pass.
     at::Tensor resting = param.detach();
     param.set_data(at::empty({1}, resting.options()).expand(handle_->infos()[i].shape));
-    std::shared_ptr<torch::autograd::Node> accumulator =
+    c10::intrusive_ptr<torch::autograd::Node> accumulator =
         torch::autograd::impl::grad_accumulator(param);
     param.set_data(resting);
     if (accumulator == nullptr) continue;

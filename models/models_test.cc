@@ -1,6 +1,6 @@
 // Checks every reference model against PyTorch itself: testdata/reference_models.py builds the
-// same model with Python's nn modules and seeds (Debian's python3-torch 1.13, the same
-// libtorch as ours) and dumps parameter names, shapes and values plus one forward pass; the
+// same model with Python's nn modules and seeds (PyTorch 2.13 from the project's venv,
+// whose LibTorch we link) and dumps parameter names, shapes and values plus one forward pass; the
 // tests below build the C++ model the same way and compare. Also checks the ModuleSlots each
 // model exposes for FSDP wrapping.
 #include <c10/util/Exception.h>
@@ -31,6 +31,7 @@
 #include "models/slot_containers.h"
 #include "models/transformer.h"
 #include "nlohmann/json.hpp"
+#include "tools/python_testutil.h"
 
 namespace fsdp::models {
 namespace {
@@ -83,7 +84,7 @@ json RunReference(const std::string& model) {
   const std::string out = std::string(tmpdir) + "/reference_" + model + ".json";
   const std::string err = std::string(tmpdir) + "/reference_" + model + ".stderr";
   const std::string command =
-      "/usr/bin/python3 '" + script + "' " + model + " '" + out + "' 2>'" + err + "'";
+      fsdp::testing::PythonCommand() + " '" + script + "' " + model + " '" + out + "' 2>'" + err + "'";
   if (std::system(command.c_str()) != 0) {
     ADD_FAILURE() << "`" << command << "` failed:\n" << ReadFile(err);
     return json();

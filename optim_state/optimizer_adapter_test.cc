@@ -1,5 +1,5 @@
 // OptimizerAdapter against PyTorch itself: testdata/optimizer_oracle.py trains a small model
-// with torch.optim (Debian's python3-torch 1.13, /usr/bin/python3) and dumps each step's
+// with torch.optim (PyTorch 2.13, the project's venv: tools/python) and dumps each step's
 // gradients and `optim.state_dict()`; the tests feed LibTorch's optimizers the same gradients
 // and compare dicts (names, order, types, shapes, values, hyper-parameters, param_groups).
 // Then: save -> load -> step equals continuing, extras survive, and every load error with its
@@ -29,6 +29,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "optim_state/optim_state_dict.h"
+#include "tools/python_testutil.h"
 
 namespace fsdp::optim_state {
 namespace {
@@ -67,7 +68,7 @@ const json& Oracle() {
         std::string(srcdir) + "/fsdp_cpp/optim_state/testdata/optimizer_oracle.py";
     const std::string out = std::string(tmpdir) + "/optimizer_oracle.json";
     const std::string err = std::string(tmpdir) + "/optimizer_oracle.stderr";
-    const std::string command = "/usr/bin/python3 '" + script + "' '" + out + "' 2>'" + err + "'";
+    const std::string command = fsdp::testing::PythonCommand() + " '" + script + "' '" + out + "' 2>'" + err + "'";
     if (std::system(command.c_str()) != 0) {
       ADD_FAILURE() << "`" << command << "` failed:\n" << ReadFile(err);
       return new json();

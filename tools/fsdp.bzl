@@ -4,7 +4,6 @@ and linking stay in one place."""
 # Our own code compiles with warnings as errors. System headers (LibTorch, abseil, ...) are
 # included as system headers, so their warnings do not count.
 FSDP_COPTS = [
-    "-isystem/usr/include/torch/csrc/api/include",
     "-Wall",
     "-Wextra",
     "-Werror",
@@ -38,7 +37,7 @@ def fsdp_cc_fuzz_test(name, srcs, corpus, deps = [], copts = [], **kwargs):
     `srcs` define `LLVMFuzzerTestOneInput`. `corpus` is a label (a filegroup) of seed and
     regression inputs. Makes:
       * `name`: the fuzz binary, tagged "fuzz" and "manual" (not part of //...); build it with
-        `--config=fuzz` (clang-14, -fsanitize=fuzzer,address), see checkpoint/fuzz/README.md
+        `--config=fuzz` (Debian's clang, -fsanitize=fuzzer,address), see checkpoint/fuzz/README.md
         and tools/fuzz.sh;
       * `name + "_replay_test"`: a GoogleTest under the default gcc build (and asan / ubsan)
         that runs every corpus file once through the same function, so CI replays the seeds

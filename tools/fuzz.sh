@@ -5,7 +5,7 @@
 #
 #   bash tools/fuzz.sh [SECONDS] [//pkg:target ...]     (default: 60 s, every fuzz target)
 #
-# The targets are built with --config=fuzz (clang-14, -fsanitize=fuzzer,address) in an output
+# The targets are built with --config=fuzz (Debian's clang, -fsanitize=fuzzer,address) in an output
 # base of their own (FSDP_FUZZ_OUTPUT_BASE, default ~/.cache/fsdp-cpp/bazel-fuzz), so the gcc
 # build's analysis cache is left alone. Target //p:NAME_fuzz starts from the seeds in
 # checkpoint/testdata/fuzz_corpus/NAME/ (read only) and keeps what it learns in

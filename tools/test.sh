@@ -6,7 +6,7 @@
 #      without a GPU)
 #   4. under CI (CI=true) also: the fast targets under AddressSanitizer
 #      (tools/sanitizer_test.sh) and each libFuzzer target for FSDP_CI_FUZZ_SECONDS (default
-#      30) seconds (tools/fuzz.sh, clang-14)
+#      30) seconds (tools/fuzz.sh, Debian's clang)
 # Ends with one line "tests: N passed, N failed, N skipped" counted over every test case.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,6 @@ if [[ "${CI:-}" == "true" ]]; then
   bash tools/fuzz.sh "${FSDP_CI_FUZZ_SECONDS:-30}" || status=$?
 fi
 
-/usr/bin/python3 tools/test_summary.py "$(bazel info bazel-testlogs 2>/dev/null)" \
+tools/python tools/test_summary.py "$(bazel info bazel-testlogs 2>/dev/null)" \
   "$(bazel info --config=cuda bazel-testlogs 2>/dev/null)" || status=1
 exit "$status"

@@ -4,8 +4,8 @@
 #   * examples/train (NestedModel, TestDummyModel; FSDP's flat-parameter layout) at world sizes
 #     1-3, FULL_SHARD / SHARD_GRAD_OP, use_orig_params on and off, Adam / SGD / Adagrad state;
 #   * tools/ckpt convert --to=sharded of full checkpoints (train's model.pt without its optim.pt:
-#     no optimizer part; a 15-parameter Linear with Adam state that Debian's /usr/bin/python3
-#     (python3-torch 1.13) saved with torch.save) at world sizes 1-3, with 16- and 64-byte
+#     no optimizer part; a 15-parameter Linear with Adam state that tools/python
+#     (PyTorch 2.13) saved with torch.save) at world sizes 1-3, with 16- and 64-byte
 #     checksum blocks so pieces span several blocks.
 # Outputs (regress_* and cov_* files are left alone):
 #   fuzz_corpus/sharded_metadata/seed_*.json  each metadata.json as written, or re-serialised
@@ -49,7 +49,7 @@ done
 
 # A tiny model with Adam state, saved by PyTorch as FSDP's full_optim_state_dict keys it (FQNs).
 mkdir -p "$tmp/tiny_full"
-/usr/bin/python3 - "$tmp/tiny_full" <<'PY'
+tools/python - "$tmp/tiny_full" <<'PY'
 import sys, torch
 torch.manual_seed(0)
 lin = torch.nn.Linear(4, 3)
@@ -69,7 +69,7 @@ for ws in 1 2 3; do
     --world_size=$ws --block_bytes=16 >/dev/null
 done
 
-/usr/bin/python3 - "$tmp" checkpoint/testdata/fuzz_corpus <<'PY'
+tools/python - "$tmp" checkpoint/testdata/fuzz_corpus <<'PY'
 import glob, json, os, re, sys
 tmp, out = sys.argv[1:]
 SEP = b"\n#fsdp-fuzz-data-file#\n"  # sharded_data_fuzz.cc's kSeparator

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # (Re)writes the seed files of the torch.save reader's fuzz targets from the torch.save files
-# that checkpoint/testdata/make_torch_save_files.py makes with Debian's /usr/bin/python3
-# (python3-torch 1.13), valid and damaged, except those over 16 KiB (small seeds fuzz faster):
+# that checkpoint/testdata/make_torch_save_files.py makes with tools/python
+# (PyTorch 2.13), valid and damaged, except those over 16 KiB (small seeds fuzz faster):
 #   fuzz_corpus/torch_load/seed_*         the files themselves (//checkpoint/fuzz:torch_load_fuzz);
 #   fuzz_corpus/torch_load_pickle/seed_*  each zip file's data.pkl with its storage sizes, in
 #                                         torch_load_pickle_fuzz's input format.
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 out=checkpoint/testdata/fuzz_corpus/torch_load
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-/usr/bin/python3 checkpoint/testdata/make_torch_save_files.py "$tmp" >/dev/null
+tools/python checkpoint/testdata/make_torch_save_files.py "$tmp" >/dev/null
 mkdir -p "$out"
 rm -f "$out"/seed_*
 for f in "$tmp"/*.pt; do
@@ -22,7 +22,7 @@ echo "$(ls "$out" | wc -l) files, $(du -sk "$out" | cut -f1) KiB in $out"
 out=checkpoint/testdata/fuzz_corpus/torch_load_pickle
 mkdir -p "$out"
 rm -f "$out"/seed_*
-/usr/bin/python3 - "$tmp" "$out" <<'PY'
+tools/python - "$tmp" "$out" <<'PY'
 import os, struct, sys, zipfile
 src, out = sys.argv[1:]
 for name in sorted(os.listdir(src)):

@@ -1,7 +1,7 @@
 """Writes torch.save files (pickle protocols 2 and 4) and damaged / hostile ones for
 checkpoint/torch_load_test.cc, plus expected.json describing what each valid file holds.
 
-Run with Debian's /usr/bin/python3 (python3-torch 1.13): make_torch_save_files.py OUT_DIR
+Run with tools/python (PyTorch 2.13): make_torch_save_files.py OUT_DIR
 
 Nothing here ever unpickles the hostile files; they are only written.
 """

@@ -1,8 +1,9 @@
 """Checks a full checkpoint written by `train --save=DIR` against plain PyTorch: loads
-DIR/model.pt and DIR/optim.pt with torch.load, trains the same model for the same steps in
+DIR/model.pt and DIR/optim.pt with torch.load(weights_only=True) (PyTorch 2.x's default: a
+checkpoint needing any global beyond tensors and plain containers is refused), trains the same model for the same steps in
 one process, and compares every parameter and every optimizer state entry (by FQN).
 
-Usage: /usr/bin/python3 check_full_checkpoint.py MODELS_TESTDATA_DIR MODEL OPTIMIZER STEPS DIR
+Usage: tools/python check_full_checkpoint.py MODELS_TESTDATA_DIR MODEL OPTIMIZER STEPS DIR
 Exits 0 when everything matches to 1e-5, else prints the differences and exits 1.
 """
 
@@ -32,8 +33,8 @@ def main():
         loss.backward()
         optim.step()
 
-    saved_model = torch.load(f"{ckpt}/model.pt")
-    saved_optim = torch.load(f"{ckpt}/optim.pt")
+    saved_model = torch.load(f"{ckpt}/model.pt", weights_only=True)
+    saved_optim = torch.load(f"{ckpt}/optim.pt", weights_only=True)
     errors = []
     expected_model = model.state_dict()
     if set(saved_model) != set(expected_model):

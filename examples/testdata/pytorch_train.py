@@ -1,7 +1,7 @@
 """The oracle for examples/train_test: trains a reference model in plain PyTorch (one process,
 no FSDP) exactly as `train` does, and prints `step=<i> loss=<loss>` lines.
 
-Usage: /usr/bin/python3 pytorch_train.py MODELS_TESTDATA_DIR MODEL OPTIMIZER LR STEPS [GROUPS
+Usage: tools/python pytorch_train.py MODELS_TESTDATA_DIR MODEL OPTIMIZER LR STEPS [GROUPS
        [SAVE_AFTER SAVE_DIR PROTOCOL]]
 GROUPS=2 (nested only) uses the PyTorch test's param_group0 and param_group1, the second with
 weight_decay=0.9. With SAVE_AFTER=K it writes, after K steps, the full checkpoint a PyTorch FSDP

@@ -1,6 +1,6 @@
 """Oracle for models/models_test.cc: builds one reference model in PyTorch and dumps it.
 
-Usage: /usr/bin/python3 reference_models.py MODEL OUTPUT_JSON
+Usage: tools/python reference_models.py MODEL OUTPUT_JSON
 
 The models are re-stated here (not imported) from PyTorch's
 test/distributed/fsdp/test_fsdp_optim_state.py and

@@ -1,9 +1,8 @@
-#!/usr/bin/python3
 """PyTorch oracle for optim_state/optimizer_adapter_test.cc.
 
-Run with Debian's python3-torch 1.13 (/usr/bin/python3):
+Run with the project's Python (PyTorch 2.13):
 
-    /usr/bin/python3 optimizer_oracle.py OUT.json
+    tools/python optimizer_oracle.py OUT.json
 
 For every case below, trains a small model with torch.optim for STEPS + 1 steps and writes,
 as JSON: the initial parameters, each step's gradients (so the C++ test feeds LibTorch the

@@ -22,7 +22,7 @@
 //   subtests use_optim_input
 // test_optim_input_warning                        TEST_P(OptimInputWarning,
 //                                                   test_optim_input_warning)
-//   LibTorch warning (TORCH_WARN) caught with c10::Warning::WarningHandlerGuard; also checks
+//   LibTorch warning (TORCH_WARN) caught with c10::WarningUtils::WarningHandlerGuard; also checks
 //   that the same calls without optim_input do not warn
 // test_save_load_without_0th_param_state          TEST_P(SaveLoadWithout0thParamState,
 //                                                   test_save_load_without_0th_param_state)
@@ -351,7 +351,7 @@ TEST_P(OptimInputWarning, test_optim_input_warning) {
     auto expect_warns = [](const std::string& method, const std::function<absl::Status()>& call) {
       WarningCapture capture;
       {
-        c10::Warning::WarningHandlerGuard guard(&capture);
+        c10::WarningUtils::WarningHandlerGuard guard(&capture);
         FSDP_EXPECT_OK(call()) << method;
       }
       EXPECT_THAT(capture.messages(),
@@ -364,7 +364,7 @@ TEST_P(OptimInputWarning, test_optim_input_warning) {
     auto expect_silent = [](const std::string& method, const std::function<absl::Status()>& call) {
       WarningCapture capture;
       {
-        c10::Warning::WarningHandlerGuard guard(&capture);
+        c10::WarningUtils::WarningHandlerGuard guard(&capture);
         FSDP_EXPECT_OK(call()) << method;
       }
       EXPECT_THAT(capture.messages(), ::testing::IsEmpty()) << method;
@@ -417,7 +417,7 @@ TEST_P(OptimInputWarning, test_optim_input_warning) {
     // An empty optim_input is refused with PyTorch's text (after the warning); one that lists
     // fewer parameters than the optimizer's state names is refused too (1.13: a KeyError).
     WarningCapture capture;
-    c10::Warning::WarningHandlerGuard guard(&capture);
+    c10::WarningUtils::WarningHandlerGuard guard(&capture);
     OptimInput short_input = wrapped.optim_input;
     short_input.groups[0].pop_back();
     EXPECT_THAT(FullOptimStateDict(*wrapped.fsdp, *wrapped.adapter,

@@ -480,9 +480,8 @@ std::string PyDictDiff(const OptimStateDict& expected, const OptimStateDict& act
   return DiffOptimStateDicts(DictOrderInsensitive(expected), DictOrderInsensitive(actual));
 }
 
-void WarningCapture::process(const c10::SourceLocation& source_location, const std::string& msg,
-                             const bool verbatim) {
-  messages_.push_back(msg);
+void WarningCapture::process(const c10::Warning& warning) {
+  messages_.push_back(warning.msg());
 }
 
 }  // namespace fsdp::optim_state::port

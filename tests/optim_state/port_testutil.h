@@ -153,11 +153,10 @@ void TestLoadOptimStateWithOptimStateDict(comm::ProcessGroup& group,
 std::string PyDictDiff(const OptimStateDict& expected, const OptimStateDict& actual);
 
 // Records LibTorch warnings (TORCH_WARN) while installed with
-// c10::Warning::WarningHandlerGuard (LibTorch 1.13's name for c10::WarningUtils::...).
+// c10::WarningUtils::WarningHandlerGuard.
 class WarningCapture : public c10::WarningHandler {
  public:
-  void process(const c10::SourceLocation& source_location, const std::string& msg,
-               const bool verbatim) override;
+  void process(const c10::Warning& warning) override;
   const std::vector<std::string>& messages() const { return messages_; }
 
  private:

@@ -1,0 +1,24 @@
+// The project's Python from a test: the venv with torch 2.13.0 that tools/setup.sh makes (the
+// live PyTorch peer that tests compare against), and files of this workspace in runfiles.
+//
+// Preconditions: the test runs under `bazel test` (TEST_SRCDIR is set) and lists
+// "//third_party:python" in its `data`, plus the scripts it runs.
+#ifndef FSDP_CPP_TOOLS_PYTHON_TESTUTIL_H_
+#define FSDP_CPP_TOOLS_PYTHON_TESTUTIL_H_
+
+#include <string>
+
+#include "absl/strings/string_view.h"
+
+namespace fsdp::testing {
+
+// The absolute path of `path`, a file of this workspace in the test's runfiles
+// ("models/testdata/reference_models.py").
+std::string Runfile(absl::string_view path);
+
+// The command that runs the project's Python (a wrapper script; quoted for a shell).
+std::string PythonCommand();
+
+}  // namespace fsdp::testing
+
+#endif  // FSDP_CPP_TOOLS_PYTHON_TESTUTIL_H_
