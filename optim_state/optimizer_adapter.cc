@@ -48,7 +48,8 @@ struct HyperSpec {
 
 StateValue Betas() { return StateValue::Tuple({0.9, 0.999}); }
 
-// Python 1.13's `defaults` dict of each optimizer, in order.
+// PyTorch 2.13's `defaults` dict of each optimizer, in order (what `state_dict()` puts in
+// every param group before "params"); `filled_on_load` as its __setstate__'s setdefault calls.
 const std::vector<HyperSpec>& HyperSpecs(OptimizerKind kind) {
   using T = HyperType;
   static const auto* adam = new std::vector<HyperSpec>{
@@ -61,20 +62,25 @@ const std::vector<HyperSpec>& HyperSpecs(OptimizerKind kind) {
       {"foreach", T::kPythonOnly, StateValue::None(), true},
       {"capturable", T::kPythonOnly, false, true},
       {"differentiable", T::kPythonOnly, false, true},
-      {"fused", T::kPythonOnly, false, true},
+      {"fused", T::kPythonOnly, StateValue::None(), true},
+      {"decoupled_weight_decay", T::kPythonOnly, false, true},
   };
+  // AdamW is Adam with decoupled_weight_decay=True (its __setstate__ forces True).
   static const auto* adamw = new std::vector<HyperSpec>{
       {"lr", T::kNumber, 1e-3, false},
       {"betas", T::kBetas, Betas(), false},
       {"eps", T::kNumber, 1e-8, false},
       {"weight_decay", T::kNumber, 1e-2, false},
       {"amsgrad", T::kBool, false, true},
-      {"foreach", T::kPythonOnly, StateValue::None(), true},
       {"maximize", T::kPythonOnly, false, true},
+      {"foreach", T::kPythonOnly, StateValue::None(), true},
       {"capturable", T::kPythonOnly, false, true},
+      {"differentiable", T::kPythonOnly, false, true},
+      {"fused", T::kPythonOnly, StateValue::None(), true},
+      {"decoupled_weight_decay", T::kPythonOnly, true, true},
   };
   static const auto* sgd = new std::vector<HyperSpec>{
-      {"lr", T::kNumber, 1e-3, false},  // required in Python; the value is never used
+      {"lr", T::kNumber, 1e-3, false},
       {"momentum", T::kNumber, 0, false},
       {"dampening", T::kNumber, 0, false},
       {"weight_decay", T::kNumber, 0, false},
@@ -82,6 +88,7 @@ const std::vector<HyperSpec>& HyperSpecs(OptimizerKind kind) {
       {"maximize", T::kPythonOnly, false, true},
       {"foreach", T::kPythonOnly, StateValue::None(), true},
       {"differentiable", T::kPythonOnly, false, true},
+      {"fused", T::kPythonOnly, StateValue::None(), true},
   };
   static const auto* adagrad = new std::vector<HyperSpec>{
       {"lr", T::kNumber, 1e-2, false},
@@ -91,6 +98,8 @@ const std::vector<HyperSpec>& HyperSpecs(OptimizerKind kind) {
       {"initial_accumulator_value", T::kNumber, 0, false},
       {"foreach", T::kPythonOnly, StateValue::None(), true},
       {"maximize", T::kPythonOnly, false, true},
+      {"differentiable", T::kPythonOnly, false, true},
+      {"fused", T::kPythonOnly, StateValue::None(), true},
   };
   static const auto* rmsprop = new std::vector<HyperSpec>{
       {"lr", T::kNumber, 1e-2, false},
@@ -99,6 +108,7 @@ const std::vector<HyperSpec>& HyperSpecs(OptimizerKind kind) {
       {"eps", T::kNumber, 1e-8, false},
       {"centered", T::kBool, false, true},
       {"weight_decay", T::kNumber, 0, false},
+      {"capturable", T::kPythonOnly, false, true},
       {"foreach", T::kPythonOnly, StateValue::None(), true},
       {"maximize", T::kPythonOnly, false, true},
       {"differentiable", T::kPythonOnly, false, true},
@@ -271,6 +281,16 @@ absl::Status CheckHyperValue(const HyperSpec& spec, const StateValue& value,
                                                      ")"));
     }
     case HyperType::kPythonOnly:
+      if (std::string(spec.name) == "decoupled_weight_decay" && kind == OptimizerKind::kAdam) {
+        // Python's Adam with decoupled_weight_decay=True is AdamW; LibTorch's Adam is not.
+        const auto* b = value.GetIf<bool>();
+        if (b == nullptr || *b) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, " is ", DebugString(value),
+                           ", but LibTorch's Adam couples weight decay (decoupled_weight_decay="
+                           "False); load it into AdamW"));
+        }
+      }
       if (std::string(spec.name) == "maximize") {
         const auto* b = value.GetIf<bool>();
         if (b == nullptr || *b) {
@@ -384,7 +404,7 @@ ParamState TorchStateValues(OptimizerKind kind, const OptimizerParamState& state
     }
     case OptimizerKind::kRMSprop: {
       const auto& s = static_cast<const torch::optim::RMSpropParamState&>(state);
-      out.Set("step", s.step());
+      out.Set("step", StepTensor(s.step()));
       AddIfDefined(out, "square_avg", s.square_avg());
       AddIfDefined(out, "momentum_buffer", s.momentum_buffer());
       AddIfDefined(out, "grad_avg", s.grad_avg());
@@ -561,8 +581,8 @@ class ParamStateLoader {
   absl::flat_hash_set<const void*>* adopted_;
 };
 
-std::string StateKey(const at::Tensor& param) {
-  return c10::guts::to_string(param.unsafeGetTensorImpl());
+void* TorchStateKey(const at::Tensor& param) {
+  return param.unsafeGetTensorImpl();
 }
 
 HyperParams DefaultTemplate(OptimizerKind kind) {
@@ -627,7 +647,7 @@ std::vector<OptimizerAdapter::ParamRef> OptimizerAdapter::ParamRefs() const {
     const auto& params = groups[g].params();
     for (size_t j = 0; j < params.size(); ++j, ++next) {
       const int64_t id = ids.emplace(params[j].unsafeGetTensorImpl(), next).first->second;
-      refs.push_back(ParamRef{g, params[j], id, StateKey(params[j])});
+      refs.push_back(ParamRef{g, params[j], id, TorchStateKey(params[j])});
     }
   }
   return refs;
@@ -637,7 +657,7 @@ const HyperParams& OptimizerAdapter::GroupTemplate(size_t group) const {
   return group < group_templates_.size() ? group_templates_[group] : default_template_;
 }
 
-bool OptimizerAdapter::HasState(const std::string& key) const {
+bool OptimizerAdapter::HasState(StateKey key) const {
   const auto& state = optimizer_->state();
   auto it = state.find(key);
   return (it != state.end() && it->second != nullptr) || extras_.contains(key);
@@ -656,17 +676,17 @@ absl::Status OptimizerAdapter::Step() {
   const std::string context =
       absl::StrCat("OptimizerAdapter::Step (", OptimizerKindName(kind_), ")");
   // Python's SGD gives every parameter it steps a `momentum_buffer`, None without momentum.
-  std::vector<std::string> stepped_without_momentum;
+  std::vector<StateKey> stepped_without_momentum;
   if (kind_ == OptimizerKind::kSGD) {
     for (const auto& group : optimizer_->param_groups()) {
       if (static_cast<const torch::optim::SGDOptions&>(group.options()).momentum() != 0) continue;
       for (const at::Tensor& p : group.params()) {
-        if (p.grad().defined()) stepped_without_momentum.push_back(StateKey(p));
+        if (p.grad().defined()) stepped_without_momentum.push_back(TorchStateKey(p));
       }
     }
   }
   FSDP_RETURN_IF_ERROR(CallTorch(context, [&] { optimizer_->step(); }));
-  for (const std::string& key : stepped_without_momentum) {
+  for (StateKey key : stepped_without_momentum) {
     auto it = optimizer_->state().find(key);
     if (it != optimizer_->state().end() && it->second != nullptr) continue;
     ParamExtras& extras = extras_[key];
@@ -685,13 +705,13 @@ absl::StatusOr<OptimStateDict> OptimizerAdapter::StateDict() const {
   return CallTorch(context, [&]() -> OptimStateDict {
     OptimStateDict out;
     const std::vector<ParamRef> refs = ParamRefs();
-    absl::flat_hash_map<std::string, const ParamRef*> by_key;
+    absl::flat_hash_map<StateKey, const ParamRef*> by_key;
     for (const ParamRef& ref : refs) by_key.emplace(ref.key, &ref);
 
     // Parameters with state: in the recorded order, then any that gained state unseen.
     std::vector<const ParamRef*> with_state;
-    absl::flat_hash_set<std::string> listed;
-    for (const std::string& key : state_order_) {
+    absl::flat_hash_set<StateKey> listed;
+    for (StateKey key : state_order_) {
       auto it = by_key.find(key);
       if (it != by_key.end() && HasState(key) && listed.insert(key).second) {
         with_state.push_back(it->second);
@@ -871,9 +891,9 @@ absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict, bool a
   }
 
   // State: checked and copied into new LibTorch states and a new side table.
-  ska::flat_hash_map<std::string, std::unique_ptr<OptimizerParamState>> new_state;
-  absl::flat_hash_map<std::string, ParamExtras> new_extras;
-  std::vector<std::string> new_order;
+  ska::flat_hash_map<StateKey, std::unique_ptr<OptimizerParamState>> new_state;
+  absl::flat_hash_map<StateKey, ParamExtras> new_extras;
+  std::vector<StateKey> new_order;
   for (const auto& [key, loaded] : state_dict.state) {
     const ParamRef& ref = *id_map.at(key.id());
     ParamStateLoader loader(kind_, key.id(), ref.param, loaded, adopt ? &adopted : nullptr);
@@ -909,16 +929,16 @@ absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict, bool a
   optimizer_->state() = std::move(new_state);
   extras_ = std::move(new_extras);
   state_order_ = std::move(new_order);
-  in_state_order_ = absl::flat_hash_set<std::string>(state_order_.begin(), state_order_.end());
+  in_state_order_ = absl::flat_hash_set<StateKey>(state_order_.begin(), state_order_.end());
   return absl::OkStatus();
 }
 
 absl::Status OptimizerAdapter::SetExtraState(const at::Tensor& param, const std::string& name,
                                              StateValue value) {
-  const std::string key = StateKey(param);
+  StateKey key = TorchStateKey(param);
   bool found = false;
   for (const auto& group : optimizer_->param_groups()) {
-    for (const at::Tensor& p : group.params()) found = found || StateKey(p) == key;
+    for (const at::Tensor& p : group.params()) found = found || TorchStateKey(p) == key;
   }
   if (!found) {
     return absl::InvalidArgumentError(
@@ -947,7 +967,7 @@ absl::Status OptimizerAdapter::SetExtraState(const at::Tensor& param, const std:
 
 const StateValue* OptimizerAdapter::FindExtraState(const at::Tensor& param,
                                                    const std::string& name) const {
-  auto it = extras_.find(StateKey(param));
+  auto it = extras_.find(TorchStateKey(param));
   return it == extras_.end() ? nullptr : it->second.values.Find(name);
 }
 

@@ -1,6 +1,6 @@
 // OptimizerAdapter: PyTorch's `optim.state_dict()` and `optim.load_state_dict()` for
 // LibTorch's torch::optim::Adam, AdamW, SGD, Adagrad and RMSprop, producing and consuming the
-// dicts PyTorch 1.13's torch.optim does (optim_state_dict.h).
+// dicts PyTorch 2.13's torch.optim does (optim_state_dict.h).
 //
 //   torch::optim::Adam adam(model->parameters(), torch::optim::AdamOptions(1e-3));
 //   FSDP_ASSIGN_OR_RETURN(auto adapter, OptimizerAdapter::Create(adam));
@@ -8,20 +8,23 @@
 //   FSDP_ASSIGN_OR_RETURN(OptimStateDict saved, adapter.StateDict());
 //   FSDP_RETURN_IF_ERROR(other_adapter.LoadStateDict(saved));
 //
-// What the dicts hold (as PyTorch 1.13):
+// What the dicts hold (as PyTorch 2.13):
 //   * Keys: parameter IDs 0, 1, ... numbered across param_groups in order. "state" lists only
 //     parameters that have state, in the order they gained it.
 //   * State names: Adam/AdamW `step`, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` (amsgrad);
 //     SGD `momentum_buffer` (None for a parameter stepped without momentum); Adagrad `step`,
 //     `sum`; RMSprop `step`, `square_avg`, `momentum_buffer` (momentum > 0), `grad_avg`
-//     (centered). `step` is a zero-dim float32 tensor for Adam, AdamW and Adagrad and an int
-//     for RMSprop; LibTorch keeps it as an int64 and we convert both ways.
+//     (centered). `step` is a zero-dim float32 tensor; LibTorch keeps it as an int64 and we
+//     convert both ways.
 //   * Hyper-parameters, in Python's order, with Python's defaults for what LibTorch lacks:
 //       Adam    lr betas eps weight_decay amsgrad maximize foreach capturable differentiable fused
-//       AdamW   lr betas eps weight_decay amsgrad foreach maximize capturable
-//       SGD     lr momentum dampening weight_decay nesterov maximize foreach differentiable
+//               decoupled_weight_decay (False; True is refused: load it into AdamW)
+//       AdamW   the same, decoupled_weight_decay=True
+//       SGD     lr momentum dampening weight_decay nesterov maximize foreach differentiable fused
 //       Adagrad lr lr_decay eps weight_decay initial_accumulator_value foreach maximize
-//       RMSprop lr momentum alpha eps centered weight_decay foreach maximize differentiable
+//               differentiable fused
+//       RMSprop lr momentum alpha eps centered weight_decay capturable foreach maximize
+//               differentiable
 //     Values LibTorch holds are read from the group's options at save time. Where Python's
 //     default is an int (`weight_decay=0`, `momentum=0`, ...) an integral value is written as
 //     an int, as Python would; `betas` is a tuple. A group built in C++ lists its
@@ -139,19 +142,21 @@ class OptimizerAdapter {
     std::vector<std::string> order;
     ParamState values;
   };
+  // LibTorch 2.x keys an optimizer's state by the parameter's TensorImpl.
+  using StateKey = void*;
   // A parameter of the optimizer with its Python ID and LibTorch state key.
   struct ParamRef {
     size_t group;
     at::Tensor param;
     int64_t id;
-    std::string key;
+    StateKey key;
   };
 
   OptimizerAdapter(torch::optim::Optimizer& optimizer, OptimizerKind kind);
 
   std::vector<ParamRef> ParamRefs() const;
   const HyperParams& GroupTemplate(size_t group) const;
-  bool HasState(const std::string& key) const;
+  bool HasState(StateKey key) const;
   void RecordStateOrder();
   [[nodiscard]] absl::Status LoadImpl(const OptimStateDict& state_dict, bool adopt);
 
@@ -159,9 +164,9 @@ class OptimizerAdapter {
   OptimizerKind kind_;
   HyperParams default_template_;
   std::vector<HyperParams> group_templates_;
-  absl::flat_hash_map<std::string, ParamExtras> extras_;
-  std::vector<std::string> state_order_;
-  absl::flat_hash_set<std::string> in_state_order_;
+  absl::flat_hash_map<StateKey, ParamExtras> extras_;
+  std::vector<StateKey> state_order_;
+  absl::flat_hash_set<StateKey> in_state_order_;
 };
 
 }  // namespace fsdp::optim_state
