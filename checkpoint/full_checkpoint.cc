@@ -54,8 +54,10 @@ c10::IValue KeyToIValue(const ParamKey& key) {
 
 // A value pickled as torch::pickle_save does it, in its two steps: here the pickle (data.pkl,
 // small: tensors appear in it as references to their storages), then WriteArchive streams the
-// zip archive of data.pkl and the storages to a file. The file's bytes are pickle_save's, but
-// the storages go from the tensors to the file with no copy of the whole archive in memory.
+// zip archive of data.pkl and the storages to a file, with no copy of the whole archive in
+// memory. Unlike pickle_save, dicts and lists carry no TorchScript type tag
+// (torch.jit._pickle.restore_type_tag): PyTorch 2.x's torch.load(weights_only=True), its
+// default since 2.6, refuses that global.
 struct Pickled {
   std::vector<char> pickle;
   std::vector<at::Tensor> storages;  // in the order data.pkl names them
@@ -64,9 +66,10 @@ struct Pickled {
 absl::StatusOr<Pickled> Pickle(const c10::IValue& value, const std::string& path) {
   return CallTorch(absl::StrCat("serializing ", path), [&] {
     Pickled out;
-    torch::jit::Pickler pickler([&](const char* bytes, size_t n) {
-      out.pickle.insert(out.pickle.end(), bytes, bytes + n);
-    });
+    torch::jit::Pickler pickler(
+        [&](const char* bytes, size_t n) { out.pickle.insert(out.pickle.end(), bytes, bytes + n); },
+        /*tensor_table=*/nullptr, /*type_renamer=*/nullptr, /*memoized_class_types=*/nullptr,
+        /*get_tensor_id=*/nullptr, /*tag_aggregates=*/false);
     pickler.protocol();
     pickler.pushIValue(value);
     pickler.stop();

@@ -1,7 +1,8 @@
 // Full checkpoint files, as a PyTorch FSDP user saves them: DIR/model.pt (a FULL_STATE_DICT
 // model state dict, FQN -> tensor) and DIR/optim.pt (the full optimizer state dict, FQN-keyed
 // as FSDP's full_optim_state_dict lays it out), in torch.save's zip format. Python's torch.load
-// reads what we write (LibTorch's torch::pickle_save writes that format); we read both our
+// reads what we write, with weights_only=True (torch::pickle_save's format without its
+// TorchScript type tags, which weights_only refuses); we read both our
 // files and Python's torch.save files (checkpoint/torch_load.h; nothing is executed).
 //
 // WriteFullCheckpoint writes DIR/model.pt and DIR/optim.pt as a pair, atomically: both go into a
@@ -44,7 +45,7 @@ using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
 // `extra_files` (name -> contents, e.g. a training program's progress file) in the same
 // commit. Every value is converted and pickled before anything is written; the tensors' bytes
 // are then streamed from the tensors into the files (no copy of a whole file in memory), which
-// are byte for byte what torch::pickle_save makes. The parent of DIR must exist.
+// are torch::pickle_save's but for its type tags. The parent of DIR must exist.
 [[nodiscard]] absl::Status WriteFullCheckpoint(
     const std::string& dir, const ModelStateDict& model, const optim_state::OptimStateDict* optim,
     const std::map<std::string, std::string>& extra_files = {});

@@ -556,6 +556,12 @@ bool IsAllowedGlobal(const std::string& name) {
       // LibTorch's torch::pickle_save tags typed dicts and lists with their TorchScript type:
       // restore_type_tag(obj, "Dict[str, Tensor]") returns obj. We keep obj, ignore the tag.
       "torch.jit._pickle.restore_type_tag",
+      // A tensor whose Python object carries attributes (PyTorch 2.x's FSDP1 full state dict
+      // marks each tensor `_has_been_cloned`): _rebuild_from_type_v2(_rebuild_tensor_v2,
+      // torch.Tensor, args, {attributes}). The two types are only ever its argument.
+      "torch._tensor._rebuild_from_type_v2",
+      "torch.Tensor",
+      "torch.nn.parameter.Parameter",
   };
   for (const char* allowed : kCallables) {
     if (name == allowed) return true;
@@ -963,6 +969,22 @@ class Unpickler {
         return wrong_args();
       }
       return RebuildTensor(a[0], a[1]->i, a[2]->items, a[3]->items, a[4]->b);
+    }
+    if (fn == "torch._tensor._rebuild_from_type_v2") {
+      // (func, new_type, args, state): func(*args) as new_type, with state's attributes set on
+      // the Python object. Only _rebuild_tensor_v2 as a plain tensor or a Parameter; the
+      // attributes are Python's alone and are dropped (Python's weights_only load keeps them).
+      if (a.size() != 4 || a[0]->kind != Kind::kGlobal || a[1]->kind != Kind::kGlobal ||
+          a[2]->kind != Kind::kTuple || (a[3]->kind != Kind::kNone && a[3]->kind != Kind::kDict)) {
+        return wrong_args();
+      }
+      if (a[0]->s != "torch._utils._rebuild_tensor_v2" ||
+          (a[1]->s != "torch.Tensor" && a[1]->s != "torch.nn.parameter.Parameter")) {
+        return Bad(absl::StrCat(fn, " of ", a[0]->s, " as ", a[1]->s,
+                                ": only torch._utils._rebuild_tensor_v2 as torch.Tensor or "
+                                "torch.nn.parameter.Parameter is allowed"));
+      }
+      return Reduce(a[0], a[2]);
     }
     if (fn == "torch._utils._rebuild_parameter" ||
         fn == "torch._utils._rebuild_parameter_with_state") {

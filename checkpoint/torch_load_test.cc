@@ -233,7 +233,7 @@ TEST_P(TorchLoadPythonFileTest, LoadsTheSameFromBytes) {
 INSTANTIATE_TEST_SUITE_P(Files, TorchLoadPythonFileTest,
                          ::testing::Values("values_p2", "values_p4", "adam_p2", "adam_p4",
                                            "model_p2", "model_p4", "rezipped", "zip64_extras",
-                                           "with_byteorder"),
+                                           "with_byteorder", "without_byteorder", "with_attributes"),
                          [](const auto& info) { return info.param; });
 
 class TorchLoadProtocolTest : public ::testing::TestWithParam<int> {

@@ -1,11 +1,11 @@
-// End to end: `train` on real rank processes against plain PyTorch (tools/python, PyTorch 2.13's
-// python3-torch) training the same model in one process. Per-step losses must agree.
+// End to end: `train` on real rank processes against plain PyTorch 2.13 (tools/python) training
+// the same model in one process. Per-step losses must agree. (tests/pytorch_peer compares with
+// PyTorch's FSDP itself.)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -18,34 +18,10 @@ namespace {
 
 using ::testing::HasSubstr;
 
+using ::fsdp::testing::CommandResult;
+using ::fsdp::testing::RunCommand;
 using ::fsdp::testing::Runfile;
-
-struct CommandResult {
-  int exit_code = -1;
-  std::string output;
-};
-
-CommandResult RunCommand(const std::string& command) {
-  CommandResult run;
-  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return run;
-  char buffer[4096];
-  size_t n;
-  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) run.output.append(buffer, n);
-  const int status = pclose(pipe);
-  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return run;
-}
-
-std::vector<double> Losses(const std::string& output) {
-  std::vector<double> losses;
-  static const std::regex kLine(R"((^|\n)step=(\d+) loss=([-+0-9.eE]+|nan|inf))");
-  for (auto it = std::sregex_iterator(output.begin(), output.end(), kLine);
-       it != std::sregex_iterator(); ++it) {
-    losses.push_back(std::stod((*it)[3].str()));
-  }
-  return losses;
-}
+using ::fsdp::testing::StepLosses;
 
 const std::vector<double>& PyTorchLosses(const std::string& model, const std::string& optimizer,
                                          int steps, int param_groups) {
@@ -58,7 +34,7 @@ const std::vector<double>& PyTorchLosses(const std::string& model, const std::st
       absl::StrCat(fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"), " ",
                    models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
   EXPECT_EQ(run.exit_code, 0) << run.output;
-  return cache[key] = Losses(run.output);
+  return cache[key] = StepLosses(run.output);
 }
 
 struct Case {
@@ -82,7 +58,7 @@ TEST_P(TrainTest, LossesMatchPlainPyTorch) {
       c.wrap.empty() ? "" : " --wrap=", c.wrap, " --param_groups=", c.param_groups,
       c.use_orig_params ? " --use_orig_params" : "", " --timeout_s=120"));
   ASSERT_EQ(run.exit_code, 0) << run.output;
-  const std::vector<double> losses = Losses(run.output);
+  const std::vector<double> losses = StepLosses(run.output);
   const std::vector<double>& expected = PyTorchLosses(c.model, c.optimizer, kSteps, c.param_groups);
   ASSERT_EQ(losses.size(), static_cast<size_t>(kSteps)) << run.output;
   ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
@@ -155,8 +131,8 @@ TEST_P(TrainResumeTest, ResumedRunContinuesTheLossAndFilesMatchPyTorch) {
       RunCommand(absl::StrCat(train, common, " --steps=3 --world_size=", c.load_world_size, " ",
                               c.load_flags, " --load=", dir));
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
-  const std::vector<double> all = Losses(straight.output);
-  const std::vector<double> tail = Losses(resumed.output);
+  const std::vector<double> all = StepLosses(straight.output);
+  const std::vector<double> tail = StepLosses(resumed.output);
   ASSERT_EQ(all.size(), 6u) << straight.output;
   ASSERT_EQ(tail.size(), 3u) << resumed.output;
   EXPECT_THAT(resumed.output, HasSubstr("step=3 loss="));
@@ -172,7 +148,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(ResumeCase{"nested", "adam", 2, "--wrap=wrap", 3, "--wrap=none"},
                       ResumeCase{"nested", "sgd", 4, "--wrap=wrap_alt", 2,
                                  "--wrap=wrap --sharding_strategy=shard_grad_op --use_orig_params"},
-                      ResumeCase{"transformer", "adam", 2, "", 3, "--sharding_strategy=no_shard"}),
+                      // SGD: Adam turns the rounding noise on each in_proj_bias's key part (its
+                      // gradient is zero in exact arithmetic; PyTorch 2.x computes attention with
+                      // scaled_dot_product_attention, LibTorch with bmm + softmax) into +-lr steps
+                      // (see tests/pytorch_peer/pytorch_peer_test.cc).
+                      ResumeCase{"transformer", "sgd", 2, "", 3, "--sharding_strategy=no_shard"}),
     [](const ::testing::TestParamInfo<ResumeCase>& info) {
       const ResumeCase& c = info.param;
       return absl::StrCat(c.model, "_", c.optimizer, "_ws", c.save_world_size, "_to_ws",
@@ -192,7 +172,7 @@ TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
   EXPECT_THAT(run.output, HasSubstr("saved a sharded checkpoint in " + out + "/checkpoint"));
   EXPECT_THAT(run.output, HasSubstr("part 2 of 2: 3 ranks, wrap=none"));
   EXPECT_THAT(run.output, HasSubstr("resuming at step 3"));
-  const std::vector<double> losses = Losses(run.output);
+  const std::vector<double> losses = StepLosses(run.output);
   ASSERT_EQ(losses.size(), 9u) << run.output;  // steps 0-5, then 3-5 again
   for (int i = 0; i < 3; ++i) {
     EXPECT_NEAR(losses[6 + i], losses[3 + i], 1e-5 * std::max(1.0, std::abs(losses[3 + i])))
@@ -230,14 +210,14 @@ TEST_P(TrainLoadsPyTorchCheckpointTest, ContinuesWithPyTorchsLosses) {
                               " ", Runfile("models/testdata"), " ", c.model, " ", c.optimizer,
                               " 0.01 6 1 3 ", dir, " ", c.protocol));
   ASSERT_EQ(python.exit_code, 0) << python.output;
-  const std::vector<double> expected = Losses(python.output);
+  const std::vector<double> expected = StepLosses(python.output);
   ASSERT_EQ(expected.size(), 6u) << python.output;
   CommandResult resumed = RunCommand(absl::StrCat(
       Runfile("examples/train"), " --model=", c.model, " --optimizer=", c.optimizer,
       " --world_size=", c.world_size, " --steps=3 --timeout_s=120 --load=", dir, " ", c.flags));
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
   EXPECT_THAT(resumed.output, HasSubstr("resuming at step 3"));
-  const std::vector<double> tail = Losses(resumed.output);
+  const std::vector<double> tail = StepLosses(resumed.output);
   ASSERT_EQ(tail.size(), 3u) << resumed.output;
   for (int i = 0; i < 3; ++i) {
     EXPECT_NEAR(tail[i], expected[3 + i], 1e-5 * std::max(1.0, std::abs(expected[3 + i])))

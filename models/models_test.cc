@@ -43,10 +43,13 @@ using ::testing::Eq;
 using ::testing::SizeIs;
 
 // Construction draws the same random numbers as Python, so parameters (and seeded inputs)
-// must be bit-identical. Forward results may differ by float rounding in principle (kernel
-// choice, thread count); with one thread on both sides they are identical too.
+// must be bit-identical. Forward results differ by float rounding where the kernels differ:
+// PyTorch 2.x's nn.MultiheadAttention computes attention with scaled_dot_product_attention,
+// LibTorch's C++ module with bmm and softmax (TransformerWithSharedParams: max 3.8e-6 on
+// outputs up to 13.1, 2.9e-7 of the largest, a few float32 ulps). The other models agree bit
+// for bit. So: within 1e-6 of the output's largest magnitude.
 constexpr double kParameterTolerance = 0.0;
-constexpr double kOutputTolerance = 1e-6;
+constexpr double kOutputRelativeTolerance = 1e-6;
 
 // `actual` (any dtype) has `expected`'s shape and its values within `tolerance`.
 MATCHER_P2(TensorNear, expected, tolerance,
@@ -145,11 +148,16 @@ void ExpectMatchesReference(const json& ref, const torch::nn::Module& model,
     EXPECT_THAT(inputs[i], TensorNear(ToTensor(ref.at("inputs")[i]), kParameterTolerance))
         << "input " << i;
   }
-  EXPECT_THAT(output, TensorNear(ToTensor(ref.at("output")), kOutputTolerance)) << "forward output";
+  const torch::Tensor expected_output = ToTensor(ref.at("output"));
+  const double output_scale =
+      expected_output.numel() == 0 ? 1.0 : expected_output.abs().max().item<double>();
+  EXPECT_THAT(output, TensorNear(expected_output,
+                                 kOutputRelativeTolerance * std::max(1.0, output_scale)))
+      << "forward output";
   if (loss.has_value()) {
     ASSERT_FALSE(ref.at("loss").is_null());
     EXPECT_NEAR(loss->item<double>(), ref.at("loss").get<double>(),
-                kOutputTolerance * std::max(1.0, std::abs(ref.at("loss").get<double>())));
+                kOutputRelativeTolerance * std::max(1.0, std::abs(ref.at("loss").get<double>())));
   }
 }
 

@@ -44,6 +44,8 @@ struct HyperSpec {
   StateValue python_default;
   // Whether Python's __setstate__ fills it in when a loaded group lacks it.
   bool filled_on_load;
+  // What it fills in, where that is not `python_default`.
+  std::optional<StateValue> filled_value = std::nullopt;
 };
 
 StateValue Betas() { return StateValue::Tuple({0.9, 0.999}); }
@@ -88,7 +90,8 @@ const std::vector<HyperSpec>& HyperSpecs(OptimizerKind kind) {
       {"maximize", T::kPythonOnly, false, true},
       {"foreach", T::kPythonOnly, StateValue::None(), true},
       {"differentiable", T::kPythonOnly, false, true},
-      {"fused", T::kPythonOnly, StateValue::None(), true},
+      // SGD(fused=None) by default, but __setstate__ fills in fused=False.
+      {"fused", T::kPythonOnly, StateValue::None(), true, StateValue(false)},
   };
   static const auto* adagrad = new std::vector<HyperSpec>{
       {"lr", T::kNumber, 1e-2, false},
@@ -675,26 +678,9 @@ void OptimizerAdapter::RecordStateOrder() {
 absl::Status OptimizerAdapter::Step() {
   const std::string context =
       absl::StrCat("OptimizerAdapter::Step (", OptimizerKindName(kind_), ")");
-  // Python's SGD gives every parameter it steps a `momentum_buffer`, None without momentum.
-  std::vector<StateKey> stepped_without_momentum;
-  if (kind_ == OptimizerKind::kSGD) {
-    for (const auto& group : optimizer_->param_groups()) {
-      if (static_cast<const torch::optim::SGDOptions&>(group.options()).momentum() != 0) continue;
-      for (const at::Tensor& p : group.params()) {
-        if (p.grad().defined()) stepped_without_momentum.push_back(TorchStateKey(p));
-      }
-    }
-  }
+  // PyTorch 2.x's SGD keeps no state without momentum (1.13 stored momentum_buffer=None),
+  // and neither does LibTorch's.
   FSDP_RETURN_IF_ERROR(CallTorch(context, [&] { optimizer_->step(); }));
-  for (StateKey key : stepped_without_momentum) {
-    auto it = optimizer_->state().find(key);
-    if (it != optimizer_->state().end() && it->second != nullptr) continue;
-    ParamExtras& extras = extras_[key];
-    if (!extras.values.Contains("momentum_buffer")) {
-      if (!Contains(extras.order, "momentum_buffer")) extras.order.push_back("momentum_buffer");
-      extras.values.Set("momentum_buffer", StateValue::None());
-    }
-  }
   RecordStateOrder();
   return absl::OkStatus();
 }
@@ -877,9 +863,10 @@ absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict, bool a
                                                          spec.name, "', which ",
                                                          OptimizerKindName(kind_), " needs"));
         }
-        tmpl.Set(spec.name, spec.python_default);
+        const StateValue& filled = spec.filled_value ? *spec.filled_value : spec.python_default;
+        tmpl.Set(spec.name, filled);
         if (spec.type != HyperType::kPythonOnly) {
-          WriteHeld(kind_, *new_options[g], spec.name, spec.python_default);
+          WriteHeld(kind_, *new_options[g], spec.name, filled);
         }
       }
     }
@@ -913,11 +900,20 @@ absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict, bool a
   }
   if (kind_ == OptimizerKind::kAdagrad) {
     for (const ParamRef& ref : refs) {
-      if (new_state.find(ref.key) == new_state.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "parameter ", ref.id,
-            ": state 'sum' is missing (Adagrad keeps 'step' and 'sum' for every parameter)"));
+      if (new_state.find(ref.key) != new_state.end()) continue;
+      if (ref.param.numel() == 0) {
+        // An empty parameter (with use_orig_params, a rank's slice of a parameter that lies
+        // wholly on other ranks) has nothing to keep: FSDP's dicts give it no state, and it
+        // gets LibTorch's initial one.
+        auto initial = std::make_unique<torch::optim::AdagradParamState>();
+        initial->step(0);
+        initial->sum(torch::zeros_like(ref.param, at::MemoryFormat::Contiguous));
+        new_state[ref.key] = std::move(initial);
+        continue;
       }
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter ", ref.id,
+          ": state 'sum' is missing (Adagrad keeps 'step' and 'sum' for every parameter)"));
     }
   }
 

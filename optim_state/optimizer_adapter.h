@@ -12,7 +12,7 @@
 //   * Keys: parameter IDs 0, 1, ... numbered across param_groups in order. "state" lists only
 //     parameters that have state, in the order they gained it.
 //   * State names: Adam/AdamW `step`, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` (amsgrad);
-//     SGD `momentum_buffer` (None for a parameter stepped without momentum); Adagrad `step`,
+//     SGD `momentum_buffer` (only with momentum; a loaded None is kept); Adagrad `step`,
 //     `sum`; RMSprop `step`, `square_avg`, `momentum_buffer` (momentum > 0), `grad_avg`
 //     (centered). `step` is a zero-dim float32 tensor; LibTorch keeps it as an int64 and we
 //     convert both ways.

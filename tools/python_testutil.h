@@ -7,6 +7,7 @@
 #define FSDP_CPP_TOOLS_PYTHON_TESTUTIL_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/strings/string_view.h"
 
@@ -18,6 +19,18 @@ std::string Runfile(absl::string_view path);
 
 // The command that runs the project's Python (a wrapper script; quoted for a shell).
 std::string PythonCommand();
+
+// A shell command's exit code (-1 if it did not exit normally) and its output, stdout and
+// stderr together.
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;
+};
+CommandResult RunCommand(const std::string& command);
+
+// The losses of the `step=<i> loss=<value>` lines (at a line start) of `output`, in order: what
+// examples/train and the Python oracles print.
+std::vector<double> StepLosses(const std::string& output);
 
 }  // namespace fsdp::testing
 

@@ -126,10 +126,22 @@ def model_state():
     return model.state_dict()
 
 
+def with_attributes():
+    # Tensors whose Python objects carry attributes pickle through
+    # torch._tensor._rebuild_from_type_v2, as PyTorch 2.x's FSDP1 full state dict does (it marks
+    # each tensor `_has_been_cloned`).
+    plain = torch.arange(6.0).view(2, 3)
+    plain._has_been_cloned = True
+    param = torch.nn.Parameter(torch.ones(4))
+    param._marker = "kept by Python only"
+    return {"plain": plain, "param": param, "untouched": torch.zeros(2)}
+
+
 for protocol in (2, 4):
     save("values_p%d" % protocol, values(), protocol)
     save("adam_p%d" % protocol, adam(), protocol)
     save("model_p%d" % protocol, model_state(), protocol)
+save("with_attributes", with_attributes(), 2)
 
 # The same archive written again by Python's zipfile (no data descriptors, no zip64 records)
 # under another top folder name.
@@ -139,13 +151,18 @@ with zipfile.ZipFile(os.path.join(OUT, "values_p2.pt")) as src, \
         dst.writestr("renamed_folder/" + info.filename.split("/", 1)[1], src.read(info))
 expected["rezipped"] = expected["values_p2"]
 
-# Newer PyTorch also writes <archive>/byteorder.
+# PyTorch 2.x writes <archive>/byteorder ("little" here); 1.13 did not. One file each way, and
+# one that claims big-endian data.
 with zipfile.ZipFile(os.path.join(OUT, "values_p4.pt")) as src:
-    entries = [(i.filename, src.read(i)) for i in src.infolist()]
+    entries = [(i.filename, src.read(i)) for i in src.infolist() if not i.filename.endswith("/byteorder")]
 with zipfile.ZipFile(os.path.join(OUT, "with_byteorder.pt"), "w") as dst:
     for entry, data in entries + [("values_p4/byteorder", b"little")]:
         dst.writestr(entry, data)
 expected["with_byteorder"] = expected["values_p4"]
+with zipfile.ZipFile(os.path.join(OUT, "without_byteorder.pt"), "w") as dst:
+    for entry, data in entries:
+        dst.writestr(entry, data)
+expected["without_byteorder"] = expected["values_p4"]
 with zipfile.ZipFile(os.path.join(OUT, "big_endian.pt"), "w") as dst:
     for entry, data in entries + [("values_p4/byteorder", b"big")]:
         dst.writestr(entry, data)

@@ -317,6 +317,9 @@ def main():
         raise SystemExit(__doc__)
     name, out_path = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
+    # PyTorch 2.x runs an eval-mode transformer layer under no_grad through a fused "fast path"
+    # kernel; LibTorch's C++ modules have no such path. Keep to the composite one.
+    torch.backends.mha.set_fastpath_enabled(False)
     model, inputs, loss_fn, extra = build(name)
     with torch.no_grad():
         output = model(*inputs)

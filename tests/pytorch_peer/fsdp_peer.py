@@ -4,7 +4,7 @@ as examples/train does (same model, seeds, per-step batch on every rank, optimiz
 prints per-step losses and writes/loads full checkpoints through FSDP's own state-dict APIs.
 
 Run under torchrun (the world size comes from the environment):
-  PY=/root/.cache/fsdp-cpp/venv-test/bin/python
+  PY=tools/python
   $PY -m torch.distributed.run --standalone --nproc_per_node=2 tests/pytorch_peer/fsdp_peer.py \
       --models_dir models/testdata --model nested --optimizer adam --lr 0.01 --steps 5 \
       --fsdp 1 --sharding_strategy full_shard --wrap wrap
