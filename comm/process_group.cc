@@ -60,6 +60,10 @@ void Accumulate(at::Tensor& acc, const at::Tensor& other, ReduceOp op) {
   }
 }
 
+// What CollectiveImpl::kDefault stands for (measured by comm_benchmark; README.md).
+constexpr CollectiveImpl kAllGatherDefault = CollectiveImpl::kRing;
+constexpr CollectiveImpl kReduceScatterDefault = CollectiveImpl::kRing;
+
 constexpr int kInternalTagBase = 1 << 24;
 // Reduce-scatter pipelines each ring step in pieces of this size.
 constexpr int64_t kReduceScatterPieceBytes = 4 << 20;
@@ -170,6 +174,18 @@ absl::Status ProcessGroup::SendRecv(const at::Tensor& send, int dst, at::Tensor&
   return absl::OkStatus();
 }
 
+absl::string_view CollectiveImplName(CollectiveImpl impl) {
+  switch (impl) {
+    case CollectiveImpl::kDefault:
+      return "default";
+    case CollectiveImpl::kRing:
+      return "ring";
+    case CollectiveImpl::kGloo:
+      return "gloo";
+  }
+  return "unknown";
+}
+
 absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
                                                const CollectiveOptions& options) {
   constexpr absl::string_view kOp = "all_gather_into_tensor";
@@ -184,24 +200,46 @@ absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Ten
   }
   at::Tensor out = output.view({-1});
   at::Tensor in = input.reshape({-1});
+  if (size_ == 1 || n == 0) {
+    out.copy_(in);
+    return absl::OkStatus();
+  }
+  const CollectiveImpl impl =
+      options.impl == CollectiveImpl::kDefault ? kAllGatherDefault : options.impl;
+  return CallTorch(Where(kOp), [&]() -> absl::Status {
+    return impl == CollectiveImpl::kGloo ? AllGatherGloo(out, in, Timeout(options))
+                                         : AllGatherRing(out, in, n, Timeout(options));
+  });
+}
+
+absl::Status ProcessGroup::AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n,
+                                         std::chrono::milliseconds timeout) {
   out.narrow(0, rank_ * n, n).copy_(in);
-  if (size_ == 1 || n == 0) return absl::OkStatus();
   const int tag = NextTag();
   // One deadline for the whole ring, not one timeout per step.
-  const auto deadline = std::chrono::steady_clock::now() + Timeout(options);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   const int next = (rank_ + 1) % size_;
   const int prev = (rank_ - 1 + size_) % size_;
   // Ring: at step s, pass on the chunk received at step s - 1 (own chunk first).
-  return CallTorch(Where(kOp), [&]() -> absl::Status {
-    for (int s = 0; s < size_ - 1; ++s) {
-      const int send_chunk = (rank_ - s + size_) % size_;
-      const int recv_chunk = (rank_ - s - 1 + size_) % size_;
-      at::Tensor recv = out.narrow(0, recv_chunk * n, n);
-      FSDP_RETURN_IF_ERROR(
-          SendRecv(out.narrow(0, send_chunk * n, n), next, recv, prev, tag, deadline));
-    }
-    return absl::OkStatus();
-  });
+  for (int s = 0; s < size_ - 1; ++s) {
+    const int send_chunk = (rank_ - s + size_) % size_;
+    const int recv_chunk = (rank_ - s - 1 + size_) % size_;
+    at::Tensor recv = out.narrow(0, recv_chunk * n, n);
+    FSDP_RETURN_IF_ERROR(
+        SendRecv(out.narrow(0, send_chunk * n, n), next, recv, prev, tag, deadline));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::AllGatherGloo(at::Tensor& out, const at::Tensor& in,
+                                         std::chrono::milliseconds timeout) {
+  // Gloo reads the input before it writes the output, so an input that is a view of its own
+  // chunk of the output (FSDP's unsharded flat parameter) is fine.
+  at::Tensor input = in;
+  c10d::AllgatherOptions opts;
+  opts.timeout = timeout;  // bounds gloo::allgather itself; wait() bounds the wait for it
+  pg_->_allgather_base(out, input, opts)->wait(timeout);
+  return absl::OkStatus();
 }
 
 absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Tensor& input,
@@ -225,7 +263,19 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
     out.copy_(in.narrow(0, 0, n));
     return absl::OkStatus();
   }
-  const auto timeout = Timeout(options);
+  const CollectiveImpl impl =
+      options.impl == CollectiveImpl::kDefault ? kReduceScatterDefault : options.impl;
+  FSDP_RETURN_IF_ERROR(CallTorch(Where(kOp), [&]() -> absl::Status {
+    return impl == CollectiveImpl::kGloo ? ReduceScatterGloo(out, in, op, Timeout(options))
+                                         : ReduceScatterRing(out, in, n, op, Timeout(options));
+  }));
+  // Both sum for kAvg; the division is ours either way, so the two agree bit for bit.
+  if (op == ReduceOp::kAvg) out.div_(size_);
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::ReduceScatterRing(at::Tensor& out, const at::Tensor& in, int64_t n,
+                                             ReduceOp op, std::chrono::milliseconds timeout) {
   const int next = (rank_ + 1) % size_;
   const int prev = (rank_ - 1 + size_) % size_;
   // Ring: at step s rank r sends its partial sum of chunk (r - s - 1) to r + 1 and adds its
@@ -236,43 +286,51 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
   const int64_t piece = std::max<int64_t>(1, kReduceScatterPieceBytes / in.element_size());
   const int pieces = static_cast<int>((n + piece - 1) / piece);
   const int base_tag = NextTags(pieces);
-  absl::Status status = CallTorch(Where(kOp), [&]() -> absl::Status {
-    at::Tensor partial = Scratch(0, n, in.options());
-    at::Tensor spare = Scratch(1, n, in.options());
-    at::Tensor send_buf = in.narrow(0, ((rank_ - 1 + size_) % size_) * n, n);
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    for (int s = 0; s < size_ - 1; ++s) {
-      const int recv_chunk = (rank_ - s - 2 + 2 * size_) % size_;
-      at::Tensor recv = s == size_ - 2 ? out : partial;
-      std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
-      std::vector<std::vector<at::Tensor>> keep;
-      for (int j = 0; j < pieces; ++j) {
-        const int64_t begin = j * piece;
-        const int64_t len = std::min(piece, n - begin);
-        keep.push_back({recv.narrow(0, begin, len)});
-        recvs.push_back(pg_->recv(keep.back(), prev, base_tag + j));
-        keep.push_back({send_buf.narrow(0, begin, len)});
-        sends.push_back(pg_->send(keep.back(), next, base_tag + j));
-      }
-      at::Tensor own = in.narrow(0, recv_chunk * n, n);
-      for (int j = 0; j < pieces; ++j) {
-        const int64_t begin = j * piece;
-        const int64_t len = std::min(piece, n - begin);
-        recvs[j]->wait(RemainingOrZero(deadline));
-        at::Tensor got = recv.narrow(0, begin, len);
-        Accumulate(got, own.narrow(0, begin, len), op);
-      }
-      for (auto& work : sends) work->wait(RemainingOrZero(deadline));
-      if (s < size_ - 2) {
-        // The sum just formed is the next step's send buffer; receive into the other one.
-        send_buf = partial;
-        std::swap(partial, spare);
-      }
+  at::Tensor partial = Scratch(0, n, in.options());
+  at::Tensor spare = Scratch(1, n, in.options());
+  at::Tensor send_buf = in.narrow(0, ((rank_ - 1 + size_) % size_) * n, n);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (int s = 0; s < size_ - 1; ++s) {
+    const int recv_chunk = (rank_ - s - 2 + 2 * size_) % size_;
+    at::Tensor recv = s == size_ - 2 ? out : partial;
+    std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
+    std::vector<std::vector<at::Tensor>> keep;
+    for (int j = 0; j < pieces; ++j) {
+      const int64_t begin = j * piece;
+      const int64_t len = std::min(piece, n - begin);
+      keep.push_back({recv.narrow(0, begin, len)});
+      recvs.push_back(pg_->recv(keep.back(), prev, base_tag + j));
+      keep.push_back({send_buf.narrow(0, begin, len)});
+      sends.push_back(pg_->send(keep.back(), next, base_tag + j));
     }
-    return absl::OkStatus();
-  });
-  FSDP_RETURN_IF_ERROR(status);
-  if (op == ReduceOp::kAvg) out.div_(size_);
+    at::Tensor own = in.narrow(0, recv_chunk * n, n);
+    for (int j = 0; j < pieces; ++j) {
+      const int64_t begin = j * piece;
+      const int64_t len = std::min(piece, n - begin);
+      recvs[j]->wait(RemainingOrZero(deadline));
+      at::Tensor got = recv.narrow(0, begin, len);
+      Accumulate(got, own.narrow(0, begin, len), op);
+    }
+    for (auto& work : sends) work->wait(RemainingOrZero(deadline));
+    if (s < size_ - 2) {
+      // The sum just formed is the next step's send buffer; receive into the other one.
+      send_buf = partial;
+      std::swap(partial, spare);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::ReduceScatterGloo(at::Tensor& out, const at::Tensor& in, ReduceOp op,
+                                             std::chrono::milliseconds timeout) {
+  // ProcessGroupGloo all-reduces a copy of `in` (so `in` is left as it was) and copies this
+  // rank's chunk of it to `out`. The Work it returns ignores wait()'s timeout; the all-reduce
+  // inside it has opts.timeout.
+  at::Tensor input = in;
+  c10d::ReduceScatterOptions opts;
+  opts.reduceOp = ToC10d(op);
+  opts.timeout = timeout;
+  pg_->_reduce_scatter_base(out, input, opts)->wait(timeout);
   return absl::OkStatus();
 }
 
