@@ -17,8 +17,10 @@
 //     (LibTorch 2.x). Its all-gather is gloo::allgather (a ring) into a temporary buffer that
 //     is then copied to `output`; its reduce-scatter is an all-reduce of a copy of the whole
 //     input (2x the bytes of a ring reduce-scatter) of which each rank keeps its chunk.
-//   * kDefault: the faster of the two for that collective as measured by comm_benchmark
-//     (see README.md).
+//   * kDefault: the faster of the two as measured by comm_benchmark (bench/README.md): Gloo's
+//     for full buffers (all-gather output, reduce-scatter input) of up to 4 MiB, where one
+//     Gloo operation mostly beats the ring's size - 1 awaited send/recv steps, the ring above
+//     (and for dtypes Gloo cannot reduce).
 //
 // Errors (every method returns a status; nothing throws):
 //   * INVALID_ARGUMENT: mismatched sizes or dtypes, non-contiguous or non-CPU tensors, a root
@@ -62,7 +64,7 @@ inline constexpr std::chrono::milliseconds kDefaultGroupTimeout{std::chrono::min
 
 // Which implementation runs AllGatherIntoTensor / ReduceScatterTensor (see the top).
 enum class CollectiveImpl {
-  kDefault,  // the measured faster one for the collective
+  kDefault,  // the measured faster one: kGloo up to 4 MiB of full buffer, kRing above
   kRing,     // ours: a ring over Gloo send/recv
   kGloo,     // c10d::ProcessGroupGloo's _allgather_base / _reduce_scatter_base
 };

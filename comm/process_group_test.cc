@@ -37,7 +37,7 @@ at::Tensor RankValues(int rank, int64_t n, at::ScalarType dtype) {
 
 TEST_P(ImplCollectivesTest, AllGatherIntoTensorConcatenatesInRankOrder) {
   RunInRanks(world_size(), [options = options()](ProcessGroup& group) {
-    for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kLong, at::kBFloat16}) {
+    for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kLong, at::kBFloat16, at::kShort}) {
       for (int64_t n : {0, 1, 7, 4099}) {
         at::Tensor input = RankValues(group.rank(), n, dtype);
         at::Tensor output = at::full({n * group.size()}, -1, input.options());
@@ -223,6 +223,18 @@ TEST_P(CollectivesTest, ReduceScatterSumOfGlooMatchesTheRing) {
       EXPECT_TRUE(at::le(diff, abs_sum * (2.0 * (ws - 1) * eps)).all().item<bool>())
           << "n " << n << ": max |diff| " << diff.max().item<double>();
     }
+  });
+}
+
+// Gloo's reductions take fewer dtypes than the ring (not int16, for one): kDefault picks the
+// ring for those, also at sizes where it would otherwise pick Gloo's.
+TEST_P(CollectivesTest, DefaultReduceScatterTakesDtypesGlooDoesNot) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    const int ws = group.size();
+    at::Tensor input = at::arange(3 * ws, at::kShort) + static_cast<int16_t>(group.rank());
+    at::Tensor output = at::empty({3}, at::kShort);
+    FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kMax));
+    EXPECT_TRUE(at::equal(output, at::arange(3, at::kShort) + 3 * group.rank() + (ws - 1)));
   });
 }
 
