@@ -2,15 +2,21 @@
 //
 // Measures ProcessGroup::AllGatherIntoTensor (BM_AllGather), ProcessGroup::ReduceScatterTensor
 // (BM_ReduceScatter, kSum) and ProcessGroup::Broadcast (BM_Broadcast, root 0) on float32 buffers,
-// each rank a separate OS process talking over loopback TCP.
+// each rank a separate OS process talking over loopback TCP. All-gather and reduce-scatter run
+// under both implementations (comm::CollectiveImpl): our ring over send/recv and Gloo's own
+// _allgather_base / _reduce_scatter_base, side by side in one run.
 //
 //   bazel run -c opt //bench:comm_benchmark [-- --benchmark_filter=ReduceScatter ...]
+//   bazel run -c opt //bench:comm_benchmark -- --benchmark_filter='impl:2'   # Gloo's only
 //
-// Argument grid, Args({MiB, world}):
+// Argument grid: BM_AllGather and BM_ReduceScatter Args({MiB, world, impl}), BM_Broadcast
+// Args({MiB, world}):
 //   MiB   = 1, 4, 16, 64, 256: the full (unsharded) buffer size. All-gather fills it from
 //           shards of MiB / world; reduce-scatter reduces it into shards of MiB / world;
 //           broadcast sends all of it.
 //   world = 2 (sub-group of ranks {0, 1}) and 4 (all ranks).
+//   impl  = 1 (CollectiveImpl::kRing, label "ring") and 2 (kGloo, label "gloo"); the rows of
+//           one (MiB, world) follow each other: impl:1 then impl:2.
 //
 // How it runs: started without RANK in the environment, the binary re-executes itself as 4
 // rank processes (comm::Launch; OMP_NUM_THREADS=1 unless set, as torchrun does) and prints rank
@@ -25,9 +31,13 @@
 //   busbw_GBps    bus bandwidth, nccl-tests style: bytes * (world - 1) / world / time for
 //                 all-gather and reduce-scatter, bytes / time for broadcast (GB = 1e9 bytes).
 //   vs_allgather  (BM_ReduceScatter only) reduce-scatter time per iteration divided by the
-//                 all-gather time per iteration of the same full size over the same group,
-//                 measured right after the timed loop (a few repetitions). Both move the same
-//                 bytes per rank, so a bandwidth-optimal reduce-scatter stays at or below ~1.25.
+//                 all-gather time per iteration (CollectiveImpl::kDefault) of the same full
+//                 size over the same group, measured right after the timed loop (a few
+//                 repetitions). Both move the same bytes per rank, so a bandwidth-optimal
+//                 reduce-scatter stays at or below ~1.25.
+//   vs_ring       (impl:2 rows only) this time per iteration divided by the ring's, measured
+//                 the same way right after: < 1 means Gloo's own collective is faster. Paired
+//                 in time, it is steadier than comparing two rows on a busy machine.
 //
 // Each benchmark runs for --benchmark_min_time=0.2 s unless that flag is given. A failed
 // collective skips the benchmark with the status message (as do all later ones, since the
@@ -76,11 +86,14 @@ struct Command {
   int64_t bytes = 0;       // full buffer size
   int64_t world_size = 0;  // size of the group that runs it
   int64_t iterations = 0;
+  comm::CollectiveImpl impl = comm::CollectiveImpl::kDefault;
 
   CommandWords Words() const {
-    return {static_cast<int64_t>(op), bytes, world_size, iterations};
+    return {static_cast<int64_t>(op), bytes, world_size, iterations, static_cast<int64_t>(impl)};
   }
-  static Command From(const CommandWords& w) { return {static_cast<Op>(w[0]), w[1], w[2], w[3]}; }
+  static Command From(const CommandWords& w) {
+    return {static_cast<Op>(w[0]), w[1], w[2], w[3], static_cast<comm::CollectiveImpl>(w[4])};
+  }
 };
 
 // The float32 buffers of one (bytes, world size): `full` holds the whole buffer, `shard` one
@@ -112,12 +125,14 @@ class Buffers {
 // This rank's buffers, kept between commands.
 Buffers* g_buffers = nullptr;
 
-absl::Status RunOp(ProcessGroup& group, Op op, Buffers& buffers) {
+absl::Status RunOp(ProcessGroup& group, Op op, comm::CollectiveImpl impl, Buffers& buffers) {
+  const comm::CollectiveOptions options{.impl = impl};
   switch (op) {
     case Op::kAllGather:
-      return group.AllGatherIntoTensor(buffers.full(), buffers.shard());
+      return group.AllGatherIntoTensor(buffers.full(), buffers.shard(), options);
     case Op::kReduceScatter:
-      return group.ReduceScatterTensor(buffers.shard(), buffers.full());
+      return group.ReduceScatterTensor(buffers.shard(), buffers.full(), comm::ReduceOp::kSum,
+                                       options);
     case Op::kBroadcast:
       return group.Broadcast(buffers.full(), /*root=*/0);
     case Op::kQuit:
@@ -139,7 +154,7 @@ absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) 
   if (group == nullptr) return absl::OkStatus();  // not in this benchmark's group
   absl::Status status = PrepareCommand(*group, command);
   for (int64_t i = 0; status.ok() && i < command.iterations; ++i) {
-    status = RunOp(*group, command.op, *g_buffers);
+    status = RunOp(*group, command.op, command.impl, *g_buffers);
   }
   return status;
 }
@@ -155,17 +170,26 @@ absl::StatusOr<double> TimeUntimedCommand(ProcessGroup& group, const Command& co
   if (absl::Status s = PrepareCommand(group, command); !s.ok()) return s;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < command.iterations; ++i) {
-    if (absl::Status s = RunOp(group, command.op, *g_buffers); !s.ok()) return s;
+    if (absl::Status s = RunOp(group, command.op, command.impl, *g_buffers); !s.ok()) return s;
   }
   return SecondsSince(start) / static_cast<double>(command.iterations);
 }
 
 const RankGroups* g_groups = nullptr;  // rank 0's groups while the benchmarks run
 
+// Repetitions of an untimed comparison run that last about kCompareSeconds.
+int64_t CompareReps(double seconds_per_iter) {
+  return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(kCompareSeconds / seconds_per_iter)),
+                             kMinCompareReps, kMaxCompareReps);
+}
+
 void RunCollectiveBenchmark(benchmark::State& state, Op op) {
   const int64_t mib = state.range(0);
   const int64_t world_size = state.range(1);
+  const auto impl = op == Op::kBroadcast ? comm::CollectiveImpl::kDefault
+                                         : static_cast<comm::CollectiveImpl>(state.range(2));
   const int64_t bytes = mib << 20;
+  if (op != Op::kBroadcast) state.SetLabel(std::string(comm::CollectiveImplName(impl)));
   if (SkipAfterFailure(state)) return;
   std::shared_ptr<ProcessGroup> group = g_groups->ForSize(world_size);
   if (group == nullptr) {
@@ -176,13 +200,13 @@ void RunCollectiveBenchmark(benchmark::State& state, Op op) {
   }
   auto fail = [&](const absl::Status& status) { FailBenchmark(state, status); };
 
-  const Command command{op, bytes, world_size, static_cast<int64_t>(state.max_iterations)};
+  const Command command{op, bytes, world_size, static_cast<int64_t>(state.max_iterations), impl};
   if (absl::Status s = SendCommand(command.Words()); !s.ok()) return fail(s);
   if (absl::Status s = PrepareCommand(*group, command); !s.ok()) return fail(s);
   const auto start = std::chrono::steady_clock::now();
   absl::Status status;
   for (auto _ : state) {
-    status = RunOp(*group, op, *g_buffers);
+    status = RunOp(*group, op, impl, *g_buffers);
     if (!status.ok()) break;
   }
   const double elapsed = SecondsSince(start);
@@ -194,14 +218,18 @@ void RunCollectiveBenchmark(benchmark::State& state, Op op) {
       op == Op::kBroadcast ? 1.0 : static_cast<double>(world_size - 1) / world_size;
   state.counters["busbw_GBps"] = bytes * bus_factor / seconds_per_iter / 1e9;
 
+  const int64_t reps = CompareReps(seconds_per_iter);
   if (op == Op::kReduceScatter) {
-    const int64_t reps = std::clamp<int64_t>(
-        static_cast<int64_t>(std::ceil(kCompareSeconds / seconds_per_iter)), kMinCompareReps,
-        kMaxCompareReps);
-    absl::StatusOr<double> all_gather =
-        TimeUntimedCommand(*group, Command{Op::kAllGather, bytes, world_size, reps});
+    absl::StatusOr<double> all_gather = TimeUntimedCommand(
+        *group, Command{Op::kAllGather, bytes, world_size, reps, comm::CollectiveImpl::kDefault});
     if (!all_gather.ok()) return fail(all_gather.status());
     state.counters["vs_allgather"] = seconds_per_iter / *all_gather;
+  }
+  if (impl == comm::CollectiveImpl::kGloo) {
+    absl::StatusOr<double> ring = TimeUntimedCommand(
+        *group, Command{op, bytes, world_size, reps, comm::CollectiveImpl::kRing});
+    if (!ring.ok()) return fail(ring.status());
+    state.counters["vs_ring"] = seconds_per_iter / *ring;
   }
 }
 
@@ -220,8 +248,21 @@ void CommArgs(benchmark::internal::Benchmark* b) {
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
-BENCHMARK(BM_AllGather)->Apply(CommArgs);
-BENCHMARK(BM_ReduceScatter)->Apply(CommArgs);
+// Args({MiB, world, impl}): as CommArgs, each size under impl 1 (kRing) then 2 (kGloo).
+void CommImplArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"MiB", "world", "impl"});
+  for (int64_t world_size : {2, 4}) {
+    for (int64_t mib : {1, 4, 16, 64, 256}) {
+      for (comm::CollectiveImpl impl : {comm::CollectiveImpl::kRing, comm::CollectiveImpl::kGloo}) {
+        b->Args({mib, world_size, static_cast<int64_t>(impl)});
+      }
+    }
+  }
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+BENCHMARK(BM_AllGather)->Apply(CommImplArgs);
+BENCHMARK(BM_ReduceScatter)->Apply(CommImplArgs);
 BENCHMARK(BM_Broadcast)->Apply(CommArgs);
 
 int RunRank(int argc, char** argv) {

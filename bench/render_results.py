@@ -46,7 +46,7 @@ GOALS = {
 
 # The counters shown per benchmark (others are in the JSON). Unknown benchmarks show all.
 COLUMNS = {
-    "comm_benchmark": ["busbw_GBps", "vs_allgather"],
+    "comm_benchmark": ["busbw_GBps", "vs_allgather", "vs_ring"],
     "optim_state_benchmark": ["vs_collective", "vs_scatter", "ref_ms", "peak_rss_rank0",
                               "peak_rss_other", "base_rss_rank0"],
     "checkpoint_benchmark": ["vs_write", "vs_same_size_load", "ref_ms", "same_size_ms",

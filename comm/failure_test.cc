@@ -3,7 +3,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <string>
 #include <thread>
+#include <tuple>
 
 #include "comm/multiprocess_testutil.h"
 #include "comm/process_group.h"
@@ -23,10 +25,12 @@ using ::testing::Not;
 
 constexpr int kDeathCode = 17;
 
-class RankDeathTest : public ::testing::TestWithParam<int> {};
+// (world size, all-gather implementation).
+class RankDeathTest : public ::testing::TestWithParam<std::tuple<int, CollectiveImpl>> {};
 
 TEST_P(RankDeathTest, OthersGetAnErrorWhenARankDiesDuringAllGather) {
-  const int world_size = GetParam();
+  const int world_size = std::get<0>(GetParam());
+  const CollectiveImpl impl = std::get<1>(GetParam());
   LaunchOptions options;
   options.world_size = world_size;
   options.timeout = std::chrono::seconds(90);
@@ -35,7 +39,7 @@ TEST_P(RankDeathTest, OthersGetAnErrorWhenARankDiesDuringAllGather) {
   LaunchReport report;
   const absl::Status status = RunInRanksWithReport(
       options,
-      [](ProcessGroup& group) {
+      [impl](ProcessGroup& group) {
         const int64_t n = 8 << 20;  // 32 MiB per rank: the ring takes a while
         at::Tensor input = at::ones({n});
         at::Tensor output = at::empty({n * group.size()});
@@ -44,14 +48,14 @@ TEST_P(RankDeathTest, OthersGetAnErrorWhenARankDiesDuringAllGather) {
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
             _exit(kDeathCode);
           }).detach();
-          (void)group.AllGatherIntoTensor(output, input);
+          (void)group.AllGatherIntoTensor(output, input, {.impl = impl});
           std::this_thread::sleep_for(std::chrono::seconds(60));
           return;
         }
         // Each survivor learns of the death from a closed connection (UNAVAILABLE) or, when
         // its pending receive is from a peer that is still alive, from the timeout.
-        absl::Status s = group.AllGatherIntoTensor(output, input,
-                                                   {.timeout = std::chrono::seconds(10)});
+        absl::Status s = group.AllGatherIntoTensor(
+            output, input, {.timeout = std::chrono::seconds(10), .impl = impl});
         EXPECT_THAT(s, AnyOf(StatusIs(absl::StatusCode::kUnavailable,
                                       HasSubstr("all_gather_into_tensor on rank ")),
                              StatusIs(absl::StatusCode::kDeadlineExceeded,
@@ -73,10 +77,14 @@ TEST_P(RankDeathTest, OthersGetAnErrorWhenARankDiesDuringAllGather) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(WorldSizes, RankDeathTest, ::testing::Values(2, 3, 4),
-                         [](const ::testing::TestParamInfo<int>& info) {
-                           return "ws" + std::to_string(info.param);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    WorldSizes, RankDeathTest,
+    ::testing::Combine(::testing::Values(2, 3, 4),
+                       ::testing::Values(CollectiveImpl::kRing, CollectiveImpl::kGloo)),
+    [](const ::testing::TestParamInfo<std::tuple<int, CollectiveImpl>>& info) {
+      return "ws" + std::to_string(std::get<0>(info.param)) + "_" +
+             std::string(CollectiveImplName(std::get<1>(info.param)));
+    });
 
 TEST(CollectiveTimeout, PerCallTimeoutEndsAWaitForASilentPeer) {
   fsdp::testing::RunInRanks(2, [](ProcessGroup& group) {
@@ -111,6 +119,40 @@ TEST(CollectiveTimeout, GroupDefaultTimeoutAppliesWhenTheCallSetsNone) {
     }
   });
 }
+
+// Gloo's own collectives under a per-call timeout: the Work of _allgather_base honours
+// wait(timeout); that of _reduce_scatter_base ignores it, and the all-reduce inside it gets
+// the timeout through ReduceScatterOptions. Both must end as DEADLINE_EXCEEDED, not hang.
+// The parameter: reduce-scatter (true) or all-gather.
+class GlooTimeoutTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(GlooTimeoutTest, EndsAtThePerCallTimeoutOfASilentPeer) {
+  fsdp::testing::RunInRanks(2, [reduce_scatter = GetParam()](ProcessGroup& group) {
+    if (group.rank() == 0) {
+      const CollectiveOptions options{.timeout = std::chrono::milliseconds(300),
+                                      .impl = CollectiveImpl::kGloo};
+      at::Tensor shard = at::zeros({16});
+      at::Tensor full = at::zeros({32});
+      const auto start = std::chrono::steady_clock::now();
+      const absl::Status status =
+          reduce_scatter ? group.ReduceScatterTensor(shard, full, ReduceOp::kSum, options)
+                         : group.AllGatherIntoTensor(full, shard, options);
+      EXPECT_THAT(status,
+                  StatusIs(absl::StatusCode::kDeadlineExceeded,
+                           HasSubstr(reduce_scatter ? "reduce_scatter_tensor on rank 0"
+                                                    : "all_gather_into_tensor on rank 0")));
+      EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+    } else {
+      // Silent, but connected until rank 0 has timed out (see above).
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+    }
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Collectives, GlooTimeoutTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return std::string(info.param ? "ReduceScatter" : "AllGather");
+                         });
 
 }  // namespace
 }  // namespace fsdp::comm

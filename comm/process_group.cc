@@ -60,6 +60,44 @@ void Accumulate(at::Tensor& acc, const at::Tensor& other, ReduceOp op) {
   }
 }
 
+// CollectiveImpl::kDefault, for all-gather and reduce-scatter alike: Gloo's own collective for
+// full buffers (all-gather output, reduce-scatter input) up to this size, our ring above it.
+// Measured by comm_benchmark (bench/README.md): from 16 MiB Gloo's is 1.4-5.5x slower (its
+// all-gather goes through a temporary buffer, its reduce-scatter is an all-reduce, which moves
+// twice the bytes). At 1-4 MiB it depends on the load: with more rank threads than cores (4
+// ranks on 2) the ring's size - 1 awaited send/recv steps cost a scheduling delay each and
+// Gloo's single operation is 1.3-5x faster (2.5 ms against 12 ms at 1 MiB); with 2 ranks on a
+// less busy machine the ring is faster (0.2 ms against 0.8 ms). Gloo's wins are the larger in
+// absolute time, so small buffers go to Gloo. Every rank passes the same sizes, so all pick the
+// same implementation.
+constexpr int64_t kGlooDefaultMaxBytes = 4 << 20;
+
+// The dtypes Gloo's reductions take (GENERATE_ALL_TYPES in ProcessGroupGlooDetail.hpp, less
+// Bool, whose sum the ring defines as at::add does).
+bool GlooReduces(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+    case at::kDouble:
+    case at::kHalf:
+    case at::kBFloat16:
+    case at::kChar:
+    case at::kByte:
+    case at::kInt:
+    case at::kLong:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// `full`: the all-gather output or reduce-scatter input. `reduces`: reduce-scatter.
+CollectiveImpl Resolve(CollectiveImpl impl, const at::Tensor& full, bool reduces) {
+  if (impl != CollectiveImpl::kDefault) return impl;
+  if (reduces && !GlooReduces(full.scalar_type())) return CollectiveImpl::kRing;
+  return full.numel() * full.element_size() <= kGlooDefaultMaxBytes ? CollectiveImpl::kGloo
+                                                                     : CollectiveImpl::kRing;
+}
+
 constexpr int kInternalTagBase = 1 << 24;
 // Reduce-scatter pipelines each ring step in pieces of this size.
 constexpr int64_t kReduceScatterPieceBytes = 4 << 20;
@@ -170,6 +208,18 @@ absl::Status ProcessGroup::SendRecv(const at::Tensor& send, int dst, at::Tensor&
   return absl::OkStatus();
 }
 
+absl::string_view CollectiveImplName(CollectiveImpl impl) {
+  switch (impl) {
+    case CollectiveImpl::kDefault:
+      return "default";
+    case CollectiveImpl::kRing:
+      return "ring";
+    case CollectiveImpl::kGloo:
+      return "gloo";
+  }
+  return "unknown";
+}
+
 absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
                                                const CollectiveOptions& options) {
   constexpr absl::string_view kOp = "all_gather_into_tensor";
@@ -184,24 +234,47 @@ absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Ten
   }
   at::Tensor out = output.view({-1});
   at::Tensor in = input.reshape({-1});
+  if (size_ == 1 || n == 0) {
+    out.copy_(in);
+    return absl::OkStatus();
+  }
+  const CollectiveImpl impl = Resolve(options.impl, out, /*reduces=*/false);
+  return CallTorch(Where(kOp), [&]() -> absl::Status {
+    return impl == CollectiveImpl::kGloo ? AllGatherGloo(out, in, Timeout(options))
+                                         : AllGatherRing(out, in, n, Timeout(options));
+  });
+}
+
+absl::Status ProcessGroup::AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n,
+                                         std::chrono::milliseconds timeout) {
   out.narrow(0, rank_ * n, n).copy_(in);
-  if (size_ == 1 || n == 0) return absl::OkStatus();
   const int tag = NextTag();
   // One deadline for the whole ring, not one timeout per step.
-  const auto deadline = std::chrono::steady_clock::now() + Timeout(options);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   const int next = (rank_ + 1) % size_;
   const int prev = (rank_ - 1 + size_) % size_;
   // Ring: at step s, pass on the chunk received at step s - 1 (own chunk first).
-  return CallTorch(Where(kOp), [&]() -> absl::Status {
-    for (int s = 0; s < size_ - 1; ++s) {
-      const int send_chunk = (rank_ - s + size_) % size_;
-      const int recv_chunk = (rank_ - s - 1 + size_) % size_;
-      at::Tensor recv = out.narrow(0, recv_chunk * n, n);
-      FSDP_RETURN_IF_ERROR(
-          SendRecv(out.narrow(0, send_chunk * n, n), next, recv, prev, tag, deadline));
-    }
-    return absl::OkStatus();
-  });
+  for (int s = 0; s < size_ - 1; ++s) {
+    const int send_chunk = (rank_ - s + size_) % size_;
+    const int recv_chunk = (rank_ - s - 1 + size_) % size_;
+    at::Tensor recv = out.narrow(0, recv_chunk * n, n);
+    FSDP_RETURN_IF_ERROR(
+        SendRecv(out.narrow(0, send_chunk * n, n), next, recv, prev, tag, deadline));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::AllGatherGloo(at::Tensor& out, const at::Tensor& in,
+                                         std::chrono::milliseconds timeout) {
+  // As bytes: Gloo's collectives take only some dtypes, and gathering only copies. Gloo reads
+  // the input before it writes the output, so an input that is a view of its own chunk of the
+  // output (FSDP's unsharded flat parameter) is fine.
+  at::Tensor out_bytes = out.view(at::kByte);
+  at::Tensor in_bytes = in.view(at::kByte);
+  c10d::AllgatherOptions opts;
+  opts.timeout = timeout;  // bounds gloo::allgather itself; wait() bounds the wait for it
+  pg_->_allgather_base(out_bytes, in_bytes, opts)->wait(timeout);
+  return absl::OkStatus();
 }
 
 absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Tensor& input,
@@ -225,7 +298,18 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
     out.copy_(in.narrow(0, 0, n));
     return absl::OkStatus();
   }
-  const auto timeout = Timeout(options);
+  const CollectiveImpl impl = Resolve(options.impl, in, /*reduces=*/true);
+  FSDP_RETURN_IF_ERROR(CallTorch(Where(kOp), [&]() -> absl::Status {
+    return impl == CollectiveImpl::kGloo ? ReduceScatterGloo(out, in, op, Timeout(options))
+                                         : ReduceScatterRing(out, in, n, op, Timeout(options));
+  }));
+  // Both sum for kAvg; the division is ours either way, so the two agree bit for bit.
+  if (op == ReduceOp::kAvg) out.div_(size_);
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::ReduceScatterRing(at::Tensor& out, const at::Tensor& in, int64_t n,
+                                             ReduceOp op, std::chrono::milliseconds timeout) {
   const int next = (rank_ + 1) % size_;
   const int prev = (rank_ - 1 + size_) % size_;
   // Ring: at step s rank r sends its partial sum of chunk (r - s - 1) to r + 1 and adds its
@@ -236,43 +320,51 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
   const int64_t piece = std::max<int64_t>(1, kReduceScatterPieceBytes / in.element_size());
   const int pieces = static_cast<int>((n + piece - 1) / piece);
   const int base_tag = NextTags(pieces);
-  absl::Status status = CallTorch(Where(kOp), [&]() -> absl::Status {
-    at::Tensor partial = Scratch(0, n, in.options());
-    at::Tensor spare = Scratch(1, n, in.options());
-    at::Tensor send_buf = in.narrow(0, ((rank_ - 1 + size_) % size_) * n, n);
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    for (int s = 0; s < size_ - 1; ++s) {
-      const int recv_chunk = (rank_ - s - 2 + 2 * size_) % size_;
-      at::Tensor recv = s == size_ - 2 ? out : partial;
-      std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
-      std::vector<std::vector<at::Tensor>> keep;
-      for (int j = 0; j < pieces; ++j) {
-        const int64_t begin = j * piece;
-        const int64_t len = std::min(piece, n - begin);
-        keep.push_back({recv.narrow(0, begin, len)});
-        recvs.push_back(pg_->recv(keep.back(), prev, base_tag + j));
-        keep.push_back({send_buf.narrow(0, begin, len)});
-        sends.push_back(pg_->send(keep.back(), next, base_tag + j));
-      }
-      at::Tensor own = in.narrow(0, recv_chunk * n, n);
-      for (int j = 0; j < pieces; ++j) {
-        const int64_t begin = j * piece;
-        const int64_t len = std::min(piece, n - begin);
-        recvs[j]->wait(RemainingOrZero(deadline));
-        at::Tensor got = recv.narrow(0, begin, len);
-        Accumulate(got, own.narrow(0, begin, len), op);
-      }
-      for (auto& work : sends) work->wait(RemainingOrZero(deadline));
-      if (s < size_ - 2) {
-        // The sum just formed is the next step's send buffer; receive into the other one.
-        send_buf = partial;
-        std::swap(partial, spare);
-      }
+  at::Tensor partial = Scratch(0, n, in.options());
+  at::Tensor spare = Scratch(1, n, in.options());
+  at::Tensor send_buf = in.narrow(0, ((rank_ - 1 + size_) % size_) * n, n);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (int s = 0; s < size_ - 1; ++s) {
+    const int recv_chunk = (rank_ - s - 2 + 2 * size_) % size_;
+    at::Tensor recv = s == size_ - 2 ? out : partial;
+    std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
+    std::vector<std::vector<at::Tensor>> keep;
+    for (int j = 0; j < pieces; ++j) {
+      const int64_t begin = j * piece;
+      const int64_t len = std::min(piece, n - begin);
+      keep.push_back({recv.narrow(0, begin, len)});
+      recvs.push_back(pg_->recv(keep.back(), prev, base_tag + j));
+      keep.push_back({send_buf.narrow(0, begin, len)});
+      sends.push_back(pg_->send(keep.back(), next, base_tag + j));
     }
-    return absl::OkStatus();
-  });
-  FSDP_RETURN_IF_ERROR(status);
-  if (op == ReduceOp::kAvg) out.div_(size_);
+    at::Tensor own = in.narrow(0, recv_chunk * n, n);
+    for (int j = 0; j < pieces; ++j) {
+      const int64_t begin = j * piece;
+      const int64_t len = std::min(piece, n - begin);
+      recvs[j]->wait(RemainingOrZero(deadline));
+      at::Tensor got = recv.narrow(0, begin, len);
+      Accumulate(got, own.narrow(0, begin, len), op);
+    }
+    for (auto& work : sends) work->wait(RemainingOrZero(deadline));
+    if (s < size_ - 2) {
+      // The sum just formed is the next step's send buffer; receive into the other one.
+      send_buf = partial;
+      std::swap(partial, spare);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProcessGroup::ReduceScatterGloo(at::Tensor& out, const at::Tensor& in, ReduceOp op,
+                                             std::chrono::milliseconds timeout) {
+  // ProcessGroupGloo all-reduces a copy of `in` (so `in` is left as it was) and copies this
+  // rank's chunk of it to `out`. The Work it returns ignores wait()'s timeout; the all-reduce
+  // inside it has opts.timeout.
+  at::Tensor input = in;
+  c10d::ReduceScatterOptions opts;
+  opts.reduceOp = ToC10d(op);
+  opts.timeout = timeout;
+  pg_->_reduce_scatter_base(out, input, opts)->wait(timeout);
   return absl::OkStatus();
 }
 

@@ -9,9 +9,18 @@
 //     receives every rank's input in rank order.
 //   * ReduceScatterTensor: `input` (numel n * size) is reduced element-wise across ranks and
 //     rank r keeps chunk r in `output` (numel n).
-// The Gloo build in libtorch 1.13 has neither `_allgather_base` nor `reduce_scatter`; both are
-// implemented here as rings over point-to-point send/recv, so each rank sends and receives
-// (size - 1) / size of the buffer, which is bandwidth-optimal.
+// Each of the two has two implementations (CollectiveImpl, chosen per call):
+//   * kRing: ours, a ring over Gloo's point-to-point send/recv (LibTorch 1.13's Gloo had
+//     neither collective). Each rank sends and receives (size - 1) / size of the buffer, which
+//     is bandwidth-optimal; reduce-scatter pipelines each ring step in 4 MiB pieces.
+//   * kGloo: c10d::ProcessGroupGloo's own `_allgather_base` / `_reduce_scatter_base`
+//     (LibTorch 2.x). Its all-gather is gloo::allgather (a ring) into a temporary buffer that
+//     is then copied to `output`; its reduce-scatter is an all-reduce of a copy of the whole
+//     input (2x the bytes of a ring reduce-scatter) of which each rank keeps its chunk.
+//   * kDefault: the faster of the two as measured by comm_benchmark (bench/README.md): Gloo's
+//     for full buffers (all-gather output, reduce-scatter input) of up to 4 MiB, where one
+//     Gloo operation mostly beats the ring's size - 1 awaited send/recv steps, the ring above
+//     (and for dtypes Gloo cannot reduce).
 //
 // Errors (every method returns a status; nothing throws):
 //   * INVALID_ARGUMENT: mismatched sizes or dtypes, non-contiguous or non-CPU tensors, a root
@@ -53,9 +62,21 @@ namespace fsdp::comm {
 inline constexpr std::chrono::milliseconds kUseGroupTimeout{0};
 inline constexpr std::chrono::milliseconds kDefaultGroupTimeout{std::chrono::minutes(5)};
 
+// Which implementation runs AllGatherIntoTensor / ReduceScatterTensor (see the top).
+enum class CollectiveImpl {
+  kDefault,  // the measured faster one: kGloo up to 4 MiB of full buffer, kRing above
+  kRing,     // ours: a ring over Gloo send/recv
+  kGloo,     // c10d::ProcessGroupGloo's _allgather_base / _reduce_scatter_base
+};
+
+// "default", "ring", "gloo" (test names, benchmark labels).
+absl::string_view CollectiveImplName(CollectiveImpl impl);
+
 // Per-call options of every collective, as c10d's Types.hpp option structs.
 struct CollectiveOptions {
   std::chrono::milliseconds timeout = kUseGroupTimeout;
+  // AllGatherIntoTensor and ReduceScatterTensor only; the other calls ignore it.
+  CollectiveImpl impl = CollectiveImpl::kDefault;
 };
 
 enum class ReduceOp { kSum, kAvg, kMax, kMin };
@@ -139,6 +160,16 @@ class ProcessGroup {
   std::chrono::milliseconds Timeout(const CollectiveOptions& options) const;
   std::string Where(absl::string_view op) const;
   absl::Status CheckTensor(absl::string_view op, const at::Tensor& t) const;
+  // The implementations behind AllGatherIntoTensor / ReduceScatterTensor, called with
+  // checked, flat tensors, size() > 1 and n > 0.
+  absl::Status AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n,
+                             std::chrono::milliseconds timeout);
+  absl::Status AllGatherGloo(at::Tensor& out, const at::Tensor& in,
+                             std::chrono::milliseconds timeout);
+  absl::Status ReduceScatterRing(at::Tensor& out, const at::Tensor& in, int64_t n, ReduceOp op,
+                                 std::chrono::milliseconds timeout);
+  absl::Status ReduceScatterGloo(at::Tensor& out, const at::Tensor& in, ReduceOp op,
+                                 std::chrono::milliseconds timeout);
   // One send and one receive posted together, then both awaited (the ring step).
   absl::Status SendRecv(const at::Tensor& send, int dst, at::Tensor& recv, int src, int tag,
                         std::chrono::steady_clock::time_point deadline);

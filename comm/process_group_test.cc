@@ -1,7 +1,12 @@
-// Collectives of ProcessGroup on real Gloo groups of 1 to 4 rank processes.
+// Collectives of ProcessGroup on real Gloo groups of 1 to 4 rank processes. All-gather and
+// reduce-scatter run under both implementations (CollectiveImpl kRing and kGloo).
 #include "comm/process_group.h"
 
 #include <ATen/ATen.h>
+
+#include <limits>
+#include <string>
+#include <tuple>
 
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
@@ -17,18 +22,26 @@ using ::testing::HasSubstr;
 
 class CollectivesTest : public ::testing::TestWithParam<int> {};
 
+// (world size, implementation) for the collectives that have two.
+class ImplCollectivesTest
+    : public ::testing::TestWithParam<std::tuple<int, CollectiveImpl>> {
+ protected:
+  int world_size() const { return std::get<0>(GetParam()); }
+  CollectiveOptions options() const { return {.impl = std::get<1>(GetParam())}; }
+};
+
 // Rank r's contribution: values that identify both the rank and the position.
 at::Tensor RankValues(int rank, int64_t n, at::ScalarType dtype) {
   return (at::arange(n, at::kDouble) + 1000.0 * rank).to(dtype);
 }
 
-TEST_P(CollectivesTest, AllGatherIntoTensorConcatenatesInRankOrder) {
-  RunInRanks(GetParam(), [](ProcessGroup& group) {
-    for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kLong, at::kBFloat16}) {
+TEST_P(ImplCollectivesTest, AllGatherIntoTensorConcatenatesInRankOrder) {
+  RunInRanks(world_size(), [options = options()](ProcessGroup& group) {
+    for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kLong, at::kBFloat16, at::kShort}) {
       for (int64_t n : {0, 1, 7, 4099}) {
         at::Tensor input = RankValues(group.rank(), n, dtype);
         at::Tensor output = at::full({n * group.size()}, -1, input.options());
-        FSDP_ASSERT_OK(group.AllGatherIntoTensor(output, input));
+        FSDP_ASSERT_OK(group.AllGatherIntoTensor(output, input, options));
         std::vector<at::Tensor> expected;
         for (int r = 0; r < group.size(); ++r) expected.push_back(RankValues(r, n, dtype));
         EXPECT_TRUE(at::equal(output, at::cat(expected)))
@@ -38,22 +51,22 @@ TEST_P(CollectivesTest, AllGatherIntoTensorConcatenatesInRankOrder) {
   });
 }
 
-TEST_P(CollectivesTest, AllGatherIntoTensorWorksInPlaceOnItsOwnChunk) {
+TEST_P(ImplCollectivesTest, AllGatherIntoTensorWorksInPlaceOnItsOwnChunk) {
   // FSDP's unsharded flat parameter holds the local shard as a view of its own chunk.
-  RunInRanks(GetParam(), [](ProcessGroup& group) {
+  RunInRanks(world_size(), [options = options()](ProcessGroup& group) {
     const int64_t n = 33;
     at::Tensor flat = at::zeros({n * group.size()});
     at::Tensor shard = flat.narrow(0, group.rank() * n, n);
     shard.copy_(RankValues(group.rank(), n, at::kFloat));
-    FSDP_ASSERT_OK(group.AllGatherIntoTensor(flat, shard));
+    FSDP_ASSERT_OK(group.AllGatherIntoTensor(flat, shard, options));
     for (int r = 0; r < group.size(); ++r) {
       EXPECT_TRUE(at::equal(flat.narrow(0, r * n, n), RankValues(r, n, at::kFloat)));
     }
   });
 }
 
-TEST_P(CollectivesTest, ReduceScatterTensorReducesEachChunk) {
-  RunInRanks(GetParam(), [](ProcessGroup& group) {
+TEST_P(ImplCollectivesTest, ReduceScatterTensorReducesEachChunk) {
+  RunInRanks(world_size(), [options = options()](ProcessGroup& group) {
     const int ws = group.size();
     for (int64_t n : {1, 5, 10007}) {
       // Rank r contributes (r + 1) * [0, n * ws) + r: increasing in r at every position.
@@ -72,7 +85,7 @@ TEST_P(CollectivesTest, ReduceScatterTensorReducesEachChunk) {
       };
       for (const Case& c : cases) {
         at::Tensor output = at::full({n}, -7.0, at::kDouble);
-        FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, c.op));
+        FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, c.op, options));
         EXPECT_TRUE(at::allclose(output, c.expected))
             << "op " << static_cast<int>(c.op) << " n " << n << "\n"
             << output.narrow(0, 0, std::min<int64_t>(n, 5)) << "\nexpected\n"
@@ -82,9 +95,9 @@ TEST_P(CollectivesTest, ReduceScatterTensorReducesEachChunk) {
   });
 }
 
-TEST_P(CollectivesTest, ReduceScatterOfChunksSplitIntoSeveralPipelinedPieces) {
+TEST_P(ImplCollectivesTest, ReduceScatterOfChunksSplitIntoSeveralPipelinedPieces) {
   // Chunks over 4 MiB travel in several pieces per ring step; the last piece is short.
-  RunInRanks(GetParam(), [](ProcessGroup& group) {
+  RunInRanks(world_size(), [options = options()](ProcessGroup& group) {
     const int64_t n = (2 << 20) + 3;  // floats: 8 MiB + 12 bytes per chunk
     at::Tensor input = at::arange(n * group.size(), at::kFloat).fmod(1000) + group.rank();
     at::Tensor expected = (at::arange(n * group.size(), at::kFloat).fmod(1000) * group.size() +
@@ -92,18 +105,18 @@ TEST_P(CollectivesTest, ReduceScatterOfChunksSplitIntoSeveralPipelinedPieces) {
                               .narrow(0, group.rank() * n, n);
     for (int repeat = 0; repeat < 2; ++repeat) {  // the second call reuses the scratch buffers
       at::Tensor output = at::empty({n});
-      FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kSum));
+      FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kSum, options));
       EXPECT_TRUE(at::equal(output, expected)) << "repeat " << repeat;
     }
   });
 }
 
-TEST_P(CollectivesTest, ReduceScatterLeavesInputUnchanged) {
-  RunInRanks(GetParam(), [](ProcessGroup& group) {
+TEST_P(ImplCollectivesTest, ReduceScatterLeavesInputUnchanged) {
+  RunInRanks(world_size(), [options = options()](ProcessGroup& group) {
     at::Tensor input = at::randn({group.size() * 64});
     at::Tensor before = input.clone();
     at::Tensor output = at::empty({64});
-    FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kAvg));
+    FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kAvg, options));
     EXPECT_TRUE(at::equal(input, before));
   });
 }
@@ -179,6 +192,73 @@ TEST_P(CollectivesTest, MismatchedSizesAreRefusedBeforeAnythingIsSent) {
     FSDP_EXPECT_OK(group.Barrier());
   });
 }
+
+// kSum of float32 from both implementations on random values (seeded per rank), compared on
+// every rank. With 2 ranks each element is one addition, a + b == b + a, so they agree bit
+// for bit. From 3 ranks Gloo's all-reduce adds the ranks' values in another order than our
+// ring ((x[c+1] + x[c+2]) + ... + x[c] for chunk c), so about a quarter of the elements
+// differ by a rounding: measured 1-2 units in the last place of the largest sum (|diff| up
+// to 1.2e-4 on sums up to ~1000). The test holds them to the bound of two recursive sums,
+// |diff| <= 2 (size - 1) eps sum_r |x_r|.
+TEST_P(CollectivesTest, ReduceScatterSumOfGlooMatchesTheRing) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    const int ws = group.size();
+    for (int64_t n : {1, 1000, (1 << 20) + 3}) {
+      at::manual_seed(1234 + group.rank());
+      at::Tensor input = at::randn({n * ws}) * 100;
+      at::Tensor ring = at::empty({n});
+      at::Tensor other = at::empty({n});
+      FSDP_ASSERT_OK(group.ReduceScatterTensor(ring, input, ReduceOp::kSum,
+                                               {.impl = CollectiveImpl::kRing}));
+      FSDP_ASSERT_OK(group.ReduceScatterTensor(other, input, ReduceOp::kSum,
+                                               {.impl = CollectiveImpl::kGloo}));
+      if (ws <= 2) {
+        EXPECT_TRUE(at::equal(ring, other)) << "n " << n;
+        continue;
+      }
+      at::Tensor abs_sum = at::empty({n}, at::kDouble);
+      FSDP_ASSERT_OK(group.ReduceScatterTensor(abs_sum, input.abs().to(at::kDouble)));
+      at::Tensor diff = (ring.to(at::kDouble) - other.to(at::kDouble)).abs();
+      const double eps = std::numeric_limits<float>::epsilon() / 2;
+      EXPECT_TRUE(at::le(diff, abs_sum * (2.0 * (ws - 1) * eps)).all().item<bool>())
+          << "n " << n << ": max |diff| " << diff.max().item<double>();
+    }
+  });
+}
+
+// Gloo's reductions take fewer dtypes than the ring (not int16, for one): kDefault picks the
+// ring for those, also at sizes where it would otherwise pick Gloo's.
+TEST_P(CollectivesTest, DefaultReduceScatterTakesDtypesGlooDoesNot) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    const int ws = group.size();
+    at::Tensor input = at::arange(3 * ws, at::kShort) + static_cast<int16_t>(group.rank());
+    at::Tensor output = at::empty({3}, at::kShort);
+    FSDP_ASSERT_OK(group.ReduceScatterTensor(output, input, ReduceOp::kMax));
+    EXPECT_TRUE(at::equal(output, at::arange(3, at::kShort) + 3 * group.rank() + (ws - 1)));
+  });
+}
+
+// All-gather only copies: both implementations give the same bytes.
+TEST_P(CollectivesTest, AllGatherOfGlooMatchesTheRingBitForBit) {
+  RunInRanks(GetParam(), [](ProcessGroup& group) {
+    at::manual_seed(99 + group.rank());
+    at::Tensor input = at::randn({(1 << 18) + 5});
+    at::Tensor ring = at::empty({input.numel() * group.size()});
+    at::Tensor other = at::empty({input.numel() * group.size()});
+    FSDP_ASSERT_OK(group.AllGatherIntoTensor(ring, input, {.impl = CollectiveImpl::kRing}));
+    FSDP_ASSERT_OK(group.AllGatherIntoTensor(other, input, {.impl = CollectiveImpl::kGloo}));
+    EXPECT_TRUE(at::equal(ring, other));
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    WorldSizes, ImplCollectivesTest,
+    ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                       ::testing::Values(CollectiveImpl::kRing, CollectiveImpl::kGloo)),
+    [](const ::testing::TestParamInfo<std::tuple<int, CollectiveImpl>>& info) {
+      return "ws" + std::to_string(std::get<0>(info.param)) + "_" +
+             std::string(CollectiveImplName(std::get<1>(info.param)));
+    });
 
 INSTANTIATE_TEST_SUITE_P(WorldSizes, CollectivesTest, ::testing::Values(1, 2, 3, 4),
                          [](const ::testing::TestParamInfo<int>& info) {
