@@ -377,6 +377,9 @@ INSTANTIATE_TEST_SUITE_P(
                     "the pickle's shared objects expand to too many values"},
         RefusedCase{"big_endian.pt", absl::StatusCode::kInvalidArgument,
                     "byte order 'big' is not supported"},
+        RefusedCase{"rebuild_from_type_other_func.pt", absl::StatusCode::kInvalidArgument,
+                    "_rebuild_from_type_v2 of collections.OrderedDict as torch.Tensor: only "
+                    "torch._utils._rebuild_tensor_v2"},
         RefusedCase{"unsupported_opcode.pt", absl::StatusCode::kInvalidArgument,
                     "op/data.pkl at byte 3: unsupported pickle opcode 0x69 ('i')"}),
     [](const auto& info) {

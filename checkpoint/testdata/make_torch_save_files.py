@@ -198,6 +198,13 @@ for protocol in (2, 4):
         ("evil/version", b"3\n")])
 
 
+# _rebuild_from_type_v2 may only rebuild a plain tensor or a Parameter with _rebuild_tensor_v2.
+write_zip("rebuild_from_type_other_func.pt", [
+    ("rft/data.pkl", b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n"
+                     b"(ccollections\nOrderedDict\nctorch\nTensor\n)}tR."),
+    ("rft/version", b"3\n")])
+
+
 class StorageRef:
     def __init__(self, key, numel):
         self.key, self.numel = key, numel

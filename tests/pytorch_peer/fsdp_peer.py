@@ -138,18 +138,12 @@ def parse_args(argv):
 
 
 def make_optimizer(name, lr, params):
-    # Exactly examples/testdata/pytorch_train.py's make_optimizer.
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    raise SystemExit(f"unknown optimizer {name!r}")
+    # The one-process oracle's optimizers, hyper-parameters included.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                    "examples", "testdata"))
+    import pytorch_train  # noqa: E402
+
+    return pytorch_train.make_optimizer(name, lr, params)
 
 
 def build_model(rm, name):
