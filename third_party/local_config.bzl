@@ -100,7 +100,13 @@ _ABSL_MODULES = [
 ]
 
 def _absl_impl(ctx):
-    result = ctx.execute(["pkg-config", "--libs"] + _ABSL_MODULES)
+    # Releases split and merge libraries: ask only for the modules this one has (each pulls in
+    # what it needs).
+    modules = [m for m in _ABSL_MODULES if ctx.execute(["pkg-config", "--exists", m]).return_code == 0]
+    if not modules:
+        fail("pkg-config finds none of abseil's modules (%s): run `bash tools/setup.sh` " % ", ".join(_ABSL_MODULES) +
+             "(libabsl-dev, pkg-config)")
+    result = ctx.execute(["pkg-config", "--libs"] + modules)
     if result.return_code != 0:
         fail("pkg-config cannot find abseil (%s): run `bash tools/setup.sh` (libabsl-dev, pkg-config)" %
              result.stderr.strip())
