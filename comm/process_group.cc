@@ -60,42 +60,15 @@ void Accumulate(at::Tensor& acc, const at::Tensor& other, ReduceOp op) {
   }
 }
 
-// CollectiveImpl::kDefault, for all-gather and reduce-scatter alike: Gloo's own collective for
-// full buffers (all-gather output, reduce-scatter input) up to this size, our ring above it.
-// Measured by comm_benchmark (bench/README.md): from 16 MiB Gloo's is 1.4-5.5x slower (its
-// all-gather goes through a temporary buffer, its reduce-scatter is an all-reduce, which moves
-// twice the bytes). At 1-4 MiB it depends on the load: with more rank threads than cores (4
-// ranks on 2) the ring's size - 1 awaited send/recv steps cost a scheduling delay each and
-// Gloo's single operation is 1.3-5x faster (2.5 ms against 12 ms at 1 MiB); with 2 ranks on a
-// less busy machine the ring is faster (0.2 ms against 0.8 ms). Gloo's wins are the larger in
-// absolute time, so small buffers go to Gloo. Every rank passes the same sizes, so all pick the
-// same implementation.
-constexpr int64_t kGlooDefaultMaxBytes = 4 << 20;
-
-// The dtypes Gloo's reductions take (GENERATE_ALL_TYPES in ProcessGroupGlooDetail.hpp, less
-// Bool, whose sum the ring defines as at::add does).
-bool GlooReduces(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-    case at::kDouble:
-    case at::kHalf:
-    case at::kBFloat16:
-    case at::kChar:
-    case at::kByte:
-    case at::kInt:
-    case at::kLong:
-      return true;
-    default:
-      return false;
-  }
-}
-
-// `full`: the all-gather output or reduce-scatter input. `reduces`: reduce-scatter.
-CollectiveImpl Resolve(CollectiveImpl impl, const at::Tensor& full, bool reduces) {
-  if (impl != CollectiveImpl::kDefault) return impl;
-  if (reduces && !GlooReduces(full.scalar_type())) return CollectiveImpl::kRing;
-  return full.numel() * full.element_size() <= kGlooDefaultMaxBytes ? CollectiveImpl::kGloo
-                                                                     : CollectiveImpl::kRing;
+// CollectiveImpl::kDefault is our ring, for all-gather and reduce-scatter alike. Measured by
+// comm_benchmark (bench/README.md): from 16 MiB (FSDP's unit sizes) Gloo's own collectives are
+// 1.4-5.5x slower (its all-gather goes through a temporary buffer, its reduce-scatter is an
+// all-reduce, which moves twice the bytes); at 1-4 MiB either may win, depending on the load.
+// And when a peer dies mid-all-gather, PyTorch 2.13's ProcessGroupGloo frees that temporary
+// while Gloo's transport thread is still sending from it (AddressSanitizer: heap-use-after-free
+// in gloo::transport::tcp::Pair::write, comm:failure_test at 4 ranks).
+CollectiveImpl Resolve(CollectiveImpl impl) {
+  return impl == CollectiveImpl::kDefault ? CollectiveImpl::kRing : impl;
 }
 
 constexpr int kInternalTagBase = 1 << 24;
@@ -238,7 +211,7 @@ absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Ten
     out.copy_(in);
     return absl::OkStatus();
   }
-  const CollectiveImpl impl = Resolve(options.impl, out, /*reduces=*/false);
+  const CollectiveImpl impl = Resolve(options.impl);
   return CallTorch(Where(kOp), [&]() -> absl::Status {
     return impl == CollectiveImpl::kGloo ? AllGatherGloo(out, in, Timeout(options))
                                          : AllGatherRing(out, in, n, Timeout(options));
@@ -298,7 +271,7 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
     out.copy_(in.narrow(0, 0, n));
     return absl::OkStatus();
   }
-  const CollectiveImpl impl = Resolve(options.impl, in, /*reduces=*/true);
+  const CollectiveImpl impl = Resolve(options.impl);
   FSDP_RETURN_IF_ERROR(CallTorch(Where(kOp), [&]() -> absl::Status {
     return impl == CollectiveImpl::kGloo ? ReduceScatterGloo(out, in, op, Timeout(options))
                                          : ReduceScatterRing(out, in, n, op, Timeout(options));

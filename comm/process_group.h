@@ -17,10 +17,10 @@
 //     (LibTorch 2.x). Its all-gather is gloo::allgather (a ring) into a temporary buffer that
 //     is then copied to `output`; its reduce-scatter is an all-reduce of a copy of the whole
 //     input (2x the bytes of a ring reduce-scatter) of which each rank keeps its chunk.
-//   * kDefault: the faster of the two as measured by comm_benchmark (bench/README.md): Gloo's
-//     for full buffers (all-gather output, reduce-scatter input) of up to 4 MiB, where one
-//     Gloo operation mostly beats the ring's size - 1 awaited send/recv steps, the ring above
-//     (and for dtypes Gloo cannot reduce).
+//   * kDefault: kRing. It is the faster from 16 MiB (FSDP's unit sizes; comm_benchmark,
+//     bench/README.md), and Gloo's all-gather is unsafe when a peer dies: PyTorch 2.13 frees
+//     its temporary while Gloo's transport thread still sends from it (a heap-use-after-free
+//     under AddressSanitizer). kGloo is there to be measured against.
 //
 // Errors (every method returns a status; nothing throws):
 //   * INVALID_ARGUMENT: mismatched sizes or dtypes, non-contiguous or non-CPU tensors, a root
@@ -64,7 +64,7 @@ inline constexpr std::chrono::milliseconds kDefaultGroupTimeout{std::chrono::min
 
 // Which implementation runs AllGatherIntoTensor / ReduceScatterTensor (see the top).
 enum class CollectiveImpl {
-  kDefault,  // the measured faster one: kGloo up to 4 MiB of full buffer, kRing above
+  kDefault,  // kRing (see the top)
   kRing,     // ours: a ring over Gloo send/recv
   kGloo,     // c10d::ProcessGroupGloo's _allgather_base / _reduce_scatter_base
 };

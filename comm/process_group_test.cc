@@ -226,8 +226,8 @@ TEST_P(CollectivesTest, ReduceScatterSumOfGlooMatchesTheRing) {
   });
 }
 
-// Gloo's reductions take fewer dtypes than the ring (not int16, for one): kDefault picks the
-// ring for those, also at sizes where it would otherwise pick Gloo's.
+// The default (the ring) reduces any dtype at::add and friends take; Gloo's reductions take
+// fewer (not int16, for one).
 TEST_P(CollectivesTest, DefaultReduceScatterTakesDtypesGlooDoesNot) {
   RunInRanks(GetParam(), [](ProcessGroup& group) {
     const int ws = group.size();
