@@ -3,6 +3,8 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
+#include <signal.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -96,9 +98,25 @@ ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Store> store,
 
 ProcessGroup::~ProcessGroup() = default;
 
+namespace {
+
+// Gloo writes to its sockets with writev, which raises SIGPIPE once a peer has gone; by default
+// that kills this rank instead of failing its collective (seen in comm:failure_test: a
+// surviving rank "killed by signal 13"). Python ignores SIGPIPE from start-up, so PyTorch
+// never meets this; a C++ program does. Ignored unless the program set its own handler.
+void IgnoreSigpipeUnlessHandled() {
+  struct sigaction current {};
+  if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+    signal(SIGPIPE, SIG_IGN);
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::Create(
     c10::intrusive_ptr<c10d::Store> store, int rank, int size,
     const ProcessGroupOptions& options) {
+  IgnoreSigpipeUnlessHandled();
   if (size <= 0 || rank < 0 || rank >= size) {
     return absl::InvalidArgumentError(absl::StrCat("process group '", options.name,
                                                    "': rank ", rank,

@@ -34,6 +34,8 @@
 // undefined state, as after a c10d timeout): the job should end. A peer that dies is seen as
 // UNAVAILABLE when its connection closes under a pending operation, otherwise when the
 // operation's timeout passes; the launcher stops the remaining ranks as soon as one fails.
+// So that a dead peer is a status and not a SIGPIPE, Create() sets SIGPIPE to be ignored
+// unless the program has installed a handler of its own (Python, hence PyTorch, does the same).
 #ifndef FSDP_CPP_COMM_PROCESS_GROUP_H_
 #define FSDP_CPP_COMM_PROCESS_GROUP_H_
 
