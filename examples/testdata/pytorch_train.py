@@ -68,8 +68,8 @@ def main():
             save_full_checkpoint(model, optim, sys.argv[8], int(sys.argv[9]), save_after)
 
 
-def save_full_checkpoint(model, optim, directory, protocol, steps_done):
-    os.makedirs(directory, exist_ok=True)
+def full_state(model, optim):
+    """(model state dict, optimizer state dict keyed by parameter names): FSDP's full layout."""
     names = {}
     for name, param in model.named_parameters():  # each tensor once, under its first name
         names.setdefault(id(param), name)
@@ -81,12 +81,14 @@ def save_full_checkpoint(model, optim, directory, protocol, steps_done):
         group = dict(group)
         group["params"] = [names[ids[i]] for i in group["params"]]
         groups.append(group)
-    torch.save(model.state_dict(), os.path.join(directory, "model.pt"), pickle_protocol=protocol)
-    torch.save(
-        {"state": state, "param_groups": groups},
-        os.path.join(directory, "optim.pt"),
-        pickle_protocol=protocol,
-    )
+    return model.state_dict(), {"state": state, "param_groups": groups}
+
+
+def save_full_checkpoint(model, optim, directory, protocol, steps_done):
+    os.makedirs(directory, exist_ok=True)
+    model_state, optim_state = full_state(model, optim)
+    torch.save(model_state, os.path.join(directory, "model.pt"), pickle_protocol=protocol)
+    torch.save(optim_state, os.path.join(directory, "optim.pt"), pickle_protocol=protocol)
     with open(os.path.join(directory, "progress.txt"), "w") as f:
         f.write(f"steps_done={steps_done}\n")
 

@@ -137,13 +137,18 @@ def parse_args(argv):
     return args
 
 
-def make_optimizer(name, lr, params):
-    # The one-process oracle's optimizers, hyper-parameters included.
+def oracle():
+    """examples/testdata/pytorch_train.py, the one-process oracle, as a module."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                     "examples", "testdata"))
     import pytorch_train  # noqa: E402
 
-    return pytorch_train.make_optimizer(name, lr, params)
+    return pytorch_train
+
+
+def make_optimizer(name, lr, params):
+    # The oracle's optimizers, hyper-parameters included.
+    return oracle().make_optimizer(name, lr, params)
 
 
 def build_model(rm, name):
@@ -223,18 +228,7 @@ def make_params(model, args):
 
 def plain_full_state(model, optim):
     """pytorch_train.py's save_full_checkpoint layout, for the unwrapped model."""
-    names = {}
-    for name, param in model.named_parameters():
-        names.setdefault(id(param), name)
-    raw = optim.state_dict()
-    ids = [id(p) for group in optim.param_groups for p in group["params"]]
-    state = {names[ids[i]]: value for i, value in raw["state"].items()}
-    groups = []
-    for group in raw["param_groups"]:
-        group = dict(group)
-        group["params"] = [names[ids[i]] for i in group["params"]]
-        groups.append(group)
-    return model.state_dict(), {"state": state, "param_groups": groups}
+    return oracle().full_state(model, optim)
 
 
 def plain_load(model, optim, msd, osd):
