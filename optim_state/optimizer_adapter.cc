@@ -869,6 +869,8 @@ absl::Status OptimizerAdapter::LoadImpl(const OptimStateDict& state_dict, bool a
           WriteHeld(kind_, *new_options[g], spec.name, filled);
         }
       }
+      // AdamW.__setstate__ sets decoupled_weight_decay=True whatever the dict says.
+      if (kind_ == OptimizerKind::kAdamW) tmpl.Set("decoupled_weight_decay", true);
     }
   } else {
     for (size_t g = 0; g < groups.size(); ++g) {

@@ -621,6 +621,29 @@ TEST(OptimizerAdapterLoad, AdagradGivesAnEmptyParameterWithoutStateItsInitialSta
   EXPECT_EQ(started->Find("sum")->GetIf<at::Tensor>()->numel(), 0);
 }
 
+// PyTorch 2.x: Adam with decoupled_weight_decay=True is AdamW, which LibTorch's Adam is not;
+// AdamW's own dicts always say True after a load (AdamW.__setstate__).
+TEST(OptimizerAdapterLoad, DecoupledWeightDecayIsRefusedByAdamAndForcedByAdamW) {
+  at::Tensor p = torch::ones({2}, torch::requires_grad());
+  torch::optim::Adam adam(std::vector<at::Tensor>{p}, torch::optim::AdamOptions(0.1));
+  FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adam_adapter, OptimizerAdapter::Create(adam));
+  OptimStateDict dict = SavedCopy(adam_adapter);
+  dict.param_groups[0].hyper_params.Set("decoupled_weight_decay", true);
+  EXPECT_THAT(adam_adapter.LoadStateDict(dict),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("param_groups[0]['decoupled_weight_decay'] is True, but "
+                                 "LibTorch's Adam couples weight decay")));
+
+  torch::optim::AdamW adamw(std::vector<at::Tensor>{p}, torch::optim::AdamWOptions(0.1));
+  FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adamw_adapter, OptimizerAdapter::Create(adamw));
+  dict = SavedCopy(adamw_adapter);
+  EXPECT_EQ(*dict.param_groups[0].hyper_params.Find("decoupled_weight_decay"), StateValue(true));
+  dict.param_groups[0].hyper_params.Set("decoupled_weight_decay", false);
+  ASSERT_THAT(adamw_adapter.LoadStateDict(dict), IsOk());
+  EXPECT_EQ(*SavedCopy(adamw_adapter).param_groups[0].hyper_params.Find("decoupled_weight_decay"),
+            StateValue(true));
+}
+
 TEST(OptimizerAdapterLoad, DictWithoutParamGroupsKeepsHyperParameters) {
   ASSERT_FALSE(Oracle().is_null());
   const json& c = Oracle().at("cases").at("Adam");
