@@ -124,7 +124,7 @@ std::vector<Damage> Damages() {
         "\"l0.weight\""}},
       {"shape",
        C::kInvalidArgument,
-       {"size mismatch for block0.weight", "torch.Size([7, 5]) from checkpoint"}},
+       {"size mismatch for block0.weight", "torch.Size([3, 5]) from checkpoint"}},
       {"no_metadata", C::kNotFound, {"metadata.json: no such file"}},
       {"version", C::kInvalidArgument, {"metadata.json", "format version 7 is not supported"}},
       {"foreign_metadata", C::kInvalidArgument, {"not an fsdp-cpp-sharded checkpoint"}},
@@ -158,11 +158,11 @@ void MakeDamaged(const std::string& root) {
     } else if (d.name == "shape") {
       std::string text = Slurp(meta);
       const std::string from =
-          "\"fqn\": \"block0.weight\",\n   \"state\": \"\",\n   \"shape\": [\n    5,\n    7\n   ]";
+          "\"fqn\": \"block0.weight\",\n   \"state\": \"\",\n   \"shape\": [\n    5,\n    3\n   ]";
       ASSERT_NE(text.find(from), std::string::npos);
-      // [5, 7] -> [7, 5]: the pieces still tile the 35 elements, the shape differs.
+      // [5, 3] -> [3, 5]: the pieces still tile the 15 elements, the shape differs.
       text = absl::StrReplaceAll(text,
-                                 {{from, absl::StrReplaceAll(from, {{"5,\n    7", "7,\n    5"}})}});
+                                 {{from, absl::StrReplaceAll(from, {{"5,\n    3", "3,\n    5"}})}});
       Spit(meta, text);
     } else if (d.name == "no_metadata") {
       ASSERT_EQ(unlink(meta.c_str()), 0);

@@ -1,6 +1,6 @@
 // train: the main job. Trains one of the reference models under FSDP on N ranks.
 //
-//   train [--model=nested|transformer|dummy] [--world_size=N] [--steps=K]
+//   train [--model=nested|transformer|dummy] [--nested_dims=2.x|1.13] [--world_size=N] [--steps=K]
 //         [--optimizer=adam|adamw|sgd|adagrad|rmsprop] [--lr=0.01] [--param_groups=1|2]
 //         [--wrap=wrap|wrap_alt|none] [--sharding_strategy=full_shard|shard_grad_op|no_shard]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
@@ -12,7 +12,8 @@
 //
 // --model=nested reproduces PyTorch's _step_model on NestedModel: manual_seed(0) when training
 // starts, then per step one randn({8, 5}) batch (the same on every rank), loss = output.sum(),
-// backward, optimizer step. --wrap: `wrap` and `wrap_alt` are the PyTorch test's wrappings
+// backward, optimizer step; --nested_dims=1.13 builds PyTorch 1.13's NestedModel instead of
+// 2.x's (block0 and block1 differ). --wrap: `wrap` and `wrap_alt` are the PyTorch test's wrappings
 // (no root unit); `none` makes the whole model one unit. --model=transformer is
 // TransformerWithSharedParams (one unit per layer plus the root), --model=dummy TestDummyModel
 // (one unit). Optimizers use PyTorch's defaults with --lr; SGD has momentum 0.9.
@@ -58,6 +59,9 @@
 ABSL_FLAG(std::string, model, "lm",
           "lm (character-level transformer language model on the shipped text), nested, "
           "transformer or dummy.");
+ABSL_FLAG(std::string, nested_dims, "2.x",
+          "nested: whose NestedModel, PyTorch 2.x's (block0 = BlockB(5, 3)) or 1.13's "
+          "(BlockB(5, 7)).");
 ABSL_FLAG(int, world_size, 2, "Ranks to launch when not started by a launcher.");
 ABSL_FLAG(int, steps, 240, "Training steps.");
 ABSL_FLAG(std::string, optimizer, "adam", "adam, adamw, sgd, adagrad or rmsprop.");
@@ -198,7 +202,13 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
   const std::string model = absl::GetFlag(FLAGS_model);
   Job job;
   if (model == "nested") {
-    fsdp::models::NestedModel net;
+    const std::string dims = absl::GetFlag(FLAGS_nested_dims);
+    if (dims != "2.x" && dims != "1.13") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--nested_dims=", dims, " is not one of 2.x, 1.13"));
+    }
+    fsdp::models::NestedModel net(dims == "2.x" ? fsdp::models::NestedModelDims::kPyTorch2
+                                                : fsdp::models::NestedModelDims::kPyTorch1_13);
     const std::string wrap = absl::GetFlag(FLAGS_wrap).empty() ? "wrap" : absl::GetFlag(FLAGS_wrap);
     if (wrap == "wrap") {
       options.nested = net->wrap_slots();

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tools/python_testutil.h"
@@ -38,7 +39,7 @@ const std::vector<double>& PyTorchLosses(const std::string& model, const std::st
 }
 
 struct Case {
-  std::string model;
+  std::string model;  // nested_1.13: --model=nested --nested_dims=1.13
   int world_size;
   std::string strategy;
   bool use_orig_params;
@@ -52,8 +53,9 @@ class TrainTest : public ::testing::TestWithParam<Case> {};
 TEST_P(TrainTest, LossesMatchPlainPyTorch) {
   const Case& c = GetParam();
   constexpr int kSteps = 5;
+  const std::string model_flags = c.model == "nested_1.13" ? "nested --nested_dims=1.13" : c.model;
   CommandResult run = RunCommand(absl::StrCat(
-      Runfile("examples/train"), " --model=", c.model, " --world_size=", c.world_size,
+      Runfile("examples/train"), " --model=", model_flags, " --world_size=", c.world_size,
       " --sharding_strategy=", c.strategy, " --optimizer=", c.optimizer, " --steps=", kSteps,
       c.wrap.empty() ? "" : " --wrap=", c.wrap, " --param_groups=", c.param_groups,
       c.use_orig_params ? " --use_orig_params" : "", " --timeout_s=120"));
@@ -78,11 +80,12 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"nested", 2, "full_shard", false, "adagrad", "none"},
                       Case{"nested", 2, "full_shard", false, "adam", "wrap", 2},
                       Case{"nested", 3, "shard_grad_op", true, "sgd", "wrap_alt", 2},
+                      Case{"nested_1.13", 4, "full_shard", false, "adam"},
                       Case{"transformer", 2, "full_shard", false, "adam"},
                       Case{"transformer", 3, "no_shard", true, "sgd"}),
     [](const ::testing::TestParamInfo<Case>& info) {
       const Case& c = info.param;
-      return absl::StrCat(c.model, "_ws", c.world_size, "_", c.strategy,
+      return absl::StrCat(absl::StrReplaceAll(c.model, {{".", "_"}}), "_ws", c.world_size, "_", c.strategy,
                           c.use_orig_params ? "_orig_" : "_", c.optimizer, "_",
                           c.wrap.empty() ? "default_wrap" : c.wrap,
                           c.param_groups == 2 ? "_2groups" : "");
@@ -253,6 +256,10 @@ TEST(Train, BadFlagsAreRefusedByName) {
                                 " --world_size=2 --sharding_strategy=hybrid --steps=1"));
   EXPECT_NE(run.exit_code, 0);
   EXPECT_THAT(run.output, HasSubstr("--sharding_strategy=hybrid is not one of"));
+  run = RunCommand(absl::StrCat(Runfile("examples/train"),
+                                " --world_size=1 --model=nested --nested_dims=1.12 --steps=1"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("--nested_dims=1.12 is not one of 2.x, 1.13"));
 }
 
 }  // namespace

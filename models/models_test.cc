@@ -207,9 +207,10 @@ class CountingInterceptor : public fsdp::ForwardInterceptor {
 
 // --- Oracle comparisons ---------------------------------------------------------------------
 
-void CheckNestedModel(const std::string& reference_name, std::optional<bool> unmanaged_in_fsdp) {
+void CheckNestedModel(const std::string& reference_name, std::optional<bool> unmanaged_in_fsdp,
+                      NestedModelDims dims = NestedModelDims::kPyTorch2) {
   const json ref = RunReference(reference_name);
-  NestedModel model;
+  NestedModel model(dims);
   if (unmanaged_in_fsdp.has_value()) model->add_unmanaged_param(*unmanaged_in_fsdp);
   torch::manual_seed(0);  // as the test's _step_model does before get_input
   torch::Tensor input = model->get_input();
@@ -224,6 +225,10 @@ void CheckNestedModel(const std::string& reference_name, std::optional<bool> unm
 }
 
 TEST(NestedModel, MatchesPyTorchReference) { CheckNestedModel("nested", std::nullopt); }
+
+TEST(NestedModel, PyTorch1_13DimsMatchPyTorch1_13Reference) {
+  CheckNestedModel("nested_1.13", std::nullopt, NestedModelDims::kPyTorch1_13);
+}
 
 TEST(NestedModel, UnmanagedParamOnWrappedBlockMatchesPyTorchReference) {
   CheckNestedModel("nested_unmanaged_in_fsdp", true);

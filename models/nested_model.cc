@@ -59,9 +59,10 @@ torch::Tensor BlockBImpl::forward(torch::Tensor x) {
   return bias_module1(x);
 }
 
-NestedModelImpl::NestedModelImpl() {
-  block0 = register_module("block0", BlockB(5, 7));
-  block1 = register_module("block1", BlockB(7, 7));
+NestedModelImpl::NestedModelImpl(NestedModelDims dims) {
+  const int64_t hidden = dims == NestedModelDims::kPyTorch2 ? 3 : 7;
+  block0 = register_module("block0", BlockB(5, hidden));
+  block1 = register_module("block1", BlockB(hidden, 7));
   // No seed of its own: continues from the generator state block1's last Bias left.
   bias = register_parameter("bias", torch::randn({5}));
   block2 = register_module("block2", SlotSequential());

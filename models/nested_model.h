@@ -1,20 +1,21 @@
 // NestedModel and its parts (Bias, BlockA, BlockB): the nested reference model of PyTorch's
 // optimizer-state tests, for checking our FSDP optimizer-state code against PyTorch's.
 //
-// Source: test/distributed/fsdp/test_fsdp_optim_state.py as of PyTorch 1.13 (classes Bias,
-// BlockA, BlockB, NestedModel). Construction draws from the default CPU generator in the same
+// Source: test/distributed/fsdp/test_fsdp_optim_state.py (classes Bias, BlockA, BlockB,
+// NestedModel) as PyTorch 2.x has it (pytorch/pytorch at 01d6a04a74d5, the file whose tests
+// tests/optim_state/ ports); PyTorch 1.13's file had other dimensions for block0 and block1,
+// kept as NestedModelDims::kPyTorch1_13 for checkpoints made from it. Construction draws from the default CPU generator in the same
 // order and with the same seeds as Python (each Bias, BlockA and BlockB calls
 // torch::manual_seed(0) first), so the parameters equal Python's bit for bit; the names are
 // Python's named_parameters() names, in the same order (a module's own parameters come before
 // its children's, in LibTorch as in Python):
 //   bias [5]
-//   block0.weight [5, 7]        block0.bias_module0.bias    block0.bias_module1.bias
-//   block1.weight [7, 7]        block1.bias_module0.bias    block1.bias_module1.bias
+//   block0.weight [5, 3]        block0.bias_module0.bias    block0.bias_module1.bias
+//   block1.weight [3, 7]        block1.bias_module0.bias    block1.bias_module1.bias
 //   block2.0.weight [7, 9]      block2.0.bias_module0.bias  block2.0.bias_module1.bias
 //   block2.1.weight [9, 9]      block2.1.bias_module0.bias  block2.1.bias_module1.bias
 //   block2.2.weight [9, 5]      block2.2.bias_module0.bias  block2.2.bias_module1.bias
-// (Later PyTorch versions changed block0/block1 to BlockB(5, 3) and BlockB(3, 7); we follow
-// 1.13.)
+// (1.13: block0.weight [5, 7], block1.weight [7, 7].)
 //
 // Wrappable children are fsdp::ModuleSlots (public members named as in Python), so FSDP can
 // wrap them in place without changing any name. What each Python wrapping wraps, inner first:
@@ -78,10 +79,16 @@ class BlockBImpl : public torch::nn::Module {
 };
 TORCH_MODULE(BlockB);
 
+// Which version of PyTorch's test file NestedModel's block0 and block1 follow.
+enum class NestedModelDims {
+  kPyTorch2,     // block0 = BlockB(5, 3), block1 = BlockB(3, 7)
+  kPyTorch1_13,  // block0 = BlockB(5, 7), block1 = BlockB(7, 7)
+};
+
 // relu(block0) -> relu(block1) -> relu(block2) -> + bias. Input [N, 5], output [N, 5].
 class NestedModelImpl : public torch::nn::Module {
  public:
-  NestedModelImpl();
+  explicit NestedModelImpl(NestedModelDims dims = NestedModelDims::kPyTorch2);
   torch::Tensor forward(torch::Tensor x);
 
   // Python's get_input: torch::randn({8, 5}) drawn on the CPU generator, then moved to
@@ -109,8 +116,8 @@ class NestedModelImpl : public torch::nn::Module {
   // right after block2.2.weight) or "unmanaged_param" (right after bias).
   torch::Tensor add_unmanaged_param(bool add_to_fsdp_module);
 
-  fsdp::ModuleSlot block0;         // holds a BlockBImpl(5, 7)
-  fsdp::ModuleSlot block1;         // holds a BlockBImpl(7, 7)
+  fsdp::ModuleSlot block0;         // holds a BlockBImpl(5, 3) (1.13: (5, 7))
+  fsdp::ModuleSlot block1;         // holds a BlockBImpl(3, 7) (1.13: (7, 7))
   torch::Tensor bias;              // [5]
   SlotSequential block2{nullptr};  // BlockA(7, 9), BlockA(9, 9), BlockB(9, 5); each child a slot
   torch::nn::ReLU relu{nullptr};

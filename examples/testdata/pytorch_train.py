@@ -38,8 +38,8 @@ def main():
     import reference_models as rm  # noqa: E402
 
     torch.set_num_threads(1)
-    if model_name == "nested":
-        model = rm.NestedModel()
+    if model_name in ("nested", "nested_1.13"):
+        model = rm.NestedModel(dims="1.13" if model_name == "nested_1.13" else "2.x")
         step_loss = lambda: model(torch.randn((8, 5))).sum()  # noqa: E731
     elif model_name == "transformer":
         model = rm.TransformerWithSharedParams(rank=0)

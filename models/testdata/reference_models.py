@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 
-# --- test_fsdp_optim_state.py, PyTorch 1.13 -------------------------------------------------
+# --- test_fsdp_optim_state.py, PyTorch 2.x (1.13's dimensions with dims="1.13") --------------
 
 
 class Bias(nn.Module):
@@ -68,10 +68,11 @@ class BlockB(nn.Module):
 
 
 class NestedModel(nn.Module):
-    def __init__(self):
+    def __init__(self, dims="2.x"):
         super().__init__()
-        self.block0 = BlockB(5, 7)
-        self.block1 = BlockB(7, 7)
+        hidden = {"2.x": 3, "1.13": 7}[dims]
+        self.block0 = BlockB(5, hidden)
+        self.block1 = BlockB(hidden, 7)
         self.bias = nn.Parameter(torch.randn((5,)))
         self.block2 = nn.Sequential(BlockA(7, 9), BlockA(9, 9), BlockB(9, 5))
         self.relu = nn.ReLU()
@@ -240,7 +241,7 @@ def build(name):
     """Returns (model, inputs, loss_fn or None, extra dict), mirroring models_test.cc."""
     extra = {}
     if name.startswith("nested"):
-        model = NestedModel()
+        model = NestedModel(dims="1.13" if name == "nested_1.13" else "2.x")
         if name == "nested_unmanaged_in_fsdp":
             model.block2[2].register_parameter("unmanaged_param", nn.Parameter(torch.randn(5, 5)))
         elif name == "nested_unmanaged_in_root":
