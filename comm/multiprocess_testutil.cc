@@ -1,9 +1,12 @@
 #include "comm/multiprocess_testutil.h"
 
 #include <cstdlib>
+#include <iostream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "comm/rendezvous.h"
 #include "comm/status_macros.h"
 
@@ -41,12 +44,11 @@ absl::Status RunInRanksWithReport(const comm::LaunchOptions& options, const Rank
   // The rank processes are not Bazel test shards and must not write the test's XML report.
   for (const char* name :
        {"XML_OUTPUT_FILE", "GTEST_OUTPUT", "TEST_PREMATURE_EXIT_FILE", "GTEST_SHARD_INDEX",
-        "GTEST_TOTAL_SHARDS", "GTEST_SHARD_STATUS_FILE", "TEST_SHARD_INDEX",
-        "TEST_TOTAL_SHARDS", "TEST_SHARD_STATUS_FILE", "GTEST_FILTER"}) {
+        "GTEST_TOTAL_SHARDS", "GTEST_SHARD_STATUS_FILE", "TEST_SHARD_INDEX", "TEST_TOTAL_SHARDS",
+        "TEST_SHARD_STATUS_FILE", "GTEST_FILTER"}) {
     opts.unset_env.emplace_back(name);
   }
-  return comm::Launch({"/proc/self/exe", "--gtest_filter=" + CurrentTestName(),
-                       "--gtest_color=no"},
+  return comm::Launch({"/proc/self/exe", "--gtest_filter=" + CurrentTestName(), "--gtest_color=no"},
                       opts, report);
 }
 
@@ -64,8 +66,13 @@ void RunInRanks(int world_size, const RankBody& body, std::chrono::milliseconds 
     const bool ran_test = absl::StrContains(exit.output, "[  PASSED  ] 1 test.");
     if (!exit.ok() || !ran_test) {
       ADD_FAILURE() << "rank " << exit.rank << " of " << world_size << " " << exit.Describe()
-                    << (ran_test ? "" : " without passing the test")
-                    << "; its output:\n" << exit.output;
+                    << (ran_test ? "" : " without passing the test") << "; its output:\n"
+                    << exit.output;
+    }
+    // Figures a test reports (kMeasuredPrefix lines) reach the test's own log, once: rank 0's.
+    if (exit.rank != 0) continue;
+    for (absl::string_view line : absl::StrSplit(exit.output, '\n')) {
+      if (absl::StartsWith(line, kMeasuredPrefix)) std::cout << line << "\n";
     }
   }
 }

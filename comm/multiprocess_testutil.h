@@ -17,8 +17,8 @@
 
 #include "absl/status/status.h"
 #include "comm/launcher.h"
-#include "comm/status_macros.h"
 #include "comm/process_group.h"
+#include "comm/status_macros.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -28,6 +28,11 @@ using RankBody = std::function<void(comm::ProcessGroup& group)>;
 
 // True in a rank process started by RunInRanks.
 bool IsRankProcess();
+
+// A line rank 0 prints starting with this (a measured figure, e.g. a worst difference) is
+// copied into the test's own output by RunInRanks; the ranks' other output shows only when
+// they fail.
+inline constexpr char kMeasuredPrefix[] = "MEASURED ";
 
 // Runs `body` on `world_size` ranks and records a test failure for each rank that failed.
 void RunInRanks(int world_size, const RankBody& body,
