@@ -31,9 +31,9 @@ const std::vector<double>& PyTorchLosses(const std::string& model, const std::st
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const std::string models_dir = Runfile("models/testdata");
-  CommandResult run = RunCommand(
-      absl::StrCat(fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"), " ",
-                   models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
+  CommandResult run = RunCommand(absl::StrCat(
+      fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"), " ",
+      models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
   EXPECT_EQ(run.exit_code, 0) << run.output;
   return cache[key] = StepLosses(run.output);
 }
@@ -85,8 +85,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"transformer", 3, "no_shard", true, "sgd"}),
     [](const ::testing::TestParamInfo<Case>& info) {
       const Case& c = info.param;
-      return absl::StrCat(absl::StrReplaceAll(c.model, {{".", "_"}}), "_ws", c.world_size, "_", c.strategy,
-                          c.use_orig_params ? "_orig_" : "_", c.optimizer, "_",
+      return absl::StrCat(absl::StrReplaceAll(c.model, {{".", "_"}}), "_ws", c.world_size, "_",
+                          c.strategy, c.use_orig_params ? "_orig_" : "_", c.optimizer, "_",
                           c.wrap.empty() ? "default_wrap" : c.wrap,
                           c.param_groups == 2 ? "_2groups" : "");
     });
@@ -125,9 +125,9 @@ TEST_P(TrainResumeTest, ResumedRunContinuesTheLossAndFilesMatchPyTorch) {
   ASSERT_EQ(first.exit_code, 0) << first.output;
   EXPECT_THAT(first.output, HasSubstr("saved a full checkpoint in " + dir));
   // Python's torch.load reads both files and they hold what PyTorch's own training holds.
-  CommandResult check = RunCommand(
-      absl::StrCat(fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/check_full_checkpoint.py"), " ",
-                   Runfile("models/testdata"), " ", c.model, " ", c.optimizer, " 3 ", dir));
+  CommandResult check = RunCommand(absl::StrCat(
+      fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/check_full_checkpoint.py"),
+      " ", Runfile("models/testdata"), " ", c.model, " ", c.optimizer, " 3 ", dir));
   EXPECT_EQ(check.exit_code, 0) << check.output;
   EXPECT_THAT(check.output, HasSubstr("checkpoint matches PyTorch"));
   CommandResult resumed =
@@ -208,10 +208,10 @@ TEST_P(TrainLoadsPyTorchCheckpointTest, ContinuesWithPyTorchsLosses) {
   const PyTorchCheckpointCase& c = GetParam();
   const std::string dir = TempDir(absl::StrCat("pytorch_ckpt_", c.model, "_", c.optimizer, "_p",
                                                c.protocol, "_ws", c.world_size));
-  CommandResult python =
-      RunCommand(absl::StrCat(fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"),
-                              " ", Runfile("models/testdata"), " ", c.model, " ", c.optimizer,
-                              " 0.01 6 1 3 ", dir, " ", c.protocol));
+  CommandResult python = RunCommand(
+      absl::StrCat(fsdp::testing::PythonCommand(), " ",
+                   Runfile("examples/testdata/pytorch_train.py"), " ", Runfile("models/testdata"),
+                   " ", c.model, " ", c.optimizer, " 0.01 6 1 3 ", dir, " ", c.protocol));
   ASSERT_EQ(python.exit_code, 0) << python.output;
   const std::vector<double> expected = StepLosses(python.output);
   ASSERT_EQ(expected.size(), 6u) << python.output;

@@ -86,8 +86,8 @@ json RunReference(const std::string& model) {
   const std::string script = std::string(srcdir) + "/fsdp_cpp/models/testdata/reference_models.py";
   const std::string out = std::string(tmpdir) + "/reference_" + model + ".json";
   const std::string err = std::string(tmpdir) + "/reference_" + model + ".stderr";
-  const std::string command =
-      fsdp::testing::PythonCommand() + " '" + script + "' " + model + " '" + out + "' 2>'" + err + "'";
+  const std::string command = fsdp::testing::PythonCommand() + " '" + script + "' " + model + " '" +
+                              out + "' 2>'" + err + "'";
   if (std::system(command.c_str()) != 0) {
     ADD_FAILURE() << "`" << command << "` failed:\n" << ReadFile(err);
     return json();
@@ -151,8 +151,8 @@ void ExpectMatchesReference(const json& ref, const torch::nn::Module& model,
   const torch::Tensor expected_output = ToTensor(ref.at("output"));
   const double output_scale =
       expected_output.numel() == 0 ? 1.0 : expected_output.abs().max().item<double>();
-  EXPECT_THAT(output, TensorNear(expected_output,
-                                 kOutputRelativeTolerance * std::max(1.0, output_scale)))
+  EXPECT_THAT(output,
+              TensorNear(expected_output, kOutputRelativeTolerance * std::max(1.0, output_scale)))
       << "forward output";
   if (loss.has_value()) {
     ASSERT_FALSE(ref.at("loss").is_null());
@@ -329,9 +329,12 @@ TEST(CharTransformerLM, MatchesPyTorchReference) {
 }
 
 TEST(CharTransformerLM, LayerSlotsAreTheTransformerLayersAndShareNoDraws) {
-  CharTransformerLM model(CharLMConfig{
-      .vocab_size = 5, .context = 4, .d_model = 8, .nhead = 2, .num_layers = 3,
-      .dim_feedforward = 16});
+  CharTransformerLM model(CharLMConfig{.vocab_size = 5,
+                                       .context = 4,
+                                       .d_model = 8,
+                                       .nhead = 2,
+                                       .num_layers = 3,
+                                       .dim_feedforward = 16});
   const std::vector<fsdp::ModuleSlot*> slots = model->layer_slots();
   ASSERT_THAT(slots, SizeIs(3));
   for (size_t i = 0; i < slots.size(); ++i) {

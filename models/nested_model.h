@@ -4,11 +4,11 @@
 // Source: test/distributed/fsdp/test_fsdp_optim_state.py (classes Bias, BlockA, BlockB,
 // NestedModel) as PyTorch 2.x has it (pytorch/pytorch at 01d6a04a74d5, the file whose tests
 // tests/optim_state/ ports); PyTorch 1.13's file had other dimensions for block0 and block1,
-// kept as NestedModelDims::kPyTorch1_13 for checkpoints made from it. Construction draws from the default CPU generator in the same
-// order and with the same seeds as Python (each Bias, BlockA and BlockB calls
-// torch::manual_seed(0) first), so the parameters equal Python's bit for bit; the names are
-// Python's named_parameters() names, in the same order (a module's own parameters come before
-// its children's, in LibTorch as in Python):
+// kept as NestedModelDims::kPyTorch1_13 for checkpoints made from it. Construction draws from the
+// default CPU generator in the same order and with the same seeds as Python (each Bias, BlockA and
+// BlockB calls torch::manual_seed(0) first), so the parameters equal Python's bit for bit; the
+// names are Python's named_parameters() names, in the same order (a module's own parameters come
+// before its children's, in LibTorch as in Python):
 //   bias [5]
 //   block0.weight [5, 3]        block0.bias_module0.bias    block0.bias_module1.bias
 //   block1.weight [3, 7]        block1.bias_module0.bias    block1.bias_module1.bias

@@ -63,3 +63,24 @@ def fsdp_cc_fuzz_test(name, srcs, corpus, deps = [], copts = [], **kwargs):
         args = ["$(rootpaths %s)" % corpus],
         **kwargs
     )
+
+def fsdp_cc_test_split_ws8(name, srcs, deps, size, shard_count, ws8_shard_count, tags = []):
+    """Two tests from one compiled source: `name` runs every case but those named `.../ws8...`
+    (world size 8), `name + "_ws8"` only those. Eight rank processes on a small machine take
+    longest, so they get a target of their own, sharded apart and timed apart."""
+    fsdp_cc_library(
+        name = name + "_cases",
+        testonly = True,
+        srcs = srcs,
+        deps = deps + ["//third_party:gtest"],
+        alwayslink = True,
+    )
+    for suffix, gtest_filter, shards in [("", "-*/ws8*", shard_count), ("_ws8", "*/ws8*", ws8_shard_count)]:
+        fsdp_cc_test(
+            name = name + suffix,
+            args = ["--gtest_filter=" + gtest_filter],
+            deps = [":" + name + "_cases"],
+            size = size,
+            shard_count = shards,
+            tags = tags,
+        )

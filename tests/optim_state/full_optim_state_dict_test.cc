@@ -1,4 +1,4 @@
-// Port of PyTorch's test_fsdp_optim_state.py (2.0 era): full-dict keys and errors, unmanaged
+// Port of PyTorch's test_fsdp_optim_state.py (2.x): full-dict keys and errors, unmanaged
 // parameters, rekeying, the optim_input deprecation warning and a 0th parameter without state.
 //
 // Python test                                     C++ (this file)

@@ -1,4 +1,4 @@
-// Port of PyTorch's test_fsdp_optim_state.py (2.0 era): loading the nested model's full or
+// Port of PyTorch's test_fsdp_optim_state.py (2.x): loading the nested model's full or
 // sharded optimizer state dict into a model of the same or half the world size, the same or
 // the alternative wrapping, and differing optimizer inputs across ranks.
 //
@@ -20,7 +20,8 @@
 //   wrap_alt, use_optim_input False (as Python); then SHARDED_STATE_DICT through the API
 // Every test at world size 4 (halving to 2: ranks 0 and 2, as Python's even-rank group), with
 // PyTorch's whole grid, and at 3 (halving to 2: ranks 0 and 2) with the plain and the hardest
-// combination of the grid.
+// combination of the grid; the halving tests also at 2 (to 1: rank 0); the shard test also at
+// 2 and 8 (plain and hardest; ws 8 in the _ws8 target).
 #include <string>
 #include <vector>
 
@@ -50,8 +51,8 @@ std::string Name(const ::testing::TestParamInfo<Params>& info) {
       !p.use_multiple_param_groups && !p.wrap_alt && !p.use_diff_optim_inputs ? "_Plain" : "");
 }
 
-// PyTorch's grid at world size 4; at world size 3 (uneven padding, not in PyTorch) the plain
-// and the hardest combination, to keep the target short.
+// PyTorch's grid at world size 4; at world sizes 3 (uneven padding, not in PyTorch), 2 and 8
+// the plain and the hardest combination, to keep the targets short.
 std::vector<Params> AllCombinations() {
   std::vector<Params> out;
   for (bool groups : {false, true}) {
@@ -59,8 +60,19 @@ std::vector<Params> AllCombinations() {
       for (bool diff : {false, true}) out.push_back(Params{4, groups, wrap_alt, diff});
     }
   }
-  out.push_back(Params{3, false, false, false});
-  out.push_back(Params{3, true, true, true});
+  for (int world_size : {3, 2, 8}) {
+    out.push_back(Params{world_size, false, false, false});
+    out.push_back(Params{world_size, true, true, true});
+  }
+  return out;
+}
+
+// The scatter test at world size 4 (the whole grid) and 3; the shard test also at 2 and 8.
+std::vector<Params> ScatterCombinations() {
+  std::vector<Params> out;
+  for (const Params& p : AllCombinations()) {
+    if (p.world_size == 4 || p.world_size == 3) out.push_back(p);
+  }
   return out;
 }
 
@@ -109,10 +121,13 @@ TEST_P(ScatterFullOptimStateDictNested, test_scatter_full_optim_state_dict_neste
   RunLoadTest(GetParam(), OsdCommMethod::kScatterFullOsd, /*halve=*/false, /*api_groups=*/true);
 }
 INSTANTIATE_TEST_SUITE_P(All, ScatterFullOptimStateDictNested,
-                         ::testing::ValuesIn(AllCombinations()), Name);
+                         ::testing::ValuesIn(ScatterCombinations()), Name);
 
 // "To save CI costs, we test with the harder settings": groups, differing inputs, wrap_alt.
-std::vector<Params> Harder() { return {Params{4, true, true, true}, Params{3, true, true, true}}; }
+// World sizes 4 -> 2 (ranks 0 and 2), 3 -> 2 (ranks 0 and 2) and 2 -> 1 (rank 0).
+std::vector<Params> Harder() {
+  return {Params{4, true, true, true}, Params{3, true, true, true}, Params{2, true, true, true}};
+}
 
 class ShardFullOptimStateDictNestedHalveWorldSize : public ::testing::TestWithParam<Params> {};
 TEST_P(ShardFullOptimStateDictNestedHalveWorldSize,

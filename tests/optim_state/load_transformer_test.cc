@@ -1,4 +1,4 @@
-// Port of PyTorch's test_fsdp_optim_state.py (2.0 era): loading the optimizer state dicts of
+// Port of PyTorch's test_fsdp_optim_state.py (2.x): loading the optimizer state dicts of
 // TransformerWithSharedParams (an FSDP root with one unit per layer and a tied weight).
 //
 // Python test                                      C++ (this file)
@@ -13,7 +13,8 @@
 // test_flatten_sharded_optim_state_dict_transformer TEST_P(FlattenShardedOptimStateDictTransformer,
 //                                                    test_flatten_sharded_..._transformer)
 //   same world size, use_optim_input False; then SHARDED_STATE_DICT through the API
-// World sizes 4 (PyTorch's; halved to 2) and 3 (halved to 2).
+// World sizes 4 (PyTorch's; halved to 2) and 3 (halved to 2); the flatten test also at 2 and
+// 8 (in the _ws8 target).
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -79,7 +80,7 @@ TEST_P(FlattenShardedOptimStateDictTransformer, test_flatten_sharded_optim_state
   });
 }
 INSTANTIATE_TEST_SUITE_P(WorldSizes, FlattenShardedOptimStateDictTransformer,
-                         ::testing::Values(4, 3), WorldSizeName);
+                         ::testing::Values(4, 3, 2, 8), WorldSizeName);
 
 }  // namespace
 }  // namespace fsdp::optim_state::port

@@ -1,4 +1,4 @@
-// Port of PyTorch's test_fsdp_optim_state.py (2.0 era): the optim_state_dict API tests of
+// Port of PyTorch's test_fsdp_optim_state.py (2.x): the optim_state_dict API tests of
 // PyTorch 2.0 on small models, and the project's "no error leaves the optimizer half loaded".
 //
 // Python test                              C++ (this file)
@@ -11,8 +11,11 @@
 // test_with_empty_optimizer_state          TEST_P(WithEmptyOptimizerState,
 //                                            test_with_empty_optimizer_state)
 // test_interface_arguments                 TEST_P(InterfaceArguments, test_interface_arguments)
-//   the `is_cuda` checks have no meaning on this CPU-only build (every tensor is on the CPU,
-//   offload_to_cpu or not); the ShardedTensor / plain tensor and rank0_only checks are kept
+//   `not is_cuda` (offload_to_cpu) is asserted as what offload means where the shards are on
+//   the CPU already: CPU tensors that own their memory (a later step leaves the dict
+//   unchanged), and without offload the local shards on the flat parameter's device. Python's
+//   CUDA-to-CPU move itself needs FSDP on CUDA tensors, which this project does not shard yet
+//   (its NCCL communicator, //comm:nccl, is not used by FSDP).
 // test_state_dict_with_none_tensor_state   TEST_P(StateDictWithNoneTensorState,
 //                                            test_state_dict_with_none_tensor_state)
 //   subtests use_orig_params x optimizer_has_tensor_state (Adam / SGD)
@@ -311,15 +314,43 @@ TEST_P(InterfaceArguments, test_interface_arguments) {
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict loaded, adapter.StateDict());
     ExpectSameState(loaded, original_osd);
 
-    // The default setting: whole tensors.
+    // Where the state lives: what a step does next must not reach a dict already taken.
+    // (Every rank steps: a step is collective.)
+    auto expect_detached = [&](const OptimStateDict& dict, const char* what) {
+      const OptimStateDict before = CloneOptimStateDict(dict);
+      ASSERT_TRUE(step().ok());
+      EXPECT_EQ(DiffOptimStateDicts(before, dict), "") << what << " changed with the next step";
+    };
+    // The flat parameters' device: where FSDP keeps shards and their optimizer state.
+    const at::Device shard_device = fsdp->parameters().front().device();
+
+    // The default setting (FULL_STATE_DICT, offload_to_cpu): whole tensors on the CPU that own
+    // their memory, as PyTorch's .cpu() copies of device tensors.
     FSDP_ASSERT_OK_AND_ASSIGN(osd, GetOptimStateDict(*fsdp, adapter, settings, original_osd));
     for (const auto& [key, state] : osd.state) {
       for (const auto& [name, value] : state) {
         EXPECT_FALSE(value.Is<ShardedTensorValue>()) << key << " " << name;
-        EXPECT_TRUE(value.Is<at::Tensor>()) << key << " " << name;
+        ASSERT_TRUE(value.Is<at::Tensor>()) << key << " " << name;
+        EXPECT_TRUE(value.Get<at::Tensor>().device().is_cpu()) << key << " " << name;
       }
     }
-    // Sharded without offload_to_cpu: every positive-dimension value is sharded.
+    FSDP_ASSERT_OK_AND_ASSIGN(osd, GetOptimStateDict(*fsdp, adapter, settings));
+    expect_detached(osd, "the full dict (offload_to_cpu)");
+    // Sharded with offload_to_cpu: CPU shards, detached from the optimizer's state.
+    {
+      ScopedStateDictType scoped(settings, ShardedOptimStateDictConfig{.offload_to_cpu = true});
+      FSDP_ASSERT_OK_AND_ASSIGN(osd, GetOptimStateDict(*fsdp, adapter, settings));
+      for (const auto& [key, state] : osd.state) {
+        for (const auto& [name, value] : state) {
+          if (const ShardedTensorValue* v = value.GetIf<ShardedTensorValue>(); v != nullptr) {
+            EXPECT_TRUE(v->local.device().is_cpu()) << key << " " << name;
+          }
+        }
+      }
+      expect_detached(osd, "the sharded dict (offload_to_cpu)");
+    }
+    // Sharded without offload_to_cpu: every positive-dimension value is sharded, its local
+    // shard on the flat parameter's own device.
     {
       ScopedStateDictType scoped(settings, ShardedOptimStateDictConfig{.offload_to_cpu = false});
       FSDP_ASSERT_OK_AND_ASSIGN(osd, GetOptimStateDict(*fsdp, adapter, settings, original_osd));
@@ -327,7 +358,11 @@ TEST_P(InterfaceArguments, test_interface_arguments) {
         for (const auto& [name, value] : state) {
           if (const at::Tensor* t = value.GetIf<at::Tensor>(); t != nullptr && t->dim() == 0)
             continue;
-          EXPECT_TRUE(value.Is<ShardedTensorValue>()) << key << " " << name;
+          ASSERT_TRUE(value.Is<ShardedTensorValue>()) << key << " " << name;
+          const at::Tensor& local = value.Get<ShardedTensorValue>().local;
+          if (local.defined() && local.numel() > 0) {
+            EXPECT_EQ(local.device(), shard_device) << key << " " << name;
+          }
         }
       }
     }
@@ -344,9 +379,13 @@ TEST_P(InterfaceArguments, test_interface_arguments) {
         for (const auto& [key, state] : osd.state) {
           for (const auto& [name, value] : state) {
             EXPECT_FALSE(value.Is<ShardedTensorValue>()) << key << " " << name;
+            if (const at::Tensor* t = value.GetIf<at::Tensor>(); t != nullptr) {
+              EXPECT_TRUE(t->device().is_cpu()) << key << " " << name;
+            }
           }
         }
       }
+      expect_detached(osd, "the full dict (rank0_only, offload_to_cpu)");
     }
   });
 }

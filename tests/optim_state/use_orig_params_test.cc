@@ -1,4 +1,4 @@
-// Port of PyTorch's test_fsdp_optim_state.py (2.0 era): test_use_orig_params, loading the
+// Port of PyTorch's test_fsdp_optim_state.py (2.x): test_use_orig_params, loading the
 // nested model's optimizer state dict (flat parameters) into a model under use_orig_params
 // through the optim_state_dict API.
 //
@@ -10,8 +10,9 @@
 //   FULL_STATE_DICT, rank0_only=True    subtests halve_world_size x wrap_alt (all four)
 //   SHARDED_STATE_DICT                  subtests wrap_alt (Python: "We cannot test
 //                                       halve_world_size with SHARDED_STATE_DICT")
-// World sizes 4 (PyTorch's) and 3.
+// World sizes 4 (PyTorch's), 3, 2 (halving to 1) and 8 (in the _ws8 target).
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "comm/multiprocess_testutil.h"
@@ -67,13 +68,17 @@ TEST_P(UseOrigParams, test_use_orig_params) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(All, UseOrigParams,
-                         ::testing::Values(Params{4, Setting::kFull},
-                                           Params{4, Setting::kFullRank0Only},
-                                           Params{4, Setting::kSharded}, Params{3, Setting::kFull},
-                                           Params{3, Setting::kFullRank0Only},
-                                           Params{3, Setting::kSharded}),
-                         Name);
+std::vector<Params> AllParams() {
+  std::vector<Params> out;
+  for (int world_size : {4, 3, 2, 8}) {
+    for (Setting setting : {Setting::kFull, Setting::kFullRank0Only, Setting::kSharded}) {
+      out.push_back(Params{world_size, setting});
+    }
+  }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, UseOrigParams, ::testing::ValuesIn(AllParams()), Name);
 
 }  // namespace
 }  // namespace fsdp::optim_state::port
