@@ -86,7 +86,8 @@ std::string TypeName(StateDictType type) {
 // user saved them, expected_model.pt and expected_optim.pt under the unwrapped model's names.
 std::string WrappedCheckpoints() {
   static const std::string dir = [] {
-    const std::string out = absl::StrCat(std::getenv("TEST_TMPDIR"), "/wrapped_checkpoints");
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    const std::string out = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/wrapped_checkpoints");
     if (::fsdp::testing::IsRankProcess()) return out;  // the test process wrote them
     // The files must have this build's NestedModel shapes: block0 is BlockB(5, hidden).
     models::NestedModel model;
