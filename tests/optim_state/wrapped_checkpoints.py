@@ -204,6 +204,8 @@ def main():
 
     dist.barrier()
     dist.destroy_process_group()
+    if os.path.exists(store.name):
+        os.unlink(store.name)
     print(f"wrote {out}")
 
 
