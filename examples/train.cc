@@ -4,6 +4,7 @@
 //         [--optimizer=adam|adamw|sgd|adagrad|rmsprop] [--lr=0.01] [--param_groups=1|2]
 //         [--wrap=wrap|wrap_alt|none] [--sharding_strategy=full_shard|shard_grad_op|no_shard]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
+//         [--strip_key_prefixes=pytorch,...]
 //
 // Without RANK/WORLD_SIZE in the environment it launches --world_size local ranks of itself
 // (comm::Launch); with them it is one rank of a job started by a torchrun-style launcher, on
@@ -40,6 +41,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/full_checkpoint.h"
+#include "checkpoint/key_prefixes.h"
+#include "checkpoint/load_full_checkpoint.h"
 #include "checkpoint/sharded_checkpoint.h"
 #include "checkpoint/sharded_format.h"
 #include "comm/launcher.h"
@@ -78,6 +81,12 @@ ABSL_FLAG(std::string, state_dict_type, "",
           "or sharded (metadata.json + one file per rank; loads at any world size). Default: "
           "sharded with --demo, full otherwise. --load recognises both.");
 ABSL_FLAG(std::string, load, "", "Start from the checkpoint in this directory.");
+ABSL_FLAG(std::string, strip_key_prefixes, "",
+          "--load of a full checkpoint saved from a wrapped PyTorch model: key prefixes the "
+          "wrappers added, removed before the keys are matched to the model. Comma-separated: "
+          "pytorch (DDP's module., torch.compile's _orig_mod., checkpoint_wrapper's and FSDP1's "
+          "wrapper levels), PREFIX. (removed from the start of keys), .LEVEL. (removed wherever "
+          "it stands in a key). Default: none, every key must name a parameter or buffer.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
 ABSL_FLAG(int, save_at_step, 0,
           "With --save: write the checkpoint after this many steps (counted from step 0) and "
@@ -357,38 +366,28 @@ absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::
 }
 
 // Loads a full checkpoint written by SaveCheckpoint (or by PyTorch: model.pt and optim.pt
-// FQN-keyed) into this job, whatever its world size and wrapping; returns the steps done.
-absl::StatusOr<int> LoadFullCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
-                                       fsdp::FullyShardedDataParallel& fsdp,
-                                       fsdp::optim_state::OptimizerAdapter& adapter) {
-  fsdp::StateDict model_state;
-  fsdp::optim_state::OptimStateDict optim_state;
-  optim_state.has_param_groups = false;
+// FQN-keyed, with --strip_key_prefixes for a wrapped model's keys) into this job, whatever its
+// world size and wrapping; returns the steps done (progress.txt, 0 without it).
+absl::StatusOr<int> LoadFullTrainCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
+                                            fsdp::FullyShardedDataParallel& fsdp,
+                                            fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_ASSIGN_OR_RETURN(
+      fsdp::checkpoint::KeyPrefixes strip,
+      fsdp::checkpoint::ParseKeyPrefixes(absl::GetFlag(FLAGS_strip_key_prefixes)));
+  if (absl::Status loaded =
+          fsdp::checkpoint::LoadFullCheckpoint(dir, fsdp, &adapter, {.strip_key_prefixes = strip});
+      !loaded.ok()) {
+    if (!absl::StrContains(loaded.message(), "key prefixes stripped")) return loaded;
+    return absl::Status(loaded.code(), absl::StrCat(loaded.message(), " (--strip_key_prefixes)"));
+  }
   int steps_done = 0;
-  absl::Status status = absl::OkStatus();
   if (group.rank() == 0) {
-    auto model = fsdp::checkpoint::ReadModelStateDict(dir + "/model.pt");
-    auto optim = fsdp::checkpoint::ReadOptimStateDict(dir + "/optim.pt");
-    if (!model.ok()) status = model.status();
-    if (status.ok() && !optim.ok()) status = optim.status();
-    if (status.ok()) {
-      model_state = *std::move(model);
-      optim_state = *std::move(optim);
-      std::ifstream progress(dir + "/" + kProgressFile);
-      std::string line;
-      if (progress >> line && line.rfind("steps_done=", 0) == 0) {
-        steps_done = std::atoi(line.c_str() + 11);
-      }
+    std::ifstream progress(dir + "/" + kProgressFile);
+    std::string line;
+    if (progress >> line && line.rfind("steps_done=", 0) == 0) {
+      steps_done = std::atoi(line.c_str() + 11);
     }
   }
-  FSDP_ASSIGN_OR_RETURN(std::string outcome,
-                        group.BroadcastObject(std::string(status.message()), 0));
-  if (!outcome.empty()) return absl::InvalidArgumentError(outcome);
-  FSDP_RETURN_IF_ERROR(fsdp::LoadFullStateDict(fsdp, model_state, {.rank0_only = true}),
-                       "loading model.pt");
-  FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict local,
-                        fsdp::optim_state::ScatterFullOptimStateDict(optim_state, fsdp, adapter));
-  FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(std::move(local)), "loading optim.pt");
   FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
   return std::atoi(steps.c_str());
 }
@@ -442,7 +441,7 @@ absl::StatusOr<int> LoadCheckpoint(const std::string& dir, fsdp::comm::ProcessGr
   FSDP_ASSIGN_OR_RETURN(kind, group.BroadcastObject(kind, 0));
   if (absl::StartsWith(kind, "error:")) return absl::NotFoundError(kind.substr(6));
   if (kind == "sharded") return LoadShardedTrainCheckpoint(dir, fsdp, adapter);
-  return LoadFullCheckpoint(dir, group, fsdp, adapter);
+  return LoadFullTrainCheckpoint(dir, group, fsdp, adapter);
 }
 
 absl::Status SaveAndReport(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
@@ -480,6 +479,11 @@ absl::Status RunRank() {
   if (StateDictType() != "full" && StateDictType() != "sharded") {
     return absl::InvalidArgumentError(
         absl::StrCat("--state_dict_type=", StateDictType(), " is not one of full, sharded"));
+  }
+  if (absl::StatusOr<fsdp::checkpoint::KeyPrefixes> strip =
+          fsdp::checkpoint::ParseKeyPrefixes(absl::GetFlag(FLAGS_strip_key_prefixes));
+      !strip.ok()) {
+    return fsdp::Annotate(strip.status(), "--strip_key_prefixes");
   }
   const int param_groups = absl::GetFlag(FLAGS_param_groups);
   if (param_groups != 1 && (param_groups != 2 || absl::GetFlag(FLAGS_model) != "nested")) {

@@ -11,8 +11,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "checkpoint/full_checkpoint.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "models/nested_model.h"
+#include "optim_state/optim_state_dict.h"
 #include "tools/python_testutil.h"
 
 namespace {
@@ -239,6 +242,61 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat(c.model, "_", c.optimizer, "_protocol", c.protocol, "_ws", c.world_size);
     });
 
+// A full checkpoint saved from a wrapped PyTorch 2.13 model (torch.compile of DDP of a model
+// whose block2 carries checkpoint_wrapper: "_orig_mod.module.bias", optimizer keys like
+// "_orig_mod.module.block2._checkpoint_wrapped_module.0.weight";
+// tests/optim_state/wrapped_checkpoints.py) is refused naming its first key, and loads with
+// --strip_key_prefixes=pytorch: saved again at once, it holds Python's values under the
+// unwrapped names.
+TEST(Train, LoadsAWrappedPyTorchModelsCheckpointWithStripKeyPrefixes) {
+  const std::string out = TempDir("wrapped_checkpoints");
+  fsdp::models::NestedModel model;  // the files must have train's NestedModel shapes
+  const int64_t hidden =
+      fsdp::models::SlotAs<fsdp::models::BlockBImpl>(model->block0)->weight.size(1);
+  CommandResult python = RunCommand(absl::StrCat(
+      fsdp::testing::PythonCommand(), " ", Runfile("tests/optim_state/wrapped_checkpoints.py"), " ",
+      Runfile("models/testdata"), " ", Runfile("examples/testdata"), " ", out, " ", hidden));
+  ASSERT_EQ(python.exit_code, 0) << python.output;
+  const std::string dir = out + "/ddp_compile_checkpoint_wrapper";
+  const std::string train = absl::StrCat(
+      Runfile("examples/train"), " --model=nested --world_size=2 --timeout_s=120 --load=", dir,
+      " --state_dict_type=full");
+  CommandResult refused = RunCommand(absl::StrCat(train, " --steps=1"));
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_THAT(refused.output,
+              HasSubstr(absl::StrCat(dir,
+                                     "/model.pt: key \"_orig_mod.module.bias\" names no "
+                                     "parameter or buffer of the model")));
+  EXPECT_THAT(refused.output, HasSubstr("(--strip_key_prefixes)"));
+
+  const std::string saved = TempDir("wrapped_checkpoint_loaded");
+  CommandResult loaded =
+      RunCommand(absl::StrCat(train, " --strip_key_prefixes=pytorch --steps=0 --save=", saved));
+  ASSERT_EQ(loaded.exit_code, 0) << loaded.output;
+  auto expected_model = fsdp::checkpoint::ReadModelStateDict(dir + "/expected_model.pt");
+  auto saved_model = fsdp::checkpoint::ReadModelStateDict(saved + "/model.pt");
+  ASSERT_TRUE(expected_model.ok() && saved_model.ok());
+  std::map<std::string, at::Tensor> by_name(saved_model->begin(), saved_model->end());
+  ASSERT_EQ(by_name.size(), expected_model->size());
+  for (const auto& [name, tensor] : *expected_model) {
+    ASSERT_EQ(by_name.count(name), 1u) << name;
+    EXPECT_TRUE(by_name[name].equal(tensor)) << name;
+  }
+  auto expected_optim = fsdp::checkpoint::ReadOptimStateDict(dir + "/expected_optim.pt");
+  auto saved_optim = fsdp::checkpoint::ReadOptimStateDict(saved + "/optim.pt");
+  ASSERT_TRUE(expected_optim.ok() && saved_optim.ok());
+  ASSERT_EQ(saved_optim->state.size(), expected_optim->state.size());
+  for (const auto& [key, state] : expected_optim->state) {
+    const fsdp::optim_state::ParamState* mine = saved_optim->state.Find(key);
+    ASSERT_NE(mine, nullptr) << key;
+    for (const auto& [state_name, value] : state) {
+      ASSERT_NE(mine->Find(state_name), nullptr) << key << " " << state_name;
+      EXPECT_EQ(fsdp::optim_state::DiffStateValues(value, *mine->Find(state_name)), "")
+          << key << " " << state_name;
+    }
+  }
+}
+
 TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
   CommandResult run = RunCommand(absl::StrCat(
       Runfile("examples/train"),
@@ -260,6 +318,10 @@ TEST(Train, BadFlagsAreRefusedByName) {
                                 " --world_size=1 --model=nested --nested_dims=1.12 --steps=1"));
   EXPECT_NE(run.exit_code, 0);
   EXPECT_THAT(run.output, HasSubstr("--nested_dims=1.12 is not one of 2.x, 1.13"));
+  run = RunCommand(absl::StrCat(Runfile("examples/train"),
+                                " --world_size=1 --steps=1 --strip_key_prefixes=module"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("--strip_key_prefixes: key prefixes \"module\": cannot read"));
 }
 
 }  // namespace

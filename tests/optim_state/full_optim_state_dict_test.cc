@@ -7,8 +7,13 @@
 //                                                   test_full_optim_state_dict_keys)
 //   NestedModel.wrap(ignore_modules=True) with activation checkpointing. Python checkpoints
 //   every nn.Sequential (block2); in models/ block2 is a SlotSequential called directly, not a
-//   slot, so its three children (slots) are checkpointed instead: the check (no checkpoint
-//   prefix in any key, keys == the full model state dict's) is the same.
+//   slot, so its three children (slots) are checkpointed instead. Python's check (full optim
+//   state dict keys == full model state dict keys) is kept, and the keys are compared with
+//   those PyTorch 2.13's FSDP1 writes for the same configuration. Beyond Python: full
+//   checkpoints from PyTorch 2.13 models with checkpoint_wrapper, torch.compile, DDP, FSDP1
+//   (named_parameters() keys) and a user's wrapper load with checkpoint::KeyPrefixes, each
+//   value on its parameter, and are refused without them
+//   (tests/optim_state/wrapped_checkpoints.py writes them).
 // test_full_optim_state_dict_nested_invalid       TEST_P(FullOptimStateDictNestedInvalid,
 //                                                   test_full_optim_state_dict_nested_invalid)
 // test_shard_full_optim_state_dict_unmanaged_     TEST_P(ShardFullOptimStateDictUnmanagedParams,
@@ -32,11 +37,17 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/full_checkpoint.h"
+#include "checkpoint/key_prefixes.h"
+#include "checkpoint/load_full_checkpoint.h"
 #include "comm/multiprocess_testutil.h"
 #include "comm/status_macros.h"
 #include "fsdp/activation_checkpointing.h"
@@ -50,6 +61,7 @@
 #include "optim_state/rekey.h"
 #include "optim_state/state_dict_type.h"
 #include "tests/optim_state/port_testutil.h"
+#include "tools/python_testutil.h"
 
 namespace fsdp::optim_state::port {
 namespace {
@@ -68,35 +80,220 @@ std::string TypeName(StateDictType type) {
 
 // ---------------------------------------------------------------- test_full_optim_state_dict_keys
 
+// PyTorch 2.13's full checkpoints for this test (tests/optim_state/wrapped_checkpoints.py, whose
+// docstring lists the cases and their key forms), written once per test process before its
+// ranks start, under $TEST_TMPDIR/wrapped_checkpoints/<case>/: model.pt and optim.pt as the
+// user saved them, expected_model.pt and expected_optim.pt under the unwrapped model's names.
+std::string WrappedCheckpoints() {
+  static const std::string dir = [] {
+    const char* tmp = std::getenv("TEST_TMPDIR");
+    const std::string out = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/wrapped_checkpoints");
+    if (::fsdp::testing::IsRankProcess()) return out;  // the test process wrote them
+    // The files must have this build's NestedModel shapes: block0 is BlockB(5, hidden).
+    models::NestedModel model;
+    const int64_t hidden = models::SlotAs<models::BlockBImpl>(model->block0)->weight.size(1);
+    const ::fsdp::testing::CommandResult run = ::fsdp::testing::RunCommand(
+        absl::StrCat(::fsdp::testing::PythonCommand(), " ",
+                     ::fsdp::testing::Runfile("tests/optim_state/wrapped_checkpoints.py"), " ",
+                     ::fsdp::testing::Runfile("models/testdata"), " ",
+                     ::fsdp::testing::Runfile("examples/testdata"), " ", out, " ", hidden));
+    EXPECT_EQ(run.exit_code, 0) << run.output;
+    return out;
+  }();
+  return dir;
+}
+
+struct WrappedCase {
+  std::string name;   // directory under WrappedCheckpoints()
+  std::string strip;  // the key prefixes (checkpoint::ParseKeyPrefixes) that load it
+  // Loads that must be refused: (key prefixes, what the error says after "<case dir>/"). ""
+  // is no prefix at all: the load without the option.
+  std::vector<std::pair<std::string, std::string>> refused;
+};
+
+std::vector<WrappedCase> WrappedCases() {
+  const std::string model_key = "model.pt: key \"";
+  const std::string optim_key = "optim.pt: state key \"";
+  const std::string nothing = "\" names no parameter";
+  return {
+      // PyTorch's FSDP1 names the keys itself (the Python test's configuration).
+      {"fsdp1_test_config", "", {}},
+      // model.state_dict() is clean (the wrapper's hook), the optimizer's keys are not.
+      {"checkpoint_wrapper",
+       "pytorch",
+       {{"", optim_key + "block2._checkpoint_wrapped_module.0.weight" + nothing}}},
+      {"torch_compile",
+       "pytorch",
+       {{"", model_key + "_orig_mod.bias" + nothing},
+        {"module.", model_key + "_orig_mod.bias" + nothing}}},
+      {"ddp", "module.", {{"", model_key + "module.bias" + nothing}}},
+      {"fsdp1_named_parameters",
+       "pytorch",
+       {{"", model_key + "_fsdp_wrapped_module.bias" + nothing}}},
+      // DDP's "module." named, torch.compile's "_orig_mod." in front of it not.
+      {"ddp_compile_checkpoint_wrapper",
+       "pytorch",
+       {{"", model_key + "_orig_mod.module.bias" + nothing},
+        {"module.,._checkpoint_wrapped_module.", model_key + "_orig_mod.module.bias" + nothing}}},
+      // A prefix no default strips: the caller names it.
+      {"user_wrapper",
+       "pytorch,net.",
+       {{"", model_key + "net.bias" + nothing}, {"pytorch", model_key + "net.bias" + nothing}}},
+  };
+}
+
+// The Python test's model: NestedModel.wrap(ignore_modules=True) without a root unit, Adam
+// (lr 1e-3) over the FSDP parameters, activation checkpointing on block2. Python checkpoints
+// every nn.Sequential, i.e. block2 as a whole; models/ calls block2 (a SlotSequential) directly,
+// not through a slot, so its three children are checkpointed instead: the same modules are
+// recomputed in backward. Checkpointing adds no name in either language (PyTorch strips its
+// wrapper level from the full dicts, ours adds none).
+struct KeysSetup {
+  models::NestedModel model;
+  std::unique_ptr<FullyShardedDataParallel> fsdp;
+  std::unique_ptr<torch::optim::Adam> optim;
+  std::unique_ptr<OptimizerAdapter> adapter;
+};
+
+absl::StatusOr<KeysSetup> InitKeysModel(comm::ProcessGroup& group) {
+  KeysSetup s;
+  FsdpOptions options;
+  options.nested = s.model->wrap_slots();
+  options.wrap_root = false;
+  options.ignored_modules = {s.model->ignored_module()};
+  FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(s.model, Borrow(group), options));
+  for (size_t i = 0; i < s.model->block2->size(); ++i) {
+    FSDP_RETURN_IF_ERROR(ApplyActivationCheckpointing(s.model->block2->slot(i)));
+  }
+  s.optim =
+      std::make_unique<torch::optim::Adam>(s.fsdp->parameters(), torch::optim::AdamOptions(1e-3));
+  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*s.optim));
+  s.adapter = std::make_unique<OptimizerAdapter>(std::move(adapter));
+  return s;
+}
+
+std::set<std::string> StateKeys(const OptimStateDict& osd) {
+  std::set<std::string> keys;
+  for (const auto& [key, state] : osd.state) keys.insert(key.fqn());
+  return keys;
+}
+
+template <typename Dict>
+std::set<std::string> DictKeys(const Dict& dict) {
+  std::set<std::string> keys;
+  for (const auto& [key, tensor] : dict) keys.insert(key);
+  return keys;
+}
+
+// Python's values under the names they belong to (the case's expected_*.pt) against what the
+// C++ model and optimizer hold: every parameter bit for bit, every parameter's optimizer state
+// (exp_avg, exp_avg_sq, step) under that parameter's name.
+void ExpectHoldsPythonValues(KeysSetup& s, const std::string& dir) {
+  FSDP_ASSERT_OK_AND_ASSIGN(checkpoint::ModelStateDict expected_model,
+                            checkpoint::ReadModelStateDict(dir + "/expected_model.pt"));
+  FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict expected_osd,
+                            checkpoint::ReadOptimStateDict(dir + "/expected_optim.pt"));
+  FSDP_ASSERT_OK_AND_ASSIGN(StateDict model_state, FullStateDict(*s.fsdp));
+  EXPECT_EQ(DictKeys(model_state), DictKeys(expected_model));
+  for (const auto& [name, expected] : expected_model) {
+    for (const auto& [key, actual] : model_state) {
+      if (key == name) {
+        EXPECT_TRUE(torch::equal(actual, expected)) << name;
+      }
+    }
+  }
+  FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd,
+                            FullOptimStateDict(*s.fsdp, *s.adapter, {.rank0_only = false}));
+  EXPECT_EQ(StateKeys(osd), StateKeys(expected_osd));
+  for (const auto& [key, expected] : expected_osd.state) {
+    const ParamState* actual = osd.state.Find(key);
+    ASSERT_NE(actual, nullptr) << key;
+    for (const auto& [state_name, value] : expected) {
+      const StateValue* mine = actual->Find(state_name);
+      ASSERT_NE(mine, nullptr) << key << " " << state_name;
+      EXPECT_EQ(DiffStateValues(value, *mine), "") << key << " " << state_name;
+    }
+  }
+  // Hyper-parameters as Python's; "params" as sets (FSDP lists them in its own order).
+  ExpectSameParamGroups(osd, expected_osd, /*check_same_param_keys=*/false);
+  ASSERT_EQ(osd.param_groups.size(), expected_osd.param_groups.size());
+  for (size_t g = 0; g < osd.param_groups.size(); ++g) {
+    std::set<std::string> mine, python;
+    for (const ParamKey& key : osd.param_groups[g].params) mine.insert(key.fqn());
+    for (const ParamKey& key : expected_osd.param_groups[g].params) python.insert(key.fqn());
+    EXPECT_EQ(mine, python) << "group " << g;
+  }
+  // The check above tells parameters apart: no two parameters have the same exp_avg (equal
+  // shapes included: every Bias starts from the same seed).
+  std::vector<std::pair<std::string, at::Tensor>> exp_avgs;
+  for (const auto& [key, state] : expected_osd.state) {
+    exp_avgs.emplace_back(key.fqn(), state.Find("exp_avg")->Get<at::Tensor>());
+  }
+  for (size_t i = 0; i < exp_avgs.size(); ++i) {
+    for (size_t j = i + 1; j < exp_avgs.size(); ++j) {
+      EXPECT_FALSE(exp_avgs[i].second.sizes() == exp_avgs[j].second.sizes() &&
+                   torch::equal(exp_avgs[i].second, exp_avgs[j].second))
+          << exp_avgs[i].first << " and " << exp_avgs[j].first << " cannot be told apart";
+    }
+  }
+}
+
 class FullOptimStateDictKeys : public ::testing::TestWithParam<int> {};
 TEST_P(FullOptimStateDictKeys, test_full_optim_state_dict_keys) {
-  RunInRanks(GetParam(), [](comm::ProcessGroup& group) {
-    models::NestedModel model;
-    FsdpOptions options;
-    options.nested = model->wrap_slots();
-    options.wrap_root = false;
-    options.ignored_modules = {model->ignored_module()};
-    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp,
-                              FullyShardedDataParallel::Wrap(model, Borrow(group), options));
-    for (size_t i = 0; i < model->block2->size(); ++i) {
-      FSDP_ASSERT_OK(ApplyActivationCheckpointing(model->block2->slot(i)));
+  const std::string checkpoints = WrappedCheckpoints();
+  RunInRanks(GetParam(), [&checkpoints](comm::ProcessGroup& group) {
+    // Python's test: after a step, the full optimizer state dict's keys are the full model
+    // state dict's, with no checkpointing prefix. Here also: they are the keys PyTorch's FSDP1
+    // gives the same configuration.
+    {
+      FSDP_ASSERT_OK_AND_ASSIGN(KeysSetup s, InitKeysModel(group));
+      torch::manual_seed(0);
+      s.optim->zero_grad();
+      at::Tensor x = s.model->get_input();
+      s.model->get_loss(x, s.fsdp->forward(x)).backward();
+      FSDP_ASSERT_OK(s.adapter->Step());
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd,
+                                FullOptimStateDict(*s.fsdp, *s.adapter, {.rank0_only = false}));
+      FSDP_ASSERT_OK_AND_ASSIGN(StateDict state_dict, FullStateDict(*s.fsdp));
+      const std::string pytorch = checkpoints + "/fsdp1_test_config";
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict pytorch_osd,
+                                checkpoint::ReadOptimStateDict(pytorch + "/optim.pt"));
+      FSDP_ASSERT_OK_AND_ASSIGN(checkpoint::ModelStateDict pytorch_state_dict,
+                                checkpoint::ReadModelStateDict(pytorch + "/model.pt"));
+      EXPECT_EQ(StateKeys(osd), DictKeys(state_dict));
+      EXPECT_EQ(StateKeys(osd), StateKeys(pytorch_osd));
+      EXPECT_EQ(DictKeys(state_dict), DictKeys(pytorch_state_dict));
     }
-    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(1e-3));
-    FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(optim));
-    torch::manual_seed(0);
-    optim.zero_grad();
-    at::Tensor x = model->get_input();
-    model->get_loss(x, fsdp->forward(x)).backward();
-    FSDP_ASSERT_OK(adapter.Step());
-    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd,
-                              FullOptimStateDict(*fsdp, adapter, {.rank0_only = false}));
-    FSDP_ASSERT_OK_AND_ASSIGN(StateDict state_dict, FullStateDict(*fsdp));
-    std::set<std::string> osd_keys, sd_keys;
-    for (const auto& [key, state] : osd.state) osd_keys.insert(key.fqn());
-    for (const auto& [key, tensor] : state_dict) sd_keys.insert(key);
-    EXPECT_EQ(osd_keys, sd_keys);
-    for (const std::string& key : osd_keys) {
-      EXPECT_THAT(key, ::testing::Not(HasSubstr("checkpoint")));
+    // What matters to a user: a full checkpoint written by a wrapped PyTorch model loads, with
+    // the prefixes named, and each value lands on its parameter.
+    for (const WrappedCase& c : WrappedCases()) {
+      SCOPED_TRACE(c.name);
+      const std::string dir = absl::StrCat(checkpoints, "/", c.name);
+      FSDP_ASSERT_OK_AND_ASSIGN(KeysSetup s, InitKeysModel(group));
+      FSDP_ASSERT_OK_AND_ASSIGN(StateDict before, FullStateDict(*s.fsdp));
+      for (const auto& [spec, error] : c.refused) {
+        SCOPED_TRACE(absl::StrCat("strip=\"", spec, "\""));
+        FSDP_ASSERT_OK_AND_ASSIGN(checkpoint::KeyPrefixes prefixes,
+                                  checkpoint::ParseKeyPrefixes(spec));
+        EXPECT_THAT(
+            checkpoint::LoadFullCheckpoint(dir, *s.fsdp, s.adapter.get(),
+                                           {.strip_key_prefixes = prefixes}),
+            StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(absl::StrCat(dir, "/", error))));
+      }
+      // Refusals changed nothing.
+      FSDP_ASSERT_OK_AND_ASSIGN(StateDict after_refusals, FullStateDict(*s.fsdp));
+      ASSERT_EQ(after_refusals.size(), before.size());
+      for (size_t i = 0; i < before.size(); ++i) {
+        EXPECT_TRUE(torch::equal(after_refusals[i].second, before[i].second)) << before[i].first;
+      }
+      FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict no_state, s.adapter->StateDict());
+      EXPECT_TRUE(no_state.state.empty());
+
+      FSDP_ASSERT_OK_AND_ASSIGN(checkpoint::KeyPrefixes prefixes,
+                                checkpoint::ParseKeyPrefixes(c.strip));
+      FSDP_ASSERT_OK(checkpoint::LoadFullCheckpoint(dir, *s.fsdp, s.adapter.get(),
+                                                    {.strip_key_prefixes = prefixes}));
+      ExpectHoldsPythonValues(s, dir);
     }
   });
 }
