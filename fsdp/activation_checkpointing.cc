@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "absl/strings/str_cat.h"
+#include "fsdp/internal/outer_backward_callback.h"
 
 namespace fsdp {
 namespace {
@@ -41,10 +42,14 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
       at::AutoGradMode enable_grad(true);
       output = recompute->forward(args);
     }
-    if (output.requires_grad()) torch::autograd::backward({output}, {grad_outputs[0]});
+    if (output.requires_grad()) {
+      internal::NestedBackwardScope nested;
+      torch::autograd::backward({output}, {grad_outputs[0]});
+    }
     // One gradient per input of forward: none for the recompute closure and the dummy.
     torch::autograd::variable_list grads = {at::Tensor(), at::Tensor()};
-    for (const at::Tensor& arg : args) grads.push_back(arg.requires_grad() ? arg.grad() : at::Tensor());
+    for (const at::Tensor& arg : args)
+      grads.push_back(arg.requires_grad() ? arg.grad() : at::Tensor());
     return grads;
   }
 };
@@ -57,7 +62,8 @@ class CheckpointRunner : public ForwardRunner {
     std::vector<at::Tensor> all = {at::empty({0}).requires_grad_(true)};
     all.insert(all.end(), inputs.begin(), inputs.end());
     // Passed as a TensorList so that autograd sees each element as an input.
-    return CheckpointFunction::apply(c10::make_intrusive<Recompute>(forward), at::TensorList(all))[0];
+    return CheckpointFunction::apply(c10::make_intrusive<Recompute>(forward),
+                                     at::TensorList(all))[0];
   }
 };
 
@@ -68,9 +74,8 @@ absl::Status ApplyActivationCheckpointing(ModuleSlot& slot) {
     return absl::InvalidArgumentError("activation checkpointing: the slot is empty");
   }
   if (slot.runner() != nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("activation checkpointing: ",
-                                                   slot.module()->name(),
-                                                   " is already checkpointed"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "activation checkpointing: ", slot.module()->name(), " is already checkpointed"));
   }
   slot.set_runner(std::make_shared<CheckpointRunner>());
   return absl::OkStatus();

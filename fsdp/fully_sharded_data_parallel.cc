@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "comm/status_macros.h"
+#include "fsdp/internal/outer_backward_callback.h"
 
 namespace fsdp {
 namespace {
@@ -64,8 +65,7 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
     // FULL_SHARD frees a non-root unit right away; with no backward coming every sharded
     // strategy frees it (the root is used by backward at once, so it stays gathered).
     if (handle_->sharded() &&
-        (!backward_follows ||
-         (!is_root_ && handle_->strategy() == ShardingStrategy::kFullShard))) {
+        (!backward_follows || (!is_root_ && handle_->strategy() == ShardingStrategy::kFullShard))) {
       handle_->Reshard();
     }
     return output;
@@ -158,7 +158,9 @@ void FsdpUnit::InstallGradHooks() {
 void FsdpBackwardState::QueueEndOfBackward() {
   if (end_of_backward_queued) return;
   end_of_backward_queued = true;
-  torch::autograd::Engine::get_default_engine().queue_callback([this] { EndOfBackward(); });
+  // At the end of the outermost backward: a checkpointed region's nested backward ending must
+  // not finish the units outside it.
+  internal::QueueOuterBackwardCallback([this] { EndOfBackward(); });
 }
 
 void FsdpBackwardState::EndOfBackward() {
@@ -233,16 +235,16 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
     }
     torch::nn::Module* m = slot->module().get();
     if (!node_index.count(m)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "FSDP: nested module ", m->name(),
-          " is not inside the wrapped module (or lies in an ignored module)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("FSDP: nested module ", m->name(),
+                       " is not inside the wrapped module (or lies in an ignored module)"));
     }
     if (m == module.get()) {
       return absl::InvalidArgumentError("FSDP: the wrapped module cannot also be nested");
     }
     if (slot->interceptor() != nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "FSDP: module '", nodes[node_index[m]].prefix, "' is already wrapped"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("FSDP: module '", nodes[node_index[m]].prefix, "' is already wrapped"));
     }
     unit_slot[m] = slot;
   }
@@ -258,7 +260,9 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   for (size_t i = 0; i < nodes.size(); ++i) {
     if (unit_modules.count(nodes[i].module)) unit_nodes.push_back(i);
   }
-  auto depth = [&](size_t i) { return std::count(nodes[i].prefix.begin(), nodes[i].prefix.end(), '.'); };
+  auto depth = [&](size_t i) {
+    return std::count(nodes[i].prefix.begin(), nodes[i].prefix.end(), '.');
+  };
   std::vector<size_t> claim_order = unit_nodes;
   std::stable_sort(claim_order.begin(), claim_order.end(),
                    [&](size_t a, size_t b) { return depth(a) > depth(b); });
@@ -293,8 +297,7 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
       auto created = FlatParamHandle::Create(std::move(entries[node]), group,
                                              options.sharding_strategy, options.use_orig_params);
       if (!created.ok()) {
-        return Annotate(created.status(),
-                        absl::StrCat("FSDP unit '", nodes[node].prefix, "'"));
+        return Annotate(created.status(), absl::StrCat("FSDP unit '", nodes[node].prefix, "'"));
       }
       handle = *std::move(created);
     }
@@ -319,7 +322,8 @@ FullyShardedDataParallel::~FullyShardedDataParallel() {
 
 std::vector<FullyShardedDataParallel::UnitView> FullyShardedDataParallel::units() const {
   std::vector<UnitView> out;
-  for (size_t i = 0; i < units_.size(); ++i) out.push_back({unit_prefixes_[i], units_[i]->handle()});
+  for (size_t i = 0; i < units_.size(); ++i)
+    out.push_back({unit_prefixes_[i], units_[i]->handle()});
   return out;
 }
 

@@ -69,13 +69,14 @@ NestedModelImpl::NestedModelImpl(NestedModelDims dims) {
   block2->push_back(BlockA(7, 9));
   block2->push_back(BlockA(9, 9));
   block2->push_back(BlockB(9, 5));
+  block2_slot_ = fsdp::ModuleSlot(block2);
   relu = register_module("relu", torch::nn::ReLU());
 }
 
 torch::Tensor NestedModelImpl::forward(torch::Tensor x) {
   x = relu(block0(x));
   x = relu(block1(x));
-  x = relu(block2(x));
+  x = relu(block2_slot_(x));
   return x + bias;
 }
 

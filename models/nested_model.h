@@ -121,6 +121,13 @@ class NestedModelImpl : public torch::nn::Module {
   torch::Tensor bias;              // [5]
   SlotSequential block2{nullptr};  // BlockA(7, 9), BlockA(9, 9), BlockB(9, 5); each child a slot
   torch::nn::ReLU relu{nullptr};
+
+  // block2 as a whole, as forward calls it: the slot to checkpoint it (Python's
+  // apply_activation_checkpointing with check_fn = isinstance(m, nn.Sequential)).
+  fsdp::ModuleSlot& block2_slot() { return block2_slot_; }
+
+ private:
+  fsdp::ModuleSlot block2_slot_;
 };
 TORCH_MODULE(NestedModel);
 

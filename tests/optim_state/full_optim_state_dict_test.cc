@@ -5,9 +5,8 @@
 // ----------------------------------------------  ----------------------------------------------
 // test_full_optim_state_dict_keys                 TEST_P(FullOptimStateDictKeys,
 //                                                   test_full_optim_state_dict_keys)
-//   NestedModel.wrap(ignore_modules=True) with activation checkpointing. Python checkpoints
-//   every nn.Sequential (block2); in models/ block2 is a SlotSequential called directly, not a
-//   slot, so its three children (slots) are checkpointed instead. Python's check (full optim
+//   NestedModel.wrap(ignore_modules=True) with activation checkpointing of every nn.Sequential
+//   (block2, with its FSDP units inside), as Python. Python's check (full optim
 //   state dict keys == full model state dict keys) is kept, and the keys are compared with
 //   those PyTorch 2.13's FSDP1 writes for the same configuration. Beyond Python: full
 //   checkpoints from PyTorch 2.13 models with checkpoint_wrapper, torch.compile, DDP, FSDP1
@@ -162,9 +161,8 @@ absl::StatusOr<KeysSetup> InitKeysModel(comm::ProcessGroup& group) {
   options.wrap_root = false;
   options.ignored_modules = {s.model->ignored_module()};
   FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(s.model, Borrow(group), options));
-  for (size_t i = 0; i < s.model->block2->size(); ++i) {
-    FSDP_RETURN_IF_ERROR(ApplyActivationCheckpointing(s.model->block2->slot(i)));
-  }
+  // Python: apply_activation_checkpointing(check_fn=isinstance(module, nn.Sequential)).
+  FSDP_RETURN_IF_ERROR(ApplyActivationCheckpointing(s.model->block2_slot()));
   s.optim =
       std::make_unique<torch::optim::Adam>(s.fsdp->parameters(), torch::optim::AdamOptions(1e-3));
   FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*s.optim));
