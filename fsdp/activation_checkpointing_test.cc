@@ -108,6 +108,37 @@ TEST(ActivationCheckpointing, RefusesEmptyAndRepeatedSlots) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("already checkpointed")));
 }
 
+// Three Adam steps of `reference` and of `fsdp` on the same batches: equal losses, then equal
+// parameters (FSDP's full state dict against the reference's).
+template <typename Module>
+void ExpectTrainsAsReference(Module& reference, FullyShardedDataParallel& fsdp) {
+  torch::optim::Adam ref_optim(reference.parameters(), torch::optim::AdamOptions(0.01));
+  torch::optim::Adam optim(fsdp.parameters(), torch::optim::AdamOptions(0.01));
+  for (int step = 0; step < 3; ++step) {
+    torch::manual_seed(10 + step);
+    at::Tensor x = torch::randn({5, 3});
+    ref_optim.zero_grad();
+    optim.zero_grad();
+    at::Tensor ref_loss = reference.forward(x).pow(2).sum();
+    at::Tensor loss = fsdp.forward(x).pow(2).sum();
+    EXPECT_NEAR(loss.item<double>(), ref_loss.item<double>(),
+                1e-5 * std::max(1.0, std::abs(ref_loss.item<double>())))
+        << "step " << step;
+    ref_loss.backward();
+    loss.backward();
+    ref_optim.step();
+    optim.step();
+  }
+  FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(fsdp));
+  std::map<std::string, at::Tensor> expected;
+  for (const auto& p : reference.named_parameters()) expected[p.key()] = p.value();
+  ASSERT_EQ(state.size(), expected.size());
+  for (const auto& [name, value] : state) {
+    ASSERT_TRUE(expected.count(name)) << name;
+    EXPECT_TRUE(at::allclose(value, expected.at(name), 1e-5, 1e-6)) << name;
+  }
+}
+
 using Case = ::fsdp::testing::StrategyCase;
 
 class CheckpointUnderFsdpTest : public ::testing::TestWithParam<Case> {};
@@ -127,32 +158,8 @@ TEST_P(CheckpointUnderFsdpTest, LossesMatchUnwrappedTraining) {
                                                   {.sharding_strategy = c.strategy,
                                                    .use_orig_params = c.use_orig_params,
                                                    .nested = {&net->block0, &net->block1}}));
-    torch::optim::Adam ref_optim(reference->parameters(), torch::optim::AdamOptions(0.01));
-    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(0.01));
-    for (int step = 0; step < 3; ++step) {
-      torch::manual_seed(10 + step);
-      at::Tensor x = torch::randn({5, 3});
-      ref_optim.zero_grad();
-      optim.zero_grad();
-      at::Tensor ref_loss = reference->forward(x).pow(2).sum();
-      at::Tensor loss = fsdp->forward(x).pow(2).sum();
-      EXPECT_NEAR(loss.item<double>(), ref_loss.item<double>(),
-                  1e-5 * std::max(1.0, std::abs(ref_loss.item<double>())))
-          << "step " << step;
-      ref_loss.backward();
-      loss.backward();
-      ref_optim.step();
-      optim.step();
-    }
+    ExpectTrainsAsReference(*reference, *fsdp);
     EXPECT_EQ(net->block0_calls(), 6) << "each step runs the checkpointed forward twice";
-    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(*fsdp));
-    std::map<std::string, at::Tensor> expected;
-    for (const auto& p : reference->named_parameters()) expected[p.key()] = p.value();
-    ASSERT_EQ(state.size(), expected.size());
-    for (const auto& [name, value] : state) {
-      ASSERT_TRUE(expected.count(name)) << name;
-      EXPECT_TRUE(at::allclose(value, expected.at(name), 1e-5, 1e-6)) << name;
-    }
   });
 }
 
@@ -208,31 +215,7 @@ TEST(CheckpointUnderFsdp, RegionHoldingUnitsAfterAUnitOutsideIt) {
             net, Borrow(group),
             {.nested = {&net->embed, &net->two_blocks().block0, &net->two_blocks().block1},
              .wrap_root = false}));
-    torch::optim::Adam ref_optim(reference->parameters(), torch::optim::AdamOptions(0.01));
-    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(0.01));
-    for (int step = 0; step < 3; ++step) {
-      torch::manual_seed(10 + step);
-      at::Tensor x = torch::randn({5, 3});
-      ref_optim.zero_grad();
-      optim.zero_grad();
-      at::Tensor ref_loss = reference->forward(x).pow(2).sum();
-      at::Tensor loss = fsdp->forward(x).pow(2).sum();
-      EXPECT_NEAR(loss.item<double>(), ref_loss.item<double>(),
-                  1e-5 * std::max(1.0, std::abs(ref_loss.item<double>())))
-          << "step " << step;
-      ref_loss.backward();
-      loss.backward();
-      ref_optim.step();
-      optim.step();
-    }
-    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(*fsdp));
-    std::map<std::string, at::Tensor> expected;
-    for (const auto& p : reference->named_parameters()) expected[p.key()] = p.value();
-    ASSERT_EQ(state.size(), expected.size());
-    for (const auto& [name, value] : state) {
-      ASSERT_TRUE(expected.count(name)) << name;
-      EXPECT_TRUE(at::allclose(value, expected.at(name), 1e-5, 1e-6)) << name;
-    }
+    ExpectTrainsAsReference(*reference, *fsdp);
   });
 }
 
