@@ -5,9 +5,11 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -76,6 +78,26 @@ CollectiveImpl Resolve(CollectiveImpl impl) {
 constexpr int kInternalTagBase = 1 << 24;
 // Reduce-scatter pipelines each ring step in pieces of this size.
 constexpr int64_t kReduceScatterPieceBytes = 4 << 20;
+
+// gloo::AllreduceOptions' default largest segment (gloo/allreduce.h, kMaxSegmentSize), which
+// ProcessGroupGloo leaves as it is.
+constexpr int64_t kGlooMaxSegmentBytes = 1 << 20;
+
+// How many elements of a `total`-element buffer Gloo's ring all-reduce gives each rank's chunk
+// (gloo/allreduce.cc, `ring`): the buffer is cut into a multiple of `size` segments, at least
+// 2 * size and enough that none exceeds kGlooMaxSegmentBytes, each a whole number of elements
+// long (the last ones shorter or empty); chunk c is segments [c * k, (c + 1) * k) for k
+// segments per rank. The chunk can be longer than total / size: Gloo rounds the segment up.
+int64_t GlooRingChunk(int64_t total, int64_t element_size, int size) {
+  const int64_t bytes = total * element_size;
+  const int64_t max_segment =
+      element_size * std::max<int64_t>(1, kGlooMaxSegmentBytes / element_size);
+  int64_t segments = std::max<int64_t>((bytes + max_segment - 1) / max_segment, 2 * size);
+  segments = (segments + size - 1) / size * size;
+  const int64_t segment_elements =
+      ((bytes + segments - 1) / segments + element_size - 1) / element_size;
+  return segments / size * segment_elements;
+}
 
 // What is left of a deadline, at least 1 ms (0 would mean "no timeout" to c10d).
 std::chrono::milliseconds RemainingOrZero(std::chrono::steady_clock::time_point deadline) {
@@ -301,48 +323,133 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
 
 absl::Status ProcessGroup::ReduceScatterRing(at::Tensor& out, const at::Tensor& in, int64_t n,
                                              ReduceOp op, std::chrono::milliseconds timeout) {
-  const int next = (rank_ + 1) % size_;
-  const int prev = (rank_ - 1 + size_) % size_;
-  // Ring: at step s rank r sends its partial sum of chunk (r - s - 1) to r + 1 and adds its
-  // own input to the partial sum of chunk (r - s - 2) that it receives from r - 1. After
-  // size - 1 steps it holds the full reduction of chunk r. Each step is cut into pieces whose
-  // receives are all posted at once, so adding one piece overlaps receiving the next. The two
-  // scratch chunks are kept between calls (a fresh large allocation costs page faults).
+  // The ring of Gloo's all-reduce (gloo/allreduce.cc, `ring`), whose reduce-scatter half this
+  // is, run so that every element is summed in the order Gloo sums it: rank r sends to r - 1
+  // and receives from r + 1, and the partial sum of chunk c starts at rank c - 1 and gathers
+  // c - 2, c - 3, ... on its way to rank c, which adds its own value last. Float sums of three
+  // or more values depend on that order (PyTorch's reduce_scatter_tensor on Gloo is that
+  // all-reduce, see ReduceScatterGloo), so with the same order the two agree bit for bit.
+  //
+  // Gloo's chunks are its own: `chunk` elements each (GlooRingChunk), which can exceed n when
+  // Gloo's segments do not divide n. Rank g then ends with the sum of elements that belong to
+  // later ranks' outputs ("the overhang" of its chunk); a last exchange sends each of those to
+  // its rank. When the order cannot change the result (2 ranks: a + b == b + a; integers;
+  // max and min), the chunks are simply ours (chunk == n) and there is no overhang.
+  const bool order_matters = size_ > 2 && at::isFloatingType(in.scalar_type()) &&
+                             (op == ReduceOp::kSum || op == ReduceOp::kAvg);
+  const int64_t total = n * size_;
+  const int64_t chunk = order_matters ? GlooRingChunk(total, in.element_size(), size_) : n;
+  // Chunk g of the ring: [chunk_begin(g), chunk_begin(g) + chunk_len(g)) of the input.
+  auto chunk_begin = [&](int g) { return std::min<int64_t>(g * chunk, total); };
+  auto chunk_len = [&](int g) { return std::min<int64_t>(chunk, total - chunk_begin(g)); };
+  // The part of chunk g that is rank g's own output (the rest is its overhang).
+  auto own_len = [&](int g) {
+    return std::clamp<int64_t>((g + 1) * n - chunk_begin(g), 0, chunk_len(g));
+  };
+  // Each ring step is cut into pieces whose receives are all posted at once, so that adding
+  // one piece overlaps receiving the next; in the last step a piece never straddles the end of
+  // the receiver's own part. (begin, length) within the chunk.
   const int64_t piece = std::max<int64_t>(1, kReduceScatterPieceBytes / in.element_size());
-  const int pieces = static_cast<int>((n + piece - 1) / piece);
-  const int base_tag = NextTags(pieces);
-  at::Tensor partial = Scratch(0, n, in.options());
-  at::Tensor spare = Scratch(1, n, in.options());
-  at::Tensor send_buf = in.narrow(0, ((rank_ - 1 + size_) % size_) * n, n);
+  auto pieces_of = [&](int g, bool last_step) {
+    std::vector<std::pair<int64_t, int64_t>> pieces;
+    const int64_t len = chunk_len(g);
+    const int64_t split = last_step ? own_len(g) : len;
+    for (int64_t begin = 0; begin < len;) {
+      const int64_t end = std::min(begin + piece, begin < split ? split : len);
+      pieces.emplace_back(begin, end - begin);
+      begin = end;
+    }
+    return pieces;
+  };
+  // Tags: one per piece (reused by every step, as messages between two ranks arrive in order),
+  // the last one for the overhang. The count is the same on every rank.
+  const int max_pieces = static_cast<int>((chunk + piece - 1) / piece) + 1;
+  const int base_tag = NextTags(max_pieces + 1);
+  const int overhang_tag = base_tag + max_pieces;
+
+  const int to = (rank_ - 1 + size_) % size_;
+  const int from = (rank_ + 1) % size_;
+  at::Tensor partial = Scratch(0, chunk, in.options());
+  at::Tensor spare = Scratch(1, chunk, in.options());
+  const int first = (rank_ + 1) % size_;
+  at::Tensor send_buf = in.narrow(0, chunk_begin(first), chunk_len(first));
+  at::Tensor overhang;  // this rank's overhang, when the ring is done
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (int s = 0; s < size_ - 1; ++s) {
-    const int recv_chunk = (rank_ - s - 2 + 2 * size_) % size_;
-    at::Tensor recv = s == size_ - 2 ? out : partial;
+    const bool last_step = s == size_ - 2;
+    const int send_chunk = (rank_ + 1 + s) % size_;
+    const int recv_chunk = (rank_ + 2 + s) % size_;  // == rank_ in the last step
     std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
+    std::vector<at::Tensor> got;
     std::vector<std::vector<at::Tensor>> keep;
-    for (int j = 0; j < pieces; ++j) {
-      const int64_t begin = j * piece;
-      const int64_t len = std::min(piece, n - begin);
-      keep.push_back({recv.narrow(0, begin, len)});
-      recvs.push_back(pg_->recv(keep.back(), prev, base_tag + j));
-      keep.push_back({send_buf.narrow(0, begin, len)});
-      sends.push_back(pg_->send(keep.back(), next, base_tag + j));
+    const auto recv_pieces = pieces_of(recv_chunk, last_step);
+    const int64_t mine = last_step ? own_len(rank_) : 0;
+    for (size_t j = 0; j < recv_pieces.size(); ++j) {
+      const auto [begin, len] = recv_pieces[j];
+      // In the last step the own part lands in `out`, the overhang in scratch.
+      at::Tensor dst;
+      if (!last_step) {
+        dst = partial.narrow(0, begin, len);
+      } else if (begin < mine) {
+        dst = out.narrow(0, chunk_begin(rank_) - rank_ * n + begin, len);
+      } else {
+        dst = partial.narrow(0, begin - mine, len);
+      }
+      got.push_back(dst);
+      keep.push_back({dst});
+      recvs.push_back(pg_->recv(keep.back(), from, base_tag + static_cast<int>(j)));
     }
-    at::Tensor own = in.narrow(0, recv_chunk * n, n);
-    for (int j = 0; j < pieces; ++j) {
-      const int64_t begin = j * piece;
-      const int64_t len = std::min(piece, n - begin);
+    const auto send_pieces = pieces_of(send_chunk, last_step);
+    for (size_t j = 0; j < send_pieces.size(); ++j) {
+      keep.push_back({send_buf.narrow(0, send_pieces[j].first, send_pieces[j].second)});
+      sends.push_back(pg_->send(keep.back(), to, base_tag + static_cast<int>(j)));
+    }
+    const int64_t own_begin = chunk_begin(recv_chunk);
+    for (size_t j = 0; j < recv_pieces.size(); ++j) {
       recvs[j]->wait(RemainingOrZero(deadline));
-      at::Tensor got = recv.narrow(0, begin, len);
-      Accumulate(got, own.narrow(0, begin, len), op);
+      // received + own, as Gloo's out = own + received (the same: a + b == b + a).
+      Accumulate(got[j], in.narrow(0, own_begin + recv_pieces[j].first, recv_pieces[j].second), op);
     }
     for (auto& work : sends) work->wait(RemainingOrZero(deadline));
-    if (s < size_ - 2) {
+    if (!last_step) {
       // The sum just formed is the next step's send buffer; receive into the other one.
-      send_buf = partial;
+      send_buf = partial.narrow(0, 0, chunk_len(recv_chunk));
       std::swap(partial, spare);
+    } else {
+      overhang = partial.narrow(0, 0, chunk_len(rank_) - mine);
     }
   }
+  // The overhangs: rank g's covers [chunk_begin(g) + own_len(g), chunk_begin(g) +
+  // chunk_len(g)), all past its own output; each element goes to the rank whose output holds
+  // it. (With chunk == n there are none.)
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  std::vector<std::vector<at::Tensor>> keep;
+  auto overhang_range = [&](int g) {
+    const int64_t begin = chunk_begin(g) + own_len(g);
+    return std::make_pair(begin, chunk_begin(g) + chunk_len(g));
+  };
+  for (int g = 0; g < size_; ++g) {
+    if (g == rank_) continue;
+    // What rank g's overhang holds of this rank's output: receive it straight into `out`.
+    const auto [begin, end] = overhang_range(g);
+    const int64_t lo = std::max(begin, rank_ * n);
+    const int64_t hi = std::min(end, (rank_ + 1) * n);
+    if (hi > lo) {
+      keep.push_back({out.narrow(0, lo - rank_ * n, hi - lo)});
+      works.push_back(pg_->recv(keep.back(), g, overhang_tag));
+    }
+  }
+  {
+    const auto [begin, end] = overhang_range(rank_);
+    for (int c = 0; c < size_; ++c) {
+      const int64_t lo = std::max(begin, c * n);
+      const int64_t hi = std::min(end, (c + 1) * n);
+      if (c == rank_ || hi <= lo) continue;
+      keep.push_back({overhang.narrow(0, lo - begin, hi - lo)});
+      works.push_back(pg_->send(keep.back(), c, overhang_tag));
+    }
+  }
+  for (auto& work : works) work->wait(RemainingOrZero(deadline));
   return absl::OkStatus();
 }
 

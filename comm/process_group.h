@@ -12,7 +12,10 @@
 // Each of the two has two implementations (CollectiveImpl, chosen per call):
 //   * kRing: ours, a ring over Gloo's point-to-point send/recv (LibTorch 1.13's Gloo had
 //     neither collective). Each rank sends and receives (size - 1) / size of the buffer, which
-//     is bandwidth-optimal; reduce-scatter pipelines each ring step in 4 MiB pieces.
+//     is bandwidth-optimal; reduce-scatter pipelines each ring step in 4 MiB pieces. Its
+//     reduce-scatter adds every element's values in the order Gloo's ring all-reduce does
+//     (chunked as Gloo chunks the buffer), so its sums equal kGloo's, and PyTorch's
+//     reduce_scatter_tensor on Gloo, bit for bit at any world size.
 //   * kGloo: c10d::ProcessGroupGloo's own `_allgather_base` / `_reduce_scatter_base`
 //     (LibTorch 2.x). Its all-gather is gloo::allgather (a ring) into a temporary buffer that
 //     is then copied to `output`; its reduce-scatter is an all-reduce of a copy of the whole

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "comm/status_macros.h"
+#include "fsdp/gradient_divide.h"
 
 namespace fsdp {
 
@@ -56,6 +57,7 @@ absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
   handle->group_ = std::move(group);
   handle->strategy_ = strategy;
   handle->use_orig_params_ = use_orig_params;
+  FSDP_ASSIGN_OR_RETURN(handle->divide_, GradientDivideFactorsFor(handle->group_->size()));
   bool any_requires_grad = false;
   std::vector<at::Tensor> pieces;
   for (FlatParamEntry& entry : params) {
@@ -189,20 +191,40 @@ absl::Status FlatParamHandle::ReduceGradients() {
     full_grad.narrow(0, infos_[i].offset, infos_[i].numel).copy_(grad.reshape({-1}));
     grad = at::Tensor();
   }
+  // Averaged over the group as PyTorch FSDP1 averages (gradient_divide.h): divided by the
+  // predivide factor (the padded buffer, as PyTorch's `_reduce_grad`), summed, and the result
+  // divided by the postdivide factor.
   at::Tensor shard_grad;
   if (sharded()) {
+    DivideIfNeeded(full_grad, divide_.predivide);
     shard_grad = at::empty({shard_numel_}, full_grad.options());
-    FSDP_RETURN_IF_ERROR(
-        group_->ReduceScatterTensor(shard_grad, full_grad, comm::ReduceOp::kAvg),
-        absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
-  } else {
-    FSDP_RETURN_IF_ERROR(group_->AllReduce(full_grad, comm::ReduceOp::kAvg),
+    FSDP_RETURN_IF_ERROR(group_->ReduceScatterTensor(shard_grad, full_grad, comm::ReduceOp::kSum),
                          absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
+    DivideIfNeeded(shard_grad, divide_.postdivide);
+  } else {
+    // NO_SHARD: PyTorch's flat parameter keeps its gradient between backward passes and
+    // autograd adds the new one to it, so a gradient already there is reduced again with the
+    // new one (`_reduce_grad_no_shard` divides and all-reduces flat_param.grad as it is).
+    if (!use_orig_params_ && flat_param_.grad().defined()) {
+      full_grad = flat_param_.grad().add_(full_grad);
+    }
+    if (use_orig_params_) {
+      for (size_t i = 0; i < params_.size(); ++i) {
+        if (!stashed_grads_[i].defined()) continue;
+        full_grad.narrow(0, infos_[i].offset, infos_[i].numel)
+            .add_(stashed_grads_[i].reshape({-1}));
+        stashed_grads_[i] = at::Tensor();
+      }
+    }
+    DivideIfNeeded(full_grad, divide_.predivide);
+    FSDP_RETURN_IF_ERROR(group_->AllReduce(full_grad, comm::ReduceOp::kSum),
+                         absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
+    DivideIfNeeded(full_grad, divide_.postdivide);
     shard_grad = full_grad;
   }
   if (!use_orig_params_) {
     at::Tensor& flat_grad = flat_param_.mutable_grad();
-    if (flat_grad.defined()) {
+    if (flat_grad.defined() && sharded()) {
       flat_grad.add_(shard_grad);
     } else {
       flat_grad = shard_grad;

@@ -17,7 +17,10 @@
 //   * ReduceGradients(): flattens the original parameters' gradients (zeros where a parameter
 //     has none), reduce-scatters them averaged over ranks, and gives the shard's gradient to
 //     `flat_param()` (or each original parameter its slice, with use_orig_params). Gradients
-//     already there are accumulated into, as autograd would.
+//     already there are accumulated into, as autograd would. The average is PyTorch FSDP1's,
+//     to the bit: divided by GradientDivideFactors' predivide before the sum-reduction and by
+//     its postdivide after it (gradient_divide.h). Under NO_SHARD, as in PyTorch, a gradient
+//     already there is added to the new one before the all-reduce, not after.
 //   * Reshard(): frees the full buffer's storage (every view of it loses its memory) and
 //     returns to the resting state.
 //
@@ -37,6 +40,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
+#include "fsdp/gradient_divide.h"
 
 namespace fsdp {
 
@@ -123,6 +127,7 @@ class FlatParamHandle {
   std::shared_ptr<comm::ProcessGroup> group_;
   ShardingStrategy strategy_ = ShardingStrategy::kFullShard;
   bool use_orig_params_ = false;
+  GradientDivideFactors divide_;  // for the group's size
   std::vector<FlatParamInfo> infos_;
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> stashed_grads_;

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "comm/multiprocess_testutil.h"
 #include "fsdp/fsdp_testutil.h"
 #include "gmock/gmock.h"
@@ -171,6 +173,43 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{2, ShardingStrategy::kNoShard, false},
                       Case{2, ShardingStrategy::kNoShard, true}),
     ::fsdp::testing::StrategyCaseName);
+
+// The average divides part of the way before the sum, as PyTorch FSDP1 does (2 before and 1
+// after at 2 ranks, 2 and 2 at 4): gradients whose sum over the ranks exceeds float's range
+// still average to a finite value, where summing first and dividing once gives inf. Every
+// rank's gradient is v = 1.5 * 2^127 / (ws / 2); the sum of ws * v / 2 is 1.5 * 2^127, below
+// float's largest 1.99 * 2^127, and every step is exact, so the average is v exactly.
+class GradientDivideTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(GradientDivideTest, GradientsDividedBeforeTheSumDoNotOverflow) {
+  const Case c = GetParam();
+  RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
+    const float v = std::ldexp(1.5f, 127) / (group.size() / 2);
+    ASSERT_TRUE(std::isinf(v * group.size())) << "a sum before dividing must overflow";
+    auto group_ptr = Borrow(group);
+    at::Tensor param = at::zeros({7}).set_requires_grad(true);
+    FSDP_ASSERT_OK_AND_ASSIGN(auto handle, FlatParamHandle::Create({{{"w"}, param}}, group_ptr,
+                                                                   c.strategy, c.use_orig_params));
+    FSDP_ASSERT_OK(handle->Unshard());
+    param.mutable_grad() = at::full({7}, v);
+    FSDP_ASSERT_OK(handle->ReduceGradients());
+    handle->Reshard();
+    const at::Tensor grad = c.use_orig_params ? param.grad() : handle->flat_param().grad();
+    ASSERT_TRUE(grad.defined());
+    // The padding of a sharded flat gradient (7 elements over 2 or 4 ranks) stays zero.
+    const int64_t valid =
+        c.use_orig_params ? grad.numel() : handle->ShardOf(0, handle->rank()).numel;
+    EXPECT_TRUE(at::equal(grad.narrow(0, 0, valid), at::full({valid}, v))) << grad;
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, GradientDivideTest,
+                         ::testing::Values(Case{2, ShardingStrategy::kFullShard, false},
+                                           Case{4, ShardingStrategy::kFullShard, true},
+                                           Case{4, ShardingStrategy::kShardGradOp, false},
+                                           Case{2, ShardingStrategy::kNoShard, true},
+                                           Case{4, ShardingStrategy::kNoShard, false}),
+                         ::fsdp::testing::StrategyCaseName);
 
 TEST(FlatParamHandle, RanksWhoseShardIsAllPaddingStillTakePart) {
   // Two elements over four ranks: shards of one element, ranks 2 and 3 hold only padding.

@@ -29,6 +29,19 @@ get_optimizer_state_dict with StateDictOptions(full_state_dict=True, cpu_offload
 FSDP.optim_state_dict_to_load; FSDP2: set_model_state_dict / set_optimizer_state_dict with
 full_state_dict=True), draws and drops the batches of the steps done, and trains on.
 
+--dump_grads DIR (FSDP1 or --fsdp 0) trains nothing: every rank runs --backwards K forward and
+backward passes (no optimizer step, no zero_grad in between) on inputs drawn per rank and per
+pass (manual_seed(grad_dump_seed(k, rank)), then the model's batch), and writes what FSDP
+reduced: DIR/rank<r>.txt lists, one line each,
+  unit fqns=<FQN,...> numel=<n> file=<name>      each FSDP unit's flat gradient as it is after
+                                                 the passes (FSDP1 without use_orig_params: this
+                                                 rank's padded shard; file=none: no gradient)
+  local pass=<k> fqn=<FQN> numel=<n> file=<name> the unwrapped model's gradient of pass k on this
+                                                 rank's input alone (what goes into the reduction)
+with raw little-endian float32 files beside it. --nested_dims IN0,OUT0,IN1,OUT1 builds
+NestedModel with block0 = BlockB(IN0, OUT0) and block1 = BlockB(IN1, OUT1) (PyTorch 1.13's
+test file: 5,7,7,7; 2.x: 5,3,3,7), so a caller can match the C++ model it built.
+
 Exit codes: 0 ok; 77 with `SKIP: <reason>` on stdout for a configuration PyTorch 2.13 cannot run
 on CPU (measured, see README.md); 2 for bad flags. Under a bare torchrun a skip exits 1 (torchrun
 reports any failing rank as 1): look for the `SKIP:` line, or use --nproc_per_node.
@@ -124,6 +137,9 @@ def parse_args(argv):
         default=0,
         help="launch torchrun with this many ranks on this script (exit 77 if a rank skipped)",
     )
+    p.add_argument("--dump_grads", default="", help="write the reduced gradients here and stop")
+    p.add_argument("--backwards", type=int, default=1, help="--dump_grads: backward passes")
+    p.add_argument("--nested_dims", default="", help="IN0,OUT0,IN1,OUT1 of block0 and block1")
     p.add_argument("--timeout_s", type=int, default=120, help="collective timeout, seconds")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = p.parse_args(argv)
@@ -134,6 +150,15 @@ def parse_args(argv):
         p.error("--param_groups=2 is NestedModel's param_group0/param_group1 only")
     if args.save_after < 0:
         p.error("--save_after is negative")
+    if args.nested_dims:
+        try:
+            args.nested_dims = [int(d) for d in args.nested_dims.split(",")]
+        except ValueError:
+            args.nested_dims = []
+        if len(args.nested_dims) != 4 or args.model != "nested":
+            p.error("--nested_dims takes IN0,OUT0,IN1,OUT1, with --model nested")
+    if args.dump_grads and (args.fsdp == 2 or args.use_orig_params or args.backwards < 1):
+        p.error("--dump_grads: FSDP1 without --use_orig_params (or 0), --backwards >= 1")
     return args
 
 
@@ -151,11 +176,27 @@ def make_optimizer(name, lr, params):
     return oracle().make_optimizer(name, lr, params)
 
 
-def build_model(rm, name):
+def nested_model(rm, dims):
+    """rm.NestedModel, or with block0 = BlockB(dims[0], dims[1]) and block1 = BlockB(dims[2],
+    dims[3]): built as NestedModel.__init__ builds, in the same order (each block seeds the
+    generator itself; `bias` is drawn from where block1 left it)."""
+    if not dims:
+        return rm.NestedModel()
+    model = rm.NestedModel.__new__(rm.NestedModel)
+    torch.nn.Module.__init__(model)
+    model.block0 = rm.BlockB(dims[0], dims[1])
+    model.block1 = rm.BlockB(dims[2], dims[3])
+    model.bias = torch.nn.Parameter(torch.randn((5,)))
+    model.block2 = torch.nn.Sequential(rm.BlockA(dims[3], 9), rm.BlockA(9, 9), rm.BlockB(9, 5))
+    model.relu = torch.nn.ReLU()
+    return model
+
+
+def build_model(rm, name, nested_dims=None):
     """Returns (model, next_batch, loss_fn): next_batch() draws one step's inputs (a tuple) from
     the default generator as examples/train does; loss_fn(model, inputs) is the step's loss."""
     if name == "nested":
-        model = rm.NestedModel()
+        model = nested_model(rm, nested_dims)
         return model, lambda: (torch.randn((8, 5)),), lambda m, x: m(*x).sum()
     if name == "transformer":
         model = rm.TransformerWithSharedParams(rank=0)  # eval(): dropout off
@@ -346,6 +387,58 @@ def load_checkpoint(model, optim, args):
     return steps_done
 
 
+# --- reduced gradients (--dump_grads) ----------------------------------------------------------
+
+
+def grad_dump_seed(k, rank):
+    """The seed of backward pass k's input on `rank` (the C++ side draws the same)."""
+    return 1000 + 100 * k + rank
+
+
+def write_tensor(dir_, name, tensor):
+    with open(os.path.join(dir_, name), "wb") as f:
+        f.write(tensor.detach().contiguous().to(torch.float32).numpy().tobytes())
+
+
+def dump_grads(model, plain, next_batch, loss_fn, args, rank):
+    """--dump_grads: runs the passes on the FSDP model and, pass by pass, on `plain` (the same
+    model unwrapped), and writes both as the module docstring says."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+    os.makedirs(args.dump_grads, exist_ok=True)
+    lines = []
+    for k in range(args.backwards):
+        torch.manual_seed(grad_dump_seed(k, rank))
+        inputs = next_batch()
+        loss_fn(model, inputs).backward()
+        plain.zero_grad(set_to_none=True)
+        loss_fn(plain, inputs).backward()
+        for fqn, param in plain.named_parameters():
+            if param.grad is None:
+                continue
+            name = f"rank{rank}_pass{k}_{fqn}.bin"
+            write_tensor(args.dump_grads, name, param.grad.reshape(-1))
+            lines.append(f"local pass={k} fqn={fqn} numel={param.numel()} file={name}")
+    units = [(n, m) for n, m in model.named_modules() if isinstance(m, FSDP)]
+    for i, (path, unit) in enumerate(units):
+        handle = unit._handle
+        if handle is None:
+            continue
+        flat = handle.flat_param
+        prefix = clean_tensor_name(path) + "." if path else ""
+        fqns = ",".join(prefix + clean_tensor_name(f) for f in flat._fqns)
+        if flat.grad is None:
+            lines.append(f"unit fqns={fqns} numel=0 file=none")
+            continue
+        name = f"rank{rank}_unit{i}.bin"
+        write_tensor(args.dump_grads, name, flat.grad)
+        lines.append(f"unit fqns={fqns} numel={flat.grad.numel()} file={name}")
+    with open(os.path.join(args.dump_grads, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"peer: rank {rank} wrote {len(units)} units' gradients to {args.dump_grads}", flush=True)
+
+
 # --- main -----------------------------------------------------------------------------------
 
 
@@ -394,7 +487,8 @@ def main(argv):
         rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size() if args.fsdp else 1
 
-    model, next_batch, loss_fn = build_model(rm, args.model)
+    model, next_batch, loss_fn = build_model(rm, args.model, args.nested_dims)
+    plain = build_model(rm, args.model, args.nested_dims)[0] if args.dump_grads else None
     units, wrap_root = WRAPPINGS[(args.model, args.wrap)]
     if args.fsdp == 1:
         model = wrap_fsdp1(model, units, wrap_root, args)
@@ -402,6 +496,12 @@ def main(argv):
         if args.use_orig_params:
             print("peer: --use_orig_params has no meaning for FSDP2 (always original params)")
         model = wrap_fsdp2(model, units, wrap_root, args)
+    if args.dump_grads:
+        dump_grads(model, plain, next_batch, loss_fn, args, rank)
+        if args.fsdp:
+            torch.distributed.barrier()
+        sys.stdout.flush()
+        os._exit(0)  # as at the end of main
     optim = make_optimizer(args.optimizer, args.lr, make_params(model, args))
 
     first_step = load_checkpoint(model, optim, args) if args.load else 0

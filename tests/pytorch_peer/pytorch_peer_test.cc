@@ -40,8 +40,8 @@ using ::testing::HasSubstr;
 constexpr int kSteps = 5;
 constexpr int kSaveAfter = 3;
 // Losses: the bar. Checkpoint tensors: LibTorch's optimizers round differently from
-// torch.optim's (Adam's exp_avg is mul_+add_ in C++, lerp_ in Python: a few ulps), and at world
-// size 3 the reduction's order and FSDP1's 2 x 1.5 gradient division show (README).
+// torch.optim's (Adam's exp_avg is mul_+add_ in C++, lerp_ in Python: a few ulps). The reduced
+// gradients themselves are FSDP1's bit for bit (gradient_reduction_peer_test).
 constexpr double kLossRelativeTolerance = 1e-5;
 constexpr char kCheckpointTolerance[] = "--rtol 1e-4 --atol 1e-5";
 constexpr int kSkipExitCode = 77;

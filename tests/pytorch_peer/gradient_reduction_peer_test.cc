@@ -1,0 +1,299 @@
+// Our gradient reduction against PyTorch 2.13's, bit for bit, on real processes: PyTorch's
+// ranks under torchrun on CPU/Gloo, ours as RunInRanks processes, every rank with inputs of
+// its own (so the sums' order shows).
+//   * ReduceScatterPeerTest (3, 4 and 8 ranks): ProcessGroup::ReduceScatterTensor, the default
+//     (our ring) and kGloo, sums random values to the very bits of PyTorch's
+//     dist.reduce_scatter_tensor (reduce_scatter_peer.py), for chunk sizes that Gloo's segments
+//     do not divide and for chunks of several of Gloo's 1 MiB segments and our 4 MiB pieces.
+//   * GradientPeerTest (2, 3 and 4 ranks): NestedModel under our FSDP and under PyTorch's FSDP1
+//     (fsdp_peer.py --dump_grads), one or two backward passes: each rank's gradient of every
+//     FSDP unit (its padded shard; NO_SHARD: the whole flat gradient) is bit-identical to
+//     FSDP1's, and so is each rank's local gradient, the reduction's input. The same division
+//     (gradient_divide.h) and the same summation order (comm/process_group.h) make it so.
+// Each rank writes a summary line that the test prints (units, elements, how many differ).
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "comm/multiprocess_testutil.h"
+#include "comm/process_group.h"
+#include "fsdp/fully_sharded_data_parallel.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "models/nested_model.h"
+#include "tools/python_testutil.h"
+
+namespace fsdp {
+namespace {
+
+using ::fsdp::testing::CommandResult;
+using ::fsdp::testing::IsRankProcess;
+using ::fsdp::testing::PythonCommand;
+using ::fsdp::testing::RunCommand;
+using ::fsdp::testing::Runfile;
+using ::fsdp::testing::RunInRanks;
+
+// Per test: the same path in the test process and in its rank processes.
+std::string TempDir(const std::string& name) {
+  const char* root = std::getenv("TEST_TMPDIR");
+  return absl::StrCat(root != nullptr ? root : "/tmp", "/", name);
+}
+
+// A file of raw float32 values.
+at::Tensor ReadFloats(const std::string& path, int64_t numel) {
+  std::ifstream in(path, std::ios::binary);
+  at::Tensor t = at::empty({numel});
+  in.read(reinterpret_cast<char*>(t.data_ptr<float>()), numel * sizeof(float));
+  EXPECT_TRUE(in.good() && in.peek() == EOF) << path << " does not hold " << numel << " floats";
+  return t;
+}
+
+// How many elements of `a` and `b` (same size) differ in their bits.
+int64_t BitsDiffer(const at::Tensor& a, const at::Tensor& b) {
+  return a.contiguous().view(at::kInt).ne(b.contiguous().view(at::kInt)).sum().item<int64_t>();
+}
+
+double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) {
+  return a.numel() == 0 ? 0.0 : (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+void WriteSummary(const std::string& dir, int rank, const std::string& line) {
+  std::ofstream(absl::StrCat(dir, "/summary_rank", rank, ".txt")) << line << "\n";
+}
+
+void PrintSummaries(const std::string& dir, int world_size) {
+  for (int r = 0; r < world_size; ++r) {
+    std::ifstream in(absl::StrCat(dir, "/summary_rank", r, ".txt"));
+    std::stringstream text;
+    text << in.rdbuf();
+    EXPECT_FALSE(text.str().empty()) << "rank " << r << " wrote no summary";
+    std::printf("%s", text.str().c_str());
+  }
+}
+
+// --- ReduceScatterPeerTest -------------------------------------------------------------------
+
+// Output chunk sizes (floats): a few elements; chunks that Gloo's two segments per rank split
+// unevenly (1001, 4097); chunks of several 1 MiB segments and of two 4 MiB pieces.
+constexpr int64_t kChunkSizes[] = {1, 2, 5, 1000, 1001, 4097, (1 << 20) + 3};
+
+class ReduceScatterPeerTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(ReduceScatterPeerTest, RingAndGlooSumToPyTorchsBits) {
+  const int world_size = GetParam();
+  const std::string dir = TempDir(absl::StrCat("reduce_scatter_ws", world_size));
+  if (!IsRankProcess()) {
+    const CommandResult py = RunCommand(absl::StrCat(
+        PythonCommand(), " -m torch.distributed.run --standalone --nproc_per_node=", world_size,
+        " ", Runfile("tests/pytorch_peer/reduce_scatter_peer.py"), " --out=", dir,
+        " --sizes=", absl::StrJoin(kChunkSizes, ",")));
+    ASSERT_EQ(py.exit_code, 0) << py.output;
+  }
+  RunInRanks(world_size, [dir](comm::ProcessGroup& group) {
+    const int ws = group.size();
+    std::vector<std::string> report;
+    for (int64_t n : kChunkSizes) {
+      // As reduce_scatter_peer.py draws it.
+      at::manual_seed(1234 + group.rank());
+      const at::Tensor input = at::randn({n * ws}) * 100;
+      const at::Tensor pytorch =
+          ReadFloats(absl::StrCat(dir, "/ws", ws, "_n", n, "_rank", group.rank(), ".bin"), n);
+      for (comm::CollectiveImpl impl :
+           {comm::CollectiveImpl::kDefault, comm::CollectiveImpl::kGloo}) {
+        at::Tensor ours = at::empty({n});
+        FSDP_ASSERT_OK(
+            group.ReduceScatterTensor(ours, input, comm::ReduceOp::kSum, {.impl = impl}));
+        const int64_t differ = BitsDiffer(ours, pytorch);
+        EXPECT_EQ(differ, 0) << comm::CollectiveImplName(impl) << ", n " << n << ", rank "
+                             << group.rank() << " of " << ws << ": elements that differ from "
+                             << "PyTorch's, of " << n << "; largest difference "
+                             << MaxAbsDiff(ours, pytorch);
+        report.push_back(absl::StrCat(comm::CollectiveImplName(impl), " n=", n, ": ", differ));
+      }
+    }
+    WriteSummary(
+        dir, group.rank(),
+        absl::StrCat("reduce_scatter ws", ws, " rank ", group.rank(),
+                     ", elements differing from PyTorch's: ", absl::StrJoin(report, ", ")));
+  });
+  if (!IsRankProcess()) PrintSummaries(dir, world_size);
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldSizes, ReduceScatterPeerTest, ::testing::Values(3, 4, 8),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return absl::StrCat("ws", info.param);
+                         });
+
+// --- GradientPeerTest ------------------------------------------------------------------------
+
+struct GradCase {
+  int world_size;
+  std::string strategy;  // fsdp_peer.py's --sharding_strategy
+  std::string wrap;      // NestedModel.wrap's units ("wrap") or the root only ("none")
+  int backwards;         // passes before the gradients are compared (no zero_grad between)
+};
+
+ShardingStrategy StrategyOf(const std::string& name) {
+  if (name == "shard_grad_op") return ShardingStrategy::kShardGradOp;
+  if (name == "no_shard") return ShardingStrategy::kNoShard;
+  return ShardingStrategy::kFullShard;
+}
+
+std::string GradCaseName(const GradCase& c) {
+  return absl::StrCat("ws", c.world_size, "_", c.strategy, "_", c.wrap, "_", c.backwards,
+                      "backward");
+}
+
+// fsdp_peer.py's grad_dump_seed: pass k's input on `rank`.
+uint64_t GradDumpSeed(int k, int rank) { return 1000 + 100 * k + rank; }
+
+// block0's and block1's (in, out) as our NestedModel builds them, for PyTorch's to match.
+std::string NestedDims() {
+  models::NestedModel probe;
+  std::vector<int64_t> dims;
+  for (const char* name : {"block0.weight", "block1.weight"}) {
+    const at::Tensor* weight = probe->named_parameters().find(name);
+    if (weight == nullptr) return "";
+    dims.push_back(weight->size(0));
+    dims.push_back(weight->size(1));
+  }
+  return absl::StrJoin(dims, ",");
+}
+
+// key=value fields of a manifest line (fsdp_peer.py's --dump_grads).
+std::map<std::string, std::string> Fields(absl::string_view line) {
+  std::map<std::string, std::string> fields;
+  for (absl::string_view field : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
+    std::pair<std::string, std::string> kv = absl::StrSplit(field, absl::MaxSplits('=', 1));
+    fields[kv.first] = kv.second;
+  }
+  return fields;
+}
+
+class GradientPeerTest : public ::testing::TestWithParam<GradCase> {};
+
+TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
+  const GradCase c = GetParam();
+  const std::string dir = TempDir(GradCaseName(c));
+  if (!IsRankProcess()) {
+    const std::string dims = NestedDims();
+    ASSERT_FALSE(dims.empty()) << "NestedModel has no block0.weight / block1.weight";
+    const CommandResult py = RunCommand(absl::StrCat(
+        PythonCommand(), " ", Runfile("tests/pytorch_peer/fsdp_peer.py"),
+        " --nproc_per_node=", c.world_size, " --models_dir=", Runfile("models/testdata"),
+        " --fsdp=1 --model=nested --wrap=", c.wrap, " --sharding_strategy=", c.strategy,
+        " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir));
+    ASSERT_EQ(py.exit_code, 0) << py.output;
+  }
+  RunInRanks(c.world_size, [c, dir](comm::ProcessGroup& group) {
+    at::set_num_threads(1);  // as fsdp_peer.py: the same kernels' blocking
+    std::shared_ptr<comm::ProcessGroup> group_ptr(&group, [](comm::ProcessGroup*) {});
+    models::NestedModel net;
+    models::NestedModel plain;  // unwrapped: each pass's local gradient
+    FsdpOptions options{.sharding_strategy = StrategyOf(c.strategy), .use_orig_params = false};
+    if (c.wrap == "wrap") {
+      options.nested = net->wrap_slots();
+      options.wrap_root = false;
+    }
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, FullyShardedDataParallel::Wrap(net, group_ptr, options));
+    std::map<std::string, at::Tensor> local;  // "pass/fqn" -> gradient
+    for (int k = 0; k < c.backwards; ++k) {
+      at::manual_seed(GradDumpSeed(k, group.rank()));
+      const at::Tensor x = net->get_input();
+      fsdp->forward(x).sum().backward();
+      for (at::Tensor& p : plain->parameters()) p.mutable_grad() = at::Tensor();
+      plain->forward(x).sum().backward();
+      for (const auto& item : plain->named_parameters()) {
+        if (item.value().grad().defined()) {
+          local[absl::StrCat(k, "/", item.key())] = item.value().grad().reshape({-1}).clone();
+        }
+      }
+    }
+    std::map<std::string, at::Tensor> units;  // "fqn,fqn" -> this rank's flat gradient
+    for (const FullyShardedDataParallel::UnitView& unit : fsdp->units()) {
+      if (unit.handle == nullptr) continue;
+      std::vector<std::string> fqns;
+      for (const FlatParamInfo& info : unit.handle->infos()) fqns.push_back(info.fqns[0]);
+      units[absl::StrJoin(fqns, ",")] = unit.handle->flat_param().grad();
+    }
+
+    std::ifstream manifest(absl::StrCat(dir, "/rank", group.rank(), ".txt"));
+    ASSERT_TRUE(manifest.good()) << "no manifest from PyTorch's rank " << group.rank();
+    std::set<std::string> pytorch_units;
+    int64_t unit_elements = 0, unit_differ = 0, local_elements = 0, local_differ = 0;
+    int local_count = 0;
+    for (std::string line; std::getline(manifest, line);) {
+      std::map<std::string, std::string> f = Fields(line);
+      int64_t numel = 0;
+      ASSERT_TRUE(absl::SimpleAtoi(f["numel"], &numel)) << line;
+      if (absl::StartsWith(line, "local ")) {
+        const std::string key = absl::StrCat(f["pass"], "/", f["fqn"]);
+        ASSERT_TRUE(local.count(key)) << "PyTorch has a local gradient we lack: " << line;
+        const at::Tensor pytorch = ReadFloats(absl::StrCat(dir, "/", f["file"]), numel);
+        const int64_t differ = BitsDiffer(local[key], pytorch);
+        EXPECT_EQ(differ, 0) << "local gradient of pass " << key << " on rank " << group.rank()
+                             << ": the reduction's inputs differ already; largest difference "
+                             << MaxAbsDiff(local[key], pytorch);
+        local_elements += numel;
+        local_differ += differ;
+        ++local_count;
+        continue;
+      }
+      const std::string key = f["fqns"];
+      pytorch_units.insert(key);
+      ASSERT_TRUE(units.count(key)) << "PyTorch's unit [" << key << "] is not one of ours";
+      const at::Tensor& ours = units[key];
+      if (f["file"] == "none") {
+        EXPECT_FALSE(ours.defined()) << "unit [" << key << "]: PyTorch's has no gradient";
+        continue;
+      }
+      ASSERT_TRUE(ours.defined()) << "unit [" << key << "] has no gradient; PyTorch's has";
+      ASSERT_EQ(ours.numel(), numel) << "unit [" << key << "]: another layout than PyTorch's";
+      const at::Tensor pytorch = ReadFloats(absl::StrCat(dir, "/", f["file"]), numel);
+      const int64_t differ = BitsDiffer(ours, pytorch);
+      EXPECT_EQ(differ, 0) << "reduced gradient of unit [" << key << "] on rank " << group.rank()
+                           << " of " << group.size() << ": " << differ << " of " << numel
+                           << " elements differ from PyTorch FSDP1's; largest "
+                           << "difference " << MaxAbsDiff(ours, pytorch);
+      unit_elements += numel;
+      unit_differ += differ;
+    }
+    std::set<std::string> our_units;
+    for (const auto& [key, grad] : units) our_units.insert(key);
+    EXPECT_EQ(our_units, pytorch_units) << "the units differ from PyTorch's";
+    EXPECT_EQ(local_count, static_cast<int>(local.size()));
+    WriteSummary(dir, group.rank(),
+                 absl::StrCat(GradCaseName(c), " rank ", group.rank(), ": ", units.size(),
+                              " units, ", unit_elements, " reduced gradient elements, ",
+                              unit_differ, " differ from PyTorch FSDP1's; local gradients ",
+                              local_elements, " elements, ", local_differ, " differ"));
+  });
+  if (!IsRankProcess()) PrintSummaries(dir, c.world_size);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, GradientPeerTest,
+    ::testing::Values(GradCase{2, "full_shard", "wrap", 1}, GradCase{3, "full_shard", "wrap", 1},
+                      GradCase{4, "full_shard", "wrap", 1}, GradCase{3, "full_shard", "none", 1},
+                      // Accumulation over two passes: sharded (added after the reduction) and
+                      // NO_SHARD (the gradient already there is reduced again with the new one).
+                      GradCase{4, "shard_grad_op", "wrap", 2}, GradCase{3, "no_shard", "wrap", 2}),
+    [](const ::testing::TestParamInfo<GradCase>& info) { return GradCaseName(info.param); });
+
+}  // namespace
+}  // namespace fsdp
