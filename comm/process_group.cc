@@ -1,13 +1,12 @@
 #include "comm/process_group.h"
 
-#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-
 #include <signal.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <utility>
 #include <vector>
 
@@ -136,13 +135,11 @@ void IgnoreSigpipeUnlessHandled() {
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::Create(
-    c10::intrusive_ptr<c10d::Store> store, int rank, int size,
-    const ProcessGroupOptions& options) {
+    c10::intrusive_ptr<c10d::Store> store, int rank, int size, const ProcessGroupOptions& options) {
   IgnoreSigpipeUnlessHandled();
   if (size <= 0 || rank < 0 || rank >= size) {
-    return absl::InvalidArgumentError(absl::StrCat("process group '", options.name,
-                                                   "': rank ", rank,
-                                                   " is outside a group of size ", size));
+    return absl::InvalidArgumentError(absl::StrCat("process group '", options.name, "': rank ",
+                                                   rank, " is outside a group of size ", size));
   }
   if (!store) {
     return absl::InvalidArgumentError(
@@ -177,8 +174,9 @@ std::chrono::milliseconds ProcessGroup::Timeout(const CollectiveOptions& options
 
 std::string ProcessGroup::Where(absl::string_view op) const {
   const int global = global_ranks_[rank_];
-  return absl::StrCat(op, " on rank ", rank_, global != rank_ ? absl::StrCat(" (global ", global, ")") : "",
-                      " of group '", options_.name, "' (size ", size_, ")");
+  return absl::StrCat(op, " on rank ", rank_,
+                      global != rank_ ? absl::StrCat(" (global ", global, ")") : "", " of group '",
+                      options_.name, "' (size ", size_, ")");
 }
 
 absl::Status ProcessGroup::CheckTensor(absl::string_view op, const at::Tensor& t) const {
@@ -240,10 +238,10 @@ absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Ten
   FSDP_RETURN_IF_ERROR(CheckTensor(kOp, output));
   const int64_t n = input.numel();
   if (output.numel() != n * size_ || output.scalar_type() != input.scalar_type()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        Where(kOp), ": output must hold size * input.numel() = ", n * size_, " elements of ",
-        c10::toString(input.scalar_type()), ", got ", output.numel(), " of ",
-        c10::toString(output.scalar_type())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(kOp), ": output must hold size * input.numel() = ", n * size_,
+                     " elements of ", c10::toString(input.scalar_type()), ", got ", output.numel(),
+                     " of ", c10::toString(output.scalar_type())));
   }
   at::Tensor out = output.view({-1});
   at::Tensor in = input.reshape({-1});
@@ -297,10 +295,10 @@ absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Ten
   FSDP_RETURN_IF_ERROR(CheckTensor(kOp, output));
   const int64_t n = output.numel();
   if (input.numel() != n * size_ || output.scalar_type() != input.scalar_type()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        Where(kOp), ": input must hold size * output.numel() = ", n * size_, " elements of ",
-        c10::toString(output.scalar_type()), ", got ", input.numel(), " of ",
-        c10::toString(input.scalar_type())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(kOp), ": input must hold size * output.numel() = ", n * size_,
+                     " elements of ", c10::toString(output.scalar_type()), ", got ", input.numel(),
+                     " of ", c10::toString(input.scalar_type())));
   }
   if (op == ReduceOp::kAvg && !at::isFloatingType(output.scalar_type())) {
     return absl::InvalidArgumentError(Where(kOp) + ": kAvg needs a floating-point tensor");
@@ -491,8 +489,8 @@ absl::Status ProcessGroup::Broadcast(at::Tensor& tensor, int root,
   constexpr absl::string_view kOp = "broadcast";
   FSDP_RETURN_IF_ERROR(CheckTensor(kOp, tensor));
   if (root < 0 || root >= size_) {
-    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": root ", root,
-                                                   " is outside the group"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(kOp), ": root ", root, " is outside the group"));
   }
   if (size_ == 1 || tensor.numel() == 0) return absl::OkStatus();
   return CallTorch(Where(kOp), [&] {
@@ -518,8 +516,8 @@ absl::Status ProcessGroup::Send(const at::Tensor& tensor, int dst, int tag,
   constexpr absl::string_view kOp = "send";
   FSDP_RETURN_IF_ERROR(CheckTensor(kOp, tensor));
   if (dst < 0 || dst >= size_ || dst == rank_ || tag < 0 || tag >= kInternalTagBase) {
-    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": bad destination ", dst,
-                                                   " or tag ", tag));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(kOp), ": bad destination ", dst, " or tag ", tag));
   }
   return CallTorch(absl::StrCat(Where(kOp), " to rank ", dst), [&] {
     std::vector<at::Tensor> tensors{tensor};
@@ -532,8 +530,8 @@ absl::Status ProcessGroup::Recv(at::Tensor& tensor, int src, int tag,
   constexpr absl::string_view kOp = "recv";
   FSDP_RETURN_IF_ERROR(CheckTensor(kOp, tensor));
   if (src < 0 || src >= size_ || src == rank_ || tag < 0 || tag >= kInternalTagBase) {
-    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": bad source ", src,
-                                                   " or tag ", tag));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(kOp), ": bad source ", src, " or tag ", tag));
   }
   return CallTorch(absl::StrCat(Where(kOp), " from rank ", src), [&] {
     std::vector<at::Tensor> tensors{tensor};
@@ -553,8 +551,8 @@ at::Tensor BytesView(const std::string& bytes) {
 absl::StatusOr<std::string> ProcessGroup::BroadcastObject(const std::string& bytes, int root,
                                                           const CollectiveOptions& options) {
   if (root < 0 || root >= size_) {
-    return absl::InvalidArgumentError(absl::StrCat(Where("broadcast_object"), ": root ", root,
-                                                   " is outside the group"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where("broadcast_object"), ": root ", root, " is outside the group"));
   }
   at::Tensor length = at::empty({1}, at::kLong);
   length[0] = rank_ == root ? static_cast<int64_t>(bytes.size()) : 0;
@@ -575,8 +573,8 @@ absl::StatusOr<std::string> ProcessGroup::ScatterObject(const std::vector<std::s
                                                         const CollectiveOptions& options) {
   constexpr absl::string_view kOp = "scatter_object";
   if (root < 0 || root >= size_) {
-    return absl::InvalidArgumentError(absl::StrCat(Where(kOp), ": root ", root,
-                                                   " is outside the group"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(kOp), ": root ", root, " is outside the group"));
   }
   // The root checks its input but the check's outcome must reach everyone, or the others
   // would wait for bytes that never come: a length of -1 signals the error.
@@ -645,9 +643,9 @@ absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::NewSubgroup(
   }
   for (size_t i = 0; i < ranks.size(); ++i) {
     if (ranks[i] < 0 || ranks[i] >= size_ || (i > 0 && ranks[i] <= ranks[i - 1])) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          Where("new_subgroup"), ": ranks [", listed,
-          "] must be increasing, without repeats, within [0, ", size_, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(Where("new_subgroup"), ": ranks [", listed,
+                       "] must be increasing, without repeats, within [0, ", size_, ")"));
     }
   }
   const int64_t id = subgroup_counter_++;
@@ -661,9 +659,8 @@ absl::StatusOr<std::shared_ptr<ProcessGroup>> ProcessGroup::NewSubgroup(
   if (timeout) options.timeout = *timeout;
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(
       absl::StrCat(options_.name, "/subgroup", id, "/"), store_);
-  FSDP_ASSIGN_OR_RETURN(
-      std::shared_ptr<ProcessGroup> group,
-      Create(prefixed, my_index, static_cast<int>(ranks.size()), options));
+  FSDP_ASSIGN_OR_RETURN(std::shared_ptr<ProcessGroup> group,
+                        Create(prefixed, my_index, static_cast<int>(ranks.size()), options));
   for (size_t i = 0; i < ranks.size(); ++i) group->global_ranks_[i] = global_ranks_[ranks[i]];
   return group;
 }

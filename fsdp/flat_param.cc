@@ -43,12 +43,13 @@ absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
     if (entry.param.scalar_type() != dtype || !at::isFloatingType(dtype)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "FSDP flattens parameters of one floating dtype; ", name, " is ",
-          c10::toString(entry.param.scalar_type()), ", ", params[0].fqns.empty() ? "" : params[0].fqns[0],
-          " is ", c10::toString(dtype)));
+          c10::toString(entry.param.scalar_type()), ", ",
+          params[0].fqns.empty() ? "" : params[0].fqns[0], " is ", c10::toString(dtype)));
     }
     if (!seen.insert(entry.param.unsafeGetTensorImpl()).second) {
       return absl::InvalidArgumentError(
-          absl::StrCat("parameter ", name, " is listed twice; give a shared parameter once "
+          absl::StrCat("parameter ", name,
+                       " is listed twice; give a shared parameter once "
                        "with all its FQNs"));
     }
   }
