@@ -38,6 +38,9 @@ reduced: DIR/rank<r>.txt lists, one line each,
                                                  rank's padded shard; file=none: no gradient)
   local pass=<k> fqn=<FQN> numel=<n> file=<name> the unwrapped model's gradient of pass k on this
                                                  rank's input alone (what goes into the reduction)
+  clip total_norm=<x> float32_bits=<hex>         with --clip_grad_norm MAX,P: what
+                                                 FSDP.clip_grad_norm_(MAX, P) returned (the unit
+                                                 gradients above are then the clipped ones)
 with raw little-endian float32 files beside it. --nested_dims IN0,OUT0,IN1,OUT1 builds
 NestedModel with block0 = BlockB(IN0, OUT0) and block1 = BlockB(IN1, OUT1) (PyTorch 1.13's
 test file: 5,7,7,7; 2.x: 5,3,3,7), so a caller can match the C++ model it built.
@@ -79,6 +82,18 @@ WRAPPINGS = {
         False,
     ),
     ("nested", "wrap_alt"): (["block0.bias_module0", "block0"], False),
+    # NestedModel.wrap's units under a root unit (FSDP.clip_grad_norm_ needs a root).
+    ("nested", "wrap_root"): (
+        [
+            "block1.bias_module0",
+            "block1",
+            "block2.1.bias_module0",
+            "block2.1.bias_module1",
+            "block2.1",
+            "block2.2",
+        ],
+        True,
+    ),
     ("nested", "none"): ([], True),
     ("transformer", "layers"): (
         [
@@ -139,6 +154,11 @@ def parse_args(argv):
     )
     p.add_argument("--dump_grads", default="", help="write the reduced gradients here and stop")
     p.add_argument("--backwards", type=int, default=1, help="--dump_grads: backward passes")
+    p.add_argument(
+        "--clip_grad_norm",
+        default="",
+        help="--dump_grads: MAX_NORM,NORM_TYPE: FSDP.clip_grad_norm_ after the passes (root unit)",
+    )
     p.add_argument("--nested_dims", default="", help="IN0,OUT0,IN1,OUT1 of block0 and block1")
     p.add_argument("--timeout_s", type=int, default=120, help="collective timeout, seconds")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -420,6 +440,11 @@ def dump_grads(model, plain, next_batch, loss_fn, args, rank):
             name = f"rank{rank}_pass{k}_{fqn}.bin"
             write_tensor(args.dump_grads, name, param.grad.reshape(-1))
             lines.append(f"local pass={k} fqn={fqn} numel={param.numel()} file={name}")
+    if args.clip_grad_norm:
+        max_norm, norm_type = args.clip_grad_norm.split(",")
+        total = model.clip_grad_norm_(float(max_norm), float(norm_type))
+        bits = total.to(torch.float32).reshape(1).numpy().tobytes().hex()
+        lines.append(f"clip total_norm={total.item()!r} float32_bits={bits}")
     units = [(n, m) for n, m in model.named_modules() if isinstance(m, FSDP)]
     for i, (path, unit) in enumerate(units):
         handle = unit._handle

@@ -10,14 +10,19 @@
 //     FSDP unit (its padded shard; NO_SHARD: the whole flat gradient) is bit-identical to
 //     FSDP1's, and so is each rank's local gradient, the reduction's input. The same division
 //     (gradient_divide.h) and the same summation order (comm/process_group.h) make it so.
+//     With a clip, ClipGradNorm's total norm is FSDP.clip_grad_norm_'s to the bit, and the
+//     clipped unit gradients compared are both sides' after clipping.
 // Each rank writes a summary line that the test prints (units, elements, how many differ).
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -27,11 +32,14 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "comm/multiprocess_testutil.h"
 #include "comm/process_group.h"
+#include "fsdp/clip_grad_norm.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -146,6 +154,9 @@ struct GradCase {
   std::string strategy;  // fsdp_peer.py's --sharding_strategy
   std::string wrap;      // NestedModel.wrap's units ("wrap") or the root only ("none")
   int backwards;         // passes before the gradients are compared (no zero_grad between)
+  // "MAX_NORM,NORM_TYPE": ClipGradNorm / FSDP.clip_grad_norm_ after the passes ("" for none);
+  // needs a root unit (wrap "none" or "wrap_root").
+  std::string clip = "";
 };
 
 ShardingStrategy StrategyOf(const std::string& name) {
@@ -155,8 +166,11 @@ ShardingStrategy StrategyOf(const std::string& name) {
 }
 
 std::string GradCaseName(const GradCase& c) {
-  return absl::StrCat("ws", c.world_size, "_", c.strategy, "_", c.wrap, "_", c.backwards,
-                      "backward");
+  return absl::StrCat(
+      "ws", c.world_size, "_", c.strategy, "_", c.wrap, "_", c.backwards, "backward",
+      c.clip.empty()
+          ? ""
+          : absl::StrCat("_clip_", absl::StrReplaceAll(c.clip, {{",", "_"}, {".", "p"}})));
 }
 
 // fsdp_peer.py's grad_dump_seed: pass k's input on `rank`.
@@ -197,7 +211,8 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
         PythonCommand(), " ", Runfile("tests/pytorch_peer/fsdp_peer.py"),
         " --nproc_per_node=", c.world_size, " --models_dir=", Runfile("models/testdata"),
         " --fsdp=1 --model=nested --wrap=", c.wrap, " --sharding_strategy=", c.strategy,
-        " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir));
+        " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir,
+        c.clip.empty() ? "" : " --clip_grad_norm=", c.clip));
     ASSERT_EQ(py.exit_code, 0) << py.output;
   }
   RunInRanks(c.world_size, [c, dir](comm::ProcessGroup& group) {
@@ -206,9 +221,9 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
     models::NestedModel net;
     models::NestedModel plain;  // unwrapped: each pass's local gradient
     FsdpOptions options{.sharding_strategy = StrategyOf(c.strategy), .use_orig_params = false};
-    if (c.wrap == "wrap") {
+    if (c.wrap == "wrap" || c.wrap == "wrap_root") {
       options.nested = net->wrap_slots();
-      options.wrap_root = false;
+      options.wrap_root = c.wrap == "wrap_root";
     }
     FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, FullyShardedDataParallel::Wrap(net, group_ptr, options));
     std::map<std::string, at::Tensor> local;  // "pass/fqn" -> gradient
@@ -224,6 +239,15 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
         }
       }
     }
+    std::optional<at::Tensor> total_norm;  // ClipGradNorm's result
+    if (!c.clip.empty()) {
+      std::vector<std::string> parts = absl::StrSplit(c.clip, ',');
+      double max_norm = 0, norm_type = 0;
+      ASSERT_TRUE(parts.size() == 2 && absl::SimpleAtod(parts[0], &max_norm) &&
+                  absl::SimpleAtod(parts[1], &norm_type))
+          << c.clip;
+      FSDP_ASSERT_OK_AND_ASSIGN(total_norm, ClipGradNorm(*fsdp, max_norm, norm_type));
+    }
     std::map<std::string, at::Tensor> units;  // "fqn,fqn" -> this rank's flat gradient
     for (const FullyShardedDataParallel::UnitView& unit : fsdp->units()) {
       if (unit.handle == nullptr) continue;
@@ -237,8 +261,23 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
     std::set<std::string> pytorch_units;
     int64_t unit_elements = 0, unit_differ = 0, local_elements = 0, local_differ = 0;
     int local_count = 0;
+    int clip_lines = 0;
     for (std::string line; std::getline(manifest, line);) {
       std::map<std::string, std::string> f = Fields(line);
+      if (absl::StartsWith(line, "clip ")) {
+        ASSERT_TRUE(total_norm.has_value()) << "PyTorch clipped, we did not: " << line;
+        ASSERT_EQ(total_norm->scalar_type(), at::kFloat);
+        const float ours = total_norm->item<float>();
+        uint32_t bits = 0;
+        std::memcpy(&bits, &ours, sizeof bits);
+        // PyTorch wrote the float32's little-endian bytes in hex.
+        std::string hex;
+        for (int b = 0; b < 4; ++b) hex += absl::StrFormat("%02x", (bits >> (8 * b)) & 0xff);
+        EXPECT_EQ(hex, f["float32_bits"])
+            << "total norm: ours " << ours << ", PyTorch's " << f["total_norm"];
+        clip_lines += 1;
+        continue;
+      }
       int64_t numel = 0;
       ASSERT_TRUE(absl::SimpleAtoi(f["numel"], &numel)) << line;
       if (absl::StartsWith(line, "local ")) {
@@ -277,6 +316,7 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
     for (const auto& [key, grad] : units) our_units.insert(key);
     EXPECT_EQ(our_units, pytorch_units) << "the units differ from PyTorch's";
     EXPECT_EQ(local_count, static_cast<int>(local.size()));
+    EXPECT_EQ(clip_lines, total_norm.has_value() ? 1 : 0) << "PyTorch did not clip";
     WriteSummary(dir, group.rank(),
                  absl::StrCat(GradCaseName(c), " rank ", group.rank(), ": ", units.size(),
                               " units, ", unit_elements, " reduced gradient elements, ",
@@ -292,7 +332,12 @@ INSTANTIATE_TEST_SUITE_P(
                       GradCase{4, "full_shard", "wrap", 1}, GradCase{3, "full_shard", "none", 1},
                       // Accumulation over two passes: sharded (added after the reduction) and
                       // NO_SHARD (the gradient already there is reduced again with the new one).
-                      GradCase{4, "shard_grad_op", "wrap", 2}, GradCase{3, "no_shard", "wrap", 2}),
+                      GradCase{4, "shard_grad_op", "wrap", 2}, GradCase{3, "no_shard", "wrap", 2},
+                      // FSDP.clip_grad_norm_: the total norm and the clipped gradients.
+                      GradCase{2, "full_shard", "none", 1, "0.5,2"},
+                      GradCase{3, "full_shard", "wrap_root", 1, "0.5,2"},
+                      GradCase{4, "shard_grad_op", "wrap_root", 2, "0.5,inf"},
+                      GradCase{3, "no_shard", "wrap_root", 1, "0.5,2"}),
     [](const ::testing::TestParamInfo<GradCase>& info) { return GradCaseName(info.param); });
 
 }  // namespace
