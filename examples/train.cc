@@ -4,7 +4,7 @@
 //         [--optimizer=adam|adamw|sgd|adagrad|rmsprop] [--lr=0.01] [--param_groups=1|2]
 //         [--wrap=wrap|wrap_alt|none] [--sharding_strategy=full_shard|shard_grad_op|no_shard]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
-//         [--strip_key_prefixes=pytorch,...]
+//         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM]
 //
 // Without RANK/WORLD_SIZE in the environment it launches --world_size local ranks of itself
 // (comm::Launch); with them it is one rank of a job started by a torchrun-style launcher, on
@@ -50,6 +50,7 @@
 #include "comm/status_macros.h"
 #include "examples/char_dataset.h"
 #include "examples/loss_curve.h"
+#include "fsdp/clip_grad_norm.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/state_dict.h"
 #include "models/char_lm.h"
@@ -87,6 +88,9 @@ ABSL_FLAG(std::string, strip_key_prefixes, "",
           "pytorch (DDP's module., torch.compile's _orig_mod., checkpoint_wrapper's and FSDP1's "
           "wrapper levels), PREFIX. (removed from the start of keys), .LEVEL. (removed wherever "
           "it stands in a key). Default: none, every key must name a parameter or buffer.");
+ABSL_FLAG(double, clip_grad_norm, 0,
+          "Clip the gradients to this total norm (2-norm over every rank's shards, FSDP's "
+          "clip_grad_norm_) before each optimizer step; 0: no clipping.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
 ABSL_FLAG(int, save_at_step, 0,
           "With --save: write the checkpoint after this many steps (counted from step 0) and "
@@ -532,6 +536,11 @@ absl::Status RunRank() {
   if (save_at < 0) {
     return absl::InvalidArgumentError(absl::StrCat("--save_at_step=", save_at, " is negative"));
   }
+  const double clip_grad_norm = absl::GetFlag(FLAGS_clip_grad_norm);
+  if (clip_grad_norm < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--clip_grad_norm=", clip_grad_norm, " is negative"));
+  }
   const auto run_start = std::chrono::steady_clock::now();
   double last_loss = 0;
   for (int step = first_step; step < first_step + steps; ++step) {
@@ -542,6 +551,10 @@ absl::Status RunRank() {
                             loss.backward();
                             return loss.detach().reshape({1}).to(at::kDouble);
                           }));
+    if (clip_grad_norm > 0) {
+      FSDP_RETURN_IF_ERROR(fsdp::ClipGradNorm(*job.fsdp, clip_grad_norm).status(),
+                           absl::StrCat("clipping the gradients of step ", step));
+    }
     FSDP_RETURN_IF_ERROR(adapter.Step(), absl::StrCat("optimizer step ", step));
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -28,15 +28,17 @@ using ::fsdp::testing::Runfile;
 using ::fsdp::testing::StepLosses;
 
 const std::vector<double>& PyTorchLosses(const std::string& model, const std::string& optimizer,
-                                         int steps, int param_groups) {
+                                         int steps, int param_groups, double clip = 0) {
   static std::map<std::string, std::vector<double>> cache;
-  const std::string key = absl::StrCat(model, "/", optimizer, "/", steps, "/", param_groups);
+  const std::string key =
+      absl::StrCat(model, "/", optimizer, "/", steps, "/", param_groups, "/", clip);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const std::string models_dir = Runfile("models/testdata");
   CommandResult run = RunCommand(absl::StrCat(
       fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"), " ",
-      models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups));
+      models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups,
+      clip > 0 ? absl::StrCat(" --clip_grad_norm=", clip) : ""));
   EXPECT_EQ(run.exit_code, 0) << run.output;
   return cache[key] = StepLosses(run.output);
 }
@@ -49,6 +51,7 @@ struct Case {
   std::string optimizer;
   std::string wrap;  // empty: the model's default (nested: wrap, transformer: layers)
   int param_groups = 1;
+  double clip = 0;  // --clip_grad_norm
 };
 
 class TrainTest : public ::testing::TestWithParam<Case> {};
@@ -61,10 +64,12 @@ TEST_P(TrainTest, LossesMatchPlainPyTorch) {
       Runfile("examples/train"), " --model=", model_flags, " --world_size=", c.world_size,
       " --sharding_strategy=", c.strategy, " --optimizer=", c.optimizer, " --steps=", kSteps,
       c.wrap.empty() ? "" : " --wrap=", c.wrap, " --param_groups=", c.param_groups,
-      c.use_orig_params ? " --use_orig_params" : "", " --timeout_s=120"));
+      c.use_orig_params ? " --use_orig_params" : "",
+      c.clip > 0 ? absl::StrCat(" --clip_grad_norm=", c.clip) : "", " --timeout_s=120"));
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::vector<double> losses = StepLosses(run.output);
-  const std::vector<double>& expected = PyTorchLosses(c.model, c.optimizer, kSteps, c.param_groups);
+  const std::vector<double>& expected =
+      PyTorchLosses(c.model, c.optimizer, kSteps, c.param_groups, c.clip);
   ASSERT_EQ(losses.size(), static_cast<size_t>(kSteps)) << run.output;
   ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
   for (int i = 0; i < kSteps; ++i) {
@@ -84,6 +89,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"nested", 2, "full_shard", false, "adam", "wrap", 2},
                       Case{"nested", 3, "shard_grad_op", true, "sgd", "wrap_alt", 2},
                       Case{"nested_1.13", 4, "full_shard", false, "adam"},
+                      Case{"nested", 3, "full_shard", false, "sgd", "wrap", 1, 1.0},
+                      Case{"transformer", 2, "shard_grad_op", true, "adam", "", 1, 0.5},
                       Case{"transformer", 2, "full_shard", false, "adam"},
                       Case{"transformer", 3, "no_shard", true, "sgd"}),
     [](const ::testing::TestParamInfo<Case>& info) {
@@ -91,7 +98,7 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat(absl::StrReplaceAll(c.model, {{".", "_"}}), "_ws", c.world_size, "_",
                           c.strategy, c.use_orig_params ? "_orig_" : "_", c.optimizer, "_",
                           c.wrap.empty() ? "default_wrap" : c.wrap,
-                          c.param_groups == 2 ? "_2groups" : "");
+                          c.param_groups == 2 ? "_2groups" : "", c.clip > 0 ? "_clipped" : "");
     });
 
 std::string TempDir(const std::string& name) {
@@ -318,6 +325,10 @@ TEST(Train, BadFlagsAreRefusedByName) {
                                 " --world_size=1 --model=nested --nested_dims=1.12 --steps=1"));
   EXPECT_NE(run.exit_code, 0);
   EXPECT_THAT(run.output, HasSubstr("--nested_dims=1.12 is not one of 2.x, 1.13"));
+  run = RunCommand(absl::StrCat(Runfile("examples/train"),
+                                " --world_size=1 --model=nested --clip_grad_norm=-1 --steps=1"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("--clip_grad_norm=-1 is negative"));
   run = RunCommand(absl::StrCat(Runfile("examples/train"),
                                 " --world_size=1 --steps=1 --strip_key_prefixes=module"));
   EXPECT_NE(run.exit_code, 0);

@@ -8,7 +8,8 @@ weight_decay=0.9. With SAVE_AFTER=K it writes, after K steps, the full checkpoin
 user writes: SAVE_DIR/model.pt (model.state_dict()) and SAVE_DIR/optim.pt (the optimizer state
 keyed by parameter names, as FSDP.full_optim_state_dict lays it out), with torch.save's pickle
 protocol PROTOCOL, plus SAVE_DIR/progress.txt (steps_done=K) for examples/train --load; then it
-trains on.
+trains on. --clip_grad_norm=MAX (anywhere) clips with torch.nn.utils.clip_grad_norm_ before each
+step, as train --clip_grad_norm does.
 """
 
 import os
@@ -32,6 +33,10 @@ def make_optimizer(name, lr, params):
 
 
 def main():
+    # --clip_grad_norm=MAX anywhere: torch.nn.utils.clip_grad_norm_ before each step.
+    clip = [a for a in sys.argv[1:] if a.startswith("--clip_grad_norm=")]
+    sys.argv = [a for a in sys.argv if not a.startswith("--clip_grad_norm=")]
+    max_norm = float(clip[-1].split("=", 1)[1]) if clip else 0.0
     models_dir, model_name, optimizer, lr, steps = sys.argv[1:6]
     groups = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     sys.path.insert(0, models_dir)
@@ -62,6 +67,8 @@ def main():
         optim.zero_grad()
         loss = step_loss()
         loss.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optim.step()
         print(f"step={step} loss={loss.item():.9g}")
         if step + 1 == save_after:
