@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -313,26 +314,20 @@ TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
 }
 
 TEST(Train, BadFlagsAreRefusedByName) {
-  CommandResult run = RunCommand(
-      absl::StrCat(Runfile("examples/train"), " --world_size=1 --optimizer=lamb --steps=1"));
-  EXPECT_NE(run.exit_code, 0);
-  EXPECT_THAT(run.output, HasSubstr("--optimizer=lamb is not one of"));
-  run = RunCommand(absl::StrCat(Runfile("examples/train"),
-                                " --world_size=2 --sharding_strategy=hybrid --steps=1"));
-  EXPECT_NE(run.exit_code, 0);
-  EXPECT_THAT(run.output, HasSubstr("--sharding_strategy=hybrid is not one of"));
-  run = RunCommand(absl::StrCat(Runfile("examples/train"),
-                                " --world_size=1 --model=nested --nested_dims=1.12 --steps=1"));
-  EXPECT_NE(run.exit_code, 0);
-  EXPECT_THAT(run.output, HasSubstr("--nested_dims=1.12 is not one of 2.x, 1.13"));
-  run = RunCommand(absl::StrCat(Runfile("examples/train"),
-                                " --world_size=1 --model=nested --clip_grad_norm=-1 --steps=1"));
-  EXPECT_NE(run.exit_code, 0);
-  EXPECT_THAT(run.output, HasSubstr("--clip_grad_norm=-1 is negative"));
-  run = RunCommand(absl::StrCat(Runfile("examples/train"),
-                                " --world_size=1 --steps=1 --strip_key_prefixes=module"));
-  EXPECT_NE(run.exit_code, 0);
-  EXPECT_THAT(run.output, HasSubstr("--strip_key_prefixes: key prefixes \"module\": cannot read"));
+  const std::pair<const char*, const char*> kCases[] = {
+      {" --world_size=1 --optimizer=lamb", "--optimizer=lamb is not one of"},
+      {" --world_size=2 --sharding_strategy=hybrid", "--sharding_strategy=hybrid is not one of"},
+      {" --world_size=1 --model=nested --nested_dims=1.12",
+       "--nested_dims=1.12 is not one of 2.x, 1.13"},
+      {" --world_size=1 --model=nested --clip_grad_norm=-1", "--clip_grad_norm=-1 is negative"},
+      {" --world_size=1 --strip_key_prefixes=module",
+       "--strip_key_prefixes: key prefixes \"module\": cannot read"},
+  };
+  for (const auto& [flags, message] : kCases) {
+    CommandResult run = RunCommand(absl::StrCat(Runfile("examples/train"), flags, " --steps=1"));
+    EXPECT_NE(run.exit_code, 0) << flags;
+    EXPECT_THAT(run.output, HasSubstr(message)) << flags;
+  }
 }
 
 }  // namespace
