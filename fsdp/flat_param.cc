@@ -174,10 +174,12 @@ absl::Status FlatParamHandle::ReduceGradients() {
   at::NoGradGuard no_grad;
   bool any_grad = false;
   for (const at::Tensor& p : params_) any_grad |= p.grad().defined();
-  if (!any_grad) {
-    // No parameter of this unit took part in the backward pass: like PyTorch's flat
-    // parameter, it gets no gradient (and so no optimizer state).
-    if (use_orig_params_) {
+  const bool no_shard_flat = !sharded() && !use_orig_params_;
+  if (!any_grad && (sync_gradients_ ? !unreduced_.defined() : true)) {
+    // No parameter of this unit took part in the backward pass (and, outside no_sync, none
+    // is waiting to be reduced): like PyTorch's flat parameter, it gets no gradient (and so no
+    // optimizer state).
+    if (use_orig_params_ && sync_gradients_) {
       for (size_t i = 0; i < params_.size(); ++i) {
         if (stashed_grads_[i].defined()) params_[i].mutable_grad() = stashed_grads_[i];
         stashed_grads_[i] = at::Tensor();
@@ -191,6 +193,22 @@ absl::Status FlatParamHandle::ReduceGradients() {
     if (!grad.defined()) continue;
     full_grad.narrow(0, infos_[i].offset, infos_[i].numel).copy_(grad.reshape({-1}));
     grad = at::Tensor();
+  }
+  if (!sync_gradients_) {
+    // no_sync: kept local and unreduced, added to what earlier passes left, in the order
+    // autograd accumulates PyTorch's unsharded gradient (earlier + this pass). NO_SHARD keeps
+    // it in the flat parameter's gradient, as PyTorch's does.
+    at::Tensor& sum = no_shard_flat ? flat_param_.mutable_grad() : unreduced_;
+    if (sum.defined()) {
+      sum.add_(full_grad);
+    } else {
+      sum = full_grad;
+    }
+    return absl::OkStatus();
+  }
+  if (unreduced_.defined()) {
+    full_grad = unreduced_.add_(full_grad);
+    unreduced_ = at::Tensor();
   }
   // Averaged over the group as PyTorch FSDP1 averages (gradient_divide.h): divided by the
   // predivide factor (the padded buffer, as PyTorch's `_reduce_grad`), summed, and the result

@@ -115,6 +115,12 @@ class FlatParamHandle {
   // slices) aside before a backward pass, to be added back by ReduceGradients.
   void StashGradients();
   [[nodiscard]] absl::Status ReduceGradients();
+  // PyTorch's no_sync: while false, ReduceGradients keeps this pass's unsharded gradient
+  // locally (added to the earlier passes'), reduces nothing and leaves the parameters without
+  // a gradient (NO_SHARD without use_orig_params: in flat_param()'s gradient); the first
+  // ReduceGradients after it is true again reduces the sum with that pass's own gradient.
+  void set_sync_gradients(bool sync) { sync_gradients_ = sync; }
+  bool sync_gradients() const { return sync_gradients_; }
 
   // The full, unpadded flat tensor (a gather for sharded strategies); leaves the handle as it
   // was. For state dicts.
@@ -131,6 +137,8 @@ class FlatParamHandle {
   std::vector<FlatParamInfo> infos_;
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> stashed_grads_;
+  bool sync_gradients_ = true;
+  at::Tensor unreduced_;  // padded, unsharded: gradients held back by no_sync
   int64_t numel_ = 0;
   int64_t padded_numel_ = 0;
   int64_t shard_numel_ = 0;

@@ -384,4 +384,16 @@ std::vector<std::pair<std::string, at::Tensor>> FullyShardedDataParallel::unmana
   return out;
 }
 
+NoSyncGuard::NoSyncGuard(FullyShardedDataParallel& fsdp) {
+  for (const FullyShardedDataParallel::UnitView& unit : fsdp.units()) {
+    if (unit.handle == nullptr) continue;
+    previous_.emplace_back(unit.handle, unit.handle->sync_gradients());
+    unit.handle->set_sync_gradients(false);
+  }
+}
+
+NoSyncGuard::~NoSyncGuard() {
+  for (const auto& [handle, sync] : previous_) handle->set_sync_gradients(sync);
+}
+
 }  // namespace fsdp

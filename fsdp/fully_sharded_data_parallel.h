@@ -133,6 +133,24 @@ class FullyShardedDataParallel {
   std::vector<torch::nn::Module*> unit_modules_;
 };
 
+// PyTorch's `with model.no_sync():` as a scope: while a NoSyncGuard lives, backward passes
+// accumulate each unit's unsharded gradient locally, with no communication (parameters still
+// reshard as usual); the first backward after the guard is gone reduces that sum together with
+// its own gradient. Meanwhile the parameters hold no gradient (NO_SHARD without use_orig_params:
+// the flat parameter's gradient holds the unreduced sum, as PyTorch's), so step the optimizer
+// only after that backward. Each unsharded gradient costs a full unit's memory per rank, as in
+// PyTorch. Guards may nest; each restores what it found.
+class NoSyncGuard {
+ public:
+  explicit NoSyncGuard(FullyShardedDataParallel& fsdp);
+  ~NoSyncGuard();
+  NoSyncGuard(const NoSyncGuard&) = delete;
+  NoSyncGuard& operator=(const NoSyncGuard&) = delete;
+
+ private:
+  std::vector<std::pair<FlatParamHandle*, bool>> previous_;
+};
+
 }  // namespace fsdp
 
 #endif  // FSDP_CPP_FSDP_FULLY_SHARDED_DATA_PARALLEL_H_

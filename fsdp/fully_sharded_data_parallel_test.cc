@@ -1,7 +1,6 @@
 // FSDP against the same model trained unwrapped in one process: losses, gradients, final
 // parameters, and the memory each strategy holds, at world sizes 1 to 4.
 #include "fsdp/fully_sharded_data_parallel.h"
-#include "fsdp/state_dict.h"
 
 #include <torch/torch.h>
 
@@ -9,6 +8,7 @@
 
 #include "comm/multiprocess_testutil.h"
 #include "fsdp/fsdp_testutil.h"
+#include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -50,7 +50,6 @@ struct NetImpl : torch::nn::Module {
 };
 TORCH_MODULE(Net);
 
-
 using Case = ::fsdp::testing::StrategyCase;
 
 // Wraps l0, inner and inner.b as units inside the root unit.
@@ -59,11 +58,10 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> WrapNet(Net net,
                                                                   const Case& c) {
   auto inner = std::dynamic_pointer_cast<InnerImpl>(net->inner.module());
   auto group_ptr = Borrow(group);
-  return FullyShardedDataParallel::Wrap(
-      net, group_ptr,
-      {.sharding_strategy = c.strategy,
-       .use_orig_params = c.use_orig_params,
-       .nested = {&net->l0, &net->inner, &inner->b}});
+  return FullyShardedDataParallel::Wrap(net, group_ptr,
+                                        {.sharding_strategy = c.strategy,
+                                         .use_orig_params = c.use_orig_params,
+                                         .nested = {&net->l0, &net->inner, &inner->b}});
 }
 
 std::map<std::string, at::Tensor> Named(torch::nn::Module& module) {
@@ -107,9 +105,55 @@ TEST_P(FsdpParityTest, LossesAndParametersMatchUnwrappedTraining) {
       ASSERT_TRUE(expected.count(name)) << name;
       EXPECT_TRUE(at::allclose(value, expected.at(name), 1e-5, 1e-6)) << name;
     }
-    EXPECT_THAT(names, ElementsAre("scale", "l0.weight", "l0.bias", "inner.a.weight",
-                                   "inner.a.bias", "inner.b.weight", "inner.b.bias",
-                                   "head.weight", "head.bias"));
+    EXPECT_THAT(names,
+                ElementsAre("scale", "l0.weight", "l0.bias", "inner.a.weight", "inner.a.bias",
+                            "inner.b.weight", "inner.b.bias", "head.weight", "head.bias"));
+  });
+}
+
+// PyTorch's gradient accumulation with no_sync(): per step, three micro-batches under a
+// NoSyncGuard (no reduction; the parameters hold no gradient yet) and a fourth outside it,
+// against the unwrapped model accumulating the same four.
+TEST_P(FsdpParityTest, NoSyncAccumulatesMicroBatchesAsTheUnwrappedModel) {
+  const Case c = GetParam();
+  RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
+    torch::manual_seed(0);
+    Net reference;
+    torch::manual_seed(0);
+    Net net;
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, WrapNet(net, group, c));
+    torch::optim::Adam ref_optim(reference->parameters(), torch::optim::AdamOptions(0.01));
+    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(0.01));
+    constexpr int kMicroBatches = 4;
+    for (int step = 0; step < 3; ++step) {
+      ref_optim.zero_grad();
+      optim.zero_grad();
+      for (int m = 0; m < kMicroBatches; ++m) {
+        torch::manual_seed(100 + kMicroBatches * step + m);  // the same batch on every rank
+        at::Tensor x = torch::randn({8, 4});
+        reference->forward(x).pow(2).sum().backward();
+        if (m < kMicroBatches - 1) {
+          NoSyncGuard no_sync(*fsdp);
+          fsdp->forward(x).pow(2).sum().backward();
+          if (c.use_orig_params) {
+            for (const at::Tensor& p : fsdp->parameters()) {
+              EXPECT_FALSE(p.grad().defined()) << "a gradient before the reducing backward";
+            }
+          }
+        } else {
+          fsdp->forward(x).pow(2).sum().backward();
+        }
+      }
+      ref_optim.step();
+      optim.step();
+    }
+    FSDP_ASSERT_OK_AND_ASSIGN(auto state, fsdp::FullStateDict(*fsdp));
+    const auto expected = Named(*reference);
+    ASSERT_EQ(state.size(), expected.size());
+    for (const auto& [name, value] : state) {
+      ASSERT_TRUE(expected.count(name)) << name;
+      EXPECT_TRUE(at::allclose(value, expected.at(name), 1e-5, 1e-6)) << name;
+    }
   });
 }
 
@@ -130,7 +174,8 @@ TEST_P(FsdpParityTest, ShardGradientsAreSlicesOfTheUnwrappedGradients) {
       FlatParamHandle* h = unit.handle;
       ASSERT_NE(h, nullptr) << unit.module_prefix;
       std::vector<at::Tensor> pieces;
-      for (const auto& info : h->infos()) pieces.push_back(ref.at(info.fqns[0]).grad().reshape({-1}));
+      for (const auto& info : h->infos())
+        pieces.push_back(ref.at(info.fqns[0]).grad().reshape({-1}));
       at::Tensor flat = at::cat(pieces);
       if (!c.use_orig_params) {
         at::Tensor padded = at::zeros({h->padded_numel()});
@@ -144,8 +189,10 @@ TEST_P(FsdpParityTest, ShardGradientsAreSlicesOfTheUnwrappedGradients) {
       for (size_t i = 0; i < h->params().size(); ++i) {
         const ParamShard local = h->ShardOf(i, h->rank());
         if (local.numel == 0) continue;
-        at::Tensor expected = ref.at(h->infos()[i].fqns[0]).grad().reshape({-1}).narrow(
-            0, local.param_offset, local.numel);
+        at::Tensor expected = ref.at(h->infos()[i].fqns[0])
+                                  .grad()
+                                  .reshape({-1})
+                                  .narrow(0, local.param_offset, local.numel);
         EXPECT_TRUE(at::allclose(h->params()[i].grad().reshape({-1}), expected, 1e-5, 1e-6))
             << h->infos()[i].fqns[0];
       }
@@ -185,18 +232,17 @@ TEST_P(FsdpParityTest, UnitsHoldOnlyTheirShardAfterAStep) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Strategies, FsdpParityTest,
-    ::testing::Values(Case{1, ShardingStrategy::kFullShard, false},
-                      Case{2, ShardingStrategy::kFullShard, false},
-                      Case{2, ShardingStrategy::kFullShard, true},
-                      Case{3, ShardingStrategy::kFullShard, false},
-                      Case{3, ShardingStrategy::kShardGradOp, true},
-                      Case{4, ShardingStrategy::kFullShard, true},
-                      Case{4, ShardingStrategy::kShardGradOp, false},
-                      Case{2, ShardingStrategy::kNoShard, false},
-                      Case{3, ShardingStrategy::kNoShard, true}),
-    ::fsdp::testing::StrategyCaseName);
+INSTANTIATE_TEST_SUITE_P(Strategies, FsdpParityTest,
+                         ::testing::Values(Case{1, ShardingStrategy::kFullShard, false},
+                                           Case{2, ShardingStrategy::kFullShard, false},
+                                           Case{2, ShardingStrategy::kFullShard, true},
+                                           Case{3, ShardingStrategy::kFullShard, false},
+                                           Case{3, ShardingStrategy::kShardGradOp, true},
+                                           Case{4, ShardingStrategy::kFullShard, true},
+                                           Case{4, ShardingStrategy::kShardGradOp, false},
+                                           Case{2, ShardingStrategy::kNoShard, false},
+                                           Case{3, ShardingStrategy::kNoShard, true}),
+                         ::fsdp::testing::StrategyCaseName);
 
 TEST(FullyShardedDataParallel, RefusesANestedSlotOutsideTheModel) {
   RunInRanks(1, [](comm::ProcessGroup& group) {

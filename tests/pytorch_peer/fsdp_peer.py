@@ -38,6 +38,7 @@ reduced: DIR/rank<r>.txt lists, one line each,
                                                  rank's padded shard; file=none: no gradient)
   local pass=<k> fqn=<FQN> numel=<n> file=<name> the unwrapped model's gradient of pass k on this
                                                  rank's input alone (what goes into the reduction)
+  (--no_sync: every pass but the last runs under FSDP.no_sync(), so the last reduces them all)
   clip total_norm=<x> float32_bits=<hex>         with --clip_grad_norm MAX,P: what
                                                  FSDP.clip_grad_norm_(MAX, P) returned (the unit
                                                  gradients above are then the clipped ones)
@@ -154,6 +155,11 @@ def parse_args(argv):
     )
     p.add_argument("--dump_grads", default="", help="write the reduced gradients here and stop")
     p.add_argument("--backwards", type=int, default=1, help="--dump_grads: backward passes")
+    p.add_argument(
+        "--no_sync",
+        action="store_true",
+        help="--dump_grads: every pass but the last under FSDP's no_sync() (root unit)",
+    )
     p.add_argument(
         "--clip_grad_norm",
         default="",
@@ -431,7 +437,11 @@ def dump_grads(model, plain, next_batch, loss_fn, args, rank):
     for k in range(args.backwards):
         torch.manual_seed(grad_dump_seed(k, rank))
         inputs = next_batch()
-        loss_fn(model, inputs).backward()
+        if args.no_sync and k < args.backwards - 1:
+            with model.no_sync():
+                loss_fn(model, inputs).backward()
+        else:
+            loss_fn(model, inputs).backward()
         plain.zero_grad(set_to_none=True)
         loss_fn(plain, inputs).backward()
         for fqn, param in plain.named_parameters():

@@ -157,6 +157,7 @@ struct GradCase {
   // "MAX_NORM,NORM_TYPE": ClipGradNorm / FSDP.clip_grad_norm_ after the passes ("" for none);
   // needs a root unit (wrap "none" or "wrap_root").
   std::string clip = "";
+  bool no_sync = false;  // every pass but the last under NoSyncGuard / FSDP.no_sync()
 };
 
 ShardingStrategy StrategyOf(const std::string& name) {
@@ -168,6 +169,7 @@ ShardingStrategy StrategyOf(const std::string& name) {
 std::string GradCaseName(const GradCase& c) {
   return absl::StrCat(
       "ws", c.world_size, "_", c.strategy, "_", c.wrap, "_", c.backwards, "backward",
+      c.no_sync ? "_no_sync" : "",
       c.clip.empty()
           ? ""
           : absl::StrCat("_clip_", absl::StrReplaceAll(c.clip, {{",", "_"}, {".", "p"}})));
@@ -212,7 +214,7 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
         " --nproc_per_node=", c.world_size, " --models_dir=", Runfile("models/testdata"),
         " --fsdp=1 --model=nested --wrap=", c.wrap, " --sharding_strategy=", c.strategy,
         " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir,
-        c.clip.empty() ? "" : " --clip_grad_norm=", c.clip));
+        c.clip.empty() ? "" : " --clip_grad_norm=", c.clip, c.no_sync ? " --no_sync" : ""));
     ASSERT_EQ(py.exit_code, 0) << py.output;
   }
   RunInRanks(c.world_size, [c, dir](comm::ProcessGroup& group) {
@@ -230,7 +232,12 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
     for (int k = 0; k < c.backwards; ++k) {
       at::manual_seed(GradDumpSeed(k, group.rank()));
       const at::Tensor x = net->get_input();
-      fsdp->forward(x).sum().backward();
+      if (c.no_sync && k < c.backwards - 1) {
+        NoSyncGuard no_sync(*fsdp);
+        fsdp->forward(x).sum().backward();
+      } else {
+        fsdp->forward(x).sum().backward();
+      }
       for (at::Tensor& p : plain->parameters()) p.mutable_grad() = at::Tensor();
       plain->forward(x).sum().backward();
       for (const auto& item : plain->named_parameters()) {
@@ -337,7 +344,11 @@ INSTANTIATE_TEST_SUITE_P(
                       GradCase{2, "full_shard", "none", 1, "0.5,2"},
                       GradCase{3, "full_shard", "wrap_root", 1, "0.5,2"},
                       GradCase{4, "shard_grad_op", "wrap_root", 2, "0.5,inf"},
-                      GradCase{3, "no_shard", "wrap_root", 1, "0.5,2"}),
+                      GradCase{3, "no_shard", "wrap_root", 1, "0.5,2"},
+                      // FSDP.no_sync(): 3 passes accumulated locally, the 4th reduces them all.
+                      GradCase{4, "full_shard", "wrap_root", 4, "", true},
+                      GradCase{3, "shard_grad_op", "none", 4, "", true},
+                      GradCase{3, "no_shard", "wrap_root", 4, "", true}),
     [](const ::testing::TestParamInfo<GradCase>& info) { return GradCaseName(info.param); });
 
 }  // namespace
