@@ -4,7 +4,7 @@
 //         [--optimizer=adam|adamw|sgd|adagrad|rmsprop] [--lr=0.01] [--param_groups=1|2]
 //         [--wrap=wrap|wrap_alt|none] [--sharding_strategy=full_shard|shard_grad_op|no_shard]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
-//         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM]
+//         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM] [--grad_accum=K]
 //
 // Without RANK/WORLD_SIZE in the environment it launches --world_size local ranks of itself
 // (comm::Launch); with them it is one rank of a job started by a torchrun-style launcher, on
@@ -22,6 +22,7 @@
 #include <torch/torch.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -88,6 +89,9 @@ ABSL_FLAG(std::string, strip_key_prefixes, "",
           "pytorch (DDP's module., torch.compile's _orig_mod., checkpoint_wrapper's and FSDP1's "
           "wrapper levels), PREFIX. (removed from the start of keys), .LEVEL. (removed wherever "
           "it stands in a key). Default: none, every key must name a parameter or buffer.");
+ABSL_FLAG(int, grad_accum, 1,
+          "Micro-batches per optimizer step, each loss divided by their number; all but the "
+          "last backward run under FSDP's no_sync (no communication).");
 ABSL_FLAG(double, clip_grad_norm, 0,
           "Clip the gradients to this total norm (2-norm over every rank's shards, FSDP's "
           "clip_grad_norm_) before each optimizer step; 0: no clipping.");
@@ -529,12 +533,18 @@ absl::Status RunRank() {
   }
   torch::manual_seed(0);
   // A resumed run draws (and drops) the batches the saved run already used.
-  for (int step = 0; step < first_step; ++step) job.skip_batch();
+  const int skip = first_step * std::max(1, absl::GetFlag(FLAGS_grad_accum));
+  for (int batch = 0; batch < skip; ++batch) job.skip_batch();
   const int steps = absl::GetFlag(FLAGS_steps);
   const std::string save_dir = absl::GetFlag(FLAGS_save);
   const int save_at = absl::GetFlag(FLAGS_save_at_step);
   if (save_at < 0) {
     return absl::InvalidArgumentError(absl::StrCat("--save_at_step=", save_at, " is negative"));
+  }
+  const int grad_accum = absl::GetFlag(FLAGS_grad_accum);
+  if (grad_accum < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--grad_accum=", grad_accum, " is not positive"));
   }
   const double clip_grad_norm = absl::GetFlag(FLAGS_clip_grad_norm);
   if (clip_grad_norm < 0) {
@@ -547,9 +557,18 @@ absl::Status RunRank() {
     const auto start = std::chrono::steady_clock::now();
     FSDP_ASSIGN_OR_RETURN(torch::Tensor loss, fsdp::CallTorch(absl::StrCat("step ", step), [&] {
                             optimizer->zero_grad();
-                            torch::Tensor loss = job.step_loss(step);
-                            loss.backward();
-                            return loss.detach().reshape({1}).to(at::kDouble);
+                            // --grad_accum micro-batches, each loss / K; all but the last under
+                            // no_sync, so the last backward reduces their sum.
+                            torch::Tensor loss = at::zeros({1}, at::kDouble);
+                            for (int m = 0; m < grad_accum; ++m) {
+                              std::optional<fsdp::NoSyncGuard> no_sync;
+                              if (m + 1 < grad_accum) no_sync.emplace(*job.fsdp);
+                              torch::Tensor micro = job.step_loss(step * grad_accum + m);
+                              if (grad_accum > 1) micro = micro / grad_accum;
+                              micro.backward();
+                              loss += micro.detach().reshape({1}).to(at::kDouble);
+                            }
+                            return loss;
                           }));
     if (clip_grad_norm > 0) {
       FSDP_RETURN_IF_ERROR(fsdp::ClipGradNorm(*job.fsdp, clip_grad_norm).status(),

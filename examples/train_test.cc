@@ -29,17 +29,19 @@ using ::fsdp::testing::Runfile;
 using ::fsdp::testing::StepLosses;
 
 const std::vector<double>& PyTorchLosses(const std::string& model, const std::string& optimizer,
-                                         int steps, int param_groups, double clip = 0) {
+                                         int steps, int param_groups, double clip = 0,
+                                         int grad_accum = 1) {
   static std::map<std::string, std::vector<double>> cache;
-  const std::string key =
-      absl::StrCat(model, "/", optimizer, "/", steps, "/", param_groups, "/", clip);
+  const std::string key = absl::StrCat(model, "/", optimizer, "/", steps, "/", param_groups, "/",
+                                       clip, "/", grad_accum);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   const std::string models_dir = Runfile("models/testdata");
   CommandResult run = RunCommand(absl::StrCat(
       fsdp::testing::PythonCommand(), " ", Runfile("examples/testdata/pytorch_train.py"), " ",
       models_dir, " ", model, " ", optimizer, " 0.01 ", steps, " ", param_groups,
-      clip > 0 ? absl::StrCat(" --clip_grad_norm=", clip) : ""));
+      clip > 0 ? absl::StrCat(" --clip_grad_norm=", clip) : "",
+      grad_accum > 1 ? absl::StrCat(" --grad_accum=", grad_accum) : ""));
   EXPECT_EQ(run.exit_code, 0) << run.output;
   return cache[key] = StepLosses(run.output);
 }
@@ -52,7 +54,8 @@ struct Case {
   std::string optimizer;
   std::string wrap;  // empty: the model's default (nested: wrap, transformer: layers)
   int param_groups = 1;
-  double clip = 0;  // --clip_grad_norm
+  double clip = 0;     // --clip_grad_norm
+  int grad_accum = 1;  // --grad_accum
 };
 
 class TrainTest : public ::testing::TestWithParam<Case> {};
@@ -66,11 +69,12 @@ TEST_P(TrainTest, LossesMatchPlainPyTorch) {
       " --sharding_strategy=", c.strategy, " --optimizer=", c.optimizer, " --steps=", kSteps,
       c.wrap.empty() ? "" : " --wrap=", c.wrap, " --param_groups=", c.param_groups,
       c.use_orig_params ? " --use_orig_params" : "",
-      c.clip > 0 ? absl::StrCat(" --clip_grad_norm=", c.clip) : "", " --timeout_s=120"));
+      c.clip > 0 ? absl::StrCat(" --clip_grad_norm=", c.clip) : "",
+      c.grad_accum > 1 ? absl::StrCat(" --grad_accum=", c.grad_accum) : "", " --timeout_s=120"));
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::vector<double> losses = StepLosses(run.output);
   const std::vector<double>& expected =
-      PyTorchLosses(c.model, c.optimizer, kSteps, c.param_groups, c.clip);
+      PyTorchLosses(c.model, c.optimizer, kSteps, c.param_groups, c.clip, c.grad_accum);
   ASSERT_EQ(losses.size(), static_cast<size_t>(kSteps)) << run.output;
   ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps));
   for (int i = 0; i < kSteps; ++i) {
@@ -92,6 +96,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"nested_1.13", 4, "full_shard", false, "adam"},
                       Case{"nested", 3, "full_shard", false, "sgd", "wrap", 1, 1.0},
                       Case{"transformer", 2, "shard_grad_op", true, "adam", "", 1, 0.5},
+                      Case{"nested", 4, "full_shard", false, "adam", "wrap", 1, 0, 4},
+                      Case{"nested", 3, "no_shard", true, "adagrad", "none", 1, 1.0, 2},
                       Case{"transformer", 2, "full_shard", false, "adam"},
                       Case{"transformer", 3, "no_shard", true, "sgd"}),
     [](const ::testing::TestParamInfo<Case>& info) {
@@ -99,7 +105,8 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat(absl::StrReplaceAll(c.model, {{".", "_"}}), "_ws", c.world_size, "_",
                           c.strategy, c.use_orig_params ? "_orig_" : "_", c.optimizer, "_",
                           c.wrap.empty() ? "default_wrap" : c.wrap,
-                          c.param_groups == 2 ? "_2groups" : "", c.clip > 0 ? "_clipped" : "");
+                          c.param_groups == 2 ? "_2groups" : "", c.clip > 0 ? "_clipped" : "",
+                          c.grad_accum > 1 ? absl::StrCat("_accum", c.grad_accum) : "");
     });
 
 std::string TempDir(const std::string& name) {
@@ -320,6 +327,7 @@ TEST(Train, BadFlagsAreRefusedByName) {
       {" --world_size=1 --model=nested --nested_dims=1.12",
        "--nested_dims=1.12 is not one of 2.x, 1.13"},
       {" --world_size=1 --model=nested --clip_grad_norm=-1", "--clip_grad_norm=-1 is negative"},
+      {" --world_size=1 --model=nested --grad_accum=0", "--grad_accum=0 is not positive"},
       {" --world_size=1 --strip_key_prefixes=module",
        "--strip_key_prefixes: key prefixes \"module\": cannot read"},
   };

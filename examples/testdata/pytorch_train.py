@@ -9,7 +9,8 @@ user writes: SAVE_DIR/model.pt (model.state_dict()) and SAVE_DIR/optim.pt (the o
 keyed by parameter names, as FSDP.full_optim_state_dict lays it out), with torch.save's pickle
 protocol PROTOCOL, plus SAVE_DIR/progress.txt (steps_done=K) for examples/train --load; then it
 trains on. --clip_grad_norm=MAX (anywhere) clips with torch.nn.utils.clip_grad_norm_ before each
-step, as train --clip_grad_norm does.
+step, as train --clip_grad_norm does; --grad_accum=K runs K micro-batches per step, each loss
+divided by K, as train --grad_accum does.
 """
 
 import os
@@ -33,10 +34,11 @@ def make_optimizer(name, lr, params):
 
 
 def main():
-    # --clip_grad_norm=MAX anywhere: torch.nn.utils.clip_grad_norm_ before each step.
-    clip = [a for a in sys.argv[1:] if a.startswith("--clip_grad_norm=")]
-    sys.argv = [a for a in sys.argv if not a.startswith("--clip_grad_norm=")]
-    max_norm = float(clip[-1].split("=", 1)[1]) if clip else 0.0
+    # --clip_grad_norm=MAX and --grad_accum=K anywhere (see the module docstring).
+    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    sys.argv = [a for a in sys.argv if not a.startswith("--")]
+    max_norm = float(flags.get("clip_grad_norm", 0))
+    grad_accum = int(flags.get("grad_accum", 1))
     models_dir, model_name, optimizer, lr, steps = sys.argv[1:6]
     groups = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     sys.path.insert(0, models_dir)
@@ -65,8 +67,15 @@ def main():
     torch.manual_seed(0)
     for step in range(int(steps)):
         optim.zero_grad()
-        loss = step_loss()
-        loss.backward()
+        if grad_accum == 1:
+            loss = step_loss()
+            loss.backward()
+        else:
+            loss = 0.0
+            for _ in range(grad_accum):
+                micro = step_loss() / grad_accum
+                micro.backward()
+                loss += micro.detach().double()
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optim.step()
