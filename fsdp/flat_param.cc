@@ -175,7 +175,7 @@ absl::Status FlatParamHandle::ReduceGradients() {
   bool any_grad = false;
   for (const at::Tensor& p : params_) any_grad |= p.grad().defined();
   const bool no_shard_flat = !sharded() && !use_orig_params_;
-  if (!any_grad && (sync_gradients_ ? !unreduced_.defined() : true)) {
+  if (!any_grad && (!sync_gradients_ || !unreduced_.defined())) {
     // No parameter of this unit took part in the backward pass (and, outside no_sync, none
     // is waiting to be reduced): like PyTorch's flat parameter, it gets no gradient (and so no
     // optimizer state).
