@@ -28,16 +28,6 @@ using ::fsdp::testing::Runfile;
 
 constexpr int kMaxWorldSize = 8;
 
-// "key=value" fields of one line.
-std::map<std::string, std::string> Fields(absl::string_view line) {
-  std::map<std::string, std::string> fields;
-  for (absl::string_view field : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
-    std::pair<std::string, std::string> kv = absl::StrSplit(field, absl::MaxSplits('=', 1));
-    fields[kv.first] = kv.second;
-  }
-  return fields;
-}
-
 TEST(GradientDivideFactorsTest, EqualPyTorchFsdp1sForWorldSizes1To8) {
   const CommandResult py = RunCommand(
       absl::StrCat(PythonCommand(), " ", Runfile("fsdp/testdata/gradient_divide_factors.py"), " ",
@@ -46,7 +36,7 @@ TEST(GradientDivideFactorsTest, EqualPyTorchFsdp1sForWorldSizes1To8) {
   int checked = 0;
   for (absl::string_view line : absl::StrSplit(py.output, '\n')) {
     if (!absl::ConsumePrefix(&line, "factors ")) continue;
-    std::map<std::string, std::string> f = Fields(line);
+    std::map<std::string, std::string> f = ::fsdp::testing::KeyValueFields(line);
     int world_size = 0;
     ASSERT_TRUE(absl::SimpleAtoi(f["world_size"], &world_size)) << line;
     // Hexadecimal floats: exact.

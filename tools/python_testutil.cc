@@ -4,6 +4,8 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <map>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -55,6 +57,15 @@ std::vector<double> StepLosses(const std::string& output) {
     if (absl::SimpleAtod(line.substr(0, line.find(' ')), &loss)) losses.push_back(loss);
   }
   return losses;
+}
+
+std::map<std::string, std::string> KeyValueFields(absl::string_view line) {
+  std::map<std::string, std::string> fields;
+  for (absl::string_view field : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
+    std::pair<std::string, std::string> kv = absl::StrSplit(field, absl::MaxSplits('=', 1));
+    fields[kv.first] = kv.second;
+  }
+  return fields;
 }
 
 }  // namespace fsdp::testing

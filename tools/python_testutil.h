@@ -6,6 +6,7 @@
 #ifndef FSDP_CPP_TOOLS_PYTHON_TESTUTIL_H_
 #define FSDP_CPP_TOOLS_PYTHON_TESTUTIL_H_
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,10 @@ CommandResult RunCommand(const std::string& command);
 // The losses of the `step=<i> loss=<value>` lines (at a line start) of `output`, in order: what
 // examples/train and the Python oracles print.
 std::vector<double> StepLosses(const std::string& output);
+
+// The `key=value` fields of one line (space-separated; a value may contain '='): how the
+// Python oracles write their manifests.
+std::map<std::string, std::string> KeyValueFields(absl::string_view line);
 
 }  // namespace fsdp::testing
 

@@ -191,16 +191,6 @@ std::string NestedDims() {
   return absl::StrJoin(dims, ",");
 }
 
-// key=value fields of a manifest line (fsdp_peer.py's --dump_grads).
-std::map<std::string, std::string> Fields(absl::string_view line) {
-  std::map<std::string, std::string> fields;
-  for (absl::string_view field : absl::StrSplit(line, ' ', absl::SkipEmpty())) {
-    std::pair<std::string, std::string> kv = absl::StrSplit(field, absl::MaxSplits('=', 1));
-    fields[kv.first] = kv.second;
-  }
-  return fields;
-}
-
 class GradientPeerTest : public ::testing::TestWithParam<GradCase> {};
 
 TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
@@ -270,7 +260,7 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
     int local_count = 0;
     int clip_lines = 0;
     for (std::string line; std::getline(manifest, line);) {
-      std::map<std::string, std::string> f = Fields(line);
+      std::map<std::string, std::string> f = ::fsdp::testing::KeyValueFields(line);
       if (absl::StartsWith(line, "clip ")) {
         ASSERT_TRUE(total_norm.has_value()) << "PyTorch clipped, we did not: " << line;
         ASSERT_EQ(total_norm->scalar_type(), at::kFloat);
