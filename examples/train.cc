@@ -5,6 +5,7 @@
 //         [--wrap=wrap|wrap_alt|none] [--sharding_strategy=full_shard|shard_grad_op|no_shard]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
 //         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM] [--grad_accum=K]
+//         [--mixed_precision=bf16|fp16[,REDUCE[,BUFFER]]]
 //
 // Without RANK/WORLD_SIZE in the environment it launches --world_size local ranks of itself
 // (comm::Launch); with them it is one rank of a job started by a torchrun-style launcher, on
@@ -52,6 +53,7 @@
 #include "examples/char_dataset.h"
 #include "examples/loss_curve.h"
 #include "fsdp/clip_grad_norm.h"
+#include "fsdp/mixed_precision.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/state_dict.h"
 #include "models/char_lm.h"
@@ -95,6 +97,10 @@ ABSL_FLAG(int, grad_accum, 1,
 ABSL_FLAG(double, clip_grad_norm, 0,
           "Clip the gradients to this total norm (2-norm over every rank's shards, FSDP's "
           "clip_grad_norm_) before each optimizer step; 0: no clipping.");
+ABSL_FLAG(std::string, mixed_precision, "",
+          "PARAM[,REDUCE[,BUFFER]] dtypes (bf16, fp16, fp32) of FSDP's MixedPrecision: compute "
+          "in PARAM, reduce gradients in REDUCE (default PARAM), keep buffers in BUFFER; "
+          "parameters, optimizer state and checkpoints stay float32. Empty: full precision.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
 ABSL_FLAG(int, save_at_step, 0,
           "With --save: write the checkpoint after this many steps (counted from step 0) and "
@@ -216,6 +222,8 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
                         ParseStrategy(absl::GetFlag(FLAGS_sharding_strategy)));
   fsdp::FsdpOptions options{.sharding_strategy = strategy,
                             .use_orig_params = absl::GetFlag(FLAGS_use_orig_params)};
+  FSDP_ASSIGN_OR_RETURN(options.mixed_precision,
+                        fsdp::ParseMixedPrecision(absl::GetFlag(FLAGS_mixed_precision)));
   const std::string model = absl::GetFlag(FLAGS_model);
   Job job;
   if (model == "nested") {
@@ -521,10 +529,13 @@ absl::Status RunRank() {
   if (rank == 0) {
     absl::PrintF(
         "train: model=%s (%d parameters) world_size=%d strategy=%s use_orig_params=%d "
-        "optimizer=%s units=%d\n",
+        "optimizer=%s units=%d%s\n",
         absl::GetFlag(FLAGS_model), job.parameter_count, group->size(),
         absl::GetFlag(FLAGS_sharding_strategy), absl::GetFlag(FLAGS_use_orig_params),
-        absl::GetFlag(FLAGS_optimizer), static_cast<int>(job.fsdp->units().size()));
+        absl::GetFlag(FLAGS_optimizer), static_cast<int>(job.fsdp->units().size()),
+        job.fsdp->options().mixed_precision.enabled()
+            ? " " + fsdp::DescribeMixedPrecision(job.fsdp->options().mixed_precision)
+            : "");
   }
   std::ofstream loss_log;
   if (const std::string path = absl::GetFlag(FLAGS_loss_log); !path.empty() && rank == 0) {

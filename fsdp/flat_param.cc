@@ -26,7 +26,8 @@ absl::string_view ShardingStrategyName(ShardingStrategy strategy) {
 
 absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
     std::vector<FlatParamEntry> params, std::shared_ptr<comm::ProcessGroup> group,
-    ShardingStrategy strategy, bool use_orig_params) {
+    ShardingStrategy strategy, bool use_orig_params, const MixedPrecision& mixed_precision) {
+  FSDP_RETURN_IF_ERROR(ValidateMixedPrecision(mixed_precision), "FlatParamHandle");
   if (params.empty()) return absl::InvalidArgumentError("FlatParamHandle: no parameters");
   if (group == nullptr) return absl::InvalidArgumentError("FlatParamHandle: no process group");
   const at::ScalarType dtype = params[0].param.scalar_type();
@@ -77,6 +78,9 @@ absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
   handle->stashed_grads_.resize(handle->params_.size());
   at::Tensor flat = at::cat(pieces);
   const auto options = flat.options();
+  handle->param_dtype_ = mixed_precision.param_dtype.value_or(dtype);
+  handle->reduce_dtype_ = mixed_precision.effective_reduce_dtype().value_or(dtype);
+  const auto compute_options = options.dtype(handle->param_dtype_);
   if (handle->sharded()) {
     const int64_t n = handle->group_->size();
     handle->shard_numel_ = (handle->numel_ + n - 1) / n;
@@ -86,24 +90,17 @@ absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
     const int64_t valid = std::clamp<int64_t>(handle->numel_ - begin, 0, handle->shard_numel_);
     if (valid > 0) shard.narrow(0, 0, valid).copy_(flat.narrow(0, begin, valid));
     handle->flat_param_ = shard;
-    handle->full_ = at::empty({handle->padded_numel_}, options);
-    handle->full_bytes_ = handle->full_.storage().nbytes();
-    at::native::resize_bytes_cpu(handle->full_.storage().unsafeGetStorageImpl(), 0);
   } else {
     handle->shard_numel_ = handle->padded_numel_ = handle->numel_;
     handle->flat_param_ = flat.clone();
   }
-  handle->flat_param_.set_requires_grad(any_requires_grad);
-  if (handle->sharded()) {
-    handle->PointParamsAtShard();
-  } else {
-    // NO_SHARD: the original parameters are views of the flat parameter for good.
-    at::Tensor data = handle->flat_param_.detach();
-    for (size_t i = 0; i < handle->params_.size(); ++i) {
-      const FlatParamInfo& info = handle->infos_[i];
-      handle->params_[i].set_data(data.narrow(0, info.offset, info.numel).view(info.shape));
-    }
+  if (handle->gathers()) {
+    handle->full_ = at::empty({handle->padded_numel_}, compute_options);
+    handle->full_bytes_ = handle->full_.storage().nbytes();
+    at::native::resize_bytes_cpu(handle->full_.storage().unsafeGetStorageImpl(), 0);
   }
+  handle->flat_param_.set_requires_grad(any_requires_grad);
+  handle->PointParamsAtShard();
   return handle;
 }
 
@@ -124,14 +121,18 @@ std::string FlatParamHandle::Describe() const {
 }
 
 int64_t FlatParamHandle::full_buffer_bytes() const {
-  if (!sharded()) return 0;
+  if (!gathers()) return 0;
   return static_cast<int64_t>(full_.storage().nbytes());
 }
 
 void FlatParamHandle::PointParamsAtShard() {
   at::Tensor shard = flat_param_.detach();
   for (size_t i = 0; i < params_.size(); ++i) {
-    if (use_orig_params_) {
+    if (!sharded()) {
+      // NO_SHARD: views of the whole flat parameter, with their shapes.
+      const FlatParamInfo& info = infos_[i];
+      params_[i].set_data(shard.narrow(0, info.offset, info.numel).view(info.shape));
+    } else if (use_orig_params_) {
       const ParamShard local = ShardOf(i, rank());
       params_[i].set_data(shard.narrow(0, local.shard_offset, local.numel));
     } else {
@@ -141,10 +142,17 @@ void FlatParamHandle::PointParamsAtShard() {
 }
 
 absl::Status FlatParamHandle::Unshard() {
-  if (!sharded() || unsharded_) return absl::OkStatus();
+  if (!gathers() || unsharded_) return absl::OkStatus();
   at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), full_bytes_);
-  FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(full_, flat_param_.detach()),
-                       absl::StrCat("unsharding flat parameter [", Describe(), "]"));
+  // Mixed precision: cast, then gather in param_dtype (FSDP1's `_use_low_precision_shard`).
+  at::Tensor shard = flat_param_.detach();
+  if (uses_low_precision_params()) shard = shard.to(param_dtype_);
+  if (sharded()) {
+    FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(full_, shard),
+                         absl::StrCat("unsharding flat parameter [", Describe(), "]"));
+  } else {
+    full_.copy_(shard);
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     const FlatParamInfo& info = infos_[i];
     params_[i].set_data(full_.narrow(0, info.offset, info.numel).view(info.shape));
@@ -154,7 +162,7 @@ absl::Status FlatParamHandle::Unshard() {
 }
 
 void FlatParamHandle::Reshard() {
-  if (!sharded() || !unsharded_) return;
+  if (!unsharded_) return;
   PointParamsAtShard();
   at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), 0);
   unsharded_ = false;
@@ -187,7 +195,9 @@ absl::Status FlatParamHandle::ReduceGradients() {
     }
     return absl::OkStatus();
   }
-  at::Tensor full_grad = at::zeros({padded_numel_}, flat_param_.options());
+  // In the gradients' own dtype (compute_dtype()): no_sync accumulates in it, as autograd
+  // accumulates PyTorch's unsharded gradient.
+  at::Tensor full_grad = at::zeros({padded_numel_}, flat_param_.options().dtype(param_dtype_));
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor& grad = params_[i].mutable_grad();
     if (!grad.defined()) continue;
@@ -213,13 +223,18 @@ absl::Status FlatParamHandle::ReduceGradients() {
   // Averaged over the group as PyTorch FSDP1 averages (gradient_divide.h): divided by the
   // predivide factor (the padded buffer, as PyTorch's `_reduce_grad`), summed, and the result
   // divided by the postdivide factor.
+  // Mixed precision: in reduce_dtype, cast back to the flat parameter's dtype after the
+  // postdivide (FSDP1's `_post_backward_hook` and `_cast_grad_to_param_dtype`).
+  const at::ScalarType param_dtype = flat_param_.scalar_type();
   at::Tensor shard_grad;
   if (sharded()) {
+    full_grad = full_grad.to(reduce_dtype_);
     DivideIfNeeded(full_grad, divide_.predivide);
     shard_grad = at::empty({shard_numel_}, full_grad.options());
     FSDP_RETURN_IF_ERROR(group_->ReduceScatterTensor(shard_grad, full_grad, comm::ReduceOp::kSum),
                          absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
     DivideIfNeeded(shard_grad, divide_.postdivide);
+    shard_grad = shard_grad.to(param_dtype);
   } else {
     // NO_SHARD: PyTorch's flat parameter keeps its gradient between backward passes and
     // autograd adds the new one to it, so a gradient already there is reduced again with the
@@ -230,16 +245,19 @@ absl::Status FlatParamHandle::ReduceGradients() {
     if (use_orig_params_) {
       for (size_t i = 0; i < params_.size(); ++i) {
         if (!stashed_grads_[i].defined()) continue;
+        // The earlier gradient's dtype (the parameter's): added as autograd would add.
+        if (full_grad.scalar_type() != param_dtype) full_grad = full_grad.to(param_dtype);
         full_grad.narrow(0, infos_[i].offset, infos_[i].numel)
             .add_(stashed_grads_[i].reshape({-1}));
         stashed_grads_[i] = at::Tensor();
       }
     }
+    full_grad = full_grad.to(reduce_dtype_);
     DivideIfNeeded(full_grad, divide_.predivide);
     FSDP_RETURN_IF_ERROR(group_->AllReduce(full_grad, comm::ReduceOp::kSum),
                          absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
     DivideIfNeeded(full_grad, divide_.postdivide);
-    shard_grad = full_grad;
+    shard_grad = full_grad.to(param_dtype);
   }
   if (!use_orig_params_) {
     at::Tensor& flat_grad = flat_param_.mutable_grad();
@@ -269,7 +287,8 @@ absl::Status FlatParamHandle::ReduceGradients() {
 absl::StatusOr<at::Tensor> FlatParamHandle::GatherFullFlat() {
   at::NoGradGuard no_grad;
   if (!sharded()) return flat_param_.detach().clone();
-  if (unsharded_) return full_.narrow(0, 0, numel_).clone();
+  // The gathered parameters are a low-precision copy under mixed precision: gather the shards.
+  if (unsharded_ && !uses_low_precision_params()) return full_.narrow(0, 0, numel_).clone();
   at::Tensor out = at::empty({padded_numel_}, flat_param_.options());
   FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(out, flat_param_.detach()),
                        absl::StrCat("gathering flat parameter [", Describe(), "]"));

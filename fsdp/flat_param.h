@@ -13,14 +13,18 @@
 //     that an optimizer updates in place; possibly empty).
 //   * Unshard(): all-gathers the shards into the padded full buffer and makes every original
 //     parameter a view of it with its own shape, keeping its identity (so modules, saved
-//     autograd state and user handles see the full values).
+//     autograd state and user handles see the full values). With a mixed-precision
+//     param_dtype the shard is cast to it first, so the gathered parameters (and the gradients
+//     computed from them) have that dtype; NO_SHARD then "unshards" into a cast copy too.
 //   * ReduceGradients(): flattens the original parameters' gradients (zeros where a parameter
 //     has none), reduce-scatters them averaged over ranks, and gives the shard's gradient to
 //     `flat_param()` (or each original parameter its slice, with use_orig_params). Gradients
 //     already there are accumulated into, as autograd would. The average is PyTorch FSDP1's,
 //     to the bit: divided by GradientDivideFactors' predivide before the sum-reduction and by
 //     its postdivide after it (gradient_divide.h). Under NO_SHARD, as in PyTorch, a gradient
-//     already there is added to the new one before the all-reduce, not after.
+//     already there is added to the new one before the all-reduce, not after. With mixed
+//     precision the gradients are cast to the reduce dtype for the reduction and the division
+//     and back to the flat parameter's dtype after it, as FSDP1's `_reduce_grad` does.
 //   * Reshard(): frees the full buffer's storage (every view of it loses its memory) and
 //     returns to the resting state.
 //
@@ -41,6 +45,7 @@
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
 #include "fsdp/gradient_divide.h"
+#include "fsdp/mixed_precision.h"
 
 namespace fsdp {
 
@@ -78,7 +83,7 @@ class FlatParamHandle {
  public:
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<FlatParamHandle>> Create(
       std::vector<FlatParamEntry> params, std::shared_ptr<comm::ProcessGroup> group,
-      ShardingStrategy strategy, bool use_orig_params);
+      ShardingStrategy strategy, bool use_orig_params, const MixedPrecision& mixed_precision = {});
 
   FlatParamHandle(const FlatParamHandle&) = delete;
   FlatParamHandle& operator=(const FlatParamHandle&) = delete;
@@ -94,6 +99,12 @@ class FlatParamHandle {
   ShardingStrategy strategy() const { return strategy_; }
   bool use_orig_params() const { return use_orig_params_; }
   const std::shared_ptr<comm::ProcessGroup>& group() const { return group_; }
+  // The dtype of the gathered parameters and their gradients (mixed precision's param_dtype,
+  // else the flat parameter's), and the dtype gradients are reduced in.
+  at::ScalarType compute_dtype() const { return param_dtype_; }
+  at::ScalarType reduce_dtype() const { return reduce_dtype_; }
+  // Whether Unshard() casts: then even NO_SHARD gathers into a buffer of its own.
+  bool uses_low_precision_params() const { return param_dtype_ != flat_param_.scalar_type(); }
   // Which part of parameter `index` lies in shard `rank` (any rank, not only this one).
   ParamShard ShardOf(size_t index, int rank) const;
   // "a.weight, a.bias" (canonical FQNs), for messages.
@@ -129,10 +140,13 @@ class FlatParamHandle {
  private:
   FlatParamHandle() = default;
   void PointParamsAtShard();
+  bool gathers() const { return sharded() || uses_low_precision_params(); }
 
   std::shared_ptr<comm::ProcessGroup> group_;
   ShardingStrategy strategy_ = ShardingStrategy::kFullShard;
   bool use_orig_params_ = false;
+  at::ScalarType param_dtype_ = at::kFloat;
+  at::ScalarType reduce_dtype_ = at::kFloat;
   GradientDivideFactors divide_;  // for the group's size
   std::vector<FlatParamInfo> infos_;
   std::vector<at::Tensor> params_;
@@ -143,7 +157,9 @@ class FlatParamHandle {
   int64_t padded_numel_ = 0;
   int64_t shard_numel_ = 0;
   at::Tensor flat_param_;
-  at::Tensor full_;  // padded full buffer (sharded strategies); storage freed when resharded
+  // Padded full buffer (sharded strategies; NO_SHARD with a low-precision param_dtype: the
+  // cast copy), in compute_dtype(); storage freed when resharded.
+  at::Tensor full_;
   int64_t full_bytes_ = 0;
   bool unsharded_ = false;
 };

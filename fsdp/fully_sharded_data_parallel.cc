@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "comm/status_macros.h"
 #include "fsdp/internal/outer_backward_callback.h"
@@ -37,10 +38,13 @@ struct FsdpBackwardState {
 
 class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<FsdpUnit> {
  public:
-  FsdpUnit(std::unique_ptr<FlatParamHandle> handle, bool is_root, FsdpBackwardState* state)
-      : handle_(std::move(handle)), is_root_(is_root), state_(state) {}
+  FsdpUnit(std::unique_ptr<FlatParamHandle> handle, bool is_root,
+           std::optional<at::ScalarType> input_dtype, FsdpBackwardState* state)
+      : handle_(std::move(handle)), is_root_(is_root), input_dtype_(input_dtype), state_(state) {}
 
   FlatParamHandle* handle() const { return handle_.get(); }
+
+  std::optional<at::ScalarType> ForwardInputDtype() const override { return input_dtype_; }
 
   void PreForward() override {
     if (handle_) ThrowIfError(handle_->Unshard());
@@ -62,10 +66,10 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
         if (auto unit = weak.lock()) unit->PreBackward();
       });
     }
-    // FULL_SHARD frees a non-root unit right away; with no backward coming every sharded
-    // strategy frees it (the root is used by backward at once, so it stays gathered).
-    if (handle_->sharded() &&
-        (!backward_follows || (!is_root_ && handle_->strategy() == ShardingStrategy::kFullShard))) {
+    // FULL_SHARD frees a non-root unit right away; with no backward coming every strategy
+    // frees it (the root is used by backward at once, so it stays gathered). A NO_SHARD unit
+    // has nothing gathered to free unless mixed precision cast it.
+    if (!backward_follows || (!is_root_ && handle_->strategy() == ShardingStrategy::kFullShard)) {
       handle_->Reshard();
     }
     return output;
@@ -90,7 +94,7 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
     if (!needs_reduce_) return;
     needs_reduce_ = false;
     ThrowIfError(handle_->ReduceGradients());
-    if (handle_->sharded()) handle_->Reshard();
+    handle_->Reshard();
   }
 
   void InstallGradHooks();
@@ -98,6 +102,7 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
  private:
   std::unique_ptr<FlatParamHandle> handle_;
   bool is_root_;
+  std::optional<at::ScalarType> input_dtype_;  // mixed precision's input cast
   FsdpBackwardState* state_;
   bool needs_reduce_ = false;
   bool pre_backward_done_ = false;
@@ -139,11 +144,13 @@ void FsdpUnit::InstallGradHooks() {
       ++expected_grads_;
       continue;
     }
-    // The accumulator records the shape its gradients must have when it is created, so create
-    // it while the parameter has its full shape (a stand-in that allocates one element).
-    // Holding it keeps the same node, and so our hook, for every backward pass.
+    // The accumulator records the shape and dtype its gradients must have when it is created
+    // (autograd casts gradients to that dtype), so create it while the parameter has its
+    // gathered shape and dtype (a stand-in that allocates one element). Holding it keeps the
+    // same node, and so our hook, for every backward pass.
     at::Tensor resting = param.detach();
-    param.set_data(at::empty({1}, resting.options()).expand(handle_->infos()[i].shape));
+    param.set_data(at::empty({1}, resting.options().dtype(handle_->compute_dtype()))
+                       .expand(handle_->infos()[i].shape));
     c10::intrusive_ptr<torch::autograd::Node> accumulator =
         torch::autograd::impl::grad_accumulator(param);
     param.set_data(resting);
@@ -205,6 +212,51 @@ void CollectUnitParams(torch::nn::Module& module, const std::string& prefix,
   }
 }
 
+// Whether no other unit's module encloses this one's: PyTorch FSDP1's roots (an FSDP instance
+// that no FSDP instance contains), which cast their inputs under mixed precision.
+bool IsTopLevelUnit(const std::vector<ModuleNode>& nodes, const std::vector<size_t>& unit_nodes,
+                    size_t node) {
+  for (size_t other : unit_nodes) {
+    if (other != node && nodes[other].prefix.size() < nodes[node].prefix.size() &&
+        absl::StartsWith(nodes[node].prefix, nodes[other].prefix)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// PyTorch's input casting: a root casts with cast_root_forward_inputs, a unit with parameters
+// with cast_forward_inputs (`_root_pre_forward`, `_pre_forward`).
+std::optional<at::ScalarType> InputDtype(const MixedPrecision& mixed_precision, bool top_level,
+                                         bool has_params) {
+  if (!mixed_precision.param_dtype.has_value()) return std::nullopt;
+  if ((top_level && mixed_precision.cast_root_forward_inputs) ||
+      (has_params && mixed_precision.cast_forward_inputs)) {
+    return mixed_precision.param_dtype;
+  }
+  return std::nullopt;
+}
+
+// Casts the floating-point buffers under the top-level units to buffer_dtype (PyTorch casts
+// those under its roots at lazy init), recording their dtypes for state dicts.
+void CastBuffers(const std::vector<ModuleNode>& nodes, const std::vector<size_t>& top_level,
+                 at::ScalarType buffer_dtype,
+                 std::unordered_map<const c10::TensorImpl*, at::ScalarType>& original) {
+  for (const ModuleNode& node : nodes) {
+    const bool under_unit = std::any_of(top_level.begin(), top_level.end(), [&](size_t unit) {
+      return absl::StartsWith(node.prefix, nodes[unit].prefix);
+    });
+    if (!under_unit) continue;
+    for (const auto& buffer : node.module->named_buffers(/*recurse=*/false)) {
+      at::Tensor tensor = buffer.value();
+      if (!tensor.is_floating_point() || tensor.scalar_type() == buffer_dtype) continue;
+      if (original.emplace(tensor.unsafeGetTensorImpl(), tensor.scalar_type()).second) {
+        tensor.set_data(tensor.detach().to(buffer_dtype));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParallel::WrapSlot(
@@ -212,6 +264,7 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
     std::shared_ptr<comm::ProcessGroup> group, FsdpOptions options) {
   if (group == nullptr) return absl::InvalidArgumentError("FSDP: no process group given");
   if (module == nullptr) return absl::InvalidArgumentError("FSDP: no module given");
+  FSDP_RETURN_IF_ERROR(ValidateMixedPrecision(options.mixed_precision), "FSDP");
   std::unordered_set<torch::nn::Module*> ignored;
   for (const auto& m : options.ignored_modules) {
     if (m == module) {
@@ -291,18 +344,25 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   fsdp->module_ = std::move(module);
   fsdp->group_ = group;
   fsdp->state_ = std::make_shared<FsdpBackwardState>();
+  std::vector<size_t> top_level;
   for (size_t node : unit_nodes) {
+    const bool is_top_level = IsTopLevelUnit(nodes, unit_nodes, node);
+    if (is_top_level) top_level.push_back(node);
     std::unique_ptr<FlatParamHandle> handle;
     if (!entries[node].empty()) {
-      auto created = FlatParamHandle::Create(std::move(entries[node]), group,
-                                             options.sharding_strategy, options.use_orig_params);
+      auto created =
+          FlatParamHandle::Create(std::move(entries[node]), group, options.sharding_strategy,
+                                  options.use_orig_params, options.mixed_precision);
       if (!created.ok()) {
         return Annotate(created.status(), absl::StrCat("FSDP unit '", nodes[node].prefix, "'"));
       }
       handle = *std::move(created);
     }
     const bool is_root = nodes[node].module == fsdp->module_.get();
-    auto unit = std::make_shared<FsdpUnit>(std::move(handle), is_root, fsdp->state_.get());
+    const std::optional<at::ScalarType> input_dtype =
+        InputDtype(options.mixed_precision, is_top_level, handle != nullptr);
+    auto unit =
+        std::make_shared<FsdpUnit>(std::move(handle), is_root, input_dtype, fsdp->state_.get());
     unit->InstallGradHooks();
     unit_slot[nodes[node].module]->set_interceptor(unit);
     fsdp->state_->units.push_back(unit.get());
@@ -310,8 +370,16 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
     fsdp->unit_prefixes_.push_back(nodes[node].prefix);
     fsdp->unit_modules_.push_back(nodes[node].module);
   }
+  if (options.mixed_precision.buffer_dtype.has_value()) {
+    CastBuffers(nodes, top_level, *options.mixed_precision.buffer_dtype, fsdp->buffer_dtypes_);
+  }
   fsdp->options_ = std::move(options);
   return fsdp;
+}
+
+at::ScalarType FullyShardedDataParallel::StateDictDtype(const at::Tensor& buffer) const {
+  auto it = buffer_dtypes_.find(buffer.unsafeGetTensorImpl());
+  return it != buffer_dtypes_.end() ? it->second : buffer.scalar_type();
 }
 
 FullyShardedDataParallel::~FullyShardedDataParallel() {

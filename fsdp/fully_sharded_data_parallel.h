@@ -25,6 +25,11 @@
 // soon as all of a unit's parameters have theirs, and at the end of the backward pass for the
 // rest. Names (FQNs) are those of the unwrapped model: wrapping never renames anything.
 //
+// Mixed precision (`FsdpOptions::mixed_precision`, mixed_precision.h): units gather their
+// parameters in param_dtype and reduce gradients in reduce_dtype, while the flat shards, the
+// gradients the optimizer sees, the optimizer state and every state dict stay in the
+// parameters' dtype; floating-point buffers are kept in buffer_dtype and saved in their own.
+//
 // Preconditions: every rank builds the same model with the same initial values (same seed)
 // and wraps it with the same options; the model is on the CPU; parameters of one unit share
 // a floating dtype. Between a forward and its backward, do not read the original parameters
@@ -41,6 +46,7 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -48,6 +54,7 @@
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
 #include "fsdp/flat_param.h"
+#include "fsdp/mixed_precision.h"
 #include "fsdp/module_slot.h"
 
 namespace fsdp {
@@ -62,6 +69,8 @@ struct FsdpOptions {
   bool wrap_root = true;
   // Modules whose parameters FSDP leaves alone (kept whole and local on every rank).
   std::vector<std::shared_ptr<torch::nn::Module>> ignored_modules;
+  // PyTorch's `mixed_precision=MixedPrecision(...)`; unset dtypes: full precision.
+  MixedPrecision mixed_precision;
 };
 
 class FsdpUnit;
@@ -114,6 +123,9 @@ class FullyShardedDataParallel {
   torch::nn::Module& module() const { return *module_; }
   const std::shared_ptr<comm::ProcessGroup>& group() const { return group_; }
   const FsdpOptions& options() const { return options_; }
+  // The dtype a state dict holds `buffer` in: its dtype before mixed precision's buffer_dtype
+  // cast it, else its own.
+  at::ScalarType StateDictDtype(const at::Tensor& buffer) const;
   // Model state dicts (full and sharded, saving and loading) are in fsdp/state_dict.h.
 
  private:
@@ -131,6 +143,8 @@ class FullyShardedDataParallel {
   std::vector<std::shared_ptr<FsdpUnit>> units_;
   std::vector<std::string> unit_prefixes_;
   std::vector<torch::nn::Module*> unit_modules_;
+  // Buffers cast to buffer_dtype, with their original dtypes.
+  std::unordered_map<const c10::TensorImpl*, at::ScalarType> buffer_dtypes_;
 };
 
 // PyTorch's `with model.no_sync():` as a scope: while a NoSyncGuard lives, backward passes

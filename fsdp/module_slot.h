@@ -27,6 +27,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -42,6 +43,9 @@ class ForwardInterceptor {
   // After it, given the output (FSDP: free parameters, hook the output for backward).
   // Returns the output the caller sees.
   virtual torch::Tensor PostForward(torch::Tensor output) = 0;
+  // The dtype the child's floating-point tensor arguments are cast to (FSDP's mixed-precision
+  // input casting), or none to pass them as they are.
+  virtual std::optional<at::ScalarType> ForwardInputDtype() const { return std::nullopt; }
 };
 
 // The child's forward as a function of its tensor arguments, so that it can be run again on
@@ -72,9 +76,13 @@ class ModuleSlot {
 
   template <typename... Args>
   torch::Tensor forward(Args&&... args) {
-    if (interceptor_ != nullptr) interceptor_->PreForward();
-    torch::Tensor output = RunChild(std::forward<Args>(args)...);
-    return interceptor_ != nullptr ? interceptor_->PostForward(std::move(output)) : output;
+    if (interceptor_ == nullptr) return RunChild(std::forward<Args>(args)...);
+    interceptor_->PreForward();
+    const std::optional<at::ScalarType> dtype = interceptor_->ForwardInputDtype();
+    torch::Tensor output = dtype.has_value()
+                               ? RunChild(CastFloatingTensor(std::forward<Args>(args), *dtype)...)
+                               : RunChild(std::forward<Args>(args)...);
+    return interceptor_->PostForward(std::move(output));
   }
 
   template <typename... Args>
@@ -105,8 +113,22 @@ class ModuleSlot {
           },
           {args...});
     } else {
-      TORCH_CHECK(false, "activation checkpointing needs a forward whose arguments are all "
-                         "tensors; ", module_->name(), "'s are not");
+      TORCH_CHECK(false,
+                  "activation checkpointing needs a forward whose arguments are all "
+                  "tensors; ",
+                  module_->name(), "'s are not");
+    }
+  }
+
+  // A floating-point tensor argument in `dtype` (PyTorch's `_cast_forward_inputs`); any other
+  // argument as it is.
+  template <typename T>
+  static decltype(auto) CastFloatingTensor(T&& arg, at::ScalarType dtype) {
+    if constexpr (std::is_same_v<std::decay_t<T>, torch::Tensor>) {
+      const bool cast = arg.defined() && arg.is_floating_point() && arg.scalar_type() != dtype;
+      return cast ? arg.to(dtype) : torch::Tensor(arg);
+    } else {
+      return std::forward<T>(arg);
     }
   }
 

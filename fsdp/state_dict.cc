@@ -25,6 +25,9 @@ struct ModelEntry {
   std::string fqn;
   at::Tensor tensor;  // the registered tensor
   bool is_buffer = false;
+  // The dtype state dicts hold an unmanaged tensor in (a buffer: its dtype before mixed
+  // precision's buffer_dtype).
+  at::ScalarType state_dtype = at::kFloat;
   // The unit that manages this parameter, if any, and the parameter's index in
   // it.
   FlatParamHandle* handle = nullptr;
@@ -36,8 +39,11 @@ struct ModelEntry {
     return handle != nullptr ? info().shape : tensor.sizes().vec();
   }
   at::ScalarType dtype() const {
-    return handle != nullptr ? handle->flat_param().scalar_type()
-                             : tensor.scalar_type();
+    return handle != nullptr ? handle->flat_param().scalar_type() : state_dtype;
+  }
+  // A copy of an unmanaged tensor as state dicts hold it.
+  at::Tensor StateValue() const {
+    return tensor.detach().to(state_dtype, /*non_blocking=*/false, /*copy=*/true);
   }
 };
 
@@ -90,6 +96,10 @@ std::vector<ModelEntry> ModelEntries(FullyShardedDataParallel& fsdp) {
   }
   std::vector<ModelEntry> out;
   WalkStateDict(fsdp.module(), "", managed, out);
+  for (ModelEntry& entry : out) {
+    entry.state_dtype = entry.is_buffer ? fsdp.StateDictDtype(entry.tensor)
+                                        : entry.tensor.scalar_type();
+  }
   return out;
 }
 
@@ -310,7 +320,7 @@ absl::StatusOr<StateDict> FullStateDict(FullyShardedDataParallel& fsdp,
       if (it == values.end()) {
         // Unmanaged parameters and buffers: local copies (one per tensor,
         // shared by its FQNs).
-        it = values.emplace(impl, entry.tensor.detach().clone()).first;
+        it = values.emplace(impl, entry.StateValue()).first;
       }
       at::Tensor value = it->second;
       if (config.offload_to_cpu && !value.device().is_cpu())
@@ -383,7 +393,8 @@ absl::Status LoadFullStateDict(FullyShardedDataParallel& fsdp,
       if (config.rank0_only) {
         value = has_dict
                     ? values[i]->contiguous()
-                    : at::empty(entry.tensor.sizes(), entry.tensor.options());
+                    : at::empty(entry.tensor.sizes(),
+                                entry.tensor.options().dtype(entry.dtype()));
         FSDP_RETURN_IF_ERROR(group.Broadcast(value, /*root=*/0),
                              absl::StrCat(where, ": broadcasting ", entry.fqn));
       } else {
@@ -406,8 +417,7 @@ absl::StatusOr<ShardedDict> ShardedStateDict(FullyShardedDataParallel& fsdp) {
       auto it = values.find(impl);
       if (it == values.end()) {
         if (entry.handle == nullptr) {
-          it = values.emplace(impl, ShardedValue(entry.tensor.detach().clone()))
-                   .first;
+          it = values.emplace(impl, ShardedValue(entry.StateValue())).first;
         } else {
           const FlatParamHandle& handle = *entry.handle;
           const FlatParamInfo& info = entry.info();

@@ -45,6 +45,9 @@ reduced: DIR/rank<r>.txt lists, one line each,
 with raw little-endian float32 files beside it. --nested_dims IN0,OUT0,IN1,OUT1 builds
 NestedModel with block0 = BlockB(IN0, OUT0) and block1 = BlockB(IN1, OUT1) (PyTorch 1.13's
 test file: 5,7,7,7; 2.x: 5,3,3,7), so a caller can match the C++ model it built.
+--mixed_precision PARAM[,REDUCE[,BUFFER]] (bf16, fp16, fp32; an empty field leaves that dtype
+unset) wraps with FSDP1's MixedPrecision or FSDP2's MixedPrecisionPolicy, as examples/train's
+flag of that name does with ours.
 
 Exit codes: 0 ok; 77 with `SKIP: <reason>` on stdout for a configuration PyTorch 2.13 cannot run
 on CPU (measured, see README.md); 2 for bad flags. Under a bare torchrun a skip exits 1 (torchrun
@@ -166,6 +169,12 @@ def parse_args(argv):
         help="--dump_grads: MAX_NORM,NORM_TYPE: FSDP.clip_grad_norm_ after the passes (root unit)",
     )
     p.add_argument("--nested_dims", default="", help="IN0,OUT0,IN1,OUT1 of block0 and block1")
+    p.add_argument(
+        "--mixed_precision",
+        default="",
+        help="PARAM[,REDUCE[,BUFFER]] dtypes (bf16, fp16, fp32): FSDP1's MixedPrecision, FSDP2's "
+        "MixedPrecisionPolicy(param_dtype, reduce_dtype) (examples/train's --mixed_precision)",
+    )
     p.add_argument("--timeout_s", type=int, default=120, help="collective timeout, seconds")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = p.parse_args(argv)
@@ -183,9 +192,28 @@ def parse_args(argv):
             args.nested_dims = []
         if len(args.nested_dims) != 4 or args.model != "nested":
             p.error("--nested_dims takes IN0,OUT0,IN1,OUT1, with --model nested")
+    try:
+        args.mixed_precision = parse_mixed_precision(args.mixed_precision)
+    except ValueError as e:
+        p.error(f"--mixed_precision: {e}")
     if args.dump_grads and (args.fsdp == 2 or args.use_orig_params or args.backwards < 1):
         p.error("--dump_grads: FSDP1 without --use_orig_params (or 0), --backwards >= 1")
     return args
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_mixed_precision(text):
+    """'bf16', 'bf16,fp32', ',bf16', 'bf16,bf16,bf16' -> (param, reduce, buffer) dtypes or None;
+    '' -> None (no mixed precision)."""
+    if not text or text == "none":
+        return None
+    fields = text.split(",")
+    if len(fields) > 3 or any(f and f not in DTYPES for f in fields):
+        raise ValueError(f"{text!r}: PARAM[,REDUCE[,BUFFER]] of {sorted(DTYPES)}")
+    fields += [""] * (3 - len(fields))
+    return tuple(DTYPES[f] if f else None for f in fields)
 
 
 def oracle():
@@ -244,6 +272,13 @@ def wrap_fsdp1(model, units, wrap_root, args):
         use_orig_params=args.use_orig_params,
         device_id=torch.device("cpu"),  # without it FSDP1 refuses CPU
     )
+    if args.mixed_precision:
+        from torch.distributed.fsdp import MixedPrecision
+
+        param, reduce, buffer = args.mixed_precision
+        kwargs["mixed_precision"] = MixedPrecision(
+            param_dtype=param, reduce_dtype=reduce, buffer_dtype=buffer
+        )
     for path in units:  # inner first, in place, so names do not change
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -262,6 +297,13 @@ def wrap_fsdp2(model, units, wrap_root, args):
     else:
         mesh = init_device_mesh("cpu", (world,))
     kwargs = dict(mesh=mesh, reshard_after_forward=args.sharding_strategy == "full_shard")
+    if args.mixed_precision:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        param, reduce, buffer = args.mixed_precision
+        if buffer is not None:
+            skip("FSDP2's MixedPrecisionPolicy has no buffer_dtype")
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
     for path in units:
         fully_shard(model.get_submodule(path), **kwargs)
     if wrap_root:

@@ -11,7 +11,9 @@
 //     FSDP1's, and so is each rank's local gradient, the reduction's input. The same division
 //     (gradient_divide.h) and the same summation order (comm/process_group.h) make it so.
 //     With a clip, ClipGradNorm's total norm is FSDP.clip_grad_norm_'s to the bit, and the
-//     clipped unit gradients compared are both sides' after clipping.
+//     clipped unit gradients compared are both sides' after clipping. Under MixedPrecision
+//     (bf16 and fp16 parameters, bf16 or float32 reduction) the float32 gradients the optimizer
+//     gets are FSDP1's bit for bit too.
 // Each rank writes a summary line that the test prints (units, elements, how many differ).
 #include <ATen/ATen.h>
 #include <torch/torch.h>
@@ -41,6 +43,7 @@
 #include "comm/process_group.h"
 #include "fsdp/clip_grad_norm.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/mixed_precision.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "models/nested_model.h"
@@ -158,6 +161,8 @@ struct GradCase {
   // needs a root unit (wrap "none" or "wrap_root").
   std::string clip = "";
   bool no_sync = false;  // every pass but the last under NoSyncGuard / FSDP.no_sync()
+  // "PARAM[,REDUCE[,BUFFER]]" (train's and fsdp_peer.py's --mixed_precision); "" for none.
+  std::string mixed_precision = "";
 };
 
 ShardingStrategy StrategyOf(const std::string& name) {
@@ -170,6 +175,9 @@ std::string GradCaseName(const GradCase& c) {
   return absl::StrCat(
       "ws", c.world_size, "_", c.strategy, "_", c.wrap, "_", c.backwards, "backward",
       c.no_sync ? "_no_sync" : "",
+      c.mixed_precision.empty() ? ""
+                                : absl::StrCat("_mp_", absl::StrReplaceAll(c.mixed_precision,
+                                                                           {{",", "_"}})),
       c.clip.empty()
           ? ""
           : absl::StrCat("_clip_", absl::StrReplaceAll(c.clip, {{",", "_"}, {".", "p"}})));
@@ -204,7 +212,8 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
         " --nproc_per_node=", c.world_size, " --models_dir=", Runfile("models/testdata"),
         " --fsdp=1 --model=nested --wrap=", c.wrap, " --sharding_strategy=", c.strategy,
         " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir,
-        c.clip.empty() ? "" : " --clip_grad_norm=", c.clip, c.no_sync ? " --no_sync" : ""));
+        c.clip.empty() ? "" : " --clip_grad_norm=", c.clip, c.no_sync ? " --no_sync" : "",
+        c.mixed_precision.empty() ? "" : " --mixed_precision=", c.mixed_precision));
     ASSERT_EQ(py.exit_code, 0) << py.output;
   }
   RunInRanks(c.world_size, [c, dir](comm::ProcessGroup& group) {
@@ -213,6 +222,7 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
     models::NestedModel net;
     models::NestedModel plain;  // unwrapped: each pass's local gradient
     FsdpOptions options{.sharding_strategy = StrategyOf(c.strategy), .use_orig_params = false};
+    FSDP_ASSERT_OK_AND_ASSIGN(options.mixed_precision, ParseMixedPrecision(c.mixed_precision));
     if (c.wrap == "wrap" || c.wrap == "wrap_root") {
       options.nested = net->wrap_slots();
       options.wrap_root = c.wrap == "wrap_root";
@@ -338,7 +348,16 @@ INSTANTIATE_TEST_SUITE_P(
                       // FSDP.no_sync(): 3 passes accumulated locally, the 4th reduces them all.
                       GradCase{4, "full_shard", "wrap_root", 4, "", true},
                       GradCase{3, "shard_grad_op", "none", 4, "", true},
-                      GradCase{3, "no_shard", "wrap_root", 4, "", true}),
+                      GradCase{3, "no_shard", "wrap_root", 4, "", true},
+                      // MixedPrecision: gathered in bf16 (fp16), reduced in bf16 or float32.
+                      // Under a root unit: without one, NestedModel's unmanaged float32 layers
+                      // meet bf16 activations, which PyTorch refuses as we do.
+                      GradCase{2, "full_shard", "wrap_root", 1, "", false, "bf16"},
+                      GradCase{3, "full_shard", "wrap_root", 1, "", false, "bf16,fp32"},
+                      GradCase{4, "shard_grad_op", "wrap_root", 2, "", false, "bf16"},
+                      GradCase{3, "no_shard", "wrap_root", 2, "", false, "bf16"},
+                      GradCase{4, "full_shard", "wrap_root", 4, "", true, "bf16"},
+                      GradCase{3, "shard_grad_op", "none", 1, "0.5,2", false, "fp16"}),
     [](const ::testing::TestParamInfo<GradCase>& info) { return GradCaseName(info.param); });
 
 }  // namespace
