@@ -2,7 +2,8 @@
 //
 //   train [--model=nested|transformer|dummy] [--nested_dims=2.x|1.13] [--world_size=N] [--steps=K]
 //         [--optimizer=adam|adamw|sgd|adagrad|rmsprop] [--lr=0.01] [--param_groups=1|2]
-//         [--wrap=wrap|wrap_alt|none] [--sharding_strategy=full_shard|shard_grad_op|no_shard]
+//         [--wrap=wrap|wrap_alt|wrap_root|none]
+//         [--sharding_strategy=full_shard|shard_grad_op|no_shard]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
 //         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM] [--grad_accum=K]
 //         [--mixed_precision=bf16|fp16[,REDUCE[,BUFFER]]]
@@ -16,9 +17,10 @@
 // starts, then per step one randn({8, 5}) batch (the same on every rank), loss = output.sum(),
 // backward, optimizer step; --nested_dims=1.13 builds PyTorch 1.13's NestedModel instead of
 // 2.x's (block0 and block1 differ). --wrap: `wrap` and `wrap_alt` are the PyTorch test's wrappings
-// (no root unit); `none` makes the whole model one unit. --model=transformer is
-// TransformerWithSharedParams (one unit per layer plus the root), --model=dummy TestDummyModel
-// (one unit). Optimizers use PyTorch's defaults with --lr; SGD has momentum 0.9.
+// (no root unit), `wrap_root` is `wrap` under a root unit; `none` makes the whole model one unit.
+// --model=transformer is TransformerWithSharedParams (one unit per layer plus the root),
+// --model=dummy TestDummyModel (one unit). Optimizers use PyTorch's defaults with --lr; SGD has
+// momentum 0.9.
 #include <sys/resource.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -53,8 +55,8 @@
 #include "examples/char_dataset.h"
 #include "examples/loss_curve.h"
 #include "fsdp/clip_grad_norm.h"
-#include "fsdp/mixed_precision.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/mixed_precision.h"
 #include "fsdp/state_dict.h"
 #include "models/char_lm.h"
 #include "models/nested_model.h"
@@ -75,7 +77,8 @@ ABSL_FLAG(std::string, optimizer, "adam", "adam, adamw, sgd, adagrad or rmsprop.
 ABSL_FLAG(double, lr, 0, "Learning rate (0: 0.001 for lm, 0.01 for the other models).");
 ABSL_FLAG(int, param_groups, 1, "1, or 2 for NestedModel's param_group0/param_group1.");
 ABSL_FLAG(std::string, wrap, "",
-          "FSDP units. nested: wrap (default), wrap_alt or none; lm and transformer: layers "
+          "FSDP units. nested: wrap (default), wrap_alt, wrap_root (wrap under a root unit) or "
+          "none; lm and transformer: layers "
           "(default: one unit per transformer layer plus the root) or none (one unit).");
 ABSL_FLAG(std::string, sharding_strategy, "full_shard", "full_shard, shard_grad_op, no_shard.");
 ABSL_FLAG(bool, use_orig_params, false, "The optimizer sees the original parameters.");
@@ -235,15 +238,15 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
     fsdp::models::NestedModel net(dims == "2.x" ? fsdp::models::NestedModelDims::kPyTorch2
                                                 : fsdp::models::NestedModelDims::kPyTorch1_13);
     const std::string wrap = absl::GetFlag(FLAGS_wrap).empty() ? "wrap" : absl::GetFlag(FLAGS_wrap);
-    if (wrap == "wrap") {
+    if (wrap == "wrap" || wrap == "wrap_root") {
       options.nested = net->wrap_slots();
-      options.wrap_root = false;
+      options.wrap_root = wrap == "wrap_root";
     } else if (wrap == "wrap_alt") {
       options.nested = net->wrap_alt_slots();
       options.wrap_root = false;
     } else if (wrap != "none") {
       return absl::InvalidArgumentError(
-          absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, none"));
+          absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, wrap_root, none"));
     }
     job.parameter_count = CountParameters(*net);
     FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
