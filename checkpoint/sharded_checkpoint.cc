@@ -372,12 +372,10 @@ absl::StatusOr<ShardedMetadata> Assemble(const LocalSave& mine, const std::vecto
   return m;
 }
 
-}  // namespace
-
-absl::StatusOr<SaveStats> SaveShardedCheckpoint(const std::string& dir,
-                                                FullyShardedDataParallel& fsdp,
-                                                const OptimizerAdapter* adapter,
-                                                const SaveShardedOptions& options) {
+// The save of one shard group (all of the ranks without HYBRID_SHARD).
+absl::StatusOr<SaveStats> SaveShardGroup(const std::string& dir, FullyShardedDataParallel& fsdp,
+                                         const OptimizerAdapter* adapter,
+                                         const SaveShardedOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   at::NoGradGuard no_grad;
   comm::ProcessGroup& group = *fsdp.group();
@@ -483,6 +481,28 @@ absl::StatusOr<SaveStats> SaveShardedCheckpoint(const std::string& dir,
   }
   stats.seconds = Since(start);
   return stats;
+}
+
+}  // namespace
+
+absl::StatusOr<SaveStats> SaveShardedCheckpoint(const std::string& dir,
+                                                FullyShardedDataParallel& fsdp,
+                                                const OptimizerAdapter* adapter,
+                                                const SaveShardedOptions& options) {
+  const std::shared_ptr<comm::ProcessGroup>& replicas = fsdp.options().replicate_group;
+  if (replicas == nullptr) return SaveShardGroup(dir, fsdp, adapter, options);
+  // HYBRID_SHARD: every replica holds the same shards, so the first one writes the checkpoint
+  // and the others learn how it went (two groups writing one directory would clash).
+  absl::StatusOr<SaveStats> saved =
+      replicas->rank() == 0 ? SaveShardGroup(dir, fsdp, adapter, options) : SaveStats{};
+  const std::string where = Where("SaveShardedCheckpoint", dir, *fsdp.group());
+  CKPT_ASSIGN_OR_RETURN(std::string outcome,
+                        replicas->BroadcastObject(saved.ok() ? "" : saved.status().ToString(), 0),
+                        absl::StrCat(where, ": hearing from the replica that saved"));
+  if (saved.ok() && !outcome.empty()) {
+    return absl::InternalError(absl::StrCat(where, ": the replica that saved failed: ", outcome));
+  }
+  return saved;
 }
 
 // ---------------------------------------------------------------- load

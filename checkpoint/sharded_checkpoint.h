@@ -30,7 +30,9 @@
 // interrupted saves), every rank writes and fsyncs rank-<r>-of-<N>.safetensors there, the piece
 // lists are gathered, rank 0 writes metadata.json last and swaps the directory in atomically
 // (atomic_dir.h). A crash at any instant leaves DIR as the old or the new checkpoint, complete.
-// The directory must be on a filesystem every rank shares.
+// The directory must be on a filesystem every rank shares. Under HYBRID_SHARD the first
+// replica's shard group saves (its shards are every replica's) and the others wait for its
+// result, which they return too; every replica loads.
 //
 // Load (a collective over fsdp.group() only to agree on errors): every rank reads
 // metadata.json, then for each of its units the element ranges of each original parameter that

@@ -3,7 +3,8 @@
 //   train [--model=nested|transformer|dummy] [--nested_dims=2.x|1.13] [--world_size=N] [--steps=K]
 //         [--optimizer=adam|adamw|sgd|adagrad|rmsprop] [--lr=0.01] [--param_groups=1|2]
 //         [--wrap=wrap|wrap_alt|wrap_root|none]
-//         [--sharding_strategy=full_shard|shard_grad_op|no_shard]
+//         [--sharding_strategy=full_shard|shard_grad_op|no_shard|hybrid_shard|hybrid_shard_zero2]
+//         [--shard_group_size=K]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
 //         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM] [--grad_accum=K]
 //         [--mixed_precision=bf16|fp16[,REDUCE[,BUFFER]]]
@@ -56,6 +57,7 @@
 #include "examples/loss_curve.h"
 #include "fsdp/clip_grad_norm.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/hybrid_shard.h"
 #include "fsdp/mixed_precision.h"
 #include "fsdp/state_dict.h"
 #include "models/char_lm.h"
@@ -80,7 +82,11 @@ ABSL_FLAG(std::string, wrap, "",
           "FSDP units. nested: wrap (default), wrap_alt, wrap_root (wrap under a root unit) or "
           "none; lm and transformer: layers "
           "(default: one unit per transformer layer plus the root) or none (one unit).");
-ABSL_FLAG(std::string, sharding_strategy, "full_shard", "full_shard, shard_grad_op, no_shard.");
+ABSL_FLAG(std::string, sharding_strategy, "full_shard",
+          "full_shard, shard_grad_op, no_shard, hybrid_shard or hybrid_shard_zero2.");
+ABSL_FLAG(int, shard_group_size, 0,
+          "hybrid_shard*: ranks per shard group; the world is (world / K) replicas of K-rank "
+          "shard groups, as PyTorch's init_device_mesh((world // K, K)).");
 ABSL_FLAG(bool, use_orig_params, false, "The optimizer sees the original parameters.");
 ABSL_FLAG(std::string, save, "", "Write a checkpoint to this directory at the end.");
 ABSL_FLAG(std::string, state_dict_type, "",
@@ -140,8 +146,12 @@ absl::StatusOr<ShardingStrategy> ParseStrategy(const std::string& name) {
   if (name == "full_shard") return ShardingStrategy::kFullShard;
   if (name == "shard_grad_op") return ShardingStrategy::kShardGradOp;
   if (name == "no_shard") return ShardingStrategy::kNoShard;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--sharding_strategy=", name, " is not one of full_shard, shard_grad_op, no_shard"));
+  if (name == "hybrid_shard") return ShardingStrategy::kHybridShard;
+  if (name == "hybrid_shard_zero2") return ShardingStrategy::kHybridShardZero2;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--sharding_strategy=", name,
+                   " is not one of full_shard, shard_grad_op, no_shard, hybrid_shard, "
+                   "hybrid_shard_zero2"));
 }
 
 // One optimizer parameter group: its tensors and, if set, its own weight decay.
@@ -227,6 +237,19 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
                             .use_orig_params = absl::GetFlag(FLAGS_use_orig_params)};
   FSDP_ASSIGN_OR_RETURN(options.mixed_precision,
                         fsdp::ParseMixedPrecision(absl::GetFlag(FLAGS_mixed_precision)));
+  // The group FSDP shards over: all ranks, or with hybrid_shard* a shard group of
+  // --shard_group_size ranks, replicated over the others.
+  std::shared_ptr<fsdp::comm::ProcessGroup> fsdp_group = group;
+  if (fsdp::IsHybrid(strategy)) {
+    FSDP_ASSIGN_OR_RETURN(
+        fsdp::HybridShardGroups groups,
+        fsdp::MakeHybridShardGroups(*group, absl::GetFlag(FLAGS_shard_group_size)));
+    fsdp_group = groups.shard;
+    options.replicate_group = groups.replicate;
+  } else if (absl::GetFlag(FLAGS_shard_group_size) != 0) {
+    return absl::InvalidArgumentError(
+        "--shard_group_size is for --sharding_strategy=hybrid_shard*");
+  }
   const std::string model = absl::GetFlag(FLAGS_model);
   Job job;
   if (model == "nested") {
@@ -249,7 +272,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
           absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, wrap_root, none"));
     }
     job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
     if (absl::GetFlag(FLAGS_param_groups) == 2) {
@@ -273,7 +296,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
     FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
     if (per_layer) options.nested = net->layer_slots();
     job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
     job.step_loss = [f, net](int) {
@@ -285,7 +308,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
   } else if (model == "dummy") {
     fsdp::models::TestDummyModel net;
     job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
     job.step_loss = [f, net](int) { return f->forward(net->get_input()).sum(); };
@@ -322,7 +345,7 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
     FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
     if (per_layer) options.nested = net->layer_slots();
     job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
     job.module = net.ptr();
     fsdp::FullyShardedDataParallel* f = job.fsdp.get();
     auto data = std::make_shared<fsdp::examples::CharDataset>(std::move(dataset));

@@ -5,11 +5,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "checkpoint/full_checkpoint.h"
@@ -70,7 +72,8 @@ TEST_P(TrainTest, LossesMatchPlainPyTorch) {
       c.wrap.empty() ? "" : " --wrap=", c.wrap, " --param_groups=", c.param_groups,
       c.use_orig_params ? " --use_orig_params" : "",
       c.clip > 0 ? absl::StrCat(" --clip_grad_norm=", c.clip) : "",
-      c.grad_accum > 1 ? absl::StrCat(" --grad_accum=", c.grad_accum) : "", " --timeout_s=120"));
+      c.grad_accum > 1 ? absl::StrCat(" --grad_accum=", c.grad_accum) : "",
+      absl::StartsWith(c.strategy, "hybrid") ? " --shard_group_size=2" : "", " --timeout_s=120"));
   ASSERT_EQ(run.exit_code, 0) << run.output;
   const std::vector<double> losses = StepLosses(run.output);
   const std::vector<double>& expected =
@@ -99,7 +102,10 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"nested", 4, "full_shard", false, "adam", "wrap", 1, 0, 4},
                       Case{"nested", 3, "no_shard", true, "adagrad", "none", 1, 1.0, 2},
                       Case{"transformer", 2, "full_shard", false, "adam"},
-                      Case{"transformer", 3, "no_shard", true, "sgd"}),
+                      Case{"transformer", 3, "no_shard", true, "sgd"},
+                      // 2 x 2 and 3 x 2 meshes: shard groups of 2 ranks, replicated.
+                      Case{"nested", 4, "hybrid_shard", false, "adam", "wrap_root"},
+                      Case{"transformer", 6, "hybrid_shard_zero2", true, "sgd"}),
     [](const ::testing::TestParamInfo<Case>& info) {
       const Case& c = info.param;
       return absl::StrCat(absl::StrReplaceAll(c.model, {{".", "_"}}), "_ws", c.world_size, "_",
@@ -320,10 +326,46 @@ TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
   EXPECT_THAT(run.output, HasSubstr("no_such_checkpoint"));
 }
 
+// HYBRID_SHARD saves a sharded checkpoint once (the first replica's shard group writes two rank
+// files, not four), and a FULL_SHARD job at another world size continues from it with the
+// uninterrupted hybrid run's losses.
+TEST(Train, HybridShardSavesOneReplicaAndResumesUnderAnotherStrategy) {
+  const std::string train = Runfile("examples/train");
+  const std::string common = " --model=nested --optimizer=adam --wrap=wrap_root --timeout_s=120";
+  const std::string hybrid =
+      " --world_size=4 --sharding_strategy=hybrid_shard --shard_group_size=2";
+  CommandResult straight = RunCommand(absl::StrCat(train, common, hybrid, " --steps=6"));
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  const std::string dir = TempDir("hybrid_sharded");
+  CommandResult first = RunCommand(
+      absl::StrCat(train, common, hybrid, " --steps=3 --state_dict_type=sharded --save=", dir));
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  int rank_files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    rank_files += absl::StartsWith(entry.path().filename().string(), "rank-");
+  }
+  EXPECT_EQ(rank_files, 2) << "one file per rank of one shard group";
+  CommandResult resumed = RunCommand(absl::StrCat(
+      train, common, " --world_size=3 --sharding_strategy=full_shard --steps=3 --load=", dir));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  const std::vector<double> all = StepLosses(straight.output);
+  const std::vector<double> tail = StepLosses(resumed.output);
+  ASSERT_EQ(all.size(), 6u) << straight.output;
+  ASSERT_EQ(tail.size(), 3u) << resumed.output;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(tail[i], all[3 + i], 1e-5 * std::max(1.0, std::abs(all[3 + i])))
+        << "step " << 3 + i << "\n"
+        << resumed.output;
+  }
+}
+
 TEST(Train, BadFlagsAreRefusedByName) {
   const std::pair<const char*, const char*> kCases[] = {
       {" --world_size=1 --optimizer=lamb", "--optimizer=lamb is not one of"},
       {" --world_size=2 --sharding_strategy=hybrid", "--sharding_strategy=hybrid is not one of"},
+      {" --world_size=2 --sharding_strategy=hybrid_shard",
+       "shard group size 0 does not divide the world size 2"},
+      {" --world_size=2 --shard_group_size=2", "--shard_group_size is for"},
       {" --world_size=1 --model=nested --nested_dims=1.12",
        "--nested_dims=1.12 is not one of 2.x, 1.13"},
       {" --world_size=1 --model=nested --clip_grad_norm=-1", "--clip_grad_norm=-1 is negative"},

@@ -20,16 +20,35 @@ absl::string_view ShardingStrategyName(ShardingStrategy strategy) {
       return "SHARD_GRAD_OP";
     case ShardingStrategy::kNoShard:
       return "NO_SHARD";
+    case ShardingStrategy::kHybridShard:
+      return "HYBRID_SHARD";
+    case ShardingStrategy::kHybridShardZero2:
+      return "_HYBRID_SHARD_ZERO2";
   }
   return "?";
 }
 
+bool ReshardsAfterForward(ShardingStrategy strategy) {
+  return strategy == ShardingStrategy::kFullShard || strategy == ShardingStrategy::kHybridShard;
+}
+
+bool IsHybrid(ShardingStrategy strategy) {
+  return strategy == ShardingStrategy::kHybridShard ||
+         strategy == ShardingStrategy::kHybridShardZero2;
+}
+
 absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
     std::vector<FlatParamEntry> params, std::shared_ptr<comm::ProcessGroup> group,
-    ShardingStrategy strategy, bool use_orig_params, const MixedPrecision& mixed_precision) {
+    ShardingStrategy strategy, bool use_orig_params, const MixedPrecision& mixed_precision,
+    std::shared_ptr<comm::ProcessGroup> replicate_group) {
   FSDP_RETURN_IF_ERROR(ValidateMixedPrecision(mixed_precision), "FlatParamHandle");
   if (params.empty()) return absl::InvalidArgumentError("FlatParamHandle: no parameters");
   if (group == nullptr) return absl::InvalidArgumentError("FlatParamHandle: no process group");
+  if (IsHybrid(strategy) != (replicate_group != nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "FlatParamHandle: ", ShardingStrategyName(strategy),
+        IsHybrid(strategy) ? " needs a replicate group" : " takes no replicate group"));
+  }
   const at::ScalarType dtype = params[0].param.scalar_type();
   std::unordered_set<const c10::TensorImpl*> seen;
   for (const FlatParamEntry& entry : params) {
@@ -59,7 +78,11 @@ absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
   handle->group_ = std::move(group);
   handle->strategy_ = strategy;
   handle->use_orig_params_ = use_orig_params;
-  FSDP_ASSIGN_OR_RETURN(handle->divide_, GradientDivideFactorsFor(handle->group_->size()));
+  handle->replicate_group_ = std::move(replicate_group);
+  // FSDP1 averages over every data-parallel rank: both groups' ranks under the hybrid ones.
+  const int data_parallel_size =
+      handle->group_->size() * (handle->replicate_group_ ? handle->replicate_group_->size() : 1);
+  FSDP_ASSIGN_OR_RETURN(handle->divide_, GradientDivideFactorsFor(data_parallel_size));
   bool any_requires_grad = false;
   std::vector<at::Tensor> pieces;
   for (FlatParamEntry& entry : params) {
@@ -233,6 +256,11 @@ absl::Status FlatParamHandle::ReduceGradients() {
     shard_grad = at::empty({shard_numel_}, full_grad.options());
     FSDP_RETURN_IF_ERROR(group_->ReduceScatterTensor(shard_grad, full_grad, comm::ReduceOp::kSum),
                          absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
+    if (replicate_group_ != nullptr) {
+      FSDP_RETURN_IF_ERROR(replicate_group_->AllReduce(shard_grad, comm::ReduceOp::kSum),
+                           absl::StrCat("all-reducing gradients of flat parameter [", Describe(),
+                                        "] over its replicas"));
+    }
     DivideIfNeeded(shard_grad, divide_.postdivide);
     shard_grad = shard_grad.to(param_dtype);
   } else {

@@ -21,8 +21,10 @@
 //     `flat_param()` (or each original parameter its slice, with use_orig_params). Gradients
 //     already there are accumulated into, as autograd would. The average is PyTorch FSDP1's,
 //     to the bit: divided by GradientDivideFactors' predivide before the sum-reduction and by
-//     its postdivide after it (gradient_divide.h). Under NO_SHARD, as in PyTorch, a gradient
-//     already there is added to the new one before the all-reduce, not after. With mixed
+//     its postdivide after it (gradient_divide.h); the hybrid strategies all-reduce the
+//     reduce-scattered shard over the replica group before the postdivide, and divide by the
+//     factors of both groups' ranks together, as FSDP1 does. Under NO_SHARD, as in PyTorch, a
+//     gradient already there is added to the new one before the all-reduce, not after. With mixed
 //     precision the gradients are cast to the reduce dtype for the reduction and the division
 //     and back to the flat parameter's dtype after it, as FSDP1's `_reduce_grad` does.
 //   * Reshard(): frees the full buffer's storage (every view of it loses its memory) and
@@ -30,7 +32,8 @@
 //
 // Preconditions: all parameters are CPU tensors of one floating dtype, identical on every rank
 // (same seed), and every rank of the group creates its handles in the same order.
-// Errors: INVALID_ARGUMENT (no parameters, mixed dtypes, non-CPU tensors, duplicates);
+// Errors: INVALID_ARGUMENT (no parameters, mixed dtypes, non-CPU tensors, duplicates, a hybrid
+// strategy without a replicate group or another strategy with one);
 // collective errors from comm::ProcessGroup, annotated with the handle's FQNs.
 #ifndef FSDP_CPP_FSDP_FLAT_PARAM_H_
 #define FSDP_CPP_FSDP_FLAT_PARAM_H_
@@ -49,7 +52,13 @@
 
 namespace fsdp {
 
-enum class ShardingStrategy { kFullShard, kShardGradOp, kNoShard };
+// PyTorch's ShardingStrategy. The hybrid strategies shard over the handle's group and
+// replicate over a second group (FULL_SHARD / SHARD_GRAD_OP inside, DDP-like across).
+enum class ShardingStrategy { kFullShard, kShardGradOp, kNoShard, kHybridShard, kHybridShardZero2 };
+
+// Whether `strategy` frees gathered parameters after the forward (FULL_SHARD, HYBRID_SHARD).
+bool ReshardsAfterForward(ShardingStrategy strategy);
+bool IsHybrid(ShardingStrategy strategy);
 
 absl::string_view ShardingStrategyName(ShardingStrategy strategy);
 
@@ -83,7 +92,8 @@ class FlatParamHandle {
  public:
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<FlatParamHandle>> Create(
       std::vector<FlatParamEntry> params, std::shared_ptr<comm::ProcessGroup> group,
-      ShardingStrategy strategy, bool use_orig_params, const MixedPrecision& mixed_precision = {});
+      ShardingStrategy strategy, bool use_orig_params, const MixedPrecision& mixed_precision = {},
+      std::shared_ptr<comm::ProcessGroup> replicate_group = nullptr);
 
   FlatParamHandle(const FlatParamHandle&) = delete;
   FlatParamHandle& operator=(const FlatParamHandle&) = delete;
@@ -99,6 +109,8 @@ class FlatParamHandle {
   ShardingStrategy strategy() const { return strategy_; }
   bool use_orig_params() const { return use_orig_params_; }
   const std::shared_ptr<comm::ProcessGroup>& group() const { return group_; }
+  // The hybrid strategies' replica group (the same shard on every member); null otherwise.
+  const std::shared_ptr<comm::ProcessGroup>& replicate_group() const { return replicate_group_; }
   // The dtype of the gathered parameters and their gradients (mixed precision's param_dtype,
   // else the flat parameter's), and the dtype gradients are reduced in.
   at::ScalarType compute_dtype() const { return param_dtype_; }
@@ -143,6 +155,7 @@ class FlatParamHandle {
   bool gathers() const { return sharded() || uses_low_precision_params(); }
 
   std::shared_ptr<comm::ProcessGroup> group_;
+  std::shared_ptr<comm::ProcessGroup> replicate_group_;
   ShardingStrategy strategy_ = ShardingStrategy::kFullShard;
   bool use_orig_params_ = false;
   at::ScalarType param_dtype_ = at::kFloat;

@@ -66,10 +66,10 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
         if (auto unit = weak.lock()) unit->PreBackward();
       });
     }
-    // FULL_SHARD frees a non-root unit right away; with no backward coming every strategy
-    // frees it (the root is used by backward at once, so it stays gathered). A NO_SHARD unit
-    // has nothing gathered to free unless mixed precision cast it.
-    if (!backward_follows || (!is_root_ && handle_->strategy() == ShardingStrategy::kFullShard)) {
+    // FULL_SHARD and HYBRID_SHARD free a non-root unit right away; with no backward coming every
+    // strategy frees it (the root is used by backward at once, so it stays gathered). A NO_SHARD
+    // unit has nothing gathered to free unless mixed precision cast it.
+    if (!backward_follows || (!is_root_ && ReshardsAfterForward(handle_->strategy()))) {
       handle_->Reshard();
     }
     return output;
@@ -265,6 +265,13 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   if (group == nullptr) return absl::InvalidArgumentError("FSDP: no process group given");
   if (module == nullptr) return absl::InvalidArgumentError("FSDP: no module given");
   FSDP_RETURN_IF_ERROR(ValidateMixedPrecision(options.mixed_precision), "FSDP");
+  if (IsHybrid(options.sharding_strategy) != (options.replicate_group != nullptr)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("FSDP: sharding_strategy ", ShardingStrategyName(options.sharding_strategy),
+                     IsHybrid(options.sharding_strategy)
+                         ? " needs FsdpOptions.replicate_group (see MakeHybridShardGroups)"
+                         : " takes no FsdpOptions.replicate_group (HYBRID_SHARD's)"));
+  }
   std::unordered_set<torch::nn::Module*> ignored;
   for (const auto& m : options.ignored_modules) {
     if (m == module) {
@@ -350,9 +357,9 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
     if (is_top_level) top_level.push_back(node);
     std::unique_ptr<FlatParamHandle> handle;
     if (!entries[node].empty()) {
-      auto created =
-          FlatParamHandle::Create(std::move(entries[node]), group, options.sharding_strategy,
-                                  options.use_orig_params, options.mixed_precision);
+      auto created = FlatParamHandle::Create(std::move(entries[node]), group,
+                                             options.sharding_strategy, options.use_orig_params,
+                                             options.mixed_precision, options.replicate_group);
       if (!created.ok()) {
         return Annotate(created.status(), absl::StrCat("FSDP unit '", nodes[node].prefix, "'"));
       }

@@ -30,13 +30,19 @@
 // gradients the optimizer sees, the optimizer state and every state dict stay in the
 // parameters' dtype; floating-point buffers are kept in buffer_dtype and saved in their own.
 //
+// HYBRID_SHARD shards each unit over the group given to Wrap and replicates it over
+// `FsdpOptions::replicate_group`: gradients are reduce-scattered inside the shard group, then
+// all-reduced across the replicas. State dicts and rank0_only refer to the shard group, as in
+// PyTorch FSDP1 (each shard group's rank 0 holds a full dict).
+//
 // Preconditions: every rank builds the same model with the same initial values (same seed)
 // and wraps it with the same options; the model is on the CPU; parameters of one unit share
 // a floating dtype. Between a forward and its backward, do not read the original parameters
 // of a resharded unit in non-use_orig_params mode (they hold no data, as in PyTorch).
 //
 // Errors (from Wrap): INVALID_ARGUMENT for a nested slot whose module is not inside the model
-// or is ignored, a unit with mixed dtypes, a null group; collective errors as
+// or is ignored, a unit with mixed dtypes, a null group, a hybrid strategy without a
+// replicate group (or another strategy with one); collective errors as
 // comm::ProcessGroup's. forward()/backward() throw c10::Error carrying the status message when
 // a collective fails (the LibTorch edge).
 #ifndef FSDP_CPP_FSDP_FULLY_SHARDED_DATA_PARALLEL_H_
@@ -71,6 +77,11 @@ struct FsdpOptions {
   std::vector<std::shared_ptr<torch::nn::Module>> ignored_modules;
   // PyTorch's `mixed_precision=MixedPrecision(...)`; unset dtypes: full precision.
   MixedPrecision mixed_precision;
+  // HYBRID_SHARD / _HYBRID_SHARD_ZERO2 only (and required by them): the group over which this
+  // rank's shard is replicated; the group given to Wrap is then the shard group. PyTorch's
+  // `process_group=(shard_group, replicate_group)`; MakeHybridShardGroups (hybrid_shard.h)
+  // builds both as `init_device_mesh(("replicate", "shard"))` lays them out.
+  std::shared_ptr<comm::ProcessGroup> replicate_group;
 };
 
 class FsdpUnit;

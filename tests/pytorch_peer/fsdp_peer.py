@@ -45,6 +45,8 @@ reduced: DIR/rank<r>.txt lists, one line each,
 with raw little-endian float32 files beside it. --nested_dims IN0,OUT0,IN1,OUT1 builds
 NestedModel with block0 = BlockB(IN0, OUT0) and block1 = BlockB(IN1, OUT1) (PyTorch 1.13's
 test file: 5,7,7,7; 2.x: 5,3,3,7), so a caller can match the C++ model it built.
+--sharding_strategy=hybrid_shard|hybrid_shard_zero2 with --shard_group_size K shards over K-rank
+groups of a (world / K, K) device mesh and replicates across them (MakeHybridShardGroups' layout).
 --mixed_precision PARAM[,REDUCE[,BUFFER]] (bf16, fp16, fp32; an empty field leaves that dtype
 unset) wraps with FSDP1's MixedPrecision or FSDP2's MixedPrecisionPolicy, as examples/train's
 flag of that name does with ours.
@@ -142,7 +144,13 @@ def parse_args(argv):
     p.add_argument(
         "--sharding_strategy",
         default="full_shard",
-        choices=["full_shard", "shard_grad_op", "no_shard"],
+        choices=["full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2"],
+    )
+    p.add_argument(
+        "--shard_group_size",
+        type=int,
+        default=0,
+        help="hybrid_shard*: ranks per shard group (a (world/K, K) mesh: replicate, shard)",
     )
     p.add_argument("--use_orig_params", action="store_true", help="FSDP1 only")
     p.add_argument("--wrap", default="", help="nested: wrap|wrap_alt|none; transformer: layers|none")
@@ -196,6 +204,8 @@ def parse_args(argv):
         args.mixed_precision = parse_mixed_precision(args.mixed_precision)
     except ValueError as e:
         p.error(f"--mixed_precision: {e}")
+    if args.sharding_strategy.startswith("hybrid") and args.shard_group_size < 1:
+        p.error("--sharding_strategy=hybrid_shard* needs --shard_group_size")
     if args.dump_grads and (args.fsdp == 2 or args.use_orig_params or args.backwards < 1):
         p.error("--dump_grads: FSDP1 without --use_orig_params (or 0), --backwards >= 1")
     return args
@@ -259,6 +269,18 @@ def build_model(rm, name, nested_dims=None):
     return model, lambda: (torch.rand(8, 8),), lambda m, x: m(*x).sum()
 
 
+def hybrid_mesh(args):
+    """HYBRID_SHARD's 2-D mesh: (world / K) replicas of K-rank shard groups (MakeHybridShardGroups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = torch.distributed.get_world_size()
+    k = args.shard_group_size
+    if world % k:
+        print(f"peer: --shard_group_size={k} does not divide the world size {world}", flush=True)
+        sys.exit(2)
+    return init_device_mesh("cpu", (world // k, k), mesh_dim_names=("replicate", "shard"))
+
+
 def wrap_fsdp1(model, units, wrap_root, args):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
@@ -268,10 +290,14 @@ def wrap_fsdp1(model, units, wrap_root, args):
             "full_shard": ShardingStrategy.FULL_SHARD,
             "shard_grad_op": ShardingStrategy.SHARD_GRAD_OP,
             "no_shard": ShardingStrategy.NO_SHARD,
+            "hybrid_shard": ShardingStrategy.HYBRID_SHARD,
+            "hybrid_shard_zero2": ShardingStrategy._HYBRID_SHARD_ZERO2,
         }[args.sharding_strategy],
         use_orig_params=args.use_orig_params,
         device_id=torch.device("cpu"),  # without it FSDP1 refuses CPU
     )
+    if args.sharding_strategy.startswith("hybrid"):
+        kwargs["device_mesh"] = hybrid_mesh(args)
     if args.mixed_precision:
         from torch.distributed.fsdp import MixedPrecision
 
@@ -291,12 +317,16 @@ def wrap_fsdp2(model, units, wrap_root, args):
     from torch.distributed.fsdp import fully_shard
 
     world = torch.distributed.get_world_size()
-    if args.sharding_strategy == "no_shard":
+    if args.sharding_strategy.startswith("hybrid"):
+        mesh = hybrid_mesh(args)
+    elif args.sharding_strategy == "no_shard":
         # NO_SHARD's FSDP2 form: HSDP replicating over every rank with shards of one rank.
         mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh("cpu", (world,))
-    kwargs = dict(mesh=mesh, reshard_after_forward=args.sharding_strategy == "full_shard")
+    kwargs = dict(
+        mesh=mesh, reshard_after_forward=args.sharding_strategy in ("full_shard", "hybrid_shard")
+    )
     if args.mixed_precision:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -13,7 +13,8 @@
 //     With a clip, ClipGradNorm's total norm is FSDP.clip_grad_norm_'s to the bit, and the
 //     clipped unit gradients compared are both sides' after clipping. Under MixedPrecision
 //     (bf16 and fp16 parameters, bf16 or float32 reduction) the float32 gradients the optimizer
-//     gets are FSDP1's bit for bit too.
+//     gets are FSDP1's bit for bit too, and so are HYBRID_SHARD's (ranks in shard groups of 2,
+//     replicated across them, as FSDP1 with a 2-D device mesh).
 // Each rank writes a summary line that the test prints (units, elements, how many differ).
 #include <ATen/ATen.h>
 #include <torch/torch.h>
@@ -43,6 +44,7 @@
 #include "comm/process_group.h"
 #include "fsdp/clip_grad_norm.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/hybrid_shard.h"
 #include "fsdp/mixed_precision.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -165,9 +167,14 @@ struct GradCase {
   std::string mixed_precision = "";
 };
 
+// The hybrid cases shard over groups of this many ranks.
+constexpr int kShardGroupSize = 2;
+
 ShardingStrategy StrategyOf(const std::string& name) {
   if (name == "shard_grad_op") return ShardingStrategy::kShardGradOp;
   if (name == "no_shard") return ShardingStrategy::kNoShard;
+  if (name == "hybrid_shard") return ShardingStrategy::kHybridShard;
+  if (name == "hybrid_shard_zero2") return ShardingStrategy::kHybridShardZero2;
   return ShardingStrategy::kFullShard;
 }
 
@@ -175,9 +182,9 @@ std::string GradCaseName(const GradCase& c) {
   return absl::StrCat(
       "ws", c.world_size, "_", c.strategy, "_", c.wrap, "_", c.backwards, "backward",
       c.no_sync ? "_no_sync" : "",
-      c.mixed_precision.empty() ? ""
-                                : absl::StrCat("_mp_", absl::StrReplaceAll(c.mixed_precision,
-                                                                           {{",", "_"}})),
+      c.mixed_precision.empty()
+          ? ""
+          : absl::StrCat("_mp_", absl::StrReplaceAll(c.mixed_precision, {{",", "_"}})),
       c.clip.empty()
           ? ""
           : absl::StrCat("_clip_", absl::StrReplaceAll(c.clip, {{",", "_"}, {".", "p"}})));
@@ -213,16 +220,26 @@ TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
         " --fsdp=1 --model=nested --wrap=", c.wrap, " --sharding_strategy=", c.strategy,
         " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir,
         c.clip.empty() ? "" : " --clip_grad_norm=", c.clip, c.no_sync ? " --no_sync" : "",
-        c.mixed_precision.empty() ? "" : " --mixed_precision=", c.mixed_precision));
+        c.mixed_precision.empty() ? "" : " --mixed_precision=", c.mixed_precision,
+        IsHybrid(StrategyOf(c.strategy)) ? absl::StrCat(" --shard_group_size=", kShardGroupSize)
+                                         : ""));
     ASSERT_EQ(py.exit_code, 0) << py.output;
   }
   RunInRanks(c.world_size, [c, dir](comm::ProcessGroup& group) {
     at::set_num_threads(1);  // as fsdp_peer.py: the same kernels' blocking
     std::shared_ptr<comm::ProcessGroup> group_ptr(&group, [](comm::ProcessGroup*) {});
+    std::shared_ptr<comm::ProcessGroup> replicate_group;
+    if (IsHybrid(StrategyOf(c.strategy))) {
+      FSDP_ASSERT_OK_AND_ASSIGN(HybridShardGroups groups,
+                                MakeHybridShardGroups(group, kShardGroupSize));
+      group_ptr = groups.shard;
+      replicate_group = groups.replicate;
+    }
     models::NestedModel net;
     models::NestedModel plain;  // unwrapped: each pass's local gradient
     FsdpOptions options{.sharding_strategy = StrategyOf(c.strategy), .use_orig_params = false};
     FSDP_ASSERT_OK_AND_ASSIGN(options.mixed_precision, ParseMixedPrecision(c.mixed_precision));
+    options.replicate_group = replicate_group;
     if (c.wrap == "wrap" || c.wrap == "wrap_root") {
       options.nested = net->wrap_slots();
       options.wrap_root = c.wrap == "wrap_root";
@@ -357,7 +374,13 @@ INSTANTIATE_TEST_SUITE_P(
                       GradCase{4, "shard_grad_op", "wrap_root", 2, "", false, "bf16"},
                       GradCase{3, "no_shard", "wrap_root", 2, "", false, "bf16"},
                       GradCase{4, "full_shard", "wrap_root", 4, "", true, "bf16"},
-                      GradCase{3, "shard_grad_op", "none", 1, "0.5,2", false, "fp16"}),
+                      GradCase{3, "shard_grad_op", "none", 1, "0.5,2", false, "fp16"},
+                      // HYBRID_SHARD (2 x 2 and 3 x 2 meshes): reduce-scatter in the shard
+                      // group, all-reduce across replicas; clipping over the shard group.
+                      GradCase{4, "hybrid_shard", "wrap_root", 1},
+                      GradCase{6, "hybrid_shard_zero2", "wrap_root", 2},
+                      GradCase{4, "hybrid_shard", "none", 1, "0.5,2", false, "bf16"},
+                      GradCase{4, "hybrid_shard", "wrap_root", 3, "", true}),
     [](const ::testing::TestParamInfo<GradCase>& info) { return GradCaseName(info.param); });
 
 }  // namespace
