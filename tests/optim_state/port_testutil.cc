@@ -12,6 +12,7 @@
 #include "checkpoint/full_checkpoint.h"
 #include "comm/multiprocess_testutil.h"
 #include "comm/status_macros.h"
+#include "fsdp/hybrid_shard.h"
 #include "gtest/gtest.h"
 #include "models/nested_model.h"
 #include "models/transformer.h"
@@ -87,14 +88,26 @@ std::shared_ptr<comm::ProcessGroup> Borrow(comm::ProcessGroup& group) {
   return std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
 }
 
+namespace {
+
+FsdpOptions FsdpOptionsOf(const InitOptions& options) {
+  FsdpOptions fsdp_options;
+  fsdp_options.use_orig_params = options.use_orig_params;
+  fsdp_options.mixed_precision = options.mixed_precision;
+  fsdp_options.sharding_strategy = options.sharding_strategy;
+  fsdp_options.replicate_group = options.replicate_group;
+  return fsdp_options;
+}
+
+}  // namespace
+
 absl::StatusOr<Setup> InitNested(const InitOptions& options) {
   Setup setup;
   models::NestedModel model;
   setup.module = model.ptr();
   const int rank = options.group ? options.group->rank() : 0;
   if (options.wrap) {
-    FsdpOptions fsdp_options;
-    fsdp_options.use_orig_params = options.use_orig_params;
+    FsdpOptions fsdp_options = FsdpOptionsOf(options);
     fsdp_options.wrap_root = false;
     fsdp_options.nested = options.wrap_alt ? model->wrap_alt_slots() : model->wrap_slots();
     FSDP_ASSIGN_OR_RETURN(setup.fsdp,
@@ -147,8 +160,7 @@ absl::StatusOr<Setup> InitTransformer(const InitOptions& options) {
   models::TransformerWithSharedParams model(rank, /*add_bn=*/true, /*deterministic=*/true);
   setup.module = model.ptr();
   if (options.wrap) {
-    FsdpOptions fsdp_options;
-    fsdp_options.use_orig_params = options.use_orig_params;
+    FsdpOptions fsdp_options = FsdpOptionsOf(options);
     fsdp_options.nested = model->layer_slots();
     FSDP_ASSIGN_OR_RETURN(setup.fsdp,
                           FullyShardedDataParallel::Wrap(model, options.group, fsdp_options));
@@ -394,15 +406,32 @@ std::string CurrentTestTag() {
 
 }  // namespace
 
+namespace {
+
+// The first model of _test_load_optim_state*: wrapped over `group` (HYBRID_SHARD over shard
+// groups of it if asked), with the second model's mixed precision.
+absl::StatusOr<Setup> InitFirstModel(comm::ProcessGroup& group, const LoadOptimStateArgs& args) {
+  InitOptions options{.wrap = true,
+                      .group = Borrow(group),
+                      .use_multiple_param_groups = args.use_multiple_param_groups,
+                      .mixed_precision = args.mixed_precision};
+  if (args.first_model_shard_group_size > 0) {
+    FSDP_ASSIGN_OR_RETURN(HybridShardGroups groups,
+                          MakeHybridShardGroups(group, args.first_model_shard_group_size));
+    options.group = groups.shard;
+    options.replicate_group = groups.replicate;
+    options.sharding_strategy = ShardingStrategy::kHybridShard;
+  }
+  return Init(args.model_class, options);
+}
+
+}  // namespace
+
 void TestLoadOptimState(comm::ProcessGroup& group, const LoadOptimStateArgs& args) {
   SCOPED_TRACE(absl::StrCat("use_optim_input=", args.use_optim_input));
   const bool sharded_method = args.osd_comm_method == OsdCommMethod::kFlattenShardedOsd;
   // (1) A wrapped model over the whole group.
-  FSDP_ASSERT_OK_AND_ASSIGN(
-      Setup model1,
-      Init(args.model_class, {.wrap = true,
-                              .group = Borrow(group),
-                              .use_multiple_param_groups = args.use_multiple_param_groups}));
+  FSDP_ASSERT_OK_AND_ASSIGN(Setup model1, InitFirstModel(group, args));
   FSDP_ASSERT_OK(StepModel(model1, args.num_iters).status());
   auto osd_method = [&](Setup& setup,
                         std::shared_ptr<comm::ProcessGroup> g) -> absl::StatusOr<OptimStateDict> {
@@ -425,7 +454,8 @@ void TestLoadOptimState(comm::ProcessGroup& group, const LoadOptimStateArgs& arg
                               .group = new_group,
                               .use_multiple_param_groups = args.use_multiple_param_groups,
                               .use_diff_optim_inputs = args.use_diff_optim_inputs,
-                              .use_orig_params = args.use_orig_params}));
+                              .use_orig_params = args.use_orig_params,
+                              .mixed_precision = args.mixed_precision}));
   FSDP_ASSERT_OK(StepModel(model2, args.num_iters).status());
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd2, osd_method(model2, new_group));
   // (3) Both dicts for the second model.
@@ -475,11 +505,7 @@ void TestLoadOptimStateWithOptimStateDict(comm::ProcessGroup& group,
                                           const LoadOptimStateArgs& args) {
   SCOPED_TRACE(absl::StrCat("optim_state_dict API, halve_world_size=", args.halve_world_size,
                             " wrap_alt=", args.wrap_alt));
-  FSDP_ASSERT_OK_AND_ASSIGN(
-      Setup model1,
-      Init(args.model_class, {.wrap = true,
-                              .group = Borrow(group),
-                              .use_multiple_param_groups = args.use_multiple_param_groups}));
+  FSDP_ASSERT_OK_AND_ASSIGN(Setup model1, InitFirstModel(group, args));
   FSDP_ASSERT_OK(StepModel(model1, args.num_iters).status());
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd1,
                             GetOptimStateDict(*model1.fsdp, *model1.adapter, settings));
@@ -495,7 +521,8 @@ void TestLoadOptimStateWithOptimStateDict(comm::ProcessGroup& group,
                               .group = new_group,
                               .use_multiple_param_groups = args.use_multiple_param_groups,
                               .use_diff_optim_inputs = args.use_diff_optim_inputs,
-                              .use_orig_params = args.use_orig_params}));
+                              .use_orig_params = args.use_orig_params,
+                              .mixed_precision = args.mixed_precision}));
   FSDP_ASSERT_OK(StepModel(model2, args.num_iters).status());
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd2,
                             GetOptimStateDict(*model2.fsdp, *model2.adapter, settings, new_group));

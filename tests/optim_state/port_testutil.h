@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/mixed_precision.h"
 #include "optim_state/optim_input.h"
 #include "optim_state/optim_state_dict.h"
 #include "optim_state/optimizer_adapter.h"
@@ -64,6 +65,10 @@ struct InitOptions {
   bool use_diff_optim_inputs = false;  // odd ranks reverse their optimizer input
   bool use_orig_params = false;
   double lr = 0.01;
+  // Beyond Python's file: the FSDP options the optimizer-state suite also runs under.
+  MixedPrecision mixed_precision;
+  ShardingStrategy sharding_strategy = ShardingStrategy::kFullShard;
+  std::shared_ptr<comm::ProcessGroup> replicate_group;  // HYBRID_SHARD's; `group` shards
 };
 
 // _init_nested_model: NestedModel (wrap: NestedModel.wrap, or .wrap_alt; the root is never a
@@ -138,6 +143,10 @@ struct LoadOptimStateArgs {
   // new_model_kwargs: the second model's wrapping and FSDP options.
   bool wrap_alt = false;
   bool use_orig_params = false;
+  // Beyond Python's file: both models under this MixedPrecision, and the first one (only)
+  // HYBRID_SHARD over shard groups of this many ranks of `group` (0: FULL_SHARD).
+  MixedPrecision mixed_precision;
+  int first_model_shard_group_size = 0;
 };
 
 // _test_load_optim_state: (1) trains a wrapped model over `group` for K iterations and takes
