@@ -1,10 +1,12 @@
-// See pickle.h. The opcodes by family, each family one step: framing, scalars, strings, the
-// memo, the stack and its marks, making and filling containers, globals, and the opcodes whose
-// meaning is the client's (REDUCE, BUILD, NEWOBJ, BINPERSID).
+// See pickle.h. The opcodes by family, each family one step: framing, empty values, scalars,
+// strings, the memo, the stack and its marks, tuples, filling containers, globals, and the opcodes
+// whose meaning is the client's (REDUCE, BUILD, NEWOBJ, BINPERSID).
 #include "checkpoint/pickle.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <initializer_list>
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/internal/file_bytes.h"
@@ -115,63 +117,30 @@ absl::StatusOr<Object*> Unpickler::Run() {
 }
 
 absl::Status Unpickler::Step(uint8_t op) {
-  switch (op) {
-    case kProto:
-    case kFrame:
-      return FramingOp(op);
-    case kNone:
-    case kNewTrue:
-    case kNewFalse:
-    case kBinInt:
-    case kBinInt1:
-    case kBinInt2:
-    case kLong1:
-    case kLong4:
-    case kBinFloat:
-      return ScalarOp(op);
-    case kBinUnicode:
-    case kShortBinUnicode:
-    case kBinUnicode8:
-    case kBinBytes:
-    case kShortBinBytes:
-    case kBinBytes8:
-      return StringOp(op);
-    case kBinPut:
-    case kLongBinPut:
-    case kMemoize:
-    case kBinGet:
-    case kLongBinGet:
-      return MemoOp(op);
-    case kMark:
-    case kPop:
-    case kPopMark:
-    case kDup:
-      return StackOp(op);
-    case kEmptyDict:
-    case kEmptyList:
-    case kEmptyTuple:
-    case kTuple:
-    case kTuple1:
-    case kTuple2:
-    case kTuple3:
-      return NewContainerOp(op);
-    case kAppend:
-    case kAppends:
-    case kSetItem:
-    case kSetItems:
-      return FillContainerOp(op);
-    case kGlobal:
-    case kStackGlobal:
-      return GlobalOp(op);
-    case kReduce:
-    case kBuild:
-    case kBinPersId:
-    case kNewObj:
-    case kNewObjEx:
-      return ClientOp(op);
-    default:
-      return Unsupported(op);
-  }
+  using Family = absl::Status (Unpickler::*)(uint8_t);
+  // Each opcode's family; the opcodes not listed are unsupported.
+  static const std::array<Family, 256> kFamilies = [] {
+    std::array<Family, 256> table{};
+    auto add = [&table](std::initializer_list<uint8_t> ops, Family family) {
+      for (uint8_t op : ops) table[op] = family;
+    };
+    add({kProto, kFrame}, &Unpickler::FramingOp);
+    add({kNone, kEmptyDict, kEmptyList, kEmptyTuple}, &Unpickler::EmptyValueOp);
+    add({kNewTrue, kNewFalse, kBinInt, kBinInt1, kBinInt2, kLong1, kLong4, kBinFloat},
+        &Unpickler::ScalarOp);
+    add({kBinUnicode, kShortBinUnicode, kBinUnicode8, kBinBytes, kShortBinBytes, kBinBytes8},
+        &Unpickler::StringOp);
+    add({kBinPut, kLongBinPut, kMemoize, kBinGet, kLongBinGet}, &Unpickler::MemoOp);
+    add({kMark, kPop, kPopMark, kDup}, &Unpickler::StackOp);
+    add({kTuple, kTuple1, kTuple2, kTuple3}, &Unpickler::TupleOp);
+    add({kAppend, kAppends, kSetItem, kSetItems}, &Unpickler::FillContainerOp);
+    add({kGlobal, kStackGlobal}, &Unpickler::GlobalOp);
+    add({kReduce, kBuild, kBinPersId, kNewObj, kNewObjEx}, &Unpickler::ClientOp);
+    return table;
+  }();
+  const Family family = kFamilies[op];
+  if (family == nullptr) return Unsupported(op);
+  return (this->*family)(op);
 }
 
 absl::Status Unpickler::FramingOp(uint8_t op) {
@@ -187,11 +156,18 @@ absl::Status Unpickler::FramingOp(uint8_t op) {
   return absl::OkStatus();
 }
 
+// NONE, EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE.
+absl::Status Unpickler::EmptyValueOp(uint8_t op) {
+  const Kind kind = op == kNone        ? Kind::kNone
+                    : op == kEmptyDict ? Kind::kDict
+                    : op == kEmptyList ? Kind::kList
+                                       : Kind::kTuple;
+  Push(New(kind));
+  return absl::OkStatus();
+}
+
 absl::Status Unpickler::ScalarOp(uint8_t op) {
   switch (op) {
-    case kNone:
-      Push(New(Kind::kNone));
-      return absl::OkStatus();
     case kNewTrue:
     case kNewFalse: {
       Object* o = New(Kind::kBool);
@@ -282,31 +258,19 @@ absl::Status Unpickler::StackOp(uint8_t op) {
   }
 }
 
-absl::Status Unpickler::NewContainerOp(uint8_t op) {
-  switch (op) {
-    case kEmptyDict:
-      Push(New(Kind::kDict));
-      return absl::OkStatus();
-    case kEmptyList:
-      Push(New(Kind::kList));
-      return absl::OkStatus();
-    case kEmptyTuple:
-      Push(New(Kind::kTuple));
-      return absl::OkStatus();
-    case kTuple: {
-      FSDP_ASSIGN_OR_RETURN(std::vector<Object*> items, PopToMark());
-      Push(NewTuple(std::move(items)));
-      return absl::OkStatus();
-    }
-    default: {  // TUPLE1..3
-      const size_t n = op - kTuple1 + 1;
-      if (stack_.size() < n + CurrentMark()) return Bad("stack underflow");
-      std::vector<Object*> items(stack_.end() - n, stack_.end());
-      stack_.resize(stack_.size() - n);
-      Push(NewTuple(std::move(items)));
-      return absl::OkStatus();
-    }
+// TUPLE (the items since the MARK), TUPLE1..3.
+absl::Status Unpickler::TupleOp(uint8_t op) {
+  std::vector<Object*> items;
+  if (op == kTuple) {
+    FSDP_ASSIGN_OR_RETURN(items, PopToMark());
+  } else {
+    const size_t n = op - kTuple1 + 1;
+    if (stack_.size() < n + CurrentMark()) return Bad("stack underflow");
+    items.assign(stack_.end() - n, stack_.end());
+    stack_.resize(stack_.size() - n);
   }
+  Push(NewTuple(std::move(items)));
+  return absl::OkStatus();
 }
 
 absl::Status Unpickler::FillContainerOp(uint8_t op) {

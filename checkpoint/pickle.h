@@ -154,11 +154,12 @@ class Unpickler {
   // One opcode (not STOP); each family of opcodes is one step.
   absl::Status Step(uint8_t op);
   absl::Status FramingOp(uint8_t op);
+  absl::Status EmptyValueOp(uint8_t op);
   absl::Status ScalarOp(uint8_t op);
   absl::Status StringOp(uint8_t op);
   absl::Status MemoOp(uint8_t op);
   absl::Status StackOp(uint8_t op);
-  absl::Status NewContainerOp(uint8_t op);
+  absl::Status TupleOp(uint8_t op);
   absl::Status FillContainerOp(uint8_t op);
   absl::Status GlobalOp(uint8_t op);
   absl::Status ClientOp(uint8_t op);

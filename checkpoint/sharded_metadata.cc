@@ -18,40 +18,25 @@ std::string DataFileName(int rank, int world_size) {
   return absl::StrCat("rank-", rank, "-of-", world_size, ".safetensors");
 }
 
+namespace {
+
+constexpr std::pair<const char*, at::ScalarType> kSafetensorsTypes[] = {
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
+    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
+    {"U8", at::kByte},    {"BOOL", at::kBool}};
+
+}  // namespace
+
 absl::StatusOr<std::string> SafetensorsDtype(at::ScalarType type) {
-  switch (type) {
-    case at::kDouble:
-      return std::string("F64");
-    case at::kFloat:
-      return std::string("F32");
-    case at::kHalf:
-      return std::string("F16");
-    case at::kBFloat16:
-      return std::string("BF16");
-    case at::kLong:
-      return std::string("I64");
-    case at::kInt:
-      return std::string("I32");
-    case at::kShort:
-      return std::string("I16");
-    case at::kChar:
-      return std::string("I8");
-    case at::kByte:
-      return std::string("U8");
-    case at::kBool:
-      return std::string("BOOL");
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("dtype ", c10::toString(type), " has no safetensors name"));
+  for (const auto& [name, t] : kSafetensorsTypes) {
+    if (type == t) return std::string(name);
   }
+  return absl::InvalidArgumentError(
+      absl::StrCat("dtype ", c10::toString(type), " has no safetensors name"));
 }
 
 absl::StatusOr<at::ScalarType> ScalarTypeFromSafetensors(absl::string_view name) {
-  static const std::pair<const char*, at::ScalarType> kTypes[] = {
-      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
-      {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
-      {"U8", at::kByte},    {"BOOL", at::kBool}};
-  for (const auto& [n, t] : kTypes) {
+  for (const auto& [n, t] : kSafetensorsTypes) {
     if (name == n) return t;
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown dtype \"", name, "\""));

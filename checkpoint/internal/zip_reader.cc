@@ -29,6 +29,11 @@ constexpr uint64_t kEocdSize = 22;
 constexpr uint64_t kCentralHeaderSize = 46;
 constexpr uint64_t kLocalHeaderSize = 30;
 
+// Where the end record and the zip64 end record hold the directory's location: (offset,
+// width) of disk, cd_disk, entries_on_disk, entries, cd_size, cd_offset.
+constexpr ZipField kEocdFields[6] = {{4, 2}, {6, 2}, {8, 2}, {10, 2}, {12, 4}, {16, 4}};
+constexpr ZipField kZip64EocdFields[6] = {{16, 4}, {20, 4}, {24, 8}, {32, 8}, {40, 8}, {48, 8}};
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
@@ -149,6 +154,14 @@ absl::Status ZipReader::CheckZipMagic() const {
       absl::StrCat(file_, ": not a zip file (torch.save writes zip archives)"));
 }
 
+ZipReader::DirectoryLocation ZipReader::ReadLocation(const char* record,
+                                                     const ZipField (&fields)[6],
+                                                     uint64_t cd_limit) {
+  uint64_t v[6];
+  for (int i = 0; i < 6; ++i) v[i] = ReadLE(record + fields[i].offset, fields[i].width);
+  return {v[0], v[1], v[2], v[3], v[4], v[5], cd_limit};
+}
+
 // The end-of-central-directory record: the last 22 bytes plus a comment of up to 64 KiB; the
 // comment length must reach exactly to the end of the file.
 absl::StatusOr<ZipReader::DirectoryLocation> ZipReader::FindDirectory() const {
@@ -171,14 +184,7 @@ absl::StatusOr<ZipReader::DirectoryLocation> ZipReader::FindDirectory() const {
   }
   const char* eocd = &tail[*eocd_in_tail];
   const uint64_t eocd_offset = size - tail_size + *eocd_in_tail;
-  DirectoryLocation where;
-  where.disk = ReadLE(eocd + 4, 2);
-  where.cd_disk = ReadLE(eocd + 6, 2);
-  where.entries_on_disk = ReadLE(eocd + 8, 2);
-  where.entries = ReadLE(eocd + 10, 2);
-  where.cd_size = ReadLE(eocd + 12, 4);
-  where.cd_offset = ReadLE(eocd + 16, 4);
-  where.cd_limit = eocd_offset;
+  DirectoryLocation where = ReadLocation(eocd, kEocdFields, eocd_offset);
   FSDP_RETURN_IF_ERROR(ReadZip64Record(eocd_offset, where));
   return where;
 }
@@ -200,13 +206,7 @@ absl::Status ZipReader::ReadZip64Record(uint64_t eocd_offset, DirectoryLocation&
   if (ReadLE(record, 4) != kZip64EocdSig) {
     return Loss(absl::StrCat("no zip64 end-of-central-directory record at byte ", record_offset));
   }
-  where.disk = ReadLE(record + 16, 4);
-  where.cd_disk = ReadLE(record + 20, 4);
-  where.entries_on_disk = ReadLE(record + 24, 8);
-  where.entries = ReadLE(record + 32, 8);
-  where.cd_size = ReadLE(record + 40, 8);
-  where.cd_offset = ReadLE(record + 48, 8);
-  where.cd_limit = record_offset;
+  where = ReadLocation(record, kZip64EocdFields, record_offset);
   return absl::OkStatus();
 }
 

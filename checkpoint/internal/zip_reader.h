@@ -64,6 +64,12 @@ class FileSource : public Source {
   uint64_t size_;
 };
 
+// A little-endian field of a zip record: its offset in the record and its width in bytes.
+struct ZipField {
+  int offset;
+  int width;
+};
+
 struct ZipEntry {
   std::string name;
   uint64_t header_offset = 0;
@@ -93,15 +99,13 @@ class ZipReader {
  private:
   // Where the central directory is, as the end records say.
   struct DirectoryLocation {
-    uint64_t disk = 0;
-    uint64_t cd_disk = 0;
-    uint64_t entries_on_disk = 0;
-    uint64_t entries = 0;
-    uint64_t cd_size = 0;
-    uint64_t cd_offset = 0;
-    uint64_t cd_limit = 0;  // the central directory ends before this
+    uint64_t disk, cd_disk, entries_on_disk, entries;
+    uint64_t cd_size, cd_offset;
+    uint64_t cd_limit;  // the central directory ends before this
   };
 
+  static DirectoryLocation ReadLocation(const char* record, const ZipField (&fields)[6],
+                                        uint64_t cd_limit);
   absl::Status Loss(const std::string& what) const;
   absl::Status CheckZipMagic() const;
   absl::StatusOr<DirectoryLocation> FindDirectory() const;
