@@ -106,6 +106,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
+#include "bench/plain_io.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "checkpoint/atomic_dir.h"
@@ -133,7 +134,6 @@ constexpr int64_t kSaveIterations = 2;
 constexpr int64_t kLoadIterations = 3;
 constexpr int64_t kWriteReferenceReps = 2;
 constexpr int64_t kReadReferenceReps = 3;
-constexpr int64_t kChunkBytes = int64_t{16} << 20;  // reference I/O size per call
 constexpr std::chrono::milliseconds kCollectiveTimeout = std::chrono::minutes(5);
 constexpr std::chrono::milliseconds kJobTimeout = std::chrono::minutes(60);
 
@@ -157,9 +157,7 @@ struct Command {
   CommandWords Words() const {
     return {static_cast<int64_t>(op), world_size, source_world, iterations};
   }
-  static Command From(const CommandWords& w) {
-    return {static_cast<Op>(w[0]), w[1], w[2], w[3]};
-  }
+  static Command From(const CommandWords& w) { return {static_cast<Op>(w[0]), w[1], w[2], w[3]}; }
 };
 
 // One world size's model and optimizer, on the members of its group.
@@ -175,8 +173,8 @@ struct Setup {
 struct RankContext {
   const RankGroups* groups = nullptr;
   std::unique_ptr<Setup> setup;
-  std::string out_dir;  // rank 0: where the run directory is made (--out_dir)
-  std::string run_dir;  // every rank, once the first case has made it
+  std::string out_dir;        // rank 0: where the run directory is made (--out_dir)
+  std::string run_dir;        // every rank, once the first case has made it
   bool made_run_dir = false;  // rank 0, which removes it at the end
   bool cold_reads = false;
 };
@@ -273,122 +271,6 @@ absl::Status LoadFull(Setup& setup, const std::string& dir) {
   FSDP_ASSIGN_OR_RETURN(OptimStateDict local,
                         optim_state::ScatterFullOptimStateDict(optim, *setup.fsdp, *setup.adapter));
   return setup.adapter->LoadStateDict(std::move(local));
-}
-
-// ---- the references: plain write + fsync / read ----
-
-absl::Status Errno(const std::string& what, const std::string& path) {
-  return absl::InternalError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
-}
-
-// A kChunkBytes buffer of non-zero bytes, touched once so no page fault lands in a timed call.
-std::vector<char>& IoBuffer() {
-  static std::vector<char> buffer = [] {
-    std::vector<char> b(static_cast<size_t>(kChunkBytes));
-    for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<char>(i * 131 + 7);
-    return b;
-  }();
-  return buffer;
-}
-
-// Writes `bytes` to a new file `path` with write() in kChunkBytes calls, then fsync().
-absl::Status PlainWrite(const std::string& path, int64_t bytes) {
-  const std::vector<char>& buffer = IoBuffer();
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Errno("cannot open", path);
-  int64_t left = bytes;
-  while (left > 0) {
-    const ssize_t n = ::write(fd, buffer.data(), static_cast<size_t>(std::min(left, kChunkBytes)));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      ::close(fd);
-      return Errno("cannot write", path);
-    }
-    left -= n;
-  }
-  if (::fsync(fd) != 0) {
-    ::close(fd);
-    return Errno("cannot fsync", path);
-  }
-  if (::close(fd) != 0) return Errno("cannot close", path);
-  return absl::OkStatus();
-}
-
-// The regular files of `dir` in name order, with their sizes.
-absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> FilesOf(const std::string& dir) {
-  std::vector<std::pair<std::string, int64_t>> files;
-  std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
-    if (!entry.is_regular_file()) continue;
-    files.emplace_back(entry.path().string(), static_cast<int64_t>(entry.file_size()));
-  }
-  if (error) return absl::InternalError(absl::StrCat("cannot list ", dir, ": ", error.message()));
-  std::sort(files.begin(), files.end());
-  return files;
-}
-
-// Drops the pages of every regular file under `dir` (a file or directory) from the page cache.
-absl::Status DropFromCache(const std::string& path) {
-  std::vector<std::string> files;
-  std::error_code error;
-  if (std::filesystem::is_directory(path, error)) {
-    for (const auto& entry : std::filesystem::directory_iterator(path, error)) {
-      if (entry.is_regular_file()) files.push_back(entry.path().string());
-    }
-  } else {
-    files.push_back(path);
-  }
-  if (error) return absl::InternalError(absl::StrCat("cannot list ", path, ": ", error.message()));
-  for (const std::string& file : files) {
-    const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return Errno("cannot open", file);
-    const int rc = ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-    ::close(fd);
-    if (rc != 0) {
-      errno = rc;
-      return Errno("posix_fadvise(DONTNEED) failed on", file);
-    }
-  }
-  return absl::OkStatus();
-}
-
-// Reads `bytes` with read() from `files` taken as one stream, starting at `offset` (wrapping
-// around at the end).
-absl::Status PlainRead(const std::vector<std::pair<std::string, int64_t>>& files, int64_t offset,
-                       int64_t bytes) {
-  int64_t total = 0;
-  for (const auto& [path, size] : files) total += size;
-  if (total == 0) return absl::InternalError("nothing to read");
-  std::vector<char>& buffer = IoBuffer();
-  offset %= total;
-  size_t index = 0;
-  while (offset >= files[index].second) offset -= files[index++].second;
-  int64_t left = bytes;
-  while (left > 0) {
-    const auto& [path, size] = files[index];
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return Errno("cannot open", path);
-    if (::lseek(fd, offset, SEEK_SET) < 0) {
-      ::close(fd);
-      return Errno("cannot seek", path);
-    }
-    int64_t in_file = std::min(left, size - offset);
-    while (in_file > 0) {
-      const ssize_t n =
-          ::read(fd, buffer.data(), static_cast<size_t>(std::min(in_file, kChunkBytes)));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        ::close(fd);
-        return Errno("cannot read", path);
-      }
-      in_file -= n;
-      left -= n;
-    }
-    ::close(fd);
-    offset = 0;
-    index = (index + 1) % files.size();
-  }
-  return absl::OkStatus();
 }
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
@@ -519,6 +401,167 @@ absl::Status TimeLoaderPhases(Setup& setup, CaseResult& result) {
   return absl::OkStatus();
 }
 
+// One case on one member of its group: what the steps of each kind of case share.
+struct CaseRun {
+  RankContext& context;
+  const Command& command;
+  Setup& setup;
+  ProcessGroup& g;
+  std::string plain;  // this rank's reference file
+  CaseResult result;
+  int64_t my_bytes = 0;  // bytes this rank wrote or read per call
+  struct {
+    double api = 0, ref = 0, same = 0;
+  } cpu;
+};
+
+// Every case's end: the bytes of all ranks per call, and CPU seconds per call summed over the
+// group. Returns the exclusive prefix sum of the ranks' bytes (where rank r's reference read
+// starts).
+absl::StatusOr<int64_t> SumBytes(CaseRun& run) {
+  FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(run.g, run.my_bytes));
+  run.result.bytes = sum_prefix.first;
+  return sum_prefix.second;
+}
+
+absl::StatusOr<CaseResult> Finish(CaseRun& run) {
+  FSDP_ASSIGN_OR_RETURN(run.result.api_cpu, SumOverGroup(run.g, run.cpu.api));
+  FSDP_ASSIGN_OR_RETURN(run.result.reference_cpu, SumOverGroup(run.g, run.cpu.ref));
+  FSDP_ASSIGN_OR_RETURN(run.result.same_size_cpu, SumOverGroup(run.g, run.cpu.same));
+  return run.result;
+}
+
+absl::StatusOr<CaseResult> RunSaveSharded(CaseRun& run) {
+  ProcessGroup& g = run.g;
+  const std::string dir = ShardedDir(run.context, run.command.world_size);
+  FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
+                        TimeCalls(
+                            g, run.command.iterations,
+                            [&]() -> absl::Status {
+                              FSDP_ASSIGN_OR_RETURN(run.my_bytes, SaveSharded(run.setup, dir));
+                              return absl::OkStatus();
+                            },
+                            [&] { return RemoveOnRank0(g, dir); }, &run.cpu.api));
+  FSDP_RETURN_IF_ERROR(SumBytes(run).status());
+  FSDP_ASSIGN_OR_RETURN(
+      std::vector<double> reference,
+      TimeCalls(
+          g, kWriteReferenceReps, [&] { return PlainWrite(run.plain, run.my_bytes); },
+          [&] { return checkpoint::RemoveTree(run.plain); }, &run.cpu.ref));
+  FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(run.plain));
+  run.result.reference_seconds = Mean(reference);
+  return Finish(run);
+}
+
+// The resharded load and the same-size load alternate, after one untimed same-size load:
+// whichever ran first would otherwise pay for faulting in the memory that every later load
+// reuses.
+template <typename Load, typename Drop>
+absl::Status TimeAlternatingLoads(CaseRun& run, const std::string& same, Load load,
+                                  Drop drop_source) {
+  auto drop_same = [&] { return MaybeDropOnRank0(run.context, run.g, same); };
+  FSDP_RETURN_IF_ERROR(LoadSharded(run.setup, same).status());
+  std::vector<double> same_size;
+  double api_cpu = 0, same_cpu = 0;
+  for (int64_t i = 0; i < run.command.iterations; ++i) {
+    double c = 0;
+    FSDP_ASSIGN_OR_RETURN(std::vector<double> api, TimeCalls(run.g, 1, load, drop_source, &c));
+    run.result.api_seconds.push_back(api[0]);
+    api_cpu += c;
+    FSDP_ASSIGN_OR_RETURN(
+        std::vector<double> other,
+        TimeCalls(
+            run.g, 1, [&] { return LoadSharded(run.setup, same).status(); }, drop_same, &c));
+    same_size.push_back(other[0]);
+    same_cpu += c;
+  }
+  const double n = static_cast<double>(std::max<int64_t>(run.command.iterations, 1));
+  run.cpu.api = api_cpu / n;
+  run.cpu.same = same_cpu / n;
+  run.result.same_size_seconds = Mean(same_size);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CaseResult> RunLoadSharded(CaseRun& run) {
+  ProcessGroup& g = run.g;
+  const std::string dir = ShardedDir(run.context, run.command.source_world);
+  const std::string same = ShardedDir(run.context, run.command.world_size);
+  const bool resharded = run.command.source_world != run.command.world_size;
+  auto drop_source = [&] { return MaybeDropOnRank0(run.context, g, dir); };
+  auto load = [&]() -> absl::Status {
+    FSDP_ASSIGN_OR_RETURN(run.my_bytes, LoadSharded(run.setup, dir));
+    return absl::OkStatus();
+  };
+  if (!resharded) {
+    FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
+                          TimeCalls(g, run.command.iterations, load, drop_source, &run.cpu.api));
+  } else {
+    FSDP_RETURN_IF_ERROR(TimeAlternatingLoads(run, same, load, drop_source));
+  }
+  FSDP_ASSIGN_OR_RETURN(const int64_t prefix, SumBytes(run));
+  FSDP_ASSIGN_OR_RETURN(auto files, FilesOf(dir));
+  FSDP_ASSIGN_OR_RETURN(
+      std::vector<double> reference,
+      TimeCalls(
+          g, kReadReferenceReps, [&] { return PlainRead(files, prefix, run.my_bytes); },
+          drop_source, &run.cpu.ref));
+  run.result.reference_seconds = Mean(reference);
+  if (!resharded) FSDP_RETURN_IF_ERROR(TimeLoaderPhases(run.setup, run.result));
+  return Finish(run);
+}
+
+// Rank 0's files of the full checkpoint in `dir` (none on other ranks), their bytes added to
+// run.my_bytes.
+absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> CountFullFiles(
+    CaseRun& run, const std::string& dir) {
+  std::vector<std::pair<std::string, int64_t>> files;
+  if (run.g.rank() == 0) {
+    FSDP_ASSIGN_OR_RETURN(files, FilesOf(dir));
+    for (const auto& [path, size] : files) run.my_bytes += size;
+  }
+  return files;
+}
+
+absl::StatusOr<CaseResult> RunSaveFull(CaseRun& run) {
+  ProcessGroup& g = run.g;
+  const std::string dir = FullDir(run.context);
+  FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
+                        TimeCalls(
+                            g, run.command.iterations, [&] { return SaveFull(run.setup, dir); },
+                            [&] { return RemoveOnRank0(g, dir); }, &run.cpu.api));
+  FSDP_RETURN_IF_ERROR(CountFullFiles(run, dir).status());
+  FSDP_RETURN_IF_ERROR(SumBytes(run).status());
+  FSDP_ASSIGN_OR_RETURN(
+      std::vector<double> reference,
+      TimeCalls(
+          g, kWriteReferenceReps,
+          [&] { return g.rank() == 0 ? PlainWrite(run.plain, run.my_bytes) : absl::OkStatus(); },
+          [&] { return checkpoint::RemoveTree(run.plain); }, &run.cpu.ref));
+  FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(run.plain));
+  run.result.reference_seconds = Mean(reference);
+  return Finish(run);
+}
+
+absl::StatusOr<CaseResult> RunLoadFull(CaseRun& run) {
+  ProcessGroup& g = run.g;
+  const std::string dir = FullDir(run.context);
+  auto drop = [&] { return MaybeDropOnRank0(run.context, g, dir); };
+  FSDP_ASSIGN_OR_RETURN(
+      run.result.api_seconds,
+      TimeCalls(
+          g, run.command.iterations, [&] { return LoadFull(run.setup, dir); }, drop, &run.cpu.api));
+  FSDP_ASSIGN_OR_RETURN(auto files, CountFullFiles(run, dir));
+  FSDP_RETURN_IF_ERROR(SumBytes(run).status());
+  FSDP_ASSIGN_OR_RETURN(
+      std::vector<double> reference,
+      TimeCalls(
+          g, kReadReferenceReps,
+          [&] { return g.rank() == 0 ? PlainRead(files, 0, run.my_bytes) : absl::OkStatus(); },
+          drop, &run.cpu.ref));
+  run.result.reference_seconds = Mean(reference);
+  return Finish(run);
+}
+
 // Every member of the command's group runs this; non-members free their model and return.
 absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command) {
   std::shared_ptr<ProcessGroup> group = GroupFor(context, command.world_size);
@@ -527,144 +570,24 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
     return CaseResult{};
   }
   FSDP_RETURN_IF_ERROR(EnsureSetup(context, group));
-  Setup& setup = *context.setup;
-  ProcessGroup& g = *group;
-  const std::string plain = absl::StrCat(context.run_dir, "/plain-r", g.rank());
-  CaseResult result;
-  int64_t my_bytes = 0;
-  struct {
-    double api = 0, ref = 0, same = 0;
-  } cpu;
-  // Every case's end: CPU seconds per call summed over the group.
-  auto finish = [&]() -> absl::StatusOr<CaseResult> {
-    FSDP_ASSIGN_OR_RETURN(result.api_cpu, SumOverGroup(g, cpu.api));
-    FSDP_ASSIGN_OR_RETURN(result.reference_cpu, SumOverGroup(g, cpu.ref));
-    FSDP_ASSIGN_OR_RETURN(result.same_size_cpu, SumOverGroup(g, cpu.same));
-    return result;
-  };
+  CaseRun run{context, command, *context.setup, *group,
+              absl::StrCat(context.run_dir, "/plain-r", group->rank())};
   switch (command.op) {
-    case Op::kMakeSharded: {
-      FSDP_ASSIGN_OR_RETURN(my_bytes, SaveSharded(setup, ShardedDir(context, command.world_size)));
-      return result;
-    }
-    case Op::kMakeFull: {
-      FSDP_RETURN_IF_ERROR(SaveFull(setup, FullDir(context)));
-      return result;
-    }
-    case Op::kSaveSharded: {
-      const std::string dir = ShardedDir(context, command.world_size);
-      FSDP_ASSIGN_OR_RETURN(result.api_seconds,
-                            TimeCalls(
-                                g, command.iterations,
-                                [&]() -> absl::Status {
-                                  FSDP_ASSIGN_OR_RETURN(my_bytes, SaveSharded(setup, dir));
-                                  return absl::OkStatus();
-                                },
-                                [&] { return RemoveOnRank0(g, dir); }, &cpu.api));
-      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
-      result.bytes = sum_prefix.first;
-      FSDP_ASSIGN_OR_RETURN(std::vector<double> reference,
-                            TimeCalls(
-                                g, kWriteReferenceReps, [&] { return PlainWrite(plain, my_bytes); },
-                                [&] { return checkpoint::RemoveTree(plain); }, &cpu.ref));
-      FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(plain));
-      result.reference_seconds = Mean(reference);
-      return finish();
-    }
-    case Op::kLoadSharded: {
-      const std::string dir = ShardedDir(context, command.source_world);
-      const std::string same = ShardedDir(context, command.world_size);
-      const bool resharded = command.source_world != command.world_size;
-      auto drop_source = [&] { return MaybeDropOnRank0(context, g, dir); };
-      auto drop_same = [&] { return MaybeDropOnRank0(context, g, same); };
-      auto load = [&]() -> absl::Status {
-        FSDP_ASSIGN_OR_RETURN(my_bytes, LoadSharded(setup, dir));
-        return absl::OkStatus();
-      };
-      if (!resharded) {
-        FSDP_ASSIGN_OR_RETURN(result.api_seconds,
-                              TimeCalls(g, command.iterations, load, drop_source, &cpu.api));
-      } else {
-        // The resharded load and the same-size load alternate, after one untimed same-size
-        // load: whichever ran first would otherwise pay for faulting in the memory that every
-        // later load reuses.
-        FSDP_RETURN_IF_ERROR(LoadSharded(setup, same).status());
-        std::vector<double> same_size;
-        double api_cpu = 0, same_cpu = 0;
-        for (int64_t i = 0; i < command.iterations; ++i) {
-          double c = 0;
-          FSDP_ASSIGN_OR_RETURN(std::vector<double> api, TimeCalls(g, 1, load, drop_source, &c));
-          result.api_seconds.push_back(api[0]);
-          api_cpu += c;
-          FSDP_ASSIGN_OR_RETURN(
-              std::vector<double> other,
-              TimeCalls(
-                  g, 1, [&] { return LoadSharded(setup, same).status(); }, drop_same, &c));
-          same_size.push_back(other[0]);
-          same_cpu += c;
-        }
-        const double n = static_cast<double>(std::max<int64_t>(command.iterations, 1));
-        cpu.api = api_cpu / n;
-        cpu.same = same_cpu / n;
-        result.same_size_seconds = Mean(same_size);
-      }
-      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
-      result.bytes = sum_prefix.first;
-      FSDP_ASSIGN_OR_RETURN(auto files, FilesOf(dir));
-      FSDP_ASSIGN_OR_RETURN(
-          std::vector<double> reference,
-          TimeCalls(
-              g, kReadReferenceReps, [&] { return PlainRead(files, sum_prefix.second, my_bytes); },
-              drop_source, &cpu.ref));
-      result.reference_seconds = Mean(reference);
-      if (!resharded) FSDP_RETURN_IF_ERROR(TimeLoaderPhases(setup, result));
-      return finish();
-    }
-    case Op::kSaveFull: {
-      const std::string dir = FullDir(context);
-      FSDP_ASSIGN_OR_RETURN(result.api_seconds,
-                            TimeCalls(
-                                g, command.iterations, [&] { return SaveFull(setup, dir); },
-                                [&] { return RemoveOnRank0(g, dir); }, &cpu.api));
-      if (g.rank() == 0) {
-        FSDP_ASSIGN_OR_RETURN(auto files, FilesOf(dir));
-        for (const auto& [path, size] : files) my_bytes += size;
-      }
-      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
-      result.bytes = sum_prefix.first;
-      FSDP_ASSIGN_OR_RETURN(
-          std::vector<double> reference,
-          TimeCalls(
-              g, kWriteReferenceReps,
-              [&] { return g.rank() == 0 ? PlainWrite(plain, my_bytes) : absl::OkStatus(); },
-              [&] { return checkpoint::RemoveTree(plain); }, &cpu.ref));
-      FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(plain));
-      result.reference_seconds = Mean(reference);
-      return finish();
-    }
-    case Op::kLoadFull: {
-      const std::string dir = FullDir(context);
-      auto drop = [&] { return MaybeDropOnRank0(context, g, dir); };
-      FSDP_ASSIGN_OR_RETURN(
-          result.api_seconds,
-          TimeCalls(
-              g, command.iterations, [&] { return LoadFull(setup, dir); }, drop, &cpu.api));
-      std::vector<std::pair<std::string, int64_t>> files;
-      if (g.rank() == 0) {
-        FSDP_ASSIGN_OR_RETURN(files, FilesOf(dir));
-        for (const auto& [path, size] : files) my_bytes += size;
-      }
-      FSDP_ASSIGN_OR_RETURN(auto sum_prefix, SumAndPrefix(g, my_bytes));
-      result.bytes = sum_prefix.first;
-      FSDP_ASSIGN_OR_RETURN(
-          std::vector<double> reference,
-          TimeCalls(
-              g, kReadReferenceReps,
-              [&] { return g.rank() == 0 ? PlainRead(files, 0, my_bytes) : absl::OkStatus(); },
-              drop, &cpu.ref));
-      result.reference_seconds = Mean(reference);
-      return finish();
-    }
+    case Op::kMakeSharded:
+      FSDP_RETURN_IF_ERROR(
+          SaveSharded(run.setup, ShardedDir(context, command.world_size)).status());
+      return run.result;
+    case Op::kMakeFull:
+      FSDP_RETURN_IF_ERROR(SaveFull(run.setup, FullDir(context)));
+      return run.result;
+    case Op::kSaveSharded:
+      return RunSaveSharded(run);
+    case Op::kLoadSharded:
+      return RunLoadSharded(run);
+    case Op::kSaveFull:
+      return RunSaveFull(run);
+    case Op::kLoadFull:
+      return RunLoadFull(run);
     case Op::kQuit:
     case Op::kSetOutDir:
       break;

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/file_testutil.h"
 #include "checkpoint/sharded_format.h"
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
@@ -34,13 +35,7 @@ using optim_state::OptimStateDict;
 using optim_state::ParamKey;
 using optim_state::StateValue;
 using ::testing::HasSubstr;
-
-std::string TestDir(const std::string& name) {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  const std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/full_", name);
-  EXPECT_THAT(RemoveTree(dir), IsOk());
-  return dir;
-}
+using testing::FreshTestDir;
 
 // A model dict and an Adam-like optimizer dict whose every value is `v`.
 ModelStateDict Model(float v) {
@@ -75,7 +70,7 @@ float PairValue(const std::string& dir) {
 }
 
 TEST(FullCheckpoint, WritesThePairAtomicallyAndReadsItBack) {
-  const std::string dir = TestDir("pair");
+  const std::string dir = FreshTestDir("full_pair");
   const OptimStateDict optim = Optim(2);
   ASSERT_THAT(WriteFullCheckpoint(dir, Model(2), &optim), IsOk());
   EXPECT_EQ(PairValue(dir), 2);
@@ -88,7 +83,7 @@ TEST(FullCheckpoint, WritesThePairAtomicallyAndReadsItBack) {
 }
 
 TEST(FullCheckpoint, ModelOnly) {
-  const std::string dir = TestDir("model_only");
+  const std::string dir = FreshTestDir("full_model_only");
   ASSERT_THAT(WriteFullCheckpoint(dir, Model(1), nullptr), IsOk());
   EXPECT_THAT(ReadModelStateDict(dir + "/model.pt"), IsOk());
   struct stat st;
@@ -103,7 +98,7 @@ std::vector<char> FileBytes(const std::string& path) {
 // torch::pickle_save's archive, but without the TorchScript type tags that PyTorch 2.x's
 // torch.load(weights_only=True) refuses (examples:train_test loads our files that way in Python).
 TEST(FullCheckpoint, ModelFileIsPickleSaveWithoutTypeTags) {
-  const std::string dir = TestDir("bytes");
+  const std::string dir = FreshTestDir("full_bytes");
   ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
   // Two tensors sharing one storage (stored once), a non-contiguous one, an empty one, and one
   // larger than a page.
@@ -144,7 +139,7 @@ TEST(FullCheckpoint, AFailingWriteIsAnErrorNamingTheFile) {
 }
 
 TEST(FullCheckpoint, AKilledSaveLeavesTheOldOrTheNewPair) {
-  const std::string dir = TestDir("killed");
+  const std::string dir = FreshTestDir("full_killed");
   const OptimStateDict old_optim = Optim(1);
   const OptimStateDict new_optim = Optim(2);
   int points = 0;

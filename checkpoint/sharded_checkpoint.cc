@@ -618,6 +618,85 @@ absl::StatusOr<at::ScalarType> StateDtype(ShardedCheckpointReader& reader,
   return reader.metadata().FindTensor(v.tensor_key)->dtype;
 }
 
+// A flat parameter's state `name` (`numel` elements of `dtype`, this rank's shard): each
+// original parameter's slice at its place, zeros elsewhere (only the elements no slice is read
+// into are zeroed: padding, parameters without state).
+absl::StatusOr<at::Tensor> ReadFlatState(ShardedCheckpointReader& reader, const FlatParamHandle& h,
+                                         const std::vector<std::string>& fqns,
+                                         const std::vector<const OptimParamRecord*>& recs,
+                                         const std::string& name, at::ScalarType dtype,
+                                         int64_t numel) {
+  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(dtype));
+  std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) read into `out`
+  for (size_t i = 0; i < fqns.size(); ++i) {
+    const OptimValueRecord* v = FindValue(recs[i], name);
+    if (v == nullptr) continue;
+    if (!v->is_tensor) continue;  // reported above
+    FSDP_ASSIGN_OR_RETURN(at::ScalarType other, StateDtype(reader, *v));
+    if (other != dtype) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "All unflattened parameters comprising a single flattened parameter must have "
+          "positive-dimension tensor state with the same dtype but got dtypes {",
+          c10::toString(dtype), ", ", c10::toString(other), "} for state ", name,
+          " and unflattened parameter names [", absl::StrJoin(fqns, ", "), "]"));
+    }
+    const ParamShard ps = h.ShardOf(i, h.rank());
+    if (ps.numel == 0) continue;
+    FSDP_RETURN_IF_ERROR(ReadState(reader, *v, fqns[i], h.infos()[i].shape, ps.param_offset,
+                                   out.narrow(0, ps.shard_offset, ps.numel)));
+    filled.emplace_back(ps.shard_offset, ps.shard_offset + ps.numel);
+  }
+  std::sort(filled.begin(), filled.end());
+  int64_t next = 0;
+  for (const auto& [b, e] : filled) {
+    if (b > next) out.narrow(0, next, b - next).zero_();
+    next = std::max(next, e);
+  }
+  if (next < out.numel()) out.narrow(0, next, out.numel() - next).zero_();
+  return out;
+}
+
+// The optimizer's parameter groups with the checkpoint's hyper-parameters, once each group's
+// parameters are found to be the checkpoint's group's.
+absl::Status BuildParamGroups(const OptimizerAdapter& adapter, const ShardedMetadata& m,
+                              const Names& names, const std::vector<ParamRole>& roles,
+                              OptimStateDict& osd) {
+  const auto& groups = adapter.optimizer().param_groups();
+  if (groups.size() != m.optim.param_groups.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the checkpoint has ", m.optim.param_groups.size(),
+                     " parameter groups, the optimizer has ", groups.size()));
+  }
+  size_t id = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    ParamGroup out;
+    out.hyper_params = m.optim.param_groups[g].hyper_params;
+    std::set<std::string> ours, theirs;
+    for (size_t k = 0; k < groups[g].params().size(); ++k, ++id) {
+      out.params.push_back(ParamKey::Id(static_cast<int64_t>(id)));
+      for (const std::string& fqn : FqnsOf(roles[id])) ours.insert(names.Resolve(fqn));
+    }
+    for (const ParamKey& key : m.optim.param_groups[g].params) {
+      theirs.insert(names.Resolve(key.fqn()));
+    }
+    if (ours != theirs) {
+      std::vector<std::string> only_ours, only_theirs;
+      for (const auto& f : ours) {
+        if (theirs.count(f) == 0) only_ours.push_back(f);
+      }
+      for (const auto& f : theirs) {
+        if (ours.count(f) == 0) only_theirs.push_back(f);
+      }
+      return absl::InvalidArgumentError(absl::StrCat(
+          "param_groups[", g, "] of the checkpoint does not match the optimizer's group ", g,
+          ": only in the checkpoint [", absl::StrJoin(only_theirs, ", "),
+          "], only in the optimizer [", absl::StrJoin(only_ours, ", "), "]"));
+    }
+    osd.param_groups.push_back(std::move(out));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
                         ShardedCheckpointReader& reader, const Names& names, Plan& plan) {
   const ShardedMetadata& m = reader.metadata();
@@ -687,35 +766,8 @@ absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& 
         state.Set(name, StateValue(out.view(params[id].sizes())));
         continue;
       }
-      // A flat parameter: each original parameter's slice at its place, zeros elsewhere (only
-      // the elements no slice is read into are zeroed: padding, parameters without state).
-      at::Tensor out = at::empty({params[id].numel()}, options);
-      std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) read into `out`
-      for (size_t i = 0; i < fqns.size(); ++i) {
-        const OptimValueRecord* v = FindValue(recs[i], name);
-        if (v == nullptr) continue;
-        if (!v->is_tensor) continue;  // reported above
-        FSDP_ASSIGN_OR_RETURN(at::ScalarType other, StateDtype(reader, *v));
-        if (other != dtype) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "All unflattened parameters comprising a single flattened parameter must have "
-              "positive-dimension tensor state with the same dtype but got dtypes {",
-              c10::toString(dtype), ", ", c10::toString(other), "} for state ", name,
-              " and unflattened parameter names [", absl::StrJoin(fqns, ", "), "]"));
-        }
-        const ParamShard ps = h.ShardOf(i, h.rank());
-        if (ps.numel == 0) continue;
-        FSDP_RETURN_IF_ERROR(ReadState(reader, *v, fqns[i], h.infos()[i].shape, ps.param_offset,
-                                       out.narrow(0, ps.shard_offset, ps.numel)));
-        filled.emplace_back(ps.shard_offset, ps.shard_offset + ps.numel);
-      }
-      std::sort(filled.begin(), filled.end());
-      int64_t next = 0;
-      for (const auto& [b, e] : filled) {
-        if (b > next) out.narrow(0, next, b - next).zero_();
-        next = std::max(next, e);
-      }
-      if (next < out.numel()) out.narrow(0, next, out.numel() - next).zero_();
+      FSDP_ASSIGN_OR_RETURN(at::Tensor out,
+                            ReadFlatState(reader, h, fqns, recs, name, dtype, params[id].numel()));
       state.Set(name, StateValue(out.view(params[id].sizes())));
     }
     osd.state.Set(ParamKey::Id(static_cast<int64_t>(id)), std::move(state));
@@ -723,40 +775,7 @@ absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& 
 
   osd.has_param_groups = m.optim.has_param_groups;
   if (!osd.has_param_groups) return absl::OkStatus();
-  const auto& groups = adapter.optimizer().param_groups();
-  if (groups.size() != m.optim.param_groups.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the checkpoint has ", m.optim.param_groups.size(),
-                     " parameter groups, the optimizer has ", groups.size()));
-  }
-  size_t id = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    ParamGroup out;
-    out.hyper_params = m.optim.param_groups[g].hyper_params;
-    std::set<std::string> ours, theirs;
-    for (size_t k = 0; k < groups[g].params().size(); ++k, ++id) {
-      out.params.push_back(ParamKey::Id(static_cast<int64_t>(id)));
-      for (const std::string& fqn : FqnsOf(roles[id])) ours.insert(names.Resolve(fqn));
-    }
-    for (const ParamKey& key : m.optim.param_groups[g].params) {
-      theirs.insert(names.Resolve(key.fqn()));
-    }
-    if (ours != theirs) {
-      std::vector<std::string> only_ours, only_theirs;
-      for (const auto& f : ours) {
-        if (theirs.count(f) == 0) only_ours.push_back(f);
-      }
-      for (const auto& f : theirs) {
-        if (ours.count(f) == 0) only_theirs.push_back(f);
-      }
-      return absl::InvalidArgumentError(absl::StrCat(
-          "param_groups[", g, "] of the checkpoint does not match the optimizer's group ", g,
-          ": only in the checkpoint [", absl::StrJoin(only_theirs, ", "),
-          "], only in the optimizer [", absl::StrJoin(only_ours, ", "), "]"));
-    }
-    osd.param_groups.push_back(std::move(out));
-  }
-  return absl::OkStatus();
+  return BuildParamGroups(adapter, m, names, roles, osd);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "checkpoint/atomic_dir.h"
 #include "checkpoint/checkpoint_testutil.h"
 #include "checkpoint/sharded_checkpoint.h"
+#include "checkpoint/file_testutil.h"
 #include "checkpoint/sharded_format.h"
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
@@ -91,18 +92,6 @@ void CopyCheckpoint(const std::string& from, const std::string& to) {
   }
 }
 
-std::string Slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void Spit(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << bytes;
-}
-
 struct Damage {
   std::string name;
   absl::StatusCode code;
@@ -142,44 +131,44 @@ void MakeDamaged(const std::string& root) {
     const std::string r1 = dir + "/rank-1-of-2.safetensors";
     const std::string meta = dir + "/metadata.json";
     if (d.name == "truncated") {
-      ASSERT_EQ(truncate(r1.c_str(), static_cast<off_t>(Slurp(r1).size() - 7)), 0);
+      ASSERT_EQ(truncate(r1.c_str(), static_cast<off_t>(ReadFileBytes(r1).size() - 7)), 0);
     } else if (d.name == "flipped") {
-      std::string bytes = Slurp(r0);
+      std::string bytes = ReadFileBytes(r0);
       bytes[bytes.size() - 3] ^= 0x10;  // in the last piece's data (optimizer state)
-      Spit(r0, bytes);
+      WriteFileBytes(r0, bytes);
     } else if (d.name == "missing") {
       ASSERT_EQ(unlink(r1.c_str()), 0);
     } else if (d.name == "foreign") {
       CopyFile(root + "/good2/rank-1-of-2.safetensors", r1);
     } else if (d.name == "header") {
-      std::string bytes = Slurp(r0);
+      std::string bytes = ReadFileBytes(r0);
       bytes[9] = '#';  // inside the JSON header
-      Spit(r0, bytes);
+      WriteFileBytes(r0, bytes);
     } else if (d.name == "shape") {
-      std::string text = Slurp(meta);
+      std::string text = ReadFileBytes(meta);
       const std::string from =
           "\"fqn\": \"block0.weight\",\n   \"state\": \"\",\n   \"shape\": [\n    5,\n    3\n   ]";
       ASSERT_NE(text.find(from), std::string::npos);
       // [5, 3] -> [3, 5]: the pieces still tile the 15 elements, the shape differs.
       text = absl::StrReplaceAll(text,
                                  {{from, absl::StrReplaceAll(from, {{"5,\n    3", "3,\n    5"}})}});
-      Spit(meta, text);
+      WriteFileBytes(meta, text);
     } else if (d.name == "no_metadata") {
       ASSERT_EQ(unlink(meta.c_str()), 0);
     } else if (d.name == "version") {
-      Spit(meta, absl::StrReplaceAll(Slurp(meta), {{"\"version\": 1,", "\"version\": 7,"}}));
+      WriteFileBytes(meta, absl::StrReplaceAll(ReadFileBytes(meta), {{"\"version\": 1,", "\"version\": 7,"}}));
     } else if (d.name == "foreign_metadata") {
-      Spit(meta, "{\"format\": \"something-else\", \"tensors\": []}");
+      WriteFileBytes(meta, "{\"format\": \"something-else\", \"tensors\": []}");
     } else if (d.name == "metadata_truncated") {
-      const std::string text = Slurp(meta);
-      Spit(meta, text.substr(0, text.size() / 2));
+      const std::string text = ReadFileBytes(meta);
+      WriteFileBytes(meta, text.substr(0, text.size() / 2));
     } else if (d.name == "size_out_of_bounds") {
-      std::string text = Slurp(meta);
+      std::string text = ReadFileBytes(meta);
       const size_t at = text.find("\"header_bytes\": ");
       ASSERT_NE(at, std::string::npos);
       const size_t end = text.find(',', at);
       text = text.substr(0, at) + "\"header_bytes\": 99999999999" + text.substr(end);
-      Spit(meta, text);
+      WriteFileBytes(meta, text);
     }
   }
 }

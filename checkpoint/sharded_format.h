@@ -58,231 +58,24 @@
 // Byte order: data is little-endian; this code assumes a little-endian host (x86-64, arm64).
 // Sizes read from files are bounds-checked before anything is allocated: the reader allocates
 // no more than the files' actual sizes (and what the caller asks for).
+//
+// The targets behind this header, each with a header of its own: sharded_metadata.h (the data
+// model and its checks), sharded_metadata_json.h (metadata.json), sharded_reader.h (the
+// reader), sharded_writer.h (the writers). This header includes them all, and adds
+// DetectCheckpointKind.
 #ifndef FSDP_CPP_CHECKPOINT_SHARDED_FORMAT_H_
 #define FSDP_CPP_CHECKPOINT_SHARDED_FORMAT_H_
 
-#include <ATen/ATen.h>
-
-#include <cstdint>
-#include <map>
-#include <memory>
 #include <string>
-#include <utility>
-#include <vector>
 
-#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "optim_state/optim_state_dict.h"
+#include "checkpoint/sharded_metadata.h"       // IWYU pragma: export
+#include "checkpoint/sharded_metadata_json.h"  // IWYU pragma: export
+#include "checkpoint/sharded_reader.h"         // IWYU pragma: export
+#include "checkpoint/sharded_writer.h"         // IWYU pragma: export
 
 namespace fsdp::checkpoint {
-
-inline constexpr absl::string_view kShardedFormatName = "fsdp-cpp-sharded";
-inline constexpr int kShardedFormatVersion = 1;
-inline constexpr int64_t kDefaultBlockBytes = int64_t{1} << 20;
-
-// "rank-<r>-of-<n>.safetensors".
-std::string DataFileName(int rank, int world_size);
-
-// safetensors' dtype names: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL.
-absl::StatusOr<std::string> SafetensorsDtype(at::ScalarType type);
-absl::StatusOr<at::ScalarType> ScalarTypeFromSafetensors(absl::string_view name);
-
-uint64_t Xxh64(const void* data, size_t bytes);
-
-struct PieceRecord {
-  int file = -1;  // index into ShardedMetadata::files; -1: zeros, no bytes
-  int64_t begin = 0;
-  int64_t end = 0;     // elements [begin, end) of the flattened tensor
-  int64_t offset = 0;  // first byte in the file
-  int64_t bytes = 0;
-  std::vector<uint64_t> block_xxh64;
-};
-
-struct TensorRecord {
-  std::string key;  // "model/<fqn>" or "optim/<fqn>/<state>"
-  bool is_optim = false;
-  std::string fqn;
-  std::string state;  // optimizer state name ("" for model tensors)
-  std::vector<int64_t> shape;
-  at::ScalarType dtype = at::kFloat;
-  std::vector<PieceRecord> pieces;  // sorted by begin, tiling [0, numel())
-
-  int64_t numel() const;
-};
-
-struct FileRecord {
-  std::string name;
-  int rank = 0;
-  int64_t size = 0;
-  int64_t header_bytes = 0;  // 8 + header length
-  uint64_t header_xxh64 = 0;
-};
-
-// One state value of one parameter in the optimizer part: a non-tensor (or zero-dimension
-// tensor) value, or a reference to a stored tensor.
-struct OptimValueRecord {
-  std::string name;
-  bool is_tensor = false;
-  optim_state::StateValue value;  // !is_tensor
-  std::string tensor_key;         // is_tensor
-};
-
-struct OptimParamRecord {
-  std::string fqn;
-  std::vector<OptimValueRecord> values;
-};
-
-struct OptimRecord {
-  std::vector<OptimParamRecord> state;
-  std::vector<optim_state::ParamGroup> param_groups;  // FQN keys
-  bool has_param_groups = true;
-};
-
-struct ShardedMetadata {
-  std::string checkpoint_id;
-  int world_size = 1;
-  std::map<std::string, std::string> saved_with;
-  // The saving program's own entries (e.g. examples/train's "steps_done"), committed atomically
-  // with the checkpoint; metadata.json's "user_metadata" object (optional, string values).
-  std::map<std::string, std::string> user_metadata;
-  int64_t block_bytes = kDefaultBlockBytes;
-  std::vector<FileRecord> files;
-  std::vector<TensorRecord> tensors;
-  // Every key of the model's state dict, in state_dict order, with the FQN of the model tensor
-  // ("model/<fqn>") that holds its value.
-  std::vector<std::pair<std::string, std::string>> model_keys;
-  bool has_optim = false;
-  OptimRecord optim;
-
-  // Null if absent.
-  const TensorRecord* FindTensor(const std::string& key) const;
-};
-
-// metadata.json's text / parsing and validation (see the errors above; `where` names the file).
-std::string MetadataToJson(const ShardedMetadata& metadata);
-absl::StatusOr<ShardedMetadata> MetadataFromJson(absl::string_view text, const std::string& where);
-
-// Before writing metadata.json: sorts each tensor's pieces, fills the ranges of optimizer
-// tensors that no piece covers with zero pieces (file -1), and validates everything as
-// MetadataFromJson does. Errors: INVALID_ARGUMENT (e.g. model pieces that do not tile).
-[[nodiscard]] absl::Status FinalizeMetadata(ShardedMetadata& metadata);
-
-// JSON encoding of a non-tensor state value (see above). Errors: INVALID_ARGUMENT for
-// positive-dimension tensors and sharded values.
-absl::StatusOr<std::string> StateValueToJson(const optim_state::StateValue& value);
-
-// ------------------------------------------------------------------ writing a data file
-
-struct PieceToWrite {
-  std::string key;
-  at::Tensor data;  // 1-D (any contiguity), the piece's elements
-};
-
-struct WrittenPiece {
-  std::string key;
-  int64_t offset = 0;
-  int64_t bytes = 0;
-  std::vector<uint64_t> block_xxh64;
-};
-
-struct WrittenFile {
-  int64_t size = 0;
-  int64_t header_bytes = 0;
-  uint64_t header_xxh64 = 0;
-  std::vector<WrittenPiece> pieces;  // in the order given
-};
-
-// Writes a data file (safetensors layout) at `path` and fsyncs it. Keys must be distinct.
-// Errors: INVALID_ARGUMENT for duplicate keys / unsupported dtypes; INTERNAL for I/O.
-[[nodiscard]] absl::StatusOr<WrittenFile> WriteDataFile(
-    const std::string& path, const std::vector<PieceToWrite>& pieces,
-    const std::map<std::string, std::string>& header_metadata, int64_t block_bytes);
-
-// ------------------------------------------------------------------ reading
-
-struct ReadStats {
-  int64_t bytes_read = 0;       // every byte read: metadata.json, headers, data blocks
-  int64_t data_bytes_read = 0;  // of which data blocks
-  int64_t files_opened = 0;
-};
-
-// Reads a sharded checkpoint directory: metadata.json at Open, data files lazily (each file is
-// checked on first use: size against metadata.json, header against its checksum and
-// checkpoint id). Not thread-safe.
-class ShardedCheckpointReader {
- public:
-  // Reads and validates DIR/metadata.json.
-  [[nodiscard]] static absl::StatusOr<std::unique_ptr<ShardedCheckpointReader>> Open(
-      const std::string& dir);
-  ~ShardedCheckpointReader();
-
-  const ShardedMetadata& metadata() const { return metadata_; }
-  const std::string& dir() const { return dir_; }
-  const ReadStats& stats() const { return stats_; }
-
-  // Elements [begin, end) of `tensor` (flattened) into `out`, a contiguous tensor of
-  // end - begin elements of the tensor's dtype, reading (and verifying) only the checksum
-  // blocks of pieces that overlap the range. Blocks the range covers whole are read straight
-  // into `out` and verified there, so on an error `out` holds unverified bytes: a caller
-  // keeps it only on success.
-  [[nodiscard]] absl::Status ReadRange(const TensorRecord& tensor, int64_t begin, int64_t end,
-                                       at::Tensor& out);
-  // The whole tensor, with its shape.
-  [[nodiscard]] absl::StatusOr<at::Tensor> ReadTensor(const TensorRecord& tensor);
-
-  // One damaged range found by Verify.
-  struct BadRange {
-    std::string file;
-    int64_t offset = 0;  // bytes in the file
-    int64_t bytes = 0;
-    std::string tensor;  // key ("" for a file-level problem)
-    std::string problem;
-  };
-  // Reads every file and block and reports each problem (an empty list: all is well). Errors
-  // only for what stops verification itself (e.g. an unreadable directory).
-  [[nodiscard]] absl::StatusOr<std::vector<BadRange>> Verify();
-
- private:
-  ShardedCheckpointReader() = default;
-  [[nodiscard]] absl::Status OpenFile(int file);
-  [[nodiscard]] absl::Status PRead(int file, int64_t offset, int64_t bytes, char* out);
-  // A buffer of at least `bytes` for blocks read in part.
-  char* Scratch(int64_t bytes);
-
-  std::string dir_;
-  ShardedMetadata metadata_;
-  std::vector<int> fds_;       // -1 until opened
-  std::vector<bool> checked_;  // file validated
-  std::unique_ptr<char[]> scratch_;
-  int64_t scratch_bytes_ = 0;
-  ReadStats stats_;
-};
-
-// ------------------------------------------------------------------ whole checkpoints offline
-
-// The model state dict (every key of model_keys, in order) and the FQN-keyed full optimizer
-// state dict (as FSDP's full_optim_state_dict writes it) of a sharded checkpoint, read whole.
-struct FullContents {
-  std::vector<std::pair<std::string, at::Tensor>> model;
-  bool has_optim = false;
-  optim_state::OptimStateDict optim;
-};
-[[nodiscard]] absl::StatusOr<FullContents> ReadFullContents(ShardedCheckpointReader& reader);
-
-// Writes a sharded checkpoint of `world_size` data files from whole tensors, offline, into
-// `dir` atomically (atomic_dir.h): each tensor (model tensors, then optimizer positive-dimension
-// states, in order) is split into `world_size` even element ranges (the first numel % M parts one
-// element longer), range r going to rank r's file. A shared tensor is stored once if the same
-// at::Tensor appears under several keys. `optim` must be FQN-keyed (full_optim_state_dict's
-// form); null for none. This is not the layout an M-rank FULL_SHARD job writes (which follows
-// its flat parameters), but any job loads it all the same.
-[[nodiscard]] absl::Status WriteShardedFromFull(
-    const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& model,
-    const optim_state::OptimStateDict* optim, int world_size,
-    int64_t block_bytes = kDefaultBlockBytes);
-
-// ------------------------------------------------------------------ kinds
 
 enum class CheckpointKind { kFull, kSharded };
 // "full" / "sharded".

@@ -14,12 +14,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/file_testutil.h"
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -34,25 +34,9 @@ using optim_state::OptimStateDict;
 using optim_state::ParamKey;
 using optim_state::StateValue;
 using ::testing::HasSubstr;
-
-std::string TestDir(const std::string& name) {
-  const char* tmp = std::getenv("TEST_TMPDIR");
-  const std::string dir = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/fmt_", name);
-  EXPECT_THAT(RemoveTree(dir), IsOk());
-  return dir;
-}
-
-std::string Slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-void Spit(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << bytes;
-}
+using testing::FreshTestDir;
+using testing::ReadFileBytes;
+using testing::WriteFileBytes;
 
 using Model = std::vector<std::pair<std::string, at::Tensor>>;
 
@@ -109,7 +93,7 @@ void ExpectContents(const FullContents& c, const Model& model, const OptimStateD
 }
 
 TEST(ShardedFormat, OfflineWriteThenReadGivesTheSameContents) {
-  const std::string dir = TestDir("roundtrip");
+  const std::string dir = FreshTestDir("fmt_roundtrip");
   const Model model = MakeModel(0);
   const OptimStateDict optim = MakeOptim(0);
   ASSERT_THAT(WriteShardedFromFull(dir, model, &optim, 3, /*block_bytes=*/16), IsOk());
@@ -137,7 +121,7 @@ TEST(ShardedFormat, OfflineWriteThenReadGivesTheSameContents) {
 }
 
 TEST(ShardedFormat, VerifyReportsEachDamagedRange) {
-  const std::string dir = TestDir("verify");
+  const std::string dir = FreshTestDir("fmt_verify");
   const Model model = MakeModel(0);
   ASSERT_THAT(WriteShardedFromFull(dir, model, nullptr, 2, /*block_bytes=*/16), IsOk());
   auto reader = ShardedCheckpointReader::Open(dir);
@@ -146,10 +130,10 @@ TEST(ShardedFormat, VerifyReportsEachDamagedRange) {
   ASSERT_EQ(p.file, 1);
   reader->reset();
   const std::string file = dir + "/rank-1-of-2.safetensors";
-  std::string bytes = Slurp(file);
+  std::string bytes = ReadFileBytes(file);
   bytes[static_cast<size_t>(p.offset + 3)] ^= 1;   // block 0 of the piece
   bytes[static_cast<size_t>(p.offset + 40)] ^= 1;  // block 2
-  Spit(file, bytes);
+  WriteFileBytes(file, bytes);
   reader = ShardedCheckpointReader::Open(dir);
   ASSERT_THAT(reader, IsOk());
   auto bad = (*reader)->Verify();
@@ -172,13 +156,13 @@ TEST(ShardedFormat, VerifyReportsEachDamagedRange) {
 }
 
 TEST(ShardedFormat, HostileSizesAreRefusedBeforeAllocating) {
-  const std::string dir = TestDir("hostile");
+  const std::string dir = FreshTestDir("fmt_hostile");
   ASSERT_THAT(WriteShardedFromFull(dir, MakeModel(0), nullptr, 2), IsOk());
-  const std::string meta = Slurp(dir + "/metadata.json");
+  const std::string meta = ReadFileBytes(dir + "/metadata.json");
   auto expect = [&](const std::string& from, const std::string& to, absl::StatusCode code,
                     const std::string& text) {
     ASSERT_NE(meta.find(from), std::string::npos) << from;
-    Spit(dir + "/metadata.json", absl::StrReplaceAll(meta, {{from, to}}));
+    WriteFileBytes(dir + "/metadata.json", absl::StrReplaceAll(meta, {{from, to}}));
     auto reader = ShardedCheckpointReader::Open(dir);
     absl::Status s = reader.status();
     if (s.ok()) {
@@ -195,10 +179,10 @@ TEST(ShardedFormat, HostileSizesAreRefusedBeforeAllocating) {
          absl::StatusCode::kInvalidArgument, "shape too large");
   expect("\"begin\": 0", "\"begin\": -5", absl::StatusCode::kInvalidArgument, "do not tile");
   // A 100-byte data file whose header claims 2^60 bytes.
-  Spit(dir + "/metadata.json", meta);
+  WriteFileBytes(dir + "/metadata.json", meta);
   std::string tiny(100, ' ');
   tiny[7] = 0x10;
-  Spit(dir + "/rank-0-of-2.safetensors", tiny);
+  WriteFileBytes(dir + "/rank-0-of-2.safetensors", tiny);
   auto reader = ShardedCheckpointReader::Open(dir);
   ASSERT_THAT(reader, IsOk());
   EXPECT_THAT((*reader)->ReadTensor((*reader)->metadata().tensors[0]),
@@ -217,12 +201,12 @@ int OpenDescriptors() {
 // Found by sharded_data_fuzz: each read of a data file that had failed its checks opened the
 // file again and leaked the descriptor of the previous attempt.
 TEST(ShardedFormat, ARefusedDataFileLeavesNoDescriptorOpen) {
-  const std::string dir = TestDir("fd_leak");
+  const std::string dir = FreshTestDir("fmt_fd_leak");
   ASSERT_THAT(WriteShardedFromFull(dir, MakeModel(0), nullptr, 2), IsOk());
   const std::string file = dir + "/rank-0-of-2.safetensors";
-  std::string bytes = Slurp(file);
+  std::string bytes = ReadFileBytes(file);
   bytes[10] ^= 1;  // inside the header: its checksum no longer matches
-  Spit(file, bytes);
+  WriteFileBytes(file, bytes);
   const int before = OpenDescriptors();
   {
     auto reader = ShardedCheckpointReader::Open(dir);
@@ -244,20 +228,20 @@ TEST(ShardedFormat, ARefusedDataFileLeavesNoDescriptorOpen) {
 // Rewrites DIR/metadata.json after `edit` (the metadata as read).
 template <typename Edit>
 void EditMetadata(const std::string& dir, Edit edit) {
-  auto m = MetadataFromJson(Slurp(dir + "/metadata.json"), "metadata.json");
+  auto m = MetadataFromJson(ReadFileBytes(dir + "/metadata.json"), "metadata.json");
   ASSERT_THAT(m, IsOk());
   edit(*m);
-  Spit(dir + "/metadata.json", MetadataToJson(*m));
+  WriteFileBytes(dir + "/metadata.json", MetadataToJson(*m));
 }
 
 // Found while writing sharded_data_fuzz (its inputs are regress_claimed_*_bytes in
 // fuzz_corpus/sharded_data/): a few hundred bytes of metadata.json sized allocations of
 // gigabytes to terabytes, by claims that only later reads would have refuted.
 TEST(ShardedFormat, ClaimedSizesDoNotSizeAllocations) {
-  const std::string dir = TestDir("claims");
+  const std::string dir = FreshTestDir("fmt_claims");
   const OptimStateDict optim = MakeOptim(0);
   ASSERT_THAT(WriteShardedFromFull(dir, MakeModel(0), &optim, 1, /*block_bytes=*/16), IsOk());
-  const std::string intact = Slurp(dir + "/metadata.json");
+  const std::string intact = ReadFileBytes(dir + "/metadata.json");
 
   // 1. A 4 TiB piece in a file whose claimed size makes room for it, with 1 TiB blocks so that
   // four checksums cover it: the real file is checked before the tensor is allocated.
@@ -281,7 +265,7 @@ TEST(ShardedFormat, ClaimedSizesDoNotSizeAllocations) {
       StatusIs(absl::StatusCode::kDataLoss, HasSubstr("rank-0-of-1.safetensors: truncated: ")));
 
   // 2. Zeros (state no rank held) of 24 GiB for a parameter of 60 elements.
-  Spit(dir + "/metadata.json", intact);
+  WriteFileBytes(dir + "/metadata.json", intact);
   EditMetadata(dir, [](ShardedMetadata& m) {
     for (TensorRecord& t : m.tensors) {
       if (t.key != "optim/emb.weight/exp_avg") continue;
@@ -296,7 +280,7 @@ TEST(ShardedFormat, ClaimedSizesDoNotSizeAllocations) {
                                  "'model/emb.weight'")));
 
   // Zeros shaped as their parameter (what a save with use_orig_params writes) still read.
-  Spit(dir + "/metadata.json", intact);
+  WriteFileBytes(dir + "/metadata.json", intact);
   EditMetadata(dir, [](ShardedMetadata& m) {
     for (TensorRecord& t : m.tensors) {
       if (t.key == "optim/emb.weight/exp_avg") t.pieces = {PieceRecord{-1, 0, 60, 0, 0, {}}};
@@ -310,7 +294,7 @@ TEST(ShardedFormat, ClaimedSizesDoNotSizeAllocations) {
 
   // 3. One stretch of file bytes claimed by two pieces (a tensor could repeat a file's bytes as
   // often as metadata.json lists them).
-  Spit(dir + "/metadata.json", intact);
+  WriteFileBytes(dir + "/metadata.json", intact);
   EditMetadata(dir, [](ShardedMetadata& m) {
     for (TensorRecord& t : m.tensors) {
       if (t.key != "model/out.bias") continue;
@@ -331,7 +315,7 @@ TEST(ShardedFormat, ClaimedSizesDoNotSizeAllocations) {
 }
 
 TEST(ShardedFormat, UserMetadataSurvivesTheRoundTripAndMustHoldStrings) {
-  const std::string dir = TestDir("user_metadata");
+  const std::string dir = FreshTestDir("fmt_user_metadata");
   ASSERT_THAT(WriteShardedFromFull(dir, MakeModel(0), nullptr, 2), IsOk());
   auto reader = ShardedCheckpointReader::Open(dir);
   ASSERT_THAT(reader, IsOk());
@@ -351,18 +335,18 @@ TEST(ShardedFormat, UserMetadataSurvivesTheRoundTripAndMustHoldStrings) {
 }
 
 TEST(ShardedFormat, DetectCheckpointKindRefusesWhatItDoesNotKnow) {
-  const std::string dir = TestDir("kind");
+  const std::string dir = FreshTestDir("fmt_kind");
   EXPECT_THAT(DetectCheckpointKind(dir), StatusIs(absl::StatusCode::kNotFound, HasSubstr(dir)));
   mkdir(dir.c_str(), 0755);
   EXPECT_THAT(DetectCheckpointKind(dir),
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("neither")));
-  Spit(dir + "/metadata.json", "{\"format\": \"other\"}");
+  WriteFileBytes(dir + "/metadata.json", "{\"format\": \"other\"}");
   EXPECT_THAT(DetectCheckpointKind(dir),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not an fsdp-cpp-sharded")));
 }
 
 TEST(ShardedFormat, AKilledSaveLeavesTheOldOrTheNewCheckpoint) {
-  const std::string dir = TestDir("killed");
+  const std::string dir = FreshTestDir("fmt_killed");
   const OptimStateDict old_optim = MakeOptim(1);
   const OptimStateDict new_optim = MakeOptim(2);
   int points = 0;

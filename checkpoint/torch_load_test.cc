@@ -13,12 +13,12 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 #include <type_traits>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "checkpoint/file_testutil.h"
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -31,13 +31,7 @@ using json = nlohmann::json;
 using ::fsdp::testing::StatusIs;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream contents;
-  contents << in.rdbuf();
-  return contents.str();
-}
+using testing::ReadFileBytes;
 
 // The directory the script wrote into (empty, with a failure, if it failed).
 const std::string& FilesDir() {
@@ -54,7 +48,7 @@ const std::string& FilesDir() {
     const std::string err = std::string(tmpdir) + "/make_torch_save_files.stderr";
     const std::string command = fsdp::testing::PythonCommand() + " '" + script + "' '" + out + "' 2>'" + err + "'";
     if (std::system(command.c_str()) != 0) {
-      ADD_FAILURE() << "`" << command << "` failed:\n" << ReadFile(err);
+      ADD_FAILURE() << "`" << command << "` failed:\n" << ReadFileBytes(err);
       return new std::string();
     }
     return new std::string(out);
@@ -65,7 +59,7 @@ const std::string& FilesDir() {
 std::string PathOf(const std::string& name) { return FilesDir() + "/" + name; }
 
 const json& Expected() {
-  static const json* expected = new json(json::parse(ReadFile(PathOf("expected.json"))));
+  static const json* expected = new json(json::parse(ReadFileBytes(PathOf("expected.json"))));
   return *expected;
 }
 
@@ -224,7 +218,7 @@ TEST_P(TorchLoadPythonFileTest, MatchesWhatPythonSaved) {
 
 TEST_P(TorchLoadPythonFileTest, LoadsTheSameFromBytes) {
   ASSERT_FALSE(FilesDir().empty());
-  const std::string bytes = ReadFile(PathOf(GetParam() + ".pt"));
+  const std::string bytes = ReadFileBytes(PathOf(GetParam() + ".pt"));
   FSDP_ASSERT_OK_AND_ASSIGN(PyValue value, TorchLoadFromBytes(bytes, GetParam()));
   std::map<int64_t, const void*> storages;
   ExpectMatches(value, Expected().at(GetParam()), GetParam(), &storages);
@@ -424,7 +418,7 @@ TEST(TorchLoadMissingFile, IsNotFound) {
 // Every proper prefix of a real file is refused (no crash, no partial value).
 TEST(TorchLoadDamage, RefusesEveryTruncation) {
   ASSERT_FALSE(FilesDir().empty());
-  const std::string bytes = ReadFile(PathOf("values_p4.pt"));
+  const std::string bytes = ReadFileBytes(PathOf("values_p4.pt"));
   ASSERT_GT(bytes.size(), 1000u);
   for (size_t n = 0; n < bytes.size(); ++n) {
     EXPECT_TRUE(
@@ -438,7 +432,7 @@ TEST(TorchLoadDamage, RefusesEveryTruncation) {
 // original one, since a CRC-32 guards every entry.
 TEST(TorchLoadDamage, FlippedBytesAreRefusedOrHarmless) {
   ASSERT_FALSE(FilesDir().empty());
-  const std::string original = ReadFile(PathOf("values_p2.pt"));
+  const std::string original = ReadFileBytes(PathOf("values_p2.pt"));
   FSDP_ASSERT_OK_AND_ASSIGN(PyValue want, TorchLoadFromBytes(original, "flip.pt"));
   int refused = 0;
   for (size_t i = 0; i < original.size(); ++i) {
@@ -459,7 +453,7 @@ TEST(TorchLoadDamage, FlippedBytesAreRefusedOrHarmless) {
 // Flips in the zip directory's fields that matter: signatures, CRCs, sizes, offsets, names.
 TEST(TorchLoadDamage, RefusesADamagedZipDirectory) {
   ASSERT_FALSE(FilesDir().empty());
-  const std::string original = ReadFile(PathOf("values_p2.pt"));
+  const std::string original = ReadFileBytes(PathOf("values_p2.pt"));
   const size_t central = original.find(std::string("PK\x01\x02", 4));
   ASSERT_NE(central, std::string::npos);
   // Offsets within a central directory entry: signature, CRC, sizes, local header offset, name.
@@ -475,7 +469,7 @@ TEST(TorchLoadDamage, RefusesADamagedZipDirectory) {
 // The directory claims sizes far beyond the file: refused before anything is allocated.
 TEST(TorchLoadDamage, RefusesHugeClaimedSizes) {
   ASSERT_FALSE(FilesDir().empty());
-  const std::string original = ReadFile(PathOf("values_p2.pt"));
+  const std::string original = ReadFileBytes(PathOf("values_p2.pt"));
   const size_t central = original.find(std::string("PK\x01\x02", 4));
   ASSERT_NE(central, std::string::npos);
   {  // data.pkl (the first entry) claims 2 GiB - 1.
