@@ -257,6 +257,33 @@ void CastBuffers(const std::vector<ModuleNode>& nodes, const std::vector<size_t>
   }
 }
 
+// sync_module_states: rank 0's parameters and buffers under `nodes` to every rank of `group`,
+// tensor by tensor in the walk's order (the same on every rank).
+absl::Status BroadcastModuleStates(const std::vector<ModuleNode>& nodes,
+                                   comm::ProcessGroup& group) {
+  at::NoGradGuard no_grad;
+  std::unordered_set<const c10::TensorImpl*> done;
+  for (const ModuleNode& node : nodes) {
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    for (const auto& p : node.module->named_parameters(/*recurse=*/false)) {
+      tensors.emplace_back(p.key(), p.value());
+    }
+    for (const auto& b : node.module->named_buffers(/*recurse=*/false)) {
+      tensors.emplace_back(b.key(), b.value());
+    }
+    for (auto& [name, tensor] : tensors) {
+      if (!tensor.defined() || !done.insert(tensor.unsafeGetTensorImpl()).second) continue;
+      at::Tensor data = tensor.detach();
+      at::Tensor buffer = data.is_contiguous() ? data : data.contiguous();
+      FSDP_RETURN_IF_ERROR(group.Broadcast(buffer, /*root=*/0),
+                           absl::StrCat("FSDP sync_module_states: broadcasting ", node.prefix, name,
+                                        " from rank 0 of group ", group.name()));
+      if (!buffer.is_same(data)) data.copy_(buffer);
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParallel::WrapSlot(
@@ -283,6 +310,12 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   {
     std::unordered_set<torch::nn::Module*> seen;
     WalkModules(*module, "", ignored, seen, nodes);
+  }
+  if (options.sync_module_states) {
+    FSDP_RETURN_IF_ERROR(BroadcastModuleStates(nodes, *group));
+    if (options.replicate_group != nullptr) {
+      FSDP_RETURN_IF_ERROR(BroadcastModuleStates(nodes, *options.replicate_group));
+    }
   }
   std::unordered_map<torch::nn::Module*, size_t> node_index;
   for (size_t i = 0; i < nodes.size(); ++i) node_index[nodes[i].module] = i;

@@ -82,6 +82,10 @@ struct FsdpOptions {
   // `process_group=(shard_group, replicate_group)`; MakeHybridShardGroups (hybrid_shard.h)
   // builds both as `init_device_mesh(("replicate", "shard"))` lays them out.
   std::shared_ptr<comm::ProcessGroup> replicate_group;
+  // PyTorch's sync_module_states: before sharding, rank 0's parameters and buffers (ignored
+  // modules' aside) are broadcast over the group (and, under HYBRID_SHARD, then over the
+  // replicate group), so ranks may build the model with different values.
+  bool sync_module_states = false;
 };
 
 class FsdpUnit;
