@@ -72,13 +72,11 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "optim_state/optim_state_dict.h"
+#include "optim_state/optimizer_kind.h"
 
 namespace fsdp::optim_state {
 
-enum class OptimizerKind { kAdam, kAdamW, kSGD, kAdagrad, kRMSprop };
-
-// "Adam", "AdamW", "SGD", "Adagrad", "RMSprop".
-absl::string_view OptimizerKindName(OptimizerKind kind);
+// OptimizerKind and OptimizerKindName ("Adam", "AdamW", ...): optimizer_kind.h.
 
 class OptimizerAdapter {
  public:
@@ -154,11 +152,30 @@ class OptimizerAdapter {
 
   OptimizerAdapter(torch::optim::Optimizer& optimizer, OptimizerKind kind);
 
+  // The dict's IDs -> the optimizer's parameters.
+  using IdMap = absl::flat_hash_map<int64_t, const ParamRef*>;
+  // What LoadImpl checked and built, committed only when all of it is.
+  struct StagedLoad;
+
   std::vector<ParamRef> ParamRefs() const;
   const HyperParams& GroupTemplate(size_t group) const;
   bool HasState(StateKey key) const;
   void RecordStateOrder();
+  // A parameter's state as `state_dict()` lists it: LibTorch's, merged with the side table's.
+  ParamState SavedState(const ParamRef& ref) const;
   [[nodiscard]] absl::Status LoadImpl(const OptimStateDict& state_dict, bool adopt);
+  // LoadImpl's steps (optimizer_adapter.cc), in order.
+  [[nodiscard]] absl::StatusOr<IdMap> MapLoadedIds(const OptimStateDict& state_dict,
+                                                   const std::vector<ParamRef>& refs) const;
+  [[nodiscard]] absl::Status CheckLoadedKeys(const OptimStateDict& state_dict,
+                                             const IdMap& id_map) const;
+  [[nodiscard]] absl::Status StageHyperParams(const OptimStateDict& state_dict,
+                                              StagedLoad& staged) const;
+  [[nodiscard]] absl::Status StageState(const OptimStateDict& state_dict, const IdMap& id_map,
+                                        bool adopt, StagedLoad& staged) const;
+  [[nodiscard]] absl::Status StageMissingAdagradState(const std::vector<ParamRef>& refs,
+                                                      StagedLoad& staged) const;
+  void Commit(StagedLoad& staged, bool has_param_groups);
 
   torch::optim::Optimizer* optimizer_;
   OptimizerKind kind_;

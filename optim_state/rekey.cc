@@ -11,14 +11,15 @@
 #include "absl/strings/str_join.h"
 #include "comm/status_macros.h"
 #include "fsdp/flat_param.h"
+#include "optim_state/internal/model_index.h"
+#include "optim_state/internal/py_repr.h"
 
 namespace fsdp::optim_state {
 namespace {
 
 // The tensors an optimizer may hold, in the model's walk order, each with its
 // names (more than one only for a flat parameter).
-using ParamNames =
-    std::vector<std::pair<const c10::TensorImpl*, std::vector<std::string>>>;
+using ParamNames = std::vector<std::pair<const c10::TensorImpl*, std::vector<std::string>>>;
 
 ParamNames NamesOf(const FullyShardedDataParallel& fsdp) {
   ParamNames out;
@@ -27,8 +28,7 @@ ParamNames NamesOf(const FullyShardedDataParallel& fsdp) {
     if (h == nullptr) continue;
     if (!h->use_orig_params()) {
       std::vector<std::string> names;
-      for (const FlatParamInfo& info : h->infos())
-        names.push_back(info.fqns[0]);
+      for (const FlatParamInfo& info : h->infos()) names.push_back(info.fqns[0]);
       out.emplace_back(h->flat_param().unsafeGetTensorImpl(), std::move(names));
     } else {
       for (size_t i = 0; i < h->params().size(); ++i) {
@@ -55,57 +55,39 @@ ParamNames NamesOf(const torch::nn::Module& model) {
 }
 
 absl::Status Error(const std::string& message) {
-  return absl::InvalidArgumentError(
-      absl::StrCat("RekeyOptimStateDict: ", message));
-}
-
-std::string PyStrList(const std::vector<std::string>& names) {
-  std::vector<std::string> quoted;
-  for (const auto& n : names) quoted.push_back(absl::StrCat("'", n, "'"));
-  return absl::StrCat("[", absl::StrJoin(quoted, ", "), "]");
+  return absl::InvalidArgumentError(absl::StrCat("RekeyOptimStateDict: ", message));
 }
 
 // 1.13's _get_param_to_param_name: one name per tensor, or its RuntimeError.
-absl::StatusOr<absl::flat_hash_map<const c10::TensorImpl*, std::string>>
-ParamToName(const ParamNames& names) {
+absl::StatusOr<absl::flat_hash_map<const c10::TensorImpl*, std::string>> ParamToName(
+    const ParamNames& names) {
   absl::flat_hash_map<const c10::TensorImpl*, std::string> out;
   for (const auto& [impl, list] : names) {
     if (list.size() > 1) {
-      return Error(absl::StrCat(
-          "Each parameter should only map to one parameter name but got ",
-          list.size(), ": ", PyStrList(list)));
+      return Error(absl::StrCat("Each parameter should only map to one parameter name but got ",
+                                list.size(), ": ", internal::PyList(list)));
     }
     out.emplace(impl, list[0]);
   }
   return out;
 }
 
-std::vector<const c10::TensorImpl*> OptimizerParams(
-    const OptimizerAdapter& adapter) {
+std::vector<const c10::TensorImpl*> Impls(const std::vector<at::Tensor>& params) {
   std::vector<const c10::TensorImpl*> out;
-  for (auto& group : adapter.optimizer().param_groups()) {
-    for (auto& p : group.params()) out.push_back(p.unsafeGetTensorImpl());
-  }
+  for (const at::Tensor& p : params) out.push_back(p.unsafeGetTensorImpl());
   return out;
 }
 
-std::vector<const c10::TensorImpl*> InputParams(const OptimInput& input) {
-  std::vector<const c10::TensorImpl*> out;
-  for (const at::Tensor& p : input.Params()) out.push_back(p.unsafeGetTensorImpl());
-  return out;
-}
-
-absl::StatusOr<OptimStateDict> Rekey(
-    const OptimStateDict& osd, OptimStateKeyType key_type, const ParamNames& names,
-    const std::vector<const c10::TensorImpl*>& params) {
+absl::StatusOr<OptimStateDict> Rekey(const OptimStateDict& osd, OptimStateKeyType key_type,
+                                     const ParamNames& names,
+                                     const std::vector<const c10::TensorImpl*>& params) {
   bool any_id = false, any_name = false;
-  for (const auto& [key, state] : osd.state)
-    (key.is_id() ? any_id : any_name) = true;
+  for (const auto& [key, state] : osd.state) (key.is_id() ? any_id : any_name) = true;
   if (any_id && any_name) {
     std::vector<std::string> keys;
     for (const auto& [key, state] : osd.state) keys.push_back(key.ToString());
-    return Error(absl::StrCat("Invalid parameter keys: dict_keys([",
-                              absl::StrJoin(keys, ", "), "])"));
+    return Error(
+        absl::StrCat("Invalid parameter keys: dict_keys([", absl::StrJoin(keys, ", "), "])"));
   }
   if ((key_type == OptimStateKeyType::kParamName && !any_id) ||
       (key_type == OptimStateKeyType::kParamId && !any_name)) {
@@ -125,8 +107,8 @@ absl::StatusOr<OptimStateDict> Rekey(
     auto it = param_to_name.find(params[id]);
     if (it == param_to_name.end()) {
       if (key_type == OptimStateKeyType::kParamName) {
-        return Error(absl::StrCat("the optimizer's parameter ID ", id,
-                                  " is not a parameter of the model"));
+        return Error(
+            absl::StrCat("the optimizer's parameter ID ", id, " is not a parameter of the model"));
       }
       continue;  // 1.13 drops optimizer parameters without a name when mapping
                  // names to IDs
@@ -150,8 +132,8 @@ absl::StatusOr<OptimStateDict> Rekey(
   for (const auto& [key, state] : osd.state) {
     auto converted = convert(key);
     if (!converted.ok()) {
-      return Error(absl::StrCat("state key ", key.ToString(),
-                                " is not a parameter of the optimizer"));
+      return Error(
+          absl::StrCat("state key ", key.ToString(), " is not a parameter of the optimizer"));
     }
     out.state.Set(*converted, state);
   }
@@ -161,9 +143,8 @@ absl::StatusOr<OptimStateDict> Rekey(
     for (const ParamKey& key : osd.param_groups[g].params) {
       auto converted = convert(key);
       if (!converted.ok()) {
-        return Error(
-            absl::StrCat("param_groups[", g, "] lists ", key.ToString(),
-                         ", which is not a parameter of the optimizer"));
+        return Error(absl::StrCat("param_groups[", g, "] lists ", key.ToString(),
+                                  ", which is not a parameter of the optimizer"));
       }
       group.params.push_back(*converted);
     }
@@ -175,32 +156,36 @@ absl::StatusOr<OptimStateDict> Rekey(
 
 }  // namespace
 
-absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
-    const OptimStateDict& osd, OptimStateKeyType key_type,
-    const FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter) {
-  return Rekey(osd, key_type, NamesOf(fsdp), OptimizerParams(adapter));
+absl::StatusOr<OptimStateDict> RekeyOptimStateDict(const OptimStateDict& osd,
+                                                   OptimStateKeyType key_type,
+                                                   const FullyShardedDataParallel& fsdp,
+                                                   const OptimizerAdapter& adapter) {
+  return Rekey(osd, key_type, NamesOf(fsdp), Impls(internal::OptimizerParams(adapter)));
 }
 
-absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
-    const OptimStateDict& osd, OptimStateKeyType key_type,
-    const torch::nn::Module& model, const OptimizerAdapter& adapter) {
-  return Rekey(osd, key_type, NamesOf(model), OptimizerParams(adapter));
+absl::StatusOr<OptimStateDict> RekeyOptimStateDict(const OptimStateDict& osd,
+                                                   OptimStateKeyType key_type,
+                                                   const torch::nn::Module& model,
+                                                   const OptimizerAdapter& adapter) {
+  return Rekey(osd, key_type, NamesOf(model), Impls(internal::OptimizerParams(adapter)));
 }
 
-absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
-    const OptimStateDict& osd, OptimStateKeyType key_type,
-    const FullyShardedDataParallel& fsdp, const OptimInput& optim_input) {
+absl::StatusOr<OptimStateDict> RekeyOptimStateDict(const OptimStateDict& osd,
+                                                   OptimStateKeyType key_type,
+                                                   const FullyShardedDataParallel& fsdp,
+                                                   const OptimInput& optim_input) {
   WarnOptimInputDeprecated();
   FSDP_RETURN_IF_ERROR(CheckOptimInput(optim_input, "RekeyOptimStateDict"));
-  return Rekey(osd, key_type, NamesOf(fsdp), InputParams(optim_input));
+  return Rekey(osd, key_type, NamesOf(fsdp), Impls(optim_input.Params()));
 }
 
-absl::StatusOr<OptimStateDict> RekeyOptimStateDict(
-    const OptimStateDict& osd, OptimStateKeyType key_type,
-    const torch::nn::Module& model, const OptimInput& optim_input) {
+absl::StatusOr<OptimStateDict> RekeyOptimStateDict(const OptimStateDict& osd,
+                                                   OptimStateKeyType key_type,
+                                                   const torch::nn::Module& model,
+                                                   const OptimInput& optim_input) {
   WarnOptimInputDeprecated();
   FSDP_RETURN_IF_ERROR(CheckOptimInput(optim_input, "RekeyOptimStateDict"));
-  return Rekey(osd, key_type, NamesOf(model), InputParams(optim_input));
+  return Rekey(osd, key_type, NamesOf(model), Impls(optim_input.Params()));
 }
 
 }  // namespace fsdp::optim_state
