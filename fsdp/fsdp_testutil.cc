@@ -80,4 +80,49 @@ StepLosses TrainBoth(NetPair& pair, int step) {
   return losses;
 }
 
+std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(Optim optim,
+                                                       std::vector<at::Tensor> params) {
+  if (optim == Optim::kAdam) {
+    return std::make_unique<torch::optim::Adam>(std::move(params),
+                                                torch::optim::AdamOptions(0.01).eps(1e-3));
+  }
+  return std::make_unique<torch::optim::SGD>(std::move(params),
+                                             torch::optim::SGDOptions(0.01).momentum(0.9));
+}
+
+ReferenceAndFsdp NestedModelLosses(models::NestedModel reference, models::NestedModel model,
+                                   std::unique_ptr<FullyShardedDataParallel> fsdp) {
+  ReferenceAndFsdp s;
+  s.fsdp = std::move(fsdp);
+  s.reference = reference.ptr();
+  s.reference_loss = [reference](int step) mutable {
+    torch::manual_seed(100 + step);
+    at::Tensor x = reference->get_input();
+    return reference->get_loss(x, reference->forward(x));
+  };
+  s.fsdp_loss = [model, fsdp = s.fsdp.get()](int step) {
+    torch::manual_seed(100 + step);
+    at::Tensor x = model->get_input();
+    return model->get_loss(x, fsdp->forward(x));
+  };
+  return s;
+}
+
+ReferenceAndFsdp TransformerLosses(models::TransformerWithSharedParams reference,
+                                   models::TransformerWithSharedParams model,
+                                   std::unique_ptr<FullyShardedDataParallel> fsdp) {
+  ReferenceAndFsdp s;
+  s.fsdp = std::move(fsdp);
+  s.reference = reference.ptr();
+  s.reference_loss = [reference](int) mutable {
+    auto input = reference->get_input();
+    return reference->get_loss(input, reference->forward(input.first, input.second));
+  };
+  s.fsdp_loss = [model, fsdp = s.fsdp.get()](int) {
+    auto input = model->get_input();
+    return model->get_loss(input, fsdp->forward(input.first, input.second));
+  };
+  return s;
+}
+
 }  // namespace fsdp::testing

@@ -4,7 +4,9 @@
 //   * `Net`, the small nested model of the FSDP unit tests, and WrapNet, its wrapping;
 //   * `NetPair`: the "reference + wrapped + optimizer" set-up, Net from one seed twice, one
 //     copy unwrapped and one under FSDP, each with Adam, and TrainStep, one step on a batch
-//     every rank draws alike.
+//     every rank draws alike;
+//   * `ReferenceAndFsdp`: the same pairing for the reference models of PyTorch's tests
+//     (NestedModel, TransformerWithSharedParams, ...), a step's loss as a function of the step.
 // Preconditions: the group is a real group (RunInRanks'); every rank builds the same models.
 // Errors: MakeNetPair and WrapNet return FullyShardedDataParallel::Wrap's status.
 #ifndef FSDP_CPP_FSDP_FSDP_TESTUTIL_H_
@@ -13,9 +15,11 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
@@ -23,6 +27,8 @@
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/module_slot.h"
 #include "gtest/gtest.h"
+#include "models/nested_model.h"
+#include "models/transformer.h"
 
 namespace fsdp::testing {
 
@@ -114,6 +120,35 @@ struct StepLosses {
 };
 // TrainStep of the reference, then of the FSDP copy, each with its own optimizer.
 StepLosses TrainBoth(NetPair& pair, int step);
+
+// The optimizers the reference-model tests train with, on both sides alike.
+enum class Optim { kAdam, kSgdMomentum };
+
+// kAdam: Adam, lr 0.01, eps 1e-3. Adam divides by |gradient| + eps. With the default eps
+// (1e-8), gradients that are zero but for rounding (an attention key bias's: softmax ignores
+// it) take full steps in a direction rounding picks, and rounding differs between any two ways
+// of computing them; 1e-3 keeps such steps negligible while real gradients (>= 1e-2 here)
+// still take ~lr. kSgdMomentum: SGD, lr 0.01, momentum 0.9.
+std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(Optim optim, std::vector<at::Tensor> params);
+
+// A model trained unwrapped (`reference`) and the same model under FSDP: each one's loss on
+// step `step`'s batch (its forward, then the model's loss).
+struct ReferenceAndFsdp {
+  std::shared_ptr<torch::nn::Module> reference;
+  std::function<at::Tensor(int step)> reference_loss;
+  std::unique_ptr<FullyShardedDataParallel> fsdp;
+  std::function<at::Tensor(int step)> fsdp_loss;
+};
+
+// `reference` and `fsdp` (wrapping `model`): NestedModel's get_input drawn right after seed
+// 100 + step (the same on every rank), then get_loss.
+ReferenceAndFsdp NestedModelLosses(models::NestedModel reference, models::NestedModel model,
+                                   std::unique_ptr<FullyShardedDataParallel> fsdp);
+// `reference` and `fsdp` (wrapping `model`): TransformerWithSharedParams' get_input (it seeds
+// itself: every step has the same batch), then get_loss.
+ReferenceAndFsdp TransformerLosses(models::TransformerWithSharedParams reference,
+                                   models::TransformerWithSharedParams model,
+                                   std::unique_ptr<FullyShardedDataParallel> fsdp);
 
 }  // namespace fsdp::testing
 

@@ -533,28 +533,25 @@ TEST_P(StateDictMultiRankTest, ShardedLoadRefusesAnotherWorldSizeOrWrapping) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(Strategies, StateDictTest,
-                         ::testing::Values(Case{1, ShardingStrategy::kFullShard, false},
-                                           Case{1, ShardingStrategy::kNoShard, true},
-                                           Case{2, ShardingStrategy::kFullShard, false},
-                                           Case{2, ShardingStrategy::kFullShard, true},
-                                           Case{2, ShardingStrategy::kNoShard, false},
-                                           Case{3, ShardingStrategy::kShardGradOp, false},
-                                           Case{3, ShardingStrategy::kFullShard, true},
-                                           Case{3, ShardingStrategy::kNoShard, true},
-                                           Case{4, ShardingStrategy::kFullShard, false},
-                                           Case{4, ShardingStrategy::kShardGradOp, true}),
+// The cases at world sizes 2 to 4.
+const std::vector<Case> kMultiRankCases = {
+    Case{2, ShardingStrategy::kFullShard, false}, Case{2, ShardingStrategy::kFullShard, true},
+    Case{2, ShardingStrategy::kNoShard, false},   Case{3, ShardingStrategy::kShardGradOp, false},
+    Case{3, ShardingStrategy::kFullShard, true},  Case{3, ShardingStrategy::kNoShard, true},
+    Case{4, ShardingStrategy::kFullShard, false}, Case{4, ShardingStrategy::kShardGradOp, true}};
+
+// Two at world size 1, then kMultiRankCases.
+std::vector<Case> AllCases() {
+  std::vector<Case> cases = {Case{1, ShardingStrategy::kFullShard, false},
+                             Case{1, ShardingStrategy::kNoShard, true}};
+  cases.insert(cases.end(), kMultiRankCases.begin(), kMultiRankCases.end());
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, StateDictTest, ::testing::ValuesIn(AllCases()),
                          ::fsdp::testing::StrategyCaseName);
 
-INSTANTIATE_TEST_SUITE_P(Strategies, StateDictMultiRankTest,
-                         ::testing::Values(Case{2, ShardingStrategy::kFullShard, false},
-                                           Case{2, ShardingStrategy::kFullShard, true},
-                                           Case{2, ShardingStrategy::kNoShard, false},
-                                           Case{3, ShardingStrategy::kShardGradOp, false},
-                                           Case{3, ShardingStrategy::kFullShard, true},
-                                           Case{3, ShardingStrategy::kNoShard, true},
-                                           Case{4, ShardingStrategy::kFullShard, false},
-                                           Case{4, ShardingStrategy::kShardGradOp, true}),
+INSTANTIATE_TEST_SUITE_P(Strategies, StateDictMultiRankTest, ::testing::ValuesIn(kMultiRankCases),
                          ::fsdp::testing::StrategyCaseName);
 
 // One tensor registered under two names in two modules (weight tying).
