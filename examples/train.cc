@@ -204,6 +204,17 @@ absl::StatusOr<bool> PerLayerWrap() {
   return absl::InvalidArgumentError(absl::StrCat("--wrap=", wrap, " is not one of layers, none"));
 }
 
+// A Job of `net` under FSDP: its parameter count (unwrapped), the wrapper and the module.
+template <typename Model>
+absl::StatusOr<Job> WrapIntoJob(Model net, std::shared_ptr<fsdp::comm::ProcessGroup> group,
+                                const fsdp::FsdpOptions& options) {
+  Job job;
+  job.parameter_count = CountParameters(*net);
+  FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+  job.module = net.ptr();
+  return job;
+}
+
 // --model=nested: NestedModel of --nested_dims, wrapped as --wrap says, optionally with
 // PyTorch's test's two parameter groups.
 absl::StatusOr<Job> BuildNestedJob(std::shared_ptr<fsdp::comm::ProcessGroup> group,
@@ -226,10 +237,7 @@ absl::StatusOr<Job> BuildNestedJob(std::shared_ptr<fsdp::comm::ProcessGroup> gro
     return absl::InvalidArgumentError(
         absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, none"));
   }
-  Job job;
-  job.parameter_count = CountParameters(*net);
-  FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
-  job.module = net.ptr();
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, group, options));
   fsdp::FullyShardedDataParallel* f = job.fsdp.get();
   if (absl::GetFlag(FLAGS_param_groups) == 2) {
     // PyTorch's test: block1's parameters, then block2's and block0's with weight decay
@@ -256,10 +264,7 @@ absl::StatusOr<Job> BuildTransformerJob(std::shared_ptr<fsdp::comm::ProcessGroup
   fsdp::models::TransformerWithSharedParams net(/*rank=*/0);
   FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
   if (per_layer) options.nested = net->layer_slots();
-  Job job;
-  job.parameter_count = CountParameters(*net);
-  FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
-  job.module = net.ptr();
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, group, options));
   fsdp::FullyShardedDataParallel* f = job.fsdp.get();
   job.step_loss = [f, net](int) {
     auto input = net->get_input();  // the same on every rank (seeded with rank 0's seed)
@@ -274,10 +279,7 @@ absl::StatusOr<Job> BuildTransformerJob(std::shared_ptr<fsdp::comm::ProcessGroup
 absl::StatusOr<Job> BuildDummyJob(std::shared_ptr<fsdp::comm::ProcessGroup> group,
                                   const fsdp::FsdpOptions& options) {
   fsdp::models::TestDummyModel net;
-  Job job;
-  job.parameter_count = CountParameters(*net);
-  FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
-  job.module = net.ptr();
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, group, options));
   fsdp::FullyShardedDataParallel* f = job.fsdp.get();
   job.step_loss = [f, net](int) { return f->forward(net->get_input()).sum(); };
   job.skip_batch = [net] { net->get_input(); };
@@ -322,10 +324,7 @@ absl::StatusOr<Job> BuildLmJob(std::shared_ptr<fsdp::comm::ProcessGroup> group,
                                         [&] { return fsdp::models::CharTransformerLM(config); }));
   FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
   if (per_layer) options.nested = net->layer_slots();
-  Job job;
-  job.parameter_count = CountParameters(*net);
-  FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
-  job.module = net.ptr();
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, group, options));
   fsdp::FullyShardedDataParallel* f = job.fsdp.get();
   auto data = std::make_shared<fsdp::examples::CharDataset>(std::move(dataset));
   const int rank = group->rank(), world_size = group->size();
