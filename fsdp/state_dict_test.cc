@@ -118,17 +118,16 @@ TEST_P(StateDictTest, FullStateDictMatchesUnwrappedTrainingAndRoundTrips) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
     FSDP_ASSERT_OK_AND_ASSIGN(NetPair pair, PairAfterOneStep(group, c));
-    Net& reference = pair.reference;
-    FullyShardedDataParallel& fsdp = *pair.fsdp;
 
-    FSDP_ASSERT_OK_AND_ASSIGN(StateDict dict, FullStateDict(fsdp));
+    FSDP_ASSERT_OK_AND_ASSIGN(StateDict dict, FullStateDict(*pair.fsdp));
     EXPECT_EQ(Keys(dict), kNetKeys);
-    ExpectDictsNear(dict, TorchStateDict(*reference));
-    FSDP_ASSERT_OK_AND_ASSIGN(StateDict offloaded, FullStateDict(fsdp, {.offload_to_cpu = true}));
+    ExpectDictsNear(dict, TorchStateDict(*pair.reference));
+    FSDP_ASSERT_OK_AND_ASSIGN(StateDict offloaded,
+                              FullStateDict(*pair.fsdp, {.offload_to_cpu = true}));
     ExpectDictsEqual(offloaded, dict);
     // Copies: training on does not change them.
-    TrainStep(fsdp, *pair.optim, 1);
-    FSDP_ASSERT_OK_AND_ASSIGN(StateDict later, FullStateDict(fsdp));
+    TrainStep(*pair.fsdp, *pair.optim, 1);
+    FSDP_ASSERT_OK_AND_ASSIGN(StateDict later, FullStateDict(*pair.fsdp));
     EXPECT_FALSE(at::equal(later[2].second, dict[2].second));
 
     // Round trip into a model initialised from another seed.
@@ -136,7 +135,7 @@ TEST_P(StateDictTest, FullStateDictMatchesUnwrappedTrainingAndRoundTrips) {
     FSDP_ASSERT_OK(LoadFullStateDict(*other_fsdp, dict));
     FSDP_ASSERT_OK_AND_ASSIGN(StateDict reloaded, FullStateDict(*other_fsdp));
     ExpectDictsEqual(reloaded, dict);
-    ExpectForwardMatches(*other_fsdp, reference);
+    ExpectForwardMatches(*other_fsdp, pair.reference);
   });
 }
 
@@ -144,20 +143,18 @@ TEST_P(StateDictTest, Rank0OnlyFullStateDictIsEmptyOnOtherRanks) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
     FSDP_ASSERT_OK_AND_ASSIGN(NetPair pair, PairAfterOneStep(group, c));
-    Net& reference = pair.reference;
-    FullyShardedDataParallel& fsdp = *pair.fsdp;
-    FSDP_ASSERT_OK_AND_ASSIGN(StateDict dict,
-                              FullStateDict(fsdp, {.offload_to_cpu = true, .rank0_only = true}));
+    FSDP_ASSERT_OK_AND_ASSIGN(
+        StateDict dict, FullStateDict(*pair.fsdp, {.offload_to_cpu = true, .rank0_only = true}));
     if (group.rank() == 0) {
-      ExpectDictsNear(dict, TorchStateDict(*reference));
+      ExpectDictsNear(dict, TorchStateDict(*pair.reference));
     } else {
       EXPECT_TRUE(dict.empty());
     }
     // The gathers left the model as it was: training goes on in step with the
     // reference.
     TrainBoth(pair, 1);
-    FSDP_ASSERT_OK_AND_ASSIGN(StateDict after, FullStateDict(fsdp));
-    ExpectDictsNear(after, TorchStateDict(*reference));
+    FSDP_ASSERT_OK_AND_ASSIGN(StateDict after, FullStateDict(*pair.fsdp));
+    ExpectDictsNear(after, TorchStateDict(*pair.reference));
   });
 }
 
@@ -417,10 +414,8 @@ TEST_P(StateDictTest, ShardedStateDictHoldsSlicesOfTheFlattenedParametersAndRoun
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
     FSDP_ASSERT_OK_AND_ASSIGN(NetPair pair, PairAfterOneStep(group, c));
-    Net& reference = pair.reference;
-    FullyShardedDataParallel& fsdp = *pair.fsdp;
-    FSDP_ASSERT_OK_AND_ASSIGN(ShardedDict sharded, ShardedStateDict(fsdp));
-    const StateDict expected = TorchStateDict(*reference);
+    FSDP_ASSERT_OK_AND_ASSIGN(ShardedDict sharded, ShardedStateDict(*pair.fsdp));
+    const StateDict expected = TorchStateDict(*pair.reference);
     ASSERT_EQ(sharded.size(), expected.size());
     const bool sharded_strategy = c.strategy != ShardingStrategy::kNoShard;
     for (size_t i = 0; i < sharded.size(); ++i) {
@@ -457,7 +452,7 @@ TEST_P(StateDictTest, ShardedStateDictHoldsSlicesOfTheFlattenedParametersAndRoun
     // Round trip into a model of another seed.
     FSDP_ASSERT_OK_AND_ASSIGN(auto other_fsdp, WrapNetFromSeed(1, Borrow(group), c));
     FSDP_ASSERT_OK(LoadShardedStateDict(*other_fsdp, sharded));
-    ExpectForwardMatches(*other_fsdp, reference);
+    ExpectForwardMatches(*other_fsdp, pair.reference);
     FSDP_ASSERT_OK_AND_ASSIGN(StateDict loaded, FullStateDict(*other_fsdp));
     ExpectDictsNear(loaded, expected);
   });
