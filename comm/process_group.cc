@@ -105,6 +105,134 @@ std::chrono::milliseconds RemainingOrZero(std::chrono::steady_clock::time_point 
   return std::max(left, std::chrono::milliseconds(1));
 }
 
+// Where the chunks of the reduce-scatter ring lie in its input (see ReduceScatterRing): chunk g
+// is [Begin(g), Begin(g) + Len(g)); its first OwnLen(g) elements are rank g's own output, the
+// rest its overhang. Each ring step moves a chunk in pieces of at most `piece` elements.
+struct RingChunks {
+  int64_t n;      // elements of each rank's output
+  int size;       // ranks
+  int64_t total;  // n * size, the input
+  int64_t chunk;  // elements per chunk: Gloo's, or n
+  int64_t piece;  // elements per message
+
+  int64_t Begin(int g) const { return std::min<int64_t>(g * chunk, total); }
+  int64_t Len(int g) const { return std::min<int64_t>(chunk, total - Begin(g)); }
+  int64_t OwnLen(int g) const { return std::clamp<int64_t>((g + 1) * n - Begin(g), 0, Len(g)); }
+  // Rank g's overhang: [first, second) of the input, all past its own output.
+  std::pair<int64_t, int64_t> Overhang(int g) const {
+    return std::make_pair(Begin(g) + OwnLen(g), Begin(g) + Len(g));
+  }
+  // Chunk g's pieces, (begin, length) within the chunk; in the last step a piece never
+  // straddles the end of the receiver's own part.
+  std::vector<std::pair<int64_t, int64_t>> Pieces(int g, bool last_step) const {
+    std::vector<std::pair<int64_t, int64_t>> pieces;
+    const int64_t len = Len(g);
+    const int64_t split = last_step ? OwnLen(g) : len;
+    for (int64_t begin = 0; begin < len;) {
+      const int64_t end = std::min(begin + piece, begin < split ? split : len);
+      pieces.emplace_back(begin, end - begin);
+      begin = end;
+    }
+    return pieces;
+  }
+  // The most pieces a chunk is cut into (one more than whole pieces, for the last step's
+  // split); the same on every rank.
+  int MaxPieces() const { return static_cast<int>((chunk + piece - 1) / piece) + 1; }
+};
+
+// Gloo's chunks when the order of a sum changes its result (more than 2 ranks, floating point,
+// sum or average); otherwise simply n per rank, with no overhang.
+RingChunks MakeRingChunks(const at::Tensor& in, int64_t n, int size, ReduceOp op) {
+  const bool order_matters = size > 2 && at::isFloatingType(in.scalar_type()) &&
+                             (op == ReduceOp::kSum || op == ReduceOp::kAvg);
+  const int64_t total = n * size;
+  return RingChunks{
+      .n = n,
+      .size = size,
+      .total = total,
+      .chunk = order_matters ? GlooRingChunk(total, in.element_size(), size) : n,
+      .piece = std::max<int64_t>(1, kReduceScatterPieceBytes / in.element_size()),
+  };
+}
+
+// Step `step` of the reduce-scatter ring on `rank`: sends `send_buf` (the partial sum of the
+// chunk it holds) to rank - 1 while receiving the next chunk's partial sum from rank + 1, and
+// adds this rank's input to each piece as it arrives. Receives land in `partial`; in the last
+// step the chunk is this rank's own, whose own part lands in `out` and overhang in `partial`.
+// Piece j of every step uses tag base_tag + j.
+void RingStep(c10d::Backend& pg, const RingChunks& chunks, int rank, int step, const at::Tensor& in,
+              at::Tensor& out, const at::Tensor& send_buf, at::Tensor& partial, ReduceOp op,
+              int base_tag, std::chrono::steady_clock::time_point deadline) {
+  const int size = chunks.size;
+  const bool last_step = step == size - 2;
+  const int to = (rank - 1 + size) % size;
+  const int from = (rank + 1) % size;
+  const int send_chunk = (rank + 1 + step) % size;
+  const int recv_chunk = (rank + 2 + step) % size;  // == rank in the last step
+  std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
+  std::vector<at::Tensor> got;
+  std::vector<std::vector<at::Tensor>> keep;
+  const auto recv_pieces = chunks.Pieces(recv_chunk, last_step);
+  const int64_t mine = last_step ? chunks.OwnLen(rank) : 0;
+  for (size_t j = 0; j < recv_pieces.size(); ++j) {
+    const auto [begin, len] = recv_pieces[j];
+    // In the last step the own part lands in `out`, the overhang in scratch.
+    at::Tensor dst;
+    if (!last_step) {
+      dst = partial.narrow(0, begin, len);
+    } else if (begin < mine) {
+      dst = out.narrow(0, chunks.Begin(rank) - rank * chunks.n + begin, len);
+    } else {
+      dst = partial.narrow(0, begin - mine, len);
+    }
+    got.push_back(dst);
+    keep.push_back({dst});
+    recvs.push_back(pg.recv(keep.back(), from, base_tag + static_cast<int>(j)));
+  }
+  const auto send_pieces = chunks.Pieces(send_chunk, last_step);
+  for (size_t j = 0; j < send_pieces.size(); ++j) {
+    keep.push_back({send_buf.narrow(0, send_pieces[j].first, send_pieces[j].second)});
+    sends.push_back(pg.send(keep.back(), to, base_tag + static_cast<int>(j)));
+  }
+  const int64_t own_begin = chunks.Begin(recv_chunk);
+  for (size_t j = 0; j < recv_pieces.size(); ++j) {
+    recvs[j]->wait(RemainingOrZero(deadline));
+    // received + own, as Gloo's out = own + received (the same: a + b == b + a).
+    Accumulate(got[j], in.narrow(0, own_begin + recv_pieces[j].first, recv_pieces[j].second), op);
+  }
+  for (auto& work : sends) work->wait(RemainingOrZero(deadline));
+}
+
+// The last exchange: each element of a rank's overhang goes to the rank whose output holds
+// it, received straight into that rank's `out`. (With chunk == n there are none.)
+void ExchangeOverhangs(c10d::Backend& pg, const RingChunks& chunks, int rank, at::Tensor& out,
+                       const at::Tensor& overhang, int tag,
+                       std::chrono::steady_clock::time_point deadline) {
+  const int64_t n = chunks.n;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  std::vector<std::vector<at::Tensor>> keep;
+  for (int g = 0; g < chunks.size; ++g) {
+    if (g == rank) continue;
+    // What rank g's overhang holds of this rank's output.
+    const auto [begin, end] = chunks.Overhang(g);
+    const int64_t lo = std::max(begin, rank * n);
+    const int64_t hi = std::min(end, (rank + 1) * n);
+    if (hi > lo) {
+      keep.push_back({out.narrow(0, lo - rank * n, hi - lo)});
+      works.push_back(pg.recv(keep.back(), g, tag));
+    }
+  }
+  const auto [begin, end] = chunks.Overhang(rank);
+  for (int c = 0; c < chunks.size; ++c) {
+    const int64_t lo = std::max(begin, c * n);
+    const int64_t hi = std::min(end, (c + 1) * n);
+    if (c == rank || hi <= lo) continue;
+    keep.push_back({overhang.narrow(0, lo - begin, hi - lo)});
+    works.push_back(pg.send(keep.back(), c, tag));
+  }
+  for (auto& work : works) work->wait(RemainingOrZero(deadline));
+}
+
 }  // namespace
 
 ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Store> store,
@@ -333,121 +461,32 @@ absl::Status ProcessGroup::ReduceScatterRing(at::Tensor& out, const at::Tensor& 
   // later ranks' outputs ("the overhang" of its chunk); a last exchange sends each of those to
   // its rank. When the order cannot change the result (2 ranks: a + b == b + a; integers;
   // max and min), the chunks are simply ours (chunk == n) and there is no overhang.
-  const bool order_matters = size_ > 2 && at::isFloatingType(in.scalar_type()) &&
-                             (op == ReduceOp::kSum || op == ReduceOp::kAvg);
-  const int64_t total = n * size_;
-  const int64_t chunk = order_matters ? GlooRingChunk(total, in.element_size(), size_) : n;
-  // Chunk g of the ring: [chunk_begin(g), chunk_begin(g) + chunk_len(g)) of the input.
-  auto chunk_begin = [&](int g) { return std::min<int64_t>(g * chunk, total); };
-  auto chunk_len = [&](int g) { return std::min<int64_t>(chunk, total - chunk_begin(g)); };
-  // The part of chunk g that is rank g's own output (the rest is its overhang).
-  auto own_len = [&](int g) {
-    return std::clamp<int64_t>((g + 1) * n - chunk_begin(g), 0, chunk_len(g));
-  };
+  //
   // Each ring step is cut into pieces whose receives are all posted at once, so that adding
-  // one piece overlaps receiving the next; in the last step a piece never straddles the end of
-  // the receiver's own part. (begin, length) within the chunk.
-  const int64_t piece = std::max<int64_t>(1, kReduceScatterPieceBytes / in.element_size());
-  auto pieces_of = [&](int g, bool last_step) {
-    std::vector<std::pair<int64_t, int64_t>> pieces;
-    const int64_t len = chunk_len(g);
-    const int64_t split = last_step ? own_len(g) : len;
-    for (int64_t begin = 0; begin < len;) {
-      const int64_t end = std::min(begin + piece, begin < split ? split : len);
-      pieces.emplace_back(begin, end - begin);
-      begin = end;
-    }
-    return pieces;
-  };
+  // one piece overlaps receiving the next.
+  const RingChunks chunks = MakeRingChunks(in, n, size_, op);
   // Tags: one per piece (reused by every step, as messages between two ranks arrive in order),
   // the last one for the overhang. The count is the same on every rank.
-  const int max_pieces = static_cast<int>((chunk + piece - 1) / piece) + 1;
+  const int max_pieces = chunks.MaxPieces();
   const int base_tag = NextTags(max_pieces + 1);
   const int overhang_tag = base_tag + max_pieces;
 
-  const int to = (rank_ - 1 + size_) % size_;
-  const int from = (rank_ + 1) % size_;
-  at::Tensor partial = Scratch(0, chunk, in.options());
-  at::Tensor spare = Scratch(1, chunk, in.options());
+  at::Tensor partial = Scratch(0, chunks.chunk, in.options());
+  at::Tensor spare = Scratch(1, chunks.chunk, in.options());
   const int first = (rank_ + 1) % size_;
-  at::Tensor send_buf = in.narrow(0, chunk_begin(first), chunk_len(first));
-  at::Tensor overhang;  // this rank's overhang, when the ring is done
+  at::Tensor send_buf = in.narrow(0, chunks.Begin(first), chunks.Len(first));
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  for (int s = 0; s < size_ - 1; ++s) {
-    const bool last_step = s == size_ - 2;
-    const int send_chunk = (rank_ + 1 + s) % size_;
-    const int recv_chunk = (rank_ + 2 + s) % size_;  // == rank_ in the last step
-    std::vector<c10::intrusive_ptr<c10d::Work>> sends, recvs;
-    std::vector<at::Tensor> got;
-    std::vector<std::vector<at::Tensor>> keep;
-    const auto recv_pieces = pieces_of(recv_chunk, last_step);
-    const int64_t mine = last_step ? own_len(rank_) : 0;
-    for (size_t j = 0; j < recv_pieces.size(); ++j) {
-      const auto [begin, len] = recv_pieces[j];
-      // In the last step the own part lands in `out`, the overhang in scratch.
-      at::Tensor dst;
-      if (!last_step) {
-        dst = partial.narrow(0, begin, len);
-      } else if (begin < mine) {
-        dst = out.narrow(0, chunk_begin(rank_) - rank_ * n + begin, len);
-      } else {
-        dst = partial.narrow(0, begin - mine, len);
-      }
-      got.push_back(dst);
-      keep.push_back({dst});
-      recvs.push_back(pg_->recv(keep.back(), from, base_tag + static_cast<int>(j)));
-    }
-    const auto send_pieces = pieces_of(send_chunk, last_step);
-    for (size_t j = 0; j < send_pieces.size(); ++j) {
-      keep.push_back({send_buf.narrow(0, send_pieces[j].first, send_pieces[j].second)});
-      sends.push_back(pg_->send(keep.back(), to, base_tag + static_cast<int>(j)));
-    }
-    const int64_t own_begin = chunk_begin(recv_chunk);
-    for (size_t j = 0; j < recv_pieces.size(); ++j) {
-      recvs[j]->wait(RemainingOrZero(deadline));
-      // received + own, as Gloo's out = own + received (the same: a + b == b + a).
-      Accumulate(got[j], in.narrow(0, own_begin + recv_pieces[j].first, recv_pieces[j].second), op);
-    }
-    for (auto& work : sends) work->wait(RemainingOrZero(deadline));
-    if (!last_step) {
-      // The sum just formed is the next step's send buffer; receive into the other one.
-      send_buf = partial.narrow(0, 0, chunk_len(recv_chunk));
-      std::swap(partial, spare);
-    } else {
-      overhang = partial.narrow(0, 0, chunk_len(rank_) - mine);
-    }
+  for (int s = 0; s < size_ - 2; ++s) {
+    RingStep(*pg_, chunks, rank_, s, in, out, send_buf, partial, op, base_tag, deadline);
+    // The sum just formed is the next step's send buffer; receive into the other one.
+    const int recv_chunk = (rank_ + 2 + s) % size_;
+    send_buf = partial.narrow(0, 0, chunks.Len(recv_chunk));
+    std::swap(partial, spare);
   }
-  // The overhangs: rank g's covers [chunk_begin(g) + own_len(g), chunk_begin(g) +
-  // chunk_len(g)), all past its own output; each element goes to the rank whose output holds
-  // it. (With chunk == n there are none.)
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
-  std::vector<std::vector<at::Tensor>> keep;
-  auto overhang_range = [&](int g) {
-    const int64_t begin = chunk_begin(g) + own_len(g);
-    return std::make_pair(begin, chunk_begin(g) + chunk_len(g));
-  };
-  for (int g = 0; g < size_; ++g) {
-    if (g == rank_) continue;
-    // What rank g's overhang holds of this rank's output: receive it straight into `out`.
-    const auto [begin, end] = overhang_range(g);
-    const int64_t lo = std::max(begin, rank_ * n);
-    const int64_t hi = std::min(end, (rank_ + 1) * n);
-    if (hi > lo) {
-      keep.push_back({out.narrow(0, lo - rank_ * n, hi - lo)});
-      works.push_back(pg_->recv(keep.back(), g, overhang_tag));
-    }
-  }
-  {
-    const auto [begin, end] = overhang_range(rank_);
-    for (int c = 0; c < size_; ++c) {
-      const int64_t lo = std::max(begin, c * n);
-      const int64_t hi = std::min(end, (c + 1) * n);
-      if (c == rank_ || hi <= lo) continue;
-      keep.push_back({overhang.narrow(0, lo - begin, hi - lo)});
-      works.push_back(pg_->send(keep.back(), c, overhang_tag));
-    }
-  }
-  for (auto& work : works) work->wait(RemainingOrZero(deadline));
+  RingStep(*pg_, chunks, rank_, size_ - 2, in, out, send_buf, partial, op, base_tag, deadline);
+  // This rank's overhang, now that the ring is done.
+  const at::Tensor overhang = partial.narrow(0, 0, chunks.Len(rank_) - chunks.OwnLen(rank_));
+  ExchangeOverhangs(*pg_, chunks, rank_, out, overhang, overhang_tag, deadline);
   return absl::OkStatus();
 }
 

@@ -41,30 +41,23 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "checkpoint/full_checkpoint.h"
 #include "checkpoint/key_prefixes.h"
-#include "checkpoint/load_full_checkpoint.h"
-#include "checkpoint/sharded_checkpoint.h"
-#include "checkpoint/sharded_format.h"
 #include "comm/launcher.h"
 #include "comm/rendezvous.h"
 #include "comm/status_macros.h"
 #include "examples/char_dataset.h"
 #include "examples/loss_curve.h"
+#include "examples/train_checkpoint.h"
 #include "fsdp/clip_grad_norm.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/hybrid_shard.h"
 #include "fsdp/mixed_precision.h"
-#include "fsdp/state_dict.h"
 #include "models/char_lm.h"
 #include "models/nested_model.h"
 #include "models/simple_models.h"
 #include "models/transformer.h"
-#include "optim_state/fsdp_optim_state.h"
 #include "optim_state/optimizer_adapter.h"
 
 ABSL_FLAG(std::string, model, "lm",
@@ -230,6 +223,145 @@ absl::StatusOr<bool> PerLayerWrap() {
   return absl::InvalidArgumentError(absl::StrCat("--wrap=", wrap, " is not one of layers, none"));
 }
 
+// A Job of `net` under FSDP: its parameter count (unwrapped), the wrapper and the module.
+template <typename Model>
+absl::StatusOr<Job> WrapIntoJob(Model net, std::shared_ptr<fsdp::comm::ProcessGroup> group,
+                                const fsdp::FsdpOptions& options) {
+  Job job;
+  job.parameter_count = CountParameters(*net);
+  FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
+  job.module = net.ptr();
+  return job;
+}
+
+// --model=nested: NestedModel of --nested_dims, wrapped as --wrap says, optionally with
+// PyTorch's test's two parameter groups.
+absl::StatusOr<Job> BuildNestedJob(std::shared_ptr<fsdp::comm::ProcessGroup> group,
+                                   fsdp::FsdpOptions options) {
+  const std::string dims = absl::GetFlag(FLAGS_nested_dims);
+  if (dims != "2.x" && dims != "1.13") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--nested_dims=", dims, " is not one of 2.x, 1.13"));
+  }
+  fsdp::models::NestedModel net(dims == "2.x" ? fsdp::models::NestedModelDims::kPyTorch2
+                                              : fsdp::models::NestedModelDims::kPyTorch1_13);
+  const std::string wrap = absl::GetFlag(FLAGS_wrap).empty() ? "wrap" : absl::GetFlag(FLAGS_wrap);
+  if (wrap == "wrap" || wrap == "wrap_root") {
+    options.nested = net->wrap_slots();
+    options.wrap_root = wrap == "wrap_root";
+  } else if (wrap == "wrap_alt") {
+    options.nested = net->wrap_alt_slots();
+    options.wrap_root = false;
+  } else if (wrap != "none") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, wrap_root, none"));
+  }
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, group, options));
+  fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+  if (absl::GetFlag(FLAGS_param_groups) == 2) {
+    // PyTorch's test: block1's parameters, then block2's and block0's with weight decay
+    // 0.9; the root's own bias is in neither group.
+    std::vector<torch::Tensor> group1 = f->parameters(net->block2.ptr().get());
+    for (const torch::Tensor& p : f->parameters(net->block0.module().get())) {
+      group1.push_back(p);
+    }
+    job.groups = {{f->parameters(net->block1.module().get()), std::nullopt},
+                  {std::move(group1), 0.9}};
+  }
+  job.step_loss = [f, net](int) {
+    torch::Tensor input = net->get_input();
+    return net->get_loss(input, f->forward(input));
+  };
+  job.skip_batch = [net] { net->get_input(); };
+  job.items_per_step = 8;
+  return job;
+}
+
+// --model=transformer: TransformerWithSharedParams, one unit per layer unless --wrap=none.
+absl::StatusOr<Job> BuildTransformerJob(std::shared_ptr<fsdp::comm::ProcessGroup> group,
+                                        fsdp::FsdpOptions options) {
+  fsdp::models::TransformerWithSharedParams net(/*rank=*/0);
+  FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
+  if (per_layer) options.nested = net->layer_slots();
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, group, options));
+  fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+  job.step_loss = [f, net](int) {
+    auto input = net->get_input();  // the same on every rank (seeded with rank 0's seed)
+    return net->get_loss(input, f->forward(input.first, input.second));
+  };
+  job.skip_batch = [] {};  // get_input seeds itself: every step has the same batch
+  job.items_per_step = 8;  // target tokens per step
+  return job;
+}
+
+// --model=dummy: TestDummyModel as one unit.
+absl::StatusOr<Job> BuildDummyJob(std::shared_ptr<fsdp::comm::ProcessGroup> group,
+                                  const fsdp::FsdpOptions& options) {
+  fsdp::models::TestDummyModel net;
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, group, options));
+  fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+  job.step_loss = [f, net](int) { return f->forward(net->get_input()).sum(); };
+  job.skip_batch = [net] { net->get_input(); };
+  job.items_per_step = 8;
+  return job;
+}
+
+// --model=lm's text: --text_file, or the shipped play.
+absl::StatusOr<std::string> TrainingText() {
+  const std::string path = absl::GetFlag(FLAGS_text_file);
+  if (path.empty()) return std::string(fsdp::examples::DefaultTrainingText());
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream contents;
+  contents << in.rdbuf();
+  if (!in) return absl::NotFoundError(absl::StrCat("--text_file=", path, ": cannot read it"));
+  return contents.str();
+}
+
+// --model=lm: the character-level language model on the text; each rank of `group` trains on
+// its share of every --global_batch; FSDP shards over `fsdp_group` (`group`, or under
+// HYBRID_SHARD a shard group of it).
+absl::StatusOr<Job> BuildLmJob(std::shared_ptr<fsdp::comm::ProcessGroup> group,
+                               std::shared_ptr<fsdp::comm::ProcessGroup> fsdp_group,
+                               fsdp::FsdpOptions options) {
+  FSDP_ASSIGN_OR_RETURN(std::string text, TrainingText());
+  FSDP_ASSIGN_OR_RETURN(
+      fsdp::examples::CharDataset dataset,
+      fsdp::examples::CharDataset::Create(std::move(text), absl::GetFlag(FLAGS_context)));
+  const int64_t global_batch = absl::GetFlag(FLAGS_global_batch);
+  if (global_batch % group->size() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--global_batch=", global_batch, " is not a multiple of the world size ",
+                     group->size(), ": every rank trains on an equal share"));
+  }
+  const int64_t d_model = absl::GetFlag(FLAGS_d_model);
+  fsdp::models::CharLMConfig config{.vocab_size = dataset.vocab_size(),
+                                    .context = dataset.context(),
+                                    .d_model = d_model,
+                                    .nhead = absl::GetFlag(FLAGS_nhead),
+                                    .num_layers = absl::GetFlag(FLAGS_num_layers),
+                                    .dim_feedforward = 4 * d_model};
+  FSDP_ASSIGN_OR_RETURN(fsdp::models::CharTransformerLM net,
+                        fsdp::CallTorch("building the language model",
+                                        [&] { return fsdp::models::CharTransformerLM(config); }));
+  FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
+  if (per_layer) options.nested = net->layer_slots();
+  FSDP_ASSIGN_OR_RETURN(Job job, WrapIntoJob(net, std::move(fsdp_group), options));
+  fsdp::FullyShardedDataParallel* f = job.fsdp.get();
+  auto data = std::make_shared<fsdp::examples::CharDataset>(std::move(dataset));
+  const int rank = group->rank(), world_size = group->size();
+  job.step_loss = [f, net, data, global_batch, rank, world_size](int step) {
+    auto batch = data->Batch(/*seed=*/0, step, global_batch, rank, world_size);
+    TORCH_CHECK(batch.ok(), std::string(batch.status().message()));
+    torch::Tensor logits = f->forward(batch->first);
+    return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}),
+                                                batch->second.reshape({-1}));
+  };
+  job.skip_batch = [] {};                               // batches are functions of the step
+  job.items_per_step = global_batch * data->context();  // tokens
+  job.data_parallel = true;
+  return job;
+}
+
 absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
   FSDP_ASSIGN_OR_RETURN(ShardingStrategy strategy,
                         ParseStrategy(absl::GetFlag(FLAGS_sharding_strategy)));
@@ -251,187 +383,14 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
         "--shard_group_size is for --sharding_strategy=hybrid_shard*");
   }
   const std::string model = absl::GetFlag(FLAGS_model);
-  Job job;
-  if (model == "nested") {
-    const std::string dims = absl::GetFlag(FLAGS_nested_dims);
-    if (dims != "2.x" && dims != "1.13") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--nested_dims=", dims, " is not one of 2.x, 1.13"));
-    }
-    fsdp::models::NestedModel net(dims == "2.x" ? fsdp::models::NestedModelDims::kPyTorch2
-                                                : fsdp::models::NestedModelDims::kPyTorch1_13);
-    const std::string wrap = absl::GetFlag(FLAGS_wrap).empty() ? "wrap" : absl::GetFlag(FLAGS_wrap);
-    if (wrap == "wrap" || wrap == "wrap_root") {
-      options.nested = net->wrap_slots();
-      options.wrap_root = wrap == "wrap_root";
-    } else if (wrap == "wrap_alt") {
-      options.nested = net->wrap_alt_slots();
-      options.wrap_root = false;
-    } else if (wrap != "none") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--wrap=", wrap, " is not one of wrap, wrap_alt, wrap_root, none"));
-    }
-    job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
-    job.module = net.ptr();
-    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
-    if (absl::GetFlag(FLAGS_param_groups) == 2) {
-      // PyTorch's test: block1's parameters, then block2's and block0's with weight decay
-      // 0.9; the root's own bias is in neither group.
-      std::vector<torch::Tensor> group1 = f->parameters(net->block2.ptr().get());
-      for (const torch::Tensor& p : f->parameters(net->block0.module().get())) {
-        group1.push_back(p);
-      }
-      job.groups = {{f->parameters(net->block1.module().get()), std::nullopt},
-                    {std::move(group1), 0.9}};
-    }
-    job.step_loss = [f, net](int) {
-      torch::Tensor input = net->get_input();
-      return net->get_loss(input, f->forward(input));
-    };
-    job.skip_batch = [net] { net->get_input(); };
-    job.items_per_step = 8;
-  } else if (model == "transformer") {
-    fsdp::models::TransformerWithSharedParams net(/*rank=*/0);
-    FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
-    if (per_layer) options.nested = net->layer_slots();
-    job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
-    job.module = net.ptr();
-    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
-    job.step_loss = [f, net](int) {
-      auto input = net->get_input();  // the same on every rank (seeded with rank 0's seed)
-      return net->get_loss(input, f->forward(input.first, input.second));
-    };
-    job.skip_batch = [] {};  // get_input seeds itself: every step has the same batch
-    job.items_per_step = 8;  // target tokens per step
-  } else if (model == "dummy") {
-    fsdp::models::TestDummyModel net;
-    job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
-    job.module = net.ptr();
-    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
-    job.step_loss = [f, net](int) { return f->forward(net->get_input()).sum(); };
-    job.skip_batch = [net] { net->get_input(); };
-    job.items_per_step = 8;
-  } else if (model == "lm") {
-    std::string text(fsdp::examples::DefaultTrainingText());
-    if (const std::string path = absl::GetFlag(FLAGS_text_file); !path.empty()) {
-      std::ifstream in(path, std::ios::binary);
-      std::stringstream contents;
-      contents << in.rdbuf();
-      if (!in) return absl::NotFoundError(absl::StrCat("--text_file=", path, ": cannot read it"));
-      text = contents.str();
-    }
-    FSDP_ASSIGN_OR_RETURN(
-        fsdp::examples::CharDataset dataset,
-        fsdp::examples::CharDataset::Create(std::move(text), absl::GetFlag(FLAGS_context)));
-    const int64_t global_batch = absl::GetFlag(FLAGS_global_batch);
-    if (global_batch % group->size() != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--global_batch=", global_batch, " is not a multiple of the world size ",
-                       group->size(), ": every rank trains on an equal share"));
-    }
-    const int64_t d_model = absl::GetFlag(FLAGS_d_model);
-    fsdp::models::CharLMConfig config{.vocab_size = dataset.vocab_size(),
-                                      .context = dataset.context(),
-                                      .d_model = d_model,
-                                      .nhead = absl::GetFlag(FLAGS_nhead),
-                                      .num_layers = absl::GetFlag(FLAGS_num_layers),
-                                      .dim_feedforward = 4 * d_model};
-    FSDP_ASSIGN_OR_RETURN(fsdp::models::CharTransformerLM net,
-                          fsdp::CallTorch("building the language model",
-                                          [&] { return fsdp::models::CharTransformerLM(config); }));
-    FSDP_ASSIGN_OR_RETURN(const bool per_layer, PerLayerWrap());
-    if (per_layer) options.nested = net->layer_slots();
-    job.parameter_count = CountParameters(*net);
-    FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, fsdp_group, options));
-    job.module = net.ptr();
-    fsdp::FullyShardedDataParallel* f = job.fsdp.get();
-    auto data = std::make_shared<fsdp::examples::CharDataset>(std::move(dataset));
-    const int rank = group->rank(), world_size = group->size();
-    job.step_loss = [f, net, data, global_batch, rank, world_size](int step) {
-      auto batch = data->Batch(/*seed=*/0, step, global_batch, rank, world_size);
-      TORCH_CHECK(batch.ok(), std::string(batch.status().message()));
-      torch::Tensor logits = f->forward(batch->first);
-      return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}),
-                                                  batch->second.reshape({-1}));
-    };
-    job.skip_batch = [] {};                               // batches are functions of the step
-    job.items_per_step = global_batch * data->context();  // tokens
-    job.data_parallel = true;
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--model=", model, " is not one of lm, nested, transformer, dummy"));
+  if (model == "nested") return BuildNestedJob(std::move(fsdp_group), std::move(options));
+  if (model == "transformer") {
+    return BuildTransformerJob(std::move(fsdp_group), std::move(options));
   }
-  return job;
-}
-
-constexpr char kProgressFile[] = "progress.txt";
-
-// Creates the directory that will hold checkpoint DIR (atomic saves stage beside DIR).
-absl::Status CreateParentDir(const std::string& dir) {
-  std::error_code error;
-  const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
-  std::filesystem::create_directories(parent, error);
-  if (error) {
-    return absl::InternalError(
-        absl::StrCat("cannot create ", parent.string(), ": ", error.message()));
-  }
-  return absl::OkStatus();
-}
-
-// A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (rank 0
-// writes; Python's torch.load reads both) and DIR/progress.txt with the steps done.
-absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
-                            fsdp::FullyShardedDataParallel& fsdp,
-                            const fsdp::optim_state::OptimizerAdapter& adapter) {
-  FSDP_ASSIGN_OR_RETURN(fsdp::StateDict model_state,
-                        fsdp::FullStateDict(fsdp, {.rank0_only = true}));
-  FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict optim_state,
-                        fsdp::optim_state::FullOptimStateDict(fsdp, adapter, {.rank0_only = true}));
-  absl::Status status = absl::OkStatus();
-  if (group.rank() == 0) {
-    // model.pt, optim.pt and progress.txt in one atomic commit (checkpoint/atomic_dir.h).
-    status = CreateParentDir(dir);
-    if (status.ok()) {
-      status = fsdp::checkpoint::WriteFullCheckpoint(
-          dir, model_state, &optim_state,
-          {{kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")}});
-    }
-  }
-  // Everyone learns whether rank 0 managed.
-  FSDP_ASSIGN_OR_RETURN(std::string outcome,
-                        group.BroadcastObject(std::string(status.message()), 0));
-  if (!outcome.empty()) return absl::InternalError(outcome);
-  return absl::OkStatus();
-}
-
-// Loads a full checkpoint written by SaveCheckpoint (or by PyTorch: model.pt and optim.pt
-// FQN-keyed, with --strip_key_prefixes for a wrapped model's keys) into this job, whatever its
-// world size and wrapping; returns the steps done (progress.txt, 0 without it).
-absl::StatusOr<int> LoadFullTrainCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
-                                            fsdp::FullyShardedDataParallel& fsdp,
-                                            fsdp::optim_state::OptimizerAdapter& adapter) {
-  FSDP_ASSIGN_OR_RETURN(
-      fsdp::checkpoint::KeyPrefixes strip,
-      fsdp::checkpoint::ParseKeyPrefixes(absl::GetFlag(FLAGS_strip_key_prefixes)));
-  if (absl::Status loaded =
-          fsdp::checkpoint::LoadFullCheckpoint(dir, fsdp, &adapter, {.strip_key_prefixes = strip});
-      !loaded.ok()) {
-    if (!absl::StrContains(loaded.message(), "key prefixes stripped")) return loaded;
-    return absl::Status(loaded.code(), absl::StrCat(loaded.message(), " (--strip_key_prefixes)"));
-  }
-  int steps_done = 0;
-  if (group.rank() == 0) {
-    std::ifstream progress(dir + "/" + kProgressFile);
-    std::string line;
-    if (progress >> line && line.rfind("steps_done=", 0) == 0) {
-      steps_done = std::atoi(line.c_str() + 11);
-    }
-  }
-  FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
-  return std::atoi(steps.c_str());
+  if (model == "dummy") return BuildDummyJob(std::move(fsdp_group), options);
+  if (model == "lm") return BuildLmJob(std::move(group), std::move(fsdp_group), std::move(options));
+  return absl::InvalidArgumentError(
+      absl::StrCat("--model=", model, " is not one of lm, nested, transformer, dummy"));
 }
 
 std::string StateDictType() {
@@ -440,84 +399,26 @@ std::string StateDictType() {
   return absl::GetFlag(FLAGS_demo) ? "sharded" : "full";
 }
 
-// A sharded checkpoint (checkpoint/sharded_checkpoint.h): every rank writes its own shard, no
-// gathering; the steps done travel in metadata.json's user_metadata, committed atomically
-// with the rest.
-absl::Status SaveShardedTrainCheckpoint(const std::string& dir, int steps_done,
-                                        fsdp::FullyShardedDataParallel& fsdp,
-                                        const fsdp::optim_state::OptimizerAdapter& adapter) {
-  FSDP_RETURN_IF_ERROR(CreateParentDir(dir));
-  fsdp::checkpoint::SaveShardedOptions options;
-  options.user_metadata["steps_done"] = std::to_string(steps_done);
-  return fsdp::checkpoint::SaveShardedCheckpoint(dir, fsdp, &adapter, options).status();
-}
-
-absl::StatusOr<int> LoadShardedTrainCheckpoint(const std::string& dir,
-                                               fsdp::FullyShardedDataParallel& fsdp,
-                                               fsdp::optim_state::OptimizerAdapter& adapter) {
-  // The load first: it is the collective that makes the ranks agree on errors; the steps done
-  // are then read from the same, validated metadata.json on every rank.
-  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::LoadShardedCheckpoint(dir, fsdp, &adapter).status());
-  FSDP_ASSIGN_OR_RETURN(auto reader, fsdp::checkpoint::ShardedCheckpointReader::Open(dir));
-  const auto& user = reader->metadata().user_metadata;
-  const auto steps = user.find("steps_done");
-  int steps_done = 0;
-  if (steps == user.end() || !absl::SimpleAtoi(steps->second, &steps_done) || steps_done < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        dir, "/metadata.json: no user_metadata.steps_done (not written by examples/train)"));
-  }
-  return steps_done;
-}
-
-// --load: rank 0 tells which kind DIR holds (full or sharded), everyone loads it.
-absl::StatusOr<int> LoadCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
-                                   fsdp::FullyShardedDataParallel& fsdp,
-                                   fsdp::optim_state::OptimizerAdapter& adapter) {
-  std::string kind;
-  if (group.rank() == 0) {
-    auto detected = fsdp::checkpoint::DetectCheckpointKind(dir);
-    kind = !detected.ok() ? absl::StrCat("error:", detected.status().message())
-           : *detected == fsdp::checkpoint::CheckpointKind::kSharded ? "sharded"
-                                                                     : "full";
-  }
-  FSDP_ASSIGN_OR_RETURN(kind, group.BroadcastObject(kind, 0));
-  if (absl::StartsWith(kind, "error:")) return absl::NotFoundError(kind.substr(6));
-  if (kind == "sharded") return LoadShardedTrainCheckpoint(dir, fsdp, adapter);
-  return LoadFullTrainCheckpoint(dir, group, fsdp, adapter);
-}
-
-absl::Status SaveAndReport(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
-                           fsdp::FullyShardedDataParallel& fsdp,
-                           const fsdp::optim_state::OptimizerAdapter& adapter) {
-  const auto start = std::chrono::steady_clock::now();
-  const std::string type = StateDictType();
-  FSDP_RETURN_IF_ERROR(type == "sharded"
-                           ? SaveShardedTrainCheckpoint(dir, steps_done, fsdp, adapter)
-                           : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
-                       absl::StrCat("--save=", dir));
-  if (group.rank() == 0) {
-    absl::PrintF("train: saved a %s checkpoint in %s after step %d (%.2f s)\n", type, dir,
-                 steps_done - 1,
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-    std::fflush(stdout);
-  }
-  return absl::OkStatus();
-}
-
 double LearningRate() {
   if (absl::GetFlag(FLAGS_lr) != 0) return absl::GetFlag(FLAGS_lr);
   return absl::GetFlag(FLAGS_model) == "lm" ? 0.001 : 0.01;
 }
 
-absl::Status RunRank() {
+// This rank's process group from the launcher's environment; local ranks share the machine's
+// cores: one intra-op thread each unless cores are spare.
+absl::StatusOr<std::shared_ptr<fsdp::comm::ProcessGroup>> JoinJob() {
   FSDP_ASSIGN_OR_RETURN(std::shared_ptr<fsdp::comm::ProcessGroup> group,
                         fsdp::comm::InitProcessGroupFromEnv(
                             {.timeout = std::chrono::seconds(absl::GetFlag(FLAGS_timeout_s))}));
-  // Local ranks share the machine's cores: one intra-op thread each unless cores are spare.
   const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
   const int local_ranks = local_world != nullptr ? std::max(1, std::atoi(local_world)) : 1;
   torch::set_num_threads(
       std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_ranks));
+  return group;
+}
+
+// The flags checked before the model is built.
+absl::Status CheckJobFlags() {
   if (StateDictType() != "full" && StateDictType() != "sharded") {
     return absl::InvalidArgumentError(
         absl::StrCat("--state_dict_type=", StateDictType(), " is not one of full, sharded"));
@@ -532,25 +433,129 @@ absl::Status RunRank() {
     return absl::InvalidArgumentError(
         absl::StrCat("--param_groups=", param_groups, ": only 1, or 2 with --model=nested"));
   }
+  return absl::OkStatus();
+}
+
+// --load: the steps done by the run that saved the checkpoint (0 without --load).
+absl::StatusOr<int> LoadIfAsked(fsdp::comm::ProcessGroup& group, Job& job,
+                                fsdp::optim_state::OptimizerAdapter& adapter) {
+  const std::string dir = absl::GetFlag(FLAGS_load);
+  if (dir.empty()) return 0;
+  const auto start = std::chrono::steady_clock::now();
+  auto loaded = fsdp::examples::LoadTrainCheckpoint(dir, absl::GetFlag(FLAGS_strip_key_prefixes),
+                                                    group, *job.fsdp, adapter);
+  if (!loaded.ok()) return fsdp::Annotate(loaded.status(), absl::StrCat("--load=", dir));
+  const int first_step = *loaded;
+  if (group.rank() == 0) {
+    absl::PrintF("train: loaded %s (%d steps done) in %.2f s; resuming at step %d\n", dir,
+                 first_step,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                 first_step);
+  }
+  return first_step;
+}
+
+// How the training loop runs, from the flags checked after the model is built.
+struct LoopSettings {
+  int steps;
+  std::string save_dir;
+  int save_at;
+  int grad_accum;
+  double clip_grad_norm;
+};
+
+absl::StatusOr<LoopSettings> ReadLoopSettings() {
+  LoopSettings settings{.steps = absl::GetFlag(FLAGS_steps),
+                        .save_dir = absl::GetFlag(FLAGS_save),
+                        .save_at = absl::GetFlag(FLAGS_save_at_step),
+                        .grad_accum = absl::GetFlag(FLAGS_grad_accum),
+                        .clip_grad_norm = absl::GetFlag(FLAGS_clip_grad_norm)};
+  if (settings.save_at < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--save_at_step=", settings.save_at, " is negative"));
+  }
+  if (settings.grad_accum < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--grad_accum=", settings.grad_accum, " is not positive"));
+  }
+  if (settings.clip_grad_norm < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--clip_grad_norm=", settings.clip_grad_norm, " is negative"));
+  }
+  return settings;
+}
+
+// Step `step`'s forward and backward: --grad_accum micro-batches, each loss / K; all but the
+// last under no_sync, so the last backward reduces their sum. Returns the summed loss.
+absl::StatusOr<torch::Tensor> ForwardBackward(Job& job, torch::optim::Optimizer& optimizer,
+                                              int step, int grad_accum) {
+  return fsdp::CallTorch(absl::StrCat("step ", step), [&] {
+    optimizer.zero_grad();
+    torch::Tensor loss = at::zeros({1}, at::kDouble);
+    for (int m = 0; m < grad_accum; ++m) {
+      std::optional<fsdp::NoSyncGuard> no_sync;
+      if (m + 1 < grad_accum) no_sync.emplace(*job.fsdp);
+      torch::Tensor micro = job.step_loss(step * grad_accum + m);
+      if (grad_accum > 1) micro = micro / grad_accum;
+      micro.backward();
+      loss += micro.detach().reshape({1}).to(at::kDouble);
+    }
+    return loss;
+  });
+}
+
+// Rank 0's progress line with every rank's resident memory (a collective), and the loss log.
+absl::Status ReportStep(fsdp::comm::ProcessGroup& group, const Job& job, int step, double loss,
+                        double seconds, std::ofstream& loss_log) {
+  at::Tensor rss = at::full({1}, ResidentMiB(), at::kDouble);
+  at::Tensor all_rss = at::empty({group.size()}, at::kDouble);
+  FSDP_RETURN_IF_ERROR(group.AllGatherIntoTensor(all_rss, rss), "gathering memory figures");
+  if (group.rank() != 0) return absl::OkStatus();
+  std::string memory;
+  for (int r = 0; r < group.size(); ++r) {
+    absl::StrAppendFormat(&memory, "%s%.0f", r == 0 ? "" : ",", all_rss[r].item<double>());
+  }
+  absl::PrintF("step=%d loss=%.9g %s_per_s=%.1f rss_mib=[%s]\n", step, loss,
+               job.data_parallel ? "tokens" : "items", job.items_per_step / seconds, memory);
+  std::fflush(stdout);
+  if (loss_log.is_open()) loss_log << step << " " << absl::StrFormat("%.9g", loss) << "\n";
+  return absl::OkStatus();
+}
+
+// One optimizer step (clipped with --clip_grad_norm); returns the loss, averaged over ranks
+// when they train on different data.
+absl::StatusOr<double> TrainStep(fsdp::comm::ProcessGroup& group, Job& job,
+                                 torch::optim::Optimizer& optimizer,
+                                 fsdp::optim_state::OptimizerAdapter& adapter,
+                                 const LoopSettings& settings, int step, std::ofstream& loss_log) {
+  const auto start = std::chrono::steady_clock::now();
+  FSDP_ASSIGN_OR_RETURN(torch::Tensor loss,
+                        ForwardBackward(job, optimizer, step, settings.grad_accum));
+  if (settings.clip_grad_norm > 0) {
+    FSDP_RETURN_IF_ERROR(fsdp::ClipGradNorm(*job.fsdp, settings.clip_grad_norm).status(),
+                         absl::StrCat("clipping the gradients of step ", step));
+  }
+  FSDP_RETURN_IF_ERROR(adapter.Step(), absl::StrCat("optimizer step ", step));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (job.data_parallel) {
+    FSDP_RETURN_IF_ERROR(group.AllReduce(loss, fsdp::comm::ReduceOp::kAvg), "averaging the loss");
+  }
+  const double value = loss.item<double>();
+  FSDP_RETURN_IF_ERROR(ReportStep(group, job, step, value, seconds, loss_log));
+  return value;
+}
+
+absl::Status RunRank() {
+  FSDP_ASSIGN_OR_RETURN(std::shared_ptr<fsdp::comm::ProcessGroup> group, JoinJob());
+  FSDP_RETURN_IF_ERROR(CheckJobFlags());
   FSDP_ASSIGN_OR_RETURN(Job job, BuildJob(group));
   if (job.groups.empty()) job.groups = {{job.fsdp->parameters(), std::nullopt}};
   FSDP_ASSIGN_OR_RETURN(std::unique_ptr<torch::optim::Optimizer> optimizer,
                         MakeOptimizer(absl::GetFlag(FLAGS_optimizer), LearningRate(), job.groups));
   FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimizerAdapter adapter,
                         fsdp::optim_state::OptimizerAdapter::Create(*optimizer));
-  int first_step = 0;
-  if (const std::string dir = absl::GetFlag(FLAGS_load); !dir.empty()) {
-    const auto start = std::chrono::steady_clock::now();
-    auto loaded = LoadCheckpoint(dir, *group, *job.fsdp, adapter);
-    if (!loaded.ok()) return fsdp::Annotate(loaded.status(), absl::StrCat("--load=", dir));
-    first_step = *loaded;
-    if (group->rank() == 0) {
-      absl::PrintF("train: loaded %s (%d steps done) in %.2f s; resuming at step %d\n", dir,
-                   first_step,
-                   std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-                   first_step);
-    }
-  }
+  FSDP_ASSIGN_OR_RETURN(const int first_step, LoadIfAsked(*group, job, adapter));
   const int rank = group->rank();
   if (rank == 0) {
     absl::PrintF(
@@ -572,78 +577,27 @@ absl::Status RunRank() {
   // A resumed run draws (and drops) the batches the saved run already used.
   const int skip = first_step * std::max(1, absl::GetFlag(FLAGS_grad_accum));
   for (int batch = 0; batch < skip; ++batch) job.skip_batch();
-  const int steps = absl::GetFlag(FLAGS_steps);
-  const std::string save_dir = absl::GetFlag(FLAGS_save);
-  const int save_at = absl::GetFlag(FLAGS_save_at_step);
-  if (save_at < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--save_at_step=", save_at, " is negative"));
-  }
-  const int grad_accum = absl::GetFlag(FLAGS_grad_accum);
-  if (grad_accum < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--grad_accum=", grad_accum, " is not positive"));
-  }
-  const double clip_grad_norm = absl::GetFlag(FLAGS_clip_grad_norm);
-  if (clip_grad_norm < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--clip_grad_norm=", clip_grad_norm, " is negative"));
-  }
+  FSDP_ASSIGN_OR_RETURN(const LoopSettings settings, ReadLoopSettings());
   const auto run_start = std::chrono::steady_clock::now();
   double last_loss = 0;
-  for (int step = first_step; step < first_step + steps; ++step) {
-    const auto start = std::chrono::steady_clock::now();
-    FSDP_ASSIGN_OR_RETURN(torch::Tensor loss, fsdp::CallTorch(absl::StrCat("step ", step), [&] {
-                            optimizer->zero_grad();
-                            // --grad_accum micro-batches, each loss / K; all but the last under
-                            // no_sync, so the last backward reduces their sum.
-                            torch::Tensor loss = at::zeros({1}, at::kDouble);
-                            for (int m = 0; m < grad_accum; ++m) {
-                              std::optional<fsdp::NoSyncGuard> no_sync;
-                              if (m + 1 < grad_accum) no_sync.emplace(*job.fsdp);
-                              torch::Tensor micro = job.step_loss(step * grad_accum + m);
-                              if (grad_accum > 1) micro = micro / grad_accum;
-                              micro.backward();
-                              loss += micro.detach().reshape({1}).to(at::kDouble);
-                            }
-                            return loss;
-                          }));
-    if (clip_grad_norm > 0) {
-      FSDP_RETURN_IF_ERROR(fsdp::ClipGradNorm(*job.fsdp, clip_grad_norm).status(),
-                           absl::StrCat("clipping the gradients of step ", step));
-    }
-    FSDP_RETURN_IF_ERROR(adapter.Step(), absl::StrCat("optimizer step ", step));
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (job.data_parallel) {
-      FSDP_RETURN_IF_ERROR(group->AllReduce(loss, fsdp::comm::ReduceOp::kAvg),
-                           "averaging the loss");
-    }
-    last_loss = loss.item<double>();
-    // Every rank's resident memory, for the progress line.
-    at::Tensor rss = at::full({1}, ResidentMiB(), at::kDouble);
-    at::Tensor all_rss = at::empty({group->size()}, at::kDouble);
-    FSDP_RETURN_IF_ERROR(group->AllGatherIntoTensor(all_rss, rss), "gathering memory figures");
-    if (rank == 0) {
-      std::string memory;
-      for (int r = 0; r < group->size(); ++r) {
-        absl::StrAppendFormat(&memory, "%s%.0f", r == 0 ? "" : ",", all_rss[r].item<double>());
-      }
-      absl::PrintF("step=%d loss=%.9g %s_per_s=%.1f rss_mib=[%s]\n", step, last_loss,
-                   job.data_parallel ? "tokens" : "items", job.items_per_step / seconds, memory);
-      std::fflush(stdout);
-      if (loss_log.is_open()) loss_log << step << " " << absl::StrFormat("%.9g", last_loss) << "\n";
-    }
-    if (!save_dir.empty() && save_at > 0 && step + 1 == save_at) {
-      FSDP_RETURN_IF_ERROR(SaveAndReport(save_dir, step + 1, *group, *job.fsdp, adapter));
+  for (int step = first_step; step < first_step + settings.steps; ++step) {
+    FSDP_ASSIGN_OR_RETURN(last_loss,
+                          TrainStep(*group, job, *optimizer, adapter, settings, step, loss_log));
+    if (!settings.save_dir.empty() && settings.save_at > 0 && step + 1 == settings.save_at) {
+      FSDP_RETURN_IF_ERROR(fsdp::examples::SaveTrainCheckpoint(
+          settings.save_dir, StateDictType(), step + 1, *group, *job.fsdp, adapter));
     }
   }
   if (rank == 0) {
     const double total =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
-    absl::PrintF("train: done, %d steps in %.2f s, final loss %.9g\n", steps, total, last_loss);
+    absl::PrintF("train: done, %d steps in %.2f s, final loss %.9g\n", settings.steps, total,
+                 last_loss);
   }
-  if (!save_dir.empty() && save_at == 0) {
-    FSDP_RETURN_IF_ERROR(SaveAndReport(save_dir, first_step + steps, *group, *job.fsdp, adapter));
+  if (!settings.save_dir.empty() && settings.save_at == 0) {
+    FSDP_RETURN_IF_ERROR(fsdp::examples::SaveTrainCheckpoint(settings.save_dir, StateDictType(),
+                                                             first_step + settings.steps, *group,
+                                                             *job.fsdp, adapter));
   }
   return absl::OkStatus();
 }
@@ -681,7 +635,7 @@ absl::Status RunWithResume(std::vector<std::string> args) {
   if (!absl::GetFlag(FLAGS_load).empty()) {
     return absl::InvalidArgumentError("--resume_world_size and --load cannot be combined");
   }
-  FSDP_RETURN_IF_ERROR(CreateParentDir(dir));
+  FSDP_RETURN_IF_ERROR(fsdp::examples::CreateParentDir(dir));
   const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
   const std::string straight_log = (parent / "losses_uninterrupted.txt").string();
   const std::string resumed_log = (parent / "losses_resumed.txt").string();

@@ -15,54 +15,20 @@
 namespace fsdp {
 namespace {
 
+using ::fsdp::testing::Batch;
 using ::fsdp::testing::Borrow;
+using ::fsdp::testing::MakeNetPair;
+using ::fsdp::testing::Net;
+using ::fsdp::testing::NetPair;
 using ::fsdp::testing::RunInRanks;
+using ::fsdp::testing::Seeded;
 using ::fsdp::testing::StatusIs;
+using ::fsdp::testing::StepLosses;
+using ::fsdp::testing::TrainBoth;
+using ::fsdp::testing::WrapNet;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-
-// A small nested model: l0 -> relu -> inner (two Linears, the second nested again) -> head.
-// Sizes are odd so that flat parameters split unevenly.
-struct InnerImpl : torch::nn::Module {
-  InnerImpl()
-      : a(register_module("a", torch::nn::Linear(6, 7))),
-        b(register_module("b", torch::nn::Linear(7, 5))) {}
-  torch::Tensor forward(torch::Tensor x) { return b.forward(torch::tanh(a.forward(x))); }
-  ModuleSlot a;
-  ModuleSlot b;
-};
-TORCH_MODULE(Inner);
-
-struct NetImpl : torch::nn::Module {
-  NetImpl()
-      : l0(register_module("l0", torch::nn::Linear(4, 6))),
-        inner(register_module("inner", Inner())),
-        head(register_module("head", torch::nn::Linear(5, 3))) {
-    scale = register_parameter("scale", torch::ones({3}));
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    return head->forward(inner.forward(torch::relu(l0.forward(x)))) * scale;
-  }
-  ModuleSlot l0;
-  ModuleSlot inner;
-  torch::nn::Linear head;
-  torch::Tensor scale;
-};
-TORCH_MODULE(Net);
-
 using Case = ::fsdp::testing::StrategyCase;
-
-// Wraps l0, inner and inner.b as units inside the root unit.
-absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> WrapNet(Net net,
-                                                                  comm::ProcessGroup& group,
-                                                                  const Case& c) {
-  auto inner = std::dynamic_pointer_cast<InnerImpl>(net->inner.module());
-  auto group_ptr = Borrow(group);
-  return FullyShardedDataParallel::Wrap(net, group_ptr,
-                                        {.sharding_strategy = c.strategy,
-                                         .use_orig_params = c.use_orig_params,
-                                         .nested = {&net->l0, &net->inner, &inner->b}});
-}
 
 std::map<std::string, at::Tensor> Named(torch::nn::Module& module) {
   std::map<std::string, at::Tensor> out;
@@ -89,29 +55,13 @@ class FsdpParityTest : public ::testing::TestWithParam<Case> {};
 TEST_P(FsdpParityTest, LossesAndParametersMatchUnwrappedTraining) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
-    torch::manual_seed(0);
-    Net reference;
-    torch::manual_seed(0);
-    Net net;
-    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, WrapNet(net, group, c));
-    torch::optim::Adam ref_optim(reference->parameters(), torch::optim::AdamOptions(0.01));
-    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(0.01));
+    FSDP_ASSERT_OK_AND_ASSIGN(NetPair pair, MakeNetPair(group, c));
     for (int step = 0; step < 4; ++step) {
-      torch::manual_seed(100 + step);  // the same batch on every rank
-      at::Tensor x = torch::randn({8, 4});
-      at::Tensor ref_loss = reference->forward(x).pow(2).sum();
-      at::Tensor loss = fsdp->forward(x).pow(2).sum();
-      EXPECT_NEAR(loss.item<double>(), ref_loss.item<double>(),
-                  1e-5 * std::abs(ref_loss.item<double>()))
+      const StepLosses losses = TrainBoth(pair, step);
+      EXPECT_NEAR(losses.fsdp, losses.reference, 1e-5 * std::abs(losses.reference))
           << "step " << step;
-      ref_optim.zero_grad();
-      optim.zero_grad();
-      ref_loss.backward();
-      loss.backward();
-      ref_optim.step();
-      optim.step();
     }
-    ExpectSameParameters(*fsdp, *reference);
+    ExpectSameParameters(*pair.fsdp, *pair.reference);
   });
 }
 
@@ -121,21 +71,15 @@ TEST_P(FsdpParityTest, LossesAndParametersMatchUnwrappedTraining) {
 TEST_P(FsdpParityTest, NoSyncAccumulatesMicroBatchesAsTheUnwrappedModel) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
-    torch::manual_seed(0);
-    Net reference;
-    torch::manual_seed(0);
-    Net net;
-    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, WrapNet(net, group, c));
-    torch::optim::Adam ref_optim(reference->parameters(), torch::optim::AdamOptions(0.01));
-    torch::optim::Adam optim(fsdp->parameters(), torch::optim::AdamOptions(0.01));
+    FSDP_ASSERT_OK_AND_ASSIGN(NetPair pair, MakeNetPair(group, c));
+    FullyShardedDataParallel* fsdp = pair.fsdp.get();
     constexpr int kMicroBatches = 4;
     for (int step = 0; step < 3; ++step) {
-      ref_optim.zero_grad();
-      optim.zero_grad();
+      pair.reference_optim->zero_grad();
+      pair.optim->zero_grad();
       for (int m = 0; m < kMicroBatches; ++m) {
-        torch::manual_seed(100 + kMicroBatches * step + m);  // the same batch on every rank
-        at::Tensor x = torch::randn({8, 4});
-        reference->forward(x).pow(2).sum().backward();
+        at::Tensor x = Batch(kMicroBatches * step + m);
+        pair.reference->forward(x).pow(2).sum().backward();
         if (m < kMicroBatches - 1) {
           NoSyncGuard no_sync(*fsdp);
           fsdp->forward(x).pow(2).sum().backward();
@@ -148,21 +92,18 @@ TEST_P(FsdpParityTest, NoSyncAccumulatesMicroBatchesAsTheUnwrappedModel) {
           fsdp->forward(x).pow(2).sum().backward();
         }
       }
-      ref_optim.step();
-      optim.step();
+      pair.reference_optim->step();
+      pair.optim->step();
     }
-    ExpectSameParameters(*fsdp, *reference);
+    ExpectSameParameters(*fsdp, *pair.reference);
   });
 }
 
 TEST_P(FsdpParityTest, ShardGradientsAreSlicesOfTheUnwrappedGradients) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
-    torch::manual_seed(0);
-    Net reference;
-    torch::manual_seed(0);
-    Net net;
-    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, WrapNet(net, group, c));
+    Net reference = Seeded<Net>(0);
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, WrapNet(Seeded<Net>(0), Borrow(group), c));
     torch::manual_seed(7);
     at::Tensor x = torch::randn({8, 4});
     reference->forward(x).pow(2).sum().backward();
@@ -201,9 +142,7 @@ TEST_P(FsdpParityTest, ShardGradientsAreSlicesOfTheUnwrappedGradients) {
 TEST_P(FsdpParityTest, UnitsHoldOnlyTheirShardAfterAStep) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
-    torch::manual_seed(0);
-    Net net;
-    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, WrapNet(net, group, c));
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, WrapNet(Seeded<Net>(0), Borrow(group), c));
     torch::optim::SGD optim(fsdp->parameters(), torch::optim::SGDOptions(0.1));
     at::Tensor x = torch::randn({8, 4});
     at::Tensor out = fsdp->forward(x);

@@ -9,6 +9,8 @@
 // and checks that the full optimizer state dict equals the unwrapped optimizer's state dict
 // (OptimizerAdapter::StateDict) up to keys (FQNs for IDs), that sharding or scattering it
 // into a fresh optimizer and taking one more step equals continuing, and the errors.
+#include "optim_state/fsdp_optim_state.h"
+
 #include <torch/optim/adam.h>
 #include <torch/optim/sgd.h>
 #include <torch/torch.h>
@@ -31,20 +33,26 @@
 #include "gtest/gtest.h"
 #include "models/nested_model.h"
 #include "models/transformer.h"
-#include "optim_state/fsdp_optim_state.h"
 #include "optim_state/optim_state_dict.h"
+#include "optim_state/optim_state_testutil.h"
 #include "optim_state/optimizer_adapter.h"
 
 namespace fsdp::optim_state {
 namespace {
 
+using ::fsdp::optim_state::testing::Build;
+using ::fsdp::optim_state::testing::MakeOptimizer;
+using ::fsdp::optim_state::testing::Model;
+using ::fsdp::optim_state::testing::Optim;
+using ::fsdp::optim_state::testing::Step;
+using ::fsdp::optim_state::testing::Train;
+using ::fsdp::optim_state::testing::Trained;
+using ::fsdp::optim_state::testing::Training;
+using ::fsdp::optim_state::testing::TrainingSpec;
 using ::fsdp::testing::RunInRanks;
 using ::fsdp::testing::StatusIs;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
-
-enum class Model { kNested, kTransformer };
-enum class Optim { kAdam, kSgdMomentum };
 
 struct Case {
   Model model;
@@ -65,113 +73,11 @@ std::string Describe(const Case& c) {
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) { return Describe(info.param); }
 void PrintTo(const Case& c, std::ostream* os) { *os << Describe(c); }
 
-std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(Optim optim,
-                                                       std::vector<at::Tensor> params) {
-  if (optim == Optim::kAdam) {
-    // eps 1e-3: see tests/fsdp_models_parity_test.cc (rounding-level gradients).
-    return std::make_unique<torch::optim::Adam>(std::move(params),
-                                                torch::optim::AdamOptions(0.01).eps(1e-3));
-  }
-  return std::make_unique<torch::optim::SGD>(std::move(params),
-                                             torch::optim::SGDOptions(0.01).momentum(0.9));
-}
-
-// The model under FSDP and, unwrapped, the same model; their losses on step `step`'s batch.
-struct Training {
-  std::shared_ptr<torch::nn::Module> reference;
-  std::function<at::Tensor(int step)> reference_loss;
-  std::unique_ptr<FullyShardedDataParallel> fsdp;
-  std::function<at::Tensor(int step)> fsdp_loss;
-};
-
-// Copies `from`'s parameter values into `to` (the same model type).
-void CopyParameters(const torch::nn::Module& from, torch::nn::Module& to) {
-  at::NoGradGuard no_grad;
-  auto source = models::NamedParametersWithoutDuplicates(from);
-  for (auto& item : models::NamedParametersWithoutDuplicates(to)) {
-    item.value().detach().copy_(source[item.key()]);
-  }
-}
-
-// `init_from`: a model of the same type whose parameter values the FSDP model starts from.
-absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group,
-                               const torch::nn::Module* init_from = nullptr) {
-  auto group_ptr = std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
-  FsdpOptions options;
-  options.sharding_strategy = c.strategy;
-  options.use_orig_params = c.use_orig_params;
-  Training s;
-  if (c.model == Model::kNested) {
-    models::NestedModel reference;
-    models::NestedModel model;
-    if (init_from != nullptr) CopyParameters(*init_from, *model);
-    options.nested = model->wrap_slots();
-    options.wrap_root = false;
-    FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
-    s.reference = reference.ptr();
-    s.reference_loss = [reference](int step) mutable {
-      torch::manual_seed(100 + step);
-      at::Tensor x = reference->get_input();
-      return reference->get_loss(x, reference->forward(x));
-    };
-    s.fsdp_loss = [model, fsdp = s.fsdp.get()](int step) {
-      torch::manual_seed(100 + step);
-      at::Tensor x = model->get_input();
-      return model->get_loss(x, fsdp->forward(x));
-    };
-    return s;
-  }
-  models::TransformerWithSharedParams reference(0, true, true);
-  models::TransformerWithSharedParams model(0, true, true);
-  if (init_from != nullptr) CopyParameters(*init_from, *model);
-  options.nested = model->layer_slots();
-  FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
-  s.reference = reference.ptr();
-  s.reference_loss = [reference](int) mutable {
-    auto input = reference->get_input();
-    return reference->get_loss(input, reference->forward(input.first, input.second));
-  };
-  s.fsdp_loss = [model, fsdp = s.fsdp.get()](int) {
-    auto input = model->get_input();
-    return model->get_loss(input, fsdp->forward(input.first, input.second));
-  };
-  return s;
-}
-
-// Both models with their optimizers (adapters), after training.
-struct Trained {
-  Training s;
-  std::vector<std::string> reference_fqns;  // reference optimizer's parameter IDs -> FQN
-  std::unique_ptr<torch::optim::Optimizer> reference_optim;
-  std::unique_ptr<OptimizerAdapter> reference_adapter;
-  std::unique_ptr<torch::optim::Optimizer> optim;
-  std::unique_ptr<OptimizerAdapter> adapter;
-};
-
-absl::Status Step(Training& s, OptimizerAdapter& reference, OptimizerAdapter& fsdp, int step) {
-  reference.optimizer().zero_grad();
-  fsdp.optimizer().zero_grad();
-  s.reference_loss(step).backward();
-  s.fsdp_loss(step).backward();
-  FSDP_RETURN_IF_ERROR(reference.Step());
-  return fsdp.Step();
-}
-
-absl::StatusOr<Trained> Train(const Case& c, comm::ProcessGroup& group, int steps) {
-  Trained t;
-  FSDP_ASSIGN_OR_RETURN(t.s, Build(c, group));
-  auto named = models::NamedParametersWithoutDuplicates(*t.s.reference);
-  t.reference_fqns = named.keys();
-  t.reference_optim = MakeOptimizer(c.optim, named.values());
-  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter ra, OptimizerAdapter::Create(*t.reference_optim));
-  t.reference_adapter = std::make_unique<OptimizerAdapter>(std::move(ra));
-  t.optim = MakeOptimizer(c.optim, t.s.fsdp->parameters());
-  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter fa, OptimizerAdapter::Create(*t.optim));
-  t.adapter = std::make_unique<OptimizerAdapter>(std::move(fa));
-  for (int step = 0; step < steps; ++step) {
-    FSDP_RETURN_IF_ERROR(Step(t.s, *t.reference_adapter, *t.adapter, step));
-  }
-  return t;
+TrainingSpec Spec(const Case& c) {
+  return TrainingSpec{.model = c.model,
+                      .use_orig_params = c.use_orig_params,
+                      .strategy = c.strategy,
+                      .optim = c.optim};
 }
 
 // `full` (FQN-keyed) equals the unwrapped optimizer's dict `reference` (ID-keyed) with
@@ -228,7 +134,7 @@ class FullOptimStateDictTest : public ::testing::TestWithParam<Case> {};
 TEST_P(FullOptimStateDictTest, EqualsUnwrappedOptimizerStateDict) {
   const Case c = GetParam();
   RunInRanks(c.world_size, [c](comm::ProcessGroup& group) {
-    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(c, group, /*steps=*/3));
+    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(Spec(c), group, /*steps=*/3));
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict reference, t.reference_adapter->StateDict());
 
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict rank0, FullOptimStateDict(*t.s.fsdp, *t.adapter));
@@ -262,9 +168,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{Model::kTransformer, 4, Optim::kAdam}),
     CaseName);
 
-// Round trip: full dict -> shard (or scatter, or sharded dict -> flatten) -> a fresh optimizer over the same FSDP model
-// loads it -> one more step equals continuing (the unwrapped model and optimizer continue).
-// kShard: FullOptimStateDict (on every rank) -> ShardFullOptimStateDict;
+// Round trip: full dict -> shard (or scatter, or sharded dict -> flatten) -> a fresh optimizer over
+// the same FSDP model loads it -> one more step equals continuing (the unwrapped model and
+// optimizer continue). kShard: FullOptimStateDict (on every rank) -> ShardFullOptimStateDict;
 // kScatter: FullOptimStateDict (rank 0 only) -> ScatterFullOptimStateDict;
 // kSharded: ShardedOptimStateDict -> FlattenShardedOptimStateDict.
 enum class Path { kShard, kScatter, kSharded };
@@ -304,9 +210,38 @@ void ExpectChunksOf(const OptimStateDict& full, const OptimStateDict& sharded,
       const int64_t chunk = (t->size(0) + world_size - 1) / world_size;
       const int64_t begin = std::min(t->size(0), chunk * rank);
       EXPECT_EQ(shard->offsets[0], begin);
-      EXPECT_TRUE(shard->local.equal(t->narrow(0, begin, std::min(t->size(0), begin + chunk) - begin)))
+      EXPECT_TRUE(
+          shard->local.equal(t->narrow(0, begin, std::min(t->size(0), begin + chunk) - begin)))
           << key << " " << name;
     }
+  }
+}
+
+// A round trip's start: r.c trained two steps, and its full optimizer state dict (on rank 0
+// only for the scatter path).
+struct TrainedWithFullDict {
+  Trained t;
+  OptimStateDict full;
+};
+
+absl::StatusOr<TrainedWithFullDict> TrainAndGatherFull(const RoundTripCase& r,
+                                                       comm::ProcessGroup& group) {
+  TrainedWithFullDict run;
+  FSDP_ASSIGN_OR_RETURN(run.t, Train(Spec(r.c), group, /*steps=*/2));
+  FSDP_ASSIGN_OR_RETURN(run.full, FullOptimStateDict(*run.t.s.fsdp, *run.t.adapter,
+                                                     {.rank0_only = r.path == Path::kScatter}));
+  return run;
+}
+
+// The FSDP model's full state dict holds the unwrapped reference's parameter values.
+void ExpectParametersMatchReference(FullyShardedDataParallel& fsdp,
+                                    const torch::nn::Module& reference) {
+  FSDP_ASSERT_OK_AND_ASSIGN(auto params, fsdp::FullStateDict(fsdp));
+  auto reference_params = models::NamedParametersWithoutDuplicates(reference);
+  for (const auto& [fqn, value] : params) {
+    const at::Tensor* expected = reference_params.find(fqn);
+    if (expected == nullptr) continue;  // buffers, tied names
+    EXPECT_TRUE(at::allclose(value, *expected, 1e-5, 1e-5)) << fqn;
   }
 }
 
@@ -315,10 +250,9 @@ class OptimStateRoundTripTest : public ::testing::TestWithParam<RoundTripCase> {
 TEST_P(OptimStateRoundTripTest, OneMoreStepEqualsContinuing) {
   const RoundTripCase r = GetParam();
   RunInRanks(r.c.world_size, [r](comm::ProcessGroup& group) {
-    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(r.c, group, /*steps=*/2));
-    FSDP_ASSERT_OK_AND_ASSIGN(
-        OptimStateDict full,
-        FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = r.path == Path::kScatter}));
+    FSDP_ASSERT_OK_AND_ASSIGN(TrainedWithFullDict run, TrainAndGatherFull(r, group));
+    Trained& t = run.t;
+    const OptimStateDict& full = run.full;
     // The local dict must equal what the training optimizer holds now.
     OptimStateDict local;
     if (r.path == Path::kScatter) {
@@ -335,20 +269,15 @@ TEST_P(OptimStateRoundTripTest, OneMoreStepEqualsContinuing) {
                                 FlattenShardedOptimStateDict(sharded, *t.s.fsdp, *t.adapter));
     }
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict own, t.adapter->StateDict());
-    EXPECT_EQ(DiffOptimStateDicts(SortStateNames(own), SortStateNames(local)), "") << "rank " << group.rank();
+    EXPECT_EQ(DiffOptimStateDicts(SortStateNames(own), SortStateNames(local)), "")
+        << "rank " << group.rank();
 
     auto fresh = MakeOptimizer(r.c.optim, t.s.fsdp->parameters());
     FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter fresh_adapter, OptimizerAdapter::Create(*fresh));
     FSDP_ASSERT_OK(fresh_adapter.LoadStateDict(local));
     FSDP_ASSERT_OK(Step(t.s, *t.reference_adapter, fresh_adapter, /*step=*/2));
 
-    FSDP_ASSERT_OK_AND_ASSIGN(auto params, fsdp::FullStateDict(*t.s.fsdp));
-    auto reference_params = models::NamedParametersWithoutDuplicates(*t.s.reference);
-    for (const auto& [fqn, value] : params) {
-      const at::Tensor* expected = reference_params.find(fqn);
-      if (expected == nullptr) continue;  // buffers, tied names
-      EXPECT_TRUE(at::allclose(value, *expected, 1e-5, 1e-5)) << fqn;
-    }
+    ExpectParametersMatchReference(*t.s.fsdp, *t.s.reference);
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict reference, t.reference_adapter->StateDict());
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict after,
                               FullOptimStateDict(*t.s.fsdp, fresh_adapter, {.rank0_only = false}));
@@ -358,22 +287,19 @@ TEST_P(OptimStateRoundTripTest, OneMoreStepEqualsContinuing) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, OptimStateRoundTripTest,
-    ::testing::Values(RoundTripCase{Case{Model::kNested, 2, Optim::kAdam}, Path::kShard},
-                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, Path::kScatter},
-                      RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum}, Path::kScatter},
-                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam, true}, Path::kShard},
-                      RoundTripCase{Case{Model::kNested, 2, Optim::kAdam, true}, Path::kScatter},
-                      RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, Path::kSharded},
-                      RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum, true},
-                                    Path::kSharded},
-                      RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam}, Path::kShard},
-                      RoundTripCase{Case{Model::kTransformer, 2, Optim::kSgdMomentum},
-                                    Path::kScatter},
-                      RoundTripCase{Case{Model::kTransformer, 4, Optim::kAdam, true},
-                                    Path::kScatter},
-                      RoundTripCase{Case{Model::kTransformer, 2, Optim::kAdam}, Path::kSharded},
-                      RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam, true},
-                                    Path::kSharded}),
+    ::testing::Values(
+        RoundTripCase{Case{Model::kNested, 2, Optim::kAdam}, Path::kShard},
+        RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, Path::kScatter},
+        RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum}, Path::kScatter},
+        RoundTripCase{Case{Model::kNested, 3, Optim::kAdam, true}, Path::kShard},
+        RoundTripCase{Case{Model::kNested, 2, Optim::kAdam, true}, Path::kScatter},
+        RoundTripCase{Case{Model::kNested, 3, Optim::kAdam}, Path::kSharded},
+        RoundTripCase{Case{Model::kNested, 4, Optim::kSgdMomentum, true}, Path::kSharded},
+        RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam}, Path::kShard},
+        RoundTripCase{Case{Model::kTransformer, 2, Optim::kSgdMomentum}, Path::kScatter},
+        RoundTripCase{Case{Model::kTransformer, 4, Optim::kAdam, true}, Path::kScatter},
+        RoundTripCase{Case{Model::kTransformer, 2, Optim::kAdam}, Path::kSharded},
+        RoundTripCase{Case{Model::kTransformer, 3, Optim::kAdam, true}, Path::kSharded}),
     RoundTripName);
 
 // PyTorch's *_halve_world_size tests: the full dict of a 4-rank job loads into the same model
@@ -383,17 +309,16 @@ class HalveWorldSizeTest : public ::testing::TestWithParam<RoundTripCase> {};
 TEST_P(HalveWorldSizeTest, LoadsIntoHalfTheRanks) {
   const RoundTripCase r = GetParam();
   RunInRanks(r.c.world_size, [r](comm::ProcessGroup& group) {
-    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(r.c, group, /*steps=*/2));
-    FSDP_ASSERT_OK_AND_ASSIGN(
-        OptimStateDict full,
-        FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = r.path == Path::kScatter}));
+    FSDP_ASSERT_OK_AND_ASSIGN(TrainedWithFullDict run, TrainAndGatherFull(r, group));
+    Trained& t = run.t;
+    const OptimStateDict& full = run.full;
     std::vector<int> half;
     for (int i = 0; i < group.size() / 2; ++i) half.push_back(i);
     FSDP_ASSERT_OK_AND_ASSIGN(std::shared_ptr<comm::ProcessGroup> sub, group.NewSubgroup(half));
     if (sub == nullptr) return;
     Case small = r.c;
     small.world_size = sub->size();
-    FSDP_ASSERT_OK_AND_ASSIGN(Training s, Build(small, *sub, t.s.reference.get()));
+    FSDP_ASSERT_OK_AND_ASSIGN(Training s, Build(Spec(small), *sub, t.s.reference.get()));
     auto optim = MakeOptimizer(r.c.optim, s.fsdp->parameters());
     FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(*optim));
     OptimStateDict local;
@@ -406,13 +331,7 @@ TEST_P(HalveWorldSizeTest, LoadsIntoHalfTheRanks) {
     Training continuing{t.s.reference, t.s.reference_loss, std::move(s.fsdp), s.fsdp_loss};
     FSDP_ASSERT_OK(Step(continuing, *t.reference_adapter, adapter, /*step=*/2));
 
-    FSDP_ASSERT_OK_AND_ASSIGN(auto params, fsdp::FullStateDict(*continuing.fsdp));
-    auto reference_params = models::NamedParametersWithoutDuplicates(*t.s.reference);
-    for (const auto& [fqn, value] : params) {
-      const at::Tensor* expected = reference_params.find(fqn);
-      if (expected == nullptr) continue;
-      EXPECT_TRUE(at::allclose(value, *expected, 1e-5, 1e-5)) << fqn;
-    }
+    ExpectParametersMatchReference(*continuing.fsdp, *t.s.reference);
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict reference, t.reference_adapter->StateDict());
     FSDP_ASSERT_OK_AND_ASSIGN(
         OptimStateDict after,
@@ -434,7 +353,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(ShardFullOptimStateDict, RefusesDifferingScalarStateOfOneFlatParameter) {
   RunInRanks(2, [](comm::ProcessGroup& group) {
     const Case c{Model::kNested, 2, Optim::kAdam};
-    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(c, group, /*steps=*/1));
+    FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(Spec(c), group, /*steps=*/1));
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict full,
                               FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = false}));
     // block1's unit holds block1.weight and block1.bias_module1.bias.
@@ -456,7 +375,7 @@ TEST(ShardFullOptimStateDict, RefusesDifferingScalarStateOfOneFlatParameter) {
 TEST(FullOptimStateDict, ReportsRanksMissingRank0States) {
   RunInRanks(3, [](comm::ProcessGroup& group) {
     const Case c{Model::kNested, 3, Optim::kAdam};
-    FSDP_ASSERT_OK_AND_ASSIGN(Training s, Build(c, group));
+    FSDP_ASSERT_OK_AND_ASSIGN(Training s, Build(Spec(c), group));
     auto optim = MakeOptimizer(c.optim, s.fsdp->parameters());
     FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter adapter, OptimizerAdapter::Create(*optim));
     s.fsdp_loss(0).backward();

@@ -1,7 +1,9 @@
-// Shared pieces of the optimizer-state API tests: NestedModel (PyTorch's wrap, no root unit)
-// or TransformerWithSharedParams under FSDP side by side with the same model unwrapped, both
-// trained with Adam through OptimizerAdapters; and a canonical ordering of state dicts for
-// comparisons.
+// Shared pieces of the optimizer-state API tests (testonly): NestedModel (PyTorch's wrap, no
+// root unit) or TransformerWithSharedParams under FSDP side by side with the same model
+// unwrapped, both trained with Adam (or SGD with momentum) through OptimizerAdapters; and a
+// canonical ordering of state dicts for comparisons.
+// Preconditions: every rank of the group calls Build / Train alike.
+// Errors: Build and Train return FSDP's and OptimizerAdapter's statuses.
 #ifndef FSDP_CPP_OPTIM_STATE_OPTIM_STATE_TESTUTIL_H_
 #define FSDP_CPP_OPTIM_STATE_OPTIM_STATE_TESTUTIL_H_
 
@@ -18,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "comm/process_group.h"
 #include "comm/status_macros.h"
+#include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "models/nested_model.h"
 #include "models/transformer.h"
@@ -27,6 +30,8 @@
 namespace fsdp::optim_state::testing {
 
 enum class Model { kNested, kTransformer };
+using ::fsdp::testing::MakeOptimizer;
+using ::fsdp::testing::Optim;
 
 struct Case {
   Model model;
@@ -35,81 +40,83 @@ struct Case {
 };
 
 inline std::string Describe(const Case& c) {
-  return absl::StrCat(c.model == Model::kNested ? "Nested" : "Transformer",
-                      "_ws", c.world_size, c.use_orig_params ? "_orig" : "");
+  return absl::StrCat(c.model == Model::kNested ? "Nested" : "Transformer", "_ws", c.world_size,
+                      c.use_orig_params ? "_orig" : "");
 }
 
-inline std::unique_ptr<torch::optim::Optimizer> MakeAdam(
-    std::vector<at::Tensor> params) {
-  // eps 1e-3: see tests/fsdp_models_parity_test.cc (rounding-level gradients).
-  return std::make_unique<torch::optim::Adam>(
-      std::move(params), torch::optim::AdamOptions(0.01).eps(1e-3));
+// What Build and Train set up: the model, its FSDP options and the optimizer.
+struct TrainingSpec {
+  Model model;
+  bool use_orig_params = false;
+  ShardingStrategy strategy = ShardingStrategy::kFullShard;
+  Optim optim = Optim::kAdam;
+};
+
+inline TrainingSpec SpecOf(const Case& c) {
+  return TrainingSpec{.model = c.model, .use_orig_params = c.use_orig_params};
+}
+
+inline std::unique_ptr<torch::optim::Optimizer> MakeAdam(std::vector<at::Tensor> params) {
+  return MakeOptimizer(Optim::kAdam, std::move(params));
 }
 
 // The model under FSDP and, unwrapped, the same model; their losses on step
 // `step`'s batch.
-struct Training {
-  std::shared_ptr<torch::nn::Module> reference;
-  std::function<at::Tensor(int step)> reference_loss;
-  std::unique_ptr<FullyShardedDataParallel> fsdp;
-  std::function<at::Tensor(int step)> fsdp_loss;
-};
+using Training = ::fsdp::testing::ReferenceAndFsdp;
 
-inline absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group) {
-  auto group_ptr =
-      std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
+// Copies `from`'s parameter values into `to` (the same model type).
+inline void CopyParameters(const torch::nn::Module& from, torch::nn::Module& to) {
+  at::NoGradGuard no_grad;
+  auto source = models::NamedParametersWithoutDuplicates(from);
+  for (auto& item : models::NamedParametersWithoutDuplicates(to)) {
+    item.value().detach().copy_(source[item.key()]);
+  }
+}
+
+// NestedModel (NestedModel.wrap: no root unit) or TransformerWithSharedParams (a
+// unit per layer and the root), under FSDP over `group` and unwrapped.
+// `init_from`: a model of the same type whose parameter values the FSDP model
+// starts from.
+inline absl::StatusOr<Training> Build(const TrainingSpec& spec, comm::ProcessGroup& group,
+                                      const torch::nn::Module* init_from = nullptr) {
+  auto group_ptr = ::fsdp::testing::Borrow(group);
   FsdpOptions options;
-  options.use_orig_params = c.use_orig_params;
-  Training s;
-  if (c.model == Model::kNested) {
+  options.sharding_strategy = spec.strategy;
+  options.use_orig_params = spec.use_orig_params;
+  if (spec.model == Model::kNested) {
     models::NestedModel reference;
     models::NestedModel model;
+    if (init_from != nullptr) CopyParameters(*init_from, *model);
     options.nested = model->wrap_slots();
     options.wrap_root = false;
-    FSDP_ASSIGN_OR_RETURN(
-        s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
-    s.reference = reference.ptr();
-    s.reference_loss = [reference](int step) mutable {
-      torch::manual_seed(100 + step);
-      at::Tensor x = reference->get_input();
-      return reference->get_loss(x, reference->forward(x));
-    };
-    s.fsdp_loss = [model, fsdp = s.fsdp.get()](int step) {
-      torch::manual_seed(100 + step);
-      at::Tensor x = model->get_input();
-      return model->get_loss(x, fsdp->forward(x));
-    };
-    return s;
+    FSDP_ASSIGN_OR_RETURN(auto fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
+    return ::fsdp::testing::NestedModelLosses(reference, model, std::move(fsdp));
   }
   models::TransformerWithSharedParams reference(0, true, true);
   models::TransformerWithSharedParams model(0, true, true);
+  if (init_from != nullptr) CopyParameters(*init_from, *model);
   options.nested = model->layer_slots();
-  FSDP_ASSIGN_OR_RETURN(
-      s.fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
-  s.reference = reference.ptr();
-  s.reference_loss = [reference](int) mutable {
-    auto input = reference->get_input();
-    return reference->get_loss(input,
-                               reference->forward(input.first, input.second));
-  };
-  s.fsdp_loss = [model, fsdp = s.fsdp.get()](int) {
-    auto input = model->get_input();
-    return model->get_loss(input, fsdp->forward(input.first, input.second));
-  };
-  return s;
+  FSDP_ASSIGN_OR_RETURN(auto fsdp, FullyShardedDataParallel::Wrap(model, group_ptr, options));
+  return ::fsdp::testing::TransformerLosses(reference, model, std::move(fsdp));
 }
 
-// Both models with their Adam optimizers (adapters), after training.
+inline absl::StatusOr<Training> Build(const Case& c, comm::ProcessGroup& group) {
+  return Build(SpecOf(c), group);
+}
+
+// Both models with their optimizers (adapters), after training.
 struct Trained {
   Training s;
+  std::vector<std::string> reference_fqns;  // reference optimizer's parameter IDs -> FQN
   std::unique_ptr<torch::optim::Optimizer> reference_optim;
   std::unique_ptr<OptimizerAdapter> reference_adapter;
   std::unique_ptr<torch::optim::Optimizer> optim;
   std::unique_ptr<OptimizerAdapter> adapter;
 };
 
-inline absl::Status Step(Training& s, OptimizerAdapter& reference,
-                  OptimizerAdapter& fsdp, int step) {
+// One step of both models on step `step`'s batch, through their adapters.
+inline absl::Status Step(Training& s, OptimizerAdapter& reference, OptimizerAdapter& fsdp,
+                         int step) {
   reference.optimizer().zero_grad();
   fsdp.optimizer().zero_grad();
   s.reference_loss(step).backward();
@@ -118,23 +125,27 @@ inline absl::Status Step(Training& s, OptimizerAdapter& reference,
   return fsdp.Step();
 }
 
-inline absl::StatusOr<Trained> Train(const Case& c, comm::ProcessGroup& group,
-                              int steps) {
+// Build, each model's optimizer, then `steps` steps.
+inline absl::StatusOr<Trained> Train(const TrainingSpec& spec, comm::ProcessGroup& group,
+                                     int steps) {
   Trained t;
-  FSDP_ASSIGN_OR_RETURN(t.s, Build(c, group));
-  t.reference_optim = MakeAdam(
-      models::NamedParametersWithoutDuplicates(*t.s.reference).values());
-  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter ra,
-                        OptimizerAdapter::Create(*t.reference_optim));
+  FSDP_ASSIGN_OR_RETURN(t.s, Build(spec, group));
+  auto named = models::NamedParametersWithoutDuplicates(*t.s.reference);
+  t.reference_fqns = named.keys();
+  t.reference_optim = MakeOptimizer(spec.optim, named.values());
+  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter ra, OptimizerAdapter::Create(*t.reference_optim));
   t.reference_adapter = std::make_unique<OptimizerAdapter>(std::move(ra));
-  t.optim = MakeAdam(t.s.fsdp->parameters());
-  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter fa,
-                        OptimizerAdapter::Create(*t.optim));
+  t.optim = MakeOptimizer(spec.optim, t.s.fsdp->parameters());
+  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter fa, OptimizerAdapter::Create(*t.optim));
   t.adapter = std::make_unique<OptimizerAdapter>(std::move(fa));
   for (int step = 0; step < steps; ++step) {
     FSDP_RETURN_IF_ERROR(Step(t.s, *t.reference_adapter, *t.adapter, step));
   }
   return t;
+}
+
+inline absl::StatusOr<Trained> Train(const Case& c, comm::ProcessGroup& group, int steps) {
+  return Train(SpecOf(c), group, steps);
 }
 
 // `dict` with "state" sorted by key, each parameter's state names sorted and
@@ -154,8 +165,7 @@ inline OptimStateDict Canonical(const OptimStateDict& dict) {
     out.state.Set(key, std::move(sorted));
   }
   out.param_groups = dict.param_groups;
-  for (ParamGroup& g : out.param_groups)
-    std::sort(g.params.begin(), g.params.end());
+  for (ParamGroup& g : out.param_groups) std::sort(g.params.begin(), g.params.end());
   return out;
 }
 

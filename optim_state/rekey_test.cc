@@ -38,7 +38,6 @@ using ::fsdp::testing::RunInRanks;
 using ::fsdp::testing::StatusIs;
 using ::testing::HasSubstr;
 
-using ::fsdp::optim_state::testing::Build;
 using ::fsdp::optim_state::testing::Canonical;
 using ::fsdp::optim_state::testing::Case;
 using ::fsdp::optim_state::testing::Describe;
@@ -47,7 +46,6 @@ using ::fsdp::optim_state::testing::Model;
 using ::fsdp::optim_state::testing::Step;
 using ::fsdp::optim_state::testing::Train;
 using ::fsdp::optim_state::testing::Trained;
-using ::fsdp::optim_state::testing::Training;
 
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
   return Describe(info.param);

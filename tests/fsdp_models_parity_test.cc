@@ -37,6 +37,7 @@
 #include "absl/strings/str_cat.h"
 #include "comm/multiprocess_testutil.h"
 #include "comm/status_macros.h"
+#include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
@@ -90,7 +91,8 @@ std::string ModelName(Model model) {
   return "?";
 }
 
-enum class Optim { kAdam, kSgdMomentum };
+using ::fsdp::testing::MakeOptimizer;
+using ::fsdp::testing::Optim;
 
 struct Case {
   Model model;
@@ -101,29 +103,14 @@ struct Case {
 };
 
 std::string Describe(const Case& c) {
-  return absl::StrCat(ModelName(c.model), "_ws", c.world_size, "_",
-                      std::string(ShardingStrategyName(c.strategy)),
-                      c.use_orig_params ? "_orig" : "",
-                      c.optim == Optim::kAdam ? "_Adam" : "_SgdMomentum");
+  return absl::StrCat(
+      ModelName(c.model), "_ws", c.world_size, "_", std::string(ShardingStrategyName(c.strategy)),
+      c.use_orig_params ? "_orig" : "", c.optim == Optim::kAdam ? "_Adam" : "_SgdMomentum");
 }
 
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) { return Describe(info.param); }
 
 void PrintTo(const Case& c, std::ostream* os) { *os << Describe(c); }
-
-std::unique_ptr<torch::optim::Optimizer> MakeOptimizer(Optim optim,
-                                                       std::vector<at::Tensor> params) {
-  if (optim == Optim::kAdam) {
-    // Adam divides by |gradient| + eps. With the default eps (1e-8), gradients that are zero
-    // but for rounding (an attention key bias's: softmax ignores it) take full steps in a
-    // direction rounding picks, and rounding differs between any two ways of computing them;
-    // 1e-3 keeps such steps negligible while real gradients (>= 1e-2 here) still take ~lr.
-    return std::make_unique<torch::optim::Adam>(std::move(params),
-                                                torch::optim::AdamOptions(0.01).eps(1e-3));
-  }
-  return std::make_unique<torch::optim::SGD>(std::move(params),
-                                             torch::optim::SGDOptions(0.01).momentum(0.9));
-}
 
 // Python's optimizer.zero_grad(set_to_none=True) (LibTorch 1.13's zero_grad only zeroes).
 void SetGradsToNone(torch::optim::Optimizer& optim) {
@@ -132,12 +119,9 @@ void SetGradsToNone(torch::optim::Optimizer& optim) {
   }
 }
 
-// One model trained unwrapped (`reference`) and the same model under FSDP.
-struct Training {
-  std::shared_ptr<torch::nn::Module> reference;
-  std::function<at::Tensor(int step)> reference_loss;  // forward on step's batch, then loss
-  std::unique_ptr<FullyShardedDataParallel> fsdp;
-  std::function<at::Tensor(int step)> fsdp_loss;
+// One model trained unwrapped (`reference`) and the same model under FSDP, with what some
+// models need besides.
+struct Training : ::fsdp::testing::ReferenceAndFsdp {
   std::function<void(int step)> before_step;  // on both models; may be empty
   // Clear gradients to none between steps instead of zeroing them (see DummyNoGrad).
   bool grads_to_none = false;
@@ -164,44 +148,23 @@ absl::StatusOr<Training> BuildNested(const Case& c, std::shared_ptr<comm::Proces
   options.nested = c.model == Model::kNestedAlt ? model->wrap_alt_slots() : model->wrap_slots();
   options.wrap_root = false;  // neither wrap nor wrap_alt wraps the root
   if (c.model == Model::kNestedIgnored) options.ignored_modules = {model->ignored_module()};
-  Training s;
-  FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group, options));
-  s.reference = reference.ptr();
-  s.reference_loss = [reference](int step) mutable {
-    torch::manual_seed(100 + step);
-    at::Tensor x = reference->get_input();
-    return reference->get_loss(x, reference->forward(x));
-  };
-  s.fsdp_loss = [model, fsdp = s.fsdp.get()](int step) {
-    torch::manual_seed(100 + step);
-    at::Tensor x = model->get_input();
-    return model->get_loss(x, fsdp->forward(x));
-  };
-  return s;
+  FSDP_ASSIGN_OR_RETURN(auto fsdp, FullyShardedDataParallel::Wrap(model, group, options));
+  return Training{::fsdp::testing::NestedModelLosses(reference, model, std::move(fsdp))};
 }
 
-absl::StatusOr<Training> BuildTransformer(const Case& c, std::shared_ptr<comm::ProcessGroup> group) {
+absl::StatusOr<Training> BuildTransformer(const Case& c,
+                                          std::shared_ptr<comm::ProcessGroup> group) {
   models::TransformerWithSharedParams reference(/*rank=*/0, /*add_bn=*/true,
                                                 /*deterministic=*/true);
   models::TransformerWithSharedParams model(/*rank=*/0, /*add_bn=*/true, /*deterministic=*/true);
   FsdpOptions options = BaseOptions(c);
   options.nested = model->layer_slots();
-  Training s;
-  FSDP_ASSIGN_OR_RETURN(s.fsdp, FullyShardedDataParallel::Wrap(model, group, options));
-  s.reference = reference.ptr();
-  s.reference_loss = [reference](int) mutable {
-    auto input = reference->get_input();
-    return reference->get_loss(input, reference->forward(input.first, input.second));
-  };
-  s.fsdp_loss = [model, fsdp = s.fsdp.get()](int) {
-    auto input = model->get_input();
-    return model->get_loss(input, fsdp->forward(input.first, input.second));
-  };
-  return s;
+  FSDP_ASSIGN_OR_RETURN(auto fsdp, FullyShardedDataParallel::Wrap(model, group, options));
+  return Training{::fsdp::testing::TransformerLosses(reference, model, std::move(fsdp))};
 }
 
 absl::StatusOr<Training> BuildUnusedFirstLayer(const Case& c,
-                                            std::shared_ptr<comm::ProcessGroup> group) {
+                                               std::shared_ptr<comm::ProcessGroup> group) {
   torch::manual_seed(0);
   models::UnusedFirstLayerModel reference;
   torch::manual_seed(0);
@@ -222,7 +185,8 @@ absl::StatusOr<Training> BuildUnusedFirstLayer(const Case& c,
   return s;
 }
 
-absl::StatusOr<Training> BuildDummyNoGrad(const Case& c, std::shared_ptr<comm::ProcessGroup> group) {
+absl::StatusOr<Training> BuildDummyNoGrad(const Case& c,
+                                          std::shared_ptr<comm::ProcessGroup> group) {
   models::TestDummyModel reference(/*no_grad=*/true);
   models::TestDummyModel model(/*no_grad=*/true);
   Training s;
@@ -338,8 +302,8 @@ void ExpectGradientsMatch(const FullyShardedDataParallel& fsdp,
           << "unit '" << unit.module_prefix << "' step " << step;
       if (!flat_grad.defined() || !any_grad) continue;
       at::Tensor expected = padded.narrow(0, h->rank() * h->shard_numel(), h->shard_numel());
-      EXPECT_TRUE(Close(flat_grad, expected)) << "unit '" << unit.module_prefix << "' step "
-                                              << step;
+      EXPECT_TRUE(Close(flat_grad, expected))
+          << "unit '" << unit.module_prefix << "' step " << step;
       continue;
     }
     // As in PyTorch (FlatParamHandle._use_sharded_grad_views): once any parameter of a unit
@@ -357,9 +321,9 @@ void ExpectGradientsMatch(const FullyShardedDataParallel& fsdp,
       const bool expect_grad = unit_has_grad && h->params()[i].requires_grad() && local.numel > 0;
       EXPECT_EQ(grad.defined(), expect_grad) << fqn << " step " << step;
       if (!grad.defined() || !expect_grad) continue;
-      at::Tensor expected = ref_grad.defined() ? ref_grad.reshape({-1}).narrow(
-                                                     0, local.param_offset, local.numel)
-                                               : at::zeros({local.numel});
+      at::Tensor expected = ref_grad.defined()
+                                ? ref_grad.reshape({-1}).narrow(0, local.param_offset, local.numel)
+                                : at::zeros({local.numel});
       EXPECT_TRUE(Close(grad.reshape({-1}), expected)) << fqn << " step " << step;
     }
   }
@@ -448,8 +412,7 @@ TEST_P(FsdpModelsParityTest, TrainsLikeTheUnwrappedModel) {
       // atol 1e-5: a thousandth of one step's update (lr 0.01), above what the attention key
       // biases' rounding-level gradients move (see MakeOptimizer).
       EXPECT_TRUE(at::allclose(actual, want, 1e-5, 1e-5))
-          << state[i].first << ": max |difference| "
-          << (actual - want).abs().max().item<double>();
+          << state[i].first << ": max |difference| " << (actual - want).abs().max().item<double>();
     }
   });
 }
@@ -481,18 +444,16 @@ std::vector<Case> FullGrid(std::initializer_list<Model> models) {
 INSTANTIATE_TEST_SUITE_P(
     NestedModel, FsdpModelsParityTest,
     ::testing::ValuesIn(FullGrid({Model::kNested, Model::kNestedAlt, Model::kNestedIgnored,
-                                  Model::kNestedUnmanagedInUnit,
-                                  Model::kNestedUnmanagedAtRoot})),
+                                  Model::kNestedUnmanagedInUnit, Model::kNestedUnmanagedAtRoot})),
     CaseName);
 
 INSTANTIATE_TEST_SUITE_P(Transformer, FsdpModelsParityTest,
                          ::testing::ValuesIn(FullGrid({Model::kTransformer})), CaseName);
 
-INSTANTIATE_TEST_SUITE_P(
-    SmallModels, FsdpModelsParityTest,
-    ::testing::ValuesIn(FullGrid({Model::kUnusedFirstLayer, Model::kDummyNoGrad,
-                                  Model::kSimple})),
-    CaseName);
+INSTANTIATE_TEST_SUITE_P(SmallModels, FsdpModelsParityTest,
+                         ::testing::ValuesIn(FullGrid({Model::kUnusedFirstLayer,
+                                                       Model::kDummyNoGrad, Model::kSimple})),
+                         CaseName);
 
 TEST(FsdpTransformerWithSharedParams, FlattensTheTiedWeightOnceUnderBothNames) {
   RunInRanks(2, [](comm::ProcessGroup& group) {
@@ -505,10 +466,10 @@ TEST(FsdpTransformerWithSharedParams, FlattensTheTiedWeightOnceUnderBothNames) {
     for (const auto& unit : fsdp->units()) {
       ASSERT_NE(unit.handle, nullptr) << unit.module_prefix;
       for (const FlatParamInfo& info : unit.handle->infos()) {
-        const bool tied = std::find(info.fqns.begin(), info.fqns.end(), "embed_tokens.weight") !=
-                              info.fqns.end() ||
-                          std::find(info.fqns.begin(), info.fqns.end(), "output_proj.weight") !=
-                              info.fqns.end();
+        const bool tied =
+            std::find(info.fqns.begin(), info.fqns.end(), "embed_tokens.weight") !=
+                info.fqns.end() ||
+            std::find(info.fqns.begin(), info.fqns.end(), "output_proj.weight") != info.fqns.end();
         if (!tied) continue;
         ++found;
         EXPECT_EQ(unit.module_prefix, "");

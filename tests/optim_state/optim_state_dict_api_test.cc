@@ -53,31 +53,13 @@ std::string WorldSizeName(const ::testing::TestParamInfo<int>& info) {
   return absl::StrCat("ws", info.param);
 }
 
-// Each tensor FSDP hands the optimizer -> the name a named optimizer keys it by.
-absl::flat_hash_map<const c10::TensorImpl*, std::string> ParamNames(
-    const FullyShardedDataParallel& fsdp) {
-  absl::flat_hash_map<const c10::TensorImpl*, std::string> names;
-  for (const auto& unit : fsdp.units()) {
-    if (unit.handle == nullptr) continue;
-    names.emplace(unit.handle->flat_param().unsafeGetTensorImpl(),
-                  absl::StrCat(unit.module_prefix, "_flat_param"));
-    for (size_t i = 0; i < unit.handle->params().size(); ++i) {
-      names.emplace(unit.handle->params()[i].unsafeGetTensorImpl(),
-                    unit.handle->infos()[i].fqns[0]);
-    }
-  }
-  for (const auto& [fqn, t] : fsdp.unmanaged_parameters())
-    names.emplace(t.unsafeGetTensorImpl(), fqn);
-  return names;
-}
-
 // torch.distributed.optim._NamedOptimizer's state-dict half: the optimizer's dict keyed by
 // parameter names instead of IDs, and loading such a dict.
 class NamedOptimizer {
  public:
   NamedOptimizer(OptimizerAdapter& adapter, const FullyShardedDataParallel& fsdp)
       : adapter_(adapter) {
-    const auto names = ParamNames(fsdp);
+    const auto names = FsdpParamNames(fsdp, FlatParamName::kUnitPrefixFlatParam);
     for (auto& group : adapter.optimizer().param_groups()) {
       for (auto& p : group.params()) names_.push_back(names.at(p.unsafeGetTensorImpl()));
     }

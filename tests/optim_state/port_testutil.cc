@@ -53,22 +53,6 @@ absl::Status BuildOptimizer(Setup& setup, double lr,
   return absl::OkStatus();
 }
 
-absl::flat_hash_map<const c10::TensorImpl*, std::string> FsdpNames(
-    const FullyShardedDataParallel& fsdp) {
-  absl::flat_hash_map<const c10::TensorImpl*, std::string> names;
-  for (const auto& unit : fsdp.units()) {
-    if (unit.handle == nullptr) continue;
-    names.emplace(unit.handle->flat_param().unsafeGetTensorImpl(), unit.handle->infos()[0].fqns[0]);
-    for (size_t i = 0; i < unit.handle->params().size(); ++i) {
-      names.emplace(unit.handle->params()[i].unsafeGetTensorImpl(),
-                    unit.handle->infos()[i].fqns[0]);
-    }
-  }
-  for (const auto& [fqn, t] : fsdp.unmanaged_parameters())
-    names.emplace(t.unsafeGetTensorImpl(), fqn);
-  return names;
-}
-
 absl::flat_hash_map<const c10::TensorImpl*, std::string> ModuleNames(const torch::nn::Module& m) {
   absl::flat_hash_map<const c10::TensorImpl*, std::string> names;
   for (const auto& item : models::NamedParametersWithoutDuplicates(m)) {
@@ -83,6 +67,25 @@ std::vector<at::Tensor> Concat(std::vector<at::Tensor> a, const std::vector<at::
 }
 
 }  // namespace
+
+absl::flat_hash_map<const c10::TensorImpl*, std::string> FsdpParamNames(
+    const FullyShardedDataParallel& fsdp, FlatParamName flat_param_name) {
+  absl::flat_hash_map<const c10::TensorImpl*, std::string> names;
+  for (const auto& unit : fsdp.units()) {
+    if (unit.handle == nullptr) continue;
+    names.emplace(unit.handle->flat_param().unsafeGetTensorImpl(),
+                  flat_param_name == FlatParamName::kFirstFqn
+                      ? unit.handle->infos()[0].fqns[0]
+                      : absl::StrCat(unit.module_prefix, "_flat_param"));
+    for (size_t i = 0; i < unit.handle->params().size(); ++i) {
+      names.emplace(unit.handle->params()[i].unsafeGetTensorImpl(),
+                    unit.handle->infos()[i].fqns[0]);
+    }
+  }
+  for (const auto& [fqn, t] : fsdp.unmanaged_parameters())
+    names.emplace(t.unsafeGetTensorImpl(), fqn);
+  return names;
+}
 
 std::shared_ptr<comm::ProcessGroup> Borrow(comm::ProcessGroup& group) {
   return std::shared_ptr<comm::ProcessGroup>(&group, [](comm::ProcessGroup*) {});
@@ -144,8 +147,10 @@ absl::StatusOr<Setup> InitNested(const InitOptions& options) {
       setup.optim_input.groups[0] = Reversed(setup.optim_input.groups[0]);
     }
   }
-  FSDP_RETURN_IF_ERROR(BuildOptimizer(
-      setup, options.lr, setup.fsdp ? FsdpNames(*setup.fsdp) : ModuleNames(*setup.module)));
+  FSDP_RETURN_IF_ERROR(BuildOptimizer(setup, options.lr,
+                                      setup.fsdp
+                                          ? FsdpParamNames(*setup.fsdp, FlatParamName::kFirstFqn)
+                                          : ModuleNames(*setup.module)));
   return setup;
 }
 
@@ -177,8 +182,10 @@ absl::StatusOr<Setup> InitTransformer(const InitOptions& options) {
     setup.optim_input =
         OptimInput::FromParams(models::NamedParametersWithoutDuplicates(*model).values());
   }
-  FSDP_RETURN_IF_ERROR(BuildOptimizer(
-      setup, options.lr, setup.fsdp ? FsdpNames(*setup.fsdp) : ModuleNames(*setup.module)));
+  FSDP_RETURN_IF_ERROR(BuildOptimizer(setup, options.lr,
+                                      setup.fsdp
+                                          ? FsdpParamNames(*setup.fsdp, FlatParamName::kFirstFqn)
+                                          : ModuleNames(*setup.module)));
   return setup;
 }
 
@@ -404,25 +411,55 @@ std::string CurrentTestTag() {
   return tag;
 }
 
-}  // namespace
-
-namespace {
-
-// The first model of _test_load_optim_state*: wrapped over `group` (HYBRID_SHARD over shard
-// groups of it if asked), with the second model's mixed precision.
-absl::StatusOr<Setup> InitFirstModel(comm::ProcessGroup& group, const LoadOptimStateArgs& args) {
+// Step (1) of both load tests: a wrapped model over the whole group, trained num_iters.
+absl::StatusOr<Setup> TrainFirstModel(comm::ProcessGroup& group, const LoadOptimStateArgs& args) {
   InitOptions options{.wrap = true,
                       .group = Borrow(group),
                       .use_multiple_param_groups = args.use_multiple_param_groups,
                       .mixed_precision = args.mixed_precision};
   if (args.first_model_shard_group_size > 0) {
+    // HYBRID_SHARD over shard groups of `group`.
     FSDP_ASSIGN_OR_RETURN(HybridShardGroups groups,
                           MakeHybridShardGroups(group, args.first_model_shard_group_size));
     options.group = groups.shard;
     options.replicate_group = groups.replicate;
     options.sharding_strategy = ShardingStrategy::kHybridShard;
   }
-  return Init(args.model_class, options);
+  FSDP_ASSIGN_OR_RETURN(Setup model1, Init(args.model_class, options));
+  FSDP_RETURN_IF_ERROR(StepModel(model1, args.num_iters).status());
+  return model1;
+}
+
+// The second model's group: the whole group, or with halve_world_size its even ranks (null on
+// the odd ones, which take no further part).
+absl::StatusOr<std::shared_ptr<comm::ProcessGroup>> SecondModelGroup(
+    comm::ProcessGroup& group, const LoadOptimStateArgs& args) {
+  if (!args.halve_world_size) return Borrow(group);
+  return HalvedGroup(group);
+}
+
+// Step (2): the second model over `new_group` with the new-model options, trained num_iters.
+absl::StatusOr<Setup> TrainSecondModel(std::shared_ptr<comm::ProcessGroup> new_group,
+                                       const LoadOptimStateArgs& args) {
+  FSDP_ASSIGN_OR_RETURN(
+      Setup model2,
+      Init(args.model_class, {.wrap = true,
+                              .wrap_alt = args.wrap_alt,
+                              .group = std::move(new_group),
+                              .use_multiple_param_groups = args.use_multiple_param_groups,
+                              .use_diff_optim_inputs = args.use_diff_optim_inputs,
+                              .use_orig_params = args.use_orig_params,
+                              .mixed_precision = args.mixed_precision}));
+  FSDP_RETURN_IF_ERROR(StepModel(model2, args.num_iters).status());
+  return model2;
+}
+
+// A dict made loadable for the second model equals its optimizer's own, with the same IDs.
+void ExpectSameAsOwn(const OptimStateDict& loadable, const OptimStateDict& own,
+                     const std::string& which) {
+  SCOPED_TRACE(which);
+  ExpectSameParamGroups(loadable, own, /*check_same_param_keys=*/true);
+  ExpectSameState(loadable, own);
 }
 
 }  // namespace
@@ -431,8 +468,7 @@ void TestLoadOptimState(comm::ProcessGroup& group, const LoadOptimStateArgs& arg
   SCOPED_TRACE(absl::StrCat("use_optim_input=", args.use_optim_input));
   const bool sharded_method = args.osd_comm_method == OsdCommMethod::kFlattenShardedOsd;
   // (1) A wrapped model over the whole group.
-  FSDP_ASSERT_OK_AND_ASSIGN(Setup model1, InitFirstModel(group, args));
-  FSDP_ASSERT_OK(StepModel(model1, args.num_iters).status());
+  FSDP_ASSERT_OK_AND_ASSIGN(Setup model1, TrainFirstModel(group, args));
   auto osd_method = [&](Setup& setup,
                         std::shared_ptr<comm::ProcessGroup> g) -> absl::StatusOr<OptimStateDict> {
     if (sharded_method) return ShardedOptimStateDict(*setup.fsdp, *setup.adapter, std::move(g));
@@ -441,22 +477,11 @@ void TestLoadOptimState(comm::ProcessGroup& group, const LoadOptimStateArgs& arg
     return FullOptimStateDict(*setup.fsdp, *setup.adapter, options);
   };
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd1, osd_method(model1, nullptr));
-  std::shared_ptr<comm::ProcessGroup> new_group = Borrow(group);
-  if (args.halve_world_size) {
-    FSDP_ASSERT_OK_AND_ASSIGN(new_group, HalvedGroup(group));
-    if (new_group == nullptr) return;
-  }
+  FSDP_ASSERT_OK_AND_ASSIGN(std::shared_ptr<comm::ProcessGroup> new_group,
+                            SecondModelGroup(group, args));
+  if (new_group == nullptr) return;
   // (2) The second model.
-  FSDP_ASSERT_OK_AND_ASSIGN(
-      Setup model2,
-      Init(args.model_class, {.wrap = true,
-                              .wrap_alt = args.wrap_alt,
-                              .group = new_group,
-                              .use_multiple_param_groups = args.use_multiple_param_groups,
-                              .use_diff_optim_inputs = args.use_diff_optim_inputs,
-                              .use_orig_params = args.use_orig_params,
-                              .mixed_precision = args.mixed_precision}));
-  FSDP_ASSERT_OK(StepModel(model2, args.num_iters).status());
+  FSDP_ASSERT_OK_AND_ASSIGN(Setup model2, TrainSecondModel(new_group, args));
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd2, osd_method(model2, new_group));
   // (3) Both dicts for the second model.
   auto to_local = [&](const OptimStateDict& osd, int which) -> absl::StatusOr<OptimStateDict> {
@@ -484,16 +509,8 @@ void TestLoadOptimState(comm::ProcessGroup& group, const LoadOptimStateArgs& arg
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict sharded_osd1, to_local(fsdp_osd1, 1));
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict sharded_osd2, to_local(fsdp_osd2, 2));
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict local_osd2, model2.adapter->StateDict());
-  {
-    SCOPED_TRACE("the second model's own dict");
-    ExpectSameParamGroups(sharded_osd2, local_osd2, /*check_same_param_keys=*/true);
-    ExpectSameState(sharded_osd2, local_osd2);
-  }
-  {
-    SCOPED_TRACE("the first model's dict");
-    ExpectSameParamGroups(sharded_osd1, local_osd2, /*check_same_param_keys=*/true);
-    ExpectSameState(sharded_osd1, local_osd2);
-  }
+  ExpectSameAsOwn(sharded_osd2, local_osd2, "the second model's own dict");
+  ExpectSameAsOwn(sharded_osd1, local_osd2, "the first model's dict");
   // (4) Load and train. (Python loads the second dict only; the first one must load too.)
   FSDP_ASSERT_OK(model2.adapter->LoadStateDict(sharded_osd1));
   FSDP_ASSERT_OK(model2.adapter->LoadStateDict(sharded_osd2));
@@ -505,44 +522,24 @@ void TestLoadOptimStateWithOptimStateDict(comm::ProcessGroup& group,
                                           const LoadOptimStateArgs& args) {
   SCOPED_TRACE(absl::StrCat("optim_state_dict API, halve_world_size=", args.halve_world_size,
                             " wrap_alt=", args.wrap_alt));
-  FSDP_ASSERT_OK_AND_ASSIGN(Setup model1, InitFirstModel(group, args));
-  FSDP_ASSERT_OK(StepModel(model1, args.num_iters).status());
+  FSDP_ASSERT_OK_AND_ASSIGN(Setup model1, TrainFirstModel(group, args));
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd1,
                             GetOptimStateDict(*model1.fsdp, *model1.adapter, settings));
-  std::shared_ptr<comm::ProcessGroup> new_group = Borrow(group);
-  if (args.halve_world_size) {
-    FSDP_ASSERT_OK_AND_ASSIGN(new_group, HalvedGroup(group));
-    if (new_group == nullptr) return;
-  }
-  FSDP_ASSERT_OK_AND_ASSIGN(
-      Setup model2,
-      Init(args.model_class, {.wrap = true,
-                              .wrap_alt = args.wrap_alt,
-                              .group = new_group,
-                              .use_multiple_param_groups = args.use_multiple_param_groups,
-                              .use_diff_optim_inputs = args.use_diff_optim_inputs,
-                              .use_orig_params = args.use_orig_params,
-                              .mixed_precision = args.mixed_precision}));
-  FSDP_ASSERT_OK(StepModel(model2, args.num_iters).status());
+  FSDP_ASSERT_OK_AND_ASSIGN(std::shared_ptr<comm::ProcessGroup> new_group,
+                            SecondModelGroup(group, args));
+  if (new_group == nullptr) return;
+  FSDP_ASSERT_OK_AND_ASSIGN(Setup model2, TrainSecondModel(new_group, args));
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict fsdp_osd2,
                             GetOptimStateDict(*model2.fsdp, *model2.adapter, settings, new_group));
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict sharded_osd2,
                             OptimStateDictToLoad(*model2.fsdp, *model2.adapter, fsdp_osd2, settings,
                                                  {.group = new_group}));
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict local_osd2, model2.adapter->StateDict());
-  {
-    SCOPED_TRACE("the second model's own dict");
-    ExpectSameParamGroups(sharded_osd2, local_osd2, /*check_same_param_keys=*/true);
-    ExpectSameState(sharded_osd2, local_osd2);
-  }
+  ExpectSameAsOwn(sharded_osd2, local_osd2, "the second model's own dict");
   FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict sharded_osd1,
                             OptimStateDictToLoad(*model2.fsdp, *model2.adapter, fsdp_osd1, settings,
                                                  {.group = new_group}));
-  {
-    SCOPED_TRACE("the first model's dict");
-    ExpectSameParamGroups(sharded_osd1, local_osd2, /*check_same_param_keys=*/true);
-    ExpectSameState(sharded_osd1, local_osd2);
-  }
+  ExpectSameAsOwn(sharded_osd1, local_osd2, "the first model's dict");
   FSDP_ASSERT_OK(model2.adapter->LoadStateDict(sharded_osd1));
   FSDP_ASSERT_OK(model2.adapter->LoadStateDict(sharded_osd2));
   FSDP_ASSERT_OK(StepModel(model2, args.num_iters).status());

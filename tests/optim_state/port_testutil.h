@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
@@ -87,6 +88,15 @@ absl::StatusOr<std::vector<double>> StepModel(Setup& setup, int num_iters);
 
 // The ranks r % 2 == 0 of `group` as a new group (every rank calls; null on odd ranks).
 absl::StatusOr<std::shared_ptr<comm::ProcessGroup>> HalvedGroup(comm::ProcessGroup& group);
+
+// How FsdpParamNames names a flat parameter: by its first original parameter's FQN, or as
+// `<unit prefix>_flat_param` (what a named optimizer keys it by).
+enum class FlatParamName { kFirstFqn, kUnitPrefixFlatParam };
+
+// Each tensor FSDP hands the optimizer -> its name: an original or unmanaged parameter's FQN,
+// a flat parameter's as `flat_param_name` says.
+absl::flat_hash_map<const c10::TensorImpl*, std::string> FsdpParamNames(
+    const FullyShardedDataParallel& fsdp, FlatParamName flat_param_name);
 
 // A non-owning shared_ptr to a group RunInRanks owns.
 std::shared_ptr<comm::ProcessGroup> Borrow(comm::ProcessGroup& group);

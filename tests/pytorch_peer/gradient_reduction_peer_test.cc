@@ -206,146 +206,197 @@ std::string NestedDims() {
   return absl::StrJoin(dims, ",");
 }
 
+// PyTorch's side: fsdp_peer.py under torchrun dumps FSDP1's gradients for `c` into `dir`.
+void RunPyTorchPeer(const GradCase& c, const std::string& dir) {
+  const std::string dims = NestedDims();
+  ASSERT_FALSE(dims.empty()) << "NestedModel has no block0.weight / block1.weight";
+  const CommandResult py = RunCommand(absl::StrCat(
+      PythonCommand(), " ", Runfile("tests/pytorch_peer/fsdp_peer.py"),
+      " --nproc_per_node=", c.world_size, " --models_dir=", Runfile("models/testdata"),
+      " --fsdp=1 --model=nested --wrap=", c.wrap, " --sharding_strategy=", c.strategy,
+      " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir,
+      c.clip.empty() ? "" : " --clip_grad_norm=", c.clip, c.no_sync ? " --no_sync" : "",
+      c.mixed_precision.empty() ? "" : " --mixed_precision=", c.mixed_precision,
+      IsHybrid(StrategyOf(c.strategy)) ? absl::StrCat(" --shard_group_size=", kShardGroupSize)
+                                       : ""));
+  ASSERT_EQ(py.exit_code, 0) << py.output;
+}
+
+// Our side, on one rank.
+struct OurGradients {
+  std::map<std::string, at::Tensor> local;  // "pass/fqn" -> the unwrapped model's gradient
+  std::map<std::string, at::Tensor> units;  // "fqn,fqn" -> this rank's flat gradient
+  std::optional<at::Tensor> total_norm;     // ClipGradNorm's result
+};
+
+// NestedModel under our FSDP as `c` says: c.backwards passes on this rank's inputs (all but the
+// last under NoSyncGuard with c.no_sync), then the clip; beside it the model unwrapped, whose
+// gradients of each pass are the reduction's inputs.
+void ComputeOurGradients(const GradCase& c, comm::ProcessGroup& group, OurGradients& out) {
+  std::shared_ptr<comm::ProcessGroup> group_ptr(&group, [](comm::ProcessGroup*) {});
+  std::shared_ptr<comm::ProcessGroup> replicate_group;
+  if (IsHybrid(StrategyOf(c.strategy))) {
+    FSDP_ASSERT_OK_AND_ASSIGN(HybridShardGroups groups,
+                              MakeHybridShardGroups(group, kShardGroupSize));
+    group_ptr = groups.shard;
+    replicate_group = groups.replicate;
+  }
+  models::NestedModel net;
+  models::NestedModel plain;  // unwrapped: each pass's local gradient
+  FsdpOptions options{.sharding_strategy = StrategyOf(c.strategy), .use_orig_params = false};
+  FSDP_ASSERT_OK_AND_ASSIGN(options.mixed_precision, ParseMixedPrecision(c.mixed_precision));
+  options.replicate_group = replicate_group;
+  if (c.wrap == "wrap" || c.wrap == "wrap_root") {
+    options.nested = net->wrap_slots();
+    options.wrap_root = c.wrap == "wrap_root";
+  }
+  FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, FullyShardedDataParallel::Wrap(net, group_ptr, options));
+  for (int k = 0; k < c.backwards; ++k) {
+    at::manual_seed(GradDumpSeed(k, group.rank()));
+    const at::Tensor x = net->get_input();
+    if (c.no_sync && k < c.backwards - 1) {
+      NoSyncGuard no_sync(*fsdp);
+      fsdp->forward(x).sum().backward();
+    } else {
+      fsdp->forward(x).sum().backward();
+    }
+    for (at::Tensor& p : plain->parameters()) p.mutable_grad() = at::Tensor();
+    plain->forward(x).sum().backward();
+    for (const auto& item : plain->named_parameters()) {
+      if (item.value().grad().defined()) {
+        out.local[absl::StrCat(k, "/", item.key())] = item.value().grad().reshape({-1}).clone();
+      }
+    }
+  }
+  if (!c.clip.empty()) {
+    std::vector<std::string> parts = absl::StrSplit(c.clip, ',');
+    double max_norm = 0, norm_type = 0;
+    ASSERT_TRUE(parts.size() == 2 && absl::SimpleAtod(parts[0], &max_norm) &&
+                absl::SimpleAtod(parts[1], &norm_type))
+        << c.clip;
+    FSDP_ASSERT_OK_AND_ASSIGN(out.total_norm, ClipGradNorm(*fsdp, max_norm, norm_type));
+  }
+  for (const FullyShardedDataParallel::UnitView& unit : fsdp->units()) {
+    if (unit.handle == nullptr) continue;
+    std::vector<std::string> fqns;
+    for (const FlatParamInfo& info : unit.handle->infos()) fqns.push_back(info.fqns[0]);
+    out.units[absl::StrJoin(fqns, ",")] = unit.handle->flat_param().grad();
+  }
+}
+
+// What one rank's manifest comparison counted.
+struct ManifestTally {
+  std::set<std::string> pytorch_units;
+  int64_t unit_elements = 0, unit_differ = 0, local_elements = 0, local_differ = 0;
+  int local_count = 0;
+  int clip_lines = 0;
+};
+
+// A "clip" line: our total norm is PyTorch's float32, bit for bit.
+void CompareClipLine(const std::string& line, std::map<std::string, std::string>& f,
+                     const OurGradients& ours, ManifestTally& tally) {
+  ASSERT_TRUE(ours.total_norm.has_value()) << "PyTorch clipped, we did not: " << line;
+  ASSERT_EQ(ours.total_norm->scalar_type(), at::kFloat);
+  const float norm = ours.total_norm->item<float>();
+  uint32_t bits = 0;
+  std::memcpy(&bits, &norm, sizeof bits);
+  // PyTorch wrote the float32's little-endian bytes in hex.
+  std::string hex;
+  for (int b = 0; b < 4; ++b) hex += absl::StrFormat("%02x", (bits >> (8 * b)) & 0xff);
+  EXPECT_EQ(hex, f["float32_bits"])
+      << "total norm: ours " << norm << ", PyTorch's " << f["total_norm"];
+  tally.clip_lines += 1;
+}
+
+// A "local" line: a pass's local gradient, the reduction's input, is PyTorch's bit for bit.
+void CompareLocalLine(const std::string& line, std::map<std::string, std::string>& f, int64_t numel,
+                      const std::string& dir, int rank, OurGradients& ours, ManifestTally& tally) {
+  const std::string key = absl::StrCat(f["pass"], "/", f["fqn"]);
+  ASSERT_TRUE(ours.local.count(key)) << "PyTorch has a local gradient we lack: " << line;
+  const at::Tensor pytorch = ReadFloats(absl::StrCat(dir, "/", f["file"]), numel);
+  const int64_t differ = BitsDiffer(ours.local[key], pytorch);
+  EXPECT_EQ(differ, 0) << "local gradient of pass " << key << " on rank " << rank
+                       << ": the reduction's inputs differ already; largest difference "
+                       << MaxAbsDiff(ours.local[key], pytorch);
+  tally.local_elements += numel;
+  tally.local_differ += differ;
+  ++tally.local_count;
+}
+
+// A unit line: the unit is one of ours with the same layout, and its reduced gradient (or its
+// having none) is PyTorch's bit for bit.
+void CompareUnitLine(std::map<std::string, std::string>& f, int64_t numel, const std::string& dir,
+                     const comm::ProcessGroup& group, OurGradients& ours, ManifestTally& tally) {
+  const std::string key = f["fqns"];
+  tally.pytorch_units.insert(key);
+  ASSERT_TRUE(ours.units.count(key)) << "PyTorch's unit [" << key << "] is not one of ours";
+  const at::Tensor& grad = ours.units[key];
+  if (f["file"] == "none") {
+    EXPECT_FALSE(grad.defined()) << "unit [" << key << "]: PyTorch's has no gradient";
+    return;
+  }
+  ASSERT_TRUE(grad.defined()) << "unit [" << key << "] has no gradient; PyTorch's has";
+  ASSERT_EQ(grad.numel(), numel) << "unit [" << key << "]: another layout than PyTorch's";
+  const at::Tensor pytorch = ReadFloats(absl::StrCat(dir, "/", f["file"]), numel);
+  const int64_t differ = BitsDiffer(grad, pytorch);
+  EXPECT_EQ(differ, 0) << "reduced gradient of unit [" << key << "] on rank " << group.rank()
+                       << " of " << group.size() << ": " << differ << " of " << numel
+                       << " elements differ from PyTorch FSDP1's; largest "
+                       << "difference " << MaxAbsDiff(grad, pytorch);
+  tally.unit_elements += numel;
+  tally.unit_differ += differ;
+}
+
+// Every line of PyTorch's rank's manifest against ours. Stops at the first fatal failure.
+void CompareManifest(const std::string& dir, const comm::ProcessGroup& group, OurGradients& ours,
+                     ManifestTally& tally) {
+  std::ifstream manifest(absl::StrCat(dir, "/rank", group.rank(), ".txt"));
+  ASSERT_TRUE(manifest.good()) << "no manifest from PyTorch's rank " << group.rank();
+  for (std::string line; std::getline(manifest, line);) {
+    std::map<std::string, std::string> f = ::fsdp::testing::KeyValueFields(line);
+    if (absl::StartsWith(line, "clip ")) {
+      CompareClipLine(line, f, ours, tally);
+      if (::testing::Test::HasFatalFailure()) return;
+      continue;
+    }
+    int64_t numel = 0;
+    ASSERT_TRUE(absl::SimpleAtoi(f["numel"], &numel)) << line;
+    if (absl::StartsWith(line, "local ")) {
+      CompareLocalLine(line, f, numel, dir, group.rank(), ours, tally);
+    } else {
+      CompareUnitLine(f, numel, dir, group, ours, tally);
+    }
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
 class GradientPeerTest : public ::testing::TestWithParam<GradCase> {};
 
 TEST_P(GradientPeerTest, ReducedGradientsArePyTorchFsdp1sBitForBit) {
   const GradCase c = GetParam();
   const std::string dir = TempDir(GradCaseName(c));
   if (!IsRankProcess()) {
-    const std::string dims = NestedDims();
-    ASSERT_FALSE(dims.empty()) << "NestedModel has no block0.weight / block1.weight";
-    const CommandResult py = RunCommand(absl::StrCat(
-        PythonCommand(), " ", Runfile("tests/pytorch_peer/fsdp_peer.py"),
-        " --nproc_per_node=", c.world_size, " --models_dir=", Runfile("models/testdata"),
-        " --fsdp=1 --model=nested --wrap=", c.wrap, " --sharding_strategy=", c.strategy,
-        " --nested_dims=", dims, " --backwards=", c.backwards, " --dump_grads=", dir,
-        c.clip.empty() ? "" : " --clip_grad_norm=", c.clip, c.no_sync ? " --no_sync" : "",
-        c.mixed_precision.empty() ? "" : " --mixed_precision=", c.mixed_precision,
-        IsHybrid(StrategyOf(c.strategy)) ? absl::StrCat(" --shard_group_size=", kShardGroupSize)
-                                         : ""));
-    ASSERT_EQ(py.exit_code, 0) << py.output;
+    RunPyTorchPeer(c, dir);
+    if (::testing::Test::HasFatalFailure()) return;
   }
   RunInRanks(c.world_size, [c, dir](comm::ProcessGroup& group) {
     at::set_num_threads(1);  // as fsdp_peer.py: the same kernels' blocking
-    std::shared_ptr<comm::ProcessGroup> group_ptr(&group, [](comm::ProcessGroup*) {});
-    std::shared_ptr<comm::ProcessGroup> replicate_group;
-    if (IsHybrid(StrategyOf(c.strategy))) {
-      FSDP_ASSERT_OK_AND_ASSIGN(HybridShardGroups groups,
-                                MakeHybridShardGroups(group, kShardGroupSize));
-      group_ptr = groups.shard;
-      replicate_group = groups.replicate;
-    }
-    models::NestedModel net;
-    models::NestedModel plain;  // unwrapped: each pass's local gradient
-    FsdpOptions options{.sharding_strategy = StrategyOf(c.strategy), .use_orig_params = false};
-    FSDP_ASSERT_OK_AND_ASSIGN(options.mixed_precision, ParseMixedPrecision(c.mixed_precision));
-    options.replicate_group = replicate_group;
-    if (c.wrap == "wrap" || c.wrap == "wrap_root") {
-      options.nested = net->wrap_slots();
-      options.wrap_root = c.wrap == "wrap_root";
-    }
-    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp, FullyShardedDataParallel::Wrap(net, group_ptr, options));
-    std::map<std::string, at::Tensor> local;  // "pass/fqn" -> gradient
-    for (int k = 0; k < c.backwards; ++k) {
-      at::manual_seed(GradDumpSeed(k, group.rank()));
-      const at::Tensor x = net->get_input();
-      if (c.no_sync && k < c.backwards - 1) {
-        NoSyncGuard no_sync(*fsdp);
-        fsdp->forward(x).sum().backward();
-      } else {
-        fsdp->forward(x).sum().backward();
-      }
-      for (at::Tensor& p : plain->parameters()) p.mutable_grad() = at::Tensor();
-      plain->forward(x).sum().backward();
-      for (const auto& item : plain->named_parameters()) {
-        if (item.value().grad().defined()) {
-          local[absl::StrCat(k, "/", item.key())] = item.value().grad().reshape({-1}).clone();
-        }
-      }
-    }
-    std::optional<at::Tensor> total_norm;  // ClipGradNorm's result
-    if (!c.clip.empty()) {
-      std::vector<std::string> parts = absl::StrSplit(c.clip, ',');
-      double max_norm = 0, norm_type = 0;
-      ASSERT_TRUE(parts.size() == 2 && absl::SimpleAtod(parts[0], &max_norm) &&
-                  absl::SimpleAtod(parts[1], &norm_type))
-          << c.clip;
-      FSDP_ASSERT_OK_AND_ASSIGN(total_norm, ClipGradNorm(*fsdp, max_norm, norm_type));
-    }
-    std::map<std::string, at::Tensor> units;  // "fqn,fqn" -> this rank's flat gradient
-    for (const FullyShardedDataParallel::UnitView& unit : fsdp->units()) {
-      if (unit.handle == nullptr) continue;
-      std::vector<std::string> fqns;
-      for (const FlatParamInfo& info : unit.handle->infos()) fqns.push_back(info.fqns[0]);
-      units[absl::StrJoin(fqns, ",")] = unit.handle->flat_param().grad();
-    }
-
-    std::ifstream manifest(absl::StrCat(dir, "/rank", group.rank(), ".txt"));
-    ASSERT_TRUE(manifest.good()) << "no manifest from PyTorch's rank " << group.rank();
-    std::set<std::string> pytorch_units;
-    int64_t unit_elements = 0, unit_differ = 0, local_elements = 0, local_differ = 0;
-    int local_count = 0;
-    int clip_lines = 0;
-    for (std::string line; std::getline(manifest, line);) {
-      std::map<std::string, std::string> f = ::fsdp::testing::KeyValueFields(line);
-      if (absl::StartsWith(line, "clip ")) {
-        ASSERT_TRUE(total_norm.has_value()) << "PyTorch clipped, we did not: " << line;
-        ASSERT_EQ(total_norm->scalar_type(), at::kFloat);
-        const float ours = total_norm->item<float>();
-        uint32_t bits = 0;
-        std::memcpy(&bits, &ours, sizeof bits);
-        // PyTorch wrote the float32's little-endian bytes in hex.
-        std::string hex;
-        for (int b = 0; b < 4; ++b) hex += absl::StrFormat("%02x", (bits >> (8 * b)) & 0xff);
-        EXPECT_EQ(hex, f["float32_bits"])
-            << "total norm: ours " << ours << ", PyTorch's " << f["total_norm"];
-        clip_lines += 1;
-        continue;
-      }
-      int64_t numel = 0;
-      ASSERT_TRUE(absl::SimpleAtoi(f["numel"], &numel)) << line;
-      if (absl::StartsWith(line, "local ")) {
-        const std::string key = absl::StrCat(f["pass"], "/", f["fqn"]);
-        ASSERT_TRUE(local.count(key)) << "PyTorch has a local gradient we lack: " << line;
-        const at::Tensor pytorch = ReadFloats(absl::StrCat(dir, "/", f["file"]), numel);
-        const int64_t differ = BitsDiffer(local[key], pytorch);
-        EXPECT_EQ(differ, 0) << "local gradient of pass " << key << " on rank " << group.rank()
-                             << ": the reduction's inputs differ already; largest difference "
-                             << MaxAbsDiff(local[key], pytorch);
-        local_elements += numel;
-        local_differ += differ;
-        ++local_count;
-        continue;
-      }
-      const std::string key = f["fqns"];
-      pytorch_units.insert(key);
-      ASSERT_TRUE(units.count(key)) << "PyTorch's unit [" << key << "] is not one of ours";
-      const at::Tensor& ours = units[key];
-      if (f["file"] == "none") {
-        EXPECT_FALSE(ours.defined()) << "unit [" << key << "]: PyTorch's has no gradient";
-        continue;
-      }
-      ASSERT_TRUE(ours.defined()) << "unit [" << key << "] has no gradient; PyTorch's has";
-      ASSERT_EQ(ours.numel(), numel) << "unit [" << key << "]: another layout than PyTorch's";
-      const at::Tensor pytorch = ReadFloats(absl::StrCat(dir, "/", f["file"]), numel);
-      const int64_t differ = BitsDiffer(ours, pytorch);
-      EXPECT_EQ(differ, 0) << "reduced gradient of unit [" << key << "] on rank " << group.rank()
-                           << " of " << group.size() << ": " << differ << " of " << numel
-                           << " elements differ from PyTorch FSDP1's; largest "
-                           << "difference " << MaxAbsDiff(ours, pytorch);
-      unit_elements += numel;
-      unit_differ += differ;
-    }
+    OurGradients ours;
+    ComputeOurGradients(c, group, ours);
+    if (::testing::Test::HasFatalFailure()) return;
+    ManifestTally tally;
+    CompareManifest(dir, group, ours, tally);
+    if (::testing::Test::HasFatalFailure()) return;
     std::set<std::string> our_units;
-    for (const auto& [key, grad] : units) our_units.insert(key);
-    EXPECT_EQ(our_units, pytorch_units) << "the units differ from PyTorch's";
-    EXPECT_EQ(local_count, static_cast<int>(local.size()));
-    EXPECT_EQ(clip_lines, total_norm.has_value() ? 1 : 0) << "PyTorch did not clip";
+    for (const auto& [key, grad] : ours.units) our_units.insert(key);
+    EXPECT_EQ(our_units, tally.pytorch_units) << "the units differ from PyTorch's";
+    EXPECT_EQ(tally.local_count, static_cast<int>(ours.local.size()));
+    EXPECT_EQ(tally.clip_lines, ours.total_norm.has_value() ? 1 : 0) << "PyTorch did not clip";
     WriteSummary(dir, group.rank(),
-                 absl::StrCat(GradCaseName(c), " rank ", group.rank(), ": ", units.size(),
-                              " units, ", unit_elements, " reduced gradient elements, ",
-                              unit_differ, " differ from PyTorch FSDP1's; local gradients ",
-                              local_elements, " elements, ", local_differ, " differ"));
+                 absl::StrCat(GradCaseName(c), " rank ", group.rank(), ": ", ours.units.size(),
+                              " units, ", tally.unit_elements, " reduced gradient elements, ",
+                              tally.unit_differ, " differ from PyTorch FSDP1's; local gradients ",
+                              tally.local_elements, " elements, ", tally.local_differ, " differ"));
   });
   if (!IsRankProcess()) PrintSummaries(dir, c.world_size);
 }

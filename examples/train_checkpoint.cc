@@ -1,0 +1,163 @@
+#include "examples/train_checkpoint.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <system_error>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "checkpoint/full_checkpoint.h"
+#include "checkpoint/key_prefixes.h"
+#include "checkpoint/load_full_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
+#include "checkpoint/sharded_format.h"
+#include "comm/status_macros.h"
+#include "fsdp/state_dict.h"
+#include "optim_state/fsdp_optim_state.h"
+
+namespace fsdp::examples {
+
+absl::Status CreateParentDir(const std::string& dir) {
+  std::error_code error;
+  const std::filesystem::path parent = std::filesystem::absolute(dir).parent_path();
+  std::filesystem::create_directories(parent, error);
+  if (error) {
+    return absl::InternalError(
+        absl::StrCat("cannot create ", parent.string(), ": ", error.message()));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+constexpr char kProgressFile[] = "progress.txt";
+
+// A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (rank 0
+// writes; Python's torch.load reads both) and DIR/progress.txt with the steps done.
+absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
+                            fsdp::FullyShardedDataParallel& fsdp,
+                            const fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_ASSIGN_OR_RETURN(fsdp::StateDict model_state,
+                        fsdp::FullStateDict(fsdp, {.rank0_only = true}));
+  FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict optim_state,
+                        fsdp::optim_state::FullOptimStateDict(fsdp, adapter, {.rank0_only = true}));
+  absl::Status status = absl::OkStatus();
+  if (group.rank() == 0) {
+    // model.pt, optim.pt and progress.txt in one atomic commit (checkpoint/atomic_dir.h).
+    status = CreateParentDir(dir);
+    if (status.ok()) {
+      status = fsdp::checkpoint::WriteFullCheckpoint(
+          dir, model_state, &optim_state,
+          {{kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")}});
+    }
+  }
+  // Everyone learns whether rank 0 managed.
+  FSDP_ASSIGN_OR_RETURN(std::string outcome,
+                        group.BroadcastObject(std::string(status.message()), 0));
+  if (!outcome.empty()) return absl::InternalError(outcome);
+  return absl::OkStatus();
+}
+
+// Loads a full checkpoint written by SaveCheckpoint (or by PyTorch: model.pt and optim.pt
+// FQN-keyed, with --strip_key_prefixes for a wrapped model's keys) into this job, whatever its
+// world size and wrapping; returns the steps done (progress.txt, 0 without it).
+absl::StatusOr<int> LoadFullTrainCheckpoint(const std::string& dir,
+                                            const std::string& strip_key_prefixes,
+                                            fsdp::comm::ProcessGroup& group,
+                                            fsdp::FullyShardedDataParallel& fsdp,
+                                            fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_ASSIGN_OR_RETURN(fsdp::checkpoint::KeyPrefixes strip,
+                        fsdp::checkpoint::ParseKeyPrefixes(strip_key_prefixes));
+  if (absl::Status loaded =
+          fsdp::checkpoint::LoadFullCheckpoint(dir, fsdp, &adapter, {.strip_key_prefixes = strip});
+      !loaded.ok()) {
+    if (!absl::StrContains(loaded.message(), "key prefixes stripped")) return loaded;
+    return absl::Status(loaded.code(), absl::StrCat(loaded.message(), " (--strip_key_prefixes)"));
+  }
+  int steps_done = 0;
+  if (group.rank() == 0) {
+    std::ifstream progress(dir + "/" + kProgressFile);
+    std::string line;
+    if (progress >> line && line.rfind("steps_done=", 0) == 0) {
+      steps_done = std::atoi(line.c_str() + 11);
+    }
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
+  return std::atoi(steps.c_str());
+}
+
+// A sharded checkpoint (checkpoint/sharded_checkpoint.h): every rank writes its own shard, no
+// gathering; the steps done travel in metadata.json's user_metadata, committed atomically
+// with the rest.
+absl::Status SaveShardedTrainCheckpoint(const std::string& dir, int steps_done,
+                                        fsdp::FullyShardedDataParallel& fsdp,
+                                        const fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_RETURN_IF_ERROR(CreateParentDir(dir));
+  fsdp::checkpoint::SaveShardedOptions options;
+  options.user_metadata["steps_done"] = std::to_string(steps_done);
+  return fsdp::checkpoint::SaveShardedCheckpoint(dir, fsdp, &adapter, options).status();
+}
+
+absl::StatusOr<int> LoadShardedTrainCheckpoint(const std::string& dir,
+                                               fsdp::FullyShardedDataParallel& fsdp,
+                                               fsdp::optim_state::OptimizerAdapter& adapter) {
+  // The load first: it is the collective that makes the ranks agree on errors; the steps done
+  // are then read from the same, validated metadata.json on every rank.
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::LoadShardedCheckpoint(dir, fsdp, &adapter).status());
+  FSDP_ASSIGN_OR_RETURN(auto reader, fsdp::checkpoint::ShardedCheckpointReader::Open(dir));
+  const auto& user = reader->metadata().user_metadata;
+  const auto steps = user.find("steps_done");
+  int steps_done = 0;
+  if (steps == user.end() || !absl::SimpleAtoi(steps->second, &steps_done) || steps_done < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, "/metadata.json: no user_metadata.steps_done (not written by examples/train)"));
+  }
+  return steps_done;
+}
+
+}  // namespace
+
+absl::StatusOr<int> LoadTrainCheckpoint(const std::string& dir,
+                                        const std::string& strip_key_prefixes,
+                                        fsdp::comm::ProcessGroup& group,
+                                        fsdp::FullyShardedDataParallel& fsdp,
+                                        fsdp::optim_state::OptimizerAdapter& adapter) {
+  std::string kind;
+  if (group.rank() == 0) {
+    auto detected = fsdp::checkpoint::DetectCheckpointKind(dir);
+    kind = !detected.ok() ? absl::StrCat("error:", detected.status().message())
+           : *detected == fsdp::checkpoint::CheckpointKind::kSharded ? "sharded"
+                                                                     : "full";
+  }
+  FSDP_ASSIGN_OR_RETURN(kind, group.BroadcastObject(kind, 0));
+  if (absl::StartsWith(kind, "error:")) return absl::NotFoundError(kind.substr(6));
+  if (kind == "sharded") return LoadShardedTrainCheckpoint(dir, fsdp, adapter);
+  return LoadFullTrainCheckpoint(dir, strip_key_prefixes, group, fsdp, adapter);
+}
+
+absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type, int steps_done,
+                                 fsdp::comm::ProcessGroup& group,
+                                 fsdp::FullyShardedDataParallel& fsdp,
+                                 const fsdp::optim_state::OptimizerAdapter& adapter) {
+  const auto start = std::chrono::steady_clock::now();
+  FSDP_RETURN_IF_ERROR(type == "sharded"
+                           ? SaveShardedTrainCheckpoint(dir, steps_done, fsdp, adapter)
+                           : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
+                       absl::StrCat("--save=", dir));
+  if (group.rank() == 0) {
+    absl::PrintF("train: saved a %s checkpoint in %s after step %d (%.2f s)\n", type, dir,
+                 steps_done - 1,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fsdp::examples
