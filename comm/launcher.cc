@@ -10,7 +10,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <optional>
 #include <set>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -144,8 +143,9 @@ struct Ranks {
   LaunchReport& report;
   std::vector<Child> children;
   int running = 0;
-  // When the ranks told to stop (SIGTERM) get SIGKILL.
-  std::optional<Clock::time_point> kill_at;
+  // When the ranks told to stop (SIGTERM) get SIGKILL; max(): none are waiting for it. (Not a
+  // std::optional: GCC 12 at -O2 calls its time_point maybe-uninitialized, an error here.)
+  Clock::time_point kill_at = Clock::time_point::max();
 
   // Sends `sig` to every running rank and its process group.
   void Stop(int sig) {
@@ -261,9 +261,9 @@ void EnforceDeadlines(Ranks& ranks, Clock::time_point deadline) {
     ranks.report.timed_out = true;
     ranks.StopGracefully(now);
   }
-  if (ranks.kill_at && now >= *ranks.kill_at) {
+  if (now >= ranks.kill_at) {
     ranks.Stop(SIGKILL);
-    ranks.kill_at.reset();
+    ranks.kill_at = Clock::time_point::max();
   }
 }
 

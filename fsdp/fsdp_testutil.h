@@ -2,6 +2,7 @@
 //   * the (world size, strategy, use_orig_params) grid that the parametrized suites run, its
 //     test-name generator, and borrowing RunInRanks' group;
 //   * `Net`, the small nested model of the FSDP unit tests, and WrapNet, its wrapping;
+//     `NormNet`, a model with BatchNorm buffers;
 //   * `NetPair`: the "reference + wrapped + optimizer" set-up, Net from one seed twice, one
 //     copy unwrapped and one under FSDP, each with Adam, and TrainStep, one step on a batch
 //     every rank draws alike;
@@ -51,6 +52,20 @@ Module Seeded(uint64_t seed, Args&&... args) {
   torch::manual_seed(seed);
   return Module(std::forward<Args>(args)...);
 }
+
+// A model with floating-point buffers (BatchNorm's running statistics), for mixed precision's
+// buffer_dtype and sync_module_states: Linear(4, 3), BatchNorm1d(3), Linear(3, 2).
+struct NormNetImpl : torch::nn::Module {
+  NormNetImpl()
+      : in(register_module("in", torch::nn::Linear(4, 3))),
+        norm(register_module("norm", torch::nn::BatchNorm1d(3))),
+        out(register_module("out", torch::nn::Linear(3, 2))) {}
+  torch::Tensor forward(torch::Tensor x) { return out(norm(in(x))); }
+  torch::nn::Linear in;
+  torch::nn::BatchNorm1d norm;
+  torch::nn::Linear out;
+};
+TORCH_MODULE(NormNet);
 
 struct NetOptions {
   // Adds what FSDP leaves alone, for the state-dict tests: `extra` (a Linear passed as an

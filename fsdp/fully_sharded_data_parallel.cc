@@ -212,6 +212,60 @@ void CollectUnitParams(torch::nn::Module& module, const std::string& prefix,
   }
 }
 
+// What Wrap refuses before it looks at the model.
+absl::Status CheckWrapArguments(const std::shared_ptr<torch::nn::Module>& module,
+                                const std::shared_ptr<comm::ProcessGroup>& group,
+                                const FsdpOptions& options) {
+  if (group == nullptr) return absl::InvalidArgumentError("FSDP: no process group given");
+  if (module == nullptr) return absl::InvalidArgumentError("FSDP: no module given");
+  FSDP_RETURN_IF_ERROR(ValidateMixedPrecision(options.mixed_precision), "FSDP");
+  if (IsHybrid(options.sharding_strategy) != (options.replicate_group != nullptr)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("FSDP: sharding_strategy ", ShardingStrategyName(options.sharding_strategy),
+                     IsHybrid(options.sharding_strategy)
+                         ? " needs FsdpOptions.replicate_group (see MakeHybridShardGroups)"
+                         : " takes no FsdpOptions.replicate_group (HYBRID_SHARD's)"));
+  }
+  return absl::OkStatus();
+}
+
+// Each unit's parameters (by node index), shared ones once with all their FQNs. Units claim
+// inside-out (deepest module first), as nested FSDP constructors run before their parents';
+// among modules at one depth, later pre-order positions first.
+std::unordered_map<size_t, std::vector<FlatParamEntry>> ClaimParameters(
+    const std::vector<ModuleNode>& nodes, const std::vector<size_t>& unit_nodes,
+    const std::unordered_set<torch::nn::Module*>& unit_modules,
+    const std::unordered_set<torch::nn::Module*>& ignored) {
+  auto depth = [&](size_t i) {
+    return std::count(nodes[i].prefix.begin(), nodes[i].prefix.end(), '.');
+  };
+  std::vector<size_t> claim_order = unit_nodes;
+  std::stable_sort(claim_order.begin(), claim_order.end(),
+                   [&](size_t a, size_t b) { return depth(a) > depth(b); });
+  std::unordered_map<const c10::TensorImpl*, size_t> claimed_by;  // impl -> unit node
+  std::unordered_map<size_t, std::vector<FlatParamEntry>> entries;
+  for (size_t node : claim_order) {
+    std::unordered_set<torch::nn::Module*> stop = unit_modules;
+    stop.erase(nodes[node].module);
+    std::vector<std::pair<std::string, at::Tensor>> params;
+    CollectUnitParams(*nodes[node].module, nodes[node].prefix, stop, ignored, params);
+    std::vector<FlatParamEntry>& mine = entries[node];
+    for (auto& [fqn, param] : params) {
+      const c10::TensorImpl* impl = param.unsafeGetTensorImpl();
+      auto it = claimed_by.find(impl);
+      if (it == claimed_by.end()) {
+        claimed_by[impl] = node;
+        mine.push_back({{fqn}, param});
+      } else if (it->second == node) {
+        for (FlatParamEntry& e : mine) {
+          if (e.param.unsafeGetTensorImpl() == impl) e.fqns.push_back(fqn);
+        }
+      }
+    }
+  }
+  return entries;
+}
+
 // Whether no other unit's module encloses this one's: PyTorch FSDP1's roots (an FSDP instance
 // that no FSDP instance contains), which cast their inputs under mixed precision.
 bool IsTopLevelUnit(const std::vector<ModuleNode>& nodes, const std::vector<size_t>& unit_nodes,
@@ -289,16 +343,7 @@ absl::Status BroadcastModuleStates(const std::vector<ModuleNode>& nodes,
 absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParallel::WrapSlot(
     ModuleSlot root_slot, std::shared_ptr<torch::nn::Module> module,
     std::shared_ptr<comm::ProcessGroup> group, FsdpOptions options) {
-  if (group == nullptr) return absl::InvalidArgumentError("FSDP: no process group given");
-  if (module == nullptr) return absl::InvalidArgumentError("FSDP: no module given");
-  FSDP_RETURN_IF_ERROR(ValidateMixedPrecision(options.mixed_precision), "FSDP");
-  if (IsHybrid(options.sharding_strategy) != (options.replicate_group != nullptr)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("FSDP: sharding_strategy ", ShardingStrategyName(options.sharding_strategy),
-                     IsHybrid(options.sharding_strategy)
-                         ? " needs FsdpOptions.replicate_group (see MakeHybridShardGroups)"
-                         : " takes no FsdpOptions.replicate_group (HYBRID_SHARD's)"));
-  }
+  FSDP_RETURN_IF_ERROR(CheckWrapArguments(module, group, options));
   std::unordered_set<torch::nn::Module*> ignored;
   for (const auto& m : options.ignored_modules) {
     if (m == module) {
@@ -347,39 +392,12 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   std::unordered_set<torch::nn::Module*> unit_modules;
   for (const auto& [m, slot] : unit_slot) unit_modules.insert(m);
 
-  // Units claim parameters inside-out (deepest module first), as nested FSDP constructors run
-  // before their parents'; among modules at one depth, later pre-order positions first.
   std::vector<size_t> unit_nodes;
   for (size_t i = 0; i < nodes.size(); ++i) {
     if (unit_modules.count(nodes[i].module)) unit_nodes.push_back(i);
   }
-  auto depth = [&](size_t i) {
-    return std::count(nodes[i].prefix.begin(), nodes[i].prefix.end(), '.');
-  };
-  std::vector<size_t> claim_order = unit_nodes;
-  std::stable_sort(claim_order.begin(), claim_order.end(),
-                   [&](size_t a, size_t b) { return depth(a) > depth(b); });
-  std::unordered_map<const c10::TensorImpl*, size_t> claimed_by;  // impl -> unit node
-  std::unordered_map<size_t, std::vector<FlatParamEntry>> entries;
-  for (size_t node : claim_order) {
-    std::unordered_set<torch::nn::Module*> stop = unit_modules;
-    stop.erase(nodes[node].module);
-    std::vector<std::pair<std::string, at::Tensor>> params;
-    CollectUnitParams(*nodes[node].module, nodes[node].prefix, stop, ignored, params);
-    std::vector<FlatParamEntry>& mine = entries[node];
-    for (auto& [fqn, param] : params) {
-      const c10::TensorImpl* impl = param.unsafeGetTensorImpl();
-      auto it = claimed_by.find(impl);
-      if (it == claimed_by.end()) {
-        claimed_by[impl] = node;
-        mine.push_back({{fqn}, param});
-      } else if (it->second == node) {
-        for (FlatParamEntry& e : mine) {
-          if (e.param.unsafeGetTensorImpl() == impl) e.fqns.push_back(fqn);
-        }
-      }
-    }
-  }
+  std::unordered_map<size_t, std::vector<FlatParamEntry>> entries =
+      ClaimParameters(nodes, unit_nodes, unit_modules, ignored);
 
   fsdp->module_ = std::move(module);
   fsdp->group_ = group;

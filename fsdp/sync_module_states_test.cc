@@ -17,20 +17,8 @@ namespace fsdp {
 namespace {
 
 using ::fsdp::testing::Borrow;
+using ::fsdp::testing::NormNet;
 using ::fsdp::testing::RunInRanks;
-
-// Parameters and a floating buffer (BatchNorm's running statistics).
-struct NormNetImpl : torch::nn::Module {
-  NormNetImpl()
-      : in(register_module("in", torch::nn::Linear(4, 3))),
-        norm(register_module("norm", torch::nn::BatchNorm1d(3))),
-        out(register_module("out", torch::nn::Linear(3, 2))) {}
-  torch::Tensor forward(torch::Tensor x) { return out(norm(in(x))); }
-  torch::nn::Linear in;
-  torch::nn::BatchNorm1d norm;
-  torch::nn::Linear out;
-};
-TORCH_MODULE(NormNet);
 
 // Builds NormNet from `seed` with a running mean that shows the seed too.
 NormNet BuildFromSeed(int seed) {
