@@ -101,9 +101,9 @@ absl::StatusOr<std::unique_ptr<FlatParamHandle>> FlatParamHandle::Create(
   handle->stashed_grads_.resize(handle->params_.size());
   at::Tensor flat = at::cat(pieces);
   const auto options = flat.options();
-  handle->param_dtype_ = mixed_precision.param_dtype.value_or(dtype);
+  handle->compute_dtype_ = mixed_precision.param_dtype.value_or(dtype);
   handle->reduce_dtype_ = mixed_precision.effective_reduce_dtype().value_or(dtype);
-  const auto compute_options = options.dtype(handle->param_dtype_);
+  const auto compute_options = options.dtype(handle->compute_dtype_);
   if (handle->sharded()) {
     const int64_t n = handle->group_->size();
     handle->shard_numel_ = (handle->numel_ + n - 1) / n;
@@ -169,7 +169,7 @@ absl::Status FlatParamHandle::Unshard() {
   at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), full_bytes_);
   // Mixed precision: cast, then gather in param_dtype (FSDP1's `_use_low_precision_shard`).
   at::Tensor shard = flat_param_.detach();
-  if (uses_low_precision_params()) shard = shard.to(param_dtype_);
+  if (uses_low_precision_params()) shard = shard.to(compute_dtype_);
   if (sharded()) {
     FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(full_, shard),
                          absl::StrCat("unsharding flat parameter [", Describe(), "]"));
@@ -220,7 +220,7 @@ absl::Status FlatParamHandle::ReduceGradients() {
   }
   // In the gradients' own dtype (compute_dtype()): no_sync accumulates in it, as autograd
   // accumulates PyTorch's unsharded gradient.
-  at::Tensor full_grad = at::zeros({padded_numel_}, flat_param_.options().dtype(param_dtype_));
+  at::Tensor full_grad = at::zeros({padded_numel_}, flat_param_.options().dtype(compute_dtype_));
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor& grad = params_[i].mutable_grad();
     if (!grad.defined()) continue;
@@ -248,7 +248,7 @@ absl::Status FlatParamHandle::ReduceGradients() {
   // divided by the postdivide factor.
   // Mixed precision: in reduce_dtype, cast back to the flat parameter's dtype after the
   // postdivide (FSDP1's `_post_backward_hook` and `_cast_grad_to_param_dtype`).
-  const at::ScalarType param_dtype = flat_param_.scalar_type();
+  const at::ScalarType flat_dtype = flat_param_.scalar_type();
   at::Tensor shard_grad;
   if (sharded()) {
     full_grad = full_grad.to(reduce_dtype_);
@@ -262,7 +262,7 @@ absl::Status FlatParamHandle::ReduceGradients() {
                                         "] over its replicas"));
     }
     DivideIfNeeded(shard_grad, divide_.postdivide);
-    shard_grad = shard_grad.to(param_dtype);
+    shard_grad = shard_grad.to(flat_dtype);
   } else {
     // NO_SHARD: PyTorch's flat parameter keeps its gradient between backward passes and
     // autograd adds the new one to it, so a gradient already there is reduced again with the
@@ -274,7 +274,7 @@ absl::Status FlatParamHandle::ReduceGradients() {
       for (size_t i = 0; i < params_.size(); ++i) {
         if (!stashed_grads_[i].defined()) continue;
         // The earlier gradient's dtype (the parameter's): added as autograd would add.
-        if (full_grad.scalar_type() != param_dtype) full_grad = full_grad.to(param_dtype);
+        if (full_grad.scalar_type() != flat_dtype) full_grad = full_grad.to(flat_dtype);
         full_grad.narrow(0, infos_[i].offset, infos_[i].numel)
             .add_(stashed_grads_[i].reshape({-1}));
         stashed_grads_[i] = at::Tensor();
@@ -285,7 +285,7 @@ absl::Status FlatParamHandle::ReduceGradients() {
     FSDP_RETURN_IF_ERROR(group_->AllReduce(full_grad, comm::ReduceOp::kSum),
                          absl::StrCat("reducing gradients of flat parameter [", Describe(), "]"));
     DivideIfNeeded(full_grad, divide_.postdivide);
-    shard_grad = full_grad.to(param_dtype);
+    shard_grad = full_grad.to(flat_dtype);
   }
   if (!use_orig_params_) {
     at::Tensor& flat_grad = flat_param_.mutable_grad();

@@ -113,10 +113,10 @@ class FlatParamHandle {
   const std::shared_ptr<comm::ProcessGroup>& replicate_group() const { return replicate_group_; }
   // The dtype of the gathered parameters and their gradients (mixed precision's param_dtype,
   // else the flat parameter's), and the dtype gradients are reduced in.
-  at::ScalarType compute_dtype() const { return param_dtype_; }
+  at::ScalarType compute_dtype() const { return compute_dtype_; }
   at::ScalarType reduce_dtype() const { return reduce_dtype_; }
   // Whether Unshard() casts: then even NO_SHARD gathers into a buffer of its own.
-  bool uses_low_precision_params() const { return param_dtype_ != flat_param_.scalar_type(); }
+  bool uses_low_precision_params() const { return compute_dtype_ != flat_param_.scalar_type(); }
   // Which part of parameter `index` lies in shard `rank` (any rank, not only this one).
   ParamShard ShardOf(size_t index, int rank) const;
   // "a.weight, a.bias" (canonical FQNs), for messages.
@@ -158,7 +158,7 @@ class FlatParamHandle {
   std::shared_ptr<comm::ProcessGroup> replicate_group_;
   ShardingStrategy strategy_ = ShardingStrategy::kFullShard;
   bool use_orig_params_ = false;
-  at::ScalarType param_dtype_ = at::kFloat;
+  at::ScalarType compute_dtype_ = at::kFloat;
   at::ScalarType reduce_dtype_ = at::kFloat;
   GradientDivideFactors divide_;  // for the group's size
   std::vector<FlatParamInfo> infos_;
