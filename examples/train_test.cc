@@ -326,36 +326,46 @@ TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
   EXPECT_THAT(run.output, HasSubstr("no_such_checkpoint"));
 }
 
-// HYBRID_SHARD saves a sharded checkpoint once (the first replica's shard group writes two rank
-// files, not four), and a FULL_SHARD job at another world size continues from it with the
-// uninterrupted hybrid run's losses.
-TEST(Train, HybridShardSavesOneReplicaAndResumesUnderAnotherStrategy) {
+// HYBRID_SHARD saves once: a sharded checkpoint from the first replica's shard group (two rank
+// files, not four), a full one from rank 0. A FULL_SHARD job at world size 3 resumes from the
+// sharded one, a hybrid job of two one-rank replicas (loading on every replica) from the full
+// one, both with the uninterrupted hybrid run's losses.
+TEST(Train, HybridShardSavesOnceAndResumesUnderAnotherLayout) {
   const std::string train = Runfile("examples/train");
   const std::string common = " --model=nested --optimizer=adam --wrap=wrap_root --timeout_s=120";
   const std::string hybrid =
       " --world_size=4 --sharding_strategy=hybrid_shard --shard_group_size=2";
   CommandResult straight = RunCommand(absl::StrCat(train, common, hybrid, " --steps=6"));
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
-  const std::string dir = TempDir("hybrid_sharded");
-  CommandResult first = RunCommand(
-      absl::StrCat(train, common, hybrid, " --steps=3 --state_dict_type=sharded --save=", dir));
-  ASSERT_EQ(first.exit_code, 0) << first.output;
-  int rank_files = 0;
-  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
-    rank_files += absl::StartsWith(entry.path().filename().string(), "rank-");
-  }
-  EXPECT_EQ(rank_files, 2) << "one file per rank of one shard group";
-  CommandResult resumed = RunCommand(absl::StrCat(
-      train, common, " --world_size=3 --sharding_strategy=full_shard --steps=3 --load=", dir));
-  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
   const std::vector<double> all = StepLosses(straight.output);
-  const std::vector<double> tail = StepLosses(resumed.output);
   ASSERT_EQ(all.size(), 6u) << straight.output;
-  ASSERT_EQ(tail.size(), 3u) << resumed.output;
-  for (int i = 0; i < 3; ++i) {
-    EXPECT_NEAR(tail[i], all[3 + i], 1e-5 * std::max(1.0, std::abs(all[3 + i])))
-        << "step " << 3 + i << "\n"
-        << resumed.output;
+  const std::pair<const char*, const char*> kCases[] = {
+      {"sharded", " --world_size=3 --sharding_strategy=full_shard"},
+      {"full", " --world_size=2 --sharding_strategy=hybrid_shard --shard_group_size=1"},
+  };
+  for (const auto& [type, loader] : kCases) {
+    SCOPED_TRACE(type);
+    const std::string dir = TempDir(absl::StrCat("hybrid_", type));
+    CommandResult first = RunCommand(absl::StrCat(
+        train, common, hybrid, " --steps=3 --state_dict_type=", type, " --save=", dir));
+    ASSERT_EQ(first.exit_code, 0) << first.output;
+    if (std::string(type) == "sharded") {
+      int rank_files = 0;
+      for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+        rank_files += absl::StartsWith(entry.path().filename().string(), "rank-");
+      }
+      EXPECT_EQ(rank_files, 2) << "one file per rank of one shard group";
+    }
+    CommandResult resumed =
+        RunCommand(absl::StrCat(train, common, loader, " --steps=3 --load=", dir));
+    ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+    const std::vector<double> tail = StepLosses(resumed.output);
+    ASSERT_EQ(tail.size(), 3u) << resumed.output;
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_NEAR(tail[i], all[3 + i], 1e-5 * std::max(1.0, std::abs(all[3 + i])))
+          << "step " << 3 + i << "\n"
+          << resumed.output;
+    }
   }
 }
 
