@@ -8,12 +8,17 @@
 
 #include <torch/torch.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "comm/multiprocess_testutil.h"
 #include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
@@ -21,6 +26,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "models/nested_model.h"
+#include "tools/python_testutil.h"
 
 namespace fsdp {
 namespace {
@@ -182,6 +188,64 @@ TEST(FsdpMixedPrecision, UnmanagedFloat32LayerMeetingParamDtypeActivationsIsAnEr
       EXPECT_THAT(e.what(), HasSubstr("expected m1 and m2 to have the same dtype"));
     }
   });
+}
+
+// PyTorch's dtype name ("bfloat16", "float32", "int64").
+std::string TorchDtypeName(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kFloat:
+      return "float32";
+    case at::kLong:
+      return "int64";
+    default:
+      return c10::toString(dtype);
+  }
+}
+
+// The same model under FSDP1 MixedPrecision(bf16, bf16, bf16) (testdata/mixed_precision_dtypes.py):
+// the output, every module buffer and every full state dict entry have FSDP1's dtypes.
+TEST(FsdpMixedPrecision, BufferAndStateDictDtypesAreFsdp1s) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string ours_path = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/mp_dtypes_ours.txt");
+  RunInRanks(2, [ours_path](comm::ProcessGroup& group) {
+    torch::manual_seed(0);
+    NormNet net;
+    FsdpOptions options;
+    options.mixed_precision = {
+        .param_dtype = at::kBFloat16, .reduce_dtype = at::kBFloat16, .buffer_dtype = at::kBFloat16};
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp,
+                              FullyShardedDataParallel::Wrap(net, Borrow(group), options));
+    std::vector<std::string> lines = {
+        absl::StrCat("output ", TorchDtypeName(fsdp->forward(torch::randn({5, 4})).scalar_type()))};
+    for (const auto& b : net->named_buffers()) {
+      lines.push_back(
+          absl::StrCat("buffer ", b.key(), " ", TorchDtypeName(b.value().scalar_type())));
+    }
+    FSDP_ASSERT_OK_AND_ASSIGN(StateDict full, FullStateDict(*fsdp, {.rank0_only = false}));
+    for (const auto& [key, value] : full) {
+      lines.push_back(absl::StrCat("state ", key, " ", TorchDtypeName(value.scalar_type())));
+    }
+    if (group.rank() == 0) std::ofstream(ours_path) << absl::StrJoin(lines, "\n") << "\n";
+  });
+  if (::fsdp::testing::IsRankProcess()) return;
+  const ::fsdp::testing::CommandResult py = ::fsdp::testing::RunCommand(
+      absl::StrCat(::fsdp::testing::PythonCommand(), " ",
+                   ::fsdp::testing::Runfile("fsdp/testdata/mixed_precision_dtypes.py")));
+  ASSERT_EQ(py.exit_code, 0) << py.output;
+  std::vector<std::string> pytorch;
+  for (absl::string_view line : absl::StrSplit(py.output, '\n')) {
+    if (absl::StartsWith(line, "output ") || absl::StartsWith(line, "buffer ") ||
+        absl::StartsWith(line, "state ")) {
+      pytorch.emplace_back(line);
+    }
+  }
+  std::ifstream in(ours_path);
+  std::vector<std::string> ours;
+  for (std::string line; std::getline(in, line);) ours.push_back(line);
+  ASSERT_FALSE(pytorch.empty()) << py.output;
+  EXPECT_EQ(ours, pytorch);
 }
 
 TEST(FsdpMixedPrecision, KeepsBuffersInBufferDtypeAndSavesThemInTheirOwn) {
