@@ -72,23 +72,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "checkpoint/sharded_format.h"
+#include "checkpoint/sharded_save_options.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "optim_state/optimizer_adapter.h"
 
 namespace fsdp::checkpoint {
-
-struct SaveShardedOptions {
-  // Size of the checksummed blocks (a partial reader reads whole blocks).
-  int64_t block_bytes = kDefaultBlockBytes;
-  // Stored in metadata.json's "user_metadata" (rank 0's map is used), committed with the
-  // checkpoint; read back with ShardedCheckpointReader::Open(dir)->metadata().user_metadata.
-  std::map<std::string, std::string> user_metadata;
-};
-
-struct SaveStats {
-  int64_t bytes_written = 0;  // this rank's data file (rank 0: plus metadata.json)
-  double seconds = 0;
-};
 
 // Saves model (and optimizer, unless `adapter` is null) into DIR. See above.
 [[nodiscard]] absl::StatusOr<SaveStats> SaveShardedCheckpoint(

@@ -86,6 +86,9 @@ ABSL_FLAG(std::string, state_dict_type, "",
           "Checkpoint kind for --save: full (model.pt + optim.pt, what PyTorch FSDP users save) "
           "or sharded (metadata.json + one file per rank; loads at any world size). Default: "
           "sharded with --demo, full otherwise. --load recognises both.");
+ABSL_FLAG(bool, async_save, false,
+          "With --state_dict_type=sharded: save in the background (checkpoint/"
+          "async_checkpoint_saver.h, as dcp.async_save): training goes on while it is written.");
 ABSL_FLAG(std::string, load, "", "Start from the checkpoint in this directory.");
 ABSL_FLAG(std::string, strip_key_prefixes, "",
           "--load of a full checkpoint saved from a wrapped PyTorch model: key prefixes the "
@@ -423,6 +426,9 @@ absl::Status CheckJobFlags() {
     return absl::InvalidArgumentError(
         absl::StrCat("--state_dict_type=", StateDictType(), " is not one of full, sharded"));
   }
+  if (absl::GetFlag(FLAGS_async_save) && StateDictType() != "sharded") {
+    return absl::InvalidArgumentError("--async_save needs --state_dict_type=sharded");
+  }
   if (absl::StatusOr<fsdp::checkpoint::KeyPrefixes> strip =
           fsdp::checkpoint::ParseKeyPrefixes(absl::GetFlag(FLAGS_strip_key_prefixes));
       !strip.ok()) {
@@ -578,14 +584,19 @@ absl::Status RunRank() {
   const int skip = first_step * std::max(1, absl::GetFlag(FLAGS_grad_accum));
   for (int batch = 0; batch < skip; ++batch) job.skip_batch();
   FSDP_ASSIGN_OR_RETURN(const LoopSettings settings, ReadLoopSettings());
+  std::unique_ptr<fsdp::checkpoint::AsyncCheckpointSaver> async_saver;
+  if (absl::GetFlag(FLAGS_async_save)) {
+    FSDP_ASSIGN_OR_RETURN(async_saver, fsdp::checkpoint::AsyncCheckpointSaver::Create(*job.fsdp));
+  }
   const auto run_start = std::chrono::steady_clock::now();
   double last_loss = 0;
   for (int step = first_step; step < first_step + settings.steps; ++step) {
     FSDP_ASSIGN_OR_RETURN(last_loss,
                           TrainStep(*group, job, *optimizer, adapter, settings, step, loss_log));
     if (!settings.save_dir.empty() && settings.save_at > 0 && step + 1 == settings.save_at) {
-      FSDP_RETURN_IF_ERROR(fsdp::examples::SaveTrainCheckpoint(
-          settings.save_dir, StateDictType(), step + 1, *group, *job.fsdp, adapter));
+      FSDP_RETURN_IF_ERROR(fsdp::examples::SaveTrainCheckpoint(settings.save_dir, StateDictType(),
+                                                               step + 1, *group, *job.fsdp, adapter,
+                                                               async_saver.get()));
     }
   }
   if (rank == 0) {
@@ -595,9 +606,12 @@ absl::Status RunRank() {
                  last_loss);
   }
   if (!settings.save_dir.empty() && settings.save_at == 0) {
-    FSDP_RETURN_IF_ERROR(fsdp::examples::SaveTrainCheckpoint(settings.save_dir, StateDictType(),
-                                                             first_step + settings.steps, *group,
-                                                             *job.fsdp, adapter));
+    FSDP_RETURN_IF_ERROR(fsdp::examples::SaveTrainCheckpoint(
+        settings.save_dir, StateDictType(), first_step + settings.steps, *group, *job.fsdp, adapter,
+        async_saver.get()));
+  }
+  if (async_saver != nullptr) {
+    FSDP_RETURN_IF_ERROR(fsdp::examples::WaitForTrainCheckpoint(*async_saver, *group));
   }
   return absl::OkStatus();
 }

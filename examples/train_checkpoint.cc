@@ -145,8 +145,25 @@ absl::StatusOr<int> LoadTrainCheckpoint(const std::string& dir,
 absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type, int steps_done,
                                  fsdp::comm::ProcessGroup& group,
                                  fsdp::FullyShardedDataParallel& fsdp,
-                                 const fsdp::optim_state::OptimizerAdapter& adapter) {
+                                 const fsdp::optim_state::OptimizerAdapter& adapter,
+                                 fsdp::checkpoint::AsyncCheckpointSaver* async_saver) {
   const auto start = std::chrono::steady_clock::now();
+  if (async_saver != nullptr) {
+    FSDP_RETURN_IF_ERROR(CreateParentDir(dir), absl::StrCat("--save=", dir));
+    fsdp::checkpoint::SaveShardedOptions options;
+    options.user_metadata["steps_done"] = std::to_string(steps_done);
+    absl::StatusOr<fsdp::checkpoint::AsyncSaveStats> stats =
+        async_saver->Save(dir, &adapter, options);
+    FSDP_RETURN_IF_ERROR(stats.status(), absl::StrCat("--save=", dir));
+    if (group.rank() == 0) {
+      absl::PrintF(
+          "train: saving a sharded checkpoint in %s after step %d in the background (training "
+          "held up %.3f s)\n",
+          dir, steps_done - 1, stats->blocked_seconds);
+      std::fflush(stdout);
+    }
+    return absl::OkStatus();
+  }
   FSDP_RETURN_IF_ERROR(type == "sharded"
                            ? SaveShardedTrainCheckpoint(dir, steps_done, fsdp, adapter)
                            : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
@@ -155,6 +172,19 @@ absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type
     absl::PrintF("train: saved a %s checkpoint in %s after step %d (%.2f s)\n", type, dir,
                  steps_done - 1,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WaitForTrainCheckpoint(fsdp::checkpoint::AsyncCheckpointSaver& async_saver,
+                                    fsdp::comm::ProcessGroup& group) {
+  if (!async_saver.pending()) return absl::OkStatus();
+  absl::StatusOr<fsdp::checkpoint::SaveStats> saved = async_saver.Wait();
+  FSDP_RETURN_IF_ERROR(saved.status(), "--async_save: the background save");
+  if (group.rank() == 0) {
+    absl::PrintF("train: the background save is committed (%.2f s after it started)\n",
+                 saved->seconds);
     std::fflush(stdout);
   }
   return absl::OkStatus();

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "checkpoint/async_checkpoint_saver.h"
 #include "comm/process_group.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "optim_state/optimizer_adapter.h"
@@ -25,11 +26,18 @@ namespace fsdp::examples {
 absl::Status CreateParentDir(const std::string& dir);
 
 // Saves `type` ("full" or "sharded") to `dir` after `steps_done` steps; rank 0 prints a line
-// saying so (and how long it took).
+// saying so (and how long it took). With `async_saver` (sharded only) the save is started in
+// the background: the line says how long training was held up, and an error of the previous
+// background save is returned here.
 absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type, int steps_done,
                                  fsdp::comm::ProcessGroup& group,
                                  fsdp::FullyShardedDataParallel& fsdp,
-                                 const fsdp::optim_state::OptimizerAdapter& adapter);
+                                 const fsdp::optim_state::OptimizerAdapter& adapter,
+                                 fsdp::checkpoint::AsyncCheckpointSaver* async_saver = nullptr);
+
+// Waits for the background save in flight, if any; rank 0 prints when it was committed.
+absl::Status WaitForTrainCheckpoint(fsdp::checkpoint::AsyncCheckpointSaver& async_saver,
+                                    fsdp::comm::ProcessGroup& group);
 
 // Loads the checkpoint in `dir`, whichever kind rank 0 finds there (a full one may also come
 // from PyTorch; `strip_key_prefixes` as checkpoint::ParseKeyPrefixes takes them, for a wrapped

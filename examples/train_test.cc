@@ -215,6 +215,36 @@ TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
   EXPECT_EQ(std::string(signature, 8), std::string("\x89PNG\r\n\x1a\n", 8));
 }
 
+// --async_save: the checkpoint is written while training goes on, and a job at another world
+// size resumes from it with the losses of the uninterrupted run.
+TEST(Train, AsyncSaveResumesLikeASynchronousSave) {
+  const std::string out = TempDir("async_save");
+  CommandResult run = RunCommand(absl::StrCat(
+      Runfile("examples/train"), " --model=nested --optimizer=adam --wrap=wrap",
+      " --steps=6 --save_at_step=3 --world_size=2 --resume_world_size=3 --resume_wrap=none",
+      " --timeout_s=120 --state_dict_type=sharded --async_save --save=", out, "/checkpoint"));
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_THAT(run.output, HasSubstr("saving a sharded checkpoint in " + out +
+                                    "/checkpoint after step 2 in the background"));
+  EXPECT_THAT(run.output, HasSubstr("the background save is committed"));
+  EXPECT_THAT(run.output, HasSubstr("resuming at step 3"));
+  const std::vector<double> losses = StepLosses(run.output);
+  ASSERT_EQ(losses.size(), 9u) << run.output;  // steps 0-5, then 3-5 again
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(losses[6 + i], losses[3 + i], 1e-5 * std::max(1.0, std::abs(losses[3 + i])))
+        << "step " << 3 + i << "\n"
+        << run.output;
+  }
+}
+
+TEST(Train, AsyncSaveNeedsAShardedCheckpoint) {
+  CommandResult run = RunCommand(absl::StrCat(
+      Runfile("examples/train"), " --model=nested --steps=1 --world_size=2",
+      " --state_dict_type=full --async_save --save=", TempDir("async_full"), "/checkpoint"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_THAT(run.output, HasSubstr("--async_save needs --state_dict_type=sharded"));
+}
+
 struct PyTorchCheckpointCase {
   std::string model;
   std::string optimizer;

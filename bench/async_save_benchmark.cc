@@ -1,0 +1,243 @@
+// async_save_benchmark: how long a sharded save holds training up, synchronous
+// (SaveShardedCheckpoint) against asynchronous (AsyncCheckpointSaver, checkpoint/
+// async_checkpoint_saver.h), for the 52.5M-parameter BenchTransformer with Adam state (630 MB
+// of checkpoint) under FULL_SHARD on 2 ranks.
+//
+//   bazel run -c opt //bench:async_save_benchmark [-- --out_dir=/some/dir]
+//
+// One case, BM_AsyncSave/world:2; per iteration, on both ranks, each part between barriers so
+// that the slowest rank counts:
+//   1. SaveShardedCheckpoint into a fresh directory (the synchronous save: the reference);
+//   2. AsyncCheckpointSaver::Save into another (the time it blocks: the case's time), then one
+//      training step while the background thread writes, then Wait() (the time still left);
+//   3. one training step with no save in flight.
+// The save directories of the previous iteration are removed before the clock starts.
+//
+// Counters (rank 0's wall time, means over the iterations; UseManualTime = part 2's blocking):
+//   sync_ms             the synchronous save.
+//   vs_sync             blocked time / synchronous save (goal: <= 0.1).
+//   staged_bytes        bytes Save() copied into its staging buffers on rank 0.
+//   step_ms             a training step with no save in flight.
+//   step_during_save_ms the step right after Save() returned, while the write goes on (the
+//                       write's cost to training on a machine with few cores).
+//   wait_ms             Wait() after that step: what the background write still needed.
+#include <ATen/ATen.h>
+#include <benchmark/benchmark.h>
+#include <sys/stat.h>
+#include <torch/optim/adam.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "bench/bench_transformer.h"
+#include "bench/rank_harness.h"
+#include "bench/rank_util.h"
+#include "checkpoint/async_checkpoint_saver.h"
+#include "checkpoint/atomic_dir.h"
+#include "checkpoint/sharded_checkpoint.h"
+#include "comm/launcher.h"
+#include "comm/process_group.h"
+#include "comm/rendezvous.h"
+#include "comm/status_macros.h"
+#include "fsdp/fully_sharded_data_parallel.h"
+#include "optim_state/optimizer_adapter.h"
+
+namespace fsdp::bench {
+namespace {
+
+using comm::ProcessGroup;
+using optim_state::OptimizerAdapter;
+
+constexpr int kLaunchedRanks = 2;
+constexpr int64_t kIterations = 3;
+constexpr int64_t kSeq = 8;
+constexpr int64_t kBatch = 2;
+
+struct Job {
+  std::shared_ptr<ProcessGroup> group;
+  BenchTransformer model{nullptr};
+  std::unique_ptr<FullyShardedDataParallel> fsdp;
+  std::unique_ptr<torch::optim::Adam> adam;
+  std::optional<OptimizerAdapter> adapter;
+  std::unique_ptr<checkpoint::AsyncCheckpointSaver> saver;
+};
+
+absl::Status TrainStep(Job& job) {
+  return CallTorch("training step", [&]() -> absl::Status {
+    auto [src, tgt] = job.model->MakeBatch(kSeq, kBatch, /*seed=*/1 + job.group->rank());
+    torch::Tensor loss = job.model->Loss(job.fsdp->forward(src, tgt.slice(0, 0, -1)), tgt);
+    job.adam->zero_grad();
+    loss.backward();
+    return job.adapter->Step();
+  });
+}
+
+absl::StatusOr<std::unique_ptr<Job>> BuildJob(std::shared_ptr<ProcessGroup> group) {
+  auto job = std::make_unique<Job>();
+  job->group = group;
+  job->model = BenchTransformer(BenchTransformerConfig{}, /*seed=*/0);
+  FsdpOptions options;
+  options.nested = job->model->layer_slots();
+  FSDP_ASSIGN_OR_RETURN(job->fsdp, FullyShardedDataParallel::Wrap(job->model, group, options));
+  job->adam = std::make_unique<torch::optim::Adam>(job->fsdp->parameters(),
+                                                   torch::optim::AdamOptions(1e-4));
+  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*job->adam));
+  job->adapter.emplace(std::move(adapter));
+  FSDP_ASSIGN_OR_RETURN(job->saver, checkpoint::AsyncCheckpointSaver::Create(*job->fsdp));
+  FSDP_RETURN_IF_ERROR(TrainStep(*job));  // creates the Adam state
+  return job;
+}
+
+double Since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// `body` between two barriers; its wall time on this rank, barriers included.
+template <typename Body>
+absl::StatusOr<double> Timed(ProcessGroup& group, Body body) {
+  FSDP_RETURN_IF_ERROR(group.Barrier());
+  const auto start = std::chrono::steady_clock::now();
+  FSDP_RETURN_IF_ERROR(body());
+  FSDP_RETURN_IF_ERROR(group.Barrier());
+  return Since(start);
+}
+
+struct Times {
+  double sync = 0, blocked = 0, step_during = 0, wait = 0, step = 0;
+  int64_t staged_bytes = 0;
+};
+
+absl::Status RemoveOnRank0(ProcessGroup& group, const std::string& dir) {
+  if (group.rank() == 0) FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(dir));
+  return group.Barrier();
+}
+
+absl::StatusOr<Times> RunIteration(Job& job, const std::string& run_dir) {
+  ProcessGroup& g = *job.group;
+  const std::string sync_dir = run_dir + "/sync";
+  const std::string async_dir = run_dir + "/async";
+  FSDP_RETURN_IF_ERROR(RemoveOnRank0(g, sync_dir));
+  FSDP_RETURN_IF_ERROR(RemoveOnRank0(g, async_dir));
+  Times t;
+  FSDP_ASSIGN_OR_RETURN(
+      t.sync, Timed(g, [&] {
+        return checkpoint::SaveShardedCheckpoint(sync_dir, *job.fsdp, &*job.adapter).status();
+      }));
+  FSDP_ASSIGN_OR_RETURN(t.blocked, Timed(g, [&]() -> absl::Status {
+                          FSDP_ASSIGN_OR_RETURN(checkpoint::AsyncSaveStats stats,
+                                                job.saver->Save(async_dir, &*job.adapter));
+                          t.staged_bytes = stats.staged_bytes;
+                          return absl::OkStatus();
+                        }));
+  FSDP_ASSIGN_OR_RETURN(t.step_during, Timed(g, [&] { return TrainStep(job); }));
+  FSDP_ASSIGN_OR_RETURN(t.wait, Timed(g, [&] { return job.saver->Wait().status(); }));
+  FSDP_ASSIGN_OR_RETURN(t.step, Timed(g, [&] { return TrainStep(job); }));
+  return t;
+}
+
+struct RankState {
+  std::unique_ptr<Job> job;
+  std::string run_dir;
+};
+RankState* g_state = nullptr;
+
+absl::StatusOr<std::vector<Times>> RunCase(const RankGroups& groups, int64_t iterations) {
+  RankState& state = *g_state;
+  if (state.job == nullptr) {
+    FSDP_ASSIGN_OR_RETURN(state.job, BuildJob(groups.world));
+  }
+  std::vector<Times> all;
+  for (int64_t i = 0; i < iterations; ++i) {
+    FSDP_ASSIGN_OR_RETURN(Times t, RunIteration(*state.job, state.run_dir));
+    all.push_back(t);
+  }
+  return all;
+}
+
+absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) {
+  return RunCase(groups, words[1]).status();
+}
+
+void BM_AsyncSave(benchmark::State& state, const RankGroups* groups) {
+  if (SkipAfterFailure(state)) return;
+  absl::StatusOr<std::vector<Times>> times = [&]() -> absl::StatusOr<std::vector<Times>> {
+    FSDP_RETURN_IF_ERROR(SendCommand({1, static_cast<int64_t>(state.max_iterations)}));
+    return RunCase(*groups, static_cast<int64_t>(state.max_iterations));
+  }();
+  if (!times.ok()) return FailBenchmark(state, times.status());
+  Times mean;
+  size_t i = 0;
+  for (auto _ : state) state.SetIterationTime(times->at(i++).blocked);
+  for (const Times& t : *times) {
+    mean.sync += t.sync / times->size();
+    mean.blocked += t.blocked / times->size();
+    mean.step_during += t.step_during / times->size();
+    mean.wait += t.wait / times->size();
+    mean.step += t.step / times->size();
+    mean.staged_bytes = t.staged_bytes;
+  }
+  state.counters["sync_ms"] = mean.sync * 1e3;
+  state.counters["vs_sync"] = mean.blocked / mean.sync;
+  state.counters["staged_bytes"] =
+      benchmark::Counter(static_cast<double>(mean.staged_bytes), benchmark::Counter::kDefaults,
+                         benchmark::Counter::kIs1024);
+  state.counters["step_ms"] = mean.step * 1e3;
+  state.counters["step_during_save_ms"] = mean.step_during * 1e3;
+  state.counters["wait_ms"] = mean.wait * 1e3;
+}
+
+void RegisterCases(const RankGroups& groups) {
+  benchmark::RegisterBenchmark("BM_AsyncSave/world:2",
+                               [&groups](benchmark::State& state) { BM_AsyncSave(state, &groups); })
+      ->Iterations(kIterations)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+int RunRank(int argc, char** argv) {
+  RankState state;
+  const char* tmp = std::getenv("TMPDIR");
+  std::string out_dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (i > 0 && arg.rfind("--out_dir=", 0) == 0) {
+      out_dir = arg.substr(10);
+    } else {
+      args.push_back(argv[i]);
+    }
+  }
+  // Every rank uses the same directory, named after this job's rendezvous port.
+  const char* port = std::getenv("MASTER_PORT");
+  state.run_dir = absl::StrCat(out_dir, "/fsdp-asyncbench-", port != nullptr ? port : "run");
+  ::mkdir(state.run_dir.c_str(), 0755);
+  g_state = &state;
+  RankHarnessOptions options;
+  options.name = "async_save_benchmark";
+  const int exit_code = RunRankHarness(static_cast<int>(args.size()), args.data(), options,
+                                       RegisterCases, FollowCommand);
+  state.job.reset();
+  g_state = nullptr;
+  (void)checkpoint::RemoveTree(state.run_dir);
+  return exit_code;
+}
+
+}  // namespace
+}  // namespace fsdp::bench
+
+int main(int argc, char** argv) {
+  if (!fsdp::comm::LaunchedByLauncher()) {
+    return fsdp::bench::LaunchSelfAsRanks(argc, argv, fsdp::bench::kLaunchedRanks,
+                                          "async_save_benchmark");
+  }
+  return fsdp::bench::RunRank(argc, argv);
+}

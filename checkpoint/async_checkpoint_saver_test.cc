@@ -1,0 +1,196 @@
+// AsyncCheckpointSaver on real ranks: the checkpoint holds the state at Save() even though the
+// model and optimizer are overwritten while it is written, loads at another world size and
+// layout like a synchronous save's, and a failed background write surfaces from Wait() and from
+// the next Save() on every rank while the previous checkpoint stays loadable.
+#include "checkpoint/async_checkpoint_saver.h"
+
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <torch/torch.h>
+
+#include <csignal>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "checkpoint/atomic_dir.h"
+#include "checkpoint/checkpoint_testutil.h"
+#include "checkpoint/full_checkpoint.h"
+#include "checkpoint/sharded_checkpoint.h"
+#include "comm/multiprocess_testutil.h"
+#include "fsdp/state_dict.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "optim_state/optim_state_dict.h"
+
+namespace fsdp::checkpoint {
+namespace {
+
+using ::fsdp::testing::IsOk;
+using ::fsdp::testing::IsRankProcess;
+using ::fsdp::testing::StatusIs;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using namespace ::fsdp::checkpoint::testing;  // NOLINT
+
+// The full state, detached from the live tensors (unmanaged parameters' entries are views).
+FullState Snapshot(Job& job) {
+  FullState s = Gather(job);
+  for (auto& [fqn, t] : s.model) t = t.clone();
+  return s;
+}
+
+// Overwrites every parameter and optimizer state tensor in place, as training would.
+void Scribble(Job& job) {
+  torch::NoGradGuard no_grad;
+  for (at::Tensor& p : job.fsdp->parameters()) p.detach().fill_(-7.0);
+  auto osd = job.adapter->StateDict();
+  ASSERT_THAT(osd, IsOk());
+  for (auto& [key, state] : osd->state) {
+    for (auto& [name, value] : state) {
+      if (value.Is<at::Tensor>() && value.Get<at::Tensor>().dim() > 0) {
+        value.Get<at::Tensor>().fill_(3.0);
+      }
+    }
+  }
+}
+
+struct AsyncCase {
+  Config save;
+  Config load;
+};
+
+class AsyncCheckpointSaverTest : public ::testing::TestWithParam<AsyncCase> {};
+
+std::string CaseName(const ::testing::TestParamInfo<AsyncCase>& info) {
+  return absl::StrCat(Name(info.param.save), "_to_", Name(info.param.load));
+}
+
+TEST_P(AsyncCheckpointSaverTest, SavesTheStateAtSaveWhileTrainingOverwritesIt) {
+  const AsyncCase c = GetParam();
+  const std::string root = TmpDir(CaseName({c, 0}));
+  const std::string dir = root + "/ckpt";
+  if (!IsRankProcess()) {
+    ASSERT_THAT(RemoveTree(root), IsOk());
+    mkdir(root.c_str(), 0755);
+  }
+  // Phase 1: train, snapshot, Save(), overwrite everything at once, Wait(); then load the
+  // checkpoint back into the same job and train on.
+  RunPhase(1, c.save.world_size, [&](comm::ProcessGroup& group) {
+    auto job = MakeJob(c.save, group);
+    ASSERT_NE(job, nullptr);
+    auto saver = AsyncCheckpointSaver::Create(*job->fsdp);
+    ASSERT_THAT(saver, IsOk());
+    Train(*job, 0, 2);
+    const FullState before = Snapshot(*job);
+    auto started = (*saver)->Save(dir, job->adapter.get(), {.block_bytes = 64});
+    ASSERT_THAT(started, IsOk());
+    EXPECT_TRUE((*saver)->pending());
+    Scribble(*job);
+    auto saved = (*saver)->Wait();
+    ASSERT_THAT(saved, IsOk());
+    EXPECT_FALSE((*saver)->pending());
+    EXPECT_GT(saved->bytes_written, 0);
+    EXPECT_GT(started->staged_bytes, 0);
+    ASSERT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());
+    const FullState loaded = Gather(*job);
+    const std::vector<double> losses = Train(*job, 2, 4);
+    if (group.rank() != 0) return;
+    ExpectSameModel(before.model, loaded.model);
+    ExpectSameOptim(before.optim, loaded.optim);
+    ASSERT_THAT(WriteModelStateDict(before.model, root + "/model.pt"), IsOk());
+    ASSERT_THAT(WriteOptimStateDict(before.optim, root + "/optim.pt"), IsOk());
+    WriteText(root + "/losses.txt", LossesText(losses));
+  });
+  // Phase 2: another layout loads what was saved and trains as the first job did.
+  RunPhase(2, c.load.world_size, [&](comm::ProcessGroup& group) {
+    auto job = MakeJob(c.load, group);
+    ASSERT_NE(job, nullptr);
+    ASSERT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());
+    const FullState state = Gather(*job);
+    const std::vector<double> losses = Train(*job, 2, 4);
+    if (group.rank() != 0) return;
+    auto model = ReadModelStateDict(root + "/model.pt");
+    auto optim = ReadOptimStateDict(root + "/optim.pt");
+    ASSERT_THAT(model, IsOk());
+    ASSERT_THAT(optim, IsOk());
+    ExpectSameModel(*model, state.model);
+    ExpectSameOptim(*optim, state.optim);
+    const std::vector<double> expected = ParseLosses(ReadText(root + "/losses.txt"));
+    ASSERT_EQ(expected.size(), losses.size());
+    for (size_t i = 0; i < losses.size(); ++i) {
+      // Another world size reduces gradients in another order: rounding only.
+      EXPECT_NEAR(losses[i], expected[i], 1e-5 * std::abs(expected[i])) << "step " << 2 + i;
+    }
+  });
+}
+
+Config C(int ws, Opt opt = Opt::kAdam, ShardingStrategy s = ShardingStrategy::kFullShard,
+         bool orig = false, bool alt = false) {
+  return Config{ws, s, orig, alt, opt};
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, AsyncCheckpointSaverTest,
+    ::testing::Values(AsyncCase{C(2), C(3, Opt::kAdam, ShardingStrategy::kFullShard, true, true)},
+                      AsyncCase{C(3, Opt::kSgd, ShardingStrategy::kShardGradOp, true),
+                                C(2, Opt::kSgd, ShardingStrategy::kNoShard)}),
+    CaseName);
+
+// Rank 1 may write no file larger than this during the failing save: its data file fails with
+// EFBIG (SIGXFSZ ignored), a real write error.
+constexpr rlim_t kTinyFileLimit = 16;
+
+TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldCheckpoint) {
+  const std::string root = TmpDir("async_failed_write");
+  const std::string dir = root + "/ckpt";
+  if (!IsRankProcess()) {
+    ASSERT_THAT(RemoveTree(root), IsOk());
+    mkdir(root.c_str(), 0755);
+  }
+  RunPhase(1, 2, [&](comm::ProcessGroup& group) {
+    auto job = MakeJob(C(2), group);
+    ASSERT_NE(job, nullptr);
+    auto saver = AsyncCheckpointSaver::Create(*job->fsdp);
+    ASSERT_THAT(saver, IsOk());
+    Train(*job, 0, 1);
+    const FullState first = Snapshot(*job);
+    ASSERT_THAT((*saver)->Save(dir, job->adapter.get()), IsOk());
+    ASSERT_THAT((*saver)->Wait(), IsOk());
+    Train(*job, 1, 2);
+
+    rlimit old_limit;
+    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+    if (group.rank() == 1) {
+      std::signal(SIGXFSZ, SIG_IGN);
+      rlimit tiny = old_limit;
+      tiny.rlim_cur = kTinyFileLimit;
+      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &tiny), 0);
+    }
+    // Staging succeeds; the write fails in the background, on rank 1's file, on every rank.
+    ASSERT_THAT((*saver)->Save(dir, job->adapter.get()), IsOk());
+    const auto file_error =
+        AllOf(HasSubstr(dir), HasSubstr("nothing saved: rank 1 failed"), HasSubstr("rank-1-of-2"));
+    EXPECT_THAT((*saver)->Wait(), StatusIs(absl::StatusCode::kInternal, file_error));
+    // Once more, now collected by the next Save(), which starts nothing.
+    ASSERT_THAT((*saver)->Save(dir, job->adapter.get()), IsOk());
+    EXPECT_THAT((*saver)->Save(dir, job->adapter.get()),
+                StatusIs(absl::StatusCode::kInternal,
+                         AllOf(HasSubstr("the previous save failed, so this one was not started"),
+                               file_error)));
+    EXPECT_FALSE((*saver)->pending());
+    if (group.rank() == 1) {
+      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old_limit), 0);
+    }
+
+    // The first checkpoint is still there, whole.
+    ASSERT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());
+    const FullState loaded = Gather(*job);
+    if (group.rank() != 0) return;
+    ExpectSameModel(first.model, loaded.model);
+    ExpectSameOptim(first.optim, loaded.optim);
+  });
+}
+
+}  // namespace
+}  // namespace fsdp::checkpoint
