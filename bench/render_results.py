@@ -42,6 +42,9 @@ GOALS = {
         (r"^Step/FULL_SHARD", "mem_vs_target", 1.25,
          "peak step memory (worst rank) / shard_target"),
     ],
+    "async_save_benchmark": [
+        (r".", "vs_sync", 0.1, "time Save() holds training / synchronous save time"),
+    ],
 }
 
 # The counters shown per benchmark (others are in the JSON). Unknown benchmarks show all.
@@ -53,6 +56,8 @@ COLUMNS = {
                              "ckpt_bytes"],
     "fsdp_step_benchmark": ["vs_no_shard", "no_shard_ms", "step_mem_rank0", "step_mem_rank1", "held_mem_rank0",
                             "local_state_bytes", "shard_target", "mem_vs_target"],
+    "async_save_benchmark": ["vs_sync", "sync_ms", "staged_bytes", "step_ms",
+                             "step_during_save_ms", "wait_ms"],
 }
 
 STANDARD_KEYS = {

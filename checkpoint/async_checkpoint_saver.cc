@@ -67,7 +67,9 @@ absl::StatusOr<AsyncSaveStats> AsyncCheckpointSaver::Save(
   if (writes) {
     local = internal::CollectLocalSave(fsdp_, adapter, group_->rank());
     if (local.ok()) {
+      const auto copy_start = std::chrono::steady_clock::now();
       absl::Status staged = internal::StageLocalSave(*local, staging_);
+      stats.copy_seconds = internal::Since(copy_start);
       if (!staged.ok()) local = staged;
     }
     if (local.ok()) {

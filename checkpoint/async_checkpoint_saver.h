@@ -49,6 +49,7 @@ namespace fsdp::checkpoint {
 struct AsyncSaveStats {
   double blocked_seconds = 0;  // the time Save() held the caller (waiting + staging)
   double waited_seconds = 0;   // of which waiting for the previous save
+  double copy_seconds = 0;     // of which copying the pieces into the staging buffers
   int64_t staged_bytes = 0;    // copied into the staging buffers
 };
 
