@@ -488,6 +488,10 @@ absl::StatusOr<PyValue> TorchLoad(const std::string& path) {
   return Load(*source, path);
 }
 
+absl::StatusOr<PyValue> TorchLoadFromSource(const Source& source, const std::string& name) {
+  return Load(source, name);
+}
+
 absl::StatusOr<PyValue> TorchLoadFromBytes(std::string_view bytes, const std::string& name) {
   BytesSource source(bytes);
   return Load(source, name);
