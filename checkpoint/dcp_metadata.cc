@@ -43,9 +43,32 @@ struct Checker {
     return absl::OkStatus();
   }
 
-  // Chunks within the size, pairwise disjoint, covering it whole. Sorted by their first
-  // offset, a chunk is compared only with those that start before it ends in dimension 0 (all
-  // others for dim-0 sharding, as FSDP's).
+  // Sorted by their first offset, a chunk is compared only with those that start before it
+  // ends in dimension 0 (no other one for dim-0 sharding, as FSDP's).
+  absl::Status Disjoint(const std::string& fqn, const TensorStorageMetadata& t) const {
+    std::vector<size_t> order(t.chunks.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(),
+              [&](size_t a, size_t b) { return t.chunks[a].offsets[0] < t.chunks[b].offsets[0]; });
+    for (size_t i = 0; i < order.size(); ++i) {
+      const ChunkStorageMetadata& a = t.chunks[order[i]];
+      for (size_t j = i + 1; j < order.size(); ++j) {
+        const ChunkStorageMetadata& b = t.chunks[order[j]];
+        if (b.offsets[0] >= a.offsets[0] + a.sizes[0]) break;
+        bool overlap = true;
+        for (size_t d = 0; d < t.size.size() && overlap; ++d) {
+          overlap = std::max(a.offsets[d], b.offsets[d]) <
+                    std::min(a.offsets[d] + a.sizes[d], b.offsets[d] + b.sizes[d]);
+        }
+        if (overlap) {
+          return Bad(fqn, absl::StrCat("chunks ", order[i], " and ", order[j], " overlap"));
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Chunks within the size, pairwise disjoint, covering it whole.
   absl::Status Tensor(const std::string& fqn, const TensorStorageMetadata& t) const {
     int64_t numel = 1;
     for (int64_t s : t.size) {
@@ -69,25 +92,7 @@ struct Checker {
       if (t.chunks.size() != 1) return Bad(fqn, "a scalar saved in other than one chunk");
       return absl::OkStatus();
     }
-    std::vector<size_t> order(t.chunks.size());
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(),
-              [&](size_t a, size_t b) { return t.chunks[a].offsets[0] < t.chunks[b].offsets[0]; });
-    for (size_t i = 0; i < order.size(); ++i) {
-      const ChunkStorageMetadata& a = t.chunks[order[i]];
-      for (size_t j = i + 1; j < order.size(); ++j) {
-        const ChunkStorageMetadata& b = t.chunks[order[j]];
-        if (b.offsets[0] >= a.offsets[0] + a.sizes[0]) break;
-        bool overlap = true;
-        for (size_t d = 0; d < t.size.size() && overlap; ++d) {
-          overlap = std::max(a.offsets[d], b.offsets[d]) <
-                    std::min(a.offsets[d] + a.sizes[d], b.offsets[d] + b.sizes[d]);
-        }
-        if (overlap) {
-          return Bad(fqn, absl::StrCat("chunks ", order[i], " and ", order[j], " overlap"));
-        }
-      }
-    }
+    FSDP_RETURN_IF_ERROR(Disjoint(fqn, t));
     if (covered != numel) {
       return Bad(fqn, absl::StrCat("the chunks hold ", covered, " of the ", numel,
                                    " elements of size ", ShapeString(t.size)));
@@ -95,8 +100,7 @@ struct Checker {
     return absl::OkStatus();
   }
 
-  absl::Status Storage(const MetadataIndex& index, const StorageInfo& s,
-                       const Metadata& m) const {
+  absl::Status Storage(const MetadataIndex& index, const StorageInfo& s, const Metadata& m) const {
     const std::string where =
         absl::StrCat(file, ": storage of '", Printable(index.fqn), "'",
                      index.offset ? absl::StrCat(" at ", ShapeString(*index.offset)) : "");
@@ -123,8 +127,8 @@ struct Checker {
           where, ": relative_path '", Printable(p), "' is not a file in the checkpoint directory"));
     }
     if (s.offset < 0 || s.length < 0 || s.offset > INT64_MAX - s.length) {
-      return absl::InvalidArgumentError(absl::StrCat(where, " in ", Printable(p), ": offset ",
-                                                     s.offset, ", length ", s.length));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, " in ", Printable(p), ": offset ", s.offset, ", length ", s.length));
     }
     return absl::OkStatus();
   }
@@ -137,20 +141,25 @@ const StorageMetadata* Metadata::Find(const std::string& fqn) const {
   return it == state_dict_metadata.end() ? nullptr : &it->second;
 }
 
-const StorageInfo* Metadata::FindStorage(
-    const std::string& fqn, const std::optional<std::vector<int64_t>>& offsets) const {
+const StorageInfo* Metadata::FindStorage(const std::string& fqn,
+                                         const std::optional<std::vector<int64_t>>& offsets) const {
   auto it = storage_data.find(MetadataIndex{fqn, offsets, std::nullopt});
   return it == storage_data.end() ? nullptr : &it->second;
 }
 
 absl::Status ValidateMetadata(const Metadata& m, const std::string& file) {
   const Checker check{file};
+  // The entries first, so that a damaged chunk is named as such, not as storage at no chunk.
+  for (const auto& [fqn, entry] : m.state_dict_metadata) {
+    if (const auto* t = std::get_if<TensorStorageMetadata>(&entry)) {
+      FSDP_RETURN_IF_ERROR(check.Tensor(fqn, *t));
+    }
+  }
   for (const auto& [index, info] : m.storage_data) {
     FSDP_RETURN_IF_ERROR(check.Storage(index, info, m));
   }
   for (const auto& [fqn, entry] : m.state_dict_metadata) {
     if (const auto* t = std::get_if<TensorStorageMetadata>(&entry)) {
-      FSDP_RETURN_IF_ERROR(check.Tensor(fqn, *t));
       for (const ChunkStorageMetadata& c : t->chunks) {
         if (m.FindStorage(fqn, c.offsets) == nullptr) {
           return check.Bad(fqn, absl::StrCat("chunk at ", ShapeString(c.offsets),
@@ -158,8 +167,8 @@ absl::Status ValidateMetadata(const Metadata& m, const std::string& file) {
         }
       }
     } else if (m.FindStorage(fqn, std::nullopt) == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(file, ": bytes entry '", Printable(fqn),
-                                                     "' has no entry in storage_data"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": bytes entry '", Printable(fqn), "' has no entry in storage_data"));
     }
   }
   return absl::OkStatus();

@@ -45,12 +45,18 @@ struct DtypeGlobal {
   at::ScalarType dtype;
 };
 constexpr DtypeGlobal kDtypes[] = {
-    {"torch.float32", at::kFloat},         {"torch.float64", at::kDouble},
-    {"torch.float16", at::kHalf},          {"torch.bfloat16", at::kBFloat16},
-    {"torch.int64", at::kLong},            {"torch.int32", at::kInt},
-    {"torch.int16", at::kShort},           {"torch.int8", at::kChar},
-    {"torch.uint8", at::kByte},            {"torch.bool", at::kBool},
-    {"torch.complex64", at::kComplexFloat}, {"torch.complex128", at::kComplexDouble},
+    {"torch.float32", at::kFloat},
+    {"torch.float64", at::kDouble},
+    {"torch.float16", at::kHalf},
+    {"torch.bfloat16", at::kBFloat16},
+    {"torch.int64", at::kLong},
+    {"torch.int32", at::kInt},
+    {"torch.int16", at::kShort},
+    {"torch.int8", at::kChar},
+    {"torch.uint8", at::kByte},
+    {"torch.bool", at::kBool},
+    {"torch.complex64", at::kComplexFloat},
+    {"torch.complex128", at::kComplexDouble},
 };
 
 // Type names of the client's value objects.
@@ -128,8 +134,8 @@ class MetadataClient : public pickle::UnpicklerClient {
       return machine.Bad(absl::StrCat("a second BUILD of a ", instance.type_name));
     }
     if (state.kind != Kind::kDict && state.kind != Kind::kTuple) {
-      return machine.Bad(absl::StrCat("BUILD of a ", instance.type_name, " from a ",
-                                      KindName(state)));
+      return machine.Bad(
+          absl::StrCat("BUILD of a ", instance.type_name, " from a ", KindName(state)));
     }
     instance.items.push_back(&state);
     return absl::OkStatus();
@@ -187,8 +193,7 @@ class Converter {
   absl::StatusOr<std::vector<int64_t>> Shape(const Object* o, const std::string& where) const;
   absl::StatusOr<std::optional<std::string>> OptionalStr(const Object* o,
                                                          const std::string& where) const;
-  absl::StatusOr<std::vector<std::string>> StrList(const Object* o,
-                                                   const std::string& where) const;
+  absl::StatusOr<std::vector<std::string>> StrList(const Object* o, const std::string& where) const;
   absl::StatusOr<int64_t> Int(const Object* o, const std::string& where) const;
   absl::StatusOr<StorageMetadata> Entry(const Object* o, const std::string& fqn) const;
   absl::StatusOr<TensorProperties> Properties(const Object* o, const std::string& where) const;
@@ -244,8 +249,8 @@ absl::StatusOr<std::vector<int64_t>> Converter::Shape(const Object* o,
 
 absl::StatusOr<int64_t> Converter::Int(const Object* o, const std::string& where) const {
   if (o == nullptr || o->kind != Kind::kInt) {
-    return Bad(where, absl::StrCat("expected an int, found ",
-                                   o == nullptr ? "nothing" : KindName(*o)));
+    return Bad(where,
+               absl::StrCat("expected an int, found ", o == nullptr ? "nothing" : KindName(*o)));
   }
   return o->i;
 }

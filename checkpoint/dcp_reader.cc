@@ -30,6 +30,17 @@ std::string ByteRange(const StorageInfo& s) {
   return absl::StrCat("bytes [", s.offset, ", ", s.offset + s.length, ")");
 }
 
+// The box [offsets, offsets + sizes) lies in a tensor of shape `size`.
+bool Inside(const std::vector<int64_t>& offsets, const std::vector<int64_t>& sizes,
+            const std::vector<int64_t>& size) {
+  bool inside = offsets.size() == size.size() && sizes.size() == size.size();
+  for (size_t d = 0; inside && d < size.size(); ++d) {
+    inside = offsets[d] >= 0 && sizes[d] >= 0 && offsets[d] <= size[d] &&
+             sizes[d] <= size[d] - offsets[d];
+  }
+  return inside;
+}
+
 }  // namespace
 
 DcpReader::~DcpReader() = default;
@@ -64,8 +75,8 @@ absl::Status DcpReader::CheckFiles() {
     }
     if (st.st_size < s.offset + s.length) {
       return absl::DataLossError(absl::StrCat(path, ": truncated: ", st.st_size, " bytes, but ",
-                                              kMetadataFileName, " places ",
-                                              ItemName(entry->first), " at ", ByteRange(s)));
+                                              kMetadataFileName, " places ", ItemName(entry->first),
+                                              " at ", ByteRange(s)));
     }
   }
   return absl::OkStatus();
@@ -73,9 +84,9 @@ absl::Status DcpReader::CheckFiles() {
 
 absl::StatusOr<const Source*> DcpReader::ItemFile(const StorageInfo& s, const std::string& name) {
   if (!s.transform_descriptors.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, ": stored through stream transforms (", s.transform_descriptors.front(),
-                     "), which this reader does not apply"));
+    return absl::InvalidArgumentError(absl::StrCat(name, ": stored through stream transforms (",
+                                                   s.transform_descriptors.front(),
+                                                   "), which this reader does not apply"));
   }
   auto it = files_.find(s.relative_path);
   if (it == files_.end()) {
@@ -105,8 +116,8 @@ absl::StatusOr<at::Tensor> DcpReader::ReadChunk(const std::string& fqn,
                     &stats_.bytes_read);
   FSDP_ASSIGN_OR_RETURN(PyValue value, TorchLoadFromSource(slice, name));
   if (!value.is_tensor()) {
-    return absl::DataLossError(absl::StrCat(name, ": holds a ", value.TypeName(),
-                                            ", not a tensor"));
+    return absl::DataLossError(
+        absl::StrCat(name, ": holds a ", value.TypeName(), ", not a tensor"));
   }
   const at::Tensor& loaded = value.as_tensor();
   if (loaded.scalar_type() != t.properties.dtype || loaded.sizes().vec() != chunk.sizes) {
@@ -121,23 +132,17 @@ absl::StatusOr<at::Tensor> DcpReader::ReadChunk(const std::string& fqn,
 absl::StatusOr<at::Tensor> DcpReader::ReadTensorRegion(const std::string& fqn,
                                                        const std::vector<int64_t>& offsets,
                                                        const std::vector<int64_t>& sizes) {
-  const std::string where = absl::StrCat(JoinPath(dir_, kMetadataFileName), ": tensor ",
-                                         Quoted(fqn));
+  const std::string where =
+      absl::StrCat(JoinPath(dir_, kMetadataFileName), ": tensor ", Quoted(fqn));
   const StorageMetadata* entry = metadata_.Find(fqn);
   if (entry == nullptr) return absl::NotFoundError(absl::StrCat(where, ": no such entry"));
   const auto* t = std::get_if<TensorStorageMetadata>(entry);
   if (t == nullptr) return absl::InvalidArgumentError(absl::StrCat(where, ": a bytes entry"));
   const size_t dims = t->size.size();
-  bool inside = offsets.size() == dims && sizes.size() == dims;
-  for (size_t d = 0; inside && d < dims; ++d) {
-    inside = offsets[d] >= 0 && sizes[d] >= 0 && offsets[d] <= t->size[d] &&
-             sizes[d] <= t->size[d] - offsets[d];
-  }
-  if (!inside) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": region at ", ShapeString(offsets),
-                                                   " of sizes ", ShapeString(sizes),
-                                                   " is not inside its size ",
-                                                   ShapeString(t->size)));
+  if (!Inside(offsets, sizes, t->size)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": region at ", ShapeString(offsets), " of sizes ", ShapeString(sizes),
+                     " is not inside its size ", ShapeString(t->size)));
   }
   FSDP_ASSIGN_OR_RETURN(at::Tensor out, CallTorch(where, [&] {
                           return at::empty(sizes, at::TensorOptions().dtype(t->properties.dtype));
@@ -175,8 +180,8 @@ absl::StatusOr<at::Tensor> DcpReader::ReadTensor(const std::string& fqn) {
 }
 
 absl::StatusOr<const StorageInfo*> DcpReader::BytesStorage(const std::string& fqn) const {
-  const std::string where = absl::StrCat(JoinPath(dir_, kMetadataFileName), ": bytes entry ",
-                                         Quoted(fqn));
+  const std::string where =
+      absl::StrCat(JoinPath(dir_, kMetadataFileName), ": bytes entry ", Quoted(fqn));
   const StorageMetadata* entry = metadata_.Find(fqn);
   if (entry == nullptr) return absl::NotFoundError(absl::StrCat(where, ": no such entry"));
   if (!std::holds_alternative<BytesStorageMetadata>(*entry)) {
@@ -187,9 +192,8 @@ absl::StatusOr<const StorageInfo*> DcpReader::BytesStorage(const std::string& fq
 
 absl::StatusOr<std::string> DcpReader::ReadBytes(const std::string& fqn) {
   FSDP_ASSIGN_OR_RETURN(const StorageInfo* s, BytesStorage(fqn));
-  const std::string name =
-      absl::StrCat(JoinPath(dir_, s->relative_path), " (bytes entry ", Quoted(fqn), ", ",
-                   ByteRange(*s), ")");
+  const std::string name = absl::StrCat(JoinPath(dir_, s->relative_path), " (bytes entry ",
+                                        Quoted(fqn), ", ", ByteRange(*s), ")");
   FSDP_ASSIGN_OR_RETURN(const Source* file, ItemFile(*s, name));
   std::string bytes(static_cast<size_t>(s->length), '\0');
   FSDP_RETURN_IF_ERROR(file->ReadAt(static_cast<uint64_t>(s->offset), bytes.size(), bytes.data()),

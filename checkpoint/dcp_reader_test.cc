@@ -39,8 +39,7 @@ const std::string& OutDir() {
     std::filesystem::remove_all(out);
     const fsdp::testing::CommandResult r = fsdp::testing::RunCommand(
         fsdp::testing::PythonCommand() + " '" +
-        fsdp::testing::Runfile("checkpoint/testdata/make_dcp_checkpoints.py") + "' '" + out +
-        "'");
+        fsdp::testing::Runfile("checkpoint/testdata/make_dcp_checkpoints.py") + "' '" + out + "'");
     if (r.exit_code != 0) {
       ADD_FAILURE() << "make_dcp_checkpoints.py failed:\n" << r.output;
       return new std::string();
@@ -195,9 +194,8 @@ TEST(DcpReader, MetadataGlobalsAreExactlyTheAllowList) {
   const std::vector<std::string> allowed = AllowedMetadataGlobals();
   std::set<std::string> seen;
   for (const char* name : {"plain", "fsdp2"}) {
-    for (absl::string_view line :
-         absl::StrSplit(ReadFileBytes(PathOf(std::string(name) + ".globals.txt")), '\n',
-                        absl::SkipEmpty())) {
+    for (absl::string_view line : absl::StrSplit(
+             ReadFileBytes(PathOf(std::string(name) + ".globals.txt")), '\n', absl::SkipEmpty())) {
       seen.emplace(line);
     }
   }
@@ -205,8 +203,8 @@ TEST(DcpReader, MetadataGlobalsAreExactlyTheAllowList) {
     EXPECT_TRUE(std::find(allowed.begin(), allowed.end(), g) != allowed.end()) << g;
   }
   for (const std::string& g : allowed) {
-    const bool dtype = g.rfind("torch.", 0) == 0 && g.find('.', 6) == std::string::npos &&
-                       g != "torch.Size";
+    const bool dtype =
+        g.rfind("torch.", 0) == 0 && g.find('.', 6) == std::string::npos && g != "torch.Size";
     if (!dtype) {
       EXPECT_EQ(seen.count(g), 1u) << g << " is allowed but PyTorch does not write it";
     }
@@ -265,19 +263,19 @@ TEST(DcpReader, TruncatedFileAndBadRegionAreRefused) {
   absl::StatusOr<std::unique_ptr<DcpReader>> reader = DcpReader::Open(PathOf("fsdp2"));
   ASSERT_TRUE(reader.ok()) << reader.status();
   DcpReader& r = **reader;
-  EXPECT_THAT(r.ReadTensorRegion("model.0.weight", {4, 0}, {2, 6}).status(),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       AllOf(HasSubstr(".metadata"), HasSubstr("'model.0.weight'"),
-                             HasSubstr("(5, 6)"))));
+  EXPECT_THAT(
+      r.ReadTensorRegion("model.0.weight", {4, 0}, {2, 6}).status(),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               AllOf(HasSubstr(".metadata"), HasSubstr("'model.0.weight'"), HasSubstr("(5, 6)"))));
   EXPECT_THAT(r.ReadTensorRegion("model.0.weight", {0}, {5}).status(),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'model.0.weight'")));
   EXPECT_THAT(r.ReadTensor("model.9.weight").status(),
               StatusIs(absl::StatusCode::kNotFound, HasSubstr("'model.9.weight'")));
   EXPECT_THAT(r.ReadBytes("model.0.weight").status(),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'model.0.weight'")));
-  EXPECT_THAT(r.ReadTensor("optimizer.param_groups.0.lr").status(),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       HasSubstr("'optimizer.param_groups.0.lr'")));
+  EXPECT_THAT(
+      r.ReadTensor("optimizer.param_groups.0.lr").status(),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("'optimizer.param_groups.0.lr'")));
 }
 
 }  // namespace
