@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "checkpoint/dcp_metadata.h"
 #include "checkpoint/internal/file_bytes.h"
+#include "checkpoint/internal/torch_dtype_names.h"
 #include "checkpoint/pickle.h"
 #include "comm/status_macros.h"
 
@@ -40,25 +41,6 @@ constexpr char kGetLayout[] = "torch.serialization._get_layout";
 constexpr char kMemFormat[] = "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING";
 constexpr char kPosixPath[] = "pathlib.PosixPath";
 
-struct DtypeGlobal {
-  const char* name;
-  at::ScalarType dtype;
-};
-constexpr DtypeGlobal kDtypes[] = {
-    {"torch.float32", at::kFloat},
-    {"torch.float64", at::kDouble},
-    {"torch.float16", at::kHalf},
-    {"torch.bfloat16", at::kBFloat16},
-    {"torch.int64", at::kLong},
-    {"torch.int32", at::kInt},
-    {"torch.int16", at::kShort},
-    {"torch.int8", at::kChar},
-    {"torch.uint8", at::kByte},
-    {"torch.bool", at::kBool},
-    {"torch.complex64", at::kComplexFloat},
-    {"torch.complex128", at::kComplexDouble},
-};
-
 // Type names of the client's value objects.
 constexpr char kDtype[] = "torch.dtype";
 constexpr char kMemoryFormatValue[] = "_MEM_FORMAT_ENCODING";
@@ -75,13 +57,11 @@ class MetadataClient : public pickle::UnpicklerClient {
   absl::string_view Writer() const override { return "dcp.save"; }
 
   absl::StatusOr<Object*> Global(Unpickler& machine, const std::string& name) override {
-    for (const DtypeGlobal& d : kDtypes) {
-      if (name == d.name) {
-        Object* o = machine.NewObject(kDtype);
-        o->i = static_cast<int64_t>(d.dtype);
-        o->s = name;
-        return o;
-      }
+    if (const std::optional<at::ScalarType> dtype = DtypeNamed(name, /*storage=*/false)) {
+      Object* o = machine.NewObject(kDtype);
+      o->i = static_cast<int64_t>(*dtype);
+      o->s = name;
+      return o;
     }
     if (DataclassName(name) != nullptr || name == kSize || name == kGetLayout ||
         name == kMemFormat || name == kPosixPath) {
@@ -444,7 +424,7 @@ absl::StatusOr<Metadata> ParseMetadata(std::string_view pickle, const std::strin
 
 std::vector<std::string> AllowedMetadataGlobals() {
   std::vector<std::string> names(std::begin(kDataclasses), std::end(kDataclasses));
-  for (const DtypeGlobal& d : kDtypes) names.push_back(d.name);
+  for (const TorchDtypeName& d : kTorchDtypeNames) names.push_back(d.global);
   for (const char* n : {kSize, kGetLayout, kMemFormat, kPosixPath}) names.push_back(n);
   std::sort(names.begin(), names.end());
   return names;

@@ -140,6 +140,14 @@ StorageInfo& Storage(Metadata& m, const std::string& fqn) {
   return m.storage_data.begin()->second;
 }
 
+// Sets chunk k's sizes (or offsets) of tensor `fqn`.
+std::function<void(Metadata&)> ChunkSizes(std::string fqn, size_t k, std::vector<int64_t> v) {
+  return [=](Metadata& m) { Tensor(m, fqn).chunks[k].sizes = v; };
+}
+std::function<void(Metadata&)> ChunkOffsets(std::string fqn, size_t k, std::vector<int64_t> v) {
+  return [=](Metadata& m) { Tensor(m, fqn).chunks[k].offsets = v; };
+}
+
 class InvalidMetadata : public ::testing::TestWithParam<Change> {};
 
 TEST_P(InvalidMetadata, IsRefusedNamingTheFileAndTheEntry) {
@@ -154,28 +162,14 @@ TEST_P(InvalidMetadata, IsRefusedNamingTheFileAndTheEntry) {
 INSTANTIATE_TEST_SUITE_P(
     OneChange, InvalidMetadata,
     ::testing::Values(
-        Change{"ChunkOutsideTheTensor",
-               [](Metadata& m) {
-                 Tensor(m, "model.0.weight").chunks[1].sizes = {3, 6};
-               },
+        Change{"ChunkOutsideTheTensor", ChunkSizes("model.0.weight", 1, {3, 6}),
                "tensor 'model.0.weight': chunk 1 (offsets (3, 0), sizes (3, 6)) reaches outside"},
-        Change{"ChunkOfOtherDimensions",
-               [](Metadata& m) {
-                 Tensor(m, "model.0.bias").chunks[0].sizes = {3, 1};
-               },
+        Change{"ChunkOfOtherDimensions", ChunkSizes("model.0.bias", 0, {3, 1}),
                "tensor 'model.0.bias': chunk 0"},
-        Change{"NegativeOffset",
-               [](Metadata& m) { Tensor(m, "model.2.bias").chunks[0].offsets = {-1}; },
-               "tensor 'model.2.bias'"},
-        Change{"ChunksOverlap",
-               [](Metadata& m) {
-                 Tensor(m, "model.2.weight").chunks[0].sizes = {5, 5};  // rows 0-4 and 4-6
-               },
+        Change{"NegativeOffset", ChunkOffsets("model.2.bias", 0, {-1}), "tensor 'model.2.bias'"},
+        Change{"ChunksOverlap", ChunkSizes("model.2.weight", 0, {5, 5}),  // rows 0-4 and 4-6
                "tensor 'model.2.weight': chunks 0 and 1 overlap"},
-        Change{"ChunksLeaveAGap",
-               [](Metadata& m) {
-                 Tensor(m, "model.2.weight").chunks[0].sizes = {3, 5};
-               },
+        Change{"ChunksLeaveAGap", ChunkSizes("model.2.weight", 0, {3, 5}),
                "tensor 'model.2.weight': the chunks hold 30 of the 35 elements"},
         Change{"ScalarInTwoChunks",
                [](Metadata& m) {

@@ -31,21 +31,22 @@ using ::testing::AllOf;
 using ::testing::HasSubstr;
 using testing::ReadFileBytes;
 
-// The directory the script wrote into (empty, with a failure, if it failed).
+// Runs the script into a fresh directory; that directory, or empty with a failure.
+std::string WriteCheckpoints() {
+  const char* tmpdir = std::getenv("TEST_TMPDIR");
+  const std::string out = std::string(tmpdir == nullptr ? "/tmp" : tmpdir) + "/dcp_files";
+  std::filesystem::remove_all(out);
+  const std::string script = fsdp::testing::Runfile("checkpoint/testdata/make_dcp_checkpoints.py");
+  const fsdp::testing::CommandResult r =
+      fsdp::testing::RunCommand(fsdp::testing::PythonCommand() + " '" + script + "' '" + out + "'");
+  if (r.exit_code == 0) return out;
+  ADD_FAILURE() << "make_dcp_checkpoints.py failed:\n" << r.output;
+  return "";
+}
+
+// The script runs once per test binary.
 const std::string& OutDir() {
-  static const std::string* dir = [] {
-    const char* tmpdir = std::getenv("TEST_TMPDIR");
-    const std::string out = std::string(tmpdir == nullptr ? "/tmp" : tmpdir) + "/dcp_files";
-    std::filesystem::remove_all(out);
-    const fsdp::testing::CommandResult r = fsdp::testing::RunCommand(
-        fsdp::testing::PythonCommand() + " '" +
-        fsdp::testing::Runfile("checkpoint/testdata/make_dcp_checkpoints.py") + "' '" + out + "'");
-    if (r.exit_code != 0) {
-      ADD_FAILURE() << "make_dcp_checkpoints.py failed:\n" << r.output;
-      return new std::string();
-    }
-    return new std::string(out);
-  }();
+  static const std::string* dir = new std::string(WriteCheckpoints());
   return *dir;
 }
 
