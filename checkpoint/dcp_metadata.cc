@@ -100,6 +100,23 @@ struct Checker {
     return absl::OkStatus();
   }
 
+  // A chunk has storage, and unless transformed (compressed) at least its data's bytes: a
+  // torch.save item holds them whole, so the tensors a reader allocates never exceed what the
+  // files hold.
+  absl::Status ChunkStorage(const std::string& fqn, const TensorStorageMetadata& t,
+                            const ChunkStorageMetadata& c, const StorageInfo* s) const {
+    const std::string where = absl::StrCat("chunk at ", ShapeString(c.offsets));
+    if (s == nullptr) return Bad(fqn, absl::StrCat(where, " has no entry in storage_data"));
+    int64_t bytes = static_cast<int64_t>(c10::elementSize(t.properties.dtype));
+    for (int64_t n : c.sizes) bytes *= n;  // within the tensor's bytes, checked before
+    if (s->transform_descriptors.empty() && s->length < bytes) {
+      return Bad(fqn, absl::StrCat(where, " is stored in ", s->length, " bytes of ",
+                                   Printable(s->relative_path), ", fewer than its ", bytes,
+                                   " bytes of data"));
+    }
+    return absl::OkStatus();
+  }
+
   absl::Status Storage(const MetadataIndex& index, const StorageInfo& s, const Metadata& m) const {
     const std::string where =
         absl::StrCat(file, ": storage of '", Printable(index.fqn), "'",
@@ -161,10 +178,7 @@ absl::Status ValidateMetadata(const Metadata& m, const std::string& file) {
   for (const auto& [fqn, entry] : m.state_dict_metadata) {
     if (const auto* t = std::get_if<TensorStorageMetadata>(&entry)) {
       for (const ChunkStorageMetadata& c : t->chunks) {
-        if (m.FindStorage(fqn, c.offsets) == nullptr) {
-          return check.Bad(fqn, absl::StrCat("chunk at ", ShapeString(c.offsets),
-                                             " has no entry in storage_data"));
-        }
+        FSDP_RETURN_IF_ERROR(check.ChunkStorage(fqn, *t, c, m.FindStorage(fqn, c.offsets)));
       }
     } else if (m.FindStorage(fqn, std::nullopt) == nullptr) {
       return absl::InvalidArgumentError(

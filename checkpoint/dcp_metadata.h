@@ -14,7 +14,9 @@
 // size, the chunks of a tensor neither overlap nor leave a gap, the element count fits in
 // 64 bits; every storage entry names an entry of state_dict_metadata (a tensor's by one of its
 // chunk offsets), a plain file name inside the directory and a non-negative offset and length
-// whose end fits in 64 bits; every chunk and every bytes entry has its storage entry.
+// whose end fits in 64 bits; every chunk and every bytes entry has its storage entry, a
+// chunk's at least as long as the chunk's data (unless stream-transformed), so that what a
+// reader allocates is bounded by the files' sizes.
 // It cannot check the files themselves (DCP writes no checksums): dcp_reader.h does what can be
 // done there.
 //

@@ -198,6 +198,10 @@ INSTANTIATE_TEST_SUITE_P(
                      StorageInfo{"a", 0, 1};
                },
                "storage of 'model.0.bias' at (1,): the tensor has no chunk at that offset"},
+        Change{"StorageShorterThanTheChunk",
+               [](Metadata& m) { Storage(m, "model.0.bias").length = 11; },
+               "tensor 'model.0.bias': chunk at (0,) is stored in 11 bytes of __0_0.distcp, "
+               "fewer than its 12 bytes of data"},
         Change{"PathOutsideTheDirectory",
                [](Metadata& m) { Storage(m, "model.0.bias").relative_path = "../x.distcp"; },
                "storage of 'model.0.bias' at (0,): relative_path '../x.distcp' is not a file"},

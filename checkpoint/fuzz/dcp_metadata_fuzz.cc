@@ -6,8 +6,9 @@
 //   * an error is INVALID_ARGUMENT or DATA_LOSS and names the file;
 //   * accepted metadata keeps what the header promises, checked here independently of
 //     ValidateMetadata: every chunk lies within its tensor and the chunks' element counts add
-//     up to the tensor's, every chunk and bytes entry has its storage entry, and every storage
-//     entry names a plain file name with a non-negative offset and length.
+//     up to the tensor's, every chunk and bytes entry has its storage entry (a chunk's no
+//     shorter than its data), and every storage entry names a plain file name with a
+//     non-negative offset and length.
 // Seeds: checkpoint/testdata/fuzz_corpus/dcp_metadata/ (.metadata files PyTorch 2.13 wrote,
 // make_dcp_corpus.sh). How to run it: checkpoint/fuzz/README.md.
 #include <cstddef>
@@ -60,8 +61,11 @@ void CheckTensor(const std::string& fqn, const dcp::TensorStorageMetadata& t,
       volume *= c.sizes[d];
     }
     covered += volume;
-    if (m.FindStorage(fqn, c.offsets) == nullptr) {
-      Fail(absl::StrCat("accepted a chunk of '", fqn, "' without storage"));
+    const dcp::StorageInfo* s = m.FindStorage(fqn, c.offsets);
+    if (s == nullptr) Fail(absl::StrCat("accepted a chunk of '", fqn, "' without storage"));
+    if (s->transform_descriptors.empty() &&
+        s->length < volume * static_cast<int64_t>(c10::elementSize(t.properties.dtype))) {
+      Fail(absl::StrCat("accepted a chunk of '", fqn, "' stored in fewer bytes than its data"));
     }
   }
   if (covered != numel) Fail(absl::StrCat("accepted chunks of '", fqn, "' not covering it"));
