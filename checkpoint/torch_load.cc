@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "checkpoint/internal/file_bytes.h"
+#include "checkpoint/internal/torch_dtype_names.h"
 #include "checkpoint/internal/zip_reader.h"
 #include "checkpoint/pickle.h"
 #include "comm/status_macros.h"
@@ -31,30 +32,8 @@ using pickle::Unpickler;
 // ------------------------------------------------------------------------------------------
 // The globals torch.save writes.
 
-struct StorageType {
-  const char* name;
-  at::ScalarType dtype;
-};
-constexpr StorageType kStorageTypes[] = {
-    {"torch.FloatStorage", at::kFloat},
-    {"torch.DoubleStorage", at::kDouble},
-    {"torch.HalfStorage", at::kHalf},
-    {"torch.BFloat16Storage", at::kBFloat16},
-    {"torch.LongStorage", at::kLong},
-    {"torch.IntStorage", at::kInt},
-    {"torch.ShortStorage", at::kShort},
-    {"torch.CharStorage", at::kChar},
-    {"torch.ByteStorage", at::kByte},
-    {"torch.BoolStorage", at::kBool},
-    {"torch.ComplexFloatStorage", at::kComplexFloat},
-    {"torch.ComplexDoubleStorage", at::kComplexDouble},
-};
-
 std::optional<at::ScalarType> StorageDtype(const std::string& global) {
-  for (const StorageType& t : kStorageTypes) {
-    if (global == t.name) return t.dtype;
-  }
-  return std::nullopt;
+  return DtypeNamed(global, /*storage=*/true);
 }
 
 // Globals whose REDUCE the client emulates (it never calls anything named in the file).
@@ -486,6 +465,10 @@ absl::StatusOr<PyValue> Load(const Source& source, const std::string& file) {
 absl::StatusOr<PyValue> TorchLoad(const std::string& path) {
   FSDP_ASSIGN_OR_RETURN(std::unique_ptr<FileSource> source, FileSource::Open(path));
   return Load(*source, path);
+}
+
+absl::StatusOr<PyValue> TorchLoadFromSource(const Source& source, const std::string& name) {
+  return Load(source, name);
 }
 
 absl::StatusOr<PyValue> TorchLoadFromBytes(std::string_view bytes, const std::string& name) {

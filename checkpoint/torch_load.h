@@ -53,6 +53,11 @@ absl::StatusOr<PyValue> TorchLoad(const std::string& path);
 absl::StatusOr<PyValue> TorchLoadFromBytes(std::string_view bytes,
                                            const std::string& name = "<bytes>");
 
+// The same from any byte source of internal/zip_reader.h (for this package's readers: an
+// archive stored inside a larger file, read through a SliceSource); `name` as above.
+class Source;
+absl::StatusOr<PyValue> TorchLoadFromSource(const Source& source, const std::string& name);
+
 }  // namespace fsdp::checkpoint
 
 #endif  // FSDP_CPP_CHECKPOINT_TORCH_LOAD_H_

@@ -31,6 +31,16 @@ def fsdp_cc_test(name, copts = [], deps = [], size = "small", **kwargs):
         **kwargs
     )
 
+def fsdp_fuzz_corpus(name):
+    """`name + "_fuzz_corpus"`: the seed and regression inputs of //checkpoint/fuzz:NAME_fuzz
+    (and its replay test), the files of testdata/fuzz_corpus/NAME/."""
+    native.filegroup(
+        name = name + "_fuzz_corpus",
+        testonly = True,
+        srcs = native.glob(["testdata/fuzz_corpus/%s/*" % name]),
+        visibility = ["//checkpoint/fuzz:__pkg__"],
+    )
+
 def fsdp_cc_fuzz_test(name, srcs, corpus, deps = [], copts = [], **kwargs):
     """A libFuzzer target and its replay test.
 

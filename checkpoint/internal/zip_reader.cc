@@ -44,6 +44,11 @@ absl::Status BytesSource::ReadAt(uint64_t offset, uint64_t n, void* dst) const {
   return absl::OkStatus();
 }
 
+absl::Status SliceSource::ReadAt(uint64_t offset, uint64_t n, void* dst) const {
+  if (bytes_read_ != nullptr) *bytes_read_ += static_cast<int64_t>(n);
+  return base_.ReadAt(offset_ + offset, n, dst);
+}
+
 absl::StatusOr<std::unique_ptr<FileSource>> FileSource::Open(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {

@@ -64,6 +64,23 @@ class FileSource : public Source {
   uint64_t size_;
 };
 
+// The window [offset, offset + size) of another source (a torch.save archive stored inside a
+// larger file, as DCP's .distcp files hold one per item), counting the bytes read through it
+// into *bytes_read when given. `base` must outlive it; precondition: the window lies within it.
+class SliceSource : public Source {
+ public:
+  SliceSource(const Source& base, uint64_t offset, uint64_t size, int64_t* bytes_read = nullptr)
+      : base_(base), offset_(offset), size_(size), bytes_read_(bytes_read) {}
+  uint64_t size() const override { return size_; }
+  absl::Status ReadAt(uint64_t offset, uint64_t n, void* dst) const override;
+
+ private:
+  const Source& base_;
+  uint64_t offset_;
+  uint64_t size_;
+  int64_t* bytes_read_;
+};
+
 // A little-endian field of a zip record: its offset in the record and its width in bytes.
 struct ZipField {
   int offset;
