@@ -51,7 +51,8 @@ COLUMNS = {
                               "peak_rss_other", "base_rss_rank0"],
     "checkpoint_benchmark": ["vs_write", "vs_same_size_load", "ref_ms", "same_size_ms",
                              "ckpt_bytes"],
-    "fsdp_step_benchmark": ["vs_no_shard", "no_shard_ms", "step_mem_rank0", "step_mem_rank1", "held_mem_rank0",
+    "fsdp_step_benchmark": ["vs_no_shard", "vs_pytorch", "pytorch_fsdp1_ms", "pytorch_fsdp2_ms",
+                            "no_shard_ms", "step_mem_rank0", "step_mem_rank1", "held_mem_rank0",
                             "local_state_bytes", "shard_target", "mem_vs_target"],
 }
 

@@ -20,10 +20,8 @@ namespace fsdp::comm {
 namespace {
 
 using ::fsdp::testing::RunInRanks;
-using ::fsdp::testing::RunInRanksWithReport;
 using ::fsdp::testing::StatusIs;
 using ::testing::AllOf;
-using ::testing::AnyOf;
 using ::testing::HasSubstr;
 
 // (world size, implementation).
@@ -149,7 +147,7 @@ TEST(AsyncAllGatherFailure, DeadPeerIsAnErrorNotAHang) {
   options.stop_all_on_failure = false;  // let the survivors report what they saw
   options.output = RankOutput::kCapture;
   LaunchReport report;
-  const absl::Status status = RunInRanksWithReport(
+  const absl::Status status = ::fsdp::testing::RunInRanksWithReport(
       options,
       [](ProcessGroup& group) {
         const int64_t n = 4 << 20;
@@ -159,11 +157,12 @@ TEST(AsyncAllGatherFailure, DeadPeerIsAnErrorNotAHang) {
         auto work =
             group.AllGatherIntoTensorAsync(output, input, {.timeout = std::chrono::seconds(10)});
         FSDP_ASSERT_OK(work.status());
-        EXPECT_THAT((*work)->Wait(),
-                    AnyOf(StatusIs(absl::StatusCode::kUnavailable,
-                                   HasSubstr("all_gather_into_tensor (async) on rank ")),
-                          StatusIs(absl::StatusCode::kDeadlineExceeded,
-                                   HasSubstr("all_gather_into_tensor (async) on rank "))));
+        EXPECT_THAT(
+            (*work)->Wait(),
+            ::testing::AnyOf(StatusIs(absl::StatusCode::kUnavailable,
+                                      HasSubstr("all_gather_into_tensor (async) on rank ")),
+                             StatusIs(absl::StatusCode::kDeadlineExceeded,
+                                      HasSubstr("all_gather_into_tensor (async) on rank "))));
       },
       &report);
   if (fsdp::testing::IsRankProcess()) return;

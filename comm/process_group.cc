@@ -359,8 +359,9 @@ absl::string_view CollectiveImplName(CollectiveImpl impl) {
   return "unknown";
 }
 
-absl::Status ProcessGroup::CheckAllGather(absl::string_view op, const at::Tensor& output,
-                                          const at::Tensor& input) const {
+absl::StatusOr<bool> ProcessGroup::PrepareAllGather(absl::string_view op, const at::Tensor& output,
+                                                    const at::Tensor& input, at::Tensor& out,
+                                                    at::Tensor& in) const {
   FSDP_RETURN_IF_ERROR(CheckTensor(op, input));
   FSDP_RETURN_IF_ERROR(CheckTensor(op, output));
   const int64_t n = input.numel();
@@ -370,20 +371,20 @@ absl::Status ProcessGroup::CheckAllGather(absl::string_view op, const at::Tensor
                      " elements of ", c10::toString(input.scalar_type()), ", got ", output.numel(),
                      " of ", c10::toString(output.scalar_type())));
   }
-  return absl::OkStatus();
+  out = output.view({-1});
+  in = input.reshape({-1});
+  if (size_ > 1 && n > 0) return false;
+  out.copy_(in);
+  return true;
 }
 
 absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
                                                const CollectiveOptions& options) {
   constexpr absl::string_view kOp = "all_gather_into_tensor";
-  FSDP_RETURN_IF_ERROR(CheckAllGather(kOp, output, input));
-  const int64_t n = input.numel();
-  at::Tensor out = output.view({-1});
-  at::Tensor in = input.reshape({-1});
-  if (size_ == 1 || n == 0) {
-    out.copy_(in);
-    return absl::OkStatus();
-  }
+  at::Tensor out, in;
+  FSDP_ASSIGN_OR_RETURN(const bool done, PrepareAllGather(kOp, output, input, out, in));
+  if (done) return absl::OkStatus();
+  const int64_t n = in.numel();
   const CollectiveImpl impl = Resolve(options.impl);
   const std::chrono::milliseconds timeout = Timeout(options);
   return CallTorch(Where(kOp), [&]() -> absl::Status {
@@ -400,14 +401,10 @@ absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Ten
 absl::StatusOr<std::shared_ptr<Work>> ProcessGroup::AllGatherIntoTensorAsync(
     at::Tensor output, at::Tensor input, const CollectiveOptions& options) {
   constexpr absl::string_view kOp = "all_gather_into_tensor (async)";
-  FSDP_RETURN_IF_ERROR(CheckAllGather(kOp, output, input));
-  const int64_t n = input.numel();
-  at::Tensor out = output.view({-1});
-  at::Tensor in = input.reshape({-1});
-  if (size_ == 1 || n == 0) {
-    out.copy_(in);
-    return Work::Done(absl::OkStatus());
-  }
+  at::Tensor out, in;
+  FSDP_ASSIGN_OR_RETURN(const bool done, PrepareAllGather(kOp, output, input, out, in));
+  if (done) return Work::Done(absl::OkStatus());
+  const int64_t n = in.numel();
   const std::chrono::milliseconds timeout = Timeout(options);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   auto work = std::make_shared<Work>(Where(kOp), deadline, std::vector<at::Tensor>{out, in});

@@ -186,8 +186,11 @@ class ProcessGroup {
   absl::Status CheckTensor(absl::string_view op, const at::Tensor& t) const;
   // The implementations behind AllGatherIntoTensor / ReduceScatterTensor, called with
   // checked, flat tensors, size() > 1 and n > 0.
-  absl::Status CheckAllGather(absl::string_view op, const at::Tensor& output,
-                              const at::Tensor& input) const;
+  // Checks the tensors and flattens them into `out` / `in`; true when nothing travels (one
+  // rank or an empty input: copied here).
+  absl::StatusOr<bool> PrepareAllGather(absl::string_view op, const at::Tensor& output,
+                                        const at::Tensor& input, at::Tensor& out,
+                                        at::Tensor& in) const;
   absl::Status AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n, int tag,
                              std::chrono::steady_clock::time_point deadline);
   c10::intrusive_ptr<c10d::Work> IssueAllGatherGloo(at::Tensor& out, const at::Tensor& in,
