@@ -1,6 +1,8 @@
 // fsdp_step_benchmark: one training step (forward, backward, Adam step) of the 52.5M-parameter
-// BenchTransformer (bench_transformer.h) under FSDP's FULL_SHARD, SHARD_GRAD_OP and NO_SHARD and
-// unwrapped, on 2 ranks, with each rank's peak memory.
+// BenchTransformer (bench_transformer.h) under FSDP's FULL_SHARD (with PyTorch's default
+// prefetching, BACKWARD_PRE; without prefetching; with BACKWARD_POST and forward_prefetch),
+// SHARD_GRAD_OP and NO_SHARD and unwrapped, on 2 ranks, with each rank's peak memory; and
+// PyTorch 2.13's own FULL_SHARD step (FSDP1 and FSDP2) on the same shapes in the same run.
 //
 //   bazel run -c opt //bench:fsdp_step_benchmark [-- --benchmark_filter=FULL_SHARD]
 //
@@ -18,6 +20,13 @@
 // Counters (rank 0's wall time per step; UseRealTime; SetBytesProcessed = parameter bytes per
 // step, i.e. the model's weights processed once per step):
 //   vs_no_shard        step time / NO_SHARD step time (goal for FULL_SHARD: <= 1.5).
+//   vs_pytorch         FULL_SHARD cases: step time / the faster of PyTorch's FSDP1 and FSDP2
+//                      FULL_SHARD steps (pytorch_fsdp1_ms, pytorch_fsdp2_ms), measured once by
+//                      bench/pytorch_fsdp_step.py under torchrun on 2 ranks with the same
+//                      threads, batch shapes and step count, before the first FULL_SHARD case
+//                      (while our ranks are idle). Its model is BenchTransformer's twin in
+//                      torch.nn (PyTorch's attention is scaled_dot_product_attention, ours
+//                      bmm + softmax).
 //   no_shard_ms        the reference NO_SHARD step time.
 //   peak_rss_rank0/1   each rank's VmHWM during the timed steps (bytes).
 //   step_mem_rank0/1   that peak minus the rank's VmRSS before the model was built: the memory
@@ -43,7 +52,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -58,6 +69,7 @@
 #include "comm/process_group.h"
 #include "comm/rendezvous.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "tools/python_testutil.h"
 
 namespace fsdp::bench {
 namespace {
@@ -80,13 +92,24 @@ enum class Mode : int64_t {
   kFullShard = 1,
   kShardGradOp = 2,
   kNoShard = 3,
-  kUnwrapped = 4
+  kUnwrapped = 4,
+  kFullShardNoPrefetch = 5,
+  kFullShardPostAndForward = 6,
 };
+
+bool IsFullShard(Mode mode) {
+  return mode == Mode::kFullShard || mode == Mode::kFullShardNoPrefetch ||
+         mode == Mode::kFullShardPostAndForward;
+}
 
 const char* ModeName(Mode mode) {
   switch (mode) {
     case Mode::kFullShard:
       return "FULL_SHARD";
+    case Mode::kFullShardNoPrefetch:
+      return "FULL_SHARD_no_prefetch";
+    case Mode::kFullShardPostAndForward:
+      return "FULL_SHARD_backward_post_forward_prefetch";
     case Mode::kShardGradOp:
       return "SHARD_GRAD_OP";
     case Mode::kNoShard:
@@ -160,9 +183,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> BuildTrainer(Mode mode,
     params = trainer->model->parameters();
   } else {
     FsdpOptions options;
-    options.sharding_strategy = mode == Mode::kFullShard     ? ShardingStrategy::kFullShard
+    options.sharding_strategy = IsFullShard(mode)            ? ShardingStrategy::kFullShard
                                 : mode == Mode::kShardGradOp ? ShardingStrategy::kShardGradOp
                                                              : ShardingStrategy::kNoShard;
+    if (mode == Mode::kFullShardNoPrefetch) options.backward_prefetch = BackwardPrefetch::kNone;
+    if (mode == Mode::kFullShardPostAndForward) {
+      options.backward_prefetch = BackwardPrefetch::kBackwardPost;
+      options.forward_prefetch = true;
+    }
     options.nested = trainer->model->layer_slots();
     absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> fsdp =
         FullyShardedDataParallel::Wrap(trainer->model, group, options);
@@ -269,6 +297,43 @@ absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) 
 
 const RankGroups* g_groups = nullptr;  // rank 0's groups while the benchmarks run
 
+// PyTorch's FULL_SHARD step times, ms (FSDP1, FSDP2).
+struct PyTorchStep {
+  double fsdp1_ms = 0;
+  double fsdp2_ms = 0;
+};
+
+// Runs bench/pytorch_fsdp_step.py under torchrun (rank 0 only; the other ranks wait idle for
+// the next command meanwhile).
+absl::StatusOr<PyTorchStep> MeasurePyTorch() {
+  // `bazel run` starts us in our runfiles tree without TEST_SRCDIR: name it for Runfile().
+  if (std::getenv("TEST_SRCDIR") == nullptr) {
+    std::error_code error;
+    const auto exe = std::filesystem::read_symlink("/proc/self/exe", error);
+    if (!error) setenv("TEST_SRCDIR", (exe.string() + ".runfiles").c_str(), 0);
+  }
+  const std::string command =
+      absl::StrCat(testing::PythonCommand(),
+                   " -m torch.distributed.run --standalone --nproc_per_node=", kLaunchedRanks, " ",
+                   testing::Runfile("bench/pytorch_fsdp_step.py"), " --steps=", kIterations,
+                   " --seq=", kSeq, " --batch=", kBatch, " --threads=", at::get_num_threads());
+  const testing::CommandResult run = testing::RunCommand(command);
+  const size_t at = run.output.rfind("PYTORCH_STEP ");
+  if (run.exit_code != 0 || at == std::string::npos) {
+    return absl::InternalError(
+        absl::StrCat("PyTorch's step (", command, ") exited ", run.exit_code, ":\n", run.output));
+  }
+  const auto fields =
+      testing::KeyValueFields(run.output.substr(at, run.output.find('\n', at) - at));
+  PyTorchStep step;
+  if (!fields.count("fsdp1_ms") || !fields.count("fsdp2_ms")) {
+    return absl::InternalError(absl::StrCat("PyTorch's step printed no times:\n", run.output));
+  }
+  step.fsdp1_ms = std::stod(fields.at("fsdp1_ms"));
+  step.fsdp2_ms = std::stod(fields.at("fsdp2_ms"));
+  return step;
+}
+
 benchmark::Counter Bytes(double value) {
   return benchmark::Counter(value, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
 }
@@ -277,6 +342,9 @@ void BM_Step(benchmark::State& state, Mode mode) {
   if (SkipAfterFailure(state)) return;
   std::shared_ptr<ProcessGroup> world = g_groups->world;
   const Command command{mode, static_cast<int64_t>(state.max_iterations)};
+  static std::optional<absl::StatusOr<PyTorchStep>> pytorch;
+  if (IsFullShard(mode) && !pytorch.has_value()) pytorch = MeasurePyTorch();
+  if (IsFullShard(mode) && !pytorch->ok()) return FailBenchmark(state, pytorch->status());
   absl::Status status = SendCommand(command.Words());
   absl::StatusOr<CaseResult> result =
       status.ok() ? RunCase(world, command, &state) : absl::StatusOr<CaseResult>(status);
@@ -286,6 +354,12 @@ void BM_Step(benchmark::State& state, Mode mode) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * m.param_bytes);
   state.counters["vs_no_shard"] = m.seconds / result->no_shard_seconds;
   state.counters["no_shard_ms"] = result->no_shard_seconds * 1e3;
+  if (IsFullShard(mode)) {
+    const PyTorchStep& py = **pytorch;
+    state.counters["pytorch_fsdp1_ms"] = py.fsdp1_ms;
+    state.counters["pytorch_fsdp2_ms"] = py.fsdp2_ms;
+    state.counters["vs_pytorch"] = m.seconds * 1e3 / std::min(py.fsdp1_ms, py.fsdp2_ms);
+  }
   for (size_t r = 0; r < result->peaks.size(); ++r) {
     state.counters[absl::StrCat("peak_rss_rank", r)] = Bytes(static_cast<double>(result->peaks[r]));
     state.counters[absl::StrCat("step_mem_rank", r)] =
@@ -304,7 +378,8 @@ void BM_Step(benchmark::State& state, Mode mode) {
 
 void RegisterCases(const RankGroups& groups) {
   g_groups = &groups;
-  for (Mode mode : {Mode::kNoShard, Mode::kFullShard, Mode::kShardGradOp, Mode::kUnwrapped}) {
+  for (Mode mode : {Mode::kNoShard, Mode::kFullShard, Mode::kFullShardNoPrefetch,
+                    Mode::kFullShardPostAndForward, Mode::kShardGradOp, Mode::kUnwrapped}) {
     benchmark::RegisterBenchmark(absl::StrCat("BM_Step/", ModeName(mode), "/world:2").c_str(),
                                  [mode](benchmark::State& state) { BM_Step(state, mode); })
         ->Iterations(kIterations)

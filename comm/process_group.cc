@@ -359,37 +359,78 @@ absl::string_view CollectiveImplName(CollectiveImpl impl) {
   return "unknown";
 }
 
-absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
-                                               const CollectiveOptions& options) {
-  constexpr absl::string_view kOp = "all_gather_into_tensor";
-  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, input));
-  FSDP_RETURN_IF_ERROR(CheckTensor(kOp, output));
+absl::StatusOr<bool> ProcessGroup::PrepareAllGather(absl::string_view op, const at::Tensor& output,
+                                                    const at::Tensor& input, at::Tensor& out,
+                                                    at::Tensor& in) const {
+  FSDP_RETURN_IF_ERROR(CheckTensor(op, input));
+  FSDP_RETURN_IF_ERROR(CheckTensor(op, output));
   const int64_t n = input.numel();
   if (output.numel() != n * size_ || output.scalar_type() != input.scalar_type()) {
     return absl::InvalidArgumentError(
-        absl::StrCat(Where(kOp), ": output must hold size * input.numel() = ", n * size_,
+        absl::StrCat(Where(op), ": output must hold size * input.numel() = ", n * size_,
                      " elements of ", c10::toString(input.scalar_type()), ", got ", output.numel(),
                      " of ", c10::toString(output.scalar_type())));
   }
-  at::Tensor out = output.view({-1});
-  at::Tensor in = input.reshape({-1});
-  if (size_ == 1 || n == 0) {
-    out.copy_(in);
-    return absl::OkStatus();
-  }
+  out = output.view({-1});
+  in = input.reshape({-1});
+  if (size_ > 1 && n > 0) return false;
+  out.copy_(in);
+  return true;
+}
+
+absl::Status ProcessGroup::AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
+                                               const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "all_gather_into_tensor";
+  at::Tensor out, in;
+  FSDP_ASSIGN_OR_RETURN(const bool done, PrepareAllGather(kOp, output, input, out, in));
+  if (done) return absl::OkStatus();
+  const int64_t n = in.numel();
   const CollectiveImpl impl = Resolve(options.impl);
+  const std::chrono::milliseconds timeout = Timeout(options);
   return CallTorch(Where(kOp), [&]() -> absl::Status {
-    return impl == CollectiveImpl::kGloo ? AllGatherGloo(out, in, Timeout(options))
-                                         : AllGatherRing(out, in, n, Timeout(options));
+    if (impl == CollectiveImpl::kGloo) {
+      // opts.timeout bounds gloo::allgather itself, wait() the wait for it.
+      IssueAllGatherGloo(out, in, timeout)->wait(timeout);
+      return absl::OkStatus();
+    }
+    // One deadline for the whole ring, not one timeout per step.
+    return AllGatherRing(out, in, n, NextTag(), std::chrono::steady_clock::now() + timeout);
   });
 }
 
-absl::Status ProcessGroup::AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n,
-                                         std::chrono::milliseconds timeout) {
-  out.narrow(0, rank_ * n, n).copy_(in);
-  const int tag = NextTag();
-  // One deadline for the whole ring, not one timeout per step.
+absl::StatusOr<std::shared_ptr<Work>> ProcessGroup::AllGatherIntoTensorAsync(
+    at::Tensor output, at::Tensor input, const CollectiveOptions& options) {
+  constexpr absl::string_view kOp = "all_gather_into_tensor (async)";
+  at::Tensor out, in;
+  FSDP_ASSIGN_OR_RETURN(const bool done, PrepareAllGather(kOp, output, input, out, in));
+  if (done) return Work::Done(absl::OkStatus());
+  const int64_t n = in.numel();
+  const std::chrono::milliseconds timeout = Timeout(options);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto work = std::make_shared<Work>(Where(kOp), deadline, std::vector<at::Tensor>{out, in});
+  std::function<absl::Status()> op;
+  if (Resolve(options.impl) == CollectiveImpl::kGloo) {
+    // Issued here, in the caller's order; the thread waits for it.
+    FSDP_ASSIGN_OR_RETURN(c10::intrusive_ptr<c10d::Work> gloo_work, CallTorch(Where(kOp), [&] {
+                            return IssueAllGatherGloo(out, in, timeout);
+                          }));
+    op = [gloo_work, deadline]() -> absl::Status {
+      gloo_work->wait(RemainingOrZero(deadline));
+      return absl::OkStatus();
+    };
+  } else {
+    op = [this, out, in, n, tag = NextTag(), deadline]() mutable -> absl::Status {
+      return AllGatherRing(out, in, n, tag, deadline);
+    };
+  }
+  if (work_queue_ == nullptr) work_queue_ = std::make_unique<internal::WorkQueue>();
+  work_queue_->Enqueue(work, std::move(op));
+  return work;
+}
+
+absl::Status ProcessGroup::AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n, int tag,
+                                         std::chrono::steady_clock::time_point deadline) {
+  out.narrow(0, rank_ * n, n).copy_(in);
   const int next = (rank_ + 1) % size_;
   const int prev = (rank_ - 1 + size_) % size_;
   // Ring: at step s, pass on the chunk received at step s - 1 (own chunk first).
@@ -403,17 +444,17 @@ absl::Status ProcessGroup::AllGatherRing(at::Tensor& out, const at::Tensor& in, 
   return absl::OkStatus();
 }
 
-absl::Status ProcessGroup::AllGatherGloo(at::Tensor& out, const at::Tensor& in,
-                                         std::chrono::milliseconds timeout) {
+c10::intrusive_ptr<c10d::Work> ProcessGroup::IssueAllGatherGloo(at::Tensor& out,
+                                                                const at::Tensor& in,
+                                                                std::chrono::milliseconds timeout) {
   // As bytes: Gloo's collectives take only some dtypes, and gathering only copies. Gloo reads
   // the input before it writes the output, so an input that is a view of its own chunk of the
   // output (FSDP's unsharded flat parameter) is fine.
   at::Tensor out_bytes = out.view(at::kByte);
   at::Tensor in_bytes = in.view(at::kByte);
   c10d::AllgatherOptions opts;
-  opts.timeout = timeout;  // bounds gloo::allgather itself; wait() bounds the wait for it
-  pg_->_allgather_base(out_bytes, in_bytes, opts)->wait(timeout);
-  return absl::OkStatus();
+  opts.timeout = timeout;  // bounds gloo::allgather itself
+  return pg_->_allgather_base(out_bytes, in_bytes, opts);
 }
 
 absl::Status ProcessGroup::ReduceScatterTensor(at::Tensor& output, const at::Tensor& input,

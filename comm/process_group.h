@@ -33,6 +33,18 @@
 //   * INTERNAL: any other backend failure.
 // The message always names the operation, this process's rank, and the group.
 //
+// Asynchronous all-gather (AllGatherIntoTensorAsync, what FSDP's prefetching issues): the call
+// checks its tensors, takes the operation's place in the group's order and returns a Work
+// (work.h) at once; the gather runs on the group's own communication thread, one operation
+// after another in issue order, while the caller computes. Why a thread of ours and not
+// ProcessGroupGloo's asynchronous `_allgather_base` alone: our ring is the faster (see kDefault)
+// and the safe one when a peer dies, and it needs a thread to drive its steps. The ring's
+// messages carry a tag taken when the call is issued, in the calling thread, so every rank
+// pairs the same operations whatever runs meanwhile (blocking collectives of the caller use
+// other tags, Gloo's collectives their own slots). With kGloo the c10d operation itself is
+// issued in the calling thread (Gloo numbers its collectives when they are issued) and the
+// thread only waits for it.
+//
 // After DEADLINE_EXCEEDED or UNAVAILABLE the group is broken (Gloo's connections are in an
 // undefined state, as after a c10d timeout): the job should end. A peer that dies is seen as
 // UNAVAILABLE when its connection closes under a pending operation, otherwise when the
@@ -49,16 +61,17 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-
-#include <torch/csrc/distributed/c10d/Store.hpp>
+#include "comm/work.h"
 
 namespace c10d {
 class Backend;
+class Work;
 }  // namespace c10d
 
 namespace fsdp::comm {
@@ -120,6 +133,12 @@ class ProcessGroup {
 
   [[nodiscard]] absl::Status AllGatherIntoTensor(at::Tensor& output, const at::Tensor& input,
                                                  const CollectiveOptions& options = {});
+  // AllGatherIntoTensor issued asynchronously (see the top): INVALID_ARGUMENT is returned
+  // here, before anything is sent; collective errors come from the Work's Wait(), whose
+  // deadline is the options' timeout counted from now. Do not touch `output` (nor `input`)
+  // until Wait() has returned.
+  [[nodiscard]] absl::StatusOr<std::shared_ptr<Work>> AllGatherIntoTensorAsync(
+      at::Tensor output, at::Tensor input, const CollectiveOptions& options = {});
   [[nodiscard]] absl::Status ReduceScatterTensor(at::Tensor& output, const at::Tensor& input,
                                                  ReduceOp op = ReduceOp::kSum,
                                                  const CollectiveOptions& options = {});
@@ -167,10 +186,15 @@ class ProcessGroup {
   absl::Status CheckTensor(absl::string_view op, const at::Tensor& t) const;
   // The implementations behind AllGatherIntoTensor / ReduceScatterTensor, called with
   // checked, flat tensors, size() > 1 and n > 0.
-  absl::Status AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n,
-                             std::chrono::milliseconds timeout);
-  absl::Status AllGatherGloo(at::Tensor& out, const at::Tensor& in,
-                             std::chrono::milliseconds timeout);
+  // Checks the tensors and flattens them into `out` / `in`; true when nothing travels (one
+  // rank or an empty input: copied here).
+  absl::StatusOr<bool> PrepareAllGather(absl::string_view op, const at::Tensor& output,
+                                        const at::Tensor& input, at::Tensor& out,
+                                        at::Tensor& in) const;
+  absl::Status AllGatherRing(at::Tensor& out, const at::Tensor& in, int64_t n, int tag,
+                             std::chrono::steady_clock::time_point deadline);
+  c10::intrusive_ptr<c10d::Work> IssueAllGatherGloo(at::Tensor& out, const at::Tensor& in,
+                                                    std::chrono::milliseconds timeout);
   absl::Status ReduceScatterRing(at::Tensor& out, const at::Tensor& in, int64_t n, ReduceOp op,
                                  std::chrono::milliseconds timeout);
   absl::Status ReduceScatterGloo(at::Tensor& out, const at::Tensor& in, ReduceOp op,
@@ -193,6 +217,8 @@ class ProcessGroup {
   int64_t subgroup_counter_ = 0;
   int tag_counter_ = 0;
   at::Tensor scratch_[2];
+  // Runs the asynchronous operations; last, so that it ends (joining its thread) first.
+  std::unique_ptr<internal::WorkQueue> work_queue_;
 };
 
 }  // namespace fsdp::comm

@@ -8,6 +8,8 @@
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
 //         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM] [--grad_accum=K]
 //         [--mixed_precision=bf16|fp16[,REDUCE[,BUFFER]]]
+//         [--backward_prefetch=none|backward_pre|backward_post] [--forward_prefetch]
+//         [--limit_all_gathers=true|false]
 //
 // Without RANK/WORLD_SIZE in the environment it launches --world_size local ranks of itself
 // (comm::Launch); with them it is one rank of a job started by a torchrun-style launcher, on
@@ -106,6 +108,13 @@ ABSL_FLAG(std::string, mixed_precision, "",
           "PARAM[,REDUCE[,BUFFER]] dtypes (bf16, fp16, fp32) of FSDP's MixedPrecision: compute "
           "in PARAM, reduce gradients in REDUCE (default PARAM), keep buffers in BUFFER; "
           "parameters, optimizer state and checkpoints stay float32. Empty: full precision.");
+ABSL_FLAG(std::string, backward_prefetch, "backward_pre",
+          "none, backward_pre or backward_post: FSDP's backward_prefetch (when backward gathers "
+          "the next unit's parameters ahead, while this unit computes).");
+ABSL_FLAG(bool, forward_prefetch, false,
+          "FSDP's forward_prefetch: each unit's forward gathers the next unit's parameters ahead.");
+ABSL_FLAG(bool, limit_all_gathers, true,
+          "FSDP's limit_all_gathers: at most two prefetched all-gathers in flight.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
 ABSL_FLAG(int, save_at_step, 0,
           "With --save: write the checkpoint after this many steps (counted from step 0) and "
@@ -148,6 +157,14 @@ absl::StatusOr<ShardingStrategy> ParseStrategy(const std::string& name) {
       absl::StrCat("--sharding_strategy=", name,
                    " is not one of full_shard, shard_grad_op, no_shard, hybrid_shard, "
                    "hybrid_shard_zero2"));
+}
+
+absl::StatusOr<fsdp::BackwardPrefetch> ParseBackwardPrefetch(const std::string& name) {
+  if (name == "none") return fsdp::BackwardPrefetch::kNone;
+  if (name == "backward_pre") return fsdp::BackwardPrefetch::kBackwardPre;
+  if (name == "backward_post") return fsdp::BackwardPrefetch::kBackwardPost;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--backward_prefetch=", name, " is not one of none, backward_pre, backward_post"));
 }
 
 // One optimizer parameter group: its tensors and, if set, its own weight decay.
@@ -372,6 +389,10 @@ absl::StatusOr<Job> BuildJob(std::shared_ptr<fsdp::comm::ProcessGroup> group) {
                             .use_orig_params = absl::GetFlag(FLAGS_use_orig_params)};
   FSDP_ASSIGN_OR_RETURN(options.mixed_precision,
                         fsdp::ParseMixedPrecision(absl::GetFlag(FLAGS_mixed_precision)));
+  FSDP_ASSIGN_OR_RETURN(options.backward_prefetch,
+                        ParseBackwardPrefetch(absl::GetFlag(FLAGS_backward_prefetch)));
+  options.forward_prefetch = absl::GetFlag(FLAGS_forward_prefetch);
+  options.limit_all_gathers = absl::GetFlag(FLAGS_limit_all_gathers);
   // The group FSDP shards over: all ranks, or with hybrid_shard* a shard group of
   // --shard_group_size ranks, replicated over the others.
   std::shared_ptr<fsdp::comm::ProcessGroup> fsdp_group = group;

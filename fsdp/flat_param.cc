@@ -164,17 +164,58 @@ void FlatParamHandle::PointParamsAtShard() {
   }
 }
 
+FlatParamHandle::~FlatParamHandle() {
+  // The gather writes into full_: let it end (its deadline bounds the wait).
+  if (pending_ != nullptr) (void)WaitForPendingGather();
+}
+
+void FlatParamHandle::FreeFullBuffer() {
+  at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), 0);
+}
+
+absl::Status FlatParamHandle::WaitForPendingGather() {
+  const absl::Status status = pending_->Wait();
+  pending_.reset();
+  if (!status.ok()) {
+    // The Work keeps the old storage alive for as long as the gather may write into it.
+    full_ = at::empty({padded_numel_}, full_.options());
+    FreeFullBuffer();
+  }
+  return status;
+}
+
+absl::Status FlatParamHandle::Prefetch() {
+  if (!sharded() || unsharded_ || pending_ != nullptr) return absl::OkStatus();
+  FSDP_RETURN_IF_ERROR(deferred_error_);
+  at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), full_bytes_);
+  at::Tensor shard = flat_param_.detach();
+  // Mixed precision: cast, then gather in param_dtype; the Work keeps the cast copy alive.
+  if (uses_low_precision_params()) shard = shard.to(compute_dtype_);
+  auto work = group_->AllGatherIntoTensorAsync(full_, shard);
+  if (!work.ok()) {
+    FreeFullBuffer();
+    return Annotate(work.status(), absl::StrCat("prefetching flat parameter [", Describe(), "]"));
+  }
+  pending_ = *std::move(work);
+  return absl::OkStatus();
+}
+
 absl::Status FlatParamHandle::Unshard() {
   if (!gathers() || unsharded_) return absl::OkStatus();
-  at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), full_bytes_);
-  // Mixed precision: cast, then gather in param_dtype (FSDP1's `_use_low_precision_shard`).
-  at::Tensor shard = flat_param_.detach();
-  if (uses_low_precision_params()) shard = shard.to(compute_dtype_);
-  if (sharded()) {
-    FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(full_, shard),
-                         absl::StrCat("unsharding flat parameter [", Describe(), "]"));
+  const std::string context = absl::StrCat("unsharding flat parameter [", Describe(), "]");
+  if (!deferred_error_.ok()) return Annotate(deferred_error_, context);
+  if (pending_ != nullptr) {
+    FSDP_RETURN_IF_ERROR(WaitForPendingGather(), context);
   } else {
-    full_.copy_(shard);
+    at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), full_bytes_);
+    // Mixed precision: cast, then gather in param_dtype (FSDP1's `_use_low_precision_shard`).
+    at::Tensor shard = flat_param_.detach();
+    if (uses_low_precision_params()) shard = shard.to(compute_dtype_);
+    if (sharded()) {
+      FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(full_, shard), context);
+    } else {
+      full_.copy_(shard);
+    }
   }
   for (size_t i = 0; i < params_.size(); ++i) {
     const FlatParamInfo& info = infos_[i];
@@ -185,9 +226,15 @@ absl::Status FlatParamHandle::Unshard() {
 }
 
 void FlatParamHandle::Reshard() {
+  if (pending_ != nullptr) {
+    absl::Status status = WaitForPendingGather();
+    if (!status.ok()) deferred_error_ = status;
+    FreeFullBuffer();
+    return;
+  }
   if (!unsharded_) return;
   PointParamsAtShard();
-  at::native::resize_bytes_cpu(full_.storage().unsafeGetStorageImpl(), 0);
+  FreeFullBuffer();
   unsharded_ = false;
 }
 

@@ -29,6 +29,13 @@
 //     and back to the flat parameter's dtype after it, as FSDP1's `_reduce_grad` does.
 //   * Reshard(): frees the full buffer's storage (every view of it loses its memory) and
 //     returns to the resting state.
+//   * Prefetch() (FSDP's backward_prefetch / forward_prefetch): starts the all-gather that
+//     Unshard() would do (cast first under mixed precision) without waiting for it
+//     (comm::ProcessGroup::AllGatherIntoTensorAsync); the next Unshard() waits for it instead of
+//     gathering. Reshard() with a gather pending waits for it and frees the buffer (a gather
+//     cannot be taken back once the peers take part in it); so does the destructor. The
+//     gathered bytes are those of a blocking gather, so prefetching never changes a result.
+//     NO_SHARD has nothing to gather across ranks: Prefetch() does nothing and Unshard() casts.
 //
 // Preconditions: all parameters are CPU tensors of one floating dtype, identical on every rank
 // (same seed), and every rank of the group creates its handles in the same order.
@@ -95,6 +102,7 @@ class FlatParamHandle {
       ShardingStrategy strategy, bool use_orig_params, const MixedPrecision& mixed_precision = {},
       std::shared_ptr<comm::ProcessGroup> replicate_group = nullptr);
 
+  ~FlatParamHandle();
   FlatParamHandle(const FlatParamHandle&) = delete;
   FlatParamHandle& operator=(const FlatParamHandle&) = delete;
 
@@ -132,7 +140,13 @@ class FlatParamHandle {
   // Bytes currently held by the padded full buffer (0 when resharded).
   int64_t full_buffer_bytes() const;
 
+  // Waits for a prefetched gather if one is pending, else gathers.
   [[nodiscard]] absl::Status Unshard();
+  // Errors: INVALID_ARGUMENT from issuing the gather; a failed gather is Unshard()'s error.
+  [[nodiscard]] absl::Status Prefetch();
+  bool has_pending_gather() const { return pending_ != nullptr; }
+  // With a gather pending: waits for it, frees the buffer; an error it ended with is returned
+  // by the next Unshard() (the group is broken then).
   void Reshard();
   // Moves gradients that original parameters hold between steps (use_orig_params: their shard
   // slices) aside before a backward pass, to be added back by ReduceGradients.
@@ -152,6 +166,10 @@ class FlatParamHandle {
  private:
   FlatParamHandle() = default;
   void PointParamsAtShard();
+  // Waits for the pending gather; on failure the buffer's storage stays with the gather (which
+  // may still write into it) and full_ gets a fresh one.
+  absl::Status WaitForPendingGather();
+  void FreeFullBuffer();
   bool gathers() const { return sharded() || uses_low_precision_params(); }
 
   std::shared_ptr<comm::ProcessGroup> group_;
@@ -175,6 +193,8 @@ class FlatParamHandle {
   at::Tensor full_;
   int64_t full_bytes_ = 0;
   bool unsharded_ = false;
+  std::shared_ptr<comm::Work> pending_;  // a prefetched gather into full_
+  absl::Status deferred_error_;          // a pending gather's failure, seen by Reshard()
 };
 
 }  // namespace fsdp

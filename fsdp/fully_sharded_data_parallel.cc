@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <deque>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -27,11 +28,53 @@ using ImplSet = std::unordered_set<const c10::TensorImpl*>;
 
 }  // namespace
 
-// Backward-pass bookkeeping shared by the units of one FSDP model.
+absl::string_view BackwardPrefetchName(BackwardPrefetch prefetch) {
+  switch (prefetch) {
+    case BackwardPrefetch::kNone:
+      return "NONE";
+    case BackwardPrefetch::kBackwardPre:
+      return "BACKWARD_PRE";
+    case BackwardPrefetch::kBackwardPost:
+      return "BACKWARD_POST";
+  }
+  return "?";
+}
+
+// Forward/backward bookkeeping shared by the units of one FSDP model: the end of the backward
+// pass, the execution order and prefetching (FSDP1's _ExecOrderData and _prefetch_handle).
 struct FsdpBackwardState {
+  enum class PrefetchMode { kForward, kBackward };
+
   std::vector<FsdpUnit*> units;  // pre-order
   bool end_of_backward_queued = false;
+  BackwardPrefetch backward_prefetch = BackwardPrefetch::kNone;
+  bool forward_prefetch = false;
+  bool limit_all_gathers = true;
+  // Pre-forward order, recorded in the first iteration (until the first backward ends);
+  // post-forward order, recorded anew every iteration.
+  std::vector<FsdpUnit*> pre_forward_order;
+  bool first_iteration = true;
+  std::vector<FsdpUnit*> post_forward_order;
+  std::deque<FsdpUnit*> in_flight;  // units whose prefetched gather was issued, oldest first
+  PrefetchStats stats;
+  bool record_events = false;
 
+  void SetPrefetchOptions(const FsdpOptions& options) {
+    backward_prefetch = options.backward_prefetch;
+    forward_prefetch = options.forward_prefetch;
+    limit_all_gathers = options.limit_all_gathers;
+  }
+  int IndexOf(const FsdpUnit* unit) const {
+    auto it = std::find(units.begin(), units.end(), unit);
+    return it == units.end() ? -1 : static_cast<int>(it - units.begin());
+  }
+  void Record(PrefetchEvent::Kind kind, const FsdpUnit* unit, const FsdpUnit* by = nullptr) {
+    if (record_events) stats.events.push_back({kind, IndexOf(unit), by ? IndexOf(by) : -1});
+  }
+  // Issues the gather of the unit after `current` in `mode`'s order, if it still needs one.
+  void Prefetch(FsdpUnit* current, PrefetchMode mode);
+  // Waits for and frees every prefetched gather no unit has used.
+  void DropPrefetches();
   void QueueEndOfBackward();
   void EndOfBackward();
 };
@@ -47,11 +90,26 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
   std::optional<at::ScalarType> ForwardInputDtype() const override { return input_dtype_; }
 
   void PreForward() override {
-    if (handle_) ThrowIfError(handle_->Unshard());
+    if (!handle_) return;
+    if (state_->first_iteration && pre_forward_index_ < 0) {
+      pre_forward_index_ = static_cast<int>(state_->pre_forward_order.size());
+      state_->pre_forward_order.push_back(this);
+    }
+    ThrowIfError(handle_->Unshard());
+    UseOwnGradAccumulators();
+    state_->Record(PrefetchEvent::Kind::kPreForward, this);
+    // Not while backward recomputes a checkpointed forward: the units after it are done.
+    if (state_->forward_prefetch && !state_->end_of_backward_queued) {
+      state_->Prefetch(this, FsdpBackwardState::PrefetchMode::kForward);
+    }
   }
 
   torch::Tensor PostForward(torch::Tensor output) override {
     if (!handle_) return output;
+    if (post_forward_index_ < 0) {
+      post_forward_index_ = static_cast<int>(state_->post_forward_order.size());
+      state_->post_forward_order.push_back(this);
+    }
     const bool backward_follows =
         at::GradMode::is_enabled() && output.defined() && output.requires_grad();
     if (backward_follows) {
@@ -70,8 +128,9 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
     // strategy frees it (the root is used by backward at once, so it stays gathered). A NO_SHARD
     // unit has nothing gathered to free unless mixed precision cast it.
     if (!backward_follows || (!is_root_ && ReshardsAfterForward(handle_->strategy()))) {
-      handle_->Reshard();
+      Reshard();
     }
+    if (is_root_ && !backward_follows) state_->DropPrefetches();
     return output;
   }
 
@@ -81,6 +140,10 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
     pre_backward_done_ = true;
     handle_->StashGradients();
     ThrowIfError(handle_->Unshard());
+    state_->Record(PrefetchEvent::Kind::kPreBackward, this);
+    if (state_->backward_prefetch == BackwardPrefetch::kBackwardPre) {
+      state_->Prefetch(this, FsdpBackwardState::PrefetchMode::kBackward);
+    }
   }
 
   // Called after autograd accumulated the gradient of one of this unit's parameters.
@@ -93,9 +156,44 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
   void PostBackward() {
     if (!needs_reduce_) return;
     needs_reduce_ = false;
+    state_->Record(PrefetchEvent::Kind::kPostBackward, this);
+    // FSDP1 issues it before the reduce-scatter (`_post_backward_reshard`).
+    if (state_->backward_prefetch == BackwardPrefetch::kBackwardPost) {
+      state_->Prefetch(this, FsdpBackwardState::PrefetchMode::kBackward);
+    }
     ThrowIfError(handle_->ReduceGradients());
-    handle_->Reshard();
+    Reshard();
   }
+
+  void Reshard() {
+    handle_->Reshard();
+    prefetched_ = false;
+  }
+
+  // Autograd forgets a parameter's accumulator when set_data changes its dtype (mixed
+  // precision's gather, float32 shard to param_dtype): the forward would then make a new one,
+  // without our hook, and this unit's gradients would wait for the end of backward (and
+  // BACKWARD_POST would have nothing to prefetch). Point the parameters back at ours.
+  void UseOwnGradAccumulators() {
+    for (size_t i = 0; i < accumulators_.size(); ++i) {
+      if (accumulators_[i]) {
+        torch::autograd::impl::set_grad_accumulator(
+            handle_->params()[i], c10::weak_intrusive_ptr<torch::autograd::Node>(accumulators_[i]));
+      }
+    }
+  }
+
+  // Whether prefetching may gather this unit now (FSDP1's _needs_pre_forward_unshard /
+  // _needs_pre_backward_unshard and not _prefetched).
+  bool WantsPrefetch(FsdpBackwardState::PrefetchMode mode) const {
+    if (!handle_ || prefetched_ || handle_->is_unsharded()) return false;
+    return mode == FsdpBackwardState::PrefetchMode::kForward ? true
+                                                             : needs_reduce_ && !pre_backward_done_;
+  }
+  void set_prefetched() { prefetched_ = true; }
+  int pre_forward_index() const { return pre_forward_index_; }
+  int post_forward_index() const { return post_forward_index_; }
+  void ForgetPostForwardIndex() { post_forward_index_ = -1; }
 
   void InstallGradHooks();
 
@@ -110,7 +208,10 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
   // Parameters that required gradients at the last forward: the gradients a backward waits for.
   int expected_grads_ = 0;
   std::vector<bool> hooked_;  // per parameter
-  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators_;
+  bool prefetched_ = false;   // gathered ahead by another unit's hook, not resharded since
+  int pre_forward_index_ = -1;
+  int post_forward_index_ = -1;
+  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators_;  // per parameter
 };
 
 namespace {
@@ -156,7 +257,8 @@ void FsdpUnit::InstallGradHooks() {
     param.set_data(resting);
     if (accumulator == nullptr) continue;
     accumulator->add_post_hook(std::make_unique<GradReadyHook>(weak_from_this()));
-    accumulators_.push_back(std::move(accumulator));
+    accumulators_.resize(handle_->params().size());
+    accumulators_[i] = std::move(accumulator);
     hooked_[i] = true;
     ++expected_grads_;
   }
@@ -175,6 +277,51 @@ void FsdpBackwardState::EndOfBackward() {
   // Units whose parameters did not all get gradients (unused ones) finish here, innermost
   // first, as PyTorch's final callback does.
   for (auto it = units.rbegin(); it != units.rend(); ++it) (*it)->PostBackward();
+  DropPrefetches();
+  // FSDP1's next_iter: the post-forward order is recorded anew each iteration.
+  for (FsdpUnit* unit : post_forward_order) unit->ForgetPostForwardIndex();
+  post_forward_order.clear();
+  first_iteration = false;
+}
+
+void FsdpBackwardState::Prefetch(FsdpUnit* current, PrefetchMode mode) {
+  FsdpUnit* target = nullptr;
+  if (mode == PrefetchMode::kBackward) {
+    const int index = current->post_forward_index();
+    if (index > 0) target = post_forward_order[index - 1];
+  } else {
+    const int index = current->pre_forward_index();
+    if (index >= 0 && index + 1 < static_cast<int>(pre_forward_order.size())) {
+      target = pre_forward_order[index + 1];
+    }
+  }
+  if (target == nullptr || !target->WantsPrefetch(mode)) return;
+  // Gathers already used or dropped leave the queue; the rest are in flight.
+  in_flight.erase(std::remove_if(in_flight.begin(), in_flight.end(),
+                                 [](FsdpUnit* u) { return !u->handle()->has_pending_gather(); }),
+                  in_flight.end());
+  if (limit_all_gathers && in_flight.size() >= 2) {
+    FsdpUnit* oldest = in_flight.front();
+    in_flight.pop_front();
+    // The oldest gather completes into its unit's parameters, which its hook then uses.
+    ThrowIfError(oldest->handle()->Unshard());
+    ++stats.limit_waits;
+    Record(PrefetchEvent::Kind::kLimitWait, oldest, current);
+  }
+  ThrowIfError(target->handle()->Prefetch());
+  target->set_prefetched();
+  if (!target->handle()->has_pending_gather()) return;  // nothing to gather (NO_SHARD)
+  in_flight.push_back(target);
+  ++stats.gathers_issued_ahead;
+  stats.max_in_flight = std::max(stats.max_in_flight, static_cast<int>(in_flight.size()));
+  Record(PrefetchEvent::Kind::kPrefetch, target, current);
+}
+
+void FsdpBackwardState::DropPrefetches() {
+  for (FsdpUnit* unit : in_flight) {
+    if (unit->handle()->has_pending_gather()) unit->Reshard();
+  }
+  in_flight.clear();
 }
 
 namespace {
@@ -402,6 +549,7 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   fsdp->module_ = std::move(module);
   fsdp->group_ = group;
   fsdp->state_ = std::make_shared<FsdpBackwardState>();
+  fsdp->state_->SetPrefetchOptions(options);
   std::vector<size_t> top_level;
   for (size_t node : unit_nodes) {
     const bool is_top_level = IsTopLevelUnit(nodes, unit_nodes, node);
@@ -509,6 +657,12 @@ std::vector<std::pair<std::string, at::Tensor>> FullyShardedDataParallel::unmana
   }
   return out;
 }
+
+const PrefetchStats& FullyShardedDataParallel::prefetch_stats() const { return state_->stats; }
+
+void FullyShardedDataParallel::ResetPrefetchStats() { state_->stats = PrefetchStats{}; }
+
+void FullyShardedDataParallel::RecordPrefetchEvents(bool record) { state_->record_events = record; }
 
 NoSyncGuard::NoSyncGuard(FullyShardedDataParallel& fsdp) {
   for (const FullyShardedDataParallel::UnitView& unit : fsdp.units()) {

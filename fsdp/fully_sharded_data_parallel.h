@@ -35,6 +35,20 @@
 // all-reduced across the replicas. State dicts and rank0_only refer to the shard group, as in
 // PyTorch FSDP1 (each shard group's rank 0 holds a full dict).
 //
+// Prefetching (`backward_prefetch`, `forward_prefetch`, `limit_all_gathers`, PyTorch FSDP1's):
+// a unit starts the all-gather of the unit that runs after it (an asynchronous gather on the
+// group's communication thread, comm/work.h) so that it proceeds while this unit computes. The
+// "next" unit comes from the execution order: the order in which units began their forward in
+// the first forward pass (forward prefetch: the next one), and the order in which they ended
+// it in this iteration (backward prefetch: the one before, as backward runs in reverse), as
+// FSDP1's _ExecOrderData records them. BACKWARD_PRE issues it in a unit's pre-backward hook,
+// after its own gather and before its gradients are computed; BACKWARD_POST once its gradients
+// are there, before they are reduce-scattered; forward prefetch after a unit's own gather in
+// its pre-forward. Gathered bytes are those of a blocking gather, so results are bit for bit
+// those without prefetching. A prefetched gather that no unit used (the execution order
+// changed) is waited for and dropped at the end of the backward pass, or of a forward of the
+// root with no backward.
+//
 // Preconditions: every rank builds the same model with the same initial values (same seed)
 // and wraps it with the same options; the model is on the CPU; parameters of one unit share
 // a floating dtype. Between a forward and its backward, do not read the original parameters
@@ -65,6 +79,34 @@
 
 namespace fsdp {
 
+// PyTorch's BackwardPrefetch (None is kNone).
+enum class BackwardPrefetch { kNone, kBackwardPre, kBackwardPost };
+
+// "NONE", "BACKWARD_PRE", "BACKWARD_POST".
+absl::string_view BackwardPrefetchName(BackwardPrefetch prefetch);
+
+// What prefetching did (FullyShardedDataParallel::prefetch_stats()): counters, and, while
+// recording is on, each hook and gather in order, by unit index (units() order).
+struct PrefetchEvent {
+  enum class Kind {
+    kPreForward,    // `unit` gathered (or took its prefetched gather) before its forward
+    kPreBackward,   // `unit` gathered before its gradients are computed
+    kPostBackward,  // `unit`'s gradients are all there, before they are reduced
+    kPrefetch,      // `unit`'s gather issued ahead, by `by_unit`'s hook
+    kLimitWait,     // limit_all_gathers: `unit`'s pending gather awaited before another issue
+  };
+  Kind kind;
+  int unit;
+  int by_unit = -1;
+};
+
+struct PrefetchStats {
+  int64_t gathers_issued_ahead = 0;   // asynchronous gathers issued by prefetching
+  int64_t limit_waits = 0;            // gathers awaited early by limit_all_gathers
+  int max_in_flight = 0;              // most prefetched gathers pending at once
+  std::vector<PrefetchEvent> events;  // only while recording (RecordPrefetchEvents)
+};
+
 struct FsdpOptions {
   ShardingStrategy sharding_strategy = ShardingStrategy::kFullShard;
   // The optimizer sees the original parameters, each holding this rank's slice.
@@ -86,6 +128,15 @@ struct FsdpOptions {
   // modules' aside) are broadcast over the group (and, under HYBRID_SHARD, then over the
   // replicate group), so ranks may build the model with different values.
   bool sync_module_states = false;
+  // PyTorch's backward_prefetch: when the backward pass gathers the next unit's parameters
+  // ahead (see the top). PyTorch's default.
+  BackwardPrefetch backward_prefetch = BackwardPrefetch::kBackwardPre;
+  // PyTorch's forward_prefetch: a unit's pre-forward issues the next unit's gather.
+  bool forward_prefetch = false;
+  // PyTorch's limit_all_gathers: at most two prefetched gathers in flight (FSDP1's rate
+  // limiter, _limiter_utils.py); a third first waits for the oldest. With one unit prefetched
+  // ahead (FSDP1's limits) at most one is in flight, so the bound holds as it is.
+  bool limit_all_gathers = true;
 };
 
 class FsdpUnit;
@@ -142,6 +193,12 @@ class FullyShardedDataParallel {
   // cast it, else its own.
   at::ScalarType StateDictDtype(const at::Tensor& buffer) const;
   // Model state dicts (full and sharded, saving and loading) are in fsdp/state_dict.h.
+
+  // What prefetching did since Wrap (or the last ResetPrefetchStats); events only while
+  // RecordPrefetchEvents(true).
+  const PrefetchStats& prefetch_stats() const;
+  void ResetPrefetchStats();
+  void RecordPrefetchEvents(bool record);
 
  private:
   FullyShardedDataParallel() = default;

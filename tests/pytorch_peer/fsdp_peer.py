@@ -49,7 +49,9 @@ test file: 5,7,7,7; 2.x: 5,3,3,7), so a caller can match the C++ model it built.
 groups of a (world / K, K) device mesh and replicates across them (MakeHybridShardGroups' layout).
 --mixed_precision PARAM[,REDUCE[,BUFFER]] (bf16, fp16, fp32; an empty field leaves that dtype
 unset) wraps with FSDP1's MixedPrecision or FSDP2's MixedPrecisionPolicy, as examples/train's
-flag of that name does with ours.
+flag of that name does with ours. --backward_prefetch none|backward_pre|backward_post,
+--forward_prefetch and --limit_all_gathers true|false are FSDP1's arguments of those names
+(examples/train's flags; FSDP1 only).
 
 Exit codes: 0 ok; 77 with `SKIP: <reason>` on stdout for a configuration PyTorch 2.13 cannot run
 on CPU (measured, see README.md); 2 for bad flags. Under a bare torchrun a skip exits 1 (torchrun
@@ -183,6 +185,19 @@ def parse_args(argv):
         help="PARAM[,REDUCE[,BUFFER]] dtypes (bf16, fp16, fp32): FSDP1's MixedPrecision, FSDP2's "
         "MixedPrecisionPolicy(param_dtype, reduce_dtype) (examples/train's --mixed_precision)",
     )
+    p.add_argument(
+        "--backward_prefetch",
+        default="backward_pre",
+        choices=["none", "backward_pre", "backward_post"],
+        help="FSDP1's backward_prefetch (examples/train's flag)",
+    )
+    p.add_argument("--forward_prefetch", action="store_true", help="FSDP1's forward_prefetch")
+    p.add_argument(
+        "--limit_all_gathers",
+        default="true",
+        choices=["true", "false"],
+        help="FSDP1's limit_all_gathers",
+    )
     p.add_argument("--timeout_s", type=int, default=120, help="collective timeout, seconds")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = p.parse_args(argv)
@@ -283,7 +298,7 @@ def hybrid_mesh(args):
 
 def wrap_fsdp1(model, units, wrap_root, args):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
 
     kwargs = dict(
         sharding_strategy={
@@ -295,6 +310,13 @@ def wrap_fsdp1(model, units, wrap_root, args):
         }[args.sharding_strategy],
         use_orig_params=args.use_orig_params,
         device_id=torch.device("cpu"),  # without it FSDP1 refuses CPU
+        backward_prefetch={
+            "none": None,
+            "backward_pre": BackwardPrefetch.BACKWARD_PRE,
+            "backward_post": BackwardPrefetch.BACKWARD_POST,
+        }[args.backward_prefetch],
+        forward_prefetch=args.forward_prefetch,
+        limit_all_gathers=args.limit_all_gathers == "true",
     )
     if args.sharding_strategy.startswith("hybrid"):
         kwargs["device_mesh"] = hybrid_mesh(args)

@@ -59,6 +59,9 @@ struct Config {
   int fsdp;  // PyTorch's side: 1 (FullyShardedDataParallel) or 2 (fully_shard)
   // --mixed_precision of both sides ("bf16", "bf16,fp32", ...); "" for full precision.
   std::string mixed_precision = "";
+  // Prefetch flags of both sides ("--backward_prefetch=backward_post --forward_prefetch"); the
+  // losses must then equal PyTorch's exactly (as printed: %.9g, a float32 exactly).
+  std::string prefetch = "";
 };
 
 std::string TempDir(const std::string& name) {
@@ -67,11 +70,11 @@ std::string TempDir(const std::string& name) {
 }
 
 std::string CommonFlags(const Config& c) {
-  return absl::StrCat(" --model=", c.model, " --optimizer=", c.optimizer,
-                      " --lr=0.01 --param_groups=", c.param_groups,
-                      " --sharding_strategy=", c.strategy, " --wrap=", c.wrap,
-                      c.use_orig_params ? " --use_orig_params" : "",
-                      c.mixed_precision.empty() ? "" : " --mixed_precision=", c.mixed_precision);
+  return absl::StrCat(
+      " --model=", c.model, " --optimizer=", c.optimizer,
+      " --lr=0.01 --param_groups=", c.param_groups, " --sharding_strategy=", c.strategy,
+      " --wrap=", c.wrap, c.use_orig_params ? " --use_orig_params" : "",
+      c.mixed_precision.empty() ? "" : " --mixed_precision=", c.mixed_precision, " ", c.prefetch);
 }
 
 // fsdp_peer.py under torchrun (it launches torchrun itself, so exit code 77 survives).
@@ -116,7 +119,8 @@ std::string ConfigName(const Config& c) {
       c.strategy, c.use_orig_params ? "_orig" : "", "_", c.wrap, "_fsdp", c.fsdp,
       c.mixed_precision.empty()
           ? ""
-          : absl::StrCat("_mp_", absl::StrReplaceAll(c.mixed_precision, {{",", "_"}})));
+          : absl::StrCat("_mp_", absl::StrReplaceAll(c.mixed_precision, {{",", "_"}})),
+      c.prefetch.empty() ? "" : "_prefetch");
 }
 
 class PeerTrainTest : public ::testing::TestWithParam<Config> {};
@@ -136,6 +140,9 @@ TEST_P(PeerTrainTest, LossesAndFullCheckpointEqualPyTorchFsdp) {
   const std::vector<double> expected = StepLosses(py.output);
   ASSERT_EQ(expected.size(), static_cast<size_t>(kSteps)) << py.output;
   ExpectSameLosses(expected, StepLosses(cpp.output), 0, cpp.output);
+  if (!c.prefetch.empty()) {
+    EXPECT_EQ(StepLosses(cpp.output), expected) << "prefetching: losses must be PyTorch's exactly";
+  }
 
   // FSDP1 without use_orig_params lists a group's params in FlatParameter order (README).
   const CommandResult compare = RunCommand(
@@ -182,7 +189,12 @@ INSTANTIATE_TEST_SUITE_P(
         // size 1 and 2 (two bf16 ulps; measured with bf16 buffers).
         Config{"nested", "adam", 1, 2, "full_shard", false, "wrap_root", 1, "bf16"},
         Config{"nested", "sgd", 1, 3, "shard_grad_op", true, "none", 1, "bf16,fp32"},
-        Config{"nested", "adam", 1, 4, "full_shard", false, "wrap_root", 2, "bf16"}),
+        Config{"nested", "adam", 1, 4, "full_shard", false, "wrap_root", 2, "bf16"},
+        // Prefetching on both sides (FSDP1's BACKWARD_POST and forward_prefetch).
+        Config{"nested", "sgd", 1, 2, "full_shard", false, "wrap", 1, "",
+               "--backward_prefetch=backward_post --forward_prefetch"},
+        Config{"nested", "sgd", 1, 3, "full_shard", true, "wrap", 1, "",
+               "--backward_prefetch=backward_post --forward_prefetch --limit_all_gathers=false"}),
     [](const ::testing::TestParamInfo<Config>& info) { return ConfigName(info.param); });
 
 struct ResumeCase {

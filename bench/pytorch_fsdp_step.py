@@ -1,0 +1,119 @@
+"""PyTorch's FSDP step on BenchTransformer's twin: fsdp_step_benchmark's reference.
+
+Run under torchrun (fsdp_step_benchmark starts it through `python -m torch.distributed.run`):
+
+  torchrun --standalone --nproc_per_node=2 bench/pytorch_fsdp_step.py --steps=2 --seq=8 --batch=2
+
+The model has BenchTransformer's shapes (bench/bench_transformer.h, its C++ source
+models/transformer.h): Embedding(8192, 512), nn.Transformer(d_model 512, 8 heads, 6 + 6 layers,
+dim_feedforward 2048, dropout 0), Linear(512, 8192) not tied; the values are PyTorch's own
+initialisation (only the timing is compared). Each rank trains on its own batch of random token
+ids (src [seq, batch], tgt [seq + 1, batch]; next-token cross-entropy), Adam lr 1e-4, as the C++
+benchmark does. Two wrappings, each timed after one warm-up step (which creates Adam's state):
+  FSDP1: FullyShardedDataParallel(FULL_SHARD, device_id=cpu, PyTorch's defaults otherwise:
+         BACKWARD_PRE, limit_all_gathers) around every encoder and decoder layer, then the root;
+  FSDP2: fully_shard on every layer, then on the root.
+Rank 0 prints one line: `PYTORCH_STEP fsdp1_ms=<ms per step> fsdp2_ms=<ms per step>`.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB, D_MODEL, NHEAD, LAYERS, FFN = 8192, 512, 8, 6, 2048
+
+
+class BenchTransformerTwin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = nn.Embedding(VOCAB, D_MODEL)
+        self.transformer = nn.Transformer(
+            d_model=D_MODEL,
+            nhead=NHEAD,
+            num_encoder_layers=LAYERS,
+            num_decoder_layers=LAYERS,
+            dim_feedforward=FFN,
+            dropout=0.0,
+        )
+        self.output_proj = nn.Linear(D_MODEL, VOCAB)
+
+    def forward(self, src_ids, tgt_ids):
+        return self.output_proj(self.transformer(self.embed_tokens(src_ids), self.embed_tokens(tgt_ids)))
+
+
+def layers(model):
+    return list(model.transformer.encoder.layers) + list(model.transformer.decoder.layers)
+
+
+def wrap_fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    kwargs = dict(sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"))
+    for stack in (model.transformer.encoder.layers, model.transformer.decoder.layers):
+        for i in range(len(stack)):
+            stack[i] = FSDP(stack[i], **kwargs)
+    return FSDP(model, **kwargs)
+
+
+def wrap_fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def time_steps(wrap, args, src, tgt):
+    model = wrap(BenchTransformerTwin())
+    optim = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        logits = model(src, tgt[:-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt[1:].reshape(-1))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+
+    step()  # warm-up: Adam's state
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = (time.perf_counter() - start) / args.steps
+    dist.barrier()
+    return seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--seq", type=int, default=8)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the C++ ranks')")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    generator = torch.Generator().manual_seed(1 + rank)
+    src = torch.randint(VOCAB, (args.seq, args.batch), generator=generator)
+    tgt = torch.randint(VOCAB, (args.seq + 1, args.batch), generator=generator)
+    fsdp1 = time_steps(wrap_fsdp1, args, src, tgt)
+    fsdp2 = time_steps(wrap_fsdp2, args, src, tgt)
+    if rank == 0:
+        print(f"PYTORCH_STEP fsdp1_ms={fsdp1 * 1e3:.3f} fsdp2_ms={fsdp2 * 1e3:.3f}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    # PyTorch ranks sometimes abort at exit after finishing (README): leave at once.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
