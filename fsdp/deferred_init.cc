@@ -1,10 +1,13 @@
 #include "fsdp/deferred_init.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/nn/modules.h>
 
 #include <deque>
 #include <exception>
+#include <memory>
+#include <unordered_map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -126,6 +129,29 @@ void ToEmpty(torch::nn::Module& module, bool recurse) {
   };
   for (const auto& p : module.named_parameters(recurse)) allocate(p.value());
   for (const auto& b : module.named_buffers(recurse)) allocate(b.value());
+}
+
+uint64_t FqnSeed(const std::string& fqn) {
+  uint64_t h = 0;
+  for (unsigned char c : fqn) h = (h * 131 + c) % 2147483647;
+  return h;
+}
+
+ParamInitFn FqnSeededInit(torch::nn::Module& root, TensorInitFn init, uint64_t seed) {
+  auto names = std::make_shared<std::unordered_map<const torch::nn::Module*, std::string>>();
+  for (const auto& item : root.named_modules()) names->emplace(item.value().get(), item.key());
+  return [names, init = std::move(init), seed](torch::nn::Module& module) {
+    auto it = names->find(&module);
+    TORCH_CHECK(it != names->end(), "FqnSeededInit: module ", module.name(),
+                " is not in the model it was made for");
+    ToEmpty(module);
+    at::NoGradGuard no_grad;
+    for (auto [key, tensor] : OwnTensors(module)) {
+      const std::string fqn = it->second.empty() ? key : absl::StrCat(it->second, ".", key);
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(FqnSeed(fqn) + seed);
+      init(fqn, tensor, gen);
+    }
+  };
 }
 
 bool HoldsMetaTensors(const torch::nn::Module& module) {

@@ -68,6 +68,20 @@ Holder MakeMeta(Holder holder) {
 // uninitialised CPU storage of its shape and dtype (identity and requires_grad kept).
 void ToEmpty(torch::nn::Module& module, bool recurse = false);
 
+// A hash of `fqn` (h = h * 131 + byte, mod 2^31 - 1) that seeds FqnSeededInit's generators; the
+// tests' Python twin computes the same.
+uint64_t FqnSeed(const std::string& fqn);
+
+// How FqnSeededInit fills one tensor: `tensor` (allocated, uninitialised) of `fqn` from `gen`.
+using TensorInitFn =
+    std::function<void(const std::string& fqn, at::Tensor& tensor, at::Generator& gen)>;
+
+// A param_init_fn whose values are a function of each tensor's FQN alone, so they are the same on
+// every rank and whatever order units are materialised in: it ToEmpty's the module it is given and
+// calls `init` on each of its own parameters and buffers with a CPU generator seeded by
+// FqnSeed(fqn) + seed. FQNs are those under `root` at the time of the call (the model to wrap).
+ParamInitFn FqnSeededInit(torch::nn::Module& root, TensorInitFn init, uint64_t seed = 0);
+
 // Whether any parameter or buffer directly held by `module` is a meta tensor.
 bool HoldsMetaTensors(const torch::nn::Module& module);
 

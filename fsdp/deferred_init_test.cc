@@ -4,7 +4,6 @@
 // the same modules in the same order and ends with the same state dict; and the errors.
 #include "fsdp/deferred_init.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <cstdlib>
@@ -39,20 +38,20 @@ using ::fsdp::testing::StatusIs;
 using ::fsdp::testing::StrategyCase;
 using ::testing::HasSubstr;
 
-// The seed of a tensor's values: a polynomial hash of its FQN (deferred_init_nested.py's
-// fqn_seed), so that values do not depend on the order modules are initialised in.
-uint64_t FqnSeed(const std::string& fqn) {
-  uint64_t h = 0;
-  for (unsigned char c : fqn) h = (h * 131 + c) % 2147483647;
-  return h;
-}
-
-// The tests' param_init_fn: allocates a module's own tensors and fills each floating one with
-// uniform(-0.5, 0.5) from a generator seeded by FqnSeed(its FQN); records the modules called.
+// The tests' param_init_fn (and deferred_init_nested.py's): FqnSeededInit filling each floating
+// tensor with uniform(-0.5, 0.5) (others with zeros); records the modules it is called on.
 class FqnInit {
  public:
   explicit FqnInit(torch::nn::Module& root)
-      : names_(std::make_shared<std::unordered_map<const torch::nn::Module*, std::string>>()),
+      : init_(FqnSeededInit(root,
+                            [](const std::string&, at::Tensor& t, at::Generator& gen) {
+                              if (t.is_floating_point()) {
+                                t.uniform_(-0.5, 0.5, gen);
+                              } else {
+                                t.zero_();
+                              }
+                            })),
+        names_(std::make_shared<std::unordered_map<const torch::nn::Module*, std::string>>()),
         calls_(std::make_shared<std::vector<std::string>>()) {
     for (const auto& item : root.named_modules()) (*names_)[item.value().get()] = item.key();
   }
@@ -60,29 +59,18 @@ class FqnInit {
   void operator()(torch::nn::Module& module) const {
     const std::string& name = names_->at(&module);
     calls_->push_back(name.empty() ? "<root>" : name);
-    ToEmpty(module);
-    torch::NoGradGuard no_grad;
-    auto fill = [&](const std::string& key, at::Tensor t) {
-      if (!t.is_floating_point()) {
-        t.zero_();
-        return;
-      }
-      at::Generator gen =
-          at::make_generator<at::CPUGeneratorImpl>(FqnSeed(name.empty() ? key : name + "." + key));
-      t.uniform_(-0.5, 0.5, gen);
-    };
-    for (const auto& p : module.named_parameters(/*recurse=*/false)) fill(p.key(), p.value());
-    for (const auto& b : module.named_buffers(/*recurse=*/false)) fill(b.key(), b.value());
+    init_(module);
   }
 
   // Initialises every module of `root` (the eager model).
   void All(torch::nn::Module& root) const {
-    for (const auto& item : root.named_modules()) (*this)(*item.value());
+    for (const auto& item : root.named_modules()) init_(*item.value());
   }
 
   const std::vector<std::string>& calls() const { return *calls_; }
 
  private:
+  ParamInitFn init_;
   std::shared_ptr<std::unordered_map<const torch::nn::Module*, std::string>> names_;
   std::shared_ptr<std::vector<std::string>> calls_;
 };

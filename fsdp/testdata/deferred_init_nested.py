@@ -27,7 +27,7 @@ UNITS = ["block1.bias_module0", "block1", "block2.1.bias_module0", "block2.1.bia
 
 
 def fqn_seed(fqn):
-    """The seed of a tensor's values: a polynomial hash of its FQN (the C++ test's FqnSeed)."""
+    """The seed of a tensor's values: a polynomial hash of its FQN (fsdp::FqnSeed, fsdp/deferred_init.h)."""
     h = 0
     for c in fqn.encode():
         h = (h * 131 + c) % 2147483647
