@@ -26,7 +26,6 @@
 #include <torch/nn/modules/linear.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,9 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
-#include "comm/launcher.h"
 #include "comm/process_group.h"
-#include "comm/rendezvous.h"
 #include "fsdp/deferred_init.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/module_slot.h"
@@ -164,23 +161,13 @@ void RegisterCases(const RankGroups& groups) {
   }
 }
 
-int RunRank(int argc, char** argv) {
-  if (!MmapAllocationsFrom(kMmapThresholdBytes)) {
-    std::fprintf(stderr, "deferred_init_benchmark: glibc refused M_MMAP_THRESHOLD\n");
-    return 1;
-  }
-  RankHarnessOptions options;
-  options.name = "deferred_init_benchmark";
-  return RunRankHarness(argc, argv, options, RegisterCases, FollowCommand);
-}
-
 }  // namespace
 }  // namespace fsdp::bench
 
 int main(int argc, char** argv) {
-  if (!fsdp::comm::LaunchedByLauncher()) {
-    return fsdp::bench::LaunchSelfAsRanks(argc, argv, fsdp::bench::kLaunchedRanks,
-                                          "deferred_init_benchmark");
-  }
-  return fsdp::bench::RunRank(argc, argv);
+  using fsdp::bench::RankHarnessOptions;
+  const RankHarnessOptions options{.name = "deferred_init_benchmark",
+                                   .mmap_threshold_bytes = fsdp::bench::kMmapThresholdBytes};
+  return fsdp::bench::RankBenchmarkMain(argc, argv, fsdp::bench::kLaunchedRanks, options,
+                                        fsdp::bench::RegisterCases, fsdp::bench::FollowCommand);
 }

@@ -4,8 +4,10 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/nn/modules.h>
 
+#include <algorithm>
 #include <deque>
 #include <exception>
+#include <iterator>
 #include <memory>
 #include <unordered_map>
 
@@ -45,16 +47,32 @@ bool TryReset(torch::nn::Module& module) {
 // LibTorch's modules that have a reset_parameters() (their own tensors only, as PyTorch's).
 bool ResetLibTorchModule(torch::nn::Module& m) {
   using namespace torch::nn;  // NOLINT: the list below is LibTorch's module types
-  return TryReset<LinearImpl>(m) || TryReset<BilinearImpl>(m) || TryReset<EmbeddingImpl>(m) ||
-         TryReset<EmbeddingBagImpl>(m) || TryReset<LayerNormImpl>(m) ||
-         TryReset<GroupNormImpl>(m) || TryReset<Conv1dImpl>(m) || TryReset<Conv2dImpl>(m) ||
-         TryReset<Conv3dImpl>(m) || TryReset<ConvTranspose1dImpl>(m) ||
-         TryReset<ConvTranspose2dImpl>(m) || TryReset<ConvTranspose3dImpl>(m) ||
-         TryReset<BatchNorm1dImpl>(m) || TryReset<BatchNorm2dImpl>(m) ||
-         TryReset<BatchNorm3dImpl>(m) || TryReset<InstanceNorm1dImpl>(m) ||
-         TryReset<InstanceNorm2dImpl>(m) || TryReset<InstanceNorm3dImpl>(m) ||
-         TryReset<RNNImpl>(m) || TryReset<LSTMImpl>(m) || TryReset<GRUImpl>(m) ||
-         TryReset<RNNCellImpl>(m) || TryReset<LSTMCellImpl>(m) || TryReset<GRUCellImpl>(m);
+  static constexpr bool (*kResetters[])(torch::nn::Module&) = {TryReset<LinearImpl>,
+                                                               TryReset<BilinearImpl>,
+                                                               TryReset<EmbeddingImpl>,
+                                                               TryReset<EmbeddingBagImpl>,
+                                                               TryReset<LayerNormImpl>,
+                                                               TryReset<GroupNormImpl>,
+                                                               TryReset<Conv1dImpl>,
+                                                               TryReset<Conv2dImpl>,
+                                                               TryReset<Conv3dImpl>,
+                                                               TryReset<ConvTranspose1dImpl>,
+                                                               TryReset<ConvTranspose2dImpl>,
+                                                               TryReset<ConvTranspose3dImpl>,
+                                                               TryReset<BatchNorm1dImpl>,
+                                                               TryReset<BatchNorm2dImpl>,
+                                                               TryReset<BatchNorm3dImpl>,
+                                                               TryReset<InstanceNorm1dImpl>,
+                                                               TryReset<InstanceNorm2dImpl>,
+                                                               TryReset<InstanceNorm3dImpl>,
+                                                               TryReset<RNNImpl>,
+                                                               TryReset<LSTMImpl>,
+                                                               TryReset<GRUImpl>,
+                                                               TryReset<RNNCellImpl>,
+                                                               TryReset<LSTMCellImpl>,
+                                                               TryReset<GRUCellImpl>};
+  return std::any_of(std::begin(kResetters), std::end(kResetters),
+                     [&](auto reset) { return reset(m); });
 }
 
 std::string ShapeString(at::IntArrayRef shape) {

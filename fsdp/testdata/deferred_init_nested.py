@@ -12,11 +12,12 @@ Run: tools/python fsdp/testdata/deferred_init_nested.py (it starts torchrun with
 
 import functools
 import os
-import subprocess
 import sys
 import warnings
 
 import torch
+
+import rank_launch
 
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
@@ -64,14 +65,8 @@ def rank_main():
     lines = [f"call {c}" for c in calls]
     for key, v in fsdp.state_dict().items():
         lines.append(f"state {key} {v.contiguous().numpy().tobytes().hex()}")
-    if dist.get_rank() == 0:
-        print("\n".join(lines), flush=True)
-    dist.barrier()
-    os._exit(0)  # PyTorch ranks may abort at exit otherwise (README)
+    rank_launch.finish(dist, lines)
 
 
 if __name__ == "__main__":
-    if "RANK" in os.environ:
-        rank_main()
-    sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node=2", os.path.abspath(__file__)]))
+    rank_launch.main(__file__, rank_main)
