@@ -92,9 +92,10 @@ struct FsdpOptions {
   bool sync_module_states = false;
   // PyTorch's param_init_fn, for models built on the meta device (deferred_init.h): each unit
   // whose tensors are meta is materialised just before it is sharded, by calling this on each of
-  // its modules (breadth-first); without it, by ToEmpty + reset_parameters() per module. No rank
-  // ever holds more than its shards and one full unit. With sync_module_states, rank 0's values
-  // are broadcast unit by unit, after each unit's materialisation.
+  // its modules (breadth-first); without it, by ToEmpty + reset_parameters() per module. A rank
+  // holds at most its shards plus one full unit (and that unit's flattened copy while it is
+  // sharded). With sync_module_states, rank 0's values are broadcast unit by unit, after each
+  // unit's materialisation.
   ParamInitFn param_init_fn;
 };
 
