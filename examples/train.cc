@@ -107,7 +107,8 @@ ABSL_FLAG(std::string, mixed_precision, "",
           "parameters, optimizer state and checkpoints stay float32. Empty: full precision.");
 ABSL_FLAG(bool, deferred_init, false,
           "Move the model to the meta device and let FSDP materialise it unit by unit "
-          "(GPT-2-style values seeded by each tensor's name).");
+          "(GPT-2-style values seeded by each tensor's name); parameters outside every unit "
+          "(--model=nested --wrap=wrap or wrap_alt) are refused by name.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
 ABSL_FLAG(int, save_at_step, 0,
           "With --save: write the checkpoint after this many steps (counted from step 0) and "
