@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "bench/rank_util.h"
 #include "comm/rendezvous.h"
 
 namespace fsdp::bench {
@@ -95,6 +96,11 @@ std::shared_ptr<comm::ProcessGroup> RankGroups::ForSize(int64_t world_size) cons
 
 int RunRankHarness(int argc, char** argv, const RankHarnessOptions& options,
                    const RegisterCasesFn& register_cases, const FollowCommandFn& follow) {
+  if (options.mmap_threshold_bytes > 0 && !MmapAllocationsFrom(options.mmap_threshold_bytes)) {
+    std::fprintf(stderr, "%s: glibc refused M_MMAP_THRESHOLD=%lld\n", options.name.c_str(),
+                 static_cast<long long>(options.mmap_threshold_bytes));
+    return 1;
+  }
   comm::RendezvousOptions rendezvous;
   rendezvous.timeout = options.collective_timeout;
   absl::StatusOr<std::shared_ptr<comm::ProcessGroup>> world =
@@ -123,6 +129,12 @@ int RunRankHarness(int argc, char** argv, const RankHarnessOptions& options,
   }
   return groups.world->rank() == 0 ? Lead(argc, argv, options, groups, register_cases)
                                    : Follow(options, groups, follow);
+}
+
+int RankBenchmarkMain(int argc, char** argv, int world_size, const RankHarnessOptions& options,
+                      const RegisterCasesFn& register_cases, const FollowCommandFn& follow) {
+  if (!comm::LaunchedByLauncher()) return LaunchSelfAsRanks(argc, argv, world_size, options.name);
+  return RunRankHarness(argc, argv, options, register_cases, follow);
 }
 
 absl::Status SendCommand(const CommandWords& command) {

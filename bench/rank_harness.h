@@ -39,7 +39,8 @@ using CommandWords = std::array<int64_t, kCommandWords>;  // words[0] == 0: quit
 // {0, ..., k - 1} asked for in RankHarnessOptions::subgroup_sizes.
 struct RankGroups {
   std::shared_ptr<comm::ProcessGroup> world;
-  std::map<int64_t, std::shared_ptr<comm::ProcessGroup>> by_size;  // world included; null: not in it
+  std::map<int64_t, std::shared_ptr<comm::ProcessGroup>>
+      by_size;  // world included; null: not in it
   // The group that runs cases of `world_size` ranks; null if this rank is not in it or there is
   // no such group.
   std::shared_ptr<comm::ProcessGroup> ForSize(int64_t world_size) const;
@@ -57,6 +58,9 @@ struct RankHarnessOptions {
   // Google Benchmark flags put before the command line's, so the command line wins
   // (e.g. "--benchmark_min_time=0.2").
   std::vector<std::string> default_benchmark_args;
+  // If positive: MmapAllocationsFrom(this) (rank_util.h) before anything else; the harness
+  // fails if glibc refuses.
+  int64_t mmap_threshold_bytes = 0;
 };
 
 // Called on rank 0 before Google Benchmark starts: registers the cases (which may keep
@@ -71,6 +75,11 @@ using FollowCommandFn =
 // exit code: 0, 1 after a failure (printed to stderr), 2 for unrecognised arguments.
 int RunRankHarness(int argc, char** argv, const RankHarnessOptions& options,
                    const RegisterCasesFn& register_cases, const FollowCommandFn& follow);
+
+// A whole benchmark binary's main: not launched yet, LaunchSelfAsRanks(world_size); in a rank,
+// RunRankHarness.
+int RankBenchmarkMain(int argc, char** argv, int world_size, const RankHarnessOptions& options,
+                      const RegisterCasesFn& register_cases, const FollowCommandFn& follow);
 
 // Rank 0 (inside a case): broadcasts `command` to every rank of the world group. Errors: the
 // collective's (UNAVAILABLE, DEADLINE_EXCEEDED, ...).

@@ -7,7 +7,7 @@
 //         [--shard_group_size=K]
 //         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
 //         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM] [--grad_accum=K]
-//         [--mixed_precision=bf16|fp16[,REDUCE[,BUFFER]]]
+//         [--mixed_precision=bf16|fp16[,REDUCE[,BUFFER]]] [--deferred_init]
 //         [--backward_prefetch=none|backward_pre|backward_post] [--forward_prefetch]
 //         [--limit_all_gathers=true|false]
 //
@@ -43,6 +43,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/key_prefixes.h"
@@ -53,6 +54,7 @@
 #include "examples/loss_curve.h"
 #include "examples/train_checkpoint.h"
 #include "fsdp/clip_grad_norm.h"
+#include "fsdp/deferred_init.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "fsdp/hybrid_shard.h"
 #include "fsdp/mixed_precision.h"
@@ -115,6 +117,10 @@ ABSL_FLAG(bool, forward_prefetch, false,
           "FSDP's forward_prefetch: each unit's forward gathers the next unit's parameters ahead.");
 ABSL_FLAG(bool, limit_all_gathers, true,
           "FSDP's limit_all_gathers: at most two prefetched all-gathers in flight.");
+ABSL_FLAG(bool, deferred_init, false,
+          "Move the model to the meta device and let FSDP materialise it unit by unit "
+          "(GPT-2-style values seeded by each tensor's name); parameters outside every unit "
+          "(--model=nested --wrap=wrap or wrap_alt) are refused by name.");
 ABSL_FLAG(int, timeout_s, 600, "Launcher and collective timeout, seconds.");
 ABSL_FLAG(int, save_at_step, 0,
           "With --save: write the checkpoint after this many steps (counted from step 0) and "
@@ -243,12 +249,31 @@ absl::StatusOr<bool> PerLayerWrap() {
   return absl::InvalidArgumentError(absl::StrCat("--wrap=", wrap, " is not one of layers, none"));
 }
 
-// A Job of `net` under FSDP: its parameter count (unwrapped), the wrapper and the module.
+// --deferred_init's values, a function of each tensor's name (fsdp::FqnSeededInit): biases
+// zero, other 1-D tensors (norm weights) one, matrices normal(0, 0.02), as GPT-2 initialises.
+void GptStyleInit(const std::string& fqn, at::Tensor& t, at::Generator& gen) {
+  if (!t.is_floating_point() || absl::EndsWith(fqn, "bias")) {
+    t.zero_();
+  } else if (t.dim() <= 1) {
+    t.fill_(1.0);
+  } else {
+    t.normal_(0.0, 0.02, gen);
+  }
+}
+
+// A Job of `net` under FSDP: its parameter count (unwrapped), the wrapper and the module. With
+// --deferred_init the model goes to the meta device first (LibTorch's constructors allocate, so
+// this model was whole once; a model too large for a rank is built module by module with
+// fsdp::MakeMeta instead, as bench/deferred_init_benchmark.cc does) and Wrap materialises it.
 template <typename Model>
 absl::StatusOr<Job> WrapIntoJob(Model net, std::shared_ptr<fsdp::comm::ProcessGroup> group,
-                                const fsdp::FsdpOptions& options) {
+                                fsdp::FsdpOptions options) {
   Job job;
   job.parameter_count = CountParameters(*net);
+  if (absl::GetFlag(FLAGS_deferred_init)) {
+    fsdp::ToMeta(*net);
+    options.param_init_fn = fsdp::FqnSeededInit(*net, GptStyleInit);
+  }
   FSDP_ASSIGN_OR_RETURN(job.fsdp, fsdp::FullyShardedDataParallel::Wrap(net, group, options));
   job.module = net.ptr();
   return job;

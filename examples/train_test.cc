@@ -348,6 +348,24 @@ TEST(Train, LoadsAWrappedPyTorchModelsCheckpointWithStripKeyPrefixes) {
   }
 }
 
+// --deferred_init: every rank materialises the same values (FqnSeededInit), so the job trains
+// the same model at world sizes 2 and 4 (equal losses, as FSDP at 2 and 4 equals the unwrapped
+// model), which is not the default-initialised one. (NestedModel under a root unit: FSDP
+// materialises only what its units manage, and the `wrap` layout leaves the root's bias out.)
+TEST(Train, DeferredInitTrainsOneModelAtAnyWorldSize) {
+  std::vector<std::vector<double>> losses;
+  for (const char* flags :
+       {"--world_size=2 --deferred_init", "--world_size=4 --deferred_init", "--world_size=2"}) {
+    CommandResult run = RunCommand(absl::StrCat(
+        Runfile("examples/train"), " --model=nested --wrap=wrap_root --steps=3 ", flags));
+    ASSERT_EQ(run.exit_code, 0) << run.output;
+    losses.push_back(StepLosses(run.output));
+    ASSERT_EQ(losses.back().size(), 3u) << run.output;
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_NE(losses[0], losses[2]);
+}
+
 TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
   CommandResult run = RunCommand(absl::StrCat(
       Runfile("examples/train"),

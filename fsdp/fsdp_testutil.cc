@@ -46,13 +46,15 @@ torch::Tensor NetImpl::forward(torch::Tensor x) {
 }
 
 absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> WrapNet(
-    Net net, std::shared_ptr<comm::ProcessGroup> group, const StrategyCase& c, bool nest_inner_b) {
+    Net net, std::shared_ptr<comm::ProcessGroup> group, const StrategyCase& c, bool nest_inner_b,
+    ParamInitFn param_init_fn) {
   auto inner = std::dynamic_pointer_cast<InnerImpl>(net->inner.module());
   std::vector<ModuleSlot*> nested = {&net->l0, &net->inner};
   if (nest_inner_b) nested.push_back(&inner->b);
   FsdpOptions options{
       .sharding_strategy = c.strategy, .use_orig_params = c.use_orig_params, .nested = nested};
   if (!net->extra.is_empty()) options.ignored_modules = {net->extra.ptr()};
+  options.param_init_fn = std::move(param_init_fn);
   return FullyShardedDataParallel::Wrap(net, std::move(group), std::move(options));
 }
 

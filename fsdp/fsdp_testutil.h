@@ -98,10 +98,11 @@ struct NetImpl : torch::nn::Module {
 TORCH_MODULE(Net);
 
 // Units at l0, inner and inner.b inside the root unit; `extra`, if present, ignored. With
-// `nest_inner_b` false, inner.b belongs to inner's unit (another wrapping).
+// `nest_inner_b` false, inner.b belongs to inner's unit (another wrapping). `param_init_fn`:
+// FsdpOptions'.
 absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> WrapNet(
     Net net, std::shared_ptr<comm::ProcessGroup> group, const StrategyCase& c,
-    bool nest_inner_b = true);
+    bool nest_inner_b = true, ParamInitFn param_init_fn = nullptr);
 
 // The batch of step `step`, the same on every rank: randn({8, 4}) right after seed 100 + step.
 at::Tensor Batch(int step);

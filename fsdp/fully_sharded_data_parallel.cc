@@ -458,31 +458,115 @@ void CastBuffers(const std::vector<ModuleNode>& nodes, const std::vector<size_t>
   }
 }
 
-// sync_module_states: rank 0's parameters and buffers under `nodes` to every rank of `group`,
-// tensor by tensor in the walk's order (the same on every rank).
-absl::Status BroadcastModuleStates(const std::vector<ModuleNode>& nodes,
-                                   comm::ProcessGroup& group) {
-  at::NoGradGuard no_grad;
-  std::unordered_set<const c10::TensorImpl*> done;
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+// The parameters and buffers of the modules in `nodes` whose prefix starts with `under`.
+NamedTensors ModuleStates(const std::vector<ModuleNode>& nodes, const std::string& under) {
+  NamedTensors out;
   for (const ModuleNode& node : nodes) {
-    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    if (!absl::StartsWith(node.prefix, under)) continue;
     for (const auto& p : node.module->named_parameters(/*recurse=*/false)) {
-      tensors.emplace_back(p.key(), p.value());
+      out.emplace_back(absl::StrCat(node.prefix, p.key()), p.value());
     }
     for (const auto& b : node.module->named_buffers(/*recurse=*/false)) {
-      tensors.emplace_back(b.key(), b.value());
-    }
-    for (auto& [name, tensor] : tensors) {
-      if (!tensor.defined() || !done.insert(tensor.unsafeGetTensorImpl()).second) continue;
-      at::Tensor data = tensor.detach();
-      at::Tensor buffer = data.is_contiguous() ? data : data.contiguous();
-      FSDP_RETURN_IF_ERROR(group.Broadcast(buffer, /*root=*/0),
-                           absl::StrCat("FSDP sync_module_states: broadcasting ", node.prefix, name,
-                                        " from rank 0 of group ", group.name()));
-      if (!buffer.is_same(data)) data.copy_(buffer);
+      out.emplace_back(absl::StrCat(node.prefix, b.key()), b.value());
     }
   }
+  return out;
+}
+
+// sync_module_states: rank 0's `tensors` to every rank of `group` (and then of the replicate
+// group), in order (the same on every rank), each once: `synced` remembers them.
+absl::Status BroadcastModuleStates(const NamedTensors& tensors, const FsdpOptions& options,
+                                   comm::ProcessGroup& group, ImplSet& synced) {
+  at::NoGradGuard no_grad;
+  for (const auto& [fqn, tensor] : tensors) {
+    if (!tensor.defined() || !synced.insert(tensor.unsafeGetTensorImpl()).second) continue;
+    at::Tensor data = tensor.detach();
+    at::Tensor buffer = data.is_contiguous() ? data : data.contiguous();
+    for (comm::ProcessGroup* g : {&group, options.replicate_group.get()}) {
+      if (g == nullptr) continue;
+      FSDP_RETURN_IF_ERROR(g->Broadcast(buffer, /*root=*/0),
+                           absl::StrCat("FSDP sync_module_states: broadcasting ", fqn,
+                                        " from rank 0 of group ", g->name()));
+    }
+    if (!buffer.is_same(data)) data.copy_(buffer);
+  }
   return absl::OkStatus();
+}
+
+// Units in the order FSDP1's auto-wrap builds them: post-order (a unit after the units inside
+// it; siblings in registration order). `nodes` is a pre-order walk.
+std::vector<size_t> PostOrderUnits(const std::vector<ModuleNode>& nodes,
+                                   const std::vector<size_t>& unit_nodes) {
+  std::vector<size_t> order;
+  std::vector<size_t> open;
+  for (size_t node : unit_nodes) {
+    while (!open.empty() && !absl::StartsWith(nodes[node].prefix, nodes[open.back()].prefix)) {
+      order.push_back(open.back());
+      open.pop_back();
+    }
+    open.push_back(node);
+  }
+  order.insert(order.end(), open.rbegin(), open.rend());
+  return order;
+}
+
+// What Wrap needs to build each unit's handle.
+struct UnitPlan {
+  const std::vector<ModuleNode>& nodes;
+  const std::vector<size_t>& unit_nodes;
+  const std::unordered_set<torch::nn::Module*>& unit_modules;
+  const std::unordered_set<torch::nn::Module*>& ignored;
+};
+
+// Each unit's flat parameter handle (null without parameters), by node. Unit by unit, inside-out:
+// materialise it if it is meta (deferred_init.h), broadcast rank 0's values (sync_module_states),
+// then flatten and shard it, freeing its full parameters before the next unit.
+absl::StatusOr<std::unordered_map<size_t, std::unique_ptr<FlatParamHandle>>> ShardUnits(
+    const UnitPlan& plan, std::unordered_map<size_t, std::vector<FlatParamEntry>>& entries,
+    const std::shared_ptr<comm::ProcessGroup>& group, const FsdpOptions& options) {
+  const std::vector<ModuleNode>& nodes = plan.nodes;
+  ImplSet covered;  // what the units materialise
+  for (const auto& [node, unit_entries] : entries) {
+    for (const FlatParamEntry& e : unit_entries) covered.insert(e.param.unsafeGetTensorImpl());
+  }
+  for (size_t unit : plan.unit_nodes) {
+    for (const auto& [fqn, t] : ModuleStates(nodes, nodes[unit].prefix)) {
+      if (t.defined()) covered.insert(t.unsafeGetTensorImpl());
+    }
+  }
+  FSDP_RETURN_IF_ERROR(internal::CheckNoMetaOutsideUnits(*nodes[0].module, covered));
+  std::unordered_map<size_t, std::unique_ptr<FlatParamHandle>> handles;
+  ImplSet synced;
+  for (size_t node : PostOrderUnits(nodes, plan.unit_nodes)) {
+    const std::string where = absl::StrCat("FSDP unit '", nodes[node].prefix, "'");
+    std::unordered_set<torch::nn::Module*> stop = plan.unit_modules;
+    stop.insert(plan.ignored.begin(), plan.ignored.end());
+    stop.erase(nodes[node].module);
+    NamedTensors managed;
+    for (const FlatParamEntry& e : entries[node]) managed.emplace_back(e.fqns[0], e.param);
+    FSDP_RETURN_IF_ERROR(
+        internal::MaterializeUnit(
+            internal::ModulesToMaterialize({nodes[node].module, nodes[node].prefix}, stop), managed,
+            options.param_init_fn),
+        where);
+    if (options.sync_module_states) {
+      FSDP_RETURN_IF_ERROR(BroadcastModuleStates(managed, options, *group, synced));
+      FSDP_RETURN_IF_ERROR(
+          BroadcastModuleStates(ModuleStates(nodes, nodes[node].prefix), options, *group, synced));
+    }
+    if (entries[node].empty()) continue;
+    auto created = FlatParamHandle::Create(std::move(entries[node]), group,
+                                           options.sharding_strategy, options.use_orig_params,
+                                           options.mixed_precision, options.replicate_group);
+    if (!created.ok()) return Annotate(created.status(), where);
+    handles[node] = *std::move(created);
+  }
+  if (options.sync_module_states) {  // what lies outside every unit
+    FSDP_RETURN_IF_ERROR(BroadcastModuleStates(ModuleStates(nodes, ""), options, *group, synced));
+  }
+  return handles;
 }
 
 }  // namespace
@@ -502,12 +586,6 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   {
     std::unordered_set<torch::nn::Module*> seen;
     WalkModules(*module, "", ignored, seen, nodes);
-  }
-  if (options.sync_module_states) {
-    FSDP_RETURN_IF_ERROR(BroadcastModuleStates(nodes, *group));
-    if (options.replicate_group != nullptr) {
-      FSDP_RETURN_IF_ERROR(BroadcastModuleStates(nodes, *options.replicate_group));
-    }
   }
   std::unordered_map<torch::nn::Module*, size_t> node_index;
   for (size_t i = 0; i < nodes.size(); ++i) node_index[nodes[i].module] = i;
@@ -545,6 +623,8 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   }
   std::unordered_map<size_t, std::vector<FlatParamEntry>> entries =
       ClaimParameters(nodes, unit_nodes, unit_modules, ignored);
+  const UnitPlan plan{nodes, unit_nodes, unit_modules, ignored};
+  FSDP_ASSIGN_OR_RETURN(auto handles, ShardUnits(plan, entries, group, options));
 
   fsdp->module_ = std::move(module);
   fsdp->group_ = group;
@@ -554,16 +634,7 @@ absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> FullyShardedDataParall
   for (size_t node : unit_nodes) {
     const bool is_top_level = IsTopLevelUnit(nodes, unit_nodes, node);
     if (is_top_level) top_level.push_back(node);
-    std::unique_ptr<FlatParamHandle> handle;
-    if (!entries[node].empty()) {
-      auto created = FlatParamHandle::Create(std::move(entries[node]), group,
-                                             options.sharding_strategy, options.use_orig_params,
-                                             options.mixed_precision, options.replicate_group);
-      if (!created.ok()) {
-        return Annotate(created.status(), absl::StrCat("FSDP unit '", nodes[node].prefix, "'"));
-      }
-      handle = *std::move(created);
-    }
+    std::unique_ptr<FlatParamHandle> handle = std::move(handles[node]);
     const bool is_root = nodes[node].module == fsdp->module_.get();
     const std::optional<at::ScalarType> input_dtype =
         InputDtype(options.mixed_precision, is_top_level, handle != nullptr);

@@ -54,9 +54,12 @@
 // a floating dtype. Between a forward and its backward, do not read the original parameters
 // of a resharded unit in non-use_orig_params mode (they hold no data, as in PyTorch).
 //
-// Errors (from Wrap): INVALID_ARGUMENT for a nested slot whose module is not inside the model
-// or is ignored, a unit with mixed dtypes, a null group, a hybrid strategy without a
-// replicate group (or another strategy with one); collective errors as
+// Deferred initialisation (deferred_init.h, FsdpOptions::param_init_fn): parameters and buffers
+// may be meta tensors; units are then materialised, and sharded, one at a time, inside-out.
+//
+// Errors (from Wrap): deferred_init.h's for meta models; INVALID_ARGUMENT for a nested slot whose
+// module is not inside the model or is ignored, a unit with mixed dtypes, a null group, a hybrid
+// strategy without a replicate group (or another strategy with one); collective errors as
 // comm::ProcessGroup's. forward()/backward() throw c10::Error carrying the status message when
 // a collective fails (the LibTorch edge).
 #ifndef FSDP_CPP_FSDP_FULLY_SHARDED_DATA_PARALLEL_H_
@@ -73,6 +76,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "comm/process_group.h"
+#include "fsdp/deferred_init.h"
 #include "fsdp/flat_param.h"
 #include "fsdp/mixed_precision.h"
 #include "fsdp/module_slot.h"
@@ -137,6 +141,13 @@ struct FsdpOptions {
   // limiter, _limiter_utils.py); a third first waits for the oldest. With one unit prefetched
   // ahead (FSDP1's limits) at most one is in flight, so the bound holds as it is.
   bool limit_all_gathers = true;
+  // PyTorch's param_init_fn, for models built on the meta device (deferred_init.h): each unit
+  // whose tensors are meta is materialised just before it is sharded, by calling this on each of
+  // its modules (breadth-first); without it, by ToEmpty + reset_parameters() per module. A rank
+  // holds at most its shards plus one full unit (and that unit's flattened copy while it is
+  // sharded). With sync_module_states, rank 0's values are broadcast unit by unit, after each
+  // unit's materialisation.
+  ParamInitFn param_init_fn;
 };
 
 class FsdpUnit;

@@ -230,21 +230,12 @@ TEST(FsdpMixedPrecision, BufferAndStateDictDtypesAreFsdp1s) {
     if (group.rank() == 0) std::ofstream(ours_path) << absl::StrJoin(lines, "\n") << "\n";
   });
   if (::fsdp::testing::IsRankProcess()) return;
-  const ::fsdp::testing::CommandResult py = ::fsdp::testing::RunCommand(
-      absl::StrCat(::fsdp::testing::PythonCommand(), " ",
-                   ::fsdp::testing::Runfile("fsdp/testdata/mixed_precision_dtypes.py")));
-  ASSERT_EQ(py.exit_code, 0) << py.output;
-  std::vector<std::string> pytorch;
-  for (absl::string_view line : absl::StrSplit(py.output, '\n')) {
-    if (absl::StartsWith(line, "output ") || absl::StartsWith(line, "buffer ") ||
-        absl::StartsWith(line, "state ")) {
-      pytorch.emplace_back(line);
-    }
-  }
-  std::ifstream in(ours_path);
-  std::vector<std::string> ours;
-  for (std::string line; std::getline(in, line);) ours.push_back(line);
-  ASSERT_FALSE(pytorch.empty()) << py.output;
+  const ::fsdp::testing::PythonLines py = ::fsdp::testing::RunPythonScriptLines(
+      "fsdp/testdata/mixed_precision_dtypes.py", {"output ", "buffer ", "state "});
+  ASSERT_EQ(py.result.exit_code, 0) << py.result.output;
+  const std::vector<std::string>& pytorch = py.lines;
+  const std::vector<std::string> ours = ::fsdp::testing::ReadFileLines(ours_path);
+  ASSERT_FALSE(pytorch.empty()) << py.result.output;
   EXPECT_EQ(ours, pytorch);
 }
 

@@ -4,9 +4,11 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -39,6 +41,28 @@ CommandResult RunCommand(const std::string& command) {
   const int status = pclose(pipe);
   run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return run;
+}
+
+PythonLines RunPythonScriptLines(absl::string_view script,
+                                 const std::vector<std::string>& prefixes) {
+  PythonLines out;
+  out.result = RunCommand(absl::StrCat(PythonCommand(), " ", Runfile(script)));
+  for (absl::string_view line : absl::StrSplit(out.result.output, '\n')) {
+    for (const std::string& prefix : prefixes) {
+      if (absl::StartsWith(line, prefix)) {
+        out.lines.emplace_back(line);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> ReadFileLines(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
 }
 
 std::vector<double> StepLosses(const std::string& output) {

@@ -29,6 +29,18 @@ struct CommandResult {
 };
 CommandResult RunCommand(const std::string& command);
 
+// Runs the workspace script `script` ("fsdp/testdata/x.py") with the project's Python: its exit
+// code and output, and the output's lines that start with one of `prefixes`, in order.
+struct PythonLines {
+  CommandResult result;
+  std::vector<std::string> lines;
+};
+PythonLines RunPythonScriptLines(absl::string_view script,
+                                 const std::vector<std::string>& prefixes);
+
+// The lines of the text file at `path` (none if it cannot be read).
+std::vector<std::string> ReadFileLines(const std::string& path);
+
 // The losses of the `step=<i> loss=<value>` lines (at a line start) of `output`, in order: what
 // examples/train and the Python oracles print.
 std::vector<double> StepLosses(const std::string& output);

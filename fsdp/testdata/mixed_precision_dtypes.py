@@ -7,12 +7,11 @@ as one unit on CPU/Gloo, one training forward. Rank 0 prints, one line each,
 Run: tools/python fsdp/testdata/mixed_precision_dtypes.py (it starts torchrun with 2 ranks).
 """
 
-import os
-import subprocess
-import sys
 import warnings
 
 import torch
+
+import rank_launch
 
 warnings.filterwarnings("ignore")
 
@@ -47,14 +46,8 @@ def rank_main():
     for key, v in model.state_dict().items():
         key = key.replace("input.", "in.")
         lines.append(f"state {key} {str(v.dtype).replace('torch.', '')}")
-    if dist.get_rank() == 0:
-        print("\n".join(lines), flush=True)
-    dist.barrier()
-    os._exit(0)  # PyTorch ranks may abort at exit otherwise (README)
+    rank_launch.finish(dist, lines)
 
 
 if __name__ == "__main__":
-    if "RANK" in os.environ:
-        rank_main()
-    sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node=2", os.path.abspath(__file__)]))
+    rank_launch.main(__file__, rank_main)
