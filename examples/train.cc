@@ -53,6 +53,7 @@
 #include "examples/char_dataset.h"
 #include "examples/loss_curve.h"
 #include "examples/train_checkpoint.h"
+#include "examples/train_options.h"
 #include "fsdp/clip_grad_norm.h"
 #include "fsdp/deferred_init.h"
 #include "fsdp/fully_sharded_data_parallel.h"
@@ -144,6 +145,10 @@ ABSL_FLAG(int, nhead, 4, "lm: attention heads.");
 namespace {
 
 using fsdp::ShardingStrategy;
+using fsdp::examples::Group;
+using fsdp::examples::MakeOptimizer;
+using fsdp::examples::ParseBackwardPrefetch;
+using fsdp::examples::ParseStrategy;
 
 // Resident set size of this process, in MiB (from /proc/self/statm).
 double ResidentMiB() {
@@ -151,74 +156,6 @@ double ResidentMiB() {
   long pages_total = 0, pages_resident = 0;
   statm >> pages_total >> pages_resident;
   return pages_resident * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1 << 20);
-}
-
-absl::StatusOr<ShardingStrategy> ParseStrategy(const std::string& name) {
-  if (name == "full_shard") return ShardingStrategy::kFullShard;
-  if (name == "shard_grad_op") return ShardingStrategy::kShardGradOp;
-  if (name == "no_shard") return ShardingStrategy::kNoShard;
-  if (name == "hybrid_shard") return ShardingStrategy::kHybridShard;
-  if (name == "hybrid_shard_zero2") return ShardingStrategy::kHybridShardZero2;
-  return absl::InvalidArgumentError(
-      absl::StrCat("--sharding_strategy=", name,
-                   " is not one of full_shard, shard_grad_op, no_shard, hybrid_shard, "
-                   "hybrid_shard_zero2"));
-}
-
-absl::StatusOr<fsdp::BackwardPrefetch> ParseBackwardPrefetch(const std::string& name) {
-  if (name == "none") return fsdp::BackwardPrefetch::kNone;
-  if (name == "backward_pre") return fsdp::BackwardPrefetch::kBackwardPre;
-  if (name == "backward_post") return fsdp::BackwardPrefetch::kBackwardPost;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "--backward_prefetch=", name, " is not one of none, backward_pre, backward_post"));
-}
-
-// One optimizer parameter group: its tensors and, if set, its own weight decay.
-struct Group {
-  std::vector<torch::Tensor> params;
-  std::optional<double> weight_decay;
-};
-
-// PyTorch's defaults with --lr (SGD with momentum 0.9), one LibTorch group per Group.
-absl::StatusOr<std::unique_ptr<torch::optim::Optimizer>> MakeOptimizer(
-    const std::string& name, double lr, const std::vector<Group>& groups) {
-  auto build = [&](auto defaults, auto make) -> std::unique_ptr<torch::optim::Optimizer> {
-    using Options = decltype(defaults);
-    std::vector<torch::optim::OptimizerParamGroup> param_groups;
-    for (const Group& group : groups) {
-      auto options = std::make_unique<Options>(defaults);
-      if (group.weight_decay) options->weight_decay(*group.weight_decay);
-      param_groups.emplace_back(group.params, std::move(options));
-    }
-    return make(std::move(param_groups), defaults);
-  };
-  if (name == "adam") {
-    return build(torch::optim::AdamOptions(lr), [](auto g, auto d) {
-      return std::make_unique<torch::optim::Adam>(std::move(g), d);
-    });
-  }
-  if (name == "adamw") {
-    return build(torch::optim::AdamWOptions(lr), [](auto g, auto d) {
-      return std::make_unique<torch::optim::AdamW>(std::move(g), d);
-    });
-  }
-  if (name == "sgd") {
-    return build(torch::optim::SGDOptions(lr).momentum(0.9), [](auto g, auto d) {
-      return std::make_unique<torch::optim::SGD>(std::move(g), d);
-    });
-  }
-  if (name == "adagrad") {
-    return build(torch::optim::AdagradOptions(lr), [](auto g, auto d) {
-      return std::make_unique<torch::optim::Adagrad>(std::move(g), d);
-    });
-  }
-  if (name == "rmsprop") {
-    return build(torch::optim::RMSpropOptions(lr), [](auto g, auto d) {
-      return std::make_unique<torch::optim::RMSprop>(std::move(g), d);
-    });
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("--optimizer=", name, " is not one of adam, adamw, sgd, adagrad, rmsprop"));
 }
 
 // One model with its FSDP wrapper and how to run a step on it.
