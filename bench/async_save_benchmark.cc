@@ -23,6 +23,11 @@
 //   step_during_save_ms the step right after Save() returned, while the write goes on (the
 //                       write's cost to training on a machine with few cores).
 //   wait_ms             Wait() after that step: what the background write still needed.
+//   pytorch_blocked_ms, pytorch_sync_ms  PyTorch 2.13's dcp.async_save blocking time and dcp.save
+//                       time for the same model's twin under FSDP2, the same bytes, measured
+//                       the same way in the same run (bench/pytorch_async_save.py, run by rank
+//                       0 under torchrun while the other rank waits);
+//   vs_pytorch          blocked time / PyTorch's (goal: < 1).
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
 #include <sys/stat.h>
@@ -31,6 +36,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -41,6 +47,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
+#include "bench/pytorch_reference.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "checkpoint/async_checkpoint_saver.h"
@@ -198,6 +205,22 @@ void BM_AsyncSave(benchmark::State& state, const RankGroups* groups) {
   state.counters["step_ms"] = mean.step * 1e3;
   state.counters["step_during_save_ms"] = mean.step_during * 1e3;
   state.counters["wait_ms"] = mean.wait * 1e3;
+  absl::StatusOr<std::vector<std::map<std::string, std::string>>> pytorch =
+      RunPyTorchReference("bench/pytorch_async_save.py", kLaunchedRanks,
+                          {absl::StrCat("--out_dir=", g_state->run_dir, "/pytorch"),
+                           absl::StrCat("--iterations=", times->size()),
+                           absl::StrCat("--seq=", kSeq), absl::StrCat("--batch=", kBatch)},
+                          "PYTORCH_ASYNC_SAVE");
+  absl::StatusOr<double> blocked =
+      pytorch.ok() ? NumberField(pytorch->back(), "blocked_ms") : pytorch.status();
+  absl::StatusOr<double> sync =
+      pytorch.ok() ? NumberField(pytorch->back(), "sync_ms") : pytorch.status();
+  if (!blocked.ok() || !sync.ok()) {
+    return FailBenchmark(state, blocked.ok() ? sync.status() : blocked.status());
+  }
+  state.counters["pytorch_blocked_ms"] = *blocked;
+  state.counters["pytorch_sync_ms"] = *sync;
+  state.counters["vs_pytorch"] = mean.blocked * 1e3 / *blocked;
 }
 
 void RegisterCases(const RankGroups& groups) {

@@ -52,7 +52,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
-#include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
@@ -63,13 +62,14 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
+#include "bench/pytorch_reference.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "comm/launcher.h"
 #include "comm/process_group.h"
 #include "comm/rendezvous.h"
+#include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
-#include "tools/python_testutil.h"
 
 namespace fsdp::bench {
 namespace {
@@ -306,31 +306,15 @@ struct PyTorchStep {
 // Runs bench/pytorch_fsdp_step.py under torchrun (rank 0 only; the other ranks wait idle for
 // the next command meanwhile).
 absl::StatusOr<PyTorchStep> MeasurePyTorch() {
-  // `bazel run` starts us in our runfiles tree without TEST_SRCDIR: name it for Runfile().
-  if (std::getenv("TEST_SRCDIR") == nullptr) {
-    std::error_code error;
-    const auto exe = std::filesystem::read_symlink("/proc/self/exe", error);
-    if (!error) setenv("TEST_SRCDIR", (exe.string() + ".runfiles").c_str(), 0);
-  }
-  const std::string command =
-      absl::StrCat(testing::PythonCommand(),
-                   " -m torch.distributed.run --standalone --nproc_per_node=", kLaunchedRanks, " ",
-                   testing::Runfile("bench/pytorch_fsdp_step.py"), " --steps=", kIterations,
-                   " --seq=", kSeq, " --batch=", kBatch, " --threads=", at::get_num_threads());
-  const testing::CommandResult run = testing::RunCommand(command);
-  const size_t at = run.output.rfind("PYTORCH_STEP ");
-  if (run.exit_code != 0 || at == std::string::npos) {
-    return absl::InternalError(
-        absl::StrCat("PyTorch's step (", command, ") exited ", run.exit_code, ":\n", run.output));
-  }
-  const auto fields =
-      testing::KeyValueFields(run.output.substr(at, run.output.find('\n', at) - at));
+  FSDP_ASSIGN_OR_RETURN(
+      auto lines,
+      RunPyTorchReference("bench/pytorch_fsdp_step.py", kLaunchedRanks,
+                          {absl::StrCat("--steps=", kIterations), absl::StrCat("--seq=", kSeq),
+                           absl::StrCat("--batch=", kBatch)},
+                          "PYTORCH_STEP"));
   PyTorchStep step;
-  if (!fields.count("fsdp1_ms") || !fields.count("fsdp2_ms")) {
-    return absl::InternalError(absl::StrCat("PyTorch's step printed no times:\n", run.output));
-  }
-  step.fsdp1_ms = std::stod(fields.at("fsdp1_ms"));
-  step.fsdp2_ms = std::stod(fields.at("fsdp2_ms"));
+  FSDP_ASSIGN_OR_RETURN(step.fsdp1_ms, NumberField(lines.back(), "fsdp1_ms"));
+  FSDP_ASSIGN_OR_RETURN(step.fsdp2_ms, NumberField(lines.back(), "fsdp2_ms"));
   return step;
 }
 
