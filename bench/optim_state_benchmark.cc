@@ -43,6 +43,14 @@
 //                   case's input dict, which are resident before the calls.
 //   peak_rss_other  the same for the group's other ranks (the largest), bytes.
 //   base_rss_rank0  rank 0's VmRSS right before the calls (reference buffers left out).
+//   vs_pytorch      (Full, Sharded, OptimStateDictToLoad/sharded) API time / PyTorch 2.13's
+//                   time for the same operation on the model's twin at the same world size,
+//                   the faster of FSDP1 and FSDP2 (pytorch_fsdp: 1 or 2; pytorch_ms its time),
+//                   measured by bench/pytorch_optim_state.py under torchrun from rank 0 once
+//                   per world size, in the same run (goal: <= 0.5).
+//   mem_vs_pytorch  peak_rss_rank0 / that PyTorch run's rank 0 VmHWM during its calls (a whole
+//                   Python process's, interpreter included; ours leaves the reference's buffers
+//                   out) (goal: < 1).
 //
 // How it runs: as comm_benchmark, the binary re-executes itself as 4 ranks (OMP_NUM_THREADS=1
 // unless set). Rank 0 runs Google Benchmark; before each case it broadcasts a command (case,
@@ -63,6 +71,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -73,11 +82,13 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
+#include "bench/pytorch_reference.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "comm/launcher.h"
 #include "comm/process_group.h"
 #include "comm/rendezvous.h"
+#include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "optim_state/fsdp_optim_state.h"
 #include "optim_state/optim_state_dict.h"
@@ -432,6 +443,70 @@ benchmark::Counter Bytes(double value) {
   return benchmark::Counter(value, benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
 }
 
+// PyTorch's name (bench/pytorch_optim_state.py's op) of the case's operation; null when PyTorch
+// has none to compare with.
+const char* PyTorchOp(Op op) {
+  switch (op) {
+    case Op::kFull:
+      return "full";
+    case Op::kSharded:
+      return "sharded";
+    case Op::kToLoadSharded:
+      return "load";
+    default:
+      return nullptr;
+  }
+}
+
+// PyTorch 2.13's figures for `op` at `world_size` (FSDP1 and FSDP2, each a line), measured once
+// per world size by bench/pytorch_optim_state.py under torchrun.
+absl::StatusOr<std::vector<std::map<std::string, std::string>>> PyTorchFigures(int64_t world_size,
+                                                                               const char* op) {
+  static std::map<int64_t, absl::StatusOr<std::vector<std::map<std::string, std::string>>>> runs;
+  auto it = runs.find(world_size);
+  if (it == runs.end()) {
+    it = runs.emplace(world_size, RunPyTorchReference("bench/pytorch_optim_state.py",
+                                                      static_cast<int>(world_size),
+                                                      {absl::StrCat("--iterations=", kIterations)},
+                                                      "PYTORCH_OPTIM_STATE"))
+             .first;
+  }
+  if (!it->second.ok()) return it->second.status();
+  std::vector<std::map<std::string, std::string>> lines;
+  for (const auto& fields : *it->second) {
+    auto found = fields.find("op");
+    if (found != fields.end() && found->second == op) lines.push_back(fields);
+  }
+  return lines;
+}
+
+// vs_pytorch (our time / the faster PyTorch wrapper's), pytorch_ms, pytorch_fsdp (which one:
+// 1 or 2) and mem_vs_pytorch (our rank 0 peak / that wrapper's rank 0 peak).
+absl::Status AddPyTorchCounters(benchmark::State& state, Op op, int64_t world_size,
+                                const CaseResult& result) {
+  const char* name = PyTorchOp(op);
+  if (name == nullptr) return absl::OkStatus();
+  FSDP_ASSIGN_OR_RETURN(auto lines, PyTorchFigures(world_size, name));
+  double best_ms = 0, best_peak = 0, best_fsdp = 0;
+  for (const auto& fields : lines) {
+    FSDP_ASSIGN_OR_RETURN(const double ms, NumberField(fields, "ms"));
+    FSDP_ASSIGN_OR_RETURN(const double peak, NumberField(fields, "peak_rss"));
+    if (best_ms == 0 || ms < best_ms) {
+      best_ms = ms;
+      best_peak = peak;
+      best_fsdp = fields.at("wrapper") == "fsdp1" ? 1 : 2;
+    }
+  }
+  if (best_ms == 0) {
+    return absl::InternalError(absl::StrCat("PyTorch's reference printed no '", name, "' line"));
+  }
+  state.counters["pytorch_ms"] = best_ms;
+  state.counters["pytorch_fsdp"] = best_fsdp;
+  state.counters["vs_pytorch"] = result.api_seconds * 1e3 / best_ms;
+  state.counters["mem_vs_pytorch"] = static_cast<double>(result.peak_rank0) / best_peak;
+  return absl::OkStatus();
+}
+
 void BM_OptimState(benchmark::State& state, Op op, int64_t world_size) {
   RankContext& context = *g_context;
   if (SkipAfterFailure(state)) return;
@@ -454,6 +529,9 @@ void BM_OptimState(benchmark::State& state, Op op, int64_t world_size) {
   state.counters["peak_rss_other"] = Bytes(static_cast<double>(result->peak_other));
   state.counters["base_rss_rank0"] = Bytes(static_cast<double>(result->base_rank0));
   state.counters["state_bytes"] = Bytes(static_cast<double>(result->state_bytes));
+  if (absl::Status pytorch = AddPyTorchCounters(state, op, world_size, *result); !pytorch.ok()) {
+    return FailBenchmark(state, pytorch);
+  }
 }
 
 void RegisterCases(const RankGroups& groups) {

@@ -32,6 +32,8 @@ GOALS = {
     ],
     "optim_state_benchmark": [
         (r".", "vs_collective", 1.5, "API time / raw collective time"),
+        (r".", "vs_pytorch", 0.5, "API time / PyTorch's (faster of FSDP1, FSDP2)"),
+        (r".", "mem_vs_pytorch", 1.0, "rank 0 peak RSS / PyTorch's"),
     ],
     "checkpoint_benchmark": [
         (r".", "vs_write", 1.5, "save or load time / plain write+fsync or read time"),
@@ -44,20 +46,22 @@ GOALS = {
     ],
     "async_save_benchmark": [
         (r".", "vs_sync", 0.1, "time Save() holds training / synchronous save time"),
+        (r".", "vs_pytorch", 1.0, "time Save() holds training / dcp.async_save's"),
     ],
 }
 
 # The counters shown per benchmark (others are in the JSON). Unknown benchmarks show all.
 COLUMNS = {
     "comm_benchmark": ["busbw_GBps", "vs_allgather", "vs_ring"],
-    "optim_state_benchmark": ["vs_collective", "vs_scatter", "ref_ms", "peak_rss_rank0",
+    "optim_state_benchmark": ["vs_collective", "vs_pytorch", "pytorch_ms", "mem_vs_pytorch",
+                              "vs_scatter", "ref_ms", "peak_rss_rank0",
                               "peak_rss_other", "base_rss_rank0"],
     "checkpoint_benchmark": ["vs_write", "vs_same_size_load", "ref_ms", "same_size_ms",
                              "ckpt_bytes"],
     "fsdp_step_benchmark": ["vs_no_shard", "vs_pytorch", "pytorch_fsdp1_ms", "pytorch_fsdp2_ms",
                             "no_shard_ms", "step_mem_rank0", "step_mem_rank1", "held_mem_rank0",
                             "local_state_bytes", "shard_target", "mem_vs_target"],
-    "async_save_benchmark": ["vs_sync", "sync_ms", "staged_bytes", "step_ms",
+    "async_save_benchmark": ["vs_sync", "vs_pytorch", "pytorch_blocked_ms", "sync_ms", "staged_bytes", "step_ms",
                              "step_during_save_ms", "wait_ms"],
 }
 
