@@ -29,11 +29,10 @@ import time
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_fsdp_step import VOCAB, BenchTransformerTwin, wrap_fsdp2  # noqa: E402
+from pytorch_fsdp_step import VOCAB, BenchTransformerTwin, train_step, wrap_fsdp2  # noqa: E402
 
 
 def timed(fn):
@@ -63,11 +62,7 @@ def main():
     optim = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step():
-        logits = model(src, tgt[:-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt[1:].reshape(-1))
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+        train_step(model, optim, src, tgt)
 
     def state():
         return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optim)}

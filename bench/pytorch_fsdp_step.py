@@ -71,16 +71,21 @@ def wrap_fsdp2(model):
     return model
 
 
+def train_step(model, optim, src, tgt):
+    """One step as the C++ benchmarks take it: next-token cross-entropy, Adam."""
+    logits = model(src, tgt[:-1])
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt[1:].reshape(-1))
+    optim.zero_grad()
+    loss.backward()
+    optim.step()
+
+
 def time_steps(wrap, args, src, tgt):
     model = wrap(BenchTransformerTwin())
     optim = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step():
-        logits = model(src, tgt[:-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tgt[1:].reshape(-1))
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+        train_step(model, optim, src, tgt)
 
     step()  # warm-up: Adam's state
     dist.barrier()

@@ -29,10 +29,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_fsdp_step import VOCAB, BenchTransformerTwin, wrap_fsdp1, wrap_fsdp2  # noqa: E402
+from pytorch_fsdp_step import (VOCAB, BenchTransformerTwin, train_step, wrap_fsdp1,  # noqa: E402
+                               wrap_fsdp2)
 
 
 def rss(field):
@@ -126,9 +126,7 @@ def main():
         wrap, ops = {"fsdp1": (wrap_fsdp1, fsdp1_ops), "fsdp2": (wrap_fsdp2, fsdp2_ops)}[name]
         model = wrap(BenchTransformerTwin())
         optim = torch.optim.Adam(model.parameters(), lr=1e-4)
-        loss = F.cross_entropy(model(src, tgt[:-1]).reshape(-1, VOCAB), tgt[1:].reshape(-1))
-        loss.backward()
-        optim.step()
+        train_step(model, optim, src, tgt)
         for op, fn in ops(model, optim).items():
             seconds, peak, base = timed(fn, args.iterations)
             if rank == 0:

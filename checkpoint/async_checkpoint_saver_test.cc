@@ -55,25 +55,13 @@ void Scribble(Job& job) {
   }
 }
 
-struct AsyncCase {
-  Config save;
-  Config load;
-};
-
-class AsyncCheckpointSaverTest : public ::testing::TestWithParam<AsyncCase> {};
-
-std::string CaseName(const ::testing::TestParamInfo<AsyncCase>& info) {
-  return absl::StrCat(Name(info.param.save), "_to_", Name(info.param.load));
-}
+class AsyncCheckpointSaverTest : public ::testing::TestWithParam<ReshardCase> {};
 
 TEST_P(AsyncCheckpointSaverTest, SavesTheStateAtSaveWhileTrainingOverwritesIt) {
-  const AsyncCase c = GetParam();
-  const std::string root = TmpDir(CaseName({c, 0}));
+  const ReshardCase c = GetParam();
+  const std::string root = TmpDir(ReshardCaseName({c, 0}));
   const std::string dir = root + "/ckpt";
-  if (!IsRankProcess()) {
-    ASSERT_THAT(RemoveTree(root), IsOk());
-    mkdir(root.c_str(), 0755);
-  }
+  FreshRootDir(root);
   // Phase 1: train, snapshot, Save(), overwrite everything at once, Wait(); then load the
   // checkpoint back into the same job and train on.
   RunPhase(1, c.save.world_size, [&](comm::ProcessGroup& group) {
@@ -125,17 +113,12 @@ TEST_P(AsyncCheckpointSaverTest, SavesTheStateAtSaveWhileTrainingOverwritesIt) {
   });
 }
 
-Config C(int ws, Opt opt = Opt::kAdam, ShardingStrategy s = ShardingStrategy::kFullShard,
-         bool orig = false, bool alt = false) {
-  return Config{ws, s, orig, alt, opt};
-}
-
 INSTANTIATE_TEST_SUITE_P(
     Layouts, AsyncCheckpointSaverTest,
-    ::testing::Values(AsyncCase{C(2), C(3, Opt::kAdam, ShardingStrategy::kFullShard, true, true)},
-                      AsyncCase{C(3, Opt::kSgd, ShardingStrategy::kShardGradOp, true),
-                                C(2, Opt::kSgd, ShardingStrategy::kNoShard)}),
-    CaseName);
+    ::testing::Values(ReshardCase{C(2), C(3, Opt::kAdam, ShardingStrategy::kFullShard, true, true)},
+                      ReshardCase{C(3, Opt::kSgd, ShardingStrategy::kShardGradOp, true),
+                                  C(2, Opt::kSgd, ShardingStrategy::kNoShard)}),
+    ReshardCaseName);
 
 // Rank 1 may write no file larger than this during the failing save: its data file fails with
 // EFBIG (SIGXFSZ ignored), a real write error.
@@ -144,10 +127,7 @@ constexpr rlim_t kTinyFileLimit = 16;
 TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldCheckpoint) {
   const std::string root = TmpDir("async_failed_write");
   const std::string dir = root + "/ckpt";
-  if (!IsRankProcess()) {
-    ASSERT_THAT(RemoveTree(root), IsOk());
-    mkdir(root.c_str(), 0755);
-  }
+  FreshRootDir(root);
   RunPhase(1, 2, [&](comm::ProcessGroup& group) {
     auto job = MakeJob(C(2), group);
     ASSERT_NE(job, nullptr);

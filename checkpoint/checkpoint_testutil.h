@@ -4,6 +4,7 @@
 #ifndef FSDP_CPP_CHECKPOINT_CHECKPOINT_TESTUTIL_H_
 #define FSDP_CPP_CHECKPOINT_CHECKPOINT_TESTUTIL_H_
 
+#include <sys/stat.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "checkpoint/atomic_dir.h"
 #include "comm/launcher.h"
 #include "comm/multiprocess_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
@@ -96,6 +98,29 @@ inline std::string Name(const Config& c) {
   return absl::StrCat("ws", c.world_size, "_", std::string(ShardingStrategyName(c.strategy)),
                       c.use_orig_params ? "_orig" : "", c.wrap_alt ? "_alt" : "",
                       c.opt == Opt::kAdam ? "_Adam" : "_SGD");
+}
+
+// A save with one configuration and a load with another (a parametrized case), named for
+// test names ("ws2_FULL_SHARD_Adam_to_ws3_FULL_SHARD_orig_alt_Adam").
+struct ReshardCase {
+  Config save;
+  Config load;
+};
+
+inline std::string ReshardCaseName(const ::testing::TestParamInfo<ReshardCase>& info) {
+  return absl::StrCat(Name(info.param.save), "_to_", Name(info.param.load));
+}
+
+inline Config C(int ws, Opt opt = Opt::kAdam, ShardingStrategy s = ShardingStrategy::kFullShard,
+                bool orig = false, bool alt = false) {
+  return Config{ws, s, orig, alt, opt};
+}
+
+// The launching process empties (or makes) scratch directory `root` before the phases run.
+inline void FreshRootDir(const std::string& root) {
+  if (IsRankProcess()) return;
+  ASSERT_THAT(RemoveTree(root), IsOk());
+  mkdir(root.c_str(), 0755);
 }
 
 struct Job {

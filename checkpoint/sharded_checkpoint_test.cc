@@ -52,25 +52,13 @@ using namespace ::fsdp::checkpoint::testing;  // NOLINT
 
 // ---------------------------------------------------------------- round trips and resharding
 
-struct ReshardCase {
-  Config save;
-  Config load;
-};
-
 class ShardedCheckpointTest : public ::testing::TestWithParam<ReshardCase> {};
-
-std::string CaseName(const ::testing::TestParamInfo<ReshardCase>& info) {
-  return absl::StrCat(Name(info.param.save), "_to_", Name(info.param.load));
-}
 
 TEST_P(ShardedCheckpointTest, LoadsExactlyAndTrainingContinuesAsUninterrupted) {
   const ReshardCase c = GetParam();
-  const std::string root = TmpDir(CaseName({c, 0}));
+  const std::string root = TmpDir(ReshardCaseName({c, 0}));
   const std::string dir = root + "/ckpt";
-  if (!IsRankProcess()) {
-    ASSERT_THAT(RemoveTree(root), IsOk());
-    mkdir(root.c_str(), 0755);
-  }
+  FreshRootDir(root);
   // Phase 1: train 2 steps, save (twice: the second replaces the first), record the full state
   // and the next 2 steps' losses.
   RunPhase(1, c.save.world_size, [&](comm::ProcessGroup& group) {
@@ -121,16 +109,11 @@ TEST_P(ShardedCheckpointTest, LoadsExactlyAndTrainingContinuesAsUninterrupted) {
   });
 }
 
-Config C(int ws, Opt opt = Opt::kAdam, ShardingStrategy s = ShardingStrategy::kFullShard,
-         bool orig = false, bool alt = false) {
-  return Config{ws, s, orig, alt, opt};
-}
-
 INSTANTIATE_TEST_SUITE_P(RoundTrips, ShardedCheckpointTest,
                          ::testing::Values(ReshardCase{C(2), C(2)},
                                            ReshardCase{C(3, Opt::kSgd), C(3, Opt::kSgd)},
                                            ReshardCase{C(4), C(4)}),
-                         CaseName);
+                         ReshardCaseName);
 
 INSTANTIATE_TEST_SUITE_P(
     Resharding, ShardedCheckpointTest,
@@ -144,7 +127,7 @@ INSTANTIATE_TEST_SUITE_P(
                                   C(2, Opt::kAdam, ShardingStrategy::kNoShard)},
                       ReshardCase{C(3, Opt::kSgd, ShardingStrategy::kFullShard, true, true),
                                   C(2, Opt::kSgd, ShardingStrategy::kShardGradOp, true)}),
-    CaseName);
+    ReshardCaseName);
 
 }  // namespace
 }  // namespace fsdp::checkpoint
