@@ -186,6 +186,18 @@ INSTANTIATE_TEST_SUITE_P(
                           c.load_world_size);
     });
 
+// A --resume_world_size demonstration's output (steps 0-5, then the resumed 3-5): the resumed
+// steps' losses equal the uninterrupted run's.
+void ExpectResumedLikeUninterrupted(const std::string& output) {
+  const std::vector<double> losses = StepLosses(output);
+  ASSERT_EQ(losses.size(), 9u) << output;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_NEAR(losses[6 + i], losses[3 + i], 1e-5 * std::max(1.0, std::abs(losses[3 + i])))
+        << "step " << 3 + i << "\n"
+        << output;
+  }
+}
+
 // The main job's demonstration at a small size: train, save halfway, train on; a second job at
 // another world size and wrapping loads the checkpoint and its losses match the first's.
 TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
@@ -199,13 +211,7 @@ TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
   EXPECT_THAT(run.output, HasSubstr("saved a sharded checkpoint in " + out + "/checkpoint"));
   EXPECT_THAT(run.output, HasSubstr("part 2 of 2: 3 ranks, wrap=none"));
   EXPECT_THAT(run.output, HasSubstr("resuming at step 3"));
-  const std::vector<double> losses = StepLosses(run.output);
-  ASSERT_EQ(losses.size(), 9u) << run.output;  // steps 0-5, then 3-5 again
-  for (int i = 0; i < 3; ++i) {
-    EXPECT_NEAR(losses[6 + i], losses[3 + i], 1e-5 * std::max(1.0, std::abs(losses[3 + i])))
-        << "step " << 3 + i << "\n"
-        << run.output;
-  }
+  ExpectResumedLikeUninterrupted(run.output);
   EXPECT_THAT(run.output, HasSubstr("loss curve:  " + out + "/loss_curve.png"));
   FILE* png = std::fopen((out + "/loss_curve.png").c_str(), "rb");
   ASSERT_NE(png, nullptr);
@@ -228,13 +234,7 @@ TEST(Train, AsyncSaveResumesLikeASynchronousSave) {
                                     "/checkpoint after step 2 in the background"));
   EXPECT_THAT(run.output, HasSubstr("the background save is committed"));
   EXPECT_THAT(run.output, HasSubstr("resuming at step 3"));
-  const std::vector<double> losses = StepLosses(run.output);
-  ASSERT_EQ(losses.size(), 9u) << run.output;  // steps 0-5, then 3-5 again
-  for (int i = 0; i < 3; ++i) {
-    EXPECT_NEAR(losses[6 + i], losses[3 + i], 1e-5 * std::max(1.0, std::abs(losses[3 + i])))
-        << "step " << 3 + i << "\n"
-        << run.output;
-  }
+  ExpectResumedLikeUninterrupted(run.output);
 }
 
 TEST(Train, AsyncSaveNeedsAShardedCheckpoint) {
