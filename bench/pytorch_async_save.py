@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_fsdp_step import VOCAB, BenchTransformerTwin, train_step, wrap_fsdp2  # noqa: E402
+from pytorch_fsdp_step import BenchTransformerTwin, rank_batch, train_step, wrap_fsdp2  # noqa: E402
 
 
 def timed(fn):
@@ -55,9 +55,7 @@ def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     save_group = dist.new_group(backend="gloo")
-    generator = torch.Generator().manual_seed(1 + rank)
-    src = torch.randint(VOCAB, (args.seq, args.batch), generator=generator)
-    tgt = torch.randint(VOCAB, (args.seq + 1, args.batch), generator=generator)
+    src, tgt = rank_batch(rank, args.seq, args.batch)
     model = wrap_fsdp2(BenchTransformerTwin())
     optim = torch.optim.Adam(model.parameters(), lr=1e-4)
 

@@ -71,6 +71,14 @@ def wrap_fsdp2(model):
     return model
 
 
+def rank_batch(rank, seq, batch):
+    """This rank's token ids as the C++ benchmarks draw theirs: src [seq, batch], tgt [seq + 1, batch]."""
+    generator = torch.Generator().manual_seed(1 + rank)
+    src = torch.randint(VOCAB, (seq, batch), generator=generator)
+    tgt = torch.randint(VOCAB, (seq + 1, batch), generator=generator)
+    return src, tgt
+
+
 def train_step(model, optim, src, tgt):
     """One step as the C++ benchmarks take it: next-token cross-entropy, Adam."""
     logits = model(src, tgt[:-1])
@@ -107,9 +115,7 @@ def main():
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    generator = torch.Generator().manual_seed(1 + rank)
-    src = torch.randint(VOCAB, (args.seq, args.batch), generator=generator)
-    tgt = torch.randint(VOCAB, (args.seq + 1, args.batch), generator=generator)
+    src, tgt = rank_batch(rank, args.seq, args.batch)
     fsdp1 = time_steps(wrap_fsdp1, args, src, tgt)
     fsdp2 = time_steps(wrap_fsdp2, args, src, tgt)
     if rank == 0:

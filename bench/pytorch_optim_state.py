@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_fsdp_step import (VOCAB, BenchTransformerTwin, train_step, wrap_fsdp1,  # noqa: E402
-                               wrap_fsdp2)
+from pytorch_fsdp_step import (BenchTransformerTwin, rank_batch, train_step,  # noqa: E402
+                               wrap_fsdp1, wrap_fsdp2)
 
 
 def rss(field):
@@ -119,9 +119,7 @@ def main():
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    generator = torch.Generator().manual_seed(1 + rank)
-    src = torch.randint(VOCAB, (8, 2), generator=generator)
-    tgt = torch.randint(VOCAB, (9, 2), generator=generator)
+    src, tgt = rank_batch(rank, seq=8, batch=2)
     for name in args.wrappers.split(","):
         wrap, ops = {"fsdp1": (wrap_fsdp1, fsdp1_ops), "fsdp2": (wrap_fsdp2, fsdp2_ops)}[name]
         model = wrap(BenchTransformerTwin())
