@@ -375,9 +375,9 @@ TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
 }
 
 // HYBRID_SHARD saves once: a sharded checkpoint from the first replica's shard group (two rank
-// files, not four), a full one from rank 0. A FULL_SHARD job at world size 3 resumes from the
-// sharded one, a hybrid job of two one-rank replicas (loading on every replica) from the full
-// one, both with the uninterrupted hybrid run's losses.
+// files, not four; also when saved in the background), a full one from rank 0. A FULL_SHARD job at
+// world size 3 resumes from the sharded one, a hybrid job of two one-rank replicas (loading on
+// every replica) from the full one, both with the uninterrupted hybrid run's losses.
 TEST(Train, HybridShardSavesOnceAndResumesUnderAnotherLayout) {
   const std::string train = Runfile("examples/train");
   const std::string common = " --model=nested --optimizer=adam --wrap=wrap_root --timeout_s=120";
@@ -387,17 +387,28 @@ TEST(Train, HybridShardSavesOnceAndResumesUnderAnotherLayout) {
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
   const std::vector<double> all = StepLosses(straight.output);
   ASSERT_EQ(all.size(), 6u) << straight.output;
-  const std::pair<const char*, const char*> kCases[] = {
-      {"sharded", " --world_size=3 --sharding_strategy=full_shard"},
-      {"full", " --world_size=2 --sharding_strategy=hybrid_shard --shard_group_size=1"},
+  struct SaveAndLoad {
+    const char* name;
+    const char* save;
+    const char* loader;
   };
-  for (const auto& [type, loader] : kCases) {
-    SCOPED_TRACE(type);
-    const std::string dir = TempDir(absl::StrCat("hybrid_", type));
-    CommandResult first = RunCommand(absl::StrCat(
-        train, common, hybrid, " --steps=3 --state_dict_type=", type, " --save=", dir));
+  const SaveAndLoad kCases[] = {
+      {"sharded", " --state_dict_type=sharded", " --world_size=3 --sharding_strategy=full_shard"},
+      {"async", " --state_dict_type=sharded --async_save",
+       " --world_size=3 --sharding_strategy=full_shard"},
+      {"full", " --state_dict_type=full",
+       " --world_size=2 --sharding_strategy=hybrid_shard --shard_group_size=1"},
+  };
+  for (const auto& [name, save, loader] : kCases) {
+    SCOPED_TRACE(name);
+    const std::string dir = TempDir(absl::StrCat("hybrid_", name));
+    CommandResult first =
+        RunCommand(absl::StrCat(train, common, hybrid, " --steps=3", save, " --save=", dir));
     ASSERT_EQ(first.exit_code, 0) << first.output;
-    if (std::string(type) == "sharded") {
+    if (absl::StrContains(save, "async")) {
+      EXPECT_THAT(first.output, HasSubstr("the background save is committed")) << first.output;
+    }
+    if (absl::StrContains(save, "sharded")) {
       int rank_files = 0;
       for (const auto& entry : std::filesystem::directory_iterator(dir)) {
         rank_files += absl::StartsWith(entry.path().filename().string(), "rank-");
