@@ -31,8 +31,10 @@
 // pytorch_peak_rss_rank0, pytorch_peak_rss_max, mem_vs_pytorch (pytorch_scale_reference.h).
 // bench/render_results.py draws the curves (bench/render_scale.py).
 //
-// Cost: 8 ranks on 2 cores are slow, so each point runs few calls (2 by default); the whole
-// grid took about 10 minutes here (bench/README.md).
+// Cost: 8 ranks on 2 cores are slow, so each point runs few calls (2 by default) on a 16-token
+// batch; the whole default grid took 8.5 minutes here at load 8-15 (bench/README.md).
+// Errors: a bad flag exits 2 naming it; a failed call or PyTorch run skips that case and every
+// later one with the status, and the binary exits non-zero.
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
 #include <torch/optim/adam.h>
