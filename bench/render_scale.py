@@ -7,6 +7,7 @@ library: the PNG is rasterised here (zlib, a 5x7 bitmap font of its own for the 
 SVG, the same drawing, carries real text.
 """
 
+import math
 import re
 import struct
 import zlib
@@ -166,7 +167,6 @@ def hex_color(color):
 
 def log_ticks(lo, hi):
     """1-2-5 ticks within [lo, hi]; a log axis that spans less than one of them gets its ends."""
-    import math
     ticks = []
     for exp in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
         for m in (1, 2, 5):
@@ -180,56 +180,66 @@ def short(value):
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
         if value >= limit:
             v = value / limit
-            return f"{v:.0f}{suffix}" if v >= 10 or v == int(v) else f"{v:.1f}{suffix}"
+            return f"{v:.0f}{suffix}" if v == int(v) else f"{v:.3g}{suffix}"
     return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.2g}"
+
+
+class LogLog:
+    """Log-log mapping of data to the pixels of a plot area (left, right, top, bottom)."""
+
+    def __init__(self, area, points, x_ticks):
+        self.left, self.right, self.top, self.bottom = area
+        xs = [p[0] for p in points] + list(x_ticks)
+        ys = [p[1] for p in points]
+        pad = 1.2 if min(xs) == max(xs) else 1.1
+        self.x = (math.log(min(xs) / pad), math.log(max(xs) * pad))
+        self.y = (math.log(min(ys) / 1.3), math.log(max(ys) * 1.3))
+
+    def px(self, x):
+        lo, hi = self.x
+        return self.left + (self.right - self.left) * (math.log(x) - lo) / (hi - lo)
+
+    def py(self, y):
+        lo, hi = self.y
+        return self.bottom - (self.bottom - self.top) * (math.log(y) - lo) / (hi - lo)
+
+
+def axes(canvas, m, x_ticks, x_label, y_label, y_label_x):
+    for t in log_ticks(math.exp(m.y[0]), math.exp(m.y[1])):
+        canvas.line(m.left, m.py(t), m.right, m.py(t), LIGHT)
+        canvas.text(m.left - 4, m.py(t) - 3, short(t), GREY, anchor="end")
+    for t in x_ticks:
+        canvas.line(m.px(t), m.top, m.px(t), m.bottom, LIGHT)
+        canvas.text(m.px(t), m.bottom + 4, short(t), GREY, anchor="middle")
+    canvas.line(m.left, m.bottom, m.right, m.bottom, BLACK)
+    canvas.line(m.left, m.top, m.left, m.bottom, BLACK)
+    canvas.text((m.left + m.right) / 2, m.bottom + 16, x_label, anchor="middle")
+    canvas.text(y_label_x, m.top - 12, y_label, GREY)
 
 
 def panel(canvas, box, title, x_label, y_label, series, x_ticks):
     """A log-log panel in box (x, y, w, h): series [(color, dashed, label, [(x, y)])]."""
-    import math
     bx, by, bw, bh = box
-    left, right, top, bottom = bx + 48, bx + bw - 8, by + 30, by + bh - 34
     points = [p for _, _, _, pts in series for p in pts if p[1] > 0]
     canvas.text(bx + bw / 2, by + 4, title, anchor="middle")
     if not points:
         canvas.text(bx + bw / 2, by + bh / 2, "no data", GREY, anchor="middle")
         return
-    xs = [p[0] for p in points] + list(x_ticks)
-    ys = [p[1] for p in points]
-    x_lo, x_hi = min(xs), max(xs)
-    y_lo, y_hi = min(ys) / 1.3, max(ys) * 1.3
-    x_lo, x_hi = (x_lo / 1.2, x_hi * 1.2) if x_lo == x_hi else (x_lo / 1.1, x_hi * 1.1)
-
-    def px(x):
-        return left + (right - left) * (math.log(x) - math.log(x_lo)) / (
-            math.log(x_hi) - math.log(x_lo))
-
-    def py(y):
-        return bottom - (bottom - top) * (math.log(y) - math.log(y_lo)) / (
-            math.log(y_hi) - math.log(y_lo))
-
-    for t in log_ticks(y_lo, y_hi):
-        canvas.line(left, py(t), right, py(t), LIGHT)
-        canvas.text(left - 4, py(t) - 3, short(t), GREY, anchor="end")
-    for t in x_ticks:
-        canvas.line(px(t), top, px(t), bottom, LIGHT)
-        canvas.text(px(t), bottom + 4, short(t), GREY, anchor="middle")
-    canvas.line(left, bottom, right, bottom, BLACK)
-    canvas.line(left, top, left, bottom, BLACK)
-    canvas.text((left + right) / 2, bottom + 16, x_label, anchor="middle")
-    canvas.text(bx + 2, top - 12, y_label, GREY)
+    m = LogLog((bx + 48, bx + bw - 8, by + 30, by + bh - 34), points, x_ticks)
+    axes(canvas, m, x_ticks, x_label, y_label, bx + 2)
     for color, dashed, _, pts in series:
         pts = sorted(p for p in pts if p[1] > 0)
         for (x1, y1), (x2, y2) in zip(pts, pts[1:]):
-            canvas.line(px(x1), py(y1), px(x2), py(y2), color, width=2, dash=5 if dashed else 0)
+            canvas.line(m.px(x1), m.py(y1), m.px(x2), m.py(y2), color, width=2,
+                        dash=5 if dashed else 0)
         for x, y in pts:
-            canvas.marker(px(x), py(y), color, square=dashed)
+            canvas.marker(m.px(x), m.py(y), color, square=dashed)
     # The colours' legend, bottom right inside the plot.
     labels = list(dict.fromkeys((label, color) for color, _, label, _ in series))
     for i, (label, color) in enumerate(labels):
-        y = bottom - 12 - 11 * (len(labels) - 1 - i)
-        canvas.line(right - 70, y + 3, right - 58, y + 3, color, width=2)
-        canvas.text(right - 54, y, label, color)
+        y = m.bottom - 12 - 11 * (len(labels) - 1 - i)
+        canvas.line(m.right - 70, y + 3, m.right - 58, y + 3, color, width=2)
+        canvas.text(m.right - 54, y, label, color)
 
 
 DEFAULT_SETTINGS = "widths=128,256,512 worlds=1,2,4,8 iterations=2"
@@ -258,6 +268,21 @@ def points(rows):
     return out
 
 
+def panel_series(pts, metric, by_size):
+    """Ours (solid) and PyTorch's (dashed) lines of one panel: against the parameter count, a
+    line per world size (by_size), or against the world size, a line per model."""
+    series = []
+    keys = sorted({p[1] if by_size else p[0] for p in pts})
+    for i, key in enumerate(keys):
+        color = PALETTE[i % len(PALETTE)]
+        chosen = [p for p in pts if (p[1] if by_size else p[0]) == key]
+        x_of = (lambda p: p[0]) if by_size else (lambda p: p[1])
+        label = f"ws {key}" if by_size else short(key)
+        series.append((color, False, label, [(x_of(p), p[metric]) for p in chosen]))
+        series.append((color, True, label, [(x_of(p), p[metric + 1]) for p in chosen]))
+    return series
+
+
 def render(rows, png_path, svg_path, title):
     """Draws the curves of scale_benchmark's rows; returns False when no row is a scale case."""
     data = points(rows)
@@ -271,25 +296,14 @@ def render(rows, png_path, svg_path, title):
                 "log axes; memory: the largest rank's peak RSS", GREY)
     for row, op in enumerate(ops):
         pts = data[op]
-        worlds = sorted({p[1] for p in pts})
-        sizes = sorted({p[0] for p in pts})
-        y0 = 50 + row * ph
-        for col, (metric, by_size) in enumerate(
-                [(2, True), (2, False), (4, True), (4, False)]):
-            series = []
-            keys = worlds if by_size else sizes
-            for i, key in enumerate(keys):
-                color = PALETTE[i % len(PALETTE)]
-                chosen = [p for p in pts if (p[1] if by_size else p[0]) == key]
-                x_of = (lambda p: p[0]) if by_size else (lambda p: p[1])
-                label = f"ws {key}" if by_size else short(key)
-                series.append((color, False, label, [(x_of(p), p[metric]) for p in chosen]))
-                series.append((color, True, label, [(x_of(p), p[metric + 1]) for p in chosen]))
-            titles = [f"{op}: time", f"PyTorch: {PYTORCH_NAMES.get(op, '?')}"[:48],
-                      f"{op}: memory", ""]
-            panel(canvas, (col * pw, y0, pw, ph), titles[col],
+        titles = [f"{op}: time", f"PyTorch: {PYTORCH_NAMES.get(op, '?')}"[:48], f"{op}: memory",
+                  ""]
+        for col, (metric, by_size) in enumerate([(2, True), (2, False), (4, True), (4, False)]):
+            x_ticks = sorted({p[0] if by_size else p[1] for p in pts})
+            panel(canvas, (col * pw, 50 + row * ph, pw, ph), titles[col],
                   "parameters" if by_size else "world size",
-                  "ms" if metric == 2 else "peak RSS, MiB", series, sizes if by_size else worlds)
+                  "ms" if metric == 2 else "peak RSS, MiB", panel_series(pts, metric, by_size),
+                  x_ticks)
     canvas.write_png(png_path)
     canvas.write_svg(svg_path)
     return True
