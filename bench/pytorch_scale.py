@@ -31,7 +31,6 @@ import gc
 import os
 import shutil
 import sys
-import time
 
 import torch
 import torch.distributed as dist
