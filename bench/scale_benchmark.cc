@@ -126,17 +126,17 @@ struct Command {
   static Command From(const CommandWords& w) { return {static_cast<Op>(w[0]), w[1], w[2], w[3]}; }
 };
 
-// One point's model and optimizer, on the members of its group.
+// One point's model, its batch and optimizer, on the members of its group.
 struct Setup {
   int64_t world_size = 0;
   int64_t width = 0;
-  int64_t params = 0;
   std::shared_ptr<ProcessGroup> group;
   BenchTransformer model{nullptr};
+  int64_t params = 0;
+  at::Tensor src, tgt;  // this rank's batch
   std::unique_ptr<FullyShardedDataParallel> fsdp;
   std::unique_ptr<torch::optim::Adam> adam;
   std::optional<OptimizerAdapter> adapter;
-  at::Tensor src, tgt;
 };
 
 struct RankContext {
