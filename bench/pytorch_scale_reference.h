@@ -2,8 +2,8 @@
 // benchmark, through RunPyTorchReference), and the counters that set our case beside them: what
 // scale_benchmark and checkpoint_benchmark's sharded save / load cases share.
 //
-// Preconditions: as RunPyTorchReference's (pytorch_reference.h); the binary lists
-// bench/pytorch_scale.py and bench/pytorch_fsdp_step.py in its data.
+// Preconditions: as RunPyTorchReference's (pytorch_reference.h); pytorch_scale.py and the
+// scripts it imports come with this target's data.
 // Errors: RunPyTorchReference's; INTERNAL when a PYTORCH_SCALE line lacks a field or a number.
 #ifndef FSDP_CPP_BENCH_PYTORCH_SCALE_REFERENCE_H_
 #define FSDP_CPP_BENCH_PYTORCH_SCALE_REFERENCE_H_
