@@ -46,6 +46,9 @@
 //   vs_write_cpu,      the same ratios as vs_write and vs_same_size_load, of CPU time (all
 //   vs_same_size_load_cpu  ranks): steadier than wall time on a shared machine. For saves the
 //                      reference's CPU time is the write() copy into the page cache only.
+//   vs_pytorch,        (sharded saves and same-size loads at world sizes 2 and 4) API time /
+//   mem_vs_pytorch     PyTorch's dcp.save / dcp.load of the twin's FSDP2 state, and rank 0's
+//                      peak RSS (peak_rss_rank0) / PyTorch's (pytorch_scale_reference.h).
 //   p2_snapshot_ms,    (same-size sharded loads) rank 0's time for the parts of the loader's
 //   p2_optim_load_ms,  second phase, done alone right after on the same model: the
 //   p2_model_load_ms   optimizer snapshot (StateDict + CloneOptimStateDict), LoadStateDict of
@@ -107,6 +110,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
 #include "bench/plain_io.h"
+#include "bench/pytorch_scale_reference.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "checkpoint/atomic_dir.h"
@@ -344,6 +348,7 @@ struct CaseResult {
   double snapshot_seconds = 0;
   double optim_load_seconds = 0;
   double model_load_seconds = 0;
+  int64_t peak_rss = 0;  // this rank's VmHWM during the API's calls (saves, same-size loads)
 };
 
 absl::Status EnsureSetup(RankContext& context, const std::shared_ptr<ProcessGroup>& group) {
@@ -434,6 +439,7 @@ absl::StatusOr<CaseResult> Finish(CaseRun& run) {
 absl::StatusOr<CaseResult> RunSaveSharded(CaseRun& run) {
   ProcessGroup& g = run.g;
   const std::string dir = ShardedDir(run.context, run.command.world_size);
+  ResetPeakRss();
   FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
                         TimeCalls(
                             g, run.command.iterations,
@@ -442,6 +448,7 @@ absl::StatusOr<CaseResult> RunSaveSharded(CaseRun& run) {
                               return absl::OkStatus();
                             },
                             [&] { return RemoveOnRank0(g, dir); }, &run.cpu.api));
+  run.result.peak_rss = PeakRssBytes();
   FSDP_RETURN_IF_ERROR(SumBytes(run).status());
   FSDP_ASSIGN_OR_RETURN(
       std::vector<double> reference,
@@ -493,8 +500,10 @@ absl::StatusOr<CaseResult> RunLoadSharded(CaseRun& run) {
     return absl::OkStatus();
   };
   if (!resharded) {
+    ResetPeakRss();
     FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
                           TimeCalls(g, run.command.iterations, load, drop_source, &run.cpu.api));
+    run.result.peak_rss = PeakRssBytes();
   } else {
     FSDP_RETURN_IF_ERROR(TimeAlternatingLoads(run, same, load, drop_source));
   }
@@ -636,6 +645,18 @@ absl::Status SetUpRunDir(RankContext& context) {
   return context.groups->world->BroadcastObject(dir, 0).status();
 }
 
+// Sharded saves and same-size loads at world sizes 2 and 4, beside PyTorch's dcp.save /
+// dcp.load of the same model's FSDP2 state; a failure of PyTorch's run fails the case.
+void AddPyTorchCounters(benchmark::State& state, Op op, int64_t source_world, int64_t world_size,
+                        double api_seconds, const CaseResult& result) {
+  const bool save = op == Op::kSaveSharded;
+  const bool same_size_load = op == Op::kLoadSharded && source_world == world_size;
+  if (!(save || same_size_load) || (world_size != 2 && world_size != 4)) return;
+  absl::Status status = AddDcpCounters(state, save, static_cast<int>(world_size), api_seconds,
+                                       result.peak_rss, kSaveIterations, g_context->run_dir);
+  if (!status.ok()) FailBenchmark(state, status);
+}
+
 void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t world_size) {
   RankContext& context = *g_context;
   if (SkipAfterFailure(state)) return;
@@ -683,6 +704,7 @@ void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t
       state.counters["vs_same_size_load_cpu"] = result->api_cpu / result->same_size_cpu;
     }
   }
+  AddPyTorchCounters(state, op, source_world, world_size, api, *result);
 }
 
 void Register(const std::string& name, Op op, int64_t source_world, int64_t world_size,
