@@ -1,7 +1,7 @@
 """Writes torch.distributed.checkpoint (DCP) directories with PyTorch 2.13 for
 //checkpoint:dcp_reader_test, each with the values a reader must find beside it.
 
-  tools/python checkpoint/testdata/make_dcp_checkpoints.py OUT
+  tools/python checkpoint/testdata/make_dcp_checkpoints.py OUT [--single_process]
 
 OUT/plain: dcp.save (single process, no_dist) of a state dict with tensors of several dtypes
   and shapes, scalar tensors, non-tensor values (int, float, str, list, tuple, None, bool) and
@@ -215,6 +215,8 @@ def main():
     plain(out)
     tutorial(out)
     damaged(out)
+    if "--single_process" in sys.argv[2:]:  # no OUT/fsdp2: no torchrun
+        return
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", os.path.abspath(__file__), "--fsdp2-rank", out],
                    check=True)
