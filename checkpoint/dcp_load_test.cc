@@ -146,7 +146,10 @@ TEST(DcpLoad, PyTorchFsdp2CheckpointLoadsBitForBitAtWorldSizes2And3) {
     ckpt::RunPhase(ws, ws, [&](comm::ProcessGroup& group) {
       auto job = MakeJob(group);
       ASSERT_NE(job, nullptr);
-      auto loaded = LoadShardedCheckpoint(OutDir() + "/fsdp2", *job->fsdp, job->adapter.get());
+      // At 3, the layout named rather than detected.
+      const LoadShardedOptions options{.dcp_layout = ws == 3 ? "model=model,optim=optimizer" : ""};
+      auto loaded =
+          LoadShardedCheckpoint(OutDir() + "/fsdp2", *job->fsdp, job->adapter.get(), options);
       ASSERT_THAT(loaded, IsOk());
       EXPECT_GT(loaded->read.bytes_read, 0);
       ExpectSavedState(*job);
@@ -171,6 +174,7 @@ struct Damage {
   std::string dir;
   absl::StatusCode code;
   std::vector<std::string> substrings;
+  std::string layout = "";  // LoadShardedOptions::dcp_layout
 };
 
 TEST(DcpLoad, DamagedCheckpointsAreRefusedOnEveryRankAndChangeNothing) {
@@ -191,19 +195,26 @@ TEST(DcpLoad, DamagedCheckpointsAreRefusedOnEveryRankAndChangeNothing) {
        {"tutorial/.metadata does not fit the model", "Missing key(s) in state_dict: \"4.weight\"",
         "size mismatch for 0.weight: copying a param with shape torch.Size([2, 3]) from "
         "checkpoint, the shape in current model is torch.Size([5, 6])."}},
+      // An intact checkpoint under a layout named wrongly: the model finds none of its keys.
+      {"fsdp2",
+       C::kInvalidArgument,
+       {"fsdp2/.metadata does not fit the model", "Missing key(s) in state_dict: \"0.weight\""},
+       "tutorial"},
+      {"fsdp2", C::kInvalidArgument, {"DCP layout \"app.model\""}, "app.model"},
   };
   if (!IsRankProcess()) WriteCheckpoints();
   ckpt::RunPhase(1, 2, [&](comm::ProcessGroup& group) {
     auto job = MakeJob(group);
     ASSERT_NE(job, nullptr);
     for (const Damage& d : damages) {
-      SCOPED_TRACE(d.dir);
+      SCOPED_TRACE(d.dir + " " + d.layout);
       std::vector<at::Tensor> before;
       for (const at::Tensor& p : job->fsdp->parameters()) before.push_back(p.detach().clone());
       auto optim_before = job->adapter->StateDict();
       ASSERT_THAT(optim_before, IsOk());
       const optim_state::OptimStateDict saved = optim_state::CloneOptimStateDict(*optim_before);
-      auto loaded = LoadShardedCheckpoint(OutDir() + "/" + d.dir, *job->fsdp, job->adapter.get());
+      auto loaded = LoadShardedCheckpoint(OutDir() + "/" + d.dir, *job->fsdp, job->adapter.get(),
+                                          {.dcp_layout = d.layout});
       EXPECT_THAT(loaded, ::fsdp::testing::StatusIs(d.code, HasSubstr("LoadShardedCheckpoint")));
       for (const std::string& s : d.substrings)
         EXPECT_THAT(loaded, ::fsdp::testing::StatusIs(d.code, HasSubstr(s)));
