@@ -127,7 +127,16 @@ absl::Status WriteArchive(const Pickled& pickled, const std::string& path, bool 
   return status;
 }
 
-absl::StatusOr<StateValue> FromPyValue(const PyValue& value, const std::string& where) {
+absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& where) {
+  if (key.is_int()) return ParamKey::Id(key.as_int());
+  if (key.is_str()) return ParamKey::Fqn(key.as_str());
+  return absl::InvalidArgumentError(
+      absl::StrCat(where, ": a parameter key must be an int or a str, not ", key.TypeName()));
+}
+
+}  // namespace
+
+absl::StatusOr<StateValue> StateValueFromPyValue(const PyValue& value, const std::string& where) {
   if (value.is_none()) return StateValue::None();
   if (value.is_bool()) return StateValue(value.as_bool());
   if (value.is_int()) return StateValue(value.as_int());
@@ -137,7 +146,7 @@ absl::StatusOr<StateValue> FromPyValue(const PyValue& value, const std::string& 
   if (value.is_tuple() || value.is_list()) {
     std::vector<StateValue> items;
     for (const PyValue& item : value.items()) {
-      FSDP_ASSIGN_OR_RETURN(StateValue converted, FromPyValue(item, where));
+      FSDP_ASSIGN_OR_RETURN(StateValue converted, StateValueFromPyValue(item, where));
       items.push_back(std::move(converted));
     }
     return value.is_tuple() ? StateValue::Tuple(std::move(items))
@@ -146,15 +155,6 @@ absl::StatusOr<StateValue> FromPyValue(const PyValue& value, const std::string& 
   return absl::InvalidArgumentError(
       absl::StrCat(where, ": a ", value.TypeName(), " is not an optimizer state value"));
 }
-
-absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& where) {
-  if (key.is_int()) return ParamKey::Id(key.as_int());
-  if (key.is_str()) return ParamKey::Fqn(key.as_str());
-  return absl::InvalidArgumentError(
-      absl::StrCat(where, ": a parameter key must be an int or a str, not ", key.TypeName()));
-}
-
-}  // namespace
 
 static absl::StatusOr<Pickled> PickleModel(const ModelStateDict& state, const std::string& path) {
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
@@ -265,8 +265,9 @@ absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
       if (!name.is_str()) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": state names are str"));
       }
-      FSDP_ASSIGN_OR_RETURN(StateValue converted,
-                            FromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
+      FSDP_ASSIGN_OR_RETURN(
+          StateValue converted,
+          StateValueFromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
       param_state.Set(name.as_str(), std::move(converted));
     }
     out.state.Set(std::move(param_key), std::move(param_state));
@@ -299,8 +300,9 @@ absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
         has_params = true;
         continue;
       }
-      FSDP_ASSIGN_OR_RETURN(StateValue converted,
-                            FromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
+      FSDP_ASSIGN_OR_RETURN(
+          StateValue converted,
+          StateValueFromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
       parsed.hyper_params.Set(name.as_str(), std::move(converted));
     }
     if (!has_params) {

@@ -65,6 +65,20 @@ absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::
   return absl::OkStatus();
 }
 
+// DIR/progress.txt's steps_done, read by rank 0 and broadcast (0 without the file).
+absl::StatusOr<int> ReadProgress(const std::string& dir, fsdp::comm::ProcessGroup& group) {
+  int steps_done = 0;
+  if (group.rank() == 0) {
+    std::ifstream progress(dir + "/" + kProgressFile);
+    std::string line;
+    if (progress >> line && line.rfind("steps_done=", 0) == 0) {
+      steps_done = std::atoi(line.c_str() + 11);
+    }
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
+  return std::atoi(steps.c_str());
+}
+
 // Loads a full checkpoint written by SaveCheckpoint (or by PyTorch: model.pt and optim.pt
 // FQN-keyed, with --strip_key_prefixes for a wrapped model's keys) into this job, whatever its
 // world size and wrapping; returns the steps done (progress.txt, 0 without it).
@@ -81,16 +95,16 @@ absl::StatusOr<int> LoadFullTrainCheckpoint(const std::string& dir,
     if (!absl::StrContains(loaded.message(), "key prefixes stripped")) return loaded;
     return absl::Status(loaded.code(), absl::StrCat(loaded.message(), " (--strip_key_prefixes)"));
   }
-  int steps_done = 0;
-  if (group.rank() == 0) {
-    std::ifstream progress(dir + "/" + kProgressFile);
-    std::string line;
-    if (progress >> line && line.rfind("steps_done=", 0) == 0) {
-      steps_done = std::atoi(line.c_str() + 11);
-    }
-  }
-  FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
-  return std::atoi(steps.c_str());
+  return ReadProgress(dir, group);
+}
+
+// A torch.distributed.checkpoint directory (checkpoint/dcp_load.h), e.g. one PyTorch's dcp.save
+// wrote, with the steps done in DIR/progress.txt (0 without it) as in a full checkpoint.
+absl::StatusOr<int> LoadDcpTrainCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
+                                           fsdp::FullyShardedDataParallel& fsdp,
+                                           fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::LoadShardedCheckpoint(dir, fsdp, &adapter).status());
+  return ReadProgress(dir, group);
 }
 
 // A sharded checkpoint (checkpoint/sharded_checkpoint.h): every rank writes its own shard, no
@@ -133,12 +147,12 @@ absl::StatusOr<int> LoadTrainCheckpoint(const std::string& dir,
   if (group.rank() == 0) {
     auto detected = fsdp::checkpoint::DetectCheckpointKind(dir);
     kind = !detected.ok() ? absl::StrCat("error:", detected.status().message())
-           : *detected == fsdp::checkpoint::CheckpointKind::kSharded ? "sharded"
-                                                                     : "full";
+                          : std::string(fsdp::checkpoint::CheckpointKindName(*detected));
   }
   FSDP_ASSIGN_OR_RETURN(kind, group.BroadcastObject(kind, 0));
   if (absl::StartsWith(kind, "error:")) return absl::NotFoundError(kind.substr(6));
   if (kind == "sharded") return LoadShardedTrainCheckpoint(dir, fsdp, adapter);
+  if (kind == "dcp") return LoadDcpTrainCheckpoint(dir, group, fsdp, adapter);
   return LoadFullTrainCheckpoint(dir, strip_key_prefixes, group, fsdp, adapter);
 }
 

@@ -1,12 +1,16 @@
 // ckpt: inspect, verify and convert fsdp-cpp checkpoints offline (no process group).
 //
 //   ckpt inspect DIR      kind, world size, and a table of every tensor (FQN, optimizer state
-//                         name, shape, dtype, bytes, pieces) and non-tensor optimizer values
+//                         name, shape, dtype, bytes, pieces) and non-tensor optimizer values;
+//                         DCP (torch.distributed.checkpoint): the layout, every tensor with
+//                         dtype, shape and chunks, every bytes entry's value (ckpt_dcp.h)
 //   ckpt verify DIR       sharded: reads every block and checks its xxhash64, printing each
 //                         bad range (file, byte range, tensor); full: reads both files whole
-//                         (zip CRCs). Exit status 1 if anything is bad.
+//                         (zip CRCs); DCP: what can be checked without checksums (ckpt_dcp.h).
+//                         Exit status 1 if anything is bad.
 //   ckpt convert --in=DIR --out=DIR2 --to=full|sharded [--world_size=M] [--block_bytes=B]
-//                         sharded N -> full, full -> sharded M, sharded N -> sharded M. A
+//                         sharded N -> full, full -> sharded M, sharded N -> sharded M, and a
+//                         DCP directory (model + optimizer, layout detected) to either. A
 //                         sharded output splits each tensor into M even element ranges, one
 //                         per rank file (not the layout an M-rank FULL_SHARD job writes, which
 //                         follows its flat parameters; any job loads either). Written
@@ -25,9 +29,11 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "checkpoint/dcp_load.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/sharded_format.h"
 #include "optim_state/optim_state_dict.h"
+#include "tools/ckpt_dcp.h"
 
 namespace fsdp::checkpoint {
 namespace {
@@ -56,6 +62,7 @@ absl::StatusOr<FullContents> ReadAny(const std::string& dir, CheckpointKind* kin
   absl::StatusOr<CheckpointKind> k = DetectCheckpointKind(dir);
   if (!k.ok()) return k.status();
   *kind = *k;
+  if (*k == CheckpointKind::kDcp) return dcp::ReadDcpFullContents(dir);
   if (*k == CheckpointKind::kSharded) {
     auto reader = ShardedCheckpointReader::Open(dir);
     if (!reader.ok()) return reader.status();
@@ -90,6 +97,7 @@ void PrintRow(const std::vector<std::string>& cells) {
 int Inspect(const std::string& dir) {
   absl::StatusOr<CheckpointKind> kind = DetectCheckpointKind(dir);
   if (!kind.ok()) return Fail(kind.status());
+  if (*kind == CheckpointKind::kDcp) return InspectDcp(dir);
   if (*kind == CheckpointKind::kSharded) {
     auto reader = ShardedCheckpointReader::Open(dir);
     if (!reader.ok()) return Fail(reader.status());
@@ -159,6 +167,7 @@ int Inspect(const std::string& dir) {
 int Verify(const std::string& dir) {
   absl::StatusOr<CheckpointKind> kind = DetectCheckpointKind(dir);
   if (!kind.ok()) return Fail(kind.status());
+  if (*kind == CheckpointKind::kDcp) return VerifyDcp(dir);
   if (*kind == CheckpointKind::kFull) {
     CheckpointKind k;
     auto contents = ReadAny(dir, &k);

@@ -25,7 +25,9 @@ DIR/progress.txt (steps_done=K). Written after step K-1 with --save_after K, or 
 step when --save_after is 0. They come from FSDP1's FULL_STATE_DICT model.state_dict() and
 FSDP.optim_state_dict (rank0_only, offload_to_cpu), or FSDP2's get_model_state_dict /
 get_optimizer_state_dict with StateDictOptions(full_state_dict=True, cpu_offload=True).
---load DIR loads such a checkpoint (FSDP1: load_state_dict under FULL_STATE_DICT +
+--save_format dcp writes a torch.distributed.checkpoint directory instead (dcp.save of
+get_state_dict's sharded dicts, every rank its own shards, under --dcp_layout's keys; rank 0 adds
+DIR/progress.txt). --load DIR loads a full checkpoint (FSDP1: load_state_dict under FULL_STATE_DICT +
 FSDP.optim_state_dict_to_load; FSDP2: set_model_state_dict / set_optimizer_state_dict with
 full_state_dict=True), draws and drops the batches of the steps done, and trains on.
 
@@ -158,6 +160,18 @@ def parse_args(argv):
     p.add_argument("--wrap", default="", help="nested: wrap|wrap_alt|none; transformer: layers|none")
     p.add_argument("--save_after", "--save_at_step", type=int, default=0, dest="save_after")
     p.add_argument("--save_dir", "--save", default="", dest="save_dir")
+    p.add_argument(
+        "--save_format",
+        default="full",
+        choices=["full", "dcp"],
+        help="dcp: dcp.save of get_state_dict's sharded dicts (FSDP1, FSDP2), + progress.txt",
+    )
+    p.add_argument(
+        "--dcp_layout",
+        default="torchtitan",
+        choices=["torchtitan", "tutorial"],
+        help='{"model", "optimizer"} or {"app": {"model", "optim"}}',
+    )
     p.add_argument("--load", default="")
     p.add_argument("--loss_log", default="")
     p.add_argument(
@@ -459,17 +473,34 @@ def full_state(model, optim, args):
     )
 
 
+def save_dcp(model, optim, args):
+    """dcp.save of each rank's shards, nested as torchtitan or the DCP tutorial nest them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optim)
+    if args.dcp_layout == "torchtitan":
+        state = {"model": msd, "optimizer": osd}
+    else:  # what the tutorial's AppState.state_dict() returns, under "app"
+        state = {"app": {"model": msd, "optim": osd}}
+    dcp.save(state, checkpoint_id=args.save_dir)
+
+
 def save_checkpoint(model, optim, args, rank, steps_done):
     start = time.monotonic()
-    msd, osd = full_state(model, optim, args)
+    if args.save_format == "dcp":
+        save_dcp(model, optim, args)
+    else:
+        msd, osd = full_state(model, optim, args)
+        if rank == 0:
+            os.makedirs(args.save_dir, exist_ok=True)
+            torch.save(msd, os.path.join(args.save_dir, "model.pt"))
+            torch.save(osd, os.path.join(args.save_dir, "optim.pt"))
     if rank == 0:
-        os.makedirs(args.save_dir, exist_ok=True)
-        torch.save(msd, os.path.join(args.save_dir, "model.pt"))
-        torch.save(osd, os.path.join(args.save_dir, "optim.pt"))
         with open(os.path.join(args.save_dir, "progress.txt"), "w") as f:
             f.write(f"steps_done={steps_done}\n")
         print(
-            f"peer: saved {args.save_dir} ({steps_done} steps done) in "
+            f"peer: saved {args.save_format} {args.save_dir} ({steps_done} steps done) in "
             f"{time.monotonic() - start:.2f} s",
             flush=True,
         )
