@@ -17,6 +17,10 @@ DCP's own flatten_state_dict (the FQNs .metadata holds), whole tensors gathered 
 storage_data's file slice). DIR.globals.txt lists the globals the .metadata pickle names (a
 pickle.Unpickler's find_class calls), one "module.name" a line.
 
+OUT/tutorial: dcp.save (single process) of a small model and Adam with two parameter groups as the
+  DCP tutorial lays them out: {"app": AppState}, whose state_dict() is {"model": ..., "optim": ...}
+  from get_state_dict.
+
 OUT/damaged_<what>: copies of OUT/plain whose .metadata PyTorch pickled after one change:
   storage_offset   the storage of "f32" starts beyond its file's end;
   chunk_outside    "f32"'s one chunk is 7 x 7 in a 5 x 7 tensor (size and chunk sizes changed);
@@ -96,6 +100,30 @@ def plain(out):
     ckpt_dir = os.path.join(out, "plain")
     dcp.save(state_dict, checkpoint_id=ckpt_dir, no_dist=True)
     write_expected(ckpt_dir, state_dict)
+
+
+def tutorial(out):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    optim = torch.optim.Adam([{"params": model[0].parameters()},
+                              {"params": model[2].parameters(), "lr": 0.1}], lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    optim.step()
+
+    class AppState(Stateful):
+        def state_dict(self):
+            model_sd, optim_sd = get_state_dict(model, optim)
+            return {"model": model_sd, "optim": optim_sd}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    ckpt_dir = os.path.join(out, "tutorial")
+    dcp.save({"app": AppState()}, checkpoint_id=ckpt_dir, no_dist=True)
+    write_expected(ckpt_dir, {"app": AppState().state_dict()})
 
 
 class _Hostile:
@@ -185,6 +213,7 @@ def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
     plain(out)
+    tutorial(out)
     damaged(out)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", os.path.abspath(__file__), "--fsdp2-rank", out],
