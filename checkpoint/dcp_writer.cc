@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <map>
@@ -11,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/dcp_layout.h"
 #include "checkpoint/internal/file_bytes.h"
 #include "checkpoint/internal/pickle_writer.h"
 #include "checkpoint/internal/torch_dtype_names.h"
@@ -307,26 +309,56 @@ absl::StatusOr<std::string> PickleMetadata(const Metadata& m, const std::string&
   return p.Finish();
 }
 
-absl::Status WriteMetadataFile(const std::string& dir, const Metadata& metadata) {
+absl::StatusOr<int64_t> WriteMetadataFile(const std::string& dir, const Metadata& metadata) {
   const std::string path = absl::StrCat(dir, "/", kMetadataFileName);
   FSDP_ASSIGN_OR_RETURN(std::string bytes, PickleMetadata(metadata, path));
   CrashPoint("before .metadata");
-  return WriteFileDurably(path, bytes);
+  FSDP_RETURN_IF_ERROR(WriteFileDurably(path, bytes));
+  return static_cast<int64_t>(bytes.size());
 }
 
-absl::Status WriteWholeDcpCheckpoint(const std::string& dir, const WholeEntries& entries) {
-  std::vector<ChunkToWrite> chunks;
+absl::Status WriteWholeDcpCheckpoint(const std::string& dir, const WholeEntries& entries,
+                                     int files) {
+  if (files < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(dir, ": cannot split into ", files, " files"));
+  }
+  std::vector<std::vector<ChunkToWrite>> chunks(static_cast<size_t>(files));
   for (const auto& [fqn, tensor] : entries.tensors) {
-    chunks.push_back(ChunkToWrite{fqn, tensor.sizes().vec(),
-                                  std::vector<int64_t>(static_cast<size_t>(tensor.dim()), 0),
-                                  tensor});
+    const std::vector<int64_t> shape = tensor.sizes().vec();
+    const int64_t numel = tensor.numel();
+    if (tensor.dim() == 0 || numel == 0) {
+      chunks[0].push_back(ChunkToWrite{fqn, shape, std::vector<int64_t>(shape.size(), 0), tensor});
+      continue;
+    }
+    const at::Tensor flat = tensor.detach().contiguous().view({-1});
+    const int64_t per_file = (numel + files - 1) / files;
+    for (int r = 0; r < files; ++r) {
+      const int64_t begin = std::min<int64_t>(numel, r * per_file);
+      const int64_t end = std::min<int64_t>(numel, begin + per_file);
+      FSDP_ASSIGN_OR_RETURN(std::vector<ChunkStorageMetadata> boxes,
+                            FlatRangeToBoxes(shape, begin, end));
+      int64_t at = begin;
+      for (const ChunkStorageMetadata& box : boxes) {
+        int64_t n = 1;
+        for (int64_t d : box.sizes) n *= d;
+        chunks[static_cast<size_t>(r)].push_back(
+            ChunkToWrite{fqn, shape, box.offsets, flat.narrow(0, at, n).view(box.sizes)});
+        at += n;
+      }
+    }
   }
   FSDP_ASSIGN_OR_RETURN(std::string staging, CreateStagingDir(dir));
   absl::Status status = [&]() -> absl::Status {
-    FSDP_ASSIGN_OR_RETURN(std::vector<WrittenItem> items,
-                          WriteDistcpFile(staging, DistcpFileName(0), entries.bytes, chunks));
+    std::vector<WrittenItem> items;
+    for (int r = 0; r < files; ++r) {
+      FSDP_ASSIGN_OR_RETURN(std::vector<WrittenItem> written,
+                            WriteDistcpFile(staging, DistcpFileName(r),
+                                            r == 0 ? entries.bytes : std::vector<BytesToWrite>{},
+                                            chunks[static_cast<size_t>(r)]));
+      items.insert(items.end(), written.begin(), written.end());
+    }
     FSDP_ASSIGN_OR_RETURN(Metadata m, AssembleMetadata(items, entries.planner_data, dir));
-    FSDP_RETURN_IF_ERROR(WriteMetadataFile(staging, m));
+    FSDP_RETURN_IF_ERROR(WriteMetadataFile(staging, m).status());
     return CommitStagingDir(staging, dir);
   }();
   if (!status.ok()) (void)RemoveTree(staging);

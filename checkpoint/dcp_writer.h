@@ -84,20 +84,24 @@ std::string DistcpFileName(int rank, int n = 0);
 [[nodiscard]] absl::StatusOr<std::string> PickleMetadata(const Metadata& metadata,
                                                          const std::string& file);
 
-// DIR/.metadata, written and fsynced.
-[[nodiscard]] absl::Status WriteMetadataFile(const std::string& dir, const Metadata& metadata);
+// DIR/.metadata, written and fsynced; its size.
+[[nodiscard]] absl::StatusOr<int64_t> WriteMetadataFile(const std::string& dir,
+                                                        const Metadata& metadata);
 
 // A whole DCP directory from whole tensors and values, by one process (e.g. a full checkpoint
-// converted offline): everything in __0_0.distcp, each tensor one chunk; committed atomically
-// (atomic_dir.h: DIR is the old or the new checkpoint after a crash). `planner_data` maps
-// each FQN to its path in the nested state dict. The parent of DIR must exist.
+// converted offline), laid out as `files` ranks of an FSDP job would save it: file r holds the
+// r-th of `files` even flat pieces of every tensor (FSDP's split: ceil(numel / files) elements
+// each), as the fewest boxes (FlatRangeToBoxes); zero-dimension and empty tensors and every
+// bytes entry go to file 0. Committed atomically (atomic_dir.h: DIR is the old or the new
+// checkpoint after a crash). `planner_data` maps each FQN to its path in the nested state
+// dict. The parent of DIR must exist; INVALID_ARGUMENT for files < 1.
 struct WholeEntries {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   std::vector<BytesToWrite> bytes;
   std::map<std::string, std::vector<PathElement>> planner_data;
 };
 [[nodiscard]] absl::Status WriteWholeDcpCheckpoint(const std::string& dir,
-                                                   const WholeEntries& entries);
+                                                   const WholeEntries& entries, int files = 1);
 
 // Text of the CPU dtype as .metadata names it ("torch.float32"), or INVALID_ARGUMENT.
 [[nodiscard]] absl::StatusOr<std::string> DtypeGlobal(at::ScalarType dtype);

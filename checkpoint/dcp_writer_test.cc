@@ -193,14 +193,22 @@ TEST(DcpWriter, WriteErrorNamesTheFile) {
 TEST(DcpWriter, WholeCheckpointIsCommittedAtomically) {
   const std::string dir = testing::FreshTestDir("dcp_writer_whole");
   WholeEntries entries;
-  entries.tensors = {{"model.w", at::randn({4, 3})}};
+  entries.tensors = {{"model.w", at::randn({5, 3})}};
   entries.bytes = {{"optimizer.param_groups.0.lr", optim_state::StateValue(0.5)}};
   entries.planner_data = {
       {"model.w", {"model", "w"}},
       {"optimizer.param_groups.0.lr", {"optimizer", "param_groups", int64_t{0}, "lr"}}};
-  ASSERT_TRUE(WriteWholeDcpCheckpoint(dir, entries).ok());
+  // As 2 ranks would save it: elements [0, 8) (rows 0-1, then row 2's first two) and [8, 15).
+  ASSERT_TRUE(WriteWholeDcpCheckpoint(dir, entries, 2).ok());
   absl::StatusOr<std::unique_ptr<DcpReader>> reader = DcpReader::Open(dir);
   ASSERT_TRUE(reader.ok()) << reader.status();
+  const auto& chunks =
+      std::get<TensorStorageMetadata>(*(*reader)->metadata().Find("model.w")).chunks;
+  ASSERT_EQ(chunks.size(), 4u);
+  EXPECT_EQ(chunks[1].offsets, (std::vector<int64_t>{2, 0}));
+  EXPECT_EQ(chunks[1].sizes, (std::vector<int64_t>{1, 2}));
+  EXPECT_EQ((*reader)->metadata().FindStorage("model.w", chunks[2].offsets)->relative_path,
+            "__1_0.distcp");
   absl::StatusOr<at::Tensor> w = (*reader)->ReadTensor("model.w");
   ASSERT_TRUE(w.ok());
   EXPECT_TRUE(SameBits(*w, entries.tensors[0].second));
