@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "checkpoint/atomic_dir.h"
 #include "checkpoint/dcp_writer.h"
 #include "checkpoint/internal/sharded_checkpoint_common.h"
 #include "checkpoint/internal/sharded_save_steps.h"
@@ -147,7 +148,11 @@ json Describe(const std::vector<dcp::WrittenItem>& written, const RankItems& ite
 
 // Rank 0: .metadata from every rank's description, into `staging`.
 absl::Status FinishMetadata(const std::string& dir, const std::string& staging,
-                            const std::vector<json>& all, SaveStats& stats) {
+                            const std::vector<json>& all, const SaveDcpOptions& options,
+                            SaveStats& stats) {
+  for (const auto& [name, contents] : options.extra_files) {
+    FSDP_RETURN_IF_ERROR(WriteFileDurably(absl::StrCat(staging, "/", name), contents));
+  }
   std::vector<dcp::WrittenItem> items;
   std::map<std::string, std::vector<PathElement>> paths;
   for (const json& rank : all) {
@@ -235,7 +240,7 @@ absl::StatusOr<SaveStats> SaveShardGroup(const std::string& dir, FullyShardedDat
         return Describe(written, *items);
       },
       [&](const std::string& staging, const std::string&, const std::vector<json>& all,
-          SaveStats& stats) { return FinishMetadata(dir, staging, all, stats); },
+          SaveStats& stats) { return FinishMetadata(dir, staging, all, options, stats); },
       start);
 }
 

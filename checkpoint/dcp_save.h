@@ -38,6 +38,7 @@
 #ifndef FSDP_CPP_CHECKPOINT_DCP_SAVE_H_
 #define FSDP_CPP_CHECKPOINT_DCP_SAVE_H_
 
+#include <map>
 #include <string>
 
 #include "absl/status/status.h"
@@ -53,6 +54,9 @@ namespace fsdp::checkpoint {
 
 struct SaveDcpOptions {
   dcp::DcpLayout layout = dcp::TorchtitanLayout();
+  // Files (name -> contents) rank 0 writes beside .metadata in the same commit, e.g. a
+  // training program's progress; dcp.load ignores them.
+  std::map<std::string, std::string> extra_files;
 };
 
 // Saves model (and optimizer, unless `adapter` is null) into DIR. See above.
