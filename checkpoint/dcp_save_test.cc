@@ -145,21 +145,13 @@ TEST(DcpSave, FailedWriteFailsEveryRankNamingTheFileAndKeepsTheOldCheckpoint) {
     Train(*job, 1, 2);
 
     rlimit old_limit;
-    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
-    if (group.rank() == 1) {
-      std::signal(SIGXFSZ, SIG_IGN);
-      rlimit tiny = old_limit;
-      tiny.rlim_cur = kTinyFileLimit;
-      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &tiny), 0);
-    }
+    if (group.rank() == 1) old_limit = LimitFileSize(kTinyFileLimit);
     EXPECT_THAT(SaveDcpCheckpoint(dir, *job->fsdp, job->adapter.get()),
                 StatusIs(absl::StatusCode::kInternal,
                          AllOf(HasSubstr("SaveDcpCheckpoint"), HasSubstr(dir),
                                HasSubstr("nothing saved: rank 1 failed"), HasSubstr("__1_0.distcp"),
                                HasSubstr("File too large"))));
-    if (group.rank() == 1) {
-      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old_limit), 0);
-    }
+    if (group.rank() == 1) RestoreFileSize(old_limit);
     if (group.rank() != 0) return;
     ExpectDcpHolds(dir, first);
     for (const auto& entry : std::filesystem::directory_iterator(root)) {

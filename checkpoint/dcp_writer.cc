@@ -43,6 +43,16 @@ void EndDataclass(PickleWriter& p, size_t n) {
   p.Build();
 }
 
+// `value`, written by `write`, or None.
+template <typename T, typename Write>
+void OrNone(PickleWriter& p, const std::optional<T>& value, Write write) {
+  if (value) {
+    write(*value);
+  } else {
+    p.None();
+  }
+}
+
 absl::Status WriteTensorEntry(PickleWriter& p, const TensorStorageMetadata& t) {
   BeginDataclass(p, kMetadataModule, "TensorStorageMetadata", 3);
   p.Str("properties");
@@ -88,17 +98,9 @@ void WriteStorageEntry(PickleWriter& p, const MetadataIndex& index, const Storag
   p.Str("fqn");
   p.Str(index.fqn);
   p.Str("offset");
-  if (index.offset) {
-    p.Size(*index.offset);
-  } else {
-    p.None();
-  }
+  OrNone(p, index.offset, [&](const std::vector<int64_t>& o) { p.Size(o); });
   p.Str("index");
-  if (index.index) {
-    p.Int(*index.index);
-  } else {
-    p.None();
-  }
+  OrNone(p, index.index, [&](int64_t i) { p.Int(i); });
   EndDataclass(p, 3);
   // _StorageInfo's __getstate__ leaves transform_descriptors out when there are none.
   BeginDataclass(p, "torch.distributed.checkpoint.filesystem", "_StorageInfo", 3);
@@ -121,11 +123,7 @@ void WriteStorageMeta(PickleWriter& p, const std::optional<StorageMeta>& meta) {
        {std::pair{"checkpoint_id", &meta->checkpoint_id}, std::pair{"save_id", &meta->save_id},
         std::pair{"load_id", &meta->load_id}}) {
     p.Str(name);
-    if (*value) {
-      p.Str(**value);
-    } else {
-      p.None();
-    }
+    OrNone(p, *value, [&](const std::string& v) { p.Str(v); });
   }
   p.Str("modules");
   p.ListBegin(meta->modules.size());
@@ -300,11 +298,7 @@ absl::StatusOr<std::string> PickleMetadata(const Metadata& m, const std::string&
   p.Str("storage_meta");
   WriteStorageMeta(p, m.storage_meta);
   p.Str("version");
-  if (m.version) {
-    p.Str(*m.version);
-  } else {
-    p.None();
-  }
+  OrNone(p, m.version, [&](const std::string& v) { p.Str(v); });
   EndDataclass(p, 5);
   return p.Finish();
 }

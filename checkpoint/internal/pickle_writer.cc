@@ -128,27 +128,23 @@ void PickleWriter::TupleEnd(size_t n) {
   Memo();
 }
 
-void PickleWriter::ListBegin(size_t n) {
-  out_ += op::kEmptyList;
+// An empty list or dict, memoized, then its n items: as _batch_appends / _batch_setitems, in
+// one batch after a MARK (n > 1) or with the single-item opcode.
+void PickleWriter::ContainerBegin(char empty, size_t n) {
+  out_ += empty;
   Memo();
   if (n > 1) out_ += op::kMark;
 }
 
-void PickleWriter::ListEnd(size_t n) {
-  if (n > 1) out_ += op::kAppends;
-  if (n == 1) out_ += op::kAppend;
+void PickleWriter::ContainerEnd(char batch, char single, size_t n) {
+  if (n > 1) out_ += batch;
+  if (n == 1) out_ += single;
 }
 
-void PickleWriter::DictBegin(size_t n) {
-  out_ += op::kEmptyDict;
-  Memo();
-  if (n > 1) out_ += op::kMark;
-}
-
-void PickleWriter::DictEnd(size_t n) {
-  if (n > 1) out_ += op::kSetItems;
-  if (n == 1) out_ += op::kSetItem;
-}
+void PickleWriter::ListBegin(size_t n) { ContainerBegin(op::kEmptyList, n); }
+void PickleWriter::ListEnd(size_t n) { ContainerEnd(op::kAppends, op::kAppend, n); }
+void PickleWriter::DictBegin(size_t n) { ContainerBegin(op::kEmptyDict, n); }
+void PickleWriter::DictEnd(size_t n) { ContainerEnd(op::kSetItems, op::kSetItem, n); }
 
 void PickleWriter::Reduce() {
   out_ += op::kReduce;

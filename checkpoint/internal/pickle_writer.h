@@ -52,6 +52,8 @@ class PickleWriter {
  private:
   void Memo();
   void Le(uint64_t v, int bytes);
+  void ContainerBegin(char empty, size_t n);
+  void ContainerEnd(char batch, char single, size_t n);
 
   bool memoize_all_;
   uint32_t next_memo_ = 0;
