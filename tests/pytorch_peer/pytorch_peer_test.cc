@@ -253,15 +253,23 @@ INSTANTIATE_TEST_SUITE_P(
                           r.loader.world_size);
     });
 
-// DCP from C++ into PyTorch: our job (NestedModel, 3 ranks, Adam, two parameter groups) saves a
-// DCP directory after kSaveAfter steps; PyTorch FSDP2 at 2 ranks with another wrapping loads it
-// as torchtitan resumes (get_state_dict, dcp.load, set_state_dict) and trains on with the
-// uninterrupted run's losses; dcp_to_torch_save of it equals, tensor for tensor and bit for bit,
-// our full checkpoint of the same state (a second, identical run saving full).
-TEST(PeerDcpTest, PyTorchFsdp2LoadsOurDcpCheckpointAndContinues) {
-  const Config saver{"nested", "adam", 2, 3, "full_shard", false, "wrap", 0};
-  const Config loader{"nested", "adam", 2, 2, "full_shard", false, "wrap_alt", 2};
-  const std::string dir = TempDir("cpp_dcp_to_fsdp2");
+// DCP from C++ into PyTorch: our job saves a DCP directory after kSaveAfter steps; PyTorch FSDP2
+// at another world size and wrapping loads it as torchtitan resumes (get_state_dict, dcp.load,
+// set_state_dict) and trains on with the uninterrupted run's losses; dcp_to_torch_save of it
+// equals, tensor for tensor and bit for bit, our full checkpoint of the same state (a second,
+// identical run saving full). NestedModel with Adam and two parameter groups, 3 -> 2 ranks; the
+// transformer (its tied embedding stored under both names, as state_dict has it), 3 -> 2.
+struct DcpCase {
+  Config saver;
+  Config loader;
+};
+
+class PeerDcpTest : public ::testing::TestWithParam<DcpCase> {};
+
+TEST_P(PeerDcpTest, PyTorchFsdp2LoadsOurDcpCheckpointAndContinues) {
+  const Config& saver = GetParam().saver;
+  const Config& loader = GetParam().loader;
+  const std::string dir = TempDir(absl::StrCat(ConfigName(saver), "_dcp_to_fsdp2"));
   const std::string save_flags = absl::StrCat("--steps=", kSteps, " --save_at_step=", kSaveAfter);
   const CommandResult saved =
       RunCpp(saver, absl::StrCat(save_flags, " --save=", dir, "/dcp --state_dict_type=dcp"));
@@ -285,5 +293,17 @@ TEST(PeerDcpTest, PyTorchFsdp2LoadsOurDcpCheckpointAndContinues) {
   ExpectSameLosses(std::vector<double>(straight.begin() + kSaveAfter, straight.end()),
                    StepLosses(resumed.output), kSaveAfter, resumed.output);
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, PeerDcpTest,
+    ::testing::Values(DcpCase{Config{"nested", "adam", 2, 3, "full_shard", false, "wrap", 0},
+                              Config{"nested", "adam", 2, 2, "full_shard", false, "wrap_alt", 2}},
+                      DcpCase{Config{"transformer", "sgd", 1, 3, "full_shard", false, "layers", 0},
+                              Config{"transformer", "sgd", 1, 2, "full_shard", false, "none", 2}}),
+    [](const ::testing::TestParamInfo<DcpCase>& info) {
+      return absl::StrCat(info.param.saver.model, "_", info.param.saver.optimizer, "_cpp_ws",
+                          info.param.saver.world_size, "_to_fsdp2_ws",
+                          info.param.loader.world_size);
+    });
 
 }  // namespace
