@@ -54,6 +54,22 @@ absl::Status AddFlatRange(const DcpKey& key, const std::vector<int64_t>& shape,
 // "fqn\nname": a zero-dimension or non-tensor optimizer value's identity across ranks.
 std::string ScalarId(const internal::OptimScalar& s) { return absl::StrCat(s.fqn, "\n", s.name); }
 
+// Rank 0's: each group's hyperparameters and its FQN list, as bytes entries.
+void AddParamGroups(const LocalSave& local, const dcp::DcpLayout& layout, RankItems& out) {
+  for (size_t g = 0; g < local.param_groups.size(); ++g) {
+    const auto group = static_cast<int64_t>(g);
+    for (const auto& [name, value] : local.param_groups[g].hyper_params) {
+      const DcpKey key = dcp::DcpParamGroupKey(layout, group, name);
+      out.bytes.push_back(dcp::BytesToWrite{key.key, value});
+      out.paths[key.key] = key.path;
+    }
+    std::vector<StateValue> fqns(local.group_fqns[g].begin(), local.group_fqns[g].end());
+    const DcpKey key = dcp::DcpParamGroupKey(layout, group, "params");
+    out.bytes.push_back(dcp::BytesToWrite{key.key, StateValue::List(std::move(fqns))});
+    out.paths[key.key] = key.path;
+  }
+}
+
 // This rank's items. `scalar_writer` says which rank writes each scalar (the lowest having it).
 absl::StatusOr<RankItems> ItemsOf(const LocalSave& local, const dcp::DcpLayout& layout, int rank,
                                   const std::map<std::string, int>& scalar_writer) {
@@ -96,20 +112,7 @@ absl::StatusOr<RankItems> ItemsOf(const LocalSave& local, const dcp::DcpLayout& 
       out.bytes.push_back(dcp::BytesToWrite{key.key, s.value});
     }
   }
-  if (rank == 0 && local.has_optim) {
-    for (size_t g = 0; g < local.param_groups.size(); ++g) {
-      const auto group = static_cast<int64_t>(g);
-      for (const auto& [name, value] : local.param_groups[g].hyper_params) {
-        const DcpKey key = dcp::DcpParamGroupKey(layout, group, name);
-        out.bytes.push_back(dcp::BytesToWrite{key.key, value});
-        out.paths[key.key] = key.path;
-      }
-      std::vector<StateValue> fqns(local.group_fqns[g].begin(), local.group_fqns[g].end());
-      const DcpKey key = dcp::DcpParamGroupKey(layout, group, "params");
-      out.bytes.push_back(dcp::BytesToWrite{key.key, StateValue::List(std::move(fqns))});
-      out.paths[key.key] = key.path;
-    }
-  }
+  if (rank == 0 && local.has_optim) AddParamGroups(local, layout, out);
   return out;
 }
 
