@@ -2,16 +2,22 @@
 // directory holds, read back by DcpReader, exactly the full model and optimizer state (FSDP's
 // full_optim_state_dict) of the saving job, bit for bit, under torchtitan's keys, for flat and
 // use_orig_params shards, NO_SHARD and at 2 and 3 ranks; WriteDcpFromFull writes the same
-// entries from the full state. A failed write (RLIMIT_FSIZE on rank 1) fails on every rank naming
-// rank 1's file, and the previous checkpoint stays whole. (PyTorch itself loads what we save in
-// //tests/pytorch_peer:pytorch_peer_test, and //checkpoint:dcp_writer_test checks the format.)
+// entries from the full state. A failed write (RLIMIT_FSIZE on rank 1) fails on every rank
+// naming rank 1's file, and the previous checkpoint stays whole; a save SIGKILLed at any of its
+// crash points on either rank leaves the old or the new checkpoint, complete. (PyTorch itself
+// loads what we save in //tests/pytorch_peer:pytorch_peer_test, and //checkpoint:dcp_writer_test
+// checks the format.)
 #include "checkpoint/dcp_save.h"
 
 #include <sys/resource.h>
 
 #include <csignal>
 #include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -25,6 +31,7 @@ namespace fsdp::checkpoint {
 namespace {
 
 using ::fsdp::testing::IsOk;
+using ::fsdp::testing::IsRankProcess;
 using ::fsdp::testing::StatusIs;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -158,6 +165,97 @@ TEST(DcpSave, FailedWriteFailsEveryRankNamingTheFileAndKeepsTheOldCheckpoint) {
       EXPECT_EQ(entry.path().filename(), "dcp") << "a staging directory was left";
     }
   });
+}
+
+// Every entry of a DCP directory: tensors whole, bytes entries as stored. Empty if unreadable.
+std::map<std::string, std::variant<at::Tensor, std::string>> DcpContents(const std::string& dir) {
+  std::map<std::string, std::variant<at::Tensor, std::string>> out;
+  auto reader = dcp::DcpReader::Open(dir);
+  EXPECT_THAT(reader, IsOk());
+  if (!reader.ok()) return out;
+  for (const auto& [key, entry] : (*reader)->metadata().state_dict_metadata) {
+    if (std::holds_alternative<dcp::TensorStorageMetadata>(entry)) {
+      auto t = (*reader)->ReadTensor(key);
+      EXPECT_THAT(t, IsOk());
+      if (t.ok()) out.emplace(key, *t);
+    } else {
+      auto b = (*reader)->ReadBytes(key);
+      EXPECT_THAT(b, IsOk());
+      if (b.ok()) out.emplace(key, *b);
+    }
+  }
+  return out;
+}
+
+bool SameContents(const std::map<std::string, std::variant<at::Tensor, std::string>>& a,
+                  const std::map<std::string, std::variant<at::Tensor, std::string>>& b) {
+  if (a.empty() || a.size() != b.size()) return false;
+  for (const auto& [key, value] : a) {
+    auto it = b.find(key);
+    if (it == b.end() || value.index() != it->second.index()) return false;
+    const bool same = value.index() == 0 ? torch::equal(std::get<0>(value), std::get<0>(it->second))
+                                         : std::get<1>(value) == std::get<1>(it->second);
+    if (!same) return false;
+  }
+  return true;
+}
+
+// A 2-rank DCP save SIGKILLed at each of its crash points, on rank 0 and on rank 1: DIR holds
+// the old checkpoint or the new one, complete, every time.
+TEST(DcpSave, AKilledSaveLeavesTheOldOrTheNewCheckpoint) {
+  const std::string root = TmpDir("dcp_save_crash");
+  const std::string dir = root + "/dcp";
+  FreshRootDir(root);
+  RunPhase(1, 2, [&](comm::ProcessGroup& group) {
+    auto job = MakeJob(C(2), group);
+    ASSERT_NE(job, nullptr);
+    Train(*job, 0, 1);
+    ASSERT_THAT(SaveDcpCheckpoint(root + "/old", *job->fsdp, job->adapter.get()), IsOk());
+    Train(*job, 1, 2);
+    ASSERT_THAT(SaveDcpCheckpoint(root + "/new", *job->fsdp, job->adapter.get()), IsOk());
+  });
+  const bool launcher = !IsRankProcess();
+  const auto old_contents = launcher ? DcpContents(root + "/old") : decltype(DcpContents("")){};
+  const auto new_contents = launcher ? DcpContents(root + "/new") : decltype(DcpContents("")){};
+  if (launcher) {
+    ASSERT_FALSE(SameContents(old_contents, new_contents));
+  }
+  int killed = 0;
+  for (int crash_rank : {0, 1}) {
+    for (int k = 1; k < 20; ++k) {
+      const int phase = 2 + 100 * crash_rank + k;  // the same in every process
+      SCOPED_TRACE(absl::StrCat("rank ", crash_rank, " killed at crash point ", k));
+      const std::string done = absl::StrCat(root, "/done-", phase);
+      if (launcher) {
+        ASSERT_THAT(RemoveTree(dir), IsOk());
+        std::filesystem::copy(root + "/old", dir);
+      }
+      RunPhase(
+          phase, 2,
+          [&](comm::ProcessGroup& group) {
+            auto job = MakeJob(C(2), group);
+            ASSERT_NE(job, nullptr);
+            Train(*job, 0, 2);
+            ASSERT_THAT(SaveDcpCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());
+            if (group.rank() == crash_rank) std::ofstream(done) << "done";
+          },
+          {{"FSDP_CHECKPOINT_CRASH_AT", std::to_string(k)},
+           {"FSDP_CHECKPOINT_CRASH_RANK", std::to_string(crash_rank)}},
+          /*expect_success=*/false);
+      if (!launcher) continue;
+      const auto now = DcpContents(dir);
+      const bool is_new = SameContents(now, new_contents);
+      EXPECT_TRUE(is_new || SameContents(now, old_contents));
+      if (std::filesystem::exists(done)) {  // the save ran to its end: no point k
+        EXPECT_TRUE(is_new);
+        break;
+      }
+      ++killed;
+    }
+  }
+  if (!launcher) return;
+  EXPECT_GE(killed, 6);
+  std::cout << killed << " DCP saves killed, each left a complete checkpoint\n";
 }
 
 }  // namespace
