@@ -140,13 +140,7 @@ TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldChe
     Train(*job, 1, 2);
 
     rlimit old_limit;
-    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
-    if (group.rank() == 1) {
-      std::signal(SIGXFSZ, SIG_IGN);
-      rlimit tiny = old_limit;
-      tiny.rlim_cur = kTinyFileLimit;
-      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &tiny), 0);
-    }
+    if (group.rank() == 1) old_limit = LimitFileSize(kTinyFileLimit);
     // Staging succeeds; the write fails in the background, on rank 1's file, on every rank.
     ASSERT_THAT((*saver)->Save(dir, job->adapter.get()), IsOk());
     const auto file_error =
@@ -159,9 +153,7 @@ TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldChe
                          AllOf(HasSubstr("the previous save failed, so this one was not started"),
                                file_error)));
     EXPECT_FALSE((*saver)->pending());
-    if (group.rank() == 1) {
-      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old_limit), 0);
-    }
+    if (group.rank() == 1) RestoreFileSize(old_limit);
 
     // The first checkpoint is still there, whole.
     ASSERT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());

@@ -3,79 +3,29 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/List.h>
 #include <ATen/core/ivalue.h>
-#include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
-#include <torch/csrc/jit/serialization/export.h>
-#include <torch/csrc/jit/serialization/pickler.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/internal/torch_save_archive.h"
 #include "checkpoint/torch_load.h"
 #include "comm/status_macros.h"
 
 namespace fsdp::checkpoint {
 namespace {
 
+using internal::Pickled;
 using optim_state::OptimStateDict;
 using optim_state::ParamKey;
 using optim_state::StateSequence;
 using optim_state::StateValue;
 
-absl::StatusOr<c10::IValue> ToIValue(const StateValue& value, const std::string& where) {
-  if (value.IsNone()) return c10::IValue();
-  if (const bool* b = value.GetIf<bool>()) return c10::IValue(*b);
-  if (const int64_t* i = value.GetIf<int64_t>()) return c10::IValue(*i);
-  if (const double* d = value.GetIf<double>()) return c10::IValue(*d);
-  if (const std::string* s = value.GetIf<std::string>()) return c10::IValue(*s);
-  if (const at::Tensor* t = value.GetIf<at::Tensor>()) return c10::IValue(*t);
-  if (const StateSequence* seq = value.GetIf<StateSequence>()) {
-    std::vector<c10::IValue> items;
-    for (const StateValue& item : seq->items) {
-      FSDP_ASSIGN_OR_RETURN(c10::IValue converted, ToIValue(item, where));
-      items.push_back(std::move(converted));
-    }
-    if (seq->is_tuple) return c10::IValue(c10::ivalue::Tuple::create(std::move(items)));
-    c10::impl::GenericList list(c10::AnyType::get());
-    for (auto& item : items) list.push_back(std::move(item));
-    return c10::IValue(list);
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat(where, ": a ", value.TypeName(), " has no place in a full checkpoint"));
-}
-
 c10::IValue KeyToIValue(const ParamKey& key) {
   return key.is_id() ? c10::IValue(key.id()) : c10::IValue(key.fqn());
-}
-
-// A value pickled as torch::pickle_save does it, in its two steps: here the pickle (data.pkl,
-// small: tensors appear in it as references to their storages), then WriteArchive streams the
-// zip archive of data.pkl and the storages to a file, with no copy of the whole archive in
-// memory. Unlike pickle_save, dicts and lists carry no TorchScript type tag
-// (torch.jit._pickle.restore_type_tag): PyTorch 2.x's torch.load(weights_only=True), its
-// default since 2.6, refuses that global.
-struct Pickled {
-  std::vector<char> pickle;
-  std::vector<at::Tensor> storages;  // in the order data.pkl names them
-};
-
-absl::StatusOr<Pickled> Pickle(const c10::IValue& value, const std::string& path) {
-  return CallTorch(absl::StrCat("serializing ", path), [&] {
-    Pickled out;
-    torch::jit::Pickler pickler(
-        [&](const char* bytes, size_t n) { out.pickle.insert(out.pickle.end(), bytes, bytes + n); },
-        /*tensor_table=*/nullptr, /*type_renamer=*/nullptr, /*memoized_class_types=*/nullptr,
-        /*get_tensor_id=*/nullptr, /*tag_aggregates=*/false);
-    pickler.protocol();
-    pickler.pushIValue(value);
-    pickler.stop();
-    out.storages = pickler.tensorData();
-    return out;
-  });
 }
 
 absl::Status Errno(const char* what, const std::string& path) {
@@ -92,32 +42,8 @@ std::string BaseName(const std::string& path) {
 absl::Status WriteArchive(const Pickled& pickled, const std::string& path, bool durable) {
   const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return Errno("create", path);
-  // The archive writer must never see a short write (it would throw from its destructor), so
-  // the first failure is kept here and later bytes are dropped.
-  absl::Status io = absl::OkStatus();
-  auto write_all = [&](const void* data, size_t n) -> size_t {
-    const char* p = static_cast<const char*>(data);
-    size_t left = n;
-    while (io.ok() && left > 0) {
-      const ssize_t w = write(fd, p, left);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        io = Errno("write", path);
-        break;
-      }
-      p += w;
-      left -= static_cast<size_t>(w);
-    }
-    return n;
-  };
-  absl::Status status = CallTorch(absl::StrCat("writing ", path), [&]() -> absl::Status {
-    caffe2::serialize::PyTorchStreamWriter writer(write_all);
-    torch::jit::writeArchiveAndTensors("data", pickled.pickle.data(), pickled.pickle.size(),
-                                       pickled.storages, writer);
-    writer.writeEndOfFile();
-    return absl::OkStatus();
-  });
-  if (status.ok()) status = io;
+  absl::Status status =
+      internal::AppendArchive(fd, pickled, internal::ArchiveRecords::kPickleSave, path).status();
   if (status.ok() && durable) {
     CrashPoint(absl::StrCat("written ", BaseName(path)));
     if (fsync(fd) != 0) status = Errno("fsync", path);
@@ -159,7 +85,7 @@ absl::StatusOr<StateValue> StateValueFromPyValue(const PyValue& value, const std
 static absl::StatusOr<Pickled> PickleModel(const ModelStateDict& state, const std::string& path) {
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
   for (const auto& [fqn, tensor] : state) dict.insert(fqn, tensor.detach().contiguous());
-  return Pickle(c10::IValue(dict), path);
+  return internal::PickleIValue(c10::IValue(dict), path);
 }
 
 absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path) {
@@ -192,7 +118,8 @@ static absl::StatusOr<Pickled> PickleOptim(const OptimStateDict& state, const st
     for (const auto& [name, value] : param_state) {
       FSDP_ASSIGN_OR_RETURN(
           c10::IValue converted,
-          ToIValue(value, absl::StrCat(path, ": state[", key.ToString(), "][", name, "]")));
+          internal::StateValueToIValue(
+              value, absl::StrCat(path, ": state[", key.ToString(), "][", name, "]")));
       entry.insert(name, std::move(converted));
     }
     state_dict.insert(KeyToIValue(key), c10::IValue(entry));
@@ -207,7 +134,8 @@ static absl::StatusOr<Pickled> PickleOptim(const OptimStateDict& state, const st
       for (const auto& [name, value] : group.hyper_params) {
         FSDP_ASSIGN_OR_RETURN(
             c10::IValue converted,
-            ToIValue(value, absl::StrCat(path, ": param_groups[", g, "][", name, "]")));
+            internal::StateValueToIValue(
+                value, absl::StrCat(path, ": param_groups[", g, "][", name, "]")));
         entry.insert(name, std::move(converted));
       }
       c10::impl::GenericList params(c10::AnyType::get());
@@ -217,7 +145,7 @@ static absl::StatusOr<Pickled> PickleOptim(const OptimStateDict& state, const st
     }
     top.insert("param_groups", c10::IValue(groups));
   }
-  return Pickle(c10::IValue(top), path);
+  return internal::PickleIValue(c10::IValue(top), path);
 }
 
 absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string& path) {

@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint/dcp_save.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/key_prefixes.h"
 #include "checkpoint/load_full_checkpoint.h"
@@ -119,6 +120,18 @@ absl::Status SaveShardedTrainCheckpoint(const std::string& dir, int steps_done,
   return fsdp::checkpoint::SaveShardedCheckpoint(dir, fsdp, &adapter, options).status();
 }
 
+// A DCP directory (checkpoint/dcp_save.h) in torchtitan's layout, which PyTorch's dcp.load
+// reads: every rank writes its own file; progress.txt, as beside a full checkpoint, in the
+// same commit.
+absl::Status SaveDcpTrainCheckpoint(const std::string& dir, int steps_done,
+                                    fsdp::FullyShardedDataParallel& fsdp,
+                                    const fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_RETURN_IF_ERROR(CreateParentDir(dir));
+  fsdp::checkpoint::SaveDcpOptions options;
+  options.extra_files[kProgressFile] = absl::StrCat("steps_done=", steps_done, "\n");
+  return fsdp::checkpoint::SaveDcpCheckpoint(dir, fsdp, &adapter, options).status();
+}
+
 absl::StatusOr<int> LoadShardedTrainCheckpoint(const std::string& dir,
                                                fsdp::FullyShardedDataParallel& fsdp,
                                                fsdp::optim_state::OptimizerAdapter& adapter) {
@@ -180,7 +193,8 @@ absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type
   }
   FSDP_RETURN_IF_ERROR(type == "sharded"
                            ? SaveShardedTrainCheckpoint(dir, steps_done, fsdp, adapter)
-                           : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
+                       : type == "dcp" ? SaveDcpTrainCheckpoint(dir, steps_done, fsdp, adapter)
+                                       : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
                        absl::StrCat("--save=", dir));
   if (group.rank() == 0) {
     absl::PrintF("train: saved a %s checkpoint in %s after step %d (%.2f s)\n", type, dir,

@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "checkpoint/dcp_reader.h"
 #include "checkpoint/full_checkpoint.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -428,6 +429,50 @@ TEST(Train, HybridShardSavesOnceAndResumesUnderAnotherLayout) {
   }
 }
 
+// --state_dict_type=dcp: a 3-rank job's DCP directory holds, under torchtitan's keys, exactly
+// the full checkpoint the same job saves (PyTorch loading it: //tests/pytorch_peer).
+TEST(Train, DcpSaveHoldsTheStateOfTheFullCheckpoint) {
+  const std::string out = TempDir("dcp_save");
+  const std::string train = absl::StrCat(Runfile("examples/train"),
+                                         " --model=nested --optimizer=adam --wrap=wrap --steps=3",
+                                         " --world_size=3 --timeout_s=120");
+  CommandResult dcp_run =
+      RunCommand(absl::StrCat(train, " --state_dict_type=dcp --save=", out, "/dcp"));
+  ASSERT_EQ(dcp_run.exit_code, 0) << dcp_run.output;
+  EXPECT_THAT(dcp_run.output, HasSubstr("saved a dcp checkpoint in " + out + "/dcp after step 2"));
+  CommandResult full_run =
+      RunCommand(absl::StrCat(train, " --state_dict_type=full --save=", out, "/full"));
+  ASSERT_EQ(full_run.exit_code, 0) << full_run.output;
+  EXPECT_EQ(StepLosses(dcp_run.output), StepLosses(full_run.output));
+
+  auto reader = fsdp::checkpoint::dcp::DcpReader::Open(out + "/dcp");
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  auto model = fsdp::checkpoint::ReadModelStateDict(out + "/full/model.pt");
+  auto optim = fsdp::checkpoint::ReadOptimStateDict(out + "/full/optim.pt");
+  ASSERT_TRUE(model.ok() && optim.ok());
+  size_t tensors = 0;
+  auto expect_same = [&](const std::string& key, const at::Tensor& want) {
+    auto got = (*reader)->ReadTensor(key);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->scalar_type(), want.scalar_type()) << key;
+    EXPECT_TRUE(torch::equal(*got, want)) << key;
+    ++tensors;
+  };
+  for (const auto& [fqn, t] : *model) expect_same("model." + fqn, t);
+  for (const auto& [key, state] : optim->state) {
+    for (const auto& [name, value] : state) {
+      expect_same(absl::StrCat("optimizer.state.", key.fqn(), ".", name), value.Get<at::Tensor>());
+    }
+  }
+  size_t dcp_tensors = 0;
+  for (const auto& [key, entry] : (*reader)->metadata().state_dict_metadata) {
+    dcp_tensors += std::holds_alternative<fsdp::checkpoint::dcp::TensorStorageMetadata>(entry);
+  }
+  EXPECT_EQ(dcp_tensors, tensors);
+  EXPECT_EQ(fsdp::testing::ReadFileLines(out + "/dcp/progress.txt"),
+            std::vector<std::string>{"steps_done=3"});
+}
+
 TEST(Train, BadFlagsAreRefusedByName) {
   const std::pair<const char*, const char*> kCases[] = {
       {" --world_size=1 --optimizer=lamb", "--optimizer=lamb is not one of"},
@@ -439,6 +484,8 @@ TEST(Train, BadFlagsAreRefusedByName) {
        "--nested_dims=1.12 is not one of 2.x, 1.13"},
       {" --world_size=1 --model=nested --clip_grad_norm=-1", "--clip_grad_norm=-1 is negative"},
       {" --world_size=1 --model=nested --grad_accum=0", "--grad_accum=0 is not positive"},
+      {" --world_size=1 --state_dict_type=torch_save",
+       "--state_dict_type=torch_save is not one of full, sharded, dcp"},
       {" --world_size=1 --strip_key_prefixes=module",
        "--strip_key_prefixes: key prefixes \"module\": cannot read"},
   };

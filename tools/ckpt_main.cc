@@ -8,9 +8,12 @@
 //                         bad range (file, byte range, tensor); full: reads both files whole
 //                         (zip CRCs); DCP: what can be checked without checksums (ckpt_dcp.h).
 //                         Exit status 1 if anything is bad.
-//   ckpt convert --in=DIR --out=DIR2 --to=full|sharded [--world_size=M] [--block_bytes=B]
+//   ckpt convert --in=DIR --out=DIR2 --to=full|sharded|dcp [--world_size=M] [--block_bytes=B]
 //                         sharded N -> full, full -> sharded M, sharded N -> sharded M, and a
-//                         DCP directory (model + optimizer, layout detected) to either. A
+//                         DCP directory (model + optimizer, layout detected) to either; any of
+//                         them -> dcp M (a torch.distributed.checkpoint directory in torchtitan's
+//                         layout, __0_0.distcp .. __<M-1>_0.distcp, that PyTorch's dcp.load
+//                         reads; checkpoint/dcp_save.h's WriteDcpFromFull). A
 //                         sharded output splits each tensor into M even element ranges, one
 //                         per rank file (not the layout an M-rank FULL_SHARD job writes, which
 //                         follows its flat parameters; any job loads either). Written
@@ -30,6 +33,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "checkpoint/dcp_load.h"
+#include "checkpoint/dcp_save.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/sharded_format.h"
 #include "optim_state/optim_state_dict.h"
@@ -41,7 +45,7 @@ namespace {
 constexpr char kUsage[] =
     "usage: ckpt inspect DIR\n"
     "       ckpt verify DIR\n"
-    "       ckpt convert --in=DIR --out=DIR2 --to=full|sharded [--world_size=M] "
+    "       ckpt convert --in=DIR --out=DIR2 --to=full|sharded|dcp [--world_size=M] "
     "[--block_bytes=B]\n";
 
 int Fail(const absl::Status& status) {
@@ -200,8 +204,8 @@ int Convert(const std::map<std::string, std::string>& flags) {
     }
   }
   const std::string to = flags.at("to");
-  if (to != "full" && to != "sharded") {
-    std::cerr << "ckpt convert: --to must be full or sharded\n";
+  if (to != "full" && to != "sharded" && to != "dcp") {
+    std::cerr << "ckpt convert: --to must be full, sharded or dcp\n";
     return 2;
   }
   int world_size = 1;
@@ -218,12 +222,14 @@ int Convert(const std::map<std::string, std::string>& flags) {
   auto contents = ReadAny(flags.at("in"), &kind);
   if (!contents.ok()) return Fail(contents.status());
   const optim_state::OptimStateDict* optim = contents->has_optim ? &contents->optim : nullptr;
-  absl::Status s = to == "full" ? WriteFullCheckpoint(flags.at("out"), contents->model, optim)
-                                : WriteShardedFromFull(flags.at("out"), contents->model, optim,
-                                                       world_size, block_bytes);
+  absl::Status s =
+      to == "full" ? WriteFullCheckpoint(flags.at("out"), contents->model, optim)
+      : to == "dcp"
+          ? WriteDcpFromFull(flags.at("out"), contents->model, optim, world_size)
+          : WriteShardedFromFull(flags.at("out"), contents->model, optim, world_size, block_bytes);
   if (!s.ok()) return Fail(s);
   std::cout << "converted " << CheckpointKindName(kind) << " " << flags.at("in") << " to " << to
-            << (to == "sharded" ? absl::StrCat(" (world size ", world_size, ")") : "") << " "
+            << (to != "full" ? absl::StrCat(" (world size ", world_size, ")") : "") << " "
             << flags.at("out") << "\n";
   return 0;
 }

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/dcp_reader.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/sharded_format.h"
 #include "checkpoint/torch_load.h"
@@ -227,6 +228,41 @@ TEST(Ckpt, DcpDirectoriesOfPyTorch) {
   ASSERT_NE(avg, nullptr);
   EXPECT_TRUE(torch::equal(avg->Get<at::Tensor>(),
                            values.Find("app.optim.state.2.weight.exp_avg")->as_tensor()));
+}
+
+// --to=dcp: a DCP directory as 2 ranks would write it, holding every value under torchtitan's
+// keys (PyTorch's side of the format: //checkpoint:dcp_writer_test).
+TEST(Ckpt, ConvertsToDcp) {
+  const auto model = Model();
+  const OptimStateDict optim = Optim();
+  const std::string s3 = Tmp("dcp_s3"), out = Tmp("dcp_out");
+  ASSERT_THAT(WriteShardedFromFull(s3, model, &optim, 3, 256), IsOk());
+  CkptRun r = Ckpt(absl::StrCat("convert --in=", s3, " --out=", out, " --to=dcp --world_size=2"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("to dcp (world size 2)"));
+  auto reader = dcp::DcpReader::Open(out);
+  ASSERT_THAT(reader, IsOk());
+  for (const auto& [fqn, t] : model) {
+    auto got = (*reader)->ReadTensor("model." + fqn);
+    ASSERT_THAT(got, IsOk());
+    EXPECT_TRUE(torch::equal(*got, t)) << fqn;
+  }
+  auto exp_avg = (*reader)->ReadTensor("optimizer.state.layer.weight.exp_avg");
+  ASSERT_THAT(exp_avg, IsOk());
+  EXPECT_TRUE(torch::equal(
+      *exp_avg,
+      optim.state.Find(ParamKey::Fqn("layer.weight"))->Find("exp_avg")->Get<at::Tensor>()));
+  auto value1 = (*reader)->ReadObject("optimizer.state.layer.weight.value1");
+  ASSERT_THAT(value1, IsOk());
+  EXPECT_EQ(value1->as_float(), 2.74);
+  auto params = (*reader)->ReadObject("optimizer.param_groups.0.params");
+  ASSERT_THAT(params, IsOk());
+  EXPECT_EQ(params->DebugString(), "['layer.weight', 'layer.bias']");
+  EXPECT_EQ(std::get<dcp::TensorStorageMetadata>(*(*reader)->metadata().Find("model.layer.weight"))
+                .chunks.size(),
+            2u);
+  EXPECT_THAT(Ckpt(absl::StrCat("convert --in=", s3, " --out=", out, " --to=torch")).output,
+              HasSubstr("--to must be full, sharded or dcp"));
 }
 
 }  // namespace

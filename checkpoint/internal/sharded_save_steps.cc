@@ -31,6 +31,8 @@ using optim_state::ParamState;
 
 namespace {
 
+using MetadataStep = std::function<absl::Status(const std::vector<json>& all, SaveStats& stats)>;
+
 absl::Status CollectModel(FullyShardedDataParallel& fsdp, int rank, LocalSave& out) {
   FSDP_ASSIGN_OR_RETURN(ShardedDict dict, ShardedStateDict(fsdp));
   std::unordered_map<const c10::TensorImpl*, std::string> stored;
@@ -54,12 +56,14 @@ absl::Status CollectModel(FullyShardedDataParallel& fsdp, int rank, LocalSave& o
       if (shard->numel > 0 && (shard->world_size > 1 || rank == 0)) {
         out.pieces.push_back(PieceToWrite{t.key, shard->data});
         out.ranges.emplace_back(shard->flat_offset, shard->flat_offset + shard->numel);
+        out.piece_infos.push_back(PieceInfo{fqn, "", t.shape});
       }
     } else {
       t.shape = data.sizes().vec();
       if (rank == 0 && data.numel() > 0) {
         out.pieces.push_back(PieceToWrite{t.key, data});
         out.ranges.emplace_back(0, data.numel());
+        out.piece_infos.push_back(PieceInfo{fqn, "", t.shape});
       }
     }
     out.model_tensors.push_back(std::move(t));
@@ -103,6 +107,7 @@ absl::Status CollectOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter
           CKPT_ASSIGN_OR_RETURN(std::string v, StateValueToJson(value),
                                 absl::StrCat("optimizer state '", name, "' of '", fqns[i], "'"));
           values.push_back(json{{"name", name}, {"value", json::parse(v)}});
+          out.optim_scalars.push_back(OptimScalar{fqns[i], name, value});
           continue;
         }
         const at::Tensor flat = value.Get<at::Tensor>().detach().reshape({-1});
@@ -119,6 +124,7 @@ absl::Status CollectOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter
           const std::string key = absl::StrCat("optim/", fqns[i], "/", name);
           out.pieces.push_back(PieceToWrite{key, flat.narrow(0, state_offset, numel)});
           out.ranges.emplace_back(param_offset, param_offset + numel);
+          out.piece_infos.push_back(PieceInfo{fqns[i], name, shape});
         }
       }
       out.optim.push_back(json{{"fqn", fqns[i]}, {"values", std::move(values)}});
@@ -142,7 +148,9 @@ absl::Status CollectOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter
       if (id >= roles.size()) return absl::InternalError("param_groups list more parameters");
       for (const std::string& fqn : FqnsOf(roles[id])) fqns.push_back(fqn);
     }
+    out.group_fqns.push_back(fqns.get<std::vector<std::string>>());
     out.groups.push_back(json{{"hyper_params", std::move(hyper)}, {"params", std::move(fqns)}});
+    out.param_groups.push_back(g);
   }
   return absl::OkStatus();
 }
@@ -249,15 +257,14 @@ absl::StatusOr<ShardedMetadata> Assemble(const LocalSave& mine, const std::vecto
 }
 
 // Rank 0 makes the staging directory and names the checkpoint; every rank learns both.
-absl::StatusOr<std::pair<std::string, std::string>> PlanStagingDir(
-    const std::string& dir, comm::ProcessGroup& group, const SaveShardedOptions& options,
-    const std::string& where) {
+absl::StatusOr<std::pair<std::string, std::string>> PlanStagingDir(const std::string& dir,
+                                                                   comm::ProcessGroup& group,
+                                                                   const absl::Status& precheck,
+                                                                   const std::string& where) {
   json plan;
   if (group.rank() == 0) {
     const std::string id = RandomNonce();
-    absl::StatusOr<std::string> staging =
-        options.block_bytes < 1 ? absl::InvalidArgumentError("block_bytes must be positive")
-                                : CreateStagingDir(dir, id);
+    absl::StatusOr<std::string> staging = precheck.ok() ? CreateStagingDir(dir, id) : precheck;
     plan = staging.ok() ? json{{"staging", *staging}, {"id", id}, {"error", ""}}
                         : json{{"error", std::string(staging.status().ToString())}};
   }
@@ -307,11 +314,11 @@ absl::StatusOr<json> WriteOwnFile(const std::string& staging, const std::string&
               {"groups", local.has_optim ? local.groups : json(nullptr)}};
 }
 
-// Rank 0: the first failing rank's error, else metadata.json written and the directory
-// committed; "" when saved. The staging directory is removed on failure.
-std::string CommitOnRank0(const std::string& dir, const std::string& staging, const std::string& id,
-                          const std::vector<std::string>& all_bytes, const LocalSave* mine,
-                          const SaveShardedOptions& options, SaveStats& stats) {
+// Rank 0: the first failing rank's error, else `finish` (the metadata written into `staging`)
+// and the directory committed; "" when saved. The staging directory is removed on failure.
+std::string CommitOnRank0(const std::string& dir, const std::string& staging,
+                          const std::vector<std::string>& all_bytes, const MetadataStep& finish,
+                          SaveStats& stats) {
   std::string result;
   std::vector<json> all;
   for (size_t r = 0; r < all_bytes.size(); ++r) {
@@ -322,14 +329,7 @@ std::string CommitOnRank0(const std::string& dir, const std::string& staging, co
   }
   if (result.empty()) {
     absl::Status committed = [&]() -> absl::Status {
-      FSDP_ASSIGN_OR_RETURN(
-          ShardedMetadata m,
-          Assemble(*mine, all, id, static_cast<int>(all.size()), options.block_bytes));
-      m.user_metadata = options.user_metadata;
-      const std::string text = MetadataToJson(m);
-      stats.bytes_written += static_cast<int64_t>(text.size());
-      CrashPoint("before metadata.json");
-      FSDP_RETURN_IF_ERROR(WriteFileDurably(absl::StrCat(staging, "/metadata.json"), text));
+      FSDP_RETURN_IF_ERROR(finish(all, stats));
       return CommitStagingDir(staging, dir);
     }();
     if (!committed.ok()) result = committed.ToString();
@@ -380,34 +380,35 @@ absl::Status StageLocalSave(LocalSave& local, std::vector<at::Tensor>& buffers) 
   });
 }
 
-absl::StatusOr<SaveStats> WriteShardGroup(const std::string& dir, comm::ProcessGroup& group,
-                                          const absl::StatusOr<LocalSave>& local,
-                                          const SaveShardedOptions& options,
-                                          std::chrono::steady_clock::time_point start) {
-  const std::string where = Where("SaveShardedCheckpoint", dir, group);
-  FSDP_ASSIGN_OR_RETURN(auto plan, PlanStagingDir(dir, group, options, where));
+absl::StatusOr<SaveStats> CommitCollectiveSave(
+    const std::string& dir, const std::string& where, comm::ProcessGroup& group,
+    const absl::Status& local_status, const absl::Status& precheck, const WriteOwn& write_own,
+    const FinishOnRank0& finish, std::chrono::steady_clock::time_point start) {
+  FSDP_ASSIGN_OR_RETURN(auto plan, PlanStagingDir(dir, group, precheck, where));
   const auto& [staging, id] = plan;
 
-  // Each rank writes its own pieces; a rank that failed before says so instead.
+  // Each rank writes its own file; a rank that failed before says so instead.
   SaveStats stats;
-  absl::Status status = local.status();
+  absl::Status status = local_status;
   json description;
   if (status.ok()) {
     status = CallTorch(where, [&]() -> absl::Status {
-      FSDP_ASSIGN_OR_RETURN(description, WriteOwnFile(staging, id, group, *local, options, stats));
+      FSDP_ASSIGN_OR_RETURN(description, write_own(staging, id, stats));
       return absl::OkStatus();
     });
   }
   if (!status.ok()) description = json{{"error", std::string(status.ToString())}};
 
-  // Rank 0 gathers the piece lists, writes metadata.json and commits.
+  // Rank 0 gathers the descriptions, writes the metadata and commits.
   CKPT_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes,
                         group.AllGatherObject(description.dump()),
                         absl::StrCat(where, ": gathering the piece lists"));
   std::string result;
   if (group.rank() == 0) {
-    result =
-        CommitOnRank0(dir, staging, id, all_bytes, local.ok() ? &*local : nullptr, options, stats);
+    result = CommitOnRank0(
+        dir, staging, all_bytes,
+        [&](const std::vector<json>& all, SaveStats& s) { return finish(staging, id, all, s); },
+        stats);
   }
   CKPT_ASSIGN_OR_RETURN(std::string final_result, group.BroadcastObject(result, 0),
                         absl::StrCat(where, ": sharing the outcome"));
@@ -417,6 +418,32 @@ absl::StatusOr<SaveStats> WriteShardGroup(const std::string& dir, comm::ProcessG
   }
   stats.seconds = Since(start);
   return stats;
+}
+
+absl::StatusOr<SaveStats> WriteShardGroup(const std::string& dir, comm::ProcessGroup& group,
+                                          const absl::StatusOr<LocalSave>& local,
+                                          const SaveShardedOptions& options,
+                                          std::chrono::steady_clock::time_point start) {
+  const absl::Status precheck = options.block_bytes < 1
+                                    ? absl::InvalidArgumentError("block_bytes must be positive")
+                                    : absl::OkStatus();
+  return CommitCollectiveSave(
+      dir, Where("SaveShardedCheckpoint", dir, group), group, local.status(), precheck,
+      [&](const std::string& staging, const std::string& id, SaveStats& stats) {
+        return WriteOwnFile(staging, id, group, *local, options, stats);
+      },
+      [&](const std::string& staging, const std::string& id, const std::vector<json>& all,
+          SaveStats& stats) -> absl::Status {
+        FSDP_ASSIGN_OR_RETURN(
+            ShardedMetadata m,
+            Assemble(*local, all, id, static_cast<int>(all.size()), options.block_bytes));
+        m.user_metadata = options.user_metadata;
+        const std::string text = MetadataToJson(m);
+        stats.bytes_written += static_cast<int64_t>(text.size());
+        CrashPoint("before metadata.json");
+        return WriteFileDurably(absl::StrCat(staging, "/metadata.json"), text);
+      },
+      start);
 }
 
 absl::StatusOr<SaveStats> SaveAcrossReplicas(

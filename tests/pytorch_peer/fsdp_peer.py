@@ -172,7 +172,10 @@ def parse_args(argv):
         choices=["torchtitan", "tutorial"],
         help='{"model", "optimizer"} or {"app": {"model", "optim"}}',
     )
-    p.add_argument("--load", default="")
+    p.add_argument("--load", default="", help="a full checkpoint, or a DCP directory")
+    p.add_argument("--compare_full", default="",
+                   help="with a DCP --load: rank 0 compares its dcp_to_torch_save with this "
+                        "full checkpoint of the same state")
     p.add_argument("--loss_log", default="")
     p.add_argument(
         "--nproc_per_node",
@@ -515,6 +518,9 @@ def load_checkpoint(model, optim, args):
         for line in f:
             if line.startswith("steps_done="):
                 steps_done = int(line.strip().split("=", 1)[1])
+    if os.path.exists(os.path.join(args.load, ".metadata")):
+        load_dcp_checkpoint(model, optim, args)
+        return steps_done
     msd = torch.load(os.path.join(args.load, "model.pt"), weights_only=True)
     osd = torch.load(os.path.join(args.load, "optim.pt"), weights_only=True)
     if args.fsdp == 0:
@@ -536,6 +542,52 @@ def load_checkpoint(model, optim, args):
         set_model_state_dict(model, msd, options=opts)
         set_optimizer_state_dict(model, optim, osd, options=opts)
     return steps_done
+
+
+def load_dcp_checkpoint(model, optim, args):
+    """A torch.distributed.checkpoint directory in torchtitan's layout, loaded as torchtitan
+    resumes: the state dicts of the job's own model and optimizer, filled by dcp.load in place
+    (each rank reading the chunks its shards overlap), then set."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=args.load, no_dist=not args.fsdp)
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def compare_dcp_with_full(dcp_dir, full_dir):
+    """dcp_to_torch_save of DCP_DIR against the full checkpoint FULL_DIR (model.pt, optim.pt)
+    of the same state: every tensor bit for bit, the same keys and param_groups."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(dcp_dir, os.path.join(tmp, "converted.pt"))
+        conv = torch.load(os.path.join(tmp, "converted.pt"), weights_only=True)
+    msd = torch.load(os.path.join(full_dir, "model.pt"), weights_only=True)
+    osd = torch.load(os.path.join(full_dir, "optim.pt"), weights_only=True)
+    pairs = [(f"model.{k}", conv["model"].get(k), v) for k, v in msd.items()]
+    for fqn, st in osd["state"].items():
+        for name, v in st.items():
+            pairs.append((f"optimizer.state.{fqn}.{name}",
+                          conv["optimizer"]["state"].get(fqn, {}).get(name), v))
+    differ = [key for key, got, want in pairs
+              if not isinstance(got, torch.Tensor) or got.dtype != want.dtype
+              or got.shape != want.shape
+              or not torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))]
+    keys_equal = (set(conv["model"]) == set(msd)
+                  and set(conv["optimizer"]["state"]) == set(osd["state"]))
+
+    def groups(gs):
+        return [{k: (sorted(v) if k == "params" else v) for k, v in g.items()} for g in gs]
+
+    same_groups = groups(conv["optimizer"]["param_groups"]) == groups(osd["param_groups"])
+    print(f"dcp_vs_full: {len(pairs)} tensors, {len(differ)} differ {differ[:5]}, keys "
+          f"{'equal' if keys_equal else 'differ'}, param_groups "
+          f"{'equal' if same_groups else 'differ'}", flush=True)
 
 
 # --- reduced gradients (--dump_grads) ----------------------------------------------------------
@@ -665,6 +717,8 @@ def main(argv):
     optim = make_optimizer(args.optimizer, args.lr, make_params(model, args))
 
     first_step = load_checkpoint(model, optim, args) if args.load else 0
+    if args.compare_full and rank == 0:
+        compare_dcp_with_full(args.load, args.compare_full)
     if rank == 0:
         print(
             f"peer: torch={torch.__version__} model={args.model} fsdp={args.fsdp} "

@@ -273,4 +273,57 @@ INSTANTIATE_TEST_SUITE_P(
                           "_ws", r.loader.world_size);
     });
 
+// DCP from C++ into PyTorch: our job saves a DCP directory after kSaveAfter steps; PyTorch FSDP2
+// at another world size and wrapping loads it as torchtitan resumes (get_state_dict, dcp.load,
+// set_state_dict) and trains on with the uninterrupted run's losses; dcp_to_torch_save of it
+// equals, tensor for tensor and bit for bit, our full checkpoint of the same state (a second,
+// identical run saving full). NestedModel with Adam and two parameter groups, 3 -> 2 ranks; the
+// transformer (its tied embedding stored under both names, as state_dict has it), 3 -> 2.
+struct DcpCase {
+  Config saver;
+  Config loader;
+};
+
+class PeerDcpTest : public ::testing::TestWithParam<DcpCase> {};
+
+TEST_P(PeerDcpTest, PyTorchFsdp2LoadsOurDcpCheckpointAndContinues) {
+  const Config& saver = GetParam().saver;
+  const Config& loader = GetParam().loader;
+  const std::string dir = TempDir(absl::StrCat(ConfigName(saver), "_dcp_to_fsdp2"));
+  const std::string save_flags = absl::StrCat("--steps=", kSteps, " --save_at_step=", kSaveAfter);
+  const CommandResult saved =
+      RunCpp(saver, absl::StrCat(save_flags, " --save=", dir, "/dcp --state_dict_type=dcp"));
+  ASSERT_EQ(saved.exit_code, 0) << saved.output;
+  const CommandResult full =
+      RunCpp(saver, absl::StrCat(save_flags, " --save=", dir, "/full --state_dict_type=full"));
+  ASSERT_EQ(full.exit_code, 0) << full.output;
+  const std::vector<double> straight = StepLosses(saved.output);
+  ASSERT_EQ(straight.size(), static_cast<size_t>(kSteps)) << saved.output;
+  ASSERT_EQ(StepLosses(full.output), straight);
+
+  const CommandResult resumed =
+      RunPyTorch(loader, absl::StrCat("--load=", dir, "/dcp --compare_full=", dir,
+                                      "/full --steps=", kSteps - kSaveAfter));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_THAT(resumed.output, HasSubstr("dcp_vs_full: "));
+  for (absl::string_view line : absl::StrSplit(resumed.output, '\n')) {
+    if (absl::StartsWith(line, "dcp_vs_full: ")) std::printf("%s\n", std::string(line).c_str());
+  }
+  EXPECT_THAT(resumed.output, HasSubstr(" tensors, 0 differ [], keys equal, param_groups equal"));
+  ExpectSameLosses(std::vector<double>(straight.begin() + kSaveAfter, straight.end()),
+                   StepLosses(resumed.output), kSaveAfter, resumed.output);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, PeerDcpTest,
+    ::testing::Values(DcpCase{Config{"nested", "adam", 2, 3, "full_shard", false, "wrap", 0},
+                              Config{"nested", "adam", 2, 2, "full_shard", false, "wrap_alt", 2}},
+                      DcpCase{Config{"transformer", "sgd", 1, 3, "full_shard", false, "layers", 0},
+                              Config{"transformer", "sgd", 1, 2, "full_shard", false, "none", 2}}),
+    [](const ::testing::TestParamInfo<DcpCase>& info) {
+      return absl::StrCat(info.param.saver.model, "_", info.param.saver.optimizer, "_cpp_ws",
+                          info.param.saver.world_size, "_to_fsdp2_ws",
+                          info.param.loader.world_size);
+    });
+
 }  // namespace
