@@ -77,7 +77,8 @@ class LocalSharded {
     for (size_t id = 0; id < roles_.size(); ++id) {
       const ParamState* st = osd.state.Find(ParamKey::Id(static_cast<int64_t>(id)));
       if (st == nullptr) continue;
-      FSDP_RETURN_IF_ERROR(internal::CallTorchOr(kOp, [&] { return AddEntries(roles_[id], *st, out); }));
+      FSDP_RETURN_IF_ERROR(
+          internal::CallTorchOr(kOp, [&] { return AddEntries(roles_[id], *st, out); }));
     }
     out.has_param_groups = osd.has_param_groups;
     for (const ParamGroup& g : osd.param_groups) {
@@ -106,9 +107,10 @@ class LocalSharded {
       const ParamShard s = h.ShardOf(role.index, h.rank());
       FSDP_ASSIGN_OR_RETURN(
           ParamState entry,
-          Entry(st, [&](const std::string&, const at::Tensor& t) -> absl::StatusOr<ShardedTensorValue> {
-            return PiecesOf(t.reshape({-1}), info.shape, s.param_offset);
-          }));
+          Entry(st,
+                [&](const std::string&, const at::Tensor& t) -> absl::StatusOr<ShardedTensorValue> {
+                  return PiecesOf(t.reshape({-1}), info.shape, s.param_offset);
+                }));
       out.state.Set(ParamKey::Fqn(info.fqns[0]), std::move(entry));
       return absl::OkStatus();
     }
@@ -117,16 +119,17 @@ class LocalSharded {
       const ParamShard s = h.ShardOf(i, h.rank());
       FSDP_ASSIGN_OR_RETURN(
           ParamState entry,
-          Entry(st, [&](const std::string& name,
-                        const at::Tensor& t) -> absl::StatusOr<ShardedTensorValue> {
-            if (t.dim() != 1 || t.numel() != size) {
-              return absl::InvalidArgumentError(absl::StrCat(
-                  kOp, ": state '", name, "' of the flat parameter [", h.Describe(),
-                  "] has shape [", absl::StrJoin(t.sizes(), ", "), "], not [", size, "]"));
-            }
-            return PiecesOf(t.narrow(0, s.shard_offset, s.numel), h.infos()[i].shape,
-                            s.param_offset);
-          }));
+          Entry(st,
+                [&](const std::string& name,
+                    const at::Tensor& t) -> absl::StatusOr<ShardedTensorValue> {
+                  if (t.dim() != 1 || t.numel() != size) {
+                    return absl::InvalidArgumentError(absl::StrCat(
+                        kOp, ": state '", name, "' of the flat parameter [", h.Describe(),
+                        "] has shape [", absl::StrJoin(t.sizes(), ", "), "], not [", size, "]"));
+                  }
+                  return PiecesOf(t.narrow(0, s.shard_offset, s.numel), h.infos()[i].shape,
+                                  s.param_offset);
+                }));
       out.state.Set(ParamKey::Fqn(h.infos()[i].fqns[0]), std::move(entry));
     }
     return absl::OkStatus();

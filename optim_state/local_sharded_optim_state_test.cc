@@ -1,4 +1,5 @@
-// LocalShardedOptimStateDict and its load (FlattenShardedOptimStateDict) on real ranks: the
+// LocalShardedOptimStateDict and its load (FlattenShardedOptimStateDict) on real ranks: each
+// box equals its region of FSDP1's full dict (checked against PyTorch by the peer suite); the
 // optimizer state bit for bit after dict -> load at the same layout (the dict being views of the
 // optimizer's state), and after a save at world size 2 -> load at 3 under another wrapping with
 // use_orig_params switched; a dict of another model refused on every rank.
@@ -46,8 +47,8 @@ void ForEachBox(const OptimStateDict& osd, Fn&& fn) {
     for (const auto& [name, value] : st) {
       const ShardedTensorValue* v = value.template GetIf<ShardedTensorValue>();
       if (v == nullptr) continue;
-      fn(key, name, v->local);
-      for (const auto& shard : v->more_shards) fn(key, name, shard.local);
+      fn(key, name, v->local, v->offsets);
+      for (const auto& shard : v->more_shards) fn(key, name, shard.local, shard.offsets);
     }
   }
 }
@@ -60,11 +61,13 @@ TEST_P(LocalShardedRoundTrip, SameLayoutLoadsTheStateBitForBit) {
     FSDP_ASSERT_OK_AND_ASSIGN(Trained t, Train(c, group, 2));
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict before, t.adapter->StateDict());
     before = CloneOptimStateDict(before);
-    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd, LocalShardedOptimStateDict(*t.s.fsdp, *t.adapter));
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict osd,
+                              LocalShardedOptimStateDict(*t.s.fsdp, *t.adapter));
     // Views, not copies: every non-empty box lies in the optimizer's state.
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict live, t.adapter->StateDict());
     int boxes = 0;
-    ForEachBox(osd, [&](const ParamKey& key, const std::string& name, const at::Tensor& box) {
+    ForEachBox(osd, [&](const ParamKey& key, const std::string& name, const at::Tensor& box,
+                        const std::vector<int64_t>&) {
       if (box.numel() == 0) return;
       bool aliased = false;
       for (const auto& [id, st] : live.state) {
@@ -76,6 +79,27 @@ TEST_P(LocalShardedRoundTrip, SameLayoutLoadsTheStateBitForBit) {
       ++boxes;
     });
     EXPECT_GT(boxes, 0);
+    // What a value tells: each box is that region of FSDP1's full dict (gathered), scalars
+    // and param_groups are the full dict's.
+    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict full,
+                              FullOptimStateDict(*t.s.fsdp, *t.adapter, {.rank0_only = false}));
+    ForEachBox(osd, [&](const ParamKey& key, const std::string& name, const at::Tensor& box,
+                        const std::vector<int64_t>& offsets) {
+      at::Tensor region = full.state.Find(key)->Find(name)->Get<at::Tensor>();
+      const ShardedTensorValue& v = osd.state.Find(key)->Find(name)->Get<ShardedTensorValue>();
+      EXPECT_EQ(v.global_shape, region.sizes().vec()) << key << " " << name;
+      for (int64_t d = 0; d < box.dim(); ++d) region = region.narrow(d, offsets[d], box.size(d));
+      EXPECT_TRUE(at::equal(region, box)) << key << " " << name;
+    });
+    for (const auto& [key, st] : osd.state) {
+      for (const auto& [name, value] : st) {
+        if (value.Is<ShardedTensorValue>()) continue;
+        EXPECT_EQ(DiffStateValues(*full.state.Find(key)->Find(name), value), "") << key << name;
+      }
+    }
+    EXPECT_EQ(DiffOptimStateDicts(Canonical(OptimStateDict{{}, full.param_groups, true}),
+                                  Canonical(OptimStateDict{{}, osd.param_groups, true})),
+              "");
     // Into a fresh optimizer over the same model: the first one's state, exactly.
     auto optim = MakeAdam(t.s.fsdp->parameters());
     FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter fresh, OptimizerAdapter::Create(*optim));
@@ -116,8 +140,8 @@ absl::StatusOr<RootOnly> WrapRootOnly(comm::ProcessGroup& group, bool use_orig_p
   FsdpOptions options;
   options.use_orig_params = use_orig_params;
   RootOnly r;
-  FSDP_ASSIGN_OR_RETURN(r.fsdp,
-                        FullyShardedDataParallel::Wrap(model, ::fsdp::testing::Borrow(group), options));
+  FSDP_ASSIGN_OR_RETURN(
+      r.fsdp, FullyShardedDataParallel::Wrap(model, ::fsdp::testing::Borrow(group), options));
   r.optim = MakeAdam(r.fsdp->parameters());
   FSDP_ASSIGN_OR_RETURN(OptimizerAdapter a, OptimizerAdapter::Create(*r.optim));
   r.adapter = std::make_unique<OptimizerAdapter>(std::move(a));
@@ -171,8 +195,8 @@ TEST(LocalShardedErrors, DictOfAnotherModelIsRefused) {
         StatusIs(absl::StatusCode::kInvalidArgument,
                  AllOf(HasSubstr(absl::StrCat("rank ", group.rank())),
                        HasSubstr("which is not a parameter of this model"))));
-    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict own, LocalShardedOptimStateDict(
-                                                      *transformer.s.fsdp, *transformer.adapter));
+    FSDP_ASSERT_OK_AND_ASSIGN(
+        OptimStateDict own, LocalShardedOptimStateDict(*transformer.s.fsdp, *transformer.adapter));
     const ParamKey first = own.state.at_index(0).first;
     if (group.rank() == 1) {
       ParamState st = own.state.at_index(0).second;

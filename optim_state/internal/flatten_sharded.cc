@@ -6,8 +6,8 @@
 #include <map>
 #include <optional>
 #include <set>
-#include <tuple>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -110,10 +110,10 @@ absl::Status CheckShardedValue(const ShardedTensorValue& v, const std::string& n
     }
   }
   if (v.global_shape != shape) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kOp, where, ": state '", name, "' of '", fqn, "' has global shape ",
-        ShapeText(v.global_shape), ", but the parameter has shape ", ShapeText(shape),
-        " (a dict of another model?)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, where, ": state '", name, "' of '", fqn, "' has global shape ",
+                     ShapeText(v.global_shape), ", but the parameter has shape ", ShapeText(shape),
+                     " (a dict of another model?)"));
   }
   return absl::OkStatus();
 }
@@ -294,8 +294,8 @@ class FlattenSharded {
           if (j.ok()) scalars[name] = *std::move(j);
         }
       }
-      entries.push_back(json{{"fqn", key.fqn()}, {"names", names}, {"scalars", scalars},
-                             {"sharded", sharded}});
+      entries.push_back(
+          json{{"fqn", key.fqn()}, {"names", names}, {"scalars", scalars}, {"sharded", sharded}});
     }
     json groups = json::array();
     for (const ParamGroup& g : sharded_osd_.param_groups) {
@@ -311,8 +311,7 @@ class FlattenSharded {
                     {"entries", std::move(entries)},
                     {"groups", has_groups ? groups : json::array()},
                     {"has_groups", has_groups}};
-    OPTIM_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes,
-                           group_->AllGatherObject(mine.dump()),
+    OPTIM_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes, group_->AllGatherObject(mine.dump()),
                            absl::StrCat(kOp, where_, ": exchanging shard metadata"));
     std::vector<json> all;
     for (const std::string& bytes : all_bytes) {
@@ -370,12 +369,11 @@ class FlattenSharded {
   void SetStandIn(size_t u, size_t i, const std::string& name, const at::Tensor& local_part) {
     const FlatParamHandle& h = *index_.handles[u];
     const ParamShard s = h.ShardOf(i, h.rank());
-    at::Tensor stand_in =
-        at::zeros({1}, local_part.options()).expand(h.infos()[i].shape);
-    partial_.emplace(stand_in.unsafeGetTensorImpl(),
-                     PartialState{s.param_offset, local_part.narrow(0, s.shard_offset, s.numel),
-                                  local_part});
-    state_.Find(ParamKey::Fqn(HandleFqns(h)[i]))->Set(name, StateValue(std::move(stand_in)));
+    at::Tensor stand_in = at::zeros({1}, local_part.options()).expand(h.infos()[i].shape);
+    partial_.emplace(
+        stand_in.unsafeGetTensorImpl(),
+        PartialState{s.param_offset, local_part.narrow(0, s.shard_offset, s.numel), local_part});
+    state_.Find(ParamKey::Fqn(h.infos()[i].fqns[0]))->Set(name, StateValue(std::move(stand_in)));
   }
 
   int64_t LocalPartSize(size_t u) const {
@@ -450,33 +448,37 @@ class FlattenSharded {
     }
   }
 
-  // Another layout: each rank receives, pairwise, only the parts of other ranks' pieces that
-  // its shards need (ExchangeFlatPieces). Pieces that are not one range each, or units sharded
-  // over another group than the call's, take the all-gather path instead.
-  absl::Status MovePieces(const std::vector<json>& all) {
-    bool gather = false;
+  // Whether the exchange must take the all-gather path: a piece that is not one range of its
+  // parameter's flattening, or a unit sharded over another group than the call's.
+  bool NeedsGather(const std::vector<json>& all) const {
     for (size_t u = 0; u < num_units_; ++u) {
       const FlatParamHandle& h = *index_.handles[u];
-      gather = gather || (h.sharded() && h.world_size() != group_->size());
+      if (h.sharded() && h.world_size() != group_->size()) return true;
     }
     for (const json& r : all) {
-      for (const json& p : r["pieces"]) gather = gather || p["flat"].get<int64_t>() < 0;
-    }
-    if (gather) {
-      for (const auto& [unit_and_name, per_rank] : GroupPieces(all)) {
-        FSDP_RETURN_IF_ERROR(GatherState(unit_and_name.first, unit_and_name.second, per_rank));
+      for (const json& p : r["pieces"]) {
+        if (p["flat"].get<int64_t>() < 0) return true;
       }
-      return absl::OkStatus();
     }
-    struct Key {
-      size_t u, i;
-      std::string name;
-      at::ScalarType dtype;
-    };
-    std::vector<Key> keys;
+    return false;
+  }
+
+  const std::string& FqnOf(size_t u, size_t i) const {
+    if (u < num_units_) return index_.handles[u]->infos()[i].fqns[0];
+    return index_.unmanaged[u - num_units_].first;
+  }
+
+  // One (parameter, state) of the exchange.
+  struct Key {
+    size_t u, i;
+    std::string name;
+    at::ScalarType dtype;
+  };
+
+  // Every rank's pieces as ranges of their keys (this rank's with their tensors).
+  absl::Status FlatPiecesOf(const std::vector<json>& all, std::vector<Key>& keys,
+                            std::vector<FlatPiece>& flat) const {
     std::map<std::tuple<size_t, size_t, std::string>, size_t> key_of;
-    std::vector<FlatPiece> flat;
-    size_t own = 0;
     for (size_t r = 0; r < all.size(); ++r) {
       for (const json& p : all[r]["pieces"]) {
         const size_t u = p["u"].get<size_t>(), i = p["i"].get<size_t>();
@@ -490,45 +492,64 @@ class FlattenSharded {
                            " has sharded tensors of different dtypes"));
         }
         at::Tensor data;
-        if (static_cast<int>(r) == rank_) data = own_[own++].reshape({-1});
+        if (static_cast<int>(r) == rank_) data = own_[p["k"].get<size_t>()].reshape({-1});
         flat.push_back(
             FlatPiece{it->second, static_cast<int>(r), p["flat"].get<int64_t>(), NumelOf(p), data});
       }
     }
-    std::map<std::pair<size_t, std::string>, at::Tensor> parts;  // managed: per (unit, state)
-    std::vector<at::Tensor> full(keys.size());                    // unmanaged: per key
+    return absl::OkStatus();
+  }
+
+  // Where each key's wanted range lands on this rank: its place in the unit's local part (one
+  // per unit and state), or an unmanaged parameter's whole tensor.
+  std::vector<at::Tensor> Destinations(
+      const std::vector<Key>& keys, std::map<std::pair<size_t, std::string>, at::Tensor>& parts) {
     std::vector<at::Tensor> dst(keys.size());
-    FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
-      for (size_t k = 0; k < keys.size(); ++k) {
-        const Key& key = keys[k];
-        const auto opts = at::TensorOptions().dtype(key.dtype);
-        const FlatRange want = OwnWanted(key.u, key.i);
-        if (key.u >= num_units_) {
-          full[k] = at::empty({want.numel}, opts);
-          dst[k] = full[k];
-          continue;
-        }
-        at::Tensor& part = parts[{key.u, key.name}];
-        if (!part.defined()) part = at::empty({LocalPartSize(key.u)}, opts);
-        const FlatParamHandle& h = *index_.handles[key.u];
-        dst[k] = part.narrow(0, h.ShardOf(key.i, h.rank()).shard_offset, want.numel);
+    for (size_t k = 0; k < keys.size(); ++k) {
+      const Key& key = keys[k];
+      const auto opts = at::TensorOptions().dtype(key.dtype);
+      const FlatRange want = OwnWanted(key.u, key.i);
+      if (key.u >= num_units_) {
+        dst[k] = at::empty({want.numel}, opts);
+        continue;
       }
-    }));
+      at::Tensor& part = parts[{key.u, key.name}];
+      if (!part.defined()) part = at::empty({LocalPartSize(key.u)}, opts);
+      const FlatParamHandle& h = *index_.handles[key.u];
+      dst[k] = part.narrow(0, h.ShardOf(key.i, h.rank()).shard_offset, want.numel);
+    }
+    return dst;
+  }
+
+  // Another layout: each rank receives, pairwise, only the parts of other ranks' pieces that
+  // its shards need (ExchangeFlatPieces); NeedsGather's cases take the all-gather path.
+  absl::Status MovePieces(const std::vector<json>& all) {
+    if (NeedsGather(all)) {
+      for (const auto& [unit_and_name, per_rank] : GroupPieces(all)) {
+        FSDP_RETURN_IF_ERROR(GatherState(unit_and_name.first, unit_and_name.second, per_rank));
+      }
+      return absl::OkStatus();
+    }
+    std::vector<Key> keys;
+    std::vector<FlatPiece> flat;
+    FSDP_RETURN_IF_ERROR(FlatPiecesOf(all, keys, flat));
+    std::map<std::pair<size_t, std::string>, at::Tensor> parts;  // managed: per (unit, state)
+    FSDP_ASSIGN_OR_RETURN(std::vector<at::Tensor> dst,
+                          CallTorch(kOp, [&] { return Destinations(keys, parts); }));
     std::vector<std::vector<std::pair<int64_t, int64_t>>> written(keys.size());
     FSDP_RETURN_IF_ERROR(
-        ExchangeFlatPieces(*group_, flat,
-                           [&](size_t k, int rank) { return Wanted(keys[k].u, keys[k].i, rank); },
-                           dst, written),
+        ExchangeFlatPieces(
+            *group_, flat, [&](size_t k, int rank) { return Wanted(keys[k].u, keys[k].i, rank); },
+            dst, written),
         absl::StrCat(kOp, where_, ": exchanging pieces"));
     return CallTorch(kOp, [&] {
       for (size_t k = 0; k < keys.size(); ++k) {
         const Key& key = keys[k];
         ZeroOutside(dst[k], std::move(written[k]));
-        const std::string fqn = GroupFqns(key.u)[key.i];
-        if (!state_.Contains(ParamKey::Fqn(fqn))) continue;
+        ParamState* st = state_.Find(ParamKey::Fqn(FqnOf(key.u, key.i)));
+        if (st == nullptr) continue;
         if (key.u >= num_units_) {
-          state_.Find(ParamKey::Fqn(fqn))
-              ->Set(key.name, StateValue(full[k].view(ShapeOf(key.u, key.i))));
+          st->Set(key.name, StateValue(dst[k].view(ShapeOf(key.u, key.i))));
         } else {
           SetStandIn(key.u, key.i, key.name, parts[{key.u, key.name}]);
         }
@@ -556,28 +577,27 @@ class FlattenSharded {
     const std::vector<std::string> fqns = GroupFqns(u);
     at::Tensor gathered;
     FSDP_RETURN_IF_ERROR(
-        CallTorch(
-            kOp,
-            [&]() -> absl::Status {
-              at::Tensor mine = ReuseBuffer(send_buffer_, max_total, dtype);
-              int64_t off = 0;
-              for (const json& p : per_rank[static_cast<size_t>(rank_)]) {
-                const at::Tensor& local = own_[p["k"].get<size_t>()];
-                if (local.scalar_type() != dtype) {
-                  return absl::InvalidArgumentError(
-                      absl::StrCat("state '", name, "' of the ", Describe(u),
-                                   " has sharded tensors of different dtypes"));
-                }
-                const int64_t n = local.numel();
-                mine.narrow(0, off, n).copy_(local.reshape({-1}));
-                off += n;
-              }
-              if (off < max_total) mine.narrow(0, off, max_total - off).zero_();
-              gathered = ReuseBuffer(gather_buffer_,
-                                     max_total * static_cast<int64_t>(per_rank.size()), dtype);
-              FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(gathered, mine));
-              return absl::OkStatus();
-            }),
+        CallTorch(kOp,
+                  [&]() -> absl::Status {
+                    at::Tensor mine = ReuseBuffer(send_buffer_, max_total, dtype);
+                    int64_t off = 0;
+                    for (const json& p : per_rank[static_cast<size_t>(rank_)]) {
+                      const at::Tensor& local = own_[p["k"].get<size_t>()];
+                      if (local.scalar_type() != dtype) {
+                        return absl::InvalidArgumentError(
+                            absl::StrCat("state '", name, "' of the ", Describe(u),
+                                         " has sharded tensors of different dtypes"));
+                      }
+                      const int64_t n = local.numel();
+                      mine.narrow(0, off, n).copy_(local.reshape({-1}));
+                      off += n;
+                    }
+                    if (off < max_total) mine.narrow(0, off, max_total - off).zero_();
+                    gathered = ReuseBuffer(
+                        gather_buffer_, max_total * static_cast<int64_t>(per_rank.size()), dtype);
+                    FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(gathered, mine));
+                    return absl::OkStatus();
+                  }),
         absl::StrCat(kOp, where_, ": gathering state '", name, "' of ", Describe(u)));
     return gathered;
   }
