@@ -105,14 +105,31 @@ TEST_P(LocalShardedRoundTrip, SameLayoutLoadsTheStateBitForBit) {
     FSDP_ASSERT_OK_AND_ASSIGN(OptimizerAdapter fresh, OptimizerAdapter::Create(*optim));
     FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict local,
                               FlattenShardedOptimStateDict(osd, *t.s.fsdp, fresh));
-    // Nothing moved: without use_orig_params each loaded flat state is the optimizer's own.
+    // Nothing moved: without use_orig_params each flat parameter's loaded state is the
+    // optimizer's own (unmanaged parameters' state is copied, as FSDP1's loads do).
+    std::vector<int64_t> flat_ids;
+    int64_t id = 0;
+    for (const auto& g : t.adapter->optimizer().param_groups()) {
+      for (const at::Tensor& p : g.params()) {
+        for (const auto& unit : t.s.fsdp->units()) {
+          if (unit.handle != nullptr && unit.handle->flat_param().is_same(p)) {
+            flat_ids.push_back(id);
+          }
+        }
+        ++id;
+      }
+    }
     if (!c.use_orig_params) {
-      for (const auto& [id, st] : local.state) {
-        for (const auto& [name, value] : st) {
+      ASSERT_FALSE(flat_ids.empty());
+      for (int64_t flat_id : flat_ids) {
+        const ParamKey key = ParamKey::Id(flat_id);
+        const ParamState* loaded = local.state.Find(key);
+        ASSERT_NE(loaded, nullptr) << key;
+        for (const auto& [name, value] : *loaded) {
           if (value.Is<at::Tensor>() && value.Get<at::Tensor>().dim() > 0) {
             EXPECT_TRUE(value.Get<at::Tensor>().is_alias_of(
-                live.state.Find(id)->Find(name)->Get<at::Tensor>()))
-                << id << " " << name;
+                live.state.Find(key)->Find(name)->Get<at::Tensor>()))
+                << key << " " << name;
           }
         }
       }
