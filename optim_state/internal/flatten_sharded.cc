@@ -384,12 +384,17 @@ class FlattenSharded {
   // The pieces of `u`'s state `name` as a view of one tensor, when they lie in it exactly where
   // this rank's shard of the flat state would (a dict LocalShardedOptimStateDict took of an
   // optimizer of this layout): that shard itself, with no copy. Undefined otherwise.
+  // Only when the pieces cover every parameter's part of the shard: the view's other elements
+  // (padding) are zeroed in place later, and must be no piece's.
   at::Tensor ViewOfOwnShard(size_t u, const std::vector<size_t>& own) const {
     const FlatParamHandle& h = *index_.handles[u];
+    int64_t uncovered = 0;
+    for (size_t i = 0; i < h.infos().size(); ++i) uncovered += h.ShardOf(i, h.rank()).numel;
     at::Tensor base;
     for (size_t k : own) {
       const json& p = pieces_[k];
       const at::Tensor& t = own_[k];
+      uncovered -= t.numel();
       if (t.numel() == 0) continue;
       const size_t i = p["i"].get<size_t>();
       const FlatRange want = OwnWanted(u, i);
@@ -408,7 +413,7 @@ class FlattenSharded {
         return at::Tensor();
       }
     }
-    return base;
+    return uncovered == 0 ? base : at::Tensor();
   }
 
   // Same layout: each state's local part is this rank's own pieces (viewed in place where they
