@@ -67,7 +67,9 @@ TEST_P(AsyncCheckpointSaverTest, SavesTheStateAtSaveWhileTrainingOverwritesIt) {
   RunPhase(1, c.save.world_size, [&](comm::ProcessGroup& group) {
     auto job = MakeJob(c.save, group);
     ASSERT_NE(job, nullptr);
-    auto saver = AsyncCheckpointSaver::Create(*job->fsdp);
+    // As many staging threads as ranks (2 and 3): the copy split across threads, whose pieces
+    // break at other places than the pieces' own ends (one thread: the test below).
+    auto saver = AsyncCheckpointSaver::Create(*job->fsdp, {.staging_threads = c.save.world_size});
     ASSERT_THAT(saver, IsOk());
     Train(*job, 0, 2);
     const FullState before = Snapshot(*job);
@@ -131,6 +133,9 @@ TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldChe
   RunPhase(1, 2, [&](comm::ProcessGroup& group) {
     auto job = MakeJob(C(2), group);
     ASSERT_NE(job, nullptr);
+    EXPECT_THAT(AsyncCheckpointSaver::Create(*job->fsdp, {.staging_threads = 0}),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("staging_threads must be at least 1, not 0")));
     auto saver = AsyncCheckpointSaver::Create(*job->fsdp);
     ASSERT_THAT(saver, IsOk());
     Train(*job, 0, 1);

@@ -79,8 +79,10 @@ struct LocalSave {
 
 // Step 2. `buffers` holds one tensor per piece from the previous save; a buffer is reused when
 // its piece has the same dtype and length (the usual case: the same job saving again), else
-// replaced. Afterwards `local.pieces` refer to `buffers` only.
-[[nodiscard]] absl::Status StageLocalSave(LocalSave& local, std::vector<at::Tensor>& buffers);
+// replaced. Afterwards `local.pieces` refer to `buffers` only. The bytes are copied by
+// `threads` threads (this one and threads - 1 others), each an equal share of the total.
+[[nodiscard]] absl::Status StageLocalSave(LocalSave& local, std::vector<at::Tensor>& buffers,
+                                          int threads = 1);
 
 // Step 3, collective over `group` (the shard group). `local` is step 1's (and 2's) outcome on
 // this rank. Errors: as SaveShardedCheckpoint's; "nothing saved: rank <r> failed: ..." on
