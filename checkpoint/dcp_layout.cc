@@ -11,6 +11,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "optim_state/internal/flat_box.h"
 
 namespace fsdp::checkpoint::dcp {
 namespace {
@@ -100,47 +101,6 @@ int64_t Product(const std::vector<int64_t>& shape, size_t from) {
   int64_t n = 1;
   for (size_t d = from; d < shape.size(); ++d) n *= shape[d];
   return n;
-}
-
-// Appends the boxes of [b, e) (b < e) of the sub-tensor whose first `prefix.size()` indices
-// are `prefix`: a partial first row, the whole rows between, a partial last row.
-void AppendBoxes(const std::vector<int64_t>& shape, std::vector<int64_t>& prefix, int64_t b,
-                 int64_t e, std::vector<ChunkStorageMetadata>& out) {
-  const size_t dim = prefix.size();
-  if (dim == shape.size()) {  // a 0-dim tensor's one element
-    out.push_back({prefix, std::vector<int64_t>(dim, 1)});
-    return;
-  }
-  const int64_t stride = Product(shape, dim + 1);
-  const int64_t first = b / stride, last = (e - 1) / stride;
-  const int64_t head = b % stride, tail = e % stride;
-  auto rows = [&](int64_t r0, int64_t r1) {
-    ChunkStorageMetadata box{prefix, std::vector<int64_t>(dim, 1)};
-    box.offsets.push_back(r0);
-    box.sizes.push_back(r1 - r0);
-    for (size_t d = dim + 1; d < shape.size(); ++d) {
-      box.offsets.push_back(0);
-      box.sizes.push_back(shape[d]);
-    }
-    out.push_back(std::move(box));
-  };
-  auto within = [&](int64_t row, int64_t rb, int64_t re) {
-    prefix.push_back(row);
-    AppendBoxes(shape, prefix, rb, re, out);
-    prefix.pop_back();
-  };
-  if (first == last && (head != 0 || tail != 0)) {  // inside one row, not all of it
-    within(first, head, e - first * stride);
-    return;
-  }
-  int64_t whole_begin = first, whole_end = last + 1;
-  if (head != 0) {
-    within(first, head, stride);
-    whole_begin = first + 1;
-  }
-  if (tail != 0) whole_end = last;
-  if (whole_end > whole_begin) rows(whole_begin, whole_end);
-  if (tail != 0) within(last, 0, tail);
 }
 
 }  // namespace
@@ -270,9 +230,10 @@ absl::StatusOr<std::vector<ChunkStorageMetadata>> FlatRangeToBoxes(
                                                    ShapeString(shape), " (", numel, " elements)"));
   }
   std::vector<ChunkStorageMetadata> out;
-  if (begin == end) return out;
-  std::vector<int64_t> prefix;
-  AppendBoxes(shape, prefix, begin, end, out);
+  for (optim_state::internal::FlatBox& box :
+       optim_state::internal::BoxesOfRange(shape, begin, end)) {
+    out.push_back({std::move(box.offsets), std::move(box.sizes)});
+  }
   return out;
 }
 

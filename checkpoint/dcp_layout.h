@@ -23,7 +23,8 @@
 // a plain slice of the flat range, read or written without a gather or scatter. At most 2d - 1
 // boxes for d dimensions. (Boxes free to interleave can be fewer: [1, 9) of a 3 x 4 tensor is
 // rows 0-1 x columns 1-3 and rows 1-2 x column 0, but neither is a slice of the range.) A flat
-// FSDP shard's piece of a parameter is such a range.
+// FSDP shard's piece of a parameter is such a range. The cut is optim_state/internal/flat_box.h's,
+// the one the local sharded optimizer dict makes its pieces with.
 //
 // Errors (INVALID_ARGUMENT, each naming `file` where there is one):
 //   ParseDcpLayout     a spec it cannot read (naming it).

@@ -56,7 +56,8 @@ struct Decomposer {
 std::vector<FlatBox> BoxesOfRange(const std::vector<int64_t>& shape, int64_t begin, int64_t end) {
   Decomposer d{shape, std::vector<int64_t>(shape.size(), 1), {}};
   for (size_t k = shape.size(); k-- > 1;) d.strides[k - 1] = d.strides[k] * shape[k];
-  if (shape.empty() || begin >= end) return {};
+  if (begin >= end) return {};
+  if (shape.empty()) return {FlatBox{0, 1, {}, {}}};  // a 0-dim tensor's one element
   d.Split({}, 0, begin, end, 0);
   return d.out;
 }

@@ -21,7 +21,7 @@ struct FlatBox {
 };
 
 // The boxes whose union is [begin, end) of the flattening of `shape`, in order (none when the
-// range is empty).
+// range is empty; a 0-dim tensor's one element is one box with no offsets or sizes).
 std::vector<FlatBox> BoxesOfRange(const std::vector<int64_t>& shape, int64_t begin, int64_t end);
 
 // The first element of the box in the flattening when the box is one contiguous range (an
