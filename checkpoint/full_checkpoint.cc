@@ -1,131 +1,23 @@
 #include "checkpoint/full_checkpoint.h"
 
-#include <ATen/core/Dict.h>
-#include <ATen/core/List.h>
-#include <ATen/core/ivalue.h>
-#include <caffe2/serialize/inline_container.h>
-#include <fcntl.h>
-#include <torch/csrc/jit/serialization/export.h>
-#include <torch/csrc/jit/serialization/pickler.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-#include <functional>
-
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/internal/full_checkpoint_pickle.h"
+#include "checkpoint/internal/torch_save_archive.h"
 #include "checkpoint/torch_load.h"
 #include "comm/status_macros.h"
 
 namespace fsdp::checkpoint {
 namespace {
 
+using internal::Pickled;
+using internal::PickleModel;
+using internal::PickleOptim;
+using internal::WriteArchive;
 using optim_state::OptimStateDict;
 using optim_state::ParamKey;
 using optim_state::StateSequence;
 using optim_state::StateValue;
-
-absl::StatusOr<c10::IValue> ToIValue(const StateValue& value, const std::string& where) {
-  if (value.IsNone()) return c10::IValue();
-  if (const bool* b = value.GetIf<bool>()) return c10::IValue(*b);
-  if (const int64_t* i = value.GetIf<int64_t>()) return c10::IValue(*i);
-  if (const double* d = value.GetIf<double>()) return c10::IValue(*d);
-  if (const std::string* s = value.GetIf<std::string>()) return c10::IValue(*s);
-  if (const at::Tensor* t = value.GetIf<at::Tensor>()) return c10::IValue(*t);
-  if (const StateSequence* seq = value.GetIf<StateSequence>()) {
-    std::vector<c10::IValue> items;
-    for (const StateValue& item : seq->items) {
-      FSDP_ASSIGN_OR_RETURN(c10::IValue converted, ToIValue(item, where));
-      items.push_back(std::move(converted));
-    }
-    if (seq->is_tuple) return c10::IValue(c10::ivalue::Tuple::create(std::move(items)));
-    c10::impl::GenericList list(c10::AnyType::get());
-    for (auto& item : items) list.push_back(std::move(item));
-    return c10::IValue(list);
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat(where, ": a ", value.TypeName(), " has no place in a full checkpoint"));
-}
-
-c10::IValue KeyToIValue(const ParamKey& key) {
-  return key.is_id() ? c10::IValue(key.id()) : c10::IValue(key.fqn());
-}
-
-// A value pickled as torch::pickle_save does it, in its two steps: here the pickle (data.pkl,
-// small: tensors appear in it as references to their storages), then WriteArchive streams the
-// zip archive of data.pkl and the storages to a file, with no copy of the whole archive in
-// memory. Unlike pickle_save, dicts and lists carry no TorchScript type tag
-// (torch.jit._pickle.restore_type_tag): PyTorch 2.x's torch.load(weights_only=True), its
-// default since 2.6, refuses that global.
-struct Pickled {
-  std::vector<char> pickle;
-  std::vector<at::Tensor> storages;  // in the order data.pkl names them
-};
-
-absl::StatusOr<Pickled> Pickle(const c10::IValue& value, const std::string& path) {
-  return CallTorch(absl::StrCat("serializing ", path), [&] {
-    Pickled out;
-    torch::jit::Pickler pickler(
-        [&](const char* bytes, size_t n) { out.pickle.insert(out.pickle.end(), bytes, bytes + n); },
-        /*tensor_table=*/nullptr, /*type_renamer=*/nullptr, /*memoized_class_types=*/nullptr,
-        /*get_tensor_id=*/nullptr, /*tag_aggregates=*/false);
-    pickler.protocol();
-    pickler.pushIValue(value);
-    pickler.stop();
-    out.storages = pickler.tensorData();
-    return out;
-  });
-}
-
-absl::Status Errno(const char* what, const std::string& path) {
-  return absl::InternalError(absl::StrCat("cannot ", what, " ", path, ": ", strerror(errno)));
-}
-
-std::string BaseName(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
-// Writes the zip archive of `pickled` (as torch::pickle_save lays it out) to `path`, created or
-// truncated; with `durable`, fsyncs it, passing the crash points WriteFileDurably passes.
-absl::Status WriteArchive(const Pickled& pickled, const std::string& path, bool durable) {
-  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Errno("create", path);
-  // The archive writer must never see a short write (it would throw from its destructor), so
-  // the first failure is kept here and later bytes are dropped.
-  absl::Status io = absl::OkStatus();
-  auto write_all = [&](const void* data, size_t n) -> size_t {
-    const char* p = static_cast<const char*>(data);
-    size_t left = n;
-    while (io.ok() && left > 0) {
-      const ssize_t w = write(fd, p, left);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        io = Errno("write", path);
-        break;
-      }
-      p += w;
-      left -= static_cast<size_t>(w);
-    }
-    return n;
-  };
-  absl::Status status = CallTorch(absl::StrCat("writing ", path), [&]() -> absl::Status {
-    caffe2::serialize::PyTorchStreamWriter writer(write_all);
-    torch::jit::writeArchiveAndTensors("data", pickled.pickle.data(), pickled.pickle.size(),
-                                       pickled.storages, writer);
-    writer.writeEndOfFile();
-    return absl::OkStatus();
-  });
-  if (status.ok()) status = io;
-  if (status.ok() && durable) {
-    CrashPoint(absl::StrCat("written ", BaseName(path)));
-    if (fsync(fd) != 0) status = Errno("fsync", path);
-  }
-  if (close(fd) != 0 && status.ok()) status = Errno("close", path);
-  if (status.ok() && durable) CrashPoint(absl::StrCat("fsynced ", BaseName(path)));
-  return status;
-}
 
 absl::StatusOr<StateValue> FromPyValue(const PyValue& value, const std::string& where) {
   if (value.is_none()) return StateValue::None();
@@ -156,12 +48,6 @@ absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& w
 
 }  // namespace
 
-static absl::StatusOr<Pickled> PickleModel(const ModelStateDict& state, const std::string& path) {
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
-  for (const auto& [fqn, tensor] : state) dict.insert(fqn, tensor.detach().contiguous());
-  return Pickle(c10::IValue(dict), path);
-}
-
 absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path) {
   FSDP_ASSIGN_OR_RETURN(Pickled pickled, PickleModel(state, path));
   return WriteArchive(pickled, path, /*durable=*/false);
@@ -183,41 +69,6 @@ absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path) {
     out.emplace_back(key.as_str(), tensor.as_tensor());
   }
   return out;
-}
-
-static absl::StatusOr<Pickled> PickleOptim(const OptimStateDict& state, const std::string& path) {
-  c10::impl::GenericDict state_dict(c10::AnyType::get(), c10::AnyType::get());
-  for (const auto& [key, param_state] : state.state) {
-    c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
-    for (const auto& [name, value] : param_state) {
-      FSDP_ASSIGN_OR_RETURN(
-          c10::IValue converted,
-          ToIValue(value, absl::StrCat(path, ": state[", key.ToString(), "][", name, "]")));
-      entry.insert(name, std::move(converted));
-    }
-    state_dict.insert(KeyToIValue(key), c10::IValue(entry));
-  }
-  c10::impl::GenericDict top(c10::StringType::get(), c10::AnyType::get());
-  top.insert("state", c10::IValue(state_dict));
-  if (state.has_param_groups) {
-    c10::impl::GenericList groups(c10::AnyType::get());
-    for (size_t g = 0; g < state.param_groups.size(); ++g) {
-      const auto& group = state.param_groups[g];
-      c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
-      for (const auto& [name, value] : group.hyper_params) {
-        FSDP_ASSIGN_OR_RETURN(
-            c10::IValue converted,
-            ToIValue(value, absl::StrCat(path, ": param_groups[", g, "][", name, "]")));
-        entry.insert(name, std::move(converted));
-      }
-      c10::impl::GenericList params(c10::AnyType::get());
-      for (const ParamKey& key : group.params) params.push_back(KeyToIValue(key));
-      entry.insert("params", c10::IValue(params));
-      groups.push_back(c10::IValue(entry));
-    }
-    top.insert("param_groups", c10::IValue(groups));
-  }
-  return Pickle(c10::IValue(top), path);
 }
 
 absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string& path) {
