@@ -29,19 +29,19 @@ VOCAB, D_MODEL, NHEAD, LAYERS, FFN = 8192, 512, 8, 6, 2048
 
 
 class BenchTransformerTwin(nn.Module):
-    def __init__(self):
+    def __init__(self, d_model=D_MODEL, ffn=FFN):
         super().__init__()
         torch.manual_seed(0)
-        self.embed_tokens = nn.Embedding(VOCAB, D_MODEL)
+        self.embed_tokens = nn.Embedding(VOCAB, d_model)
         self.transformer = nn.Transformer(
-            d_model=D_MODEL,
+            d_model=d_model,
             nhead=NHEAD,
             num_encoder_layers=LAYERS,
             num_decoder_layers=LAYERS,
-            dim_feedforward=FFN,
+            dim_feedforward=ffn,
             dropout=0.0,
         )
-        self.output_proj = nn.Linear(D_MODEL, VOCAB)
+        self.output_proj = nn.Linear(d_model, VOCAB)
 
     def forward(self, src_ids, tgt_ids):
         return self.output_proj(self.transformer(self.embed_tokens(src_ids), self.embed_tokens(tgt_ids)))
