@@ -4,12 +4,13 @@
 // and LoadFullCheckpoint, each beside PyTorch 2.13 doing the same on the model's twin in the
 // same run: its time and rank 0's peak resident memory.
 //
-//   bazel run -c opt //bench:full_checkpoint_benchmark [-- --d_models=512,1664 --out_dir=/tmp]
+//   [FULL_CHECKPOINT_D_MODELS=512,1664] bazel run -c opt //bench:full_checkpoint_benchmark
 //
-// Sizes (--d_models, default 512): d_model 512 is the 52.5M-parameter BenchTransformer (210 MB of
-// weights, 420 MB of Adam state); d_model 1664 (dim_feedforward 4 x d_model) has 500M parameters:
-// 2.0 GB of weights and 4.0 GB of Adam state, the full dict a rank 0 must not hold. The files go
-// to --out_dir (default $TMPDIR or /tmp) and are removed at the end.
+// Sizes (FULL_CHECKPOINT_D_MODELS, default 512): d_model 512 is the 52.5M-parameter
+// BenchTransformer (210 MB of weights, 420 MB of Adam state); d_model 1664 (dim_feedforward 4 x
+// d_model) has 500M parameters: 2.0 GB of weights and 4.0 GB of Adam state, the full dict a rank 0
+// must not hold; 1152 has 242M (0.97 GB + 1.9 GB). The files go to $TMPDIR (default /tmp) and are
+// removed after each size.
 //
 // Cases, per size: BM_FullSave/d_model:D/world:2 and BM_FullLoad/d_model:D/world:2. The save case
 // runs everything for its size: on both ranks, the job (FULL_SHARD, one unit per layer plus the
@@ -140,13 +141,21 @@ struct SizeResult {
   std::map<std::string, std::map<std::string, double>> pytorch;
 };
 
-std::string g_run_dir;  // every rank's
+// The files' directory, the same on every rank (named after this job's rendezvous port):
+// $TMPDIR (or /tmp)/fsdp-fullckptbench-<port>.
+std::string RunDir() {
+  const char* tmp = std::getenv("TMPDIR");
+  const char* port = std::getenv("MASTER_PORT");
+  return absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/fsdp-fullckptbench-",
+                      port != nullptr ? port : "run");
+}
 
 absl::StatusOr<SizeResult> RunOurs(const RankGroups& groups, int64_t d_model) {
   SizeResult result;
   FSDP_ASSIGN_OR_RETURN(std::unique_ptr<Job> job, BuildJob(groups.world, d_model));
   ProcessGroup& g = *job->group;
-  const std::string dir = absl::StrCat(g_run_dir, "/ours");
+  if (job->group->rank() == 0) ::mkdir(RunDir().c_str(), 0755);
+  const std::string dir = absl::StrCat(RunDir(), "/ours");
   result.full_state_bytes = job->full_state_bytes;
   ResetPeakRss();
   result.base = CurrentRssBytes();
@@ -178,7 +187,7 @@ absl::Status RunPyTorch(int64_t d_model, SizeResult& result) {
         auto lines,
         RunPyTorchReference(
             "bench/pytorch_full_checkpoint.py", kLaunchedRanks,
-            {absl::StrCat("--api=", api), absl::StrCat("--out_dir=", g_run_dir),
+            {absl::StrCat("--api=", api), absl::StrCat("--out_dir=", RunDir()),
              absl::StrCat("--d_model=", d_model), absl::StrCat("--ffn=", config.dim_feedforward),
              absl::StrCat("--iterations=", kIterations), absl::StrCat("--seq=", kSeq),
              absl::StrCat("--batch=", kBatch)},
@@ -190,7 +199,7 @@ absl::Status RunPyTorch(int64_t d_model, SizeResult& result) {
   return absl::OkStatus();
 }
 
-std::map<int64_t, SizeResult>* g_results = nullptr;
+std::map<int64_t, SizeResult>* g_results = new std::map<int64_t, SizeResult>();
 
 // Reports `op` ("save" or "load") of one size against PyTorch's.
 void Report(benchmark::State& state, const SizeResult& r, const std::string& op) {
@@ -230,7 +239,9 @@ void BM_FullSave(benchmark::State& state, const RankGroups* groups, int64_t d_mo
   absl::StatusOr<SizeResult> result = [&]() -> absl::StatusOr<SizeResult> {
     FSDP_RETURN_IF_ERROR(SendCommand({1, d_model}));
     FSDP_ASSIGN_OR_RETURN(SizeResult r, RunOurs(*groups, d_model));
-    FSDP_RETURN_IF_ERROR(RunPyTorch(d_model, r));
+    const absl::Status pytorch = RunPyTorch(d_model, r);
+    FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(RunDir()));
+    FSDP_RETURN_IF_ERROR(pytorch);
     return r;
   }();
   if (!result.ok()) return FailBenchmark(state, result.status());
@@ -264,54 +275,40 @@ void RegisterCases(const RankGroups& groups) {
   }
 }
 
-int RunRank(int argc, char** argv) {
-  const char* tmp = std::getenv("TMPDIR");
-  std::string out_dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (i > 0 && arg.rfind("--out_dir=", 0) == 0) {
-      out_dir = arg.substr(10);
-    } else if (i > 0 && arg.rfind("--d_models=", 0) == 0) {
-      g_d_models.clear();
-      for (absl::string_view d : absl::StrSplit(arg.substr(11), ',')) {
-        int64_t v = 0;
-        if (!absl::SimpleAtoi(d, &v) || v <= 0 || v % 8 != 0) {
-          std::fprintf(stderr, "full_checkpoint_benchmark: bad --d_models entry '%s'\n",
-                       std::string(d).c_str());
-          return 2;
-        }
-        g_d_models.push_back(v);
-      }
-    } else {
-      args.push_back(argv[i]);
+// FULL_CHECKPOINT_D_MODELS ("512,1152"; default 512): the sizes, read on every rank.
+absl::Status ReadSizes() {
+  const char* env = std::getenv("FULL_CHECKPOINT_D_MODELS");
+  if (env == nullptr || *env == '\0') return absl::OkStatus();
+  g_d_models.clear();
+  for (absl::string_view d : absl::StrSplit(env, ',')) {
+    int64_t v = 0;
+    if (!absl::SimpleAtoi(d, &v) || v <= 0 || v % 8 != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("FULL_CHECKPOINT_D_MODELS: '", d, "' is not a positive multiple of 8"));
     }
+    g_d_models.push_back(v);
   }
-  // Every rank uses the same directory, named after this job's rendezvous port.
-  const char* port = std::getenv("MASTER_PORT");
-  g_run_dir = absl::StrCat(out_dir, "/fsdp-fullckptbench-", port != nullptr ? port : "run");
-  ::mkdir(g_run_dir.c_str(), 0755);
-  std::map<int64_t, SizeResult> results;
-  g_results = &results;
+  return absl::OkStatus();
+}
+
+RankHarnessOptions Options() {
   RankHarnessOptions options;
   options.name = "full_checkpoint_benchmark";
   options.collective_timeout = std::chrono::minutes(20);
   // Gathered units are freed at once, as the PyTorch process frees them (rank_util.h).
   options.mmap_threshold_bytes = 1 << 20;
-  const int exit_code = RunRankHarness(static_cast<int>(args.size()), args.data(), options,
-                                       RegisterCases, FollowCommand);
-  g_results = nullptr;
-  (void)checkpoint::RemoveTree(g_run_dir);
-  return exit_code;
+  return options;
 }
 
 }  // namespace
 }  // namespace fsdp::bench
 
 int main(int argc, char** argv) {
-  if (!fsdp::comm::LaunchedByLauncher()) {
-    return fsdp::bench::LaunchSelfAsRanks(argc, argv, fsdp::bench::kLaunchedRanks,
-                                          "full_checkpoint_benchmark");
+  if (absl::Status sizes = fsdp::bench::ReadSizes(); !sizes.ok()) {
+    std::fprintf(stderr, "full_checkpoint_benchmark: %s\n", sizes.ToString().c_str());
+    return 2;
   }
-  return fsdp::bench::RunRank(argc, argv);
+  return fsdp::bench::RankBenchmarkMain(argc, argv, fsdp::bench::kLaunchedRanks,
+                                        fsdp::bench::Options(), fsdp::bench::RegisterCases,
+                                        fsdp::bench::FollowCommand);
 }

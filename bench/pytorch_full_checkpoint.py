@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_fsdp_step import (BenchTransformerTwin, rank_batch, train_step,  # noqa: E402
-                               wrap_fsdp1, wrap_fsdp2)
+from pytorch_fsdp_step import (BenchTransformerTwin, add_run_args, finish,  # noqa: E402
+                               rank_batch, start, train_step, wrap_fsdp1, wrap_fsdp2)
 from pytorch_optim_state import reset_peak, rss  # noqa: E402
 
 
@@ -108,13 +108,9 @@ def main():
     p.add_argument("--d_model", type=int, default=512)
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--iterations", type=int, default=1)
-    p.add_argument("--seq", type=int, default=8)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the C++ ranks')")
+    add_run_args(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = start(args)
     wrap = wrap_fsdp1 if args.api == "fsdp1" else wrap_fsdp2
     model = wrap(BenchTransformerTwin(args.d_model, args.ffn))
     optim = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -142,10 +138,7 @@ def main():
               f"save_peak={totals['save_peak']} load_ms={totals['load'] / n * 1e3:.3f} "
               f"load_peak={totals['load_peak']} base_rss={base}", flush=True)
         shutil.rmtree(out_dir, ignore_errors=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    # PyTorch ranks sometimes abort at exit after finishing (README): leave at once.
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":
