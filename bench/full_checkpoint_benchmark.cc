@@ -67,12 +67,9 @@
 namespace fsdp::bench {
 namespace {
 
-using comm::ProcessGroup;
-using optim_state::OptimizerAdapter;
-
 constexpr int kLaunchedRanks = 2;
 constexpr int64_t kIterations = 2;
-constexpr int64_t kSeq = 8;
+constexpr int64_t kSeq = 8;  // the training step that creates Adam's state: 2 sequences of 8
 constexpr int64_t kBatch = 2;
 
 BenchTransformerConfig ConfigFor(int64_t d_model) {
@@ -83,15 +80,15 @@ BenchTransformerConfig ConfigFor(int64_t d_model) {
 }
 
 struct Job {
-  std::shared_ptr<ProcessGroup> group;
+  std::shared_ptr<comm::ProcessGroup> group;
   BenchTransformer model{nullptr};
   std::unique_ptr<FullyShardedDataParallel> fsdp;
   std::unique_ptr<torch::optim::Adam> adam;
-  std::optional<OptimizerAdapter> adapter;
+  std::optional<optim_state::OptimizerAdapter> adapter;
   int64_t full_state_bytes = 0;
 };
 
-absl::StatusOr<std::unique_ptr<Job>> BuildJob(std::shared_ptr<ProcessGroup> group,
+absl::StatusOr<std::unique_ptr<Job>> BuildJob(std::shared_ptr<comm::ProcessGroup> group,
                                               int64_t d_model) {
   auto job = std::make_unique<Job>();
   job->group = group;
@@ -102,7 +99,8 @@ absl::StatusOr<std::unique_ptr<Job>> BuildJob(std::shared_ptr<ProcessGroup> grou
   FSDP_ASSIGN_OR_RETURN(job->fsdp, FullyShardedDataParallel::Wrap(job->model, group, options));
   job->adam = std::make_unique<torch::optim::Adam>(job->fsdp->parameters(),
                                                    torch::optim::AdamOptions(1e-4));
-  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*job->adam));
+  FSDP_ASSIGN_OR_RETURN(optim_state::OptimizerAdapter adapter,
+                        optim_state::OptimizerAdapter::Create(*job->adam));
   job->adapter.emplace(std::move(adapter));
   FSDP_RETURN_IF_ERROR(CallTorch("training step", [&]() -> absl::Status {
     auto [src, tgt] = job->model->MakeBatch(kSeq, kBatch, /*seed=*/1 + group->rank());
@@ -123,7 +121,7 @@ struct Measured {
 };
 
 template <typename Body>
-absl::StatusOr<Measured> Measure(ProcessGroup& group, Body body) {
+absl::StatusOr<Measured> Measure(comm::ProcessGroup& group, Body body) {
   FSDP_RETURN_IF_ERROR(group.Barrier());
   ResetPeakRss();
   const auto start = std::chrono::steady_clock::now();
@@ -153,7 +151,7 @@ std::string RunDir() {
 absl::StatusOr<SizeResult> RunOurs(const RankGroups& groups, int64_t d_model) {
   SizeResult result;
   FSDP_ASSIGN_OR_RETURN(std::unique_ptr<Job> job, BuildJob(groups.world, d_model));
-  ProcessGroup& g = *job->group;
+  comm::ProcessGroup& g = *job->group;
   if (job->group->rank() == 0) ::mkdir(RunDir().c_str(), 0755);
   const std::string dir = absl::StrCat(RunDir(), "/ours");
   result.full_state_bytes = job->full_state_bytes;

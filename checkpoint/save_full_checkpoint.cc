@@ -82,6 +82,8 @@ class StreamingSave {
         adapter_(adapter),
         options_(options),
         group_(*fsdp.group()),
+        replicas_(fsdp.options().replicate_group.get()),
+        writes_(group_.rank() == 0 && (replicas_ == nullptr || replicas_->rank() == 0)),
         context_(absl::StrCat("SaveFullCheckpoint(", dir, ")")) {
     for (const auto& unit : fsdp.units()) units_.push_back(unit.handle);
   }
@@ -91,8 +93,9 @@ class StreamingSave {
     std::string plan;
     if (group_.rank() == 0) {
       absl::Status planned = PlanOnRank0();
-      plan = planned.ok() ? absl::StrCat(EncodeSteps(model_plan_), ";", EncodeSteps(optim_plan_))
-                          : absl::StrCat("!", internal::EncodeStatus(planned));
+      FSDP_ASSIGN_OR_RETURN(std::string failure, AcrossReplicas(internal::EncodeStatus(planned)));
+      plan = failure.empty() ? absl::StrCat(EncodeSteps(model_plan_), ";", EncodeSteps(optim_plan_))
+                             : absl::StrCat("!", failure);
     }
     absl::StatusOr<std::string> agreed = group_.BroadcastObject(plan, 0);
     if (!agreed.ok()) return Annotate(agreed.status(), context_);
@@ -101,13 +104,26 @@ class StreamingSave {
     FSDP_RETURN_IF_ERROR(StreamModel(), context_);
     if (adapter_ != nullptr) FSDP_RETURN_IF_ERROR(StreamOptim(), context_);
     std::string outcome;
-    if (group_.rank() == 0) outcome = internal::EncodeStatus(CommitOnRank0());
+    if (group_.rank() == 0) {
+      FSDP_ASSIGN_OR_RETURN(
+          outcome,
+          AcrossReplicas(writes_ ? internal::EncodeStatus(CommitOnRank0()) : std::string()));
+    }
     agreed = group_.BroadcastObject(outcome, 0);
     if (!agreed.ok()) return Annotate(agreed.status(), context_);
     return internal::DecodeStatus(*agreed, context_);
   }
 
  private:
+  // Rank 0 of the shard group: under HYBRID_SHARD every replica holds the same state and only
+  // the first replica's rank 0 writes; its status (encoded) reaches the other replicas' rank 0.
+  absl::StatusOr<std::string> AcrossReplicas(const std::string& status) {
+    if (replicas_ == nullptr) return status;
+    absl::StatusOr<std::string> agreed = replicas_->BroadcastObject(status, 0);
+    if (!agreed.ok()) return Annotate(agreed.status(), context_);
+    return agreed;
+  }
+
   // Every rank: the optimizer's full dict with its gathers recorded, not run (the key
   // exchange and checks are collectives).
   absl::Status DeferOptimGathers() {
@@ -159,7 +175,9 @@ class StreamingSave {
       return model_sources.at(t.storage().unsafeGetStorageImpl());
     });
     if (adapter_ != nullptr) FSDP_RETURN_IF_ERROR(PlanOptimOnRank0());
-    FSDP_ASSIGN_OR_RETURN(staging_, CreateStagingDir(dir_));
+    if (writes_) {
+      FSDP_ASSIGN_OR_RETURN(staging_, CreateStagingDir(dir_));
+    }
     return absl::OkStatus();
   }
 
@@ -214,7 +232,7 @@ class StreamingSave {
   }
 
   absl::StatusOr<std::unique_ptr<ArchiveWriter>> OpenOnRank0(const std::string& name) {
-    if (group_.rank() != 0) return nullptr;
+    if (!writes_) return nullptr;
     return ArchiveWriter::Create(absl::StrCat(staging_, "/", name), /*durable=*/true);
   }
 
@@ -250,7 +268,7 @@ class StreamingSave {
                 static_cast<const char*>(flat.data_ptr()) + info.offset * elem,
                 static_cast<size_t>(info.numel) * elem);
         }));
-    if (group_.rank() == 0) {
+    if (writes_) {
       model_status_ = writer.ok() ? (*writer)->Finish(model_pickled_.pickle) : writer.status();
     }
     model_pickled_ = {};
@@ -270,7 +288,7 @@ class StreamingSave {
           Write(w, optim_pickled_, i, static_cast<const char*>(buffer.data_ptr()),
                 static_cast<size_t>(buffer.numel()) * buffer.element_size());
         }));
-    if (group_.rank() == 0) {
+    if (writes_) {
       optim_status_ =
           writer.ok() ? (w != nullptr ? (*writer)->Finish(optim_pickled_.pickle) : absl::OkStatus())
                       : writer.status();
@@ -297,6 +315,8 @@ class StreamingSave {
   const optim_state::OptimizerAdapter* adapter_;
   const SaveFullCheckpointOptions& options_;
   comm::ProcessGroup& group_;
+  comm::ProcessGroup* const replicas_;  // HYBRID_SHARD's replicate group, else null
+  const bool writes_;                   // this rank writes the files
   const std::string context_;
 
   std::vector<FlatParamHandle*> units_;  // fsdp.units()' handles, by unit index

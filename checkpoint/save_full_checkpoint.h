@@ -20,6 +20,9 @@
 // parameters, or one of its state names) at a time; the other ranks their shards and, while the
 // model's unit is gathered, that unit's parameters (an all-gather, as FullStateDict does).
 //
+// HYBRID_SHARD: each replica's shard group runs the gathers, the first replica's rank 0 writes
+// (the replicas hold the same state) and its outcome reaches every rank.
+//
 // Atomic: both files (and `extra_files`) go into a staging directory that replaces DIR in one
 // rename (checkpoint/atomic_dir.h); a failed or interrupted save leaves DIR as it was.
 //
@@ -27,7 +30,7 @@
 // the model is idle; the optimizer (if `adapter`) is over fsdp.parameters() as
 // FullOptimStateDict requires; DIR's parent exists on rank 0.
 //
-// Errors, on every rank (rank 0's prefixed "SaveFullCheckpoint(DIR): rank 0: "):
+// Errors, on every rank (the writer's prefixed "SaveFullCheckpoint(DIR): rank 0: "):
 //   * FullOptimStateDict's (optim_state/fsdp_optim_state.h), before anything is written;
 //   * INTERNAL naming the file (DIR.tmp-<nonce>/model.pt or optim.pt) and errno's text when rank
 //     0 cannot create, write, fsync or commit it (e.g. "File too large", "No space left on
