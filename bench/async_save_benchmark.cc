@@ -78,7 +78,10 @@ struct Job {
   std::unique_ptr<torch::optim::Adam> adam;
   std::optional<OptimizerAdapter> adapter;
   std::unique_ptr<checkpoint::AsyncCheckpointSaver> saver;
+  // The memcpy reference: as many bytes as Save() stages, between two buffers faulted in once.
+  at::Tensor copy_from, copy_to;
 };
+int g_staging_threads = 1;  // --staging_threads
 
 absl::Status TrainStep(Job& job) {
   return CallTorch("training step", [&]() -> absl::Status {
@@ -101,7 +104,8 @@ absl::StatusOr<std::unique_ptr<Job>> BuildJob(std::shared_ptr<ProcessGroup> grou
                                                    torch::optim::AdamOptions(1e-4));
   FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*job->adam));
   job->adapter.emplace(std::move(adapter));
-  FSDP_ASSIGN_OR_RETURN(job->saver, checkpoint::AsyncCheckpointSaver::Create(*job->fsdp));
+  FSDP_ASSIGN_OR_RETURN(job->saver, checkpoint::AsyncCheckpointSaver::Create(
+                                        *job->fsdp, {.staging_threads = g_staging_threads}));
   FSDP_RETURN_IF_ERROR(TrainStep(*job));  // creates the Adam state
   return job;
 }
@@ -121,9 +125,26 @@ absl::StatusOr<double> Timed(ProcessGroup& group, Body body) {
 }
 
 struct Times {
-  double sync = 0, blocked = 0, copy = 0, step_during = 0, wait = 0, step = 0;
+  double sync = 0, blocked = 0, collect = 0, copy = 0, step_during = 0, wait = 0, step = 0;
+  double memcpy = 0;
   int64_t staged_bytes = 0;
 };
+
+// The copy's physical limit in the same run: staged_bytes copied between two buffers that are
+// already faulted in (as the staging buffers are from the second save on), on every rank at
+// once, one thread each.
+absl::StatusOr<double> TimeMemcpy(Job& job, int64_t bytes) {
+  FSDP_RETURN_IF_ERROR(CallTorch("memcpy reference", [&] {
+    if (!job.copy_to.defined() || job.copy_to.nbytes() != static_cast<size_t>(bytes)) {
+      job.copy_from = at::ones({bytes}, at::kByte);
+      job.copy_to = at::empty({bytes}, at::kByte);
+      job.copy_to.copy_(job.copy_from);
+    }
+  }));
+  return Timed(*job.group, [&] {
+    return CallTorch("memcpy reference", [&] { job.copy_to.copy_(job.copy_from); });
+  });
+}
 
 absl::Status RemoveOnRank0(ProcessGroup& group, const std::string& dir) {
   if (group.rank() == 0) FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(dir));
@@ -145,12 +166,14 @@ absl::StatusOr<Times> RunIteration(Job& job, const std::string& run_dir) {
                           FSDP_ASSIGN_OR_RETURN(checkpoint::AsyncSaveStats stats,
                                                 job.saver->Save(async_dir, &*job.adapter));
                           t.staged_bytes = stats.staged_bytes;
+                          t.collect = stats.collect_seconds;
                           t.copy = stats.copy_seconds;
                           return absl::OkStatus();
                         }));
   FSDP_ASSIGN_OR_RETURN(t.step_during, Timed(g, [&] { return TrainStep(job); }));
   FSDP_ASSIGN_OR_RETURN(t.wait, Timed(g, [&] { return job.saver->Wait().status(); }));
   FSDP_ASSIGN_OR_RETURN(t.step, Timed(g, [&] { return TrainStep(job); }));
+  FSDP_ASSIGN_OR_RETURN(t.memcpy, TimeMemcpy(job, t.staged_bytes));
   return t;
 }
 
@@ -184,20 +207,39 @@ void BM_AsyncSave(benchmark::State& state, const RankGroups* groups) {
     return RunCase(*groups, static_cast<int64_t>(state.max_iterations));
   }();
   if (!times.ok()) return FailBenchmark(state, times.status());
-  Times mean;
+  Times mean, later;  // over all iterations; over the second and later (reused buffers)
   size_t i = 0;
   for (auto _ : state) state.SetIterationTime(times->at(i++).blocked);
-  for (const Times& t : *times) {
+  const double n_later = static_cast<double>(times->size() - 1);
+  for (size_t k = 0; k < times->size(); ++k) {
+    const Times& t = (*times)[k];
     mean.sync += t.sync / times->size();
     mean.blocked += t.blocked / times->size();
+    mean.collect += t.collect / times->size();
     mean.copy += t.copy / times->size();
     mean.step_during += t.step_during / times->size();
     mean.wait += t.wait / times->size();
     mean.step += t.step / times->size();
+    mean.memcpy += t.memcpy / times->size();
     mean.staged_bytes = t.staged_bytes;
+    if (k == 0) continue;
+    later.sync += t.sync / n_later;
+    later.blocked += t.blocked / n_later;
+    later.copy += t.copy / n_later;
   }
   state.counters["sync_ms"] = mean.sync * 1e3;
   state.counters["vs_sync"] = mean.blocked / mean.sync;
+  state.counters["first_blocked_ms"] = times->front().blocked * 1e3;
+  state.counters["first_copy_ms"] = times->front().copy * 1e3;
+  if (times->size() > 1) {
+    state.counters["later_blocked_ms"] = later.blocked * 1e3;
+    state.counters["later_copy_ms"] = later.copy * 1e3;
+    state.counters["later_vs_sync"] = later.blocked / later.sync;
+  }
+  state.counters["collect_ms"] = mean.collect * 1e3;
+  state.counters["memcpy_ms"] = mean.memcpy * 1e3;
+  state.counters["vs_memcpy"] = later.copy / mean.memcpy;
+  state.counters["staging_threads"] = g_staging_threads;
   state.counters["staged_bytes"] =
       benchmark::Counter(static_cast<double>(mean.staged_bytes), benchmark::Counter::kDefaults,
                          benchmark::Counter::kIs1024);
@@ -240,6 +282,8 @@ int RunRank(int argc, char** argv) {
     const std::string arg = argv[i];
     if (i > 0 && arg.rfind("--out_dir=", 0) == 0) {
       out_dir = arg.substr(10);
+    } else if (i > 0 && arg.rfind("--staging_threads=", 0) == 0) {
+      g_staging_threads = std::atoi(arg.substr(18).c_str());
     } else {
       args.push_back(argv[i]);
     }

@@ -11,6 +11,9 @@
 //                              Reference: every rank of the group writes as many bytes as it
 //                              wrote (its data file; rank 0 also metadata.json) to a new file
 //                              with write() and fsync(), all ranks at once.
+//   SaveDcp/world:N            SaveDcpCheckpoint (checkpoint/dcp_save.h): the same model and
+//                              optimizer as a torch.distributed.checkpoint directory that
+//                              PyTorch's dcp.load reads (N = 4, 2), with SaveSharded's reference.
 //   LoadSharded/from:S/world:N LoadShardedCheckpoint of the world-S checkpoint into the world-N
 //                              model and optimizer (S != N: a resharded load). Reference: every
 //                              rank reads as many bytes as it read (LoadStats::read.bytes_read)
@@ -46,6 +49,9 @@
 //   vs_write_cpu,      the same ratios as vs_write and vs_same_size_load, of CPU time (all
 //   vs_same_size_load_cpu  ranks): steadier than wall time on a shared machine. For saves the
 //                      reference's CPU time is the write() copy into the page cache only.
+//   vs_pytorch,        (sharded saves and same-size loads at world sizes 2 and 4) API time /
+//   mem_vs_pytorch     PyTorch's dcp.save / dcp.load of the twin's FSDP2 state, and rank 0's
+//                      peak RSS (peak_rss_rank0) / PyTorch's (pytorch_scale_reference.h).
 //   p2_snapshot_ms,    (same-size sharded loads) rank 0's time for the parts of the loader's
 //   p2_optim_load_ms,  second phase, done alone right after on the same model: the
 //   p2_model_load_ms   optimizer snapshot (StateDict + CloneOptimStateDict), LoadStateDict of
@@ -107,9 +113,11 @@
 #include "absl/strings/str_cat.h"
 #include "bench/bench_transformer.h"
 #include "bench/plain_io.h"
+#include "bench/pytorch_scale_reference.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/dcp_save.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/sharded_checkpoint.h"
 #include "comm/launcher.h"
@@ -146,6 +154,7 @@ enum class Op : int64_t {
   kMakeSharded = 5,  // untimed save of a missing source checkpoint
   kMakeFull = 6,
   kSetOutDir = 7,  // the run's directory follows as an object broadcast
+  kSaveDcp = 8,
 };
 
 struct Command {
@@ -189,6 +198,9 @@ std::string ShardedDir(const RankContext& context, int64_t world_size) {
   return absl::StrCat(context.run_dir, "/sharded-w", world_size);
 }
 std::string FullDir(const RankContext& context) { return context.run_dir + "/full"; }
+std::string DcpDir(const RankContext& context, int64_t world_size) {
+  return absl::StrCat(context.run_dir, "/dcp-w", world_size);
+}
 
 bool Exists(const std::string& path) {
   struct stat st;
@@ -227,6 +239,13 @@ absl::StatusOr<std::unique_ptr<Setup>> BuildSetup(std::shared_ptr<ProcessGroup> 
 absl::StatusOr<int64_t> SaveSharded(Setup& setup, const std::string& dir) {
   FSDP_ASSIGN_OR_RETURN(checkpoint::SaveStats stats,
                         checkpoint::SaveShardedCheckpoint(dir, *setup.fsdp, &*setup.adapter));
+  return stats.bytes_written;
+}
+
+// A DCP directory (torchtitan's layout), every rank writing its own file from its shards.
+absl::StatusOr<int64_t> SaveDcp(Setup& setup, const std::string& dir) {
+  FSDP_ASSIGN_OR_RETURN(checkpoint::SaveStats stats,
+                        checkpoint::SaveDcpCheckpoint(dir, *setup.fsdp, &*setup.adapter));
   return stats.bytes_written;
 }
 
@@ -344,6 +363,7 @@ struct CaseResult {
   double snapshot_seconds = 0;
   double optim_load_seconds = 0;
   double model_load_seconds = 0;
+  int64_t peak_rss = 0;  // this rank's VmHWM during the API's calls (saves, same-size loads)
 };
 
 absl::Status EnsureSetup(RankContext& context, const std::shared_ptr<ProcessGroup>& group) {
@@ -431,17 +451,21 @@ absl::StatusOr<CaseResult> Finish(CaseRun& run) {
   return run.result;
 }
 
-absl::StatusOr<CaseResult> RunSaveSharded(CaseRun& run) {
+// A save into `dir` (removed before each call), against plain writes of the bytes each rank
+// wrote.
+template <typename Save>
+absl::StatusOr<CaseResult> RunTimedSave(CaseRun& run, const std::string& dir, Save save) {
   ProcessGroup& g = run.g;
-  const std::string dir = ShardedDir(run.context, run.command.world_size);
+  ResetPeakRss();
   FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
                         TimeCalls(
                             g, run.command.iterations,
                             [&]() -> absl::Status {
-                              FSDP_ASSIGN_OR_RETURN(run.my_bytes, SaveSharded(run.setup, dir));
+                              FSDP_ASSIGN_OR_RETURN(run.my_bytes, save(run.setup, dir));
                               return absl::OkStatus();
                             },
                             [&] { return RemoveOnRank0(g, dir); }, &run.cpu.api));
+  run.result.peak_rss = PeakRssBytes();
   FSDP_RETURN_IF_ERROR(SumBytes(run).status());
   FSDP_ASSIGN_OR_RETURN(
       std::vector<double> reference,
@@ -451,6 +475,15 @@ absl::StatusOr<CaseResult> RunSaveSharded(CaseRun& run) {
   FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(run.plain));
   run.result.reference_seconds = Mean(reference);
   return Finish(run);
+}
+
+absl::StatusOr<CaseResult> RunSaveSharded(CaseRun& run) {
+  return RunTimedSave(run, ShardedDir(run.context, run.command.world_size), SaveSharded);
+}
+
+// SaveDcp/world:N, beside SaveSharded/world:N: the same model and state, PyTorch's format.
+absl::StatusOr<CaseResult> RunSaveDcp(CaseRun& run) {
+  return RunTimedSave(run, DcpDir(run.context, run.command.world_size), SaveDcp);
 }
 
 // The resharded load and the same-size load alternate, after one untimed same-size load:
@@ -493,8 +526,10 @@ absl::StatusOr<CaseResult> RunLoadSharded(CaseRun& run) {
     return absl::OkStatus();
   };
   if (!resharded) {
+    ResetPeakRss();
     FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
                           TimeCalls(g, run.command.iterations, load, drop_source, &run.cpu.api));
+    run.result.peak_rss = PeakRssBytes();
   } else {
     FSDP_RETURN_IF_ERROR(TimeAlternatingLoads(run, same, load, drop_source));
   }
@@ -582,6 +617,8 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
       return run.result;
     case Op::kSaveSharded:
       return RunSaveSharded(run);
+    case Op::kSaveDcp:
+      return RunSaveDcp(run);
     case Op::kLoadSharded:
       return RunLoadSharded(run);
     case Op::kSaveFull:
@@ -636,6 +673,18 @@ absl::Status SetUpRunDir(RankContext& context) {
   return context.groups->world->BroadcastObject(dir, 0).status();
 }
 
+// Sharded saves and same-size loads at world sizes 2 and 4, beside PyTorch's dcp.save /
+// dcp.load of the same model's FSDP2 state; a failure of PyTorch's run fails the case.
+void AddPyTorchCounters(benchmark::State& state, Op op, int64_t source_world, int64_t world_size,
+                        double api_seconds, const CaseResult& result) {
+  const bool save = op == Op::kSaveSharded;
+  const bool same_size_load = op == Op::kLoadSharded && source_world == world_size;
+  if (!(save || same_size_load) || (world_size != 2 && world_size != 4)) return;
+  absl::Status status = AddDcpCounters(state, save, static_cast<int>(world_size), api_seconds,
+                                       result.peak_rss, kSaveIterations, g_context->run_dir);
+  if (!status.ok()) FailBenchmark(state, status);
+}
+
 void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t world_size) {
   RankContext& context = *g_context;
   if (SkipAfterFailure(state)) return;
@@ -683,6 +732,7 @@ void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t
       state.counters["vs_same_size_load_cpu"] = result->api_cpu / result->same_size_cpu;
     }
   }
+  AddPyTorchCounters(state, op, source_world, world_size, api, *result);
 }
 
 void Register(const std::string& name, Op op, int64_t source_world, int64_t world_size,
@@ -695,12 +745,20 @@ void Register(const std::string& name, Op op, int64_t source_world, int64_t worl
       ->Unit(benchmark::kMillisecond);
 }
 
+// DCP saves (checkpoint/dcp_save.h) at world sizes 4 and 2, after the sharded save at the same
+// world size (the same model and state).
+void RegisterDcpSave(int64_t world) {
+  if (world == 3) return;
+  Register(absl::StrCat("BM_SaveDcp/world:", world), Op::kSaveDcp, world, world, kSaveIterations);
+}
+
 void RegisterCases(const RankGroups& groups) {
   g_context->groups = &groups;
   // World 4, then 2, then 3: the model is rebuilt only when the world size changes.
   for (int64_t world : {4, 2, 3}) {
     Register(absl::StrCat("BM_SaveSharded/world:", world), Op::kSaveSharded, world, world,
              kSaveIterations);
+    RegisterDcpSave(world);
     Register(absl::StrCat("BM_LoadSharded/from:", world, "/world:", world), Op::kLoadSharded, world,
              world, kLoadIterations);
     const int64_t resharded_from = world == 2 ? 4 : world == 3 ? 2 : 0;

@@ -5,6 +5,7 @@
 // PyTorch 2.13's own FULL_SHARD step (FSDP1 and FSDP2) on the same shapes in the same run.
 //
 //   bazel run -c opt //bench:fsdp_step_benchmark [-- --benchmark_filter=FULL_SHARD]
+//       [--glibc_default_malloc] [--benchmark_repetitions=N]
 //
 // Each rank trains on its own batch of kBatch sequences of kSeq tokens (source and target:
 // 2 x kSeq x kBatch tokens per rank and step); wrapped models have one unit per transformer
@@ -21,12 +22,17 @@
 // step, i.e. the model's weights processed once per step):
 //   vs_no_shard        step time / NO_SHARD step time (goal for FULL_SHARD: <= 1.5).
 //   vs_pytorch         FULL_SHARD cases: step time / the faster of PyTorch's FSDP1 and FSDP2
-//                      FULL_SHARD steps (pytorch_fsdp1_ms, pytorch_fsdp2_ms), measured once by
+//                      FULL_SHARD steps (pytorch_fsdp1_ms, pytorch_fsdp2_ms), measured by
 //                      bench/pytorch_fsdp_step.py under torchrun on 2 ranks with the same
-//                      threads, batch shapes and step count, before the first FULL_SHARD case
+//                      threads, batch shapes, step count and allocator setting (see
+//                      kMmapThresholdBytes), right before each FULL_SHARD case and repetition
 //                      (while our ranks are idle). Its model is BenchTransformer's twin in
 //                      torch.nn (PyTorch's attention is scaled_dot_product_attention, ours
 //                      bmm + softmax).
+//   cpu_ms, faults_per_step  rank 0's CPU time (all threads) and minor page faults per step;
+//                      pytorch_fsdp1/2_cpu_ms and _faults the same for PyTorch's rank 0;
+//                      cpu_vs_pytorch = cpu_ms / the smaller of PyTorch's (steadier than the
+//                      wall-time ratio when other jobs share the cores).
 //   no_shard_ms        the reference NO_SHARD step time.
 //   peak_rss_rank0/1   each rank's VmHWM during the timed steps (bytes).
 //   step_mem_rank0/1   that peak minus the rank's VmRSS before the model was built: the memory
@@ -51,6 +57,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <memory>
 #include <optional>
@@ -85,7 +92,12 @@ constexpr std::chrono::milliseconds kJobTimeout = std::chrono::minutes(60);
 // Allocations from this size on get their own mmap (MmapAllocationsFrom, rank_util.h), so the
 // peak RSS counts what the step holds, not freed gathered units that glibc's heap retains
 // (measured at world 2, FULL_SHARD: step_mem 592 MiB with glibc's default, 518 MiB with this).
+// The same setting is given to PyTorch's ranks (an allocator that reuses freed heap memory
+// takes far fewer page faults: both sides must run with the same one). --glibc_default_malloc
+// keeps glibc's dynamic threshold on both sides instead (the peaks then count freed memory the
+// heap retains).
 constexpr int64_t kMmapThresholdBytes = 256 << 10;
+bool g_default_malloc = false;
 
 enum class Mode : int64_t {
   kQuit = 0,
@@ -218,7 +230,9 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
 }
 
 struct Measured {
-  double seconds = 0;  // per step, this rank
+  double seconds = 0;      // per step, this rank
+  double cpu_seconds = 0;  // per step, this rank's CPU time (all threads)
+  double faults = 0;       // per step, this rank's minor page faults
   int64_t peak = 0;
   int64_t step_mem = 0;
   int64_t resident = 0;  // VmRSS right before the timed steps, minus `before`
@@ -243,6 +257,8 @@ absl::StatusOr<Measured> Measure(Mode mode, int64_t iterations, std::shared_ptr<
     ResetPeakRss();
     m.resident = CurrentRssBytes() - before;
     const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = ProcessCpuSeconds();
+    const int64_t faults_start = MinorPageFaults();
     if (state != nullptr) {
       for (auto _ : *state) {
         if (absl::Status s = t.Step(); !s.ok()) return s;
@@ -253,6 +269,9 @@ absl::StatusOr<Measured> Measure(Mode mode, int64_t iterations, std::shared_ptr<
       }
     }
     m.seconds = SecondsSince(start) / static_cast<double>(iterations);
+    m.cpu_seconds = (ProcessCpuSeconds() - cpu_start) / static_cast<double>(iterations);
+    m.faults =
+        static_cast<double>(MinorPageFaults() - faults_start) / static_cast<double>(iterations);
     m.peak = PeakRssBytes();
     m.step_mem = m.peak - before;
     m.local_state_bytes = t.LocalStateBytes();
@@ -297,10 +316,11 @@ absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) 
 
 const RankGroups* g_groups = nullptr;  // rank 0's groups while the benchmarks run
 
-// PyTorch's FULL_SHARD step times, ms (FSDP1, FSDP2).
+// PyTorch's FULL_SHARD steps (FSDP1, FSDP2): wall and rank 0's CPU ms, rank 0's minor page
+// faults, per step.
 struct PyTorchStep {
-  double fsdp1_ms = 0;
-  double fsdp2_ms = 0;
+  double fsdp1_ms = 0, fsdp1_cpu_ms = 0, fsdp1_faults = 0;
+  double fsdp2_ms = 0, fsdp2_cpu_ms = 0, fsdp2_faults = 0;
 };
 
 // Runs bench/pytorch_fsdp_step.py under torchrun (rank 0 only; the other ranks wait idle for
@@ -313,8 +333,13 @@ absl::StatusOr<PyTorchStep> MeasurePyTorch() {
                            absl::StrCat("--batch=", kBatch)},
                           "PYTORCH_STEP"));
   PyTorchStep step;
-  FSDP_ASSIGN_OR_RETURN(step.fsdp1_ms, NumberField(lines.back(), "fsdp1_ms"));
-  FSDP_ASSIGN_OR_RETURN(step.fsdp2_ms, NumberField(lines.back(), "fsdp2_ms"));
+  const auto& fields = lines.back();
+  FSDP_ASSIGN_OR_RETURN(step.fsdp1_ms, NumberField(fields, "fsdp1_ms"));
+  FSDP_ASSIGN_OR_RETURN(step.fsdp1_cpu_ms, NumberField(fields, "fsdp1_cpu_ms"));
+  FSDP_ASSIGN_OR_RETURN(step.fsdp1_faults, NumberField(fields, "fsdp1_faults"));
+  FSDP_ASSIGN_OR_RETURN(step.fsdp2_ms, NumberField(fields, "fsdp2_ms"));
+  FSDP_ASSIGN_OR_RETURN(step.fsdp2_cpu_ms, NumberField(fields, "fsdp2_cpu_ms"));
+  FSDP_ASSIGN_OR_RETURN(step.fsdp2_faults, NumberField(fields, "fsdp2_faults"));
   return step;
 }
 
@@ -326,8 +351,10 @@ void BM_Step(benchmark::State& state, Mode mode) {
   if (SkipAfterFailure(state)) return;
   std::shared_ptr<ProcessGroup> world = g_groups->world;
   const Command command{mode, static_cast<int64_t>(state.max_iterations)};
-  static std::optional<absl::StatusOr<PyTorchStep>> pytorch;
-  if (IsFullShard(mode) && !pytorch.has_value()) pytorch = MeasurePyTorch();
+  // Measured again right before every FULL_SHARD case (and repetition), so that each ratio
+  // pairs runs close in time on a busy machine.
+  std::optional<absl::StatusOr<PyTorchStep>> pytorch;
+  if (IsFullShard(mode)) pytorch = MeasurePyTorch();
   if (IsFullShard(mode) && !pytorch->ok()) return FailBenchmark(state, pytorch->status());
   absl::Status status = SendCommand(command.Words());
   absl::StatusOr<CaseResult> result =
@@ -343,7 +370,15 @@ void BM_Step(benchmark::State& state, Mode mode) {
     state.counters["pytorch_fsdp1_ms"] = py.fsdp1_ms;
     state.counters["pytorch_fsdp2_ms"] = py.fsdp2_ms;
     state.counters["vs_pytorch"] = m.seconds * 1e3 / std::min(py.fsdp1_ms, py.fsdp2_ms);
+    state.counters["pytorch_fsdp1_cpu_ms"] = py.fsdp1_cpu_ms;
+    state.counters["pytorch_fsdp2_cpu_ms"] = py.fsdp2_cpu_ms;
+    state.counters["pytorch_fsdp1_faults"] = py.fsdp1_faults;
+    state.counters["pytorch_fsdp2_faults"] = py.fsdp2_faults;
+    state.counters["cpu_vs_pytorch"] =
+        m.cpu_seconds * 1e3 / std::min(py.fsdp1_cpu_ms, py.fsdp2_cpu_ms);
   }
+  state.counters["cpu_ms"] = m.cpu_seconds * 1e3;
+  state.counters["faults_per_step"] = m.faults;
   for (size_t r = 0; r < result->peaks.size(); ++r) {
     state.counters[absl::StrCat("peak_rss_rank", r)] = Bytes(static_cast<double>(result->peaks[r]));
     state.counters[absl::StrCat("step_mem_rank", r)] =
@@ -354,7 +389,8 @@ void BM_Step(benchmark::State& state, Mode mode) {
   state.counters["param_bytes"] = Bytes(static_cast<double>(m.param_bytes));
   state.counters["optim_bytes"] = Bytes(static_cast<double>(optim_bytes));
   state.counters["largest_unit_bytes"] = Bytes(static_cast<double>(m.largest_unit_bytes));
-  state.counters["mmap_threshold"] = Bytes(static_cast<double>(kMmapThresholdBytes));
+  state.counters["mmap_threshold"] =
+      Bytes(g_default_malloc ? 0.0 : static_cast<double>(kMmapThresholdBytes));
   state.counters["shard_target"] =
       Bytes(static_cast<double>((2 * m.param_bytes + optim_bytes) / world->size()) +
             static_cast<double>(m.largest_unit_bytes));
@@ -373,16 +409,29 @@ void RegisterCases(const RankGroups& groups) {
 }
 
 int RunRank(int argc, char** argv) {
-  if (!MmapAllocationsFrom(kMmapThresholdBytes)) {
-    std::fprintf(stderr, "fsdp_step_benchmark: glibc refused M_MMAP_THRESHOLD=%lld\n",
-                 static_cast<long long>(kMmapThresholdBytes));
-    return 1;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (i > 0 && std::string(argv[i]) == "--glibc_default_malloc") {
+      g_default_malloc = true;
+    } else {
+      args.push_back(argv[i]);
+    }
+  }
+  if (!g_default_malloc) {
+    if (!MmapAllocationsFrom(kMmapThresholdBytes)) {
+      std::fprintf(stderr, "fsdp_step_benchmark: glibc refused M_MMAP_THRESHOLD=%lld\n",
+                   static_cast<long long>(kMmapThresholdBytes));
+      return 1;
+    }
+    // PyTorch's ranks (started by rank 0) get the same allocator: glibc reads this at start.
+    setenv("MALLOC_MMAP_THRESHOLD_", std::to_string(kMmapThresholdBytes).c_str(), 1);
   }
   RankHarnessOptions options;
   options.name = "fsdp_step_benchmark";
   options.collective_timeout = kCollectiveTimeout;
   options.command_timeout = kJobTimeout;
-  return RunRankHarness(argc, argv, options, RegisterCases, FollowCommand);
+  return RunRankHarness(static_cast<int>(args.size()), args.data(), options, RegisterCases,
+                        FollowCommand);
 }
 
 }  // namespace

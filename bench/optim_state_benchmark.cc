@@ -8,7 +8,17 @@
 //   FullOptimStateDict        GetOptimStateDict, FULL_STATE_DICT, rank0_only, offload_to_cpu
 //                             (PyTorch's full_optim_state_dict(rank0_only=True) with CPU
 //                             offload). Reference: all-gather of the state bytes.
-//   ShardedOptimStateDict     sharded_optim_state_dict. Reference: all-gather.
+//   ShardedOptimStateDict     sharded_optim_state_dict (FSDP1's dim-0 chunks). Reference:
+//                             all-gather.
+//   LocalShardedOptimStateDict  GetOptimStateDict, SHARDED_STATE_DICT with local_shards: this
+//                             rank's own flat-shard pieces, views (what FSDP2's
+//                             get_optimizer_state_dict does). Reference: all-gather (it moves
+//                             nothing, so vs_collective only says how far below that it is).
+//   FlattenShardedOptimStateDict/local  flatten_sharded_optim_state_dict of that dict: the
+//                             same layout, so nothing moves. Reference: all-gather.
+//   OptimStateDictToLoad/sharded_local  optim_state_dict_to_load of that dict with
+//                             load_directly (the optimizer adopts the tensors, as
+//                             torch.optim's load_state_dict). Reference: all-gather.
 //   FlattenShardedOptimStateDict  flatten_sharded_optim_state_dict of the dict the previous
 //                             function made. Reference: all-gather.
 //   OptimStateDictToLoad/sharded  optim_state_dict_to_load under SHARDED_STATE_DICT with
@@ -43,8 +53,8 @@
 //                   case's input dict, which are resident before the calls.
 //   peak_rss_other  the same for the group's other ranks (the largest), bytes.
 //   base_rss_rank0  rank 0's VmRSS right before the calls (reference buffers left out).
-//   vs_pytorch      (Full, Sharded, OptimStateDictToLoad/sharded) API time / PyTorch 2.13's
-//                   time for the same operation on the model's twin at the same world size,
+//   vs_pytorch      (Full, Sharded, LocalSharded, OptimStateDictToLoad/sharded[_local]) API
+//                   time / PyTorch 2.13's time for the same operation on the model's twin at the same world size,
 //                   the faster of FSDP1 and FSDP2 (pytorch_fsdp: 1 or 2; pytorch_ms its time),
 //                   measured by bench/pytorch_optim_state.py under torchrun from rank 0 once
 //                   per world size, in the same run (goal: <= 0.5).
@@ -91,6 +101,7 @@
 #include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "optim_state/fsdp_optim_state.h"
+#include "optim_state/local_sharded_optim_state.h"
 #include "optim_state/optim_state_dict.h"
 #include "optim_state/optimizer_adapter.h"
 #include "optim_state/state_dict_type.h"
@@ -116,10 +127,13 @@ enum class Op : int64_t {
   kShardFull = 5,
   kScatterFull = 6,
   kToLoadFull = 7,
+  kLocalSharded = 8,
+  kFlattenLocal = 9,
+  kToLoadLocal = 10,
 };
 
 // The input dict a case needs, prepared before its timed calls.
-enum class Input { kNone, kSharded, kFullEveryRank, kFullRank0 };
+enum class Input { kNone, kSharded, kLocalSharded, kFullEveryRank, kFullRank0 };
 
 // How a case's reference moves the state bytes.
 enum class Reference { kAllGather, kBroadcast, kLocalCopy };
@@ -137,6 +151,11 @@ constexpr Case kCases[] = {
     {Op::kSharded, "ShardedOptimStateDict", Input::kNone, Reference::kAllGather},
     {Op::kFlattenSharded, "FlattenShardedOptimStateDict", Input::kSharded, Reference::kAllGather},
     {Op::kToLoadSharded, "OptimStateDictToLoad/sharded", Input::kSharded, Reference::kAllGather},
+    {Op::kLocalSharded, "LocalShardedOptimStateDict", Input::kNone, Reference::kAllGather},
+    {Op::kFlattenLocal, "FlattenShardedOptimStateDict/local", Input::kLocalSharded,
+     Reference::kAllGather},
+    {Op::kToLoadLocal, "OptimStateDictToLoad/sharded_local", Input::kLocalSharded,
+     Reference::kAllGather},
     {Op::kShardFull, "ShardFullOptimStateDict", Input::kFullEveryRank, Reference::kLocalCopy},
     {Op::kScatterFull, "ScatterFullOptimStateDict", Input::kFullRank0, Reference::kBroadcast},
     {Op::kToLoadFull, "OptimStateDictToLoad/full_rank0", Input::kFullRank0, Reference::kBroadcast},
@@ -223,6 +242,9 @@ absl::Status PrepareInput(Setup& setup, Input kind) {
     case Input::kSharded:
       input = optim_state::ShardedOptimStateDict(*setup.fsdp, *setup.adapter);
       break;
+    case Input::kLocalSharded:
+      input = optim_state::LocalShardedOptimStateDict(*setup.fsdp, *setup.adapter);
+      break;
     case Input::kFullEveryRank:
     case Input::kFullRank0: {
       optim_state::FullOptimStateDictOptions options;
@@ -254,12 +276,22 @@ absl::Status RunOp(Setup& setup, Op op) {
     case Op::kSharded:
       result = optim_state::ShardedOptimStateDict(*setup.fsdp, *setup.adapter);
       break;
-    case Op::kFlattenSharded:
-      result = optim_state::FlattenShardedOptimStateDict(setup.input, *setup.fsdp, *setup.adapter);
-      break;
-    case Op::kToLoadSharded: {
+    case Op::kLocalSharded: {
       StateDictSettings settings;
       settings.state_dict_type = StateDictType::kShardedStateDict;
+      settings.sharded_optim_config.local_shards = true;
+      result = optim_state::GetOptimStateDict(*setup.fsdp, *setup.adapter, settings);
+      break;
+    }
+    case Op::kFlattenSharded:
+    case Op::kFlattenLocal:
+      result = optim_state::FlattenShardedOptimStateDict(setup.input, *setup.fsdp, *setup.adapter);
+      break;
+    case Op::kToLoadSharded:
+    case Op::kToLoadLocal: {
+      StateDictSettings settings;
+      settings.state_dict_type = StateDictType::kShardedStateDict;
+      settings.sharded_optim_config.local_shards = op == Op::kToLoadLocal;
       optim_state::OptimStateDictToLoadOptions options;
       options.load_directly = true;
       result = optim_state::OptimStateDictToLoad(*setup.fsdp, *setup.adapter, setup.input, settings,
@@ -450,8 +482,10 @@ const char* PyTorchOp(Op op) {
     case Op::kFull:
       return "full";
     case Op::kSharded:
+    case Op::kLocalSharded:
       return "sharded";
     case Op::kToLoadSharded:
+    case Op::kToLoadLocal:
       return "load";
     default:
       return nullptr;

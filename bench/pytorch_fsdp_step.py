@@ -13,11 +13,13 @@ benchmark does. Two wrappings, each timed after one warm-up step (which creates 
   FSDP1: FullyShardedDataParallel(FULL_SHARD, device_id=cpu, PyTorch's defaults otherwise:
          BACKWARD_PRE, limit_all_gathers) around every encoder and decoder layer, then the root;
   FSDP2: fully_shard on every layer, then on the root.
-Rank 0 prints one line: `PYTORCH_STEP fsdp1_ms=<ms per step> fsdp2_ms=<ms per step>`.
+Rank 0 prints one line: `PYTORCH_STEP fsdp1_ms=<ms per step> fsdp1_cpu_ms=<rank 0's CPU ms per
+step> fsdp1_faults=<rank 0's minor page faults per step>` and the same three for fsdp2.
 """
 
 import argparse
 import os
+import resource
 import time
 
 import torch
@@ -29,7 +31,9 @@ VOCAB, D_MODEL, NHEAD, LAYERS, FFN = 8192, 512, 8, 6, 2048
 
 
 class BenchTransformerTwin(nn.Module):
-    def __init__(self, d_model=D_MODEL, ffn=FFN):
+    """BenchTransformer's twin; scale_benchmark's smaller models change the width only."""
+
+    def __init__(self, d_model=D_MODEL, dim_feedforward=FFN):
         super().__init__()
         torch.manual_seed(0)
         self.embed_tokens = nn.Embedding(VOCAB, d_model)
@@ -38,7 +42,7 @@ class BenchTransformerTwin(nn.Module):
             nhead=NHEAD,
             num_encoder_layers=LAYERS,
             num_decoder_layers=LAYERS,
-            dim_feedforward=ffn,
+            dim_feedforward=dim_feedforward,
             dropout=0.0,
         )
         self.output_proj = nn.Linear(d_model, VOCAB)
@@ -98,11 +102,15 @@ def time_steps(wrap, args, src, tgt):
     step()  # warm-up: Adam's state
     dist.barrier()
     start = time.perf_counter()
+    cpu_start = time.process_time()
+    faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         step()
     seconds = (time.perf_counter() - start) / args.steps
+    cpu = (time.process_time() - cpu_start) / args.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start) / args.steps
     dist.barrier()
-    return seconds
+    return seconds, cpu, faults
 
 
 def add_run_args(p):
@@ -133,10 +141,13 @@ def main():
     args = p.parse_args()
     rank = start(args)
     src, tgt = rank_batch(rank, args.seq, args.batch)
-    fsdp1 = time_steps(wrap_fsdp1, args, src, tgt)
-    fsdp2 = time_steps(wrap_fsdp2, args, src, tgt)
+    fields = []
+    for name, wrap in (("fsdp1", wrap_fsdp1), ("fsdp2", wrap_fsdp2)):
+        seconds, cpu, faults = time_steps(wrap, args, src, tgt)
+        fields += [f"{name}_ms={seconds * 1e3:.3f}", f"{name}_cpu_ms={cpu * 1e3:.3f}",
+                   f"{name}_faults={faults:.0f}"]
     if rank == 0:
-        print(f"PYTORCH_STEP fsdp1_ms={fsdp1 * 1e3:.3f} fsdp2_ms={fsdp2 * 1e3:.3f}", flush=True)
+        print("PYTORCH_STEP " + " ".join(fields), flush=True)
     finish()
 
 

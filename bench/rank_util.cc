@@ -1,6 +1,8 @@
 #include "bench/rank_util.h"
 
 #include <malloc.h>
+#include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -39,6 +41,18 @@ bool ResetPeakRss() {
   clear_refs << "5";
   clear_refs.flush();
   return static_cast<bool>(clear_refs);
+}
+
+double ProcessCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+int64_t MinorPageFaults() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
 }
 
 bool MmapAllocationsFrom(int64_t bytes) {

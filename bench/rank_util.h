@@ -21,6 +21,12 @@ int64_t PeakRssBytes();
 // RSS. Returns false if the kernel refused the reset.
 bool ResetPeakRss();
 
+// CPU seconds of this process, all its threads, so far (CLOCK_PROCESS_CPUTIME_ID), and its
+// minor page faults so far (getrusage): on a busy machine a step's CPU time is steadier than
+// its wall time, and the faults count the fresh pages it touched.
+double ProcessCpuSeconds();
+int64_t MinorPageFaults();
+
 // Makes glibc serve every allocation of at least `bytes` with its own mmap, returned to the
 // kernel when freed (mallopt M_MMAP_THRESHOLD, which also turns off glibc's dynamic threshold).
 // By default glibc raises the threshold to the size of each large block freed, so after FSDP

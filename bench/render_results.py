@@ -7,7 +7,8 @@ Each JSON file is one benchmark binary's `--benchmark_out` (format json); its na
 *.json in the output directory is read. RESULTS.md gets the machine (CPU model, cores, RAM,
 kernel, date, each run's load average) and, per benchmark, a table: case, time, throughput, the
 counters that matter, the goal that applies to the case and whether it was met. results.png
-charts each benchmark's goal ratio per case (bars, goal line; green met, red missed).
+charts each benchmark's goal ratio per case (bars, goal line; green met, red missed);
+scale_benchmark's curves go to scale.png and scale.svg (render_scale.py).
 
 The PNG is drawn with Pillow when it is importable, otherwise with the small PNG writer below
 (zlib only, bars and goal lines without text labels). Only the standard library is needed.
@@ -24,6 +25,9 @@ import struct
 import sys
 import zlib
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import render_scale  # noqa: E402
+
 # Goals of issue #6, per benchmark: (case regex, counter, limit, what). A goal applies to a
 # case whose name matches and that reports the counter.
 GOALS = {
@@ -38,6 +42,13 @@ GOALS = {
     "checkpoint_benchmark": [
         (r".", "vs_write", 1.5, "save or load time / plain write+fsync or read time"),
         (r".", "vs_same_size_load", 1.2, "resharded load / same-size load"),
+        (r".", "vs_pytorch", 0.5, "sharded save or load time / PyTorch's dcp.save or dcp.load"),
+        (r".", "mem_vs_pytorch", 1.0, "rank 0 peak RSS / PyTorch's"),
+    ],
+    "scale_benchmark": [
+        (r"^Scale/Step/", "vs_pytorch", 1.0, "step time / PyTorch's (faster of FSDP1, FSDP2)"),
+        (r"^Scale/(?!Step/)", "vs_pytorch", 0.5, "time / PyTorch's at the same point"),
+        (r".", "mem_vs_pytorch", 1.0, "rank 0 peak RSS / PyTorch's"),
     ],
     "fsdp_step_benchmark": [
         (r"^Step/FULL_SHARD", "vs_no_shard", 1.5, "step time / NO_SHARD step time"),
@@ -61,7 +72,11 @@ COLUMNS = {
                               "vs_scatter", "ref_ms", "peak_rss_rank0",
                               "peak_rss_other", "base_rss_rank0"],
     "checkpoint_benchmark": ["vs_write", "vs_same_size_load", "ref_ms", "same_size_ms",
-                             "ckpt_bytes"],
+                             "ckpt_bytes", "vs_pytorch", "pytorch_ms", "mem_vs_pytorch",
+                             "peak_rss_rank0", "pytorch_peak_rss_rank0"],
+    "scale_benchmark": ["params", "vs_pytorch", "pytorch_ms", "pytorch_fsdp", "mem_vs_pytorch",
+                        "peak_rss_rank0", "pytorch_peak_rss_rank0", "peak_rss_max",
+                        "pytorch_peak_rss_max"],
     "fsdp_step_benchmark": ["vs_no_shard", "vs_pytorch", "pytorch_fsdp1_ms", "pytorch_fsdp2_ms",
                             "no_shard_ms", "step_mem_rank0", "step_mem_rank1", "held_mem_rank0",
                             "local_state_bytes", "shard_target", "mem_vs_target"],
@@ -78,6 +93,10 @@ STANDARD_KEYS = {
     "bytes_per_second", "items_per_second", "error_occurred", "error_message", "label",
     "aggregate_name", "aggregate_unit",
 }
+
+
+# Benchmarks drawn as curves (render_scale.py) rather than as bars in results.png.
+CURVES = {"scale_benchmark"}
 
 
 def is_bytes_counter(name):
@@ -165,7 +184,7 @@ def load(paths):
             rows.append(bench)
         runs.append((benchmark, data.get("context", {}), rows))
     order = ["optim_state_benchmark", "checkpoint_benchmark", "fsdp_step_benchmark",
-             "comm_benchmark"]
+             "comm_benchmark", "scale_benchmark"]
     runs.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[0]))
     return runs
 
@@ -187,6 +206,10 @@ def render_markdown(runs, info):
                   f"Run {context.get('date', '?')}{load_text}; "
                   f"{context.get('num_cpus', '?')} CPUs at {context.get('mhz_per_cpu', '?')} MHz.",
                   ""]
+        if benchmark in CURVES:
+            lines += render_scale.settings_note(context)
+            lines += ["Curves: [scale.png](scale.png) ([scale.svg](scale.svg), the same with "
+                      "text labels).", ""]
         columns = COLUMNS.get(benchmark)
         if columns is None:
             columns = sorted({k for r in rows for k in r if k not in STANDARD_KEYS})
@@ -234,7 +257,7 @@ def chart_items(runs):
     panels = []
     for benchmark, _, rows in runs:
         ratio_goals = [g for g in GOALS.get(benchmark, []) if not g[1].startswith("mem_vs")]
-        if not ratio_goals:
+        if not ratio_goals or benchmark in CURVES:
             continue
         counter, limit = ratio_goals[0][1], ratio_goals[0][2]
         items = []
@@ -358,6 +381,12 @@ def main():
         except ImportError:
             draw_plain(panels, png_path)
     print(f"render_results: wrote {md_path} and {png_path}")
+    for benchmark, _, rows in runs:
+        if benchmark in CURVES:
+            png, svg = (os.path.join(args.out_dir, f"scale.{ext}") for ext in ("png", "svg"))
+            title = f"fsdp-cpp scale curves, {info['cpu']}, {info['cores']} cores, {info['date']}"
+            if render_scale.render(rows, png, svg, title):
+                print(f"render_results: wrote {png} and {svg}")
 
 
 if __name__ == "__main__":

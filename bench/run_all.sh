@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs every benchmark binary of bench/ with `bazel run -c opt`, stores each one's Google
-# Benchmark JSON as bench/results/<name>.json and renders bench/results/RESULTS.md and
-# results.png (bench/render_results.py, tools/python).
+# Benchmark JSON as bench/results/<name>.json and renders bench/results/RESULTS.md,
+# results.png and scale_benchmark's curves scale.png / scale.svg (bench/render_results.py,
+# tools/python).
 #
 #   bash bench/run_all.sh
 #
@@ -11,7 +12,8 @@
 #   BENCHMARKS           the benchmarks to run (default: all below; a missing target is skipped,
 #                        so checkpoint_benchmark runs once //bench:checkpoint_benchmark exists)
 #   <NAME>_ARGS          extra arguments for one benchmark, e.g.
-#                        COMM_BENCHMARK_ARGS="--benchmark_min_time=1"
+#                        COMM_BENCHMARK_ARGS="--benchmark_min_time=1",
+#                        SCALE_BENCHMARK_ARGS="--worlds=1,2,4 --iterations=1"
 # Exits non-zero if a benchmark failed (the others still run and are rendered).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ out=bench/results
 mkdir -p "$out"
 read -r -a startup <<<"${BAZEL_STARTUP_FLAGS:-}"
 read -r -a flags <<<"${BAZEL_FLAGS:-}"
-benchmarks=${BENCHMARKS:-"optim_state_benchmark checkpoint_benchmark full_checkpoint_benchmark async_save_benchmark fsdp_step_benchmark comm_benchmark deferred_init_benchmark"}
+benchmarks=${BENCHMARKS:-"optim_state_benchmark checkpoint_benchmark full_checkpoint_benchmark async_save_benchmark fsdp_step_benchmark comm_benchmark deferred_init_benchmark scale_benchmark"}
 failed=()
 for name in $benchmarks; do
   if ! bazel "${startup[@]}" query "//bench:$name" >/dev/null 2>&1; then

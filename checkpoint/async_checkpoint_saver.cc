@@ -23,7 +23,11 @@ absl::StatusOr<std::shared_ptr<comm::ProcessGroup>> OwnCopy(comm::ProcessGroup& 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<AsyncCheckpointSaver>> AsyncCheckpointSaver::Create(
-    FullyShardedDataParallel& fsdp) {
+    FullyShardedDataParallel& fsdp, const AsyncSaverOptions& options) {
+  if (options.staging_threads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AsyncCheckpointSaver: staging_threads must be at least 1, not ", options.staging_threads));
+  }
   CKPT_ASSIGN_OR_RETURN(std::shared_ptr<comm::ProcessGroup> group, OwnCopy(*fsdp.group()),
                         "AsyncCheckpointSaver: creating the saver's process group");
   std::shared_ptr<comm::ProcessGroup> replicas;
@@ -32,7 +36,7 @@ absl::StatusOr<std::unique_ptr<AsyncCheckpointSaver>> AsyncCheckpointSaver::Crea
                           "AsyncCheckpointSaver: creating the saver's replicate group");
   }
   return std::unique_ptr<AsyncCheckpointSaver>(
-      new AsyncCheckpointSaver(fsdp, std::move(group), std::move(replicas)));
+      new AsyncCheckpointSaver(fsdp, options, std::move(group), std::move(replicas)));
 }
 
 AsyncCheckpointSaver::~AsyncCheckpointSaver() {
@@ -65,10 +69,12 @@ absl::StatusOr<AsyncSaveStats> AsyncCheckpointSaver::Save(
   const bool writes = replicas_ == nullptr || replicas_->rank() == 0;
   absl::StatusOr<internal::LocalSave> local = internal::LocalSave{};
   if (writes) {
+    const auto collect_start = std::chrono::steady_clock::now();
     local = internal::CollectLocalSave(fsdp_, adapter, group_->rank());
+    stats.collect_seconds = internal::Since(collect_start);
     if (local.ok()) {
       const auto copy_start = std::chrono::steady_clock::now();
-      absl::Status staged = internal::StageLocalSave(*local, staging_);
+      absl::Status staged = internal::StageLocalSave(*local, staging_, options_.staging_threads);
       stats.copy_seconds = internal::Since(copy_start);
       if (!staged.ok()) local = staged;
     }

@@ -23,7 +23,8 @@
 // directory, the rank and the file; the old checkpoint at that path stays as it was (the commit
 // is atomic). Save() itself fails for the staging's errors (the model's or optimizer's state,
 // out of memory), after taking part in the background protocol so that the other ranks fail
-// too instead of waiting. Create: the collective errors of comm::ProcessGroup::NewSubgroup.
+// too instead of waiting. Create: INVALID_ARGUMENT for options.staging_threads below 1, the
+// collective errors of comm::ProcessGroup::NewSubgroup.
 // Preconditions: as SaveShardedCheckpoint's (every rank calls Save with the same arguments in
 // the same order, the model and optimizer are idle during Save()); the saver lives no longer
 // than the model's process groups; the destructor waits for the save in flight.
@@ -49,15 +50,24 @@ namespace fsdp::checkpoint {
 struct AsyncSaveStats {
   double blocked_seconds = 0;  // the time Save() held the caller (waiting + staging)
   double waited_seconds = 0;   // of which waiting for the previous save
+  double collect_seconds = 0;  // of which collecting the pieces (views, no copy) and metadata
   double copy_seconds = 0;     // of which copying the pieces into the staging buffers
   int64_t staged_bytes = 0;    // copied into the staging buffers
+};
+
+struct AsyncSaverOptions {
+  // Threads that copy the pieces into the staging buffers during Save() (the caller's and
+  // staging_threads - 1 more, each an equal share of the bytes). More than one helps where
+  // a core is idle while training waits (on a machine whose cores all run ranks, measure:
+  // bench/README.md). INVALID_ARGUMENT from Create below 1.
+  int staging_threads = 1;
 };
 
 class AsyncCheckpointSaver {
  public:
   // Collective over fsdp.group() (and its replicate group): every rank calls it once.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<AsyncCheckpointSaver>> Create(
-      FullyShardedDataParallel& fsdp);
+      FullyShardedDataParallel& fsdp, const AsyncSaverOptions& options = {});
 
   ~AsyncCheckpointSaver();
   AsyncCheckpointSaver(const AsyncCheckpointSaver&) = delete;
@@ -76,11 +86,13 @@ class AsyncCheckpointSaver {
   bool pending() const { return in_flight_.valid(); }
 
  private:
-  AsyncCheckpointSaver(FullyShardedDataParallel& fsdp, std::shared_ptr<comm::ProcessGroup> group,
+  AsyncCheckpointSaver(FullyShardedDataParallel& fsdp, const AsyncSaverOptions& options,
+                       std::shared_ptr<comm::ProcessGroup> group,
                        std::shared_ptr<comm::ProcessGroup> replicas)
-      : fsdp_(fsdp), group_(std::move(group)), replicas_(std::move(replicas)) {}
+      : fsdp_(fsdp), options_(options), group_(std::move(group)), replicas_(std::move(replicas)) {}
 
   FullyShardedDataParallel& fsdp_;
+  AsyncSaverOptions options_;
   std::shared_ptr<comm::ProcessGroup> group_;     // the shard group's ranks, for the thread
   std::shared_ptr<comm::ProcessGroup> replicas_;  // the replicate group's; null unless hybrid
   std::vector<at::Tensor> staging_;               // one buffer per piece, reused

@@ -67,7 +67,9 @@ TEST_P(AsyncCheckpointSaverTest, SavesTheStateAtSaveWhileTrainingOverwritesIt) {
   RunPhase(1, c.save.world_size, [&](comm::ProcessGroup& group) {
     auto job = MakeJob(c.save, group);
     ASSERT_NE(job, nullptr);
-    auto saver = AsyncCheckpointSaver::Create(*job->fsdp);
+    // As many staging threads as ranks (2 and 3): the copy split across threads, whose pieces
+    // break at other places than the pieces' own ends (one thread: the test below).
+    auto saver = AsyncCheckpointSaver::Create(*job->fsdp, {.staging_threads = c.save.world_size});
     ASSERT_THAT(saver, IsOk());
     Train(*job, 0, 2);
     const FullState before = Snapshot(*job);
@@ -131,6 +133,9 @@ TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldChe
   RunPhase(1, 2, [&](comm::ProcessGroup& group) {
     auto job = MakeJob(C(2), group);
     ASSERT_NE(job, nullptr);
+    EXPECT_THAT(AsyncCheckpointSaver::Create(*job->fsdp, {.staging_threads = 0}),
+                StatusIs(absl::StatusCode::kInvalidArgument,
+                         HasSubstr("staging_threads must be at least 1, not 0")));
     auto saver = AsyncCheckpointSaver::Create(*job->fsdp);
     ASSERT_THAT(saver, IsOk());
     Train(*job, 0, 1);
@@ -140,13 +145,7 @@ TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldChe
     Train(*job, 1, 2);
 
     rlimit old_limit;
-    ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
-    if (group.rank() == 1) {
-      std::signal(SIGXFSZ, SIG_IGN);
-      rlimit tiny = old_limit;
-      tiny.rlim_cur = kTinyFileLimit;
-      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &tiny), 0);
-    }
+    if (group.rank() == 1) old_limit = LimitFileSize(kTinyFileLimit);
     // Staging succeeds; the write fails in the background, on rank 1's file, on every rank.
     ASSERT_THAT((*saver)->Save(dir, job->adapter.get()), IsOk());
     const auto file_error =
@@ -159,9 +158,7 @@ TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldChe
                          AllOf(HasSubstr("the previous save failed, so this one was not started"),
                                file_error)));
     EXPECT_FALSE((*saver)->pending());
-    if (group.rank() == 1) {
-      ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &old_limit), 0);
-    }
+    if (group.rank() == 1) RestoreFileSize(old_limit);
 
     // The first checkpoint is still there, whole.
     ASSERT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());

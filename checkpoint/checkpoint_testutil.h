@@ -4,11 +4,13 @@
 #ifndef FSDP_CPP_CHECKPOINT_CHECKPOINT_TESTUTIL_H_
 #define FSDP_CPP_CHECKPOINT_CHECKPOINT_TESTUTIL_H_
 
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
@@ -72,6 +74,19 @@ inline void RunPhase(int phase, int world_size, const fsdp::testing::RankBody& b
     }
   }
 }
+
+// Until restored, this process may write no file larger than `bytes`: a write beyond fails with
+// EFBIG (SIGXFSZ is ignored), a real write error. Returns the limit to restore.
+inline rlimit LimitFileSize(rlim_t bytes) {
+  rlimit old_limit;
+  EXPECT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  std::signal(SIGXFSZ, SIG_IGN);
+  rlimit tiny = old_limit;
+  tiny.rlim_cur = bytes;
+  EXPECT_EQ(setrlimit(RLIMIT_FSIZE, &tiny), 0);
+  return old_limit;
+}
+inline void RestoreFileSize(const rlimit& limit) { EXPECT_EQ(setrlimit(RLIMIT_FSIZE, &limit), 0); }
 
 inline std::string TmpDir(const std::string& name) {
   const char* tmp = std::getenv("TEST_TMPDIR");

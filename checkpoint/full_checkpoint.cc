@@ -16,28 +16,7 @@ using internal::PickleOptim;
 using internal::WriteArchive;
 using optim_state::OptimStateDict;
 using optim_state::ParamKey;
-using optim_state::StateSequence;
 using optim_state::StateValue;
-
-absl::StatusOr<StateValue> FromPyValue(const PyValue& value, const std::string& where) {
-  if (value.is_none()) return StateValue::None();
-  if (value.is_bool()) return StateValue(value.as_bool());
-  if (value.is_int()) return StateValue(value.as_int());
-  if (value.is_float()) return StateValue(value.as_float());
-  if (value.is_str()) return StateValue(value.as_str());
-  if (value.is_tensor()) return StateValue(value.as_tensor());
-  if (value.is_tuple() || value.is_list()) {
-    std::vector<StateValue> items;
-    for (const PyValue& item : value.items()) {
-      FSDP_ASSIGN_OR_RETURN(StateValue converted, FromPyValue(item, where));
-      items.push_back(std::move(converted));
-    }
-    return value.is_tuple() ? StateValue::Tuple(std::move(items))
-                            : StateValue::List(std::move(items));
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat(where, ": a ", value.TypeName(), " is not an optimizer state value"));
-}
 
 absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& where) {
   if (key.is_int()) return ParamKey::Id(key.as_int());
@@ -47,6 +26,26 @@ absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& w
 }
 
 }  // namespace
+
+absl::StatusOr<StateValue> StateValueFromPyValue(const PyValue& value, const std::string& where) {
+  if (value.is_none()) return StateValue::None();
+  if (value.is_bool()) return StateValue(value.as_bool());
+  if (value.is_int()) return StateValue(value.as_int());
+  if (value.is_float()) return StateValue(value.as_float());
+  if (value.is_str()) return StateValue(value.as_str());
+  if (value.is_tensor()) return StateValue(value.as_tensor());
+  if (value.is_tuple() || value.is_list()) {
+    std::vector<StateValue> items;
+    for (const PyValue& item : value.items()) {
+      FSDP_ASSIGN_OR_RETURN(StateValue converted, StateValueFromPyValue(item, where));
+      items.push_back(std::move(converted));
+    }
+    return value.is_tuple() ? StateValue::Tuple(std::move(items))
+                            : StateValue::List(std::move(items));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(where, ": a ", value.TypeName(), " is not an optimizer state value"));
+}
 
 absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path) {
   FSDP_ASSIGN_OR_RETURN(Pickled pickled, PickleModel(state, path));
@@ -116,8 +115,9 @@ absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
       if (!name.is_str()) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": state names are str"));
       }
-      FSDP_ASSIGN_OR_RETURN(StateValue converted,
-                            FromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
+      FSDP_ASSIGN_OR_RETURN(
+          StateValue converted,
+          StateValueFromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
       param_state.Set(name.as_str(), std::move(converted));
     }
     out.state.Set(std::move(param_key), std::move(param_state));
@@ -150,8 +150,9 @@ absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
         has_params = true;
         continue;
       }
-      FSDP_ASSIGN_OR_RETURN(StateValue converted,
-                            FromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
+      FSDP_ASSIGN_OR_RETURN(
+          StateValue converted,
+          StateValueFromPyValue(item, absl::StrCat(where, "[", name.as_str(), "]")));
       parsed.hyper_params.Set(name.as_str(), std::move(converted));
     }
     if (!has_params) {

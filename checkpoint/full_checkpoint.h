@@ -25,6 +25,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "checkpoint/py_value.h"
 #include "optim_state/optim_state_dict.h"
 
 namespace fsdp::checkpoint {
@@ -46,6 +47,11 @@ using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
 // commit. Every value is converted and pickled before anything is written; the tensors' bytes
 // are then streamed from the tensors into the files (no copy of a whole file in memory), which
 // are torch::pickle_save's but for its type tags. The parent of DIR must exist.
+// A value read from a pickle as an optimizer state value (None, bool, int, float, str, tensor,
+// tuples and lists of them); INVALID_ARGUMENT naming `where` for anything else (a dict...).
+[[nodiscard]] absl::StatusOr<optim_state::StateValue> StateValueFromPyValue(
+    const PyValue& value, const std::string& where);
+
 [[nodiscard]] absl::Status WriteFullCheckpoint(
     const std::string& dir, const ModelStateDict& model, const optim_state::OptimStateDict* optim,
     const std::map<std::string, std::string>& extra_files = {});

@@ -231,9 +231,12 @@ class StreamingSave {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<ArchiveWriter>> OpenOnRank0(const std::string& name) {
+  absl::StatusOr<std::unique_ptr<ArchiveWriter>> OpenOnRank0(const std::string& name,
+                                                             const Pickled& pickled) {
     if (!writes_) return nullptr;
-    return ArchiveWriter::Create(absl::StrCat(staging_, "/", name), /*durable=*/true);
+    return ArchiveWriter::Create(absl::StrCat(staging_, "/", name),
+                                 internal::ArchiveRecords::kPickleSave, pickled.pickle,
+                                 /*durable=*/true);
   }
 
   // Writes storage i: `bytes` of `data`, or the storage's own tensor when data is null.
@@ -255,7 +258,7 @@ class StreamingSave {
   }
 
   absl::Status StreamModel() {
-    absl::StatusOr<std::unique_ptr<ArchiveWriter>> writer = OpenOnRank0("model.pt");
+    absl::StatusOr<std::unique_ptr<ArchiveWriter>> writer = OpenOnRank0("model.pt", model_pickled_);
     ArchiveWriter* w = writer.ok() ? writer->get() : nullptr;
     FSDP_RETURN_IF_ERROR(RunSteps(
         model_plan_, [&](int unit) { return units_[static_cast<size_t>(unit)]->GatherFullFlat(); },
@@ -269,14 +272,14 @@ class StreamingSave {
                 static_cast<size_t>(info.numel) * elem);
         }));
     if (writes_) {
-      model_status_ = writer.ok() ? (*writer)->Finish(model_pickled_.pickle) : writer.status();
+      model_status_ = writer.ok() ? (*writer)->Finish().status() : writer.status();
     }
     model_pickled_ = {};
     return absl::OkStatus();
   }
 
   absl::Status StreamOptim() {
-    absl::StatusOr<std::unique_ptr<ArchiveWriter>> writer = OpenOnRank0("optim.pt");
+    absl::StatusOr<std::unique_ptr<ArchiveWriter>> writer = OpenOnRank0("optim.pt", optim_pickled_);
     ArchiveWriter* w = writer.ok() && model_status_.ok() ? writer->get() : nullptr;
     FSDP_RETURN_IF_ERROR(RunSteps(
         optim_plan_,
@@ -289,9 +292,8 @@ class StreamingSave {
                 static_cast<size_t>(buffer.numel()) * buffer.element_size());
         }));
     if (writes_) {
-      optim_status_ =
-          writer.ok() ? (w != nullptr ? (*writer)->Finish(optim_pickled_.pickle) : absl::OkStatus())
-                      : writer.status();
+      optim_status_ = writer.ok() ? (w != nullptr ? (*writer)->Finish().status() : absl::OkStatus())
+                                  : writer.status();
     }
     optim_pickled_ = {};
     return absl::OkStatus();

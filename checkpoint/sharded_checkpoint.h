@@ -72,6 +72,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "checkpoint/sharded_format.h"
+#include "checkpoint/sharded_load_options.h"
 #include "checkpoint/sharded_save_options.h"
 #include "fsdp/fully_sharded_data_parallel.h"
 #include "optim_state/optimizer_adapter.h"
@@ -83,14 +84,12 @@ namespace fsdp::checkpoint {
     const std::string& dir, FullyShardedDataParallel& fsdp,
     const optim_state::OptimizerAdapter* adapter, const SaveShardedOptions& options = {});
 
-struct LoadStats {
-  ReadStats read;  // this rank's reads: metadata.json, headers, data blocks
-  double seconds = 0;
-};
-
-// Loads DIR into the model (and the optimizer, unless `adapter` is null). See above.
+// Loads DIR into the model (and the optimizer, unless `adapter` is null). See above. A DIR with a
+// `.metadata` file is a torch.distributed.checkpoint directory, loaded by dcp_load.h with the
+// same guarantees (options.dcp_layout names its layout).
 [[nodiscard]] absl::StatusOr<LoadStats> LoadShardedCheckpoint(
-    const std::string& dir, FullyShardedDataParallel& fsdp, optim_state::OptimizerAdapter* adapter);
+    const std::string& dir, FullyShardedDataParallel& fsdp, optim_state::OptimizerAdapter* adapter,
+    const LoadShardedOptions& options = {});
 
 }  // namespace fsdp::checkpoint
 

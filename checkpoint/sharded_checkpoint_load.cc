@@ -1,369 +1,55 @@
-// LoadShardedCheckpoint (sharded_checkpoint.h): every rank reads and checks what its shards need,
-// and only when all have does any change its model or optimizer.
-#include <ATen/core/grad_mode.h>
-
-#include <algorithm>
-#include <chrono>
-#include <map>
-#include <set>
-#include <unordered_map>
+// LoadShardedCheckpoint (sharded_checkpoint.h): our format's reader as the source of the load's
+// steps (internal/shard_load.h), or a DCP directory's (dcp_load.h).
+#include <memory>
 #include <utility>
-#include <vector>
 
-#include "absl/container/flat_hash_map.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "checkpoint/atomic_dir.h"
-#include "checkpoint/internal/sharded_checkpoint_common.h"
+#include "checkpoint/dcp_load.h"
+#include "checkpoint/internal/shard_load.h"
 #include "checkpoint/sharded_checkpoint.h"
 #include "comm/status_macros.h"
-#include "fsdp/state_dict.h"
-#include "nlohmann/json.hpp"
 
 namespace fsdp::checkpoint {
-
-using internal::AgreeOn;
-using internal::FqnsOf;
-using internal::json;
-using internal::OptimizerParams;
-using internal::ParamRole;
-using internal::Role;
-using internal::Roles;
-using internal::Since;
-using internal::TorchSize;
-using internal::Where;
-using optim_state::OptimizerAdapter;
-using optim_state::OptimStateDict;
-using optim_state::ParamGroup;
-using optim_state::ParamKey;
-using optim_state::ParamState;
-using optim_state::StateValue;
-
 namespace {
 
-struct Plan {
-  ShardedDict model;
-  OptimStateDict optim;
+class ShardedFormatSource final : public internal::ShardSource {
+ public:
+  explicit ShardedFormatSource(std::unique_ptr<ShardedCheckpointReader> reader)
+      : reader_(std::move(reader)), file_(reader_->dir() + "/metadata.json") {}
+
+  const ShardedMetadata& metadata() const override { return reader_->metadata(); }
+  const std::string& metadata_file() const override { return file_; }
+  absl::Status ReadRange(const TensorRecord& tensor, int64_t begin, int64_t end,
+                         at::Tensor& out) override {
+    return reader_->ReadRange(tensor, begin, end, out);
+  }
+  absl::StatusOr<at::Tensor> ReadTensor(const TensorRecord& tensor) override {
+    return reader_->ReadTensor(tensor);
+  }
+  ReadStats stats() const override { return reader_->stats(); }
+
+ private:
+  std::unique_ptr<ShardedCheckpointReader> reader_;
+  std::string file_;
 };
-
-// "model key -> stored FQN" and the checkpoint's optimizer entries by the stored FQN they
-// resolve to.
-struct Names {
-  std::map<std::string, std::string> stored;
-  std::map<std::string, const OptimParamRecord*> optim;
-
-  std::string Resolve(const std::string& fqn) const {
-    auto it = stored.find(fqn);
-    return it == stored.end() ? fqn : it->second;
-  }
-};
-
-absl::Status BuildModel(FullyShardedDataParallel& fsdp, ShardedCheckpointReader& reader,
-                        const Names& names, Plan& plan) {
-  const ShardedMetadata& m = reader.metadata();
-  FSDP_ASSIGN_OR_RETURN(ShardedDict templ, ShardedStateDict(fsdp));
-  std::vector<std::string> missing, errors;
-  std::set<std::string> expected;
-  for (auto& [fqn, value] : templ) {
-    expected.insert(fqn);
-    auto it = names.stored.find(fqn);
-    if (it == names.stored.end()) {
-      missing.push_back(absl::StrCat("\"", fqn, "\""));
-      continue;
-    }
-    const TensorRecord* t = m.FindTensor(absl::StrCat("model/", it->second));
-    LocalShard* shard = std::get_if<LocalShard>(&value);
-    const at::Tensor& current = shard != nullptr ? shard->data : std::get<at::Tensor>(value);
-    const std::vector<int64_t> shape =
-        shard != nullptr ? shard->global_shape : current.sizes().vec();
-    if (t->shape != shape) {
-      errors.push_back(absl::StrCat(
-          "size mismatch for ", fqn, ": copying a param with shape ", TorchSize(t->shape),
-          " from checkpoint, the shape in current model is ", TorchSize(shape), "."));
-      continue;
-    }
-    if (t->dtype != current.scalar_type()) {
-      errors.push_back(absl::StrCat("dtype mismatch for ", fqn, ": copying a param with dtype ",
-                                    c10::toString(t->dtype),
-                                    " from checkpoint, the dtype in current model is ",
-                                    c10::toString(current.scalar_type()), "."));
-      continue;
-    }
-    if (shard != nullptr) {
-      at::Tensor data = at::empty({shard->numel}, current.options());
-      FSDP_RETURN_IF_ERROR(
-          reader.ReadRange(*t, shard->flat_offset, shard->flat_offset + shard->numel, data));
-      shard->data = data;
-    } else {
-      FSDP_ASSIGN_OR_RETURN(at::Tensor data, reader.ReadTensor(*t));
-      value = data;
-    }
-  }
-  std::vector<std::string> unexpected;
-  for (const auto& [key, stored] : m.model_keys) {
-    if (expected.count(key) == 0) unexpected.push_back(absl::StrCat("\"", key, "\""));
-  }
-  std::string message;
-  if (!missing.empty()) {
-    absl::StrAppend(&message, "Missing key(s) in state_dict: ", absl::StrJoin(missing, ", "), ". ");
-  }
-  if (!unexpected.empty()) {
-    absl::StrAppend(&message, "Unexpected key(s) in state_dict: ", absl::StrJoin(unexpected, ", "),
-                    ". ");
-  }
-  for (const std::string& e : errors) absl::StrAppend(&message, "\n\t", e);
-  if (!message.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        reader.dir(),
-        "/metadata.json does not fit the model: Error(s) in loading state_dict: ", message));
-  }
-  plan.model = std::move(templ);
-  return absl::OkStatus();
-}
-
-// The positive-dimension state `name` of checkpoint entry `rec`, or null.
-const OptimValueRecord* FindValue(const OptimParamRecord* rec, const std::string& name) {
-  if (rec == nullptr) return nullptr;
-  for (const OptimValueRecord& v : rec->values) {
-    if (v.name == name) return &v;
-  }
-  return nullptr;
-}
-
-// Reads elements [begin, begin + numel) of the state tensor `v` of parameter `fqn` (of shape
-// `shape`) into `out`.
-absl::Status ReadState(ShardedCheckpointReader& reader, const OptimValueRecord& v,
-                       const std::string& fqn, const std::vector<int64_t>& shape, int64_t begin,
-                       at::Tensor out) {
-  const TensorRecord* t = reader.metadata().FindTensor(v.tensor_key);
-  if (t->shape != shape) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("optimizer state '", v.name, "' of '", fqn,
-                     "': Tensor optimizer state does not have same shape as its parameter: ",
-                     TorchSize(t->shape), " ", TorchSize(shape)));
-  }
-  return reader.ReadRange(*t, begin, begin + out.numel(), out);
-}
-
-absl::StatusOr<at::ScalarType> StateDtype(ShardedCheckpointReader& reader,
-                                          const OptimValueRecord& v) {
-  return reader.metadata().FindTensor(v.tensor_key)->dtype;
-}
-
-// A flat parameter's state `name` (`numel` elements of `dtype`, this rank's shard): each
-// original parameter's slice at its place, zeros elsewhere (only the elements no slice is read
-// into are zeroed: padding, parameters without state).
-absl::StatusOr<at::Tensor> ReadFlatState(ShardedCheckpointReader& reader, const FlatParamHandle& h,
-                                         const std::vector<std::string>& fqns,
-                                         const std::vector<const OptimParamRecord*>& recs,
-                                         const std::string& name, at::ScalarType dtype,
-                                         int64_t numel) {
-  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(dtype));
-  std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) read into `out`
-  for (size_t i = 0; i < fqns.size(); ++i) {
-    const OptimValueRecord* v = FindValue(recs[i], name);
-    if (v == nullptr) continue;
-    if (!v->is_tensor) continue;  // reported above
-    FSDP_ASSIGN_OR_RETURN(at::ScalarType other, StateDtype(reader, *v));
-    if (other != dtype) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "All unflattened parameters comprising a single flattened parameter must have "
-          "positive-dimension tensor state with the same dtype but got dtypes {",
-          c10::toString(dtype), ", ", c10::toString(other), "} for state ", name,
-          " and unflattened parameter names [", absl::StrJoin(fqns, ", "), "]"));
-    }
-    const ParamShard ps = h.ShardOf(i, h.rank());
-    if (ps.numel == 0) continue;
-    FSDP_RETURN_IF_ERROR(ReadState(reader, *v, fqns[i], h.infos()[i].shape, ps.param_offset,
-                                   out.narrow(0, ps.shard_offset, ps.numel)));
-    filled.emplace_back(ps.shard_offset, ps.shard_offset + ps.numel);
-  }
-  std::sort(filled.begin(), filled.end());
-  int64_t next = 0;
-  for (const auto& [b, e] : filled) {
-    if (b > next) out.narrow(0, next, b - next).zero_();
-    next = std::max(next, e);
-  }
-  if (next < out.numel()) out.narrow(0, next, out.numel() - next).zero_();
-  return out;
-}
-
-// The optimizer's parameter groups with the checkpoint's hyper-parameters, once each group's
-// parameters are found to be the checkpoint's group's.
-absl::Status BuildParamGroups(const OptimizerAdapter& adapter, const ShardedMetadata& m,
-                              const Names& names, const std::vector<ParamRole>& roles,
-                              OptimStateDict& osd) {
-  const auto& groups = adapter.optimizer().param_groups();
-  if (groups.size() != m.optim.param_groups.size()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the checkpoint has ", m.optim.param_groups.size(),
-                     " parameter groups, the optimizer has ", groups.size()));
-  }
-  size_t id = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    ParamGroup out;
-    out.hyper_params = m.optim.param_groups[g].hyper_params;
-    std::set<std::string> ours, theirs;
-    for (size_t k = 0; k < groups[g].params().size(); ++k, ++id) {
-      out.params.push_back(ParamKey::Id(static_cast<int64_t>(id)));
-      for (const std::string& fqn : FqnsOf(roles[id])) ours.insert(names.Resolve(fqn));
-    }
-    for (const ParamKey& key : m.optim.param_groups[g].params) {
-      theirs.insert(names.Resolve(key.fqn()));
-    }
-    if (ours != theirs) {
-      std::vector<std::string> only_ours, only_theirs;
-      for (const auto& f : ours) {
-        if (theirs.count(f) == 0) only_ours.push_back(f);
-      }
-      for (const auto& f : theirs) {
-        if (ours.count(f) == 0) only_theirs.push_back(f);
-      }
-      return absl::InvalidArgumentError(absl::StrCat(
-          "param_groups[", g, "] of the checkpoint does not match the optimizer's group ", g,
-          ": only in the checkpoint [", absl::StrJoin(only_theirs, ", "),
-          "], only in the optimizer [", absl::StrJoin(only_ours, ", "), "]"));
-    }
-    osd.param_groups.push_back(std::move(out));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
-                        ShardedCheckpointReader& reader, const Names& names, Plan& plan) {
-  const ShardedMetadata& m = reader.metadata();
-  if (!m.has_optim) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(reader.dir(), "/metadata.json holds no optimizer state"));
-  }
-  const std::vector<at::Tensor> params = OptimizerParams(adapter);
-  FSDP_ASSIGN_OR_RETURN(std::vector<ParamRole> roles, Roles(fsdp, params));
-  OptimStateDict& osd = plan.optim;
-  for (size_t id = 0; id < params.size(); ++id) {
-    const ParamRole& role = roles[id];
-    const std::vector<std::string> fqns = FqnsOf(role);
-    std::vector<const OptimParamRecord*> recs;
-    bool any = false;
-    for (const std::string& fqn : fqns) {
-      auto it = names.optim.find(names.Resolve(fqn));
-      recs.push_back(it == names.optim.end() ? nullptr : it->second);
-      any = any || recs.back() != nullptr;
-    }
-    if (!any) continue;
-    // State names in the order of the first parameter that has them.
-    std::vector<std::string> order;
-    for (const OptimParamRecord* rec : recs) {
-      if (rec == nullptr) continue;
-      for (const OptimValueRecord& v : rec->values) {
-        if (std::find(order.begin(), order.end(), v.name) == order.end()) order.push_back(v.name);
-      }
-    }
-    ParamState state;
-    for (const std::string& name : order) {
-      const OptimValueRecord* first = nullptr;
-      for (const OptimParamRecord* rec : recs) {
-        const OptimValueRecord* v = FindValue(rec, name);
-        if (v == nullptr) continue;
-        if (first == nullptr) first = v;
-        if (v->is_tensor != first->is_tensor) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("Differing optimizer state types for state ", name,
-                           " and unflattened parameter "
-                           "names [",
-                           absl::StrJoin(fqns, ", "), "]"));
-        }
-      }
-      if (!first->is_tensor) {
-        state.Set(name, optim_state::CloneStateValue(first->value));
-        continue;
-      }
-      FSDP_ASSIGN_OR_RETURN(at::ScalarType dtype, StateDtype(reader, *first));
-      const auto options = at::TensorOptions().dtype(dtype);
-      if (role.role == Role::kUnmanaged) {
-        at::Tensor out = at::empty({params[id].numel()}, options);
-        FSDP_RETURN_IF_ERROR(ReadState(reader, *first, fqns[0], params[id].sizes().vec(), 0, out));
-        state.Set(name, StateValue(out.view(params[id].sizes())));
-        continue;
-      }
-      const FlatParamHandle& h = *role.handle;
-      if (role.role == Role::kOrig) {
-        const ParamShard ps = h.ShardOf(role.index, h.rank());
-        at::Tensor out = at::empty({ps.numel}, options);
-        FSDP_RETURN_IF_ERROR(
-            ReadState(reader, *first, fqns[0], h.infos()[role.index].shape, ps.param_offset, out));
-        if (out.numel() != params[id].numel()) {
-          return absl::InternalError(absl::StrCat("'", fqns[0], "' holds ", params[id].numel(),
-                                                  " elements, its shard slice ", out.numel()));
-        }
-        state.Set(name, StateValue(out.view(params[id].sizes())));
-        continue;
-      }
-      FSDP_ASSIGN_OR_RETURN(at::Tensor out,
-                            ReadFlatState(reader, h, fqns, recs, name, dtype, params[id].numel()));
-      state.Set(name, StateValue(out.view(params[id].sizes())));
-    }
-    osd.state.Set(ParamKey::Id(static_cast<int64_t>(id)), std::move(state));
-  }
-
-  osd.has_param_groups = m.optim.has_param_groups;
-  if (!osd.has_param_groups) return absl::OkStatus();
-  return BuildParamGroups(adapter, m, names, roles, osd);
-}
 
 }  // namespace
 
 absl::StatusOr<LoadStats> LoadShardedCheckpoint(const std::string& dir,
                                                 FullyShardedDataParallel& fsdp,
-                                                OptimizerAdapter* adapter) {
-  const auto start = std::chrono::steady_clock::now();
-  at::NoGradGuard no_grad;
-  comm::ProcessGroup& group = *fsdp.group();
-  const std::string where = Where("LoadShardedCheckpoint", dir, group);
-
-  // 1. Read and check everything this rank needs; change nothing.
-  Plan plan;
-  LoadStats stats;
-  std::unique_ptr<ShardedCheckpointReader> reader;
-  absl::Status built = CallTorch(where, [&]() -> absl::Status {
-    FSDP_ASSIGN_OR_RETURN(reader, ShardedCheckpointReader::Open(dir));
-    Names names;
-    for (const auto& [key, stored] : reader->metadata().model_keys) names.stored[key] = stored;
-    for (const OptimParamRecord& p : reader->metadata().optim.state) {
-      names.optim[names.Resolve(p.fqn)] = &p;
-    }
-    FSDP_RETURN_IF_ERROR(BuildModel(fsdp, *reader, names, plan));
-    if (adapter != nullptr) {
-      FSDP_RETURN_IF_ERROR(BuildOptim(fsdp, *adapter, *reader, names, plan), "optimizer");
-    }
-    return absl::OkStatus();
-  });
-  if (reader != nullptr) stats.read = reader->stats();
-  FSDP_RETURN_IF_ERROR(AgreeOn(group, where, built));
-
-  // 2. The optimizer (restored everywhere if any rank refuses), then the model.
-  OptimStateDict snapshot;
-  if (adapter != nullptr) {
-    absl::Status loaded = CallTorch(where, [&]() -> absl::Status {
-      // No copy is needed to restore: LoadStateDict swaps new state tensors in, so the tensors
-      // `snapshot` refers to are left as they are. The plan's tensors were read for this load
-      // alone: the optimizer takes them as they are (the rvalue LoadStateDict), as it takes
-      // the snapshot's back if this load is undone.
-      FSDP_ASSIGN_OR_RETURN(snapshot, adapter->StateDict());
-      return adapter->LoadStateDict(std::move(plan.optim));
-    });
-    absl::Status agreed = AgreeOn(group, where, loaded);
-    if (!agreed.ok()) {
-      if (loaded.ok()) (void)adapter->LoadStateDict(std::move(snapshot));
-      return agreed;
-    }
+                                                optim_state::OptimizerAdapter* adapter,
+                                                const LoadShardedOptions& options) {
+  if (dcp::IsDcpCheckpoint(dir)) {
+    return dcp::LoadDcpCheckpoint(dir, fsdp, adapter, options.dcp_layout);
   }
-  absl::Status model = LoadShardedStateDict(fsdp, plan.model);
-  if (!model.ok()) {
-    if (adapter != nullptr) (void)adapter->LoadStateDict(std::move(snapshot));
-    return Annotate(model, where);
-  }
-  stats.seconds = Since(start);
-  return stats;
+  return internal::LoadFromShardSource(
+      dir,
+      [&]() -> absl::StatusOr<std::unique_ptr<internal::ShardSource>> {
+        FSDP_ASSIGN_OR_RETURN(std::unique_ptr<ShardedCheckpointReader> reader,
+                              ShardedCheckpointReader::Open(dir));
+        return std::unique_ptr<internal::ShardSource>(
+            std::make_unique<ShardedFormatSource>(std::move(reader)));
+      },
+      fsdp, adapter);
 }
 
 }  // namespace fsdp::checkpoint

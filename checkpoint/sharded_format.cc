@@ -12,7 +12,15 @@
 namespace fsdp::checkpoint {
 
 absl::string_view CheckpointKindName(CheckpointKind kind) {
-  return kind == CheckpointKind::kFull ? "full" : "sharded";
+  switch (kind) {
+    case CheckpointKind::kFull:
+      return "full";
+    case CheckpointKind::kSharded:
+      return "sharded";
+    case CheckpointKind::kDcp:
+      return "dcp";
+  }
+  return "unknown";
 }
 
 absl::StatusOr<CheckpointKind> DetectCheckpointKind(const std::string& dir) {
@@ -20,6 +28,7 @@ absl::StatusOr<CheckpointKind> DetectCheckpointKind(const std::string& dir) {
   if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     return absl::NotFoundError(absl::StrCat(dir, ": no such checkpoint directory"));
   }
+  if (stat(JoinPath(dir, ".metadata").c_str(), &st) == 0) return CheckpointKind::kDcp;
   const std::string metadata = JoinPath(dir, "metadata.json");
   if (stat(metadata.c_str(), &st) == 0) {
     std::ifstream in(metadata, std::ios::binary);
@@ -35,7 +44,9 @@ absl::StatusOr<CheckpointKind> DetectCheckpointKind(const std::string& dir) {
   }
   if (stat(JoinPath(dir, "model.pt").c_str(), &st) == 0) return CheckpointKind::kFull;
   return absl::NotFoundError(absl::StrCat(
-      dir, ": neither a sharded checkpoint (metadata.json) nor a full one (model.pt)"));
+      dir,
+      ": neither a sharded checkpoint (metadata.json or DCP's .metadata) nor a full one "
+      "(model.pt)"));
 }
 
 }  // namespace fsdp::checkpoint

@@ -77,12 +77,13 @@
 
 namespace fsdp::checkpoint {
 
-enum class CheckpointKind { kFull, kSharded };
-// "full" / "sharded".
+enum class CheckpointKind { kFull, kSharded, kDcp };
+// "full" / "sharded" / "dcp".
 absl::string_view CheckpointKindName(CheckpointKind kind);
 
-// Which kind of checkpoint DIR holds: kSharded if DIR/metadata.json names this format, kFull if
-// DIR/model.pt exists (and no metadata.json). Errors: NOT_FOUND (no such directory, or neither
+// Which kind of checkpoint DIR holds: kDcp if DIR/.metadata exists (torch.distributed.checkpoint,
+// dcp_load.h), kSharded if DIR/metadata.json names this format, kFull if DIR/model.pt exists
+// (and neither of the others). Errors: NOT_FOUND (no such directory, or neither
 // file), INVALID_ARGUMENT (a metadata.json of another format).
 [[nodiscard]] absl::StatusOr<CheckpointKind> DetectCheckpointKind(const std::string& dir);
 

@@ -5,7 +5,7 @@
 //         [--wrap=wrap|wrap_alt|wrap_root|none]
 //         [--sharding_strategy=full_shard|shard_grad_op|no_shard|hybrid_shard|hybrid_shard_zero2]
 //         [--shard_group_size=K]
-//         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded] [--load=DIR]
+//         [--use_orig_params] [--save=DIR] [--state_dict_type=full|sharded|dcp] [--load=DIR]
 //         [--strip_key_prefixes=pytorch,...] [--clip_grad_norm=MAX_NORM] [--grad_accum=K]
 //         [--mixed_precision=bf16|fp16[,REDUCE[,BUFFER]]] [--deferred_init]
 //         [--backward_prefetch=none|backward_pre|backward_post] [--forward_prefetch]
@@ -89,8 +89,9 @@ ABSL_FLAG(bool, use_orig_params, false, "The optimizer sees the original paramet
 ABSL_FLAG(std::string, save, "", "Write a checkpoint to this directory at the end.");
 ABSL_FLAG(std::string, state_dict_type, "",
           "Checkpoint kind for --save: full (model.pt + optim.pt, what PyTorch FSDP users save) "
-          "or sharded (metadata.json + one file per rank; loads at any world size). Default: "
-          "sharded with --demo, full otherwise. --load recognises both.");
+          "or sharded (metadata.json + one file per rank; loads at any world size) or dcp "
+          "(torch.distributed.checkpoint's .metadata + __<rank>_0.distcp, torchtitan's layout, "
+          "which PyTorch's dcp.load reads). Default: sharded with --demo, full otherwise.");
 ABSL_FLAG(bool, async_save, false,
           "With --state_dict_type=sharded: save in the background (checkpoint/"
           "async_checkpoint_saver.h, as dcp.async_save): training goes on while it is written.");
@@ -405,9 +406,9 @@ absl::StatusOr<std::shared_ptr<fsdp::comm::ProcessGroup>> JoinJob() {
 
 // The flags checked before the model is built.
 absl::Status CheckJobFlags() {
-  if (StateDictType() != "full" && StateDictType() != "sharded") {
+  if (StateDictType() != "full" && StateDictType() != "sharded" && StateDictType() != "dcp") {
     return absl::InvalidArgumentError(
-        absl::StrCat("--state_dict_type=", StateDictType(), " is not one of full, sharded"));
+        absl::StrCat("--state_dict_type=", StateDictType(), " is not one of full, sharded, dcp"));
   }
   if (absl::GetFlag(FLAGS_async_save) && StateDictType() != "sharded") {
     return absl::InvalidArgumentError("--async_save needs --state_dict_type=sharded");

@@ -13,6 +13,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint/dcp_save.h"
 #include "checkpoint/key_prefixes.h"
 #include "checkpoint/load_full_checkpoint.h"
 #include "checkpoint/save_full_checkpoint.h"
@@ -53,6 +54,20 @@ absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::
       {.extra_files = {{kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")}}});
 }
 
+// DIR/progress.txt's steps_done, read by rank 0 and broadcast (0 without the file).
+absl::StatusOr<int> ReadProgress(const std::string& dir, fsdp::comm::ProcessGroup& group) {
+  int steps_done = 0;
+  if (group.rank() == 0) {
+    std::ifstream progress(dir + "/" + kProgressFile);
+    std::string line;
+    if (progress >> line && line.rfind("steps_done=", 0) == 0) {
+      steps_done = std::atoi(line.c_str() + 11);
+    }
+  }
+  FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
+  return std::atoi(steps.c_str());
+}
+
 // Loads a full checkpoint written by SaveCheckpoint (or by PyTorch: model.pt and optim.pt
 // FQN-keyed, with --strip_key_prefixes for a wrapped model's keys) into this job, whatever its
 // world size and wrapping; returns the steps done (progress.txt, 0 without it).
@@ -69,16 +84,16 @@ absl::StatusOr<int> LoadFullTrainCheckpoint(const std::string& dir,
     if (!absl::StrContains(loaded.message(), "key prefixes stripped")) return loaded;
     return absl::Status(loaded.code(), absl::StrCat(loaded.message(), " (--strip_key_prefixes)"));
   }
-  int steps_done = 0;
-  if (group.rank() == 0) {
-    std::ifstream progress(dir + "/" + kProgressFile);
-    std::string line;
-    if (progress >> line && line.rfind("steps_done=", 0) == 0) {
-      steps_done = std::atoi(line.c_str() + 11);
-    }
-  }
-  FSDP_ASSIGN_OR_RETURN(std::string steps, group.BroadcastObject(std::to_string(steps_done), 0));
-  return std::atoi(steps.c_str());
+  return ReadProgress(dir, group);
+}
+
+// A torch.distributed.checkpoint directory (checkpoint/dcp_load.h), e.g. one PyTorch's dcp.save
+// wrote, with the steps done in DIR/progress.txt (0 without it) as in a full checkpoint.
+absl::StatusOr<int> LoadDcpTrainCheckpoint(const std::string& dir, fsdp::comm::ProcessGroup& group,
+                                           fsdp::FullyShardedDataParallel& fsdp,
+                                           fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_RETURN_IF_ERROR(fsdp::checkpoint::LoadShardedCheckpoint(dir, fsdp, &adapter).status());
+  return ReadProgress(dir, group);
 }
 
 // A sharded checkpoint (checkpoint/sharded_checkpoint.h): every rank writes its own shard, no
@@ -91,6 +106,18 @@ absl::Status SaveShardedTrainCheckpoint(const std::string& dir, int steps_done,
   fsdp::checkpoint::SaveShardedOptions options;
   options.user_metadata["steps_done"] = std::to_string(steps_done);
   return fsdp::checkpoint::SaveShardedCheckpoint(dir, fsdp, &adapter, options).status();
+}
+
+// A DCP directory (checkpoint/dcp_save.h) in torchtitan's layout, which PyTorch's dcp.load
+// reads: every rank writes its own file; progress.txt, as beside a full checkpoint, in the
+// same commit.
+absl::Status SaveDcpTrainCheckpoint(const std::string& dir, int steps_done,
+                                    fsdp::FullyShardedDataParallel& fsdp,
+                                    const fsdp::optim_state::OptimizerAdapter& adapter) {
+  FSDP_RETURN_IF_ERROR(CreateParentDir(dir));
+  fsdp::checkpoint::SaveDcpOptions options;
+  options.extra_files[kProgressFile] = absl::StrCat("steps_done=", steps_done, "\n");
+  return fsdp::checkpoint::SaveDcpCheckpoint(dir, fsdp, &adapter, options).status();
 }
 
 absl::StatusOr<int> LoadShardedTrainCheckpoint(const std::string& dir,
@@ -121,12 +148,12 @@ absl::StatusOr<int> LoadTrainCheckpoint(const std::string& dir,
   if (group.rank() == 0) {
     auto detected = fsdp::checkpoint::DetectCheckpointKind(dir);
     kind = !detected.ok() ? absl::StrCat("error:", detected.status().message())
-           : *detected == fsdp::checkpoint::CheckpointKind::kSharded ? "sharded"
-                                                                     : "full";
+                          : std::string(fsdp::checkpoint::CheckpointKindName(*detected));
   }
   FSDP_ASSIGN_OR_RETURN(kind, group.BroadcastObject(kind, 0));
   if (absl::StartsWith(kind, "error:")) return absl::NotFoundError(kind.substr(6));
   if (kind == "sharded") return LoadShardedTrainCheckpoint(dir, fsdp, adapter);
+  if (kind == "dcp") return LoadDcpTrainCheckpoint(dir, group, fsdp, adapter);
   return LoadFullTrainCheckpoint(dir, strip_key_prefixes, group, fsdp, adapter);
 }
 
@@ -154,7 +181,8 @@ absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type
   }
   FSDP_RETURN_IF_ERROR(type == "sharded"
                            ? SaveShardedTrainCheckpoint(dir, steps_done, fsdp, adapter)
-                           : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
+                       : type == "dcp" ? SaveDcpTrainCheckpoint(dir, steps_done, fsdp, adapter)
+                                       : SaveCheckpoint(dir, steps_done, group, fsdp, adapter),
                        absl::StrCat("--save=", dir));
   if (group.rank() == 0) {
     absl::PrintF("train: saved a %s checkpoint in %s after step %d (%.2f s)\n", type, dir,

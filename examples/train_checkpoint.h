@@ -1,8 +1,9 @@
 // The main job's checkpoints (examples/train): a model and its optimizer state with the number
 // of steps done, saved as a full checkpoint (model.pt + optim.pt + progress.txt, what PyTorch
-// FSDP users save, rank 0 writes) or a sharded one (checkpoint/sharded_checkpoint.h, every rank
-// writes its shard; the steps done in metadata.json's user_metadata), and loaded into a job of
-// any world size and wrapping.
+// FSDP users save, rank 0 writes), a sharded one (checkpoint/sharded_checkpoint.h, every rank
+// writes its shard; the steps done in metadata.json's user_metadata) or a DCP one
+// (checkpoint/dcp_save.h, what PyTorch's dcp.load reads; progress.txt), and loaded into a job
+// of any world size and wrapping.
 //
 // Preconditions: every rank of the job's group calls these together, with the same arguments.
 // Errors: what the checkpoint formats return (NOT_FOUND for a directory that holds no
@@ -25,7 +26,8 @@ namespace fsdp::examples {
 // Creates the directory that will hold checkpoint `dir` (atomic saves stage beside it).
 absl::Status CreateParentDir(const std::string& dir);
 
-// Saves `type` ("full" or "sharded") to `dir` after `steps_done` steps; rank 0 prints a line
+// Saves `type` ("full", "sharded" or "dcp", a torch.distributed.checkpoint directory with
+// progress.txt beside .metadata) to `dir` after `steps_done` steps; rank 0 prints a line
 // saying so (and how long it took). With `async_saver` (sharded only) the save is started in
 // the background: the line says how long training was held up, and an error of the previous
 // background save is returned here.

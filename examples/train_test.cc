@@ -14,6 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "checkpoint/dcp_reader.h"
 #include "checkpoint/full_checkpoint.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -375,9 +376,9 @@ TEST(Train, LoadingAMissingCheckpointNamesTheFile) {
 }
 
 // HYBRID_SHARD saves once: a sharded checkpoint from the first replica's shard group (two rank
-// files, not four), a full one from rank 0. A FULL_SHARD job at world size 3 resumes from the
-// sharded one, a hybrid job of two one-rank replicas (loading on every replica) from the full
-// one, both with the uninterrupted hybrid run's losses.
+// files, not four; also when saved in the background), a full one from rank 0. A FULL_SHARD job at
+// world size 3 resumes from the sharded one, a hybrid job of two one-rank replicas (loading on
+// every replica) from the full one, both with the uninterrupted hybrid run's losses.
 TEST(Train, HybridShardSavesOnceAndResumesUnderAnotherLayout) {
   const std::string train = Runfile("examples/train");
   const std::string common = " --model=nested --optimizer=adam --wrap=wrap_root --timeout_s=120";
@@ -387,17 +388,28 @@ TEST(Train, HybridShardSavesOnceAndResumesUnderAnotherLayout) {
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
   const std::vector<double> all = StepLosses(straight.output);
   ASSERT_EQ(all.size(), 6u) << straight.output;
-  const std::pair<const char*, const char*> kCases[] = {
-      {"sharded", " --world_size=3 --sharding_strategy=full_shard"},
-      {"full", " --world_size=2 --sharding_strategy=hybrid_shard --shard_group_size=1"},
+  struct SaveAndLoad {
+    const char* name;
+    const char* save;
+    const char* loader;
   };
-  for (const auto& [type, loader] : kCases) {
-    SCOPED_TRACE(type);
-    const std::string dir = TempDir(absl::StrCat("hybrid_", type));
-    CommandResult first = RunCommand(absl::StrCat(
-        train, common, hybrid, " --steps=3 --state_dict_type=", type, " --save=", dir));
+  const SaveAndLoad kCases[] = {
+      {"sharded", " --state_dict_type=sharded", " --world_size=3 --sharding_strategy=full_shard"},
+      {"async", " --state_dict_type=sharded --async_save",
+       " --world_size=3 --sharding_strategy=full_shard"},
+      {"full", " --state_dict_type=full",
+       " --world_size=2 --sharding_strategy=hybrid_shard --shard_group_size=1"},
+  };
+  for (const auto& [name, save, loader] : kCases) {
+    SCOPED_TRACE(name);
+    const std::string dir = TempDir(absl::StrCat("hybrid_", name));
+    CommandResult first =
+        RunCommand(absl::StrCat(train, common, hybrid, " --steps=3", save, " --save=", dir));
     ASSERT_EQ(first.exit_code, 0) << first.output;
-    if (std::string(type) == "sharded") {
+    if (absl::StrContains(save, "async")) {
+      EXPECT_THAT(first.output, HasSubstr("the background save is committed")) << first.output;
+    }
+    if (absl::StrContains(save, "sharded")) {
       int rank_files = 0;
       for (const auto& entry : std::filesystem::directory_iterator(dir)) {
         rank_files += absl::StartsWith(entry.path().filename().string(), "rank-");
@@ -417,6 +429,50 @@ TEST(Train, HybridShardSavesOnceAndResumesUnderAnotherLayout) {
   }
 }
 
+// --state_dict_type=dcp: a 3-rank job's DCP directory holds, under torchtitan's keys, exactly
+// the full checkpoint the same job saves (PyTorch loading it: //tests/pytorch_peer).
+TEST(Train, DcpSaveHoldsTheStateOfTheFullCheckpoint) {
+  const std::string out = TempDir("dcp_save");
+  const std::string train = absl::StrCat(Runfile("examples/train"),
+                                         " --model=nested --optimizer=adam --wrap=wrap --steps=3",
+                                         " --world_size=3 --timeout_s=120");
+  CommandResult dcp_run =
+      RunCommand(absl::StrCat(train, " --state_dict_type=dcp --save=", out, "/dcp"));
+  ASSERT_EQ(dcp_run.exit_code, 0) << dcp_run.output;
+  EXPECT_THAT(dcp_run.output, HasSubstr("saved a dcp checkpoint in " + out + "/dcp after step 2"));
+  CommandResult full_run =
+      RunCommand(absl::StrCat(train, " --state_dict_type=full --save=", out, "/full"));
+  ASSERT_EQ(full_run.exit_code, 0) << full_run.output;
+  EXPECT_EQ(StepLosses(dcp_run.output), StepLosses(full_run.output));
+
+  auto reader = fsdp::checkpoint::dcp::DcpReader::Open(out + "/dcp");
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  auto model = fsdp::checkpoint::ReadModelStateDict(out + "/full/model.pt");
+  auto optim = fsdp::checkpoint::ReadOptimStateDict(out + "/full/optim.pt");
+  ASSERT_TRUE(model.ok() && optim.ok());
+  size_t tensors = 0;
+  auto expect_same = [&](const std::string& key, const at::Tensor& want) {
+    auto got = (*reader)->ReadTensor(key);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->scalar_type(), want.scalar_type()) << key;
+    EXPECT_TRUE(torch::equal(*got, want)) << key;
+    ++tensors;
+  };
+  for (const auto& [fqn, t] : *model) expect_same("model." + fqn, t);
+  for (const auto& [key, state] : optim->state) {
+    for (const auto& [name, value] : state) {
+      expect_same(absl::StrCat("optimizer.state.", key.fqn(), ".", name), value.Get<at::Tensor>());
+    }
+  }
+  size_t dcp_tensors = 0;
+  for (const auto& [key, entry] : (*reader)->metadata().state_dict_metadata) {
+    dcp_tensors += std::holds_alternative<fsdp::checkpoint::dcp::TensorStorageMetadata>(entry);
+  }
+  EXPECT_EQ(dcp_tensors, tensors);
+  EXPECT_EQ(fsdp::testing::ReadFileLines(out + "/dcp/progress.txt"),
+            std::vector<std::string>{"steps_done=3"});
+}
+
 TEST(Train, BadFlagsAreRefusedByName) {
   const std::pair<const char*, const char*> kCases[] = {
       {" --world_size=1 --optimizer=lamb", "--optimizer=lamb is not one of"},
@@ -428,6 +484,8 @@ TEST(Train, BadFlagsAreRefusedByName) {
        "--nested_dims=1.12 is not one of 2.x, 1.13"},
       {" --world_size=1 --model=nested --clip_grad_norm=-1", "--clip_grad_norm=-1 is negative"},
       {" --world_size=1 --model=nested --grad_accum=0", "--grad_accum=0 is not positive"},
+      {" --world_size=1 --state_dict_type=torch_save",
+       "--state_dict_type=torch_save is not one of full, sharded, dcp"},
       {" --world_size=1 --strip_key_prefixes=module",
        "--strip_key_prefixes: key prefixes \"module\": cannot read"},
   };

@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -20,6 +21,7 @@
 #include "comm/multiprocess_testutil.h"
 #include "fsdp/fsdp_testutil.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/hybrid_shard.h"
 #include "fsdp/state_dict.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -172,6 +174,30 @@ TEST(DeferredInit, SyncModuleStatesBroadcastsRankZerosMaterialisedValues) {
       if (p != nullptr) {
         EXPECT_TRUE(at::equal(value, *p)) << fqn << " on rank " << group.rank();
       }
+    }
+  });
+}
+
+// Under HYBRID_SHARD (2 replicas of 2 shards) rank 0's materialised values reach every replica:
+// each shard group broadcasts within itself and the replicate group carries rank 0's across.
+TEST(DeferredInit, SyncModuleStatesReachesEveryReplicaUnderHybridShard) {
+  RunInRanks(4, [](comm::ProcessGroup& world) {
+    FSDP_ASSERT_OK_AND_ASSIGN(HybridShardGroups groups, MakeHybridShardGroups(world, 2));
+    NormNet meta = MakeMeta(NormNet());
+    torch::manual_seed(world.rank());
+    FsdpOptions options{.sharding_strategy = ShardingStrategy::kHybridShard,
+                        .sync_module_states = true};
+    options.replicate_group = groups.replicate;
+    FSDP_ASSERT_OK_AND_ASSIGN(auto fsdp,
+                              FullyShardedDataParallel::Wrap(meta, groups.shard, options));
+    FSDP_ASSERT_OK_AND_ASSIGN(StateDict full, FullStateDict(*fsdp, {.rank0_only = false}));
+    const NormNet rank0 = Seeded<NormNet>(0);
+    std::map<std::string, at::Tensor> expected;
+    for (const auto& item : rank0->named_parameters()) expected[item.key()] = item.value();
+    for (const auto& item : rank0->named_buffers()) expected[item.key()] = item.value();
+    ASSERT_EQ(full.size(), expected.size());
+    for (const auto& [fqn, value] : full) {
+      EXPECT_TRUE(at::equal(value, expected.at(fqn))) << fqn << " on rank " << world.rank();
     }
   });
 }

@@ -248,7 +248,38 @@ void FlatParamHandle::StashGradients() {
   }
 }
 
-absl::Status FlatParamHandle::ReduceGradients() {
+at::Tensor FlatParamHandle::FlattenGradients(bool reuse_full) {
+  // Filled gap by gap rather than zeroed first: every element is written once.
+  at::Tensor full_grad =
+      reuse_full ? full_.detach()
+                 : at::empty({padded_numel_}, flat_param_.options().dtype(compute_dtype_));
+  int64_t written = 0;  // elements [0, written) are filled
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor& grad = params_[i].mutable_grad();
+    if (!grad.defined()) continue;
+    const FlatParamInfo& info = infos_[i];
+    if (info.offset > written) full_grad.narrow(0, written, info.offset - written).zero_();
+    full_grad.narrow(0, info.offset, info.numel).copy_(grad.reshape({-1}));
+    written = std::max(written, info.offset + info.numel);
+    grad = at::Tensor();
+  }
+  if (written < padded_numel_) full_grad.narrow(0, written, padded_numel_ - written).zero_();
+  return full_grad;
+}
+
+absl::Status FlatParamHandle::ReduceGradients() { return ReduceGradientsInto(false); }
+
+absl::Status FlatParamHandle::ReduceGradientsAndReshard() {
+  // Only a gathered buffer in the gradients' dtype, with no gather writing into it, outside
+  // no_sync (which keeps the unsharded gradient past the reshard).
+  const bool reuse = sharded() && unsharded_ && pending_ == nullptr && sync_gradients_ &&
+                     full_.scalar_type() == compute_dtype_ && full_.numel() == padded_numel_;
+  const absl::Status status = ReduceGradientsInto(reuse);
+  Reshard();
+  return status;
+}
+
+absl::Status FlatParamHandle::ReduceGradientsInto(bool reuse_full) {
   at::NoGradGuard no_grad;
   bool any_grad = false;
   for (const at::Tensor& p : params_) any_grad |= p.grad().defined();
@@ -267,13 +298,7 @@ absl::Status FlatParamHandle::ReduceGradients() {
   }
   // In the gradients' own dtype (compute_dtype()): no_sync accumulates in it, as autograd
   // accumulates PyTorch's unsharded gradient.
-  at::Tensor full_grad = at::zeros({padded_numel_}, flat_param_.options().dtype(compute_dtype_));
-  for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor& grad = params_[i].mutable_grad();
-    if (!grad.defined()) continue;
-    full_grad.narrow(0, infos_[i].offset, infos_[i].numel).copy_(grad.reshape({-1}));
-    grad = at::Tensor();
-  }
+  at::Tensor full_grad = FlattenGradients(reuse_full);
   if (!sync_gradients_) {
     // no_sync: kept local and unreduced, added to what earlier passes left, in the order
     // autograd accumulates PyTorch's unsharded gradient (earlier + this pass). NO_SHARD keeps

@@ -152,6 +152,12 @@ class FlatParamHandle {
   // slices) aside before a backward pass, to be added back by ReduceGradients.
   void StashGradients();
   [[nodiscard]] absl::Status ReduceGradients();
+  // ReduceGradients() then Reshard() (FSDP's post-backward). The unsharded gradient is built
+  // in the gathered buffer, which is freed right after anyway, instead of in a new buffer of
+  // the same size: one fresh allocation of the unit's size (and its page faults) fewer per
+  // backward pass. The parameters' values are overwritten first, so nothing may read them
+  // after their gradients are computed (as after Reshard(), which frees them).
+  [[nodiscard]] absl::Status ReduceGradientsAndReshard();
   // PyTorch's no_sync: while false, ReduceGradients keeps this pass's unsharded gradient
   // locally (added to the earlier passes'), reduces nothing and leaves the parameters without
   // a gradient (NO_SHARD without use_orig_params: in flat_param()'s gradient); the first
@@ -182,6 +188,13 @@ class FlatParamHandle {
   std::vector<FlatParamInfo> infos_;
   std::vector<at::Tensor> params_;
   std::vector<at::Tensor> stashed_grads_;
+  // ReduceGradients with the buffer the unsharded gradient is built in: `reuse_full` takes the
+  // gathered buffer when it can (see ReduceGradientsAndReshard).
+  [[nodiscard]] absl::Status ReduceGradientsInto(bool reuse_full);
+  // The padded unsharded gradient: this pass's parameter gradients (taken from the
+  // parameters), zeros everywhere else; in `full_` when `reuse_full`, else in a new buffer.
+  at::Tensor FlattenGradients(bool reuse_full);
+
   bool sync_gradients_ = true;
   at::Tensor unreduced_;  // padded, unsharded: gradients held back by no_sync
   int64_t numel_ = 0;

@@ -161,8 +161,8 @@ class FsdpUnit : public ForwardInterceptor, public std::enable_shared_from_this<
     if (state_->backward_prefetch == BackwardPrefetch::kBackwardPost) {
       state_->Prefetch(this, FsdpBackwardState::PrefetchMode::kBackward);
     }
-    ThrowIfError(handle_->ReduceGradients());
-    Reshard();
+    ThrowIfError(handle_->ReduceGradientsAndReshard());
+    prefetched_ = false;
   }
 
   void Reshard() {

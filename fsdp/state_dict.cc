@@ -419,7 +419,8 @@ absl::Status LoadFullStateDict(FullyShardedDataParallel& fsdp,
   });
 }
 
-absl::StatusOr<ShardedDict> ShardedStateDict(FullyShardedDataParallel& fsdp) {
+absl::StatusOr<ShardedDict> ShardedStateDict(FullyShardedDataParallel& fsdp,
+                                             bool views) {
   at::NoGradGuard no_grad;
   const std::string where = Where("ShardedStateDict", *fsdp.group());
   ShardedDict out;
@@ -430,16 +431,17 @@ absl::StatusOr<ShardedDict> ShardedStateDict(FullyShardedDataParallel& fsdp) {
       auto it = values.find(impl);
       if (it == values.end()) {
         if (entry.handle == nullptr) {
-          it = values.emplace(impl, ShardedValue(entry.StateValue())).first;
+          at::Tensor value = views ? entry.tensor.detach().to(entry.state_dtype)
+                                   : entry.StateValue();
+          it = values.emplace(impl, ShardedValue(std::move(value))).first;
         } else {
           const FlatParamHandle& handle = *entry.handle;
           const FlatParamInfo& info = entry.info();
           const ParamShard local = handle.ShardOf(entry.index, handle.rank());
           LocalShard shard;
-          shard.data = handle.flat_param()
-                           .detach()
-                           .narrow(0, local.shard_offset, local.numel)
-                           .clone();
+          shard.data = handle.flat_param().detach().narrow(0, local.shard_offset,
+                                                           local.numel);
+          if (!views) shard.data = shard.data.clone();
           shard.global_shape = info.shape;
           shard.flat_offset = local.param_offset;
           shard.numel = local.numel;

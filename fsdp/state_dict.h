@@ -168,8 +168,13 @@ using ShardedDict = std::vector<std::pair<std::string, ShardedValue>>;
 // along dim 0 (ChunkShardingSpec); we keep FSDP's own flat-parameter slices
 // instead (no communication to save), and carry global shape and flat offsets
 // so that a converter can produce either.
+//
+// `views`: the values are views of the live model (its flat shards, parameters
+// and buffers) instead of copies, for a caller that reads or copies them before
+// anything changes the model (an optimizer step, a forward pass, a load): the
+// sharded checkpoint's save, which would otherwise copy every byte twice.
 [[nodiscard]] absl::StatusOr<ShardedDict> ShardedStateDict(
-    FullyShardedDataParallel& fsdp);
+    FullyShardedDataParallel& fsdp, bool views = false);
 
 // Loads a sharded state dict saved by a model of the same world size and
 // wrapping, on the same rank. Keys, shapes and dtypes are checked as

@@ -154,6 +154,20 @@ std::string DiffAt(const std::string& path, const StateValue& expected, const St
                                    " at offsets ", ShapeString(a.offsets), ", expected ",
                                    ShapeString(e.global_shape), " at ", ShapeString(e.offsets)));
           }
+          if (e.more_shards.size() != a.more_shards.size()) {
+            return WithPath(path, absl::StrCat(1 + a.more_shards.size(), " local shards, expected ",
+                                               1 + e.more_shards.size()));
+          }
+          for (size_t i = 0; i < e.more_shards.size(); ++i) {
+            const std::string shard_path = absl::StrCat(path, ".more_shards[", i, "]");
+            if (e.more_shards[i].offsets != a.more_shards[i].offsets) {
+              return WithPath(shard_path,
+                              absl::StrCat("at offsets ", ShapeString(a.more_shards[i].offsets),
+                                           ", expected ", ShapeString(e.more_shards[i].offsets)));
+            }
+            std::string diff = DiffTensors(e.more_shards[i].local, a.more_shards[i].local, tol);
+            if (!diff.empty()) return WithPath(absl::StrCat(shard_path, ".local"), diff);
+          }
           return WithPath(absl::StrCat(path, ".local"), DiffTensors(e.local, a.local, tol));
         } else {
           if (e == a) return "";
@@ -243,6 +257,9 @@ StateValue CloneStateValue(const StateValue& value) {
   if (const auto* sharded = value.GetIf<ShardedTensorValue>()) {
     ShardedTensorValue copy = *sharded;
     if (copy.local.defined()) copy.local = copy.local.detach().clone();
+    for (ShardedTensorValue::Shard& shard : copy.more_shards) {
+      if (shard.local.defined()) shard.local = shard.local.detach().clone();
+    }
     return StateValue(std::move(copy));
   }
   return value;
@@ -333,9 +350,16 @@ std::string DebugString(const StateValue& value) {
           if (v.is_tuple) return absl::StrCat("(", inner, v.items.size() == 1 ? ",)" : ")");
           return absl::StrCat("[", inner, "]");
         } else {
+          std::string more;
+          for (const ShardedTensorValue::Shard& shard : v.more_shards) {
+            absl::StrAppend(&more, ", (", TensorString(shard.local), ", ",
+                            ShapeString(shard.offsets), ")");
+          }
           return absl::StrCat("ShardedTensor(local=", TensorString(v.local),
                               ", global_shape=", ShapeString(v.global_shape),
-                              ", offsets=", ShapeString(v.offsets), ")");
+                              ", offsets=", ShapeString(v.offsets),
+                              more.empty() ? "" : absl::StrCat(", more_shards=[", more.substr(2), "]"),
+                              ")");
         }
       },
       value.variant());

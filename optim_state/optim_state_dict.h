@@ -73,13 +73,20 @@ struct StateSequence {
   bool is_tuple = true;
 };
 
-// This rank's piece of a tensor sharded across ranks (PyTorch's ShardedTensor with one local
-// shard): `local` holds elements [offsets[d], offsets[d] + local.size(d)) of each dimension d
-// of a tensor of shape `global_shape`.
+// This rank's pieces of a tensor sharded across ranks (PyTorch's ShardedTensor and its local
+// shards): `local` holds elements [offsets[d], offsets[d] + local.size(d)) of each dimension d
+// of a tensor of shape `global_shape`; `more_shards`, this rank's further pieces of the same
+// tensor, each described the same way (empty for FSDP1's dim-0 chunks; a flat-shard slice of
+// a parameter, LocalShardedOptimStateDict's, is up to 2 x rank - 1 such boxes).
 struct ShardedTensorValue {
   at::Tensor local;
   std::vector<int64_t> global_shape;
   std::vector<int64_t> offsets;
+  struct Shard {
+    at::Tensor local;
+    std::vector<int64_t> offsets;
+  };
+  std::vector<Shard> more_shards;
 };
 
 // One value of a state dict: None, bool, int, float, str, tensor, tuple/list or sharded tensor.

@@ -11,6 +11,7 @@
 #include "comm/status_macros.h"
 #include "fsdp/flat_param.h"
 #include "optim_state/fsdp_optim_state.h"
+#include "optim_state/local_sharded_optim_state.h"
 
 namespace fsdp::optim_state {
 
@@ -54,6 +55,9 @@ absl::StatusOr<OptimStateDict> GetImpl(FullyShardedDataParallel& fsdp,
                               {.rank0_only = settings.full_optim_config.rank0_only,
                                .group = group,
                                .optim_state_dict = osd});
+  }
+  if (settings.sharded_optim_config.local_shards) {
+    return LocalShardedOptimStateDict(fsdp, adapter, osd);
   }
   return ShardedOptimStateDict(fsdp, adapter, std::move(group), osd);
 }
@@ -191,7 +195,13 @@ absl::StatusOr<OptimStateDict> OptimStateDictToLoad(
     FSDP_ASSIGN_OR_RETURN(names, LocalNames(fsdp, adapter, "OptimStateDictToLoad"));
   }
   if (options.load_directly) {
-    FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(local), "OptimStateDictToLoad");
+    if (settings.state_dict_type == StateDictType::kShardedStateDict &&
+        settings.sharded_optim_config.local_shards) {
+      OptimStateDict adopted = local;  // tensor handles: the optimizer takes the tensors
+      FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(std::move(adopted)), "OptimStateDictToLoad");
+    } else {
+      FSDP_RETURN_IF_ERROR(adapter.LoadStateDict(local), "OptimStateDictToLoad");
+    }
   }
   if (options.is_named_optimizer) return IdsToNames(local, names);
   return local;

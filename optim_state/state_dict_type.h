@@ -58,6 +58,17 @@ struct FullOptimStateDictConfig {
 
 struct ShardedOptimStateDictConfig {
   bool offload_to_cpu = true;
+  // The dict's sharded values are this rank's own flat-shard pieces
+  // (LocalShardedOptimStateDict, local_sharded_optim_state.h: views of the
+  // optimizer's state, made with no communication, as FSDP2's) instead of
+  // FSDP1's dim-0 chunks (ShardedOptimStateDict: a gather of the whole state,
+  // then copies). Keys, param_groups and scalars are the same either way, and
+  // loading takes both. With load_directly, the optimizer then adopts the
+  // loaded tensors without a copy, as torch.optim's load_state_dict keeps the
+  // dict's tensors (the returned dict shares them; a dict taken from another
+  // live optimizer at this layout then shares that optimizer's memory, as in
+  // PyTorch: clone it, CloneOptimStateDict, to keep the two apart).
+  bool local_shards = false;
 };
 
 struct StateDictSettings {
@@ -100,7 +111,8 @@ class ScopedStateDictType {
 // FSDP.optim_state_dict(model, optim, group) (named GetOptimStateDict because
 // the type OptimStateDict owns the plain name): with kFullStateDict
 // FullOptimStateDict (FQN keys; rank0_only per the config), with
-// kShardedStateDict ShardedOptimStateDict. A collective over `group` (null:
+// kShardedStateDict ShardedOptimStateDict (LocalShardedOptimStateDict with
+// local_shards, not a collective). A collective over `group` (null:
 // fsdp.group()). Errors: those of FullOptimStateDict / ShardedOptimStateDict
 // (fsdp_optim_state.h).
 [[nodiscard]] absl::StatusOr<OptimStateDict> GetOptimStateDict(

@@ -50,7 +50,7 @@ using ::fsdp::optim_state::testing::Step;
 using ::fsdp::optim_state::testing::Train;
 using ::fsdp::optim_state::testing::Trained;
 
-enum class Type { kFull, kFullRank0Only, kSharded };
+enum class Type { kFull, kFullRank0Only, kSharded, kShardedLocal };
 struct TypeCase {
   Case c;
   Type type;
@@ -58,7 +58,8 @@ struct TypeCase {
 std::string TypeName(Type type) {
   return type == Type::kFull            ? "_Full"
          : type == Type::kFullRank0Only ? "_FullRank0Only"
-                                        : "_Sharded";
+         : type == Type::kSharded       ? "_Sharded"
+                                        : "_ShardedLocal";
 }
 std::string TypeCaseName(const ::testing::TestParamInfo<TypeCase>& info) {
   return absl::StrCat(Describe(info.param.c), TypeName(info.param.type));
@@ -70,9 +71,10 @@ void PrintTo(const TypeCase& t, std::ostream* os) {
 // `settings` set for `type` as a scope would.
 std::unique_ptr<ScopedStateDictType> Scope(StateDictSettings& settings,
                                            Type type) {
-  if (type == Type::kSharded) {
-    return std::make_unique<ScopedStateDictType>(settings,
-                                                 ShardedOptimStateDictConfig{});
+  if (type == Type::kSharded || type == Type::kShardedLocal) {
+    return std::make_unique<ScopedStateDictType>(
+        settings,
+        ShardedOptimStateDictConfig{.local_shards = type == Type::kShardedLocal});
   }
   return std::make_unique<ScopedStateDictType>(
       settings,
@@ -117,7 +119,8 @@ TEST_P(OptimStateDictToLoadTest, RoundTripContinuesTrainingIdentically) {
         for (const auto& [name, value] : state)
           any_sharded |= value.Is<ShardedTensorValue>();
       }
-      EXPECT_EQ(any_sharded, p.type == Type::kSharded);
+      EXPECT_EQ(any_sharded,
+                p.type == Type::kSharded || p.type == Type::kShardedLocal);
     }
 
     auto fresh = MakeAdam(t.s.fsdp->parameters());
@@ -231,7 +234,9 @@ INSTANTIATE_TEST_SUITE_P(
         TypeCase{Case{Model::kNested, 3, /*use_orig_params=*/true},
                  Type::kFull},
         TypeCase{Case{Model::kNested, 2, true}, Type::kFullRank0Only},
-        TypeCase{Case{Model::kTransformer, 2, true}, Type::kSharded}),
+        TypeCase{Case{Model::kTransformer, 2, true}, Type::kSharded},
+        TypeCase{Case{Model::kNested, 3}, Type::kShardedLocal},
+        TypeCase{Case{Model::kTransformer, 2, true}, Type::kShardedLocal}),
     TypeCaseName);
 
 TEST(ScopedStateDictType, SetsTheTypeAndConfigAndRestoresThePreviousSettings) {

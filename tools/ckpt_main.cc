@@ -1,12 +1,19 @@
 // ckpt: inspect, verify and convert fsdp-cpp checkpoints offline (no process group).
 //
 //   ckpt inspect DIR      kind, world size, and a table of every tensor (FQN, optimizer state
-//                         name, shape, dtype, bytes, pieces) and non-tensor optimizer values
+//                         name, shape, dtype, bytes, pieces) and non-tensor optimizer values;
+//                         DCP (torch.distributed.checkpoint): the layout, every tensor with
+//                         dtype, shape and chunks, every bytes entry's value (ckpt_dcp.h)
 //   ckpt verify DIR       sharded: reads every block and checks its xxhash64, printing each
 //                         bad range (file, byte range, tensor); full: reads both files whole
-//                         (zip CRCs). Exit status 1 if anything is bad.
-//   ckpt convert --in=DIR --out=DIR2 --to=full|sharded [--world_size=M] [--block_bytes=B]
-//                         sharded N -> full, full -> sharded M, sharded N -> sharded M. A
+//                         (zip CRCs); DCP: what can be checked without checksums (ckpt_dcp.h).
+//                         Exit status 1 if anything is bad.
+//   ckpt convert --in=DIR --out=DIR2 --to=full|sharded|dcp [--world_size=M] [--block_bytes=B]
+//                         sharded N -> full, full -> sharded M, sharded N -> sharded M, and a
+//                         DCP directory (model + optimizer, layout detected) to either; any of
+//                         them -> dcp M (a torch.distributed.checkpoint directory in torchtitan's
+//                         layout, __0_0.distcp .. __<M-1>_0.distcp, that PyTorch's dcp.load
+//                         reads; checkpoint/dcp_save.h's WriteDcpFromFull). A
 //                         sharded output splits each tensor into M even element ranges, one
 //                         per rank file (not the layout an M-rank FULL_SHARD job writes, which
 //                         follows its flat parameters; any job loads either). Written
@@ -25,9 +32,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "checkpoint/dcp_load.h"
+#include "checkpoint/dcp_save.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/sharded_format.h"
 #include "optim_state/optim_state_dict.h"
+#include "tools/ckpt_dcp.h"
 
 namespace fsdp::checkpoint {
 namespace {
@@ -35,7 +45,7 @@ namespace {
 constexpr char kUsage[] =
     "usage: ckpt inspect DIR\n"
     "       ckpt verify DIR\n"
-    "       ckpt convert --in=DIR --out=DIR2 --to=full|sharded [--world_size=M] "
+    "       ckpt convert --in=DIR --out=DIR2 --to=full|sharded|dcp [--world_size=M] "
     "[--block_bytes=B]\n";
 
 int Fail(const absl::Status& status) {
@@ -56,6 +66,7 @@ absl::StatusOr<FullContents> ReadAny(const std::string& dir, CheckpointKind* kin
   absl::StatusOr<CheckpointKind> k = DetectCheckpointKind(dir);
   if (!k.ok()) return k.status();
   *kind = *k;
+  if (*k == CheckpointKind::kDcp) return dcp::ReadDcpFullContents(dir);
   if (*k == CheckpointKind::kSharded) {
     auto reader = ShardedCheckpointReader::Open(dir);
     if (!reader.ok()) return reader.status();
@@ -90,6 +101,7 @@ void PrintRow(const std::vector<std::string>& cells) {
 int Inspect(const std::string& dir) {
   absl::StatusOr<CheckpointKind> kind = DetectCheckpointKind(dir);
   if (!kind.ok()) return Fail(kind.status());
+  if (*kind == CheckpointKind::kDcp) return InspectDcp(dir);
   if (*kind == CheckpointKind::kSharded) {
     auto reader = ShardedCheckpointReader::Open(dir);
     if (!reader.ok()) return Fail(reader.status());
@@ -159,6 +171,7 @@ int Inspect(const std::string& dir) {
 int Verify(const std::string& dir) {
   absl::StatusOr<CheckpointKind> kind = DetectCheckpointKind(dir);
   if (!kind.ok()) return Fail(kind.status());
+  if (*kind == CheckpointKind::kDcp) return VerifyDcp(dir);
   if (*kind == CheckpointKind::kFull) {
     CheckpointKind k;
     auto contents = ReadAny(dir, &k);
@@ -191,8 +204,8 @@ int Convert(const std::map<std::string, std::string>& flags) {
     }
   }
   const std::string to = flags.at("to");
-  if (to != "full" && to != "sharded") {
-    std::cerr << "ckpt convert: --to must be full or sharded\n";
+  if (to != "full" && to != "sharded" && to != "dcp") {
+    std::cerr << "ckpt convert: --to must be full, sharded or dcp\n";
     return 2;
   }
   int world_size = 1;
@@ -209,12 +222,14 @@ int Convert(const std::map<std::string, std::string>& flags) {
   auto contents = ReadAny(flags.at("in"), &kind);
   if (!contents.ok()) return Fail(contents.status());
   const optim_state::OptimStateDict* optim = contents->has_optim ? &contents->optim : nullptr;
-  absl::Status s = to == "full" ? WriteFullCheckpoint(flags.at("out"), contents->model, optim)
-                                : WriteShardedFromFull(flags.at("out"), contents->model, optim,
-                                                       world_size, block_bytes);
+  absl::Status s =
+      to == "full" ? WriteFullCheckpoint(flags.at("out"), contents->model, optim)
+      : to == "dcp"
+          ? WriteDcpFromFull(flags.at("out"), contents->model, optim, world_size)
+          : WriteShardedFromFull(flags.at("out"), contents->model, optim, world_size, block_bytes);
   if (!s.ok()) return Fail(s);
   std::cout << "converted " << CheckpointKindName(kind) << " " << flags.at("in") << " to " << to
-            << (to == "sharded" ? absl::StrCat(" (world size ", world_size, ")") : "") << " "
+            << (to != "full" ? absl::StrCat(" (world size ", world_size, ")") : "") << " "
             << flags.at("out") << "\n";
   return 0;
 }

@@ -1,6 +1,9 @@
 // The ckpt tool on real checkpoint files: inspect shows the kind and every tensor, verify
 // passes a clean checkpoint and names each damaged range of a flipped one, and conversions
-// sharded 3 -> full -> sharded 2 -> sharded 4 keep every value.
+// sharded 3 -> full -> sharded 2 -> sharded 4 keep every value; on DCP directories PyTorch 2.13
+// wrote (checkpoint/testdata/make_dcp_checkpoints.py): inspect shows the layout and chunks,
+// verify passes them and refuses damaged copies naming file and tensor, convert to full keeps
+// every value.
 #include <sys/wait.h>
 #include <torch/torch.h>
 
@@ -12,12 +15,15 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/dcp_reader.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/sharded_format.h"
+#include "checkpoint/torch_load.h"
 #include "comm/multiprocess_testutil.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "optim_state/optim_state_dict.h"
+#include "tools/python_testutil.h"
 
 namespace fsdp::checkpoint {
 namespace {
@@ -168,6 +174,95 @@ TEST(Ckpt, InspectVerifyAndConvert) {
   r = Ckpt("inspect " + Tmp("nonexistent"));
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("no such checkpoint directory"));
+}
+
+TEST(Ckpt, DcpDirectoriesOfPyTorch) {
+  const std::string out = Tmp("dcp");
+  ASSERT_THAT(RemoveTree(out), IsOk());
+  const fsdp::testing::CommandResult made = fsdp::testing::RunCommand(
+      absl::StrCat(fsdp::testing::PythonCommand(), " ",
+                   fsdp::testing::Runfile("checkpoint/testdata/make_dcp_checkpoints.py"), " ", out,
+                   " --single_process"));
+  ASSERT_EQ(made.exit_code, 0) << made.output;
+  const std::string dir = out + "/tutorial";
+
+  CkptRun r = Ckpt("inspect " + dir);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("kind: dcp"));
+  EXPECT_THAT(r.output, HasSubstr("layout: the DCP tutorial's"));
+  EXPECT_THAT(r.output, HasSubstr("app.model.0.weight  Float (2, 3) 24 bytes, 1 chunk(s): "
+                                  "[0,0]+[2,3]@__0_0.distcp"));
+  EXPECT_THAT(r.output, HasSubstr("app.optim.param_groups.1.lr  bytes = 0.1"));
+
+  r = Ckpt("verify " + dir);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr(": OK ("));
+  r = Ckpt("verify " + out + "/damaged_dtype");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("BAD "));
+  EXPECT_THAT(r.output, HasSubstr("damaged_dtype/__0_0.distcp"));
+  EXPECT_THAT(r.output, HasSubstr("tensor 'f32'"));
+  r = Ckpt("verify " + out + "/damaged_hostile");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("refusing to load global posix.system"));
+
+  const std::string full = out + "/tutorial_full";
+  r = Ckpt(absl::StrCat("convert --in=", dir, " --out=", full, " --to=full"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("converted dcp"));
+  auto expected = TorchLoad(out + "/tutorial.expected.pt");
+  ASSERT_THAT(expected, IsOk());
+  const PyValue& values = *expected->Find("values");
+  auto model = ReadModelStateDict(full + "/model.pt");
+  ASSERT_THAT(model, IsOk());
+  ASSERT_EQ(model->size(), 4u);
+  for (const auto& [fqn, t] : *model) {
+    EXPECT_TRUE(torch::equal(t, values.Find("app.model." + fqn)->as_tensor())) << fqn;
+  }
+  auto optim = ReadOptimStateDict(full + "/optim.pt");
+  ASSERT_THAT(optim, IsOk());
+  ASSERT_EQ(optim->param_groups.size(), 2u);
+  EXPECT_EQ(optim->param_groups[1].hyper_params.Find("lr")->Get<double>(), 0.1);
+  EXPECT_EQ(optim->param_groups[1].params.size(), 2u);
+  const StateValue* avg = optim->state.Find(ParamKey::Fqn("2.weight"))->Find("exp_avg");
+  ASSERT_NE(avg, nullptr);
+  EXPECT_TRUE(torch::equal(avg->Get<at::Tensor>(),
+                           values.Find("app.optim.state.2.weight.exp_avg")->as_tensor()));
+}
+
+// --to=dcp: a DCP directory as 2 ranks would write it, holding every value under torchtitan's
+// keys (PyTorch's side of the format: //checkpoint:dcp_writer_test).
+TEST(Ckpt, ConvertsToDcp) {
+  const auto model = Model();
+  const OptimStateDict optim = Optim();
+  const std::string s3 = Tmp("dcp_s3"), out = Tmp("dcp_out");
+  ASSERT_THAT(WriteShardedFromFull(s3, model, &optim, 3, 256), IsOk());
+  CkptRun r = Ckpt(absl::StrCat("convert --in=", s3, " --out=", out, " --to=dcp --world_size=2"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("to dcp (world size 2)"));
+  auto reader = dcp::DcpReader::Open(out);
+  ASSERT_THAT(reader, IsOk());
+  for (const auto& [fqn, t] : model) {
+    auto got = (*reader)->ReadTensor("model." + fqn);
+    ASSERT_THAT(got, IsOk());
+    EXPECT_TRUE(torch::equal(*got, t)) << fqn;
+  }
+  auto exp_avg = (*reader)->ReadTensor("optimizer.state.layer.weight.exp_avg");
+  ASSERT_THAT(exp_avg, IsOk());
+  EXPECT_TRUE(torch::equal(
+      *exp_avg,
+      optim.state.Find(ParamKey::Fqn("layer.weight"))->Find("exp_avg")->Get<at::Tensor>()));
+  auto value1 = (*reader)->ReadObject("optimizer.state.layer.weight.value1");
+  ASSERT_THAT(value1, IsOk());
+  EXPECT_EQ(value1->as_float(), 2.74);
+  auto params = (*reader)->ReadObject("optimizer.param_groups.0.params");
+  ASSERT_THAT(params, IsOk());
+  EXPECT_EQ(params->DebugString(), "['layer.weight', 'layer.bias']");
+  EXPECT_EQ(std::get<dcp::TensorStorageMetadata>(*(*reader)->metadata().Find("model.layer.weight"))
+                .chunks.size(),
+            2u);
+  EXPECT_THAT(Ckpt(absl::StrCat("convert --in=", s3, " --out=", out, " --to=torch")).output,
+              HasSubstr("--to must be full, sharded or dcp"));
 }
 
 }  // namespace

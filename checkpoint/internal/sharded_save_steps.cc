@@ -3,11 +3,14 @@
 #include "checkpoint/internal/sharded_save_steps.h"
 
 #include <ATen/core/grad_mode.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <new>
 #include <set>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -31,8 +34,12 @@ using optim_state::ParamState;
 
 namespace {
 
+using MetadataStep = std::function<absl::Status(const std::vector<json>& all, SaveStats& stats)>;
+
 absl::Status CollectModel(FullyShardedDataParallel& fsdp, int rank, LocalSave& out) {
-  FSDP_ASSIGN_OR_RETURN(ShardedDict dict, ShardedStateDict(fsdp));
+  // Views: a synchronous save writes them while the model is idle, an asynchronous one copies
+  // them into its staging buffers first.
+  FSDP_ASSIGN_OR_RETURN(ShardedDict dict, ShardedStateDict(fsdp, /*views=*/true));
   std::unordered_map<const c10::TensorImpl*, std::string> stored;
   for (const auto& [fqn, value] : dict) {
     const at::Tensor& data = std::holds_alternative<LocalShard>(value)
@@ -54,12 +61,14 @@ absl::Status CollectModel(FullyShardedDataParallel& fsdp, int rank, LocalSave& o
       if (shard->numel > 0 && (shard->world_size > 1 || rank == 0)) {
         out.pieces.push_back(PieceToWrite{t.key, shard->data});
         out.ranges.emplace_back(shard->flat_offset, shard->flat_offset + shard->numel);
+        out.piece_infos.push_back(PieceInfo{fqn, "", t.shape});
       }
     } else {
       t.shape = data.sizes().vec();
       if (rank == 0 && data.numel() > 0) {
         out.pieces.push_back(PieceToWrite{t.key, data});
         out.ranges.emplace_back(0, data.numel());
+        out.piece_infos.push_back(PieceInfo{fqn, "", t.shape});
       }
     }
     out.model_tensors.push_back(std::move(t));
@@ -103,6 +112,7 @@ absl::Status CollectOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter
           CKPT_ASSIGN_OR_RETURN(std::string v, StateValueToJson(value),
                                 absl::StrCat("optimizer state '", name, "' of '", fqns[i], "'"));
           values.push_back(json{{"name", name}, {"value", json::parse(v)}});
+          out.optim_scalars.push_back(OptimScalar{fqns[i], name, value});
           continue;
         }
         const at::Tensor flat = value.Get<at::Tensor>().detach().reshape({-1});
@@ -119,6 +129,7 @@ absl::Status CollectOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter
           const std::string key = absl::StrCat("optim/", fqns[i], "/", name);
           out.pieces.push_back(PieceToWrite{key, flat.narrow(0, state_offset, numel)});
           out.ranges.emplace_back(param_offset, param_offset + numel);
+          out.piece_infos.push_back(PieceInfo{fqns[i], name, shape});
         }
       }
       out.optim.push_back(json{{"fqn", fqns[i]}, {"values", std::move(values)}});
@@ -142,7 +153,9 @@ absl::Status CollectOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter
       if (id >= roles.size()) return absl::InternalError("param_groups list more parameters");
       for (const std::string& fqn : FqnsOf(roles[id])) fqns.push_back(fqn);
     }
+    out.group_fqns.push_back(fqns.get<std::vector<std::string>>());
     out.groups.push_back(json{{"hyper_params", std::move(hyper)}, {"params", std::move(fqns)}});
+    out.param_groups.push_back(g);
   }
   return absl::OkStatus();
 }
@@ -249,15 +262,14 @@ absl::StatusOr<ShardedMetadata> Assemble(const LocalSave& mine, const std::vecto
 }
 
 // Rank 0 makes the staging directory and names the checkpoint; every rank learns both.
-absl::StatusOr<std::pair<std::string, std::string>> PlanStagingDir(
-    const std::string& dir, comm::ProcessGroup& group, const SaveShardedOptions& options,
-    const std::string& where) {
+absl::StatusOr<std::pair<std::string, std::string>> PlanStagingDir(const std::string& dir,
+                                                                   comm::ProcessGroup& group,
+                                                                   const absl::Status& precheck,
+                                                                   const std::string& where) {
   json plan;
   if (group.rank() == 0) {
     const std::string id = RandomNonce();
-    absl::StatusOr<std::string> staging =
-        options.block_bytes < 1 ? absl::InvalidArgumentError("block_bytes must be positive")
-                                : CreateStagingDir(dir, id);
+    absl::StatusOr<std::string> staging = precheck.ok() ? CreateStagingDir(dir, id) : precheck;
     plan = staging.ok() ? json{{"staging", *staging}, {"id", id}, {"error", ""}}
                         : json{{"error", std::string(staging.status().ToString())}};
   }
@@ -307,11 +319,11 @@ absl::StatusOr<json> WriteOwnFile(const std::string& staging, const std::string&
               {"groups", local.has_optim ? local.groups : json(nullptr)}};
 }
 
-// Rank 0: the first failing rank's error, else metadata.json written and the directory
-// committed; "" when saved. The staging directory is removed on failure.
-std::string CommitOnRank0(const std::string& dir, const std::string& staging, const std::string& id,
-                          const std::vector<std::string>& all_bytes, const LocalSave* mine,
-                          const SaveShardedOptions& options, SaveStats& stats) {
+// Rank 0: the first failing rank's error, else `finish` (the metadata written into `staging`)
+// and the directory committed; "" when saved. The staging directory is removed on failure.
+std::string CommitOnRank0(const std::string& dir, const std::string& staging,
+                          const std::vector<std::string>& all_bytes, const MetadataStep& finish,
+                          SaveStats& stats) {
   std::string result;
   std::vector<json> all;
   for (size_t r = 0; r < all_bytes.size(); ++r) {
@@ -322,14 +334,7 @@ std::string CommitOnRank0(const std::string& dir, const std::string& staging, co
   }
   if (result.empty()) {
     absl::Status committed = [&]() -> absl::Status {
-      FSDP_ASSIGN_OR_RETURN(
-          ShardedMetadata m,
-          Assemble(*mine, all, id, static_cast<int>(all.size()), options.block_bytes));
-      m.user_metadata = options.user_metadata;
-      const std::string text = MetadataToJson(m);
-      stats.bytes_written += static_cast<int64_t>(text.size());
-      CrashPoint("before metadata.json");
-      FSDP_RETURN_IF_ERROR(WriteFileDurably(absl::StrCat(staging, "/metadata.json"), text));
+      FSDP_RETURN_IF_ERROR(finish(all, stats));
       return CommitStagingDir(staging, dir);
     }();
     if (!committed.ok()) result = committed.ToString();
@@ -362,52 +367,142 @@ absl::StatusOr<LocalSave> CollectLocalSave(FullyShardedDataParallel& fsdp,
   return local;
 }
 
-absl::Status StageLocalSave(LocalSave& local, std::vector<at::Tensor>& buffers) {
-  return CallTorch("staging the pieces", [&] {
-    at::NoGradGuard no_grad;
-    buffers.resize(local.pieces.size());
-    for (size_t i = 0; i < local.pieces.size(); ++i) {
-      const at::Tensor& piece = local.pieces[i].data;
-      at::Tensor& buffer = buffers[i];
-      if (!buffer.defined() || buffer.scalar_type() != piece.scalar_type() ||
-          buffer.numel() != piece.numel()) {
-        buffer = at::Tensor();  // frees the old one first
-        buffer = at::empty({piece.numel()}, piece.options().memory_format(std::nullopt));
+namespace {
+
+// One thread's share of the staging copy: elements [begin, end) of piece `piece`.
+struct CopyRange {
+  size_t piece;
+  int64_t begin, end;
+};
+
+// Cuts the pieces (flattened, `numel` elements each) into `threads` runs of about equal bytes.
+std::vector<std::vector<CopyRange>> SplitCopy(const std::vector<at::Tensor>& flat, int threads) {
+  int64_t total = 0;
+  for (const at::Tensor& t : flat) total += t.nbytes();
+  const int64_t share = (total + threads - 1) / threads;
+  std::vector<std::vector<CopyRange>> runs(static_cast<size_t>(threads));
+  size_t run = 0;
+  int64_t room = share;  // bytes the current run still takes
+  for (size_t i = 0; i < flat.size(); ++i) {
+    const int64_t item = static_cast<int64_t>(flat[i].element_size());
+    int64_t begin = 0;
+    while (begin < flat[i].numel()) {
+      if (room < item && run + 1 < runs.size()) {
+        ++run;
+        room = share;
       }
-      buffer.copy_(piece.reshape({-1}));
-      local.pieces[i].data = buffer;
+      const int64_t left = flat[i].numel() - begin;
+      const int64_t n =
+          run + 1 == runs.size() ? left : std::min(left, std::max<int64_t>(room / item, 1));
+      runs[run].push_back(CopyRange{i, begin, begin + n});
+      room -= n * item;
+      begin += n;
     }
-  });
+  }
+  return runs;
 }
 
-absl::StatusOr<SaveStats> WriteShardGroup(const std::string& dir, comm::ProcessGroup& group,
-                                          const absl::StatusOr<LocalSave>& local,
-                                          const SaveShardedOptions& options,
-                                          std::chrono::steady_clock::time_point start) {
-  const std::string where = Where("SaveShardedCheckpoint", dir, group);
-  FSDP_ASSIGN_OR_RETURN(auto plan, PlanStagingDir(dir, group, options, where));
+// One mapping for all the staging buffers, in transparent huge pages where the kernel gives
+// them (THP "madvise" mode): the first save faults its buffers in 2 MiB at a time instead of
+// 4 KiB, and every save copies through fewer TLB entries.
+at::Tensor MapArena(int64_t bytes) {
+  constexpr int64_t kHugePage = 2 << 20;
+  const size_t length = static_cast<size_t>((bytes + kHugePage - 1) / kHugePage * kHugePage);
+  void* p = ::mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  (void)::madvise(p, length, MADV_HUGEPAGE);  // advice: without THP, ordinary pages
+  return at::from_blob(
+      p, {bytes}, [length](void* q) { ::munmap(q, length); }, at::TensorOptions(at::kByte));
+}
+
+// `buffers` reshaped for `pieces` (one arena, each piece 64-byte aligned), unless they fit.
+void SizeBuffers(const std::vector<PieceToWrite>& pieces, std::vector<at::Tensor>& buffers) {
+  bool fits = buffers.size() == pieces.size();
+  for (size_t i = 0; fits && i < pieces.size(); ++i) {
+    fits = buffers[i].scalar_type() == pieces[i].data.scalar_type() &&
+           buffers[i].numel() == pieces[i].data.numel();
+  }
+  if (fits) return;
+  buffers.clear();  // frees the old arena first
+  std::vector<int64_t> offsets;
+  int64_t bytes = 0;
+  for (const PieceToWrite& piece : pieces) {
+    offsets.push_back(bytes);
+    bytes += (static_cast<int64_t>(piece.data.nbytes()) + 63) / 64 * 64;
+  }
+  const at::Tensor arena = MapArena(std::max<int64_t>(bytes, 1));
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const at::Tensor& data = pieces[i].data;
+    buffers.push_back(
+        arena.narrow(0, offsets[i], static_cast<int64_t>(data.nbytes())).view(data.scalar_type()));
+  }
+}
+
+}  // namespace
+
+absl::Status StageLocalSave(LocalSave& local, std::vector<at::Tensor>& buffers, int threads) {
+  if (threads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("staging the pieces: threads must be at least 1, not ", threads));
+  }
+  std::vector<at::Tensor> flat(local.pieces.size());
+  FSDP_RETURN_IF_ERROR(CallTorch("staging the pieces", [&] {
+    at::NoGradGuard no_grad;
+    SizeBuffers(local.pieces, buffers);
+    for (size_t i = 0; i < local.pieces.size(); ++i) {
+      flat[i] = local.pieces[i].data.detach().reshape({-1});
+    }
+  }));
+  const std::vector<std::vector<CopyRange>> runs = SplitCopy(flat, threads);
+  std::vector<absl::Status> outcome(runs.size());
+  auto copy_run = [&](size_t r) {
+    outcome[r] = CallTorch("staging the pieces", [&] {
+      at::NoGradGuard no_grad;  // grad mode is per thread
+      for (const CopyRange& c : runs[r]) {
+        buffers[c.piece]
+            .narrow(0, c.begin, c.end - c.begin)
+            .copy_(flat[c.piece].narrow(0, c.begin, c.end - c.begin));
+      }
+    });
+  };
+  std::vector<std::thread> helpers;
+  for (size_t r = 1; r < runs.size(); ++r) helpers.emplace_back(copy_run, r);
+  copy_run(0);
+  for (std::thread& t : helpers) t.join();
+  for (const absl::Status& s : outcome) FSDP_RETURN_IF_ERROR(s);
+  for (size_t i = 0; i < local.pieces.size(); ++i) local.pieces[i].data = buffers[i];
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SaveStats> CommitCollectiveSave(
+    const std::string& dir, const std::string& where, comm::ProcessGroup& group,
+    const absl::Status& local_status, const absl::Status& precheck, const WriteOwn& write_own,
+    const FinishOnRank0& finish, std::chrono::steady_clock::time_point start) {
+  FSDP_ASSIGN_OR_RETURN(auto plan, PlanStagingDir(dir, group, precheck, where));
   const auto& [staging, id] = plan;
 
-  // Each rank writes its own pieces; a rank that failed before says so instead.
+  // Each rank writes its own file; a rank that failed before says so instead.
   SaveStats stats;
-  absl::Status status = local.status();
+  absl::Status status = local_status;
   json description;
   if (status.ok()) {
     status = CallTorch(where, [&]() -> absl::Status {
-      FSDP_ASSIGN_OR_RETURN(description, WriteOwnFile(staging, id, group, *local, options, stats));
+      FSDP_ASSIGN_OR_RETURN(description, write_own(staging, id, stats));
       return absl::OkStatus();
     });
   }
   if (!status.ok()) description = json{{"error", std::string(status.ToString())}};
 
-  // Rank 0 gathers the piece lists, writes metadata.json and commits.
+  // Rank 0 gathers the descriptions, writes the metadata and commits.
   CKPT_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes,
                         group.AllGatherObject(description.dump()),
                         absl::StrCat(where, ": gathering the piece lists"));
   std::string result;
   if (group.rank() == 0) {
-    result =
-        CommitOnRank0(dir, staging, id, all_bytes, local.ok() ? &*local : nullptr, options, stats);
+    result = CommitOnRank0(
+        dir, staging, all_bytes,
+        [&](const std::vector<json>& all, SaveStats& s) { return finish(staging, id, all, s); },
+        stats);
   }
   CKPT_ASSIGN_OR_RETURN(std::string final_result, group.BroadcastObject(result, 0),
                         absl::StrCat(where, ": sharing the outcome"));
@@ -417,6 +512,32 @@ absl::StatusOr<SaveStats> WriteShardGroup(const std::string& dir, comm::ProcessG
   }
   stats.seconds = Since(start);
   return stats;
+}
+
+absl::StatusOr<SaveStats> WriteShardGroup(const std::string& dir, comm::ProcessGroup& group,
+                                          const absl::StatusOr<LocalSave>& local,
+                                          const SaveShardedOptions& options,
+                                          std::chrono::steady_clock::time_point start) {
+  const absl::Status precheck = options.block_bytes < 1
+                                    ? absl::InvalidArgumentError("block_bytes must be positive")
+                                    : absl::OkStatus();
+  return CommitCollectiveSave(
+      dir, Where("SaveShardedCheckpoint", dir, group), group, local.status(), precheck,
+      [&](const std::string& staging, const std::string& id, SaveStats& stats) {
+        return WriteOwnFile(staging, id, group, *local, options, stats);
+      },
+      [&](const std::string& staging, const std::string& id, const std::vector<json>& all,
+          SaveStats& stats) -> absl::Status {
+        FSDP_ASSIGN_OR_RETURN(
+            ShardedMetadata m,
+            Assemble(*local, all, id, static_cast<int>(all.size()), options.block_bytes));
+        m.user_metadata = options.user_metadata;
+        const std::string text = MetadataToJson(m);
+        stats.bytes_written += static_cast<int64_t>(text.size());
+        CrashPoint("before metadata.json");
+        return WriteFileDurably(absl::StrCat(staging, "/metadata.json"), text);
+      },
+      start);
 }
 
 absl::StatusOr<SaveStats> SaveAcrossReplicas(

@@ -38,16 +38,36 @@
 
 namespace fsdp::checkpoint::internal {
 
+// What a piece is: the model's `fqn` (state empty) or its optimizer state `state`, a tensor of
+// `shape`.
+struct PieceInfo {
+  std::string fqn;
+  std::string state;
+  std::vector<int64_t> shape;
+};
+
+// A zero-dimension or non-tensor optimizer value of parameter `fqn`.
+struct OptimScalar {
+  std::string fqn;
+  std::string name;
+  optim_state::StateValue value;
+};
+
 // What one rank contributes to a save.
 struct LocalSave {
   std::vector<PieceToWrite> pieces;
   std::vector<std::pair<int64_t, int64_t>> ranges;  // element range of each piece
+  std::vector<PieceInfo> piece_infos;               // what each piece is
   std::vector<TensorRecord> model_tensors;          // descriptors (no pieces)
   std::vector<std::pair<std::string, std::string>> model_keys;
   bool has_optim = false;
   // [{"fqn", "values": [{"name", "tensor": {"dtype","shape"}} | {"name","value"}]}]
   nlohmann::ordered_json optim;
   nlohmann::ordered_json groups;  // param_groups with FQN lists; null without param_groups
+  // The same as values (DCP stores each as an entry of its own).
+  std::vector<OptimScalar> optim_scalars;
+  std::vector<optim_state::ParamGroup> param_groups;  // params: the optimizer's IDs
+  std::vector<std::vector<std::string>> group_fqns;   // each group's parameters' FQNs
   // metadata.json's "saved_with": the saving job's strategy, use_orig_params and units.
   std::map<std::string, std::string> saved_with;
 };
@@ -59,8 +79,10 @@ struct LocalSave {
 
 // Step 2. `buffers` holds one tensor per piece from the previous save; a buffer is reused when
 // its piece has the same dtype and length (the usual case: the same job saving again), else
-// replaced. Afterwards `local.pieces` refer to `buffers` only.
-[[nodiscard]] absl::Status StageLocalSave(LocalSave& local, std::vector<at::Tensor>& buffers);
+// replaced. Afterwards `local.pieces` refer to `buffers` only. The bytes are copied by
+// `threads` threads (this one and threads - 1 others), each an equal share of the total.
+[[nodiscard]] absl::Status StageLocalSave(LocalSave& local, std::vector<at::Tensor>& buffers,
+                                          int threads = 1);
 
 // Step 3, collective over `group` (the shard group). `local` is step 1's (and 2's) outcome on
 // this rank. Errors: as SaveShardedCheckpoint's; "nothing saved: rank <r> failed: ..." on
@@ -68,6 +90,21 @@ struct LocalSave {
 [[nodiscard]] absl::StatusOr<SaveStats> WriteShardGroup(
     const std::string& dir, comm::ProcessGroup& group, const absl::StatusOr<LocalSave>& local,
     const SaveShardedOptions& options, std::chrono::steady_clock::time_point start);
+
+// Step 3's skeleton, for any format: rank 0 makes the staging directory (unless its `precheck`
+// failed); every rank whose `local_status` is OK runs `write_own`, whose JSON description
+// travels to rank 0; rank 0 runs `finish` on every rank's description (writing the metadata
+// into the staging directory) and commits it, or removes it if any rank failed; every rank
+// returns the outcome ("<where>: nothing saved: rank <r> failed: ...").
+using WriteOwn = std::function<absl::StatusOr<nlohmann::ordered_json>(
+    const std::string& staging, const std::string& id, SaveStats& stats)>;
+using FinishOnRank0 =
+    std::function<absl::Status(const std::string& staging, const std::string& id,
+                               const std::vector<nlohmann::ordered_json>& all, SaveStats& stats)>;
+[[nodiscard]] absl::StatusOr<SaveStats> CommitCollectiveSave(
+    const std::string& dir, const std::string& where, comm::ProcessGroup& group,
+    const absl::Status& local_status, const absl::Status& precheck, const WriteOwn& write_own,
+    const FinishOnRank0& finish, std::chrono::steady_clock::time_point start);
 
 // Step 4: `save` runs on the first replica (replicas->rank() == 0), whose outcome every replica
 // returns. `replicas` null: `save` runs everywhere.

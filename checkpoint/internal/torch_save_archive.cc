@@ -1,5 +1,8 @@
+// See torch_save_archive.h.
 #include "checkpoint/internal/torch_save_archive.h"
 
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
 #include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
 #include <torch/csrc/jit/serialization/pickler.h>
@@ -16,6 +19,9 @@
 namespace fsdp::checkpoint::internal {
 namespace {
 
+using optim_state::StateSequence;
+using optim_state::StateValue;
+
 absl::Status Errno(const char* what, const std::string& path) {
   return absl::InternalError(absl::StrCat("cannot ", what, " ", path, ": ", strerror(errno)));
 }
@@ -26,6 +32,28 @@ std::string BaseName(const std::string& path) {
 }
 
 }  // namespace
+
+absl::StatusOr<c10::IValue> StateValueToIValue(const StateValue& value, const std::string& where) {
+  if (value.IsNone()) return c10::IValue();
+  if (const bool* b = value.GetIf<bool>()) return c10::IValue(*b);
+  if (const int64_t* i = value.GetIf<int64_t>()) return c10::IValue(*i);
+  if (const double* d = value.GetIf<double>()) return c10::IValue(*d);
+  if (const std::string* s = value.GetIf<std::string>()) return c10::IValue(*s);
+  if (const at::Tensor* t = value.GetIf<at::Tensor>()) return c10::IValue(*t);
+  if (const StateSequence* seq = value.GetIf<StateSequence>()) {
+    std::vector<c10::IValue> items;
+    for (const StateValue& item : seq->items) {
+      FSDP_ASSIGN_OR_RETURN(c10::IValue converted, StateValueToIValue(item, where));
+      items.push_back(std::move(converted));
+    }
+    if (seq->is_tuple) return c10::IValue(c10::ivalue::Tuple::create(std::move(items)));
+    c10::impl::GenericList list(c10::AnyType::get());
+    for (auto& item : items) list.push_back(std::move(item));
+    return c10::IValue(list);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(where, ": a ", value.TypeName(), " has no place in a torch.save file"));
+}
 
 at::Tensor PlaceholderTensor(int64_t numel, at::ScalarType dtype) {
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
@@ -39,9 +67,9 @@ bool IsPlaceholder(const at::Tensor& tensor) {
   return tensor.storage().data() == nullptr && tensor.storage().nbytes() > 0;
 }
 
-// The pickle is torch::pickle_save's first step (tensors appear in it as references to their
-// storages); only the TorchScript type tags are left out.
-absl::StatusOr<Pickled> Pickle(const c10::IValue& value, const std::string& path) {
+// The pickle is torch::pickle_save's first step; only the TorchScript type tags are left out
+// (torch.jit._pickle.restore_type_tag, which torch.load(weights_only=True) refuses).
+absl::StatusOr<Pickled> PickleIValue(const c10::IValue& value, const std::string& path) {
   return CallTorch(absl::StrCat("serializing ", path), [&] {
     Pickled out;
     torch::jit::Pickler pickler(
@@ -59,22 +87,43 @@ absl::StatusOr<Pickled> Pickle(const c10::IValue& value, const std::string& path
 const void* StorageData(const at::Tensor& tensor) { return tensor.storage().data(); }
 size_t StorageBytes(const at::Tensor& tensor) { return tensor.storage().nbytes(); }
 
-ArchiveWriter::ArchiveWriter(std::string path, int fd, bool durable)
-    : path_(std::move(path)), fd_(fd), durable_(durable) {}
+ArchiveWriter::ArchiveWriter(std::string path, int fd, bool owns_fd, bool durable,
+                             ArchiveRecords records, std::vector<char> pickle)
+    : path_(std::move(path)),
+      fd_(fd),
+      owns_fd_(owns_fd),
+      durable_(durable),
+      records_(records),
+      pickle_(std::move(pickle)) {}
 
 ArchiveWriter::~ArchiveWriter() {
   // An unfinished archive (an error, or a caller that stopped): the zip writer's destructor
-  // would finish it; its bytes go nowhere once fd_ is closed and io_ holds an error.
+  // would finish it; its bytes go nowhere once io_ holds an error.
   if (io_.ok()) io_ = absl::CancelledError("archive abandoned");
   zip_.reset();
-  if (fd_ >= 0) close(fd_);
+  if (owns_fd_ && fd_ >= 0) close(fd_);
 }
 
 absl::StatusOr<std::unique_ptr<ArchiveWriter>> ArchiveWriter::Create(const std::string& path,
+                                                                     ArchiveRecords records,
+                                                                     std::vector<char> pickle,
                                                                      bool durable) {
   const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return Errno("create", path);
-  std::unique_ptr<ArchiveWriter> writer(new ArchiveWriter(path, fd, durable));
+  return Start(std::unique_ptr<ArchiveWriter>(
+      new ArchiveWriter(path, fd, /*owns_fd=*/true, durable, records, std::move(pickle))));
+}
+
+absl::StatusOr<std::unique_ptr<ArchiveWriter>> ArchiveWriter::Append(int fd,
+                                                                     const std::string& path,
+                                                                     ArchiveRecords records,
+                                                                     std::vector<char> pickle) {
+  return Start(std::unique_ptr<ArchiveWriter>(new ArchiveWriter(
+      path, fd, /*owns_fd=*/false, /*durable=*/false, records, std::move(pickle))));
+}
+
+absl::StatusOr<std::unique_ptr<ArchiveWriter>> ArchiveWriter::Start(
+    std::unique_ptr<ArchiveWriter> writer) {
   // The zip writer must never see a short write (it would throw from its destructor), so the
   // first failure is kept in io_ and later bytes are dropped.
   ArchiveWriter* self = writer.get();
@@ -89,12 +138,20 @@ absl::StatusOr<std::unique_ptr<ArchiveWriter>> ArchiveWriter::Create(const std::
         break;
       }
       p += w;
+      self->written_ += w;
       left -= static_cast<size_t>(w);
     }
     return n;
   };
   FSDP_RETURN_IF_ERROR(writer->Torch("writing", [&] {
     writer->zip_ = std::make_unique<caffe2::serialize::PyTorchStreamWriter>(write_all);
+    if (writer->records_ == ArchiveRecords::kTorchSave) {
+      const std::vector<char>& pickle = writer->pickle_;
+      writer->zip_->writeRecord("data.pkl", pickle.data(), pickle.size());
+      writer->zip_->writeRecord(".format_version", "1", 1);
+      writer->zip_->writeRecord(".storage_alignment", "64", 2);
+      writer->zip_->writeRecord("byteorder", "little", 6);
+    }
   }));
   return writer;
 }
@@ -117,11 +174,7 @@ absl::Status ArchiveWriter::WriteStorage(size_t index, const void* data, size_t 
   return Torch("writing", [&] { zip_->writeRecord(absl::StrCat("data/", index), data, nbytes); });
 }
 
-absl::Status ArchiveWriter::Finish(const std::vector<char>& pickle) {
-  FSDP_RETURN_IF_ERROR(Torch("writing", [&] {
-    zip_->writeRecord("data.pkl", pickle.data(), pickle.size());
-    zip_->writeEndOfFile();
-  }));
+absl::Status ArchiveWriter::CloseOwnedFile() {
   absl::Status status = io_;
   if (status.ok() && durable_) {
     CrashPoint(absl::StrCat("written ", BaseName(path_)));
@@ -130,18 +183,48 @@ absl::Status ArchiveWriter::Finish(const std::vector<char>& pickle) {
   if (close(fd_) != 0 && status.ok()) status = Errno("close", path_);
   fd_ = -1;
   if (status.ok() && durable_) CrashPoint(absl::StrCat("fsynced ", BaseName(path_)));
-  if (!status.ok()) io_ = status;
   return status;
 }
 
-absl::Status WriteArchive(const Pickled& pickled, const std::string& path, bool durable) {
-  FSDP_ASSIGN_OR_RETURN(std::unique_ptr<ArchiveWriter> writer,
-                        ArchiveWriter::Create(path, durable));
+absl::StatusOr<int64_t> ArchiveWriter::Finish() {
+  absl::Status status = Torch("writing", [&] {
+    if (records_ == ArchiveRecords::kPickleSave) {
+      zip_->writeRecord("data.pkl", pickle_.data(), pickle_.size());
+    }
+    zip_->writeEndOfFile();
+  });
+  if (owns_fd_) status = CloseOwnedFile();
+  if (!status.ok()) {
+    if (io_.ok()) io_ = status;
+    return status;
+  }
+  return written_;
+}
+
+namespace {
+
+absl::StatusOr<int64_t> WriteWhole(absl::StatusOr<std::unique_ptr<ArchiveWriter>> writer,
+                                   const Pickled& pickled) {
+  FSDP_RETURN_IF_ERROR(writer.status());
   for (size_t i = 0; i < pickled.storages.size(); ++i) {
     const at::Tensor& t = pickled.storages[i];
-    FSDP_RETURN_IF_ERROR(writer->WriteStorage(i, StorageData(t), StorageBytes(t)));
+    FSDP_RETURN_IF_ERROR((*writer)->WriteStorage(i, StorageData(t), StorageBytes(t)));
   }
-  return writer->Finish(pickled.pickle);
+  return (*writer)->Finish();
+}
+
+}  // namespace
+
+absl::Status WriteArchive(const Pickled& pickled, const std::string& path, bool durable) {
+  return WriteWhole(
+             ArchiveWriter::Create(path, ArchiveRecords::kPickleSave, pickled.pickle, durable),
+             pickled)
+      .status();
+}
+
+absl::StatusOr<int64_t> AppendArchive(int fd, const Pickled& pickled, ArchiveRecords records,
+                                      const std::string& path) {
+  return WriteWhole(ArchiveWriter::Append(fd, path, records, pickled.pickle), pickled);
 }
 
 }  // namespace fsdp::checkpoint::internal

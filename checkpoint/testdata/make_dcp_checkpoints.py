@@ -1,7 +1,7 @@
 """Writes torch.distributed.checkpoint (DCP) directories with PyTorch 2.13 for
 //checkpoint:dcp_reader_test, each with the values a reader must find beside it.
 
-  tools/python checkpoint/testdata/make_dcp_checkpoints.py OUT
+  tools/python checkpoint/testdata/make_dcp_checkpoints.py OUT [--single_process]
 
 OUT/plain: dcp.save (single process, no_dist) of a state dict with tensors of several dtypes
   and shapes, scalar tensors, non-tensor values (int, float, str, list, tuple, None, bool) and
@@ -16,6 +16,10 @@ DCP's own flatten_state_dict (the FQNs .metadata holds), whole tensors gathered 
 "raw" holds every bytes entry's stored bytes as FileSystemReader would hand them over (its
 storage_data's file slice). DIR.globals.txt lists the globals the .metadata pickle names (a
 pickle.Unpickler's find_class calls), one "module.name" a line.
+
+OUT/tutorial: dcp.save (single process) of a small model and Adam with two parameter groups as the
+  DCP tutorial lays them out: {"app": AppState}, whose state_dict() is {"model": ..., "optim": ...}
+  from get_state_dict.
 
 OUT/damaged_<what>: copies of OUT/plain whose .metadata PyTorch pickled after one change:
   storage_offset   the storage of "f32" starts beyond its file's end;
@@ -96,6 +100,30 @@ def plain(out):
     ckpt_dir = os.path.join(out, "plain")
     dcp.save(state_dict, checkpoint_id=ckpt_dir, no_dist=True)
     write_expected(ckpt_dir, state_dict)
+
+
+def tutorial(out):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    optim = torch.optim.Adam([{"params": model[0].parameters()},
+                              {"params": model[2].parameters(), "lr": 0.1}], lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    optim.step()
+
+    class AppState(Stateful):
+        def state_dict(self):
+            model_sd, optim_sd = get_state_dict(model, optim)
+            return {"model": model_sd, "optim": optim_sd}
+
+        def load_state_dict(self, state_dict):
+            raise NotImplementedError
+
+    ckpt_dir = os.path.join(out, "tutorial")
+    dcp.save({"app": AppState()}, checkpoint_id=ckpt_dir, no_dist=True)
+    write_expected(ckpt_dir, {"app": AppState().state_dict()})
 
 
 class _Hostile:
@@ -185,7 +213,10 @@ def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
     plain(out)
+    tutorial(out)
     damaged(out)
+    if "--single_process" in sys.argv[2:]:  # no OUT/fsdp2: no torchrun
+        return
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", os.path.abspath(__file__), "--fsdp2-rank", out],
                    check=True)

@@ -4,15 +4,22 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
+#include <set>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "comm/status_macros.h"
+#include "optim_state/internal/flat_box.h"
 #include "optim_state/internal/flat_buffer.h"
 #include "optim_state/internal/local_shard.h"
 #include "optim_state/internal/model_index.h"
+#include "optim_state/internal/piece_exchange.h"
 #include "optim_state/internal/state_metadata.h"
 #include "optim_state/internal/status_context.h"
 
@@ -20,6 +27,10 @@ namespace fsdp::optim_state::internal {
 namespace {
 
 constexpr absl::string_view kOp = "FlattenShardedOptimStateDict";
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
 
 int64_t NumelOf(const json& piece) {
   int64_t n = 1;
@@ -68,23 +79,41 @@ at::Tensor AssembleFull(const std::vector<Piece>& pieces, const at::Tensor& gath
   return full;
 }
 
-// Checks one sharded value of this rank's dict: its local shard, offsets and global shape agree
-// and lie within the global shape.
+// The boxes of a sharded value: its local shard, then its further ones.
+std::vector<std::pair<const at::Tensor*, const std::vector<int64_t>*>> Boxes(
+    const ShardedTensorValue& v) {
+  std::vector<std::pair<const at::Tensor*, const std::vector<int64_t>*>> boxes{
+      {&v.local, &v.offsets}};
+  for (const ShardedTensorValue::Shard& s : v.more_shards) boxes.emplace_back(&s.local, &s.offsets);
+  return boxes;
+}
+
+// Checks one sharded value of this rank's dict: each local shard, its offsets and the global
+// shape agree and lie within the global shape, which is the parameter's (`shape`).
 absl::Status CheckShardedValue(const ShardedTensorValue& v, const std::string& name,
-                               const std::string& fqn, const std::string& where) {
-  if (v.offsets.size() != v.global_shape.size() ||
-      v.local.dim() != static_cast<int64_t>(v.global_shape.size())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kOp, where, ": state '", name, "' of '", fqn,
-                     "' is a sharded tensor whose local shard, offsets and global shape "
-                     "disagree in rank"));
-  }
-  for (size_t d = 0; d < v.offsets.size(); ++d) {
-    if (v.offsets[d] < 0 || v.offsets[d] + v.local.size(d) > v.global_shape[d]) {
+                               const std::string& fqn, const std::string& where,
+                               const std::vector<int64_t>& shape) {
+  for (const auto& [local, offsets] : Boxes(v)) {
+    if (offsets->size() != v.global_shape.size() ||
+        local->dim() != static_cast<int64_t>(v.global_shape.size())) {
       return absl::InvalidArgumentError(
           absl::StrCat(kOp, where, ": state '", name, "' of '", fqn,
-                       "': the local shard lies outside the global shape"));
+                       "' is a sharded tensor whose local shard, offsets and global shape "
+                       "disagree in rank"));
     }
+    for (size_t d = 0; d < offsets->size(); ++d) {
+      if ((*offsets)[d] < 0 || (*offsets)[d] + local->size(d) > v.global_shape[d]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(kOp, where, ": state '", name, "' of '", fqn,
+                         "': the local shard lies outside the global shape"));
+      }
+    }
+  }
+  if (v.global_shape != shape) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, where, ": state '", name, "' of '", fqn, "' has global shape ",
+                     ShapeText(v.global_shape), ", but the parameter has shape ", ShapeText(shape),
+                     " (a dict of another model?)"));
   }
   return absl::OkStatus();
 }
@@ -102,17 +131,25 @@ class FlattenSharded {
         num_units_(index_.handles.size()) {}
 
   absl::StatusOr<OptimStateDict> Run(const OptimizerAdapter& adapter) {
-    FSDP_RETURN_IF_ERROR(CheckFqnKeyed(sharded_osd_, kOp));
-    FSDP_ASSIGN_OR_RETURN(json pieces, LocalPieces());
-    FSDP_ASSIGN_OR_RETURN(std::vector<json> all, ExchangePieces(pieces));
     state_ = sharded_osd_.state;
-    for (const auto& [unit_and_name, per_rank] : GroupPieces(all)) {
-      FSDP_RETURN_IF_ERROR(GatherState(unit_and_name.first, unit_and_name.second, per_rank));
+    absl::Status local = CheckFqnKeyed(sharded_osd_, kOp);
+    absl::StatusOr<json> pieces =
+        local.ok() ? LocalPieces() : absl::StatusOr<json>(std::move(local));
+    // Every rank learns whether all dicts were accepted and whether each rank's pieces are its
+    // own shards already (then nothing moves).
+    FSDP_ASSIGN_OR_RETURN(const bool exchange,
+                          Agree(pieces.status(), pieces.ok() && !CoversOwnShards()));
+    if (exchange) {
+      FSDP_ASSIGN_OR_RETURN(std::vector<json> all, ExchangeMetadata(*pieces));
+      FillMissingEntries(all);
+      FSDP_RETURN_IF_ERROR(MovePieces(all));
+    } else {
+      FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] { UseOwnPieces(); }));
     }
     OptimStateDict full_osd;
     full_osd.state = std::move(state_);
-    full_osd.param_groups = sharded_osd_.param_groups;
-    full_osd.has_param_groups = sharded_osd_.has_param_groups;
+    full_osd.param_groups = peer_groups_.has_value() ? *peer_groups_ : sharded_osd_.param_groups;
+    full_osd.has_param_groups = peer_groups_.has_value() || sharded_osd_.has_param_groups;
     return ShardFullOptimState(full_osd, fsdp_, OptimizerParams(adapter), kOp, &partial_);
   }
 
@@ -125,39 +162,156 @@ class FlattenSharded {
     if (u < num_units_) return HandleFqns(*index_.handles[u]);
     return {index_.unmanaged[u - num_units_].first};
   }
+  std::vector<int64_t> ShapeOf(size_t u, size_t i) const {
+    if (u < num_units_) return index_.handles[u]->infos()[i].shape;
+    return index_.unmanaged[u - num_units_].second.sizes().vec();
+  }
   std::string Describe(size_t u) const {
     if (u < num_units_) return absl::StrCat("flat parameter [", index_.handles[u]->Describe(), "]");
     return absl::StrCat("unmanaged parameter '", index_.unmanaged[u - num_units_].first, "'");
   }
 
-  // This rank's pieces of the sharded states, per group.
-  absl::StatusOr<json> LocalPieces() const {
+  // The elements of (u, i)'s flattening that `rank` loads: its shard's part of the parameter,
+  // or all of it (NO_SHARD, unmanaged parameters).
+  FlatRange Wanted(size_t u, size_t i, int rank) const {
+    if (u >= num_units_) return {0, index_.unmanaged[u - num_units_].second.numel()};
+    const ParamShard s = index_.handles[u]->ShardOf(i, rank);
+    return {s.param_offset, s.numel};
+  }
+
+  FlatRange OwnWanted(size_t u, size_t i) const {
+    return Wanted(u, i, u < num_units_ ? index_.handles[u]->rank() : 0);
+  }
+
+  // This rank's pieces of the sharded states, per group, one entry per box (`flat`: its first
+  // element in the flattening, -1 when it is not one range); own_[k] is entry k's tensor.
+  absl::StatusOr<json> LocalPieces() {
     json pieces = json::array();
+    absl::flat_hash_set<std::string> known;
     for (size_t u = 0; u < NumGroups(); ++u) {
       const std::vector<std::string> fqns = GroupFqns(u);
       for (size_t i = 0; i < fqns.size(); ++i) {
+        known.insert(fqns[i]);
         const ParamState* st = sharded_osd_.state.Find(ParamKey::Fqn(fqns[i]));
         if (st == nullptr) continue;
         for (const auto& [name, value] : *st) {
           const ShardedTensorValue* v = value.GetIf<ShardedTensorValue>();
           if (v == nullptr) continue;
-          FSDP_RETURN_IF_ERROR(CheckShardedValue(*v, name, fqns[i], where_));
-          pieces.push_back(json{{"u", u},
-                                {"i", i},
-                                {"name", name},
-                                {"dtype", static_cast<int>(v->local.scalar_type())},
-                                {"global", v->global_shape},
-                                {"offsets", v->offsets},
-                                {"local", v->local.sizes().vec()}});
+          FSDP_RETURN_IF_ERROR(CheckShardedValue(*v, name, fqns[i], where_, ShapeOf(u, i)));
+          for (const auto& [local, offsets] : Boxes(*v)) {
+            const std::optional<int64_t> flat =
+                FlatBeginOfBox(v->global_shape, *offsets, local->sizes().vec());
+            pieces.push_back(json{{"u", u},
+                                  {"i", i},
+                                  {"name", name},
+                                  {"dtype", static_cast<int>(local->scalar_type())},
+                                  {"global", v->global_shape},
+                                  {"offsets", *offsets},
+                                  {"local", local->sizes().vec()},
+                                  {"flat", flat.value_or(-1)},
+                                  {"k", own_.size()}});
+            own_.push_back(*local);
+          }
         }
       }
     }
+    for (const auto& [key, st] : sharded_osd_.state) {
+      if (known.contains(key.fqn())) continue;
+      for (const auto& [name, value] : st) {
+        if (value.Is<ShardedTensorValue>()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(kOp, where_, ": the dict holds sharded state '", name, "' of '",
+                           key.fqn(), "', which is not a parameter of this model"));
+        }
+      }
+    }
+    pieces_ = pieces;
     return pieces;
   }
 
-  absl::StatusOr<std::vector<json>> ExchangePieces(const json& pieces) const {
-    OPTIM_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes,
-                           group_->AllGatherObject(pieces.dump()),
+  // Whether this rank's pieces of every (parameter, state) it holds are exactly the part of
+  // its shard that it loads, one range after another.
+  bool CoversOwnShards() const {
+    std::map<std::tuple<size_t, size_t, std::string>, std::vector<std::pair<int64_t, int64_t>>>
+        ranges;
+    for (const json& p : pieces_) {
+      const int64_t flat = p["flat"].get<int64_t>();
+      if (flat < 0) return false;
+      const int64_t n = NumelOf(p);
+      if (n == 0) continue;
+      ranges[{p["u"].get<size_t>(), p["i"].get<size_t>(), p["name"].get<std::string>()}]
+          .emplace_back(flat, n);
+    }
+    for (const json& p : pieces_) {
+      auto& r = ranges[{p["u"].get<size_t>(), p["i"].get<size_t>(), p["name"].get<std::string>()}];
+      std::sort(r.begin(), r.end());
+      const FlatRange want = OwnWanted(p["u"].get<size_t>(), p["i"].get<size_t>());
+      int64_t next = want.begin;
+      for (const auto& [b, n] : r) {
+        if (b != next) return false;
+        next += n;
+      }
+      if (next != want.begin + want.numel) return false;
+    }
+    return true;
+  }
+
+  // [this rank failed, this rank needs others' pieces] of every rank, so that all decide alike:
+  // an error anywhere fails every rank before anything moves.
+  absl::StatusOr<bool> Agree(const absl::Status& mine, bool needs_exchange) const {
+    std::vector<float> flags = {mine.ok() ? 0.f : 1.f, needs_exchange ? 1.f : 0.f};
+    at::Tensor all = at::empty({2 * group_->size()}, at::kFloat);
+    FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(all, at::tensor(flags)),
+                         absl::StrCat(kOp, where_, ": agreeing on the dicts"));
+    if (!mine.ok()) return mine;
+    std::vector<int> failed;
+    bool exchange = false;
+    for (int r = 0; r < group_->size(); ++r) {
+      if (all[2 * r].item<float>() != 0) failed.push_back(r);
+      exchange = exchange || all[2 * r + 1].item<float>() != 0;
+    }
+    if (!failed.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, where_, ": rank(s) ", absl::StrJoin(failed, ", "),
+                       " of the group refused their dict; nothing was loaded"));
+    }
+    return exchange;
+  }
+
+  // Every rank's pieces, entries (state names in order, scalar values, and the dtype and global
+  // shape of sharded ones) and param_groups, as one object each.
+  absl::StatusOr<std::vector<json>> ExchangeMetadata(const json& pieces) const {
+    json entries = json::array();
+    for (const auto& [key, st] : sharded_osd_.state) {
+      json names = json::array(), scalars = json::object(), sharded = json::object();
+      for (const auto& [name, value] : st) {
+        names.push_back(name);
+        if (const ShardedTensorValue* v = value.GetIf<ShardedTensorValue>()) {
+          sharded[name] = json{{"dtype", static_cast<int>(v->local.scalar_type())},
+                               {"global", v->global_shape}};
+        } else if (!IsPosDimTensor(value)) {
+          absl::StatusOr<json> j = StateValueToJson(value);
+          if (j.ok()) scalars[name] = *std::move(j);
+        }
+      }
+      entries.push_back(
+          json{{"fqn", key.fqn()}, {"names", names}, {"scalars", scalars}, {"sharded", sharded}});
+    }
+    json groups = json::array();
+    for (const ParamGroup& g : sharded_osd_.param_groups) {
+      absl::StatusOr<json> hyper = ParamStateToJson(g.hyper_params);
+      if (!hyper.ok()) break;
+      json fqns = json::array();
+      for (const ParamKey& k : g.params) fqns.push_back(k.is_fqn() ? k.fqn() : k.ToString());
+      groups.push_back(json{{"hyper", *std::move(hyper)}, {"params", std::move(fqns)}});
+    }
+    const bool has_groups = sharded_osd_.has_param_groups && !sharded_osd_.param_groups.empty() &&
+                            groups.size() == sharded_osd_.param_groups.size();
+    const json mine{{"pieces", pieces},
+                    {"entries", std::move(entries)},
+                    {"groups", has_groups ? groups : json::array()},
+                    {"has_groups", has_groups}};
+    OPTIM_ASSIGN_OR_RETURN(std::vector<std::string> all_bytes, group_->AllGatherObject(mine.dump()),
                            absl::StrCat(kOp, where_, ": exchanging shard metadata"));
     std::vector<json> all;
     for (const std::string& bytes : all_bytes) {
@@ -167,10 +321,251 @@ class FlattenSharded {
     return all;
   }
 
+  // A rank whose dict lacks a parameter's entry (it held no piece of it, or no dict at all) takes
+  // the entry of the lowest rank that has one: its scalars, and empty sharded values that the
+  // pieces then fill. Param groups likewise, for a dict without them.
+  void FillMissingEntries(const std::vector<json>& all) {
+    for (size_t r = 0; r < all.size(); ++r) {
+      for (const json& e : all[r]["entries"]) {
+        const ParamKey key = ParamKey::Fqn(e["fqn"].get<std::string>());
+        if (state_.Contains(key)) continue;
+        ParamState st;
+        for (const json& n : e["names"]) {
+          const std::string name = n.get<std::string>();
+          if (e["sharded"].contains(name)) {
+            const json& sh = e["sharded"][name];
+            ShardedTensorValue v;
+            v.global_shape = sh["global"].get<std::vector<int64_t>>();
+            std::vector<int64_t> empty = v.global_shape;
+            if (!empty.empty()) empty[0] = 0;
+            v.local = at::empty(empty, at::TensorOptions().dtype(
+                                           static_cast<at::ScalarType>(sh["dtype"].get<int>())));
+            v.offsets.assign(v.global_shape.size(), 0);
+            st.Set(name, StateValue(std::move(v)));
+          } else if (e["scalars"].contains(name)) {
+            st.Set(name, StateValueFromJson(e["scalars"][name]));
+          }
+        }
+        state_.Set(key, std::move(st));
+      }
+    }
+    if (sharded_osd_.has_param_groups && !sharded_osd_.param_groups.empty()) return;
+    for (const json& r : all) {
+      if (!r["has_groups"].get<bool>()) continue;
+      std::vector<ParamGroup> groups;
+      for (const json& g : r["groups"]) {
+        ParamGroup pg;
+        pg.hyper_params = ParamStateFromJson(g["hyper"]);
+        for (const json& f : g["params"]) pg.params.push_back(ParamKey::Fqn(f.get<std::string>()));
+        groups.push_back(std::move(pg));
+      }
+      peer_groups_ = std::move(groups);
+      return;
+    }
+  }
+
+  // Sets (u, i)'s state `name` to a stand-in whose part in this rank's shard is
+  // local_part[shard offset, + numel) (see UnpackRows).
+  void SetStandIn(size_t u, size_t i, const std::string& name, const at::Tensor& local_part) {
+    const FlatParamHandle& h = *index_.handles[u];
+    const ParamShard s = h.ShardOf(i, h.rank());
+    at::Tensor stand_in = at::zeros({1}, local_part.options()).expand(h.infos()[i].shape);
+    partial_.emplace(
+        stand_in.unsafeGetTensorImpl(),
+        PartialState{s.param_offset, local_part.narrow(0, s.shard_offset, s.numel), local_part});
+    state_.Find(ParamKey::Fqn(h.infos()[i].fqns[0]))->Set(name, StateValue(std::move(stand_in)));
+  }
+
+  int64_t LocalPartSize(size_t u) const {
+    const FlatParamHandle& h = *index_.handles[u];
+    return h.sharded() ? h.shard_numel() : h.numel();
+  }
+
+  // The pieces of `u`'s state `name` as a view of one tensor, when they lie in it exactly where
+  // this rank's shard of the flat state would (a dict LocalShardedOptimStateDict took of an
+  // optimizer of this layout): that shard itself, with no copy. Undefined otherwise.
+  // Only when the pieces cover every parameter's part of the shard: the view's other elements
+  // (padding) are zeroed in place later, and must be no piece's.
+  at::Tensor ViewOfOwnShard(size_t u, const std::vector<size_t>& own) const {
+    const FlatParamHandle& h = *index_.handles[u];
+    int64_t uncovered = 0;
+    for (size_t i = 0; i < h.infos().size(); ++i) uncovered += h.ShardOf(i, h.rank()).numel;
+    at::Tensor base;
+    for (size_t k : own) {
+      const json& p = pieces_[k];
+      const at::Tensor& t = own_[k];
+      uncovered -= t.numel();
+      if (t.numel() == 0) continue;
+      const size_t i = p["i"].get<size_t>();
+      const FlatRange want = OwnWanted(u, i);
+      const int64_t shard_offset =
+          h.ShardOf(i, h.rank()).shard_offset + p["flat"].get<int64_t>() - want.begin;
+      const int64_t start = t.storage_offset() - shard_offset;
+      if (!base.defined()) {
+        if (start < 0 || !t.is_contiguous() ||
+            (start + LocalPartSize(u)) * t.element_size() >
+                static_cast<int64_t>(t.storage().nbytes())) {
+          return at::Tensor();
+        }
+        base = t.as_strided({LocalPartSize(u)}, {1}, start);
+      } else if (!t.is_contiguous() || !t.storage().is_alias_of(base.storage()) ||
+                 start != base.storage_offset() || t.scalar_type() != base.scalar_type()) {
+        return at::Tensor();
+      }
+    }
+    return uncovered == 0 ? base : at::Tensor();
+  }
+
+  // Same layout: each state's local part is this rank's own pieces (viewed in place where they
+  // already form it, else copied together); no communication.
+  void UseOwnPieces() {
+    std::map<std::pair<size_t, std::string>, std::vector<size_t>> by_state;
+    for (size_t k = 0; k < pieces_.size(); ++k) {
+      by_state[{pieces_[k]["u"].get<size_t>(), pieces_[k]["name"].get<std::string>()}].push_back(k);
+    }
+    for (const auto& [key, own] : by_state) {
+      const auto& [u, name] = key;
+      const auto opts = at::TensorOptions().dtype(own_[own[0]].scalar_type());
+      at::Tensor part = u < num_units_ ? ViewOfOwnShard(u, own) : at::Tensor();
+      const bool in_place = part.defined();
+      if (!in_place) {
+        part = u < num_units_ ? at::empty({LocalPartSize(u)}, opts)
+                              : at::empty({index_.unmanaged[u - num_units_].second.numel()}, opts);
+      }
+      std::set<size_t> params;
+      for (size_t k : own) {
+        const size_t i = pieces_[k]["i"].get<size_t>();
+        params.insert(i);
+        if (in_place || own_[k].numel() == 0) continue;
+        int64_t at = pieces_[k]["flat"].get<int64_t>();
+        if (u < num_units_) {
+          const FlatParamHandle& h = *index_.handles[u];
+          at += h.ShardOf(i, h.rank()).shard_offset - Wanted(u, i, h.rank()).begin;
+        }
+        part.narrow(0, at, own_[k].numel()).copy_(own_[k].reshape({-1}));
+      }
+      if (u >= num_units_) {
+        const auto& [fqn, t] = index_.unmanaged[u - num_units_];
+        state_.Find(ParamKey::Fqn(fqn))->Set(name, StateValue(part.view(t.sizes())));
+        continue;
+      }
+      for (size_t i : params) SetStandIn(u, i, name, part);
+    }
+  }
+
+  // Whether the exchange must take the all-gather path: a piece that is not one range of its
+  // parameter's flattening, or a unit sharded over another group than the call's.
+  bool NeedsGather(const std::vector<json>& all) const {
+    for (size_t u = 0; u < num_units_; ++u) {
+      const FlatParamHandle& h = *index_.handles[u];
+      if (h.sharded() && h.world_size() != group_->size()) return true;
+    }
+    for (const json& r : all) {
+      for (const json& p : r["pieces"]) {
+        if (p["flat"].get<int64_t>() < 0) return true;
+      }
+    }
+    return false;
+  }
+
+  const std::string& FqnOf(size_t u, size_t i) const {
+    if (u < num_units_) return index_.handles[u]->infos()[i].fqns[0];
+    return index_.unmanaged[u - num_units_].first;
+  }
+
+  // One (parameter, state) of the exchange.
+  struct Key {
+    size_t u, i;
+    std::string name;
+    at::ScalarType dtype;
+  };
+
+  // Every rank's pieces as ranges of their keys (this rank's with their tensors).
+  absl::Status FlatPiecesOf(const std::vector<json>& all, std::vector<Key>& keys,
+                            std::vector<FlatPiece>& flat) const {
+    std::map<std::tuple<size_t, size_t, std::string>, size_t> key_of;
+    for (size_t r = 0; r < all.size(); ++r) {
+      for (const json& p : all[r]["pieces"]) {
+        const size_t u = p["u"].get<size_t>(), i = p["i"].get<size_t>();
+        const std::string name = p["name"].get<std::string>();
+        const auto dtype = static_cast<at::ScalarType>(p["dtype"].get<int>());
+        auto [it, added] = key_of.emplace(std::make_tuple(u, i, name), keys.size());
+        if (added) keys.push_back(Key{u, i, name, dtype});
+        if (keys[it->second].dtype != dtype) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(kOp, where_, ": state '", name, "' of the ", Describe(u),
+                           " has sharded tensors of different dtypes"));
+        }
+        at::Tensor data;
+        if (static_cast<int>(r) == rank_) data = own_[p["k"].get<size_t>()].reshape({-1});
+        flat.push_back(
+            FlatPiece{it->second, static_cast<int>(r), p["flat"].get<int64_t>(), NumelOf(p), data});
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Where each key's wanted range lands on this rank: its place in the unit's local part (one
+  // per unit and state), or an unmanaged parameter's whole tensor.
+  std::vector<at::Tensor> Destinations(
+      const std::vector<Key>& keys, std::map<std::pair<size_t, std::string>, at::Tensor>& parts) {
+    std::vector<at::Tensor> dst(keys.size());
+    for (size_t k = 0; k < keys.size(); ++k) {
+      const Key& key = keys[k];
+      const auto opts = at::TensorOptions().dtype(key.dtype);
+      const FlatRange want = OwnWanted(key.u, key.i);
+      if (key.u >= num_units_) {
+        dst[k] = at::empty({want.numel}, opts);
+        continue;
+      }
+      at::Tensor& part = parts[{key.u, key.name}];
+      if (!part.defined()) part = at::empty({LocalPartSize(key.u)}, opts);
+      const FlatParamHandle& h = *index_.handles[key.u];
+      dst[k] = part.narrow(0, h.ShardOf(key.i, h.rank()).shard_offset, want.numel);
+    }
+    return dst;
+  }
+
+  // Another layout: each rank receives, pairwise, only the parts of other ranks' pieces that
+  // its shards need (ExchangeFlatPieces); NeedsGather's cases take the all-gather path.
+  absl::Status MovePieces(const std::vector<json>& all) {
+    if (NeedsGather(all)) {
+      for (const auto& [unit_and_name, per_rank] : GroupPieces(all)) {
+        FSDP_RETURN_IF_ERROR(GatherState(unit_and_name.first, unit_and_name.second, per_rank));
+      }
+      return absl::OkStatus();
+    }
+    std::vector<Key> keys;
+    std::vector<FlatPiece> flat;
+    FSDP_RETURN_IF_ERROR(FlatPiecesOf(all, keys, flat));
+    std::map<std::pair<size_t, std::string>, at::Tensor> parts;  // managed: per (unit, state)
+    FSDP_ASSIGN_OR_RETURN(std::vector<at::Tensor> dst,
+                          CallTorch(kOp, [&] { return Destinations(keys, parts); }));
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> written(keys.size());
+    FSDP_RETURN_IF_ERROR(
+        ExchangeFlatPieces(
+            *group_, flat, [&](size_t k, int rank) { return Wanted(keys[k].u, keys[k].i, rank); },
+            dst, written),
+        absl::StrCat(kOp, where_, ": exchanging pieces"));
+    return CallTorch(kOp, [&] {
+      for (size_t k = 0; k < keys.size(); ++k) {
+        const Key& key = keys[k];
+        ZeroOutside(dst[k], std::move(written[k]));
+        ParamState* st = state_.Find(ParamKey::Fqn(FqnOf(key.u, key.i)));
+        if (st == nullptr) continue;
+        if (key.u >= num_units_) {
+          st->Set(key.name, StateValue(dst[k].view(ShapeOf(key.u, key.i))));
+        } else {
+          SetStandIn(key.u, key.i, key.name, parts[{key.u, key.name}]);
+        }
+      }
+    });
+  }
+
   static PiecesByState GroupPieces(const std::vector<json>& all) {
     PiecesByState groups;
     for (size_t r = 0; r < all.size(); ++r) {
-      for (const json& p : all[r]) {
+      for (const json& p : all[r]["pieces"]) {
         auto& per_rank = groups[{p["u"].get<size_t>(), p["name"].get<std::string>()}];
         per_rank.resize(all.size());
         per_rank[r].push_back(p);
@@ -187,30 +582,27 @@ class FlattenSharded {
     const std::vector<std::string> fqns = GroupFqns(u);
     at::Tensor gathered;
     FSDP_RETURN_IF_ERROR(
-        CallTorch(
-            kOp,
-            [&]() -> absl::Status {
-              at::Tensor mine = ReuseBuffer(send_buffer_, max_total, dtype);
-              int64_t off = 0;
-              for (const json& p : per_rank[static_cast<size_t>(rank_)]) {
-                const std::string& fqn = fqns[p["i"].get<size_t>()];
-                const at::Tensor& local =
-                    state_.Find(ParamKey::Fqn(fqn))->Find(name)->Get<ShardedTensorValue>().local;
-                if (local.scalar_type() != dtype) {
-                  return absl::InvalidArgumentError(
-                      absl::StrCat("state '", name, "' of the ", Describe(u),
-                                   " has sharded tensors of different dtypes"));
-                }
-                const int64_t n = local.numel();
-                mine.narrow(0, off, n).copy_(local.reshape({-1}));
-                off += n;
-              }
-              if (off < max_total) mine.narrow(0, off, max_total - off).zero_();
-              gathered = ReuseBuffer(gather_buffer_,
-                                     max_total * static_cast<int64_t>(per_rank.size()), dtype);
-              FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(gathered, mine));
-              return absl::OkStatus();
-            }),
+        CallTorch(kOp,
+                  [&]() -> absl::Status {
+                    at::Tensor mine = ReuseBuffer(send_buffer_, max_total, dtype);
+                    int64_t off = 0;
+                    for (const json& p : per_rank[static_cast<size_t>(rank_)]) {
+                      const at::Tensor& local = own_[p["k"].get<size_t>()];
+                      if (local.scalar_type() != dtype) {
+                        return absl::InvalidArgumentError(
+                            absl::StrCat("state '", name, "' of the ", Describe(u),
+                                         " has sharded tensors of different dtypes"));
+                      }
+                      const int64_t n = local.numel();
+                      mine.narrow(0, off, n).copy_(local.reshape({-1}));
+                      off += n;
+                    }
+                    if (off < max_total) mine.narrow(0, off, max_total - off).zero_();
+                    gathered = ReuseBuffer(
+                        gather_buffer_, max_total * static_cast<int64_t>(per_rank.size()), dtype);
+                    FSDP_RETURN_IF_ERROR(group_->AllGatherIntoTensor(gathered, mine));
+                    return absl::OkStatus();
+                  }),
         absl::StrCat(kOp, where_, ": gathering state '", name, "' of ", Describe(u)));
     return gathered;
   }
@@ -301,6 +693,10 @@ class FlattenSharded {
   // built (except for pieces that are not whole rows). Both buffers are reused across states.
   OrderedMap<ParamKey, ParamState> state_;
   PartialStates partial_;
+  // This rank's pieces (metadata, and each one's tensor); param groups taken from a peer.
+  json pieces_ = json::array();
+  std::vector<at::Tensor> own_;
+  std::optional<std::vector<ParamGroup>> peer_groups_;
   at::Tensor send_buffer_, gather_buffer_;
 };
 

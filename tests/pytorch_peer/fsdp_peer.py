@@ -25,7 +25,9 @@ DIR/progress.txt (steps_done=K). Written after step K-1 with --save_after K, or 
 step when --save_after is 0. They come from FSDP1's FULL_STATE_DICT model.state_dict() and
 FSDP.optim_state_dict (rank0_only, offload_to_cpu), or FSDP2's get_model_state_dict /
 get_optimizer_state_dict with StateDictOptions(full_state_dict=True, cpu_offload=True).
---load DIR loads such a checkpoint (FSDP1: load_state_dict under FULL_STATE_DICT +
+--save_format dcp writes a torch.distributed.checkpoint directory instead (dcp.save of
+get_state_dict's sharded dicts, every rank its own shards, under --dcp_layout's keys; rank 0 adds
+DIR/progress.txt). --load DIR loads a full checkpoint (FSDP1: load_state_dict under FULL_STATE_DICT +
 FSDP.optim_state_dict_to_load; FSDP2: set_model_state_dict / set_optimizer_state_dict with
 full_state_dict=True), draws and drops the batches of the steps done, and trains on.
 
@@ -158,7 +160,22 @@ def parse_args(argv):
     p.add_argument("--wrap", default="", help="nested: wrap|wrap_alt|none; transformer: layers|none")
     p.add_argument("--save_after", "--save_at_step", type=int, default=0, dest="save_after")
     p.add_argument("--save_dir", "--save", default="", dest="save_dir")
-    p.add_argument("--load", default="")
+    p.add_argument(
+        "--save_format",
+        default="full",
+        choices=["full", "dcp"],
+        help="dcp: dcp.save of get_state_dict's sharded dicts (FSDP1, FSDP2), + progress.txt",
+    )
+    p.add_argument(
+        "--dcp_layout",
+        default="torchtitan",
+        choices=["torchtitan", "tutorial"],
+        help='{"model", "optimizer"} or {"app": {"model", "optim"}}',
+    )
+    p.add_argument("--load", default="", help="a full checkpoint, or a DCP directory")
+    p.add_argument("--compare_full", default="",
+                   help="with a DCP --load: rank 0 compares its dcp_to_torch_save with this "
+                        "full checkpoint of the same state")
     p.add_argument("--loss_log", default="")
     p.add_argument(
         "--nproc_per_node",
@@ -459,17 +476,34 @@ def full_state(model, optim, args):
     )
 
 
+def save_dcp(model, optim, args):
+    """dcp.save of each rank's shards, nested as torchtitan or the DCP tutorial nest them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optim)
+    if args.dcp_layout == "torchtitan":
+        state = {"model": msd, "optimizer": osd}
+    else:  # what the tutorial's AppState.state_dict() returns, under "app"
+        state = {"app": {"model": msd, "optim": osd}}
+    dcp.save(state, checkpoint_id=args.save_dir)
+
+
 def save_checkpoint(model, optim, args, rank, steps_done):
     start = time.monotonic()
-    msd, osd = full_state(model, optim, args)
+    if args.save_format == "dcp":
+        save_dcp(model, optim, args)
+    else:
+        msd, osd = full_state(model, optim, args)
+        if rank == 0:
+            os.makedirs(args.save_dir, exist_ok=True)
+            torch.save(msd, os.path.join(args.save_dir, "model.pt"))
+            torch.save(osd, os.path.join(args.save_dir, "optim.pt"))
     if rank == 0:
-        os.makedirs(args.save_dir, exist_ok=True)
-        torch.save(msd, os.path.join(args.save_dir, "model.pt"))
-        torch.save(osd, os.path.join(args.save_dir, "optim.pt"))
         with open(os.path.join(args.save_dir, "progress.txt"), "w") as f:
             f.write(f"steps_done={steps_done}\n")
         print(
-            f"peer: saved {args.save_dir} ({steps_done} steps done) in "
+            f"peer: saved {args.save_format} {args.save_dir} ({steps_done} steps done) in "
             f"{time.monotonic() - start:.2f} s",
             flush=True,
         )
@@ -484,6 +518,9 @@ def load_checkpoint(model, optim, args):
         for line in f:
             if line.startswith("steps_done="):
                 steps_done = int(line.strip().split("=", 1)[1])
+    if os.path.exists(os.path.join(args.load, ".metadata")):
+        load_dcp_checkpoint(model, optim, args)
+        return steps_done
     msd = torch.load(os.path.join(args.load, "model.pt"), weights_only=True)
     osd = torch.load(os.path.join(args.load, "optim.pt"), weights_only=True)
     if args.fsdp == 0:
@@ -505,6 +542,52 @@ def load_checkpoint(model, optim, args):
         set_model_state_dict(model, msd, options=opts)
         set_optimizer_state_dict(model, optim, osd, options=opts)
     return steps_done
+
+
+def load_dcp_checkpoint(model, optim, args):
+    """A torch.distributed.checkpoint directory in torchtitan's layout, loaded as torchtitan
+    resumes: the state dicts of the job's own model and optimizer, filled by dcp.load in place
+    (each rank reading the chunks its shards overlap), then set."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=args.load, no_dist=not args.fsdp)
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def compare_dcp_with_full(dcp_dir, full_dir):
+    """dcp_to_torch_save of DCP_DIR against the full checkpoint FULL_DIR (model.pt, optim.pt)
+    of the same state: every tensor bit for bit, the same keys and param_groups."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(dcp_dir, os.path.join(tmp, "converted.pt"))
+        conv = torch.load(os.path.join(tmp, "converted.pt"), weights_only=True)
+    msd = torch.load(os.path.join(full_dir, "model.pt"), weights_only=True)
+    osd = torch.load(os.path.join(full_dir, "optim.pt"), weights_only=True)
+    pairs = [(f"model.{k}", conv["model"].get(k), v) for k, v in msd.items()]
+    for fqn, st in osd["state"].items():
+        for name, v in st.items():
+            pairs.append((f"optimizer.state.{fqn}.{name}",
+                          conv["optimizer"]["state"].get(fqn, {}).get(name), v))
+    differ = [key for key, got, want in pairs
+              if not isinstance(got, torch.Tensor) or got.dtype != want.dtype
+              or got.shape != want.shape
+              or not torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))]
+    keys_equal = (set(conv["model"]) == set(msd)
+                  and set(conv["optimizer"]["state"]) == set(osd["state"]))
+
+    def groups(gs):
+        return [{k: (sorted(v) if k == "params" else v) for k, v in g.items()} for g in gs]
+
+    same_groups = groups(conv["optimizer"]["param_groups"]) == groups(osd["param_groups"])
+    print(f"dcp_vs_full: {len(pairs)} tensors, {len(differ)} differ {differ[:5]}, keys "
+          f"{'equal' if keys_equal else 'differ'}, param_groups "
+          f"{'equal' if same_groups else 'differ'}", flush=True)
 
 
 # --- reduced gradients (--dump_grads) ----------------------------------------------------------
@@ -634,6 +717,8 @@ def main(argv):
     optim = make_optimizer(args.optimizer, args.lr, make_params(model, args))
 
     first_step = load_checkpoint(model, optim, args) if args.load else 0
+    if args.compare_full and rank == 0:
+        compare_dcp_with_full(args.load, args.compare_full)
     if rank == 0:
         print(
             f"peer: torch={torch.__version__} model={args.model} fsdp={args.fsdp} "

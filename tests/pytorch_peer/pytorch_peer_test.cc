@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
@@ -201,6 +202,9 @@ struct ResumeCase {
   Config saver;
   Config loader;
   bool pytorch_saves;  // true: PyTorch saves, C++ loads; false: the other way round
+  // fsdp_peer.py's checkpoint flags: "" (a full checkpoint), "--save_format=dcp" (dcp.save of
+  // each rank's shards, torchtitan's layout), "--save_format=dcp --dcp_layout=tutorial".
+  std::string pytorch_save = "";
 };
 
 class PeerResumeTest : public ::testing::TestWithParam<ResumeCase> {};
@@ -214,7 +218,7 @@ TEST_P(PeerResumeTest, CheckpointMovesAndTrainingContinues) {
   const std::string save_flags =
       absl::StrCat("--steps=", kSteps, " --save_at_step=", kSaveAfter, " --save=", dir);
   const CommandResult saved = r.pytorch_saves
-                                  ? RunPyTorch(r.saver, save_flags)
+                                  ? RunPyTorch(r.saver, save_flags + " " + r.pytorch_save)
                                   : RunCpp(r.saver, save_flags + " --state_dict_type=full");
   if (const std::string reason = SkipReason(saved); !reason.empty()) {
     GTEST_SKIP() << "PyTorch 2.13 cannot run the saving job on CPU: " << reason;
@@ -244,13 +248,82 @@ INSTANTIATE_TEST_SUITE_P(
         ResumeCase{Config{"nested", "adam", 2, 2, "full_shard", false, "wrap", 0},
                    Config{"nested", "adam", 2, 4, "full_shard", true, "wrap_alt", 1}, false},
         ResumeCase{Config{"transformer", "sgd", 1, 3, "full_shard", false, "layers", 0},
-                   Config{"transformer", "sgd", 1, 2, "full_shard", false, "none", 2}, false}),
+                   Config{"transformer", "sgd", 1, 2, "full_shard", false, "none", 2}, false},
+        // PyTorch's dcp.save of each rank's shards (torch.distributed.checkpoint) at world size
+        // 4, loaded by the C++ job (LoadShardedCheckpoint reading only the chunks its shards
+        // overlap) at 3 and 2 with other wrappings, use_orig_params on and off.
+        // FSDP1 with one group: its flat parameters mix the test's two groups.
+        ResumeCase{Config{"nested", "adam", 2, 4, "full_shard", false, "wrap", 2},
+                   Config{"nested", "adam", 2, 3, "full_shard", true, "wrap_alt", 0}, true,
+                   "--save_format=dcp"},
+        ResumeCase{Config{"nested", "adam", 1, 4, "full_shard", false, "wrap", 1},
+                   Config{"nested", "adam", 1, 2, "full_shard", false, "none", 0}, true,
+                   "--save_format=dcp --dcp_layout=tutorial"},
+        ResumeCase{Config{"transformer", "sgd", 1, 4, "full_shard", false, "layers", 2},
+                   Config{"transformer", "sgd", 1, 2, "shard_grad_op", true, "none", 0}, true,
+                   "--save_format=dcp"}),
     [](const ::testing::TestParamInfo<ResumeCase>& info) {
       const ResumeCase& r = info.param;
+      const std::string format = r.pytorch_save.empty()                          ? ""
+                                 : absl::StrContains(r.pytorch_save, "tutorial") ? "_dcp_tutorial"
+                                                                                 : "_dcp";
       return absl::StrCat(r.saver.model, "_", r.saver.optimizer, r.pytorch_saves ? "_fsdp" : "_cpp",
-                          r.pytorch_saves ? r.saver.fsdp : 0, "_ws", r.saver.world_size, "_to_",
-                          r.pytorch_saves ? "cpp" : absl::StrCat("fsdp", r.loader.fsdp), "_ws",
-                          r.loader.world_size);
+                          r.pytorch_saves ? r.saver.fsdp : 0, format, "_ws", r.saver.world_size,
+                          "_to_", r.pytorch_saves ? "cpp" : absl::StrCat("fsdp", r.loader.fsdp),
+                          "_ws", r.loader.world_size);
+    });
+
+// DCP from C++ into PyTorch: our job saves a DCP directory after kSaveAfter steps; PyTorch FSDP2
+// at another world size and wrapping loads it as torchtitan resumes (get_state_dict, dcp.load,
+// set_state_dict) and trains on with the uninterrupted run's losses; dcp_to_torch_save of it
+// equals, tensor for tensor and bit for bit, our full checkpoint of the same state (a second,
+// identical run saving full). NestedModel with Adam and two parameter groups, 3 -> 2 ranks; the
+// transformer (its tied embedding stored under both names, as state_dict has it), 3 -> 2.
+struct DcpCase {
+  Config saver;
+  Config loader;
+};
+
+class PeerDcpTest : public ::testing::TestWithParam<DcpCase> {};
+
+TEST_P(PeerDcpTest, PyTorchFsdp2LoadsOurDcpCheckpointAndContinues) {
+  const Config& saver = GetParam().saver;
+  const Config& loader = GetParam().loader;
+  const std::string dir = TempDir(absl::StrCat(ConfigName(saver), "_dcp_to_fsdp2"));
+  const std::string save_flags = absl::StrCat("--steps=", kSteps, " --save_at_step=", kSaveAfter);
+  const CommandResult saved =
+      RunCpp(saver, absl::StrCat(save_flags, " --save=", dir, "/dcp --state_dict_type=dcp"));
+  ASSERT_EQ(saved.exit_code, 0) << saved.output;
+  const CommandResult full =
+      RunCpp(saver, absl::StrCat(save_flags, " --save=", dir, "/full --state_dict_type=full"));
+  ASSERT_EQ(full.exit_code, 0) << full.output;
+  const std::vector<double> straight = StepLosses(saved.output);
+  ASSERT_EQ(straight.size(), static_cast<size_t>(kSteps)) << saved.output;
+  ASSERT_EQ(StepLosses(full.output), straight);
+
+  const CommandResult resumed =
+      RunPyTorch(loader, absl::StrCat("--load=", dir, "/dcp --compare_full=", dir,
+                                      "/full --steps=", kSteps - kSaveAfter));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_THAT(resumed.output, HasSubstr("dcp_vs_full: "));
+  for (absl::string_view line : absl::StrSplit(resumed.output, '\n')) {
+    if (absl::StartsWith(line, "dcp_vs_full: ")) std::printf("%s\n", std::string(line).c_str());
+  }
+  EXPECT_THAT(resumed.output, HasSubstr(" tensors, 0 differ [], keys equal, param_groups equal"));
+  ExpectSameLosses(std::vector<double>(straight.begin() + kSaveAfter, straight.end()),
+                   StepLosses(resumed.output), kSaveAfter, resumed.output);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, PeerDcpTest,
+    ::testing::Values(DcpCase{Config{"nested", "adam", 2, 3, "full_shard", false, "wrap", 0},
+                              Config{"nested", "adam", 2, 2, "full_shard", false, "wrap_alt", 2}},
+                      DcpCase{Config{"transformer", "sgd", 1, 3, "full_shard", false, "layers", 0},
+                              Config{"transformer", "sgd", 1, 2, "full_shard", false, "none", 2}}),
+    [](const ::testing::TestParamInfo<DcpCase>& info) {
+      return absl::StrCat(info.param.saver.model, "_", info.param.saver.optimizer, "_cpp_ws",
+                          info.param.saver.world_size, "_to_fsdp2_ws",
+                          info.param.loader.world_size);
     });
 
 }  // namespace
