@@ -113,16 +113,33 @@ def time_steps(wrap, args, src, tgt):
     return seconds, cpu, faults
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=2)
+def add_run_args(p):
+    """The arguments the reference scripts share: each rank's batch and intra-op threads."""
     p.add_argument("--seq", type=int, default=8)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the C++ ranks')")
-    args = p.parse_args()
+
+
+def start(args):
+    """The C++ ranks' thread count, the Gloo group; returns this rank."""
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    return dist.get_rank()
+
+
+def finish():
+    dist.barrier()
+    dist.destroy_process_group()
+    # PyTorch ranks sometimes abort at exit after finishing (README): leave at once.
+    os._exit(0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=2)
+    add_run_args(p)
+    args = p.parse_args()
+    rank = start(args)
     src, tgt = rank_batch(rank, args.seq, args.batch)
     fields = []
     for name, wrap in (("fsdp1", wrap_fsdp1), ("fsdp2", wrap_fsdp2)):
@@ -131,10 +148,7 @@ def main():
                    f"{name}_faults={faults:.0f}"]
     if rank == 0:
         print("PYTORCH_STEP " + " ".join(fields), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    # PyTorch ranks sometimes abort at exit after finishing (README): leave at once.
-    os._exit(0)
+    finish()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ GOALS = {
         (r"^Step/FULL_SHARD", "mem_vs_target", 1.25,
          "peak step memory (worst rank) / shard_target"),
     ],
+    "full_checkpoint_benchmark": [
+        (r".", "vs_pytorch", 0.5, "full save or load time / PyTorch's (faster of FSDP1, FSDP2)"),
+        (r".", "mem_vs_pytorch", 1.0, "rank 0 peak RSS / PyTorch's (lower of FSDP1, FSDP2)"),
+    ],
     "async_save_benchmark": [
         (r".", "vs_sync", 0.1, "time Save() holds training / synchronous save time"),
         (r".", "vs_pytorch", 1.0, "time Save() holds training / dcp.async_save's"),
@@ -76,6 +80,9 @@ COLUMNS = {
     "fsdp_step_benchmark": ["vs_no_shard", "vs_pytorch", "pytorch_fsdp1_ms", "pytorch_fsdp2_ms",
                             "no_shard_ms", "step_mem_rank0", "step_mem_rank1", "held_mem_rank0",
                             "local_state_bytes", "shard_target", "mem_vs_target"],
+    "full_checkpoint_benchmark": ["vs_pytorch", "mem_vs_pytorch", "pytorch_fsdp1_ms",
+                                  "pytorch_fsdp2_ms", "peak_rss_rank0", "pytorch_fsdp1_peak",
+                                  "pytorch_fsdp2_peak", "base_rss_rank0", "full_state_bytes"],
     "async_save_benchmark": ["vs_sync", "vs_pytorch", "pytorch_blocked_ms", "sync_ms", "staged_bytes", "step_ms",
                              "step_during_save_ms", "wait_ms"],
 }

@@ -22,7 +22,7 @@ out=bench/results
 mkdir -p "$out"
 read -r -a startup <<<"${BAZEL_STARTUP_FLAGS:-}"
 read -r -a flags <<<"${BAZEL_FLAGS:-}"
-benchmarks=${BENCHMARKS:-"optim_state_benchmark checkpoint_benchmark async_save_benchmark fsdp_step_benchmark comm_benchmark deferred_init_benchmark scale_benchmark"}
+benchmarks=${BENCHMARKS:-"optim_state_benchmark checkpoint_benchmark full_checkpoint_benchmark async_save_benchmark fsdp_step_benchmark comm_benchmark deferred_init_benchmark scale_benchmark"}
 failed=()
 for name in $benchmarks; do
   if ! bazel "${startup[@]}" query "//bench:$name" >/dev/null 2>&1; then

@@ -1,16 +1,8 @@
 #include "checkpoint/full_checkpoint.h"
 
-#include <ATen/core/Dict.h>
-#include <ATen/core/List.h>
-#include <ATen/core/ivalue.h>
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-
 #include "absl/strings/str_cat.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/internal/full_checkpoint_pickle.h"
 #include "checkpoint/internal/torch_save_archive.h"
 #include "checkpoint/torch_load.h"
 #include "comm/status_macros.h"
@@ -19,39 +11,12 @@ namespace fsdp::checkpoint {
 namespace {
 
 using internal::Pickled;
+using internal::PickleModel;
+using internal::PickleOptim;
+using internal::WriteArchive;
 using optim_state::OptimStateDict;
 using optim_state::ParamKey;
-using optim_state::StateSequence;
 using optim_state::StateValue;
-
-c10::IValue KeyToIValue(const ParamKey& key) {
-  return key.is_id() ? c10::IValue(key.id()) : c10::IValue(key.fqn());
-}
-
-absl::Status Errno(const char* what, const std::string& path) {
-  return absl::InternalError(absl::StrCat("cannot ", what, " ", path, ": ", strerror(errno)));
-}
-
-std::string BaseName(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
-// Writes the zip archive of `pickled` (as torch::pickle_save lays it out) to `path`, created or
-// truncated; with `durable`, fsyncs it, passing the crash points WriteFileDurably passes.
-absl::Status WriteArchive(const Pickled& pickled, const std::string& path, bool durable) {
-  const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Errno("create", path);
-  absl::Status status =
-      internal::AppendArchive(fd, pickled, internal::ArchiveRecords::kPickleSave, path).status();
-  if (status.ok() && durable) {
-    CrashPoint(absl::StrCat("written ", BaseName(path)));
-    if (fsync(fd) != 0) status = Errno("fsync", path);
-  }
-  if (close(fd) != 0 && status.ok()) status = Errno("close", path);
-  if (status.ok() && durable) CrashPoint(absl::StrCat("fsynced ", BaseName(path)));
-  return status;
-}
 
 absl::StatusOr<ParamKey> KeyFromPyValue(const PyValue& key, const std::string& where) {
   if (key.is_int()) return ParamKey::Id(key.as_int());
@@ -82,12 +47,6 @@ absl::StatusOr<StateValue> StateValueFromPyValue(const PyValue& value, const std
       absl::StrCat(where, ": a ", value.TypeName(), " is not an optimizer state value"));
 }
 
-static absl::StatusOr<Pickled> PickleModel(const ModelStateDict& state, const std::string& path) {
-  c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
-  for (const auto& [fqn, tensor] : state) dict.insert(fqn, tensor.detach().contiguous());
-  return internal::PickleIValue(c10::IValue(dict), path);
-}
-
 absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string& path) {
   FSDP_ASSIGN_OR_RETURN(Pickled pickled, PickleModel(state, path));
   return WriteArchive(pickled, path, /*durable=*/false);
@@ -109,43 +68,6 @@ absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path) {
     out.emplace_back(key.as_str(), tensor.as_tensor());
   }
   return out;
-}
-
-static absl::StatusOr<Pickled> PickleOptim(const OptimStateDict& state, const std::string& path) {
-  c10::impl::GenericDict state_dict(c10::AnyType::get(), c10::AnyType::get());
-  for (const auto& [key, param_state] : state.state) {
-    c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
-    for (const auto& [name, value] : param_state) {
-      FSDP_ASSIGN_OR_RETURN(
-          c10::IValue converted,
-          internal::StateValueToIValue(
-              value, absl::StrCat(path, ": state[", key.ToString(), "][", name, "]")));
-      entry.insert(name, std::move(converted));
-    }
-    state_dict.insert(KeyToIValue(key), c10::IValue(entry));
-  }
-  c10::impl::GenericDict top(c10::StringType::get(), c10::AnyType::get());
-  top.insert("state", c10::IValue(state_dict));
-  if (state.has_param_groups) {
-    c10::impl::GenericList groups(c10::AnyType::get());
-    for (size_t g = 0; g < state.param_groups.size(); ++g) {
-      const auto& group = state.param_groups[g];
-      c10::impl::GenericDict entry(c10::StringType::get(), c10::AnyType::get());
-      for (const auto& [name, value] : group.hyper_params) {
-        FSDP_ASSIGN_OR_RETURN(
-            c10::IValue converted,
-            internal::StateValueToIValue(
-                value, absl::StrCat(path, ": param_groups[", g, "][", name, "]")));
-        entry.insert(name, std::move(converted));
-      }
-      c10::impl::GenericList params(c10::AnyType::get());
-      for (const ParamKey& key : group.params) params.push_back(KeyToIValue(key));
-      entry.insert("params", c10::IValue(params));
-      groups.push_back(c10::IValue(entry));
-    }
-    top.insert("param_groups", c10::IValue(groups));
-  }
-  return internal::PickleIValue(c10::IValue(top), path);
 }
 
 absl::Status WriteOptimStateDict(const OptimStateDict& state, const std::string& path) {

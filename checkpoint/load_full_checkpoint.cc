@@ -2,9 +2,9 @@
 
 #include <utility>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "checkpoint/full_checkpoint.h"
+#include "checkpoint/internal/rank0_status.h"
 #include "comm/status_macros.h"
 #include "fsdp/state_dict.h"
 #include "optim_state/fsdp_optim_state.h"
@@ -39,26 +39,14 @@ absl::Status LoadFullCheckpoint(const std::string& dir, FullyShardedDataParallel
   ModelStateDict model;
   OptimStateDict optim;
   optim.has_param_groups = false;  // what ranks other than 0 pass to the scatter
-  std::string outcome;             // "" or "<code>:<message>" of rank 0's failure
+  std::string outcome;             // rank 0's failure (internal::EncodeStatus)
   if (group.rank() == 0) {
-    const absl::Status status =
-        ReadOnRank0(dir, fsdp, adapter != nullptr, options.strip_key_prefixes, model, optim);
-    if (!status.ok()) {
-      outcome = absl::StrCat(static_cast<int>(status.code()), ":", status.message());
-    }
+    outcome = internal::EncodeStatus(
+        ReadOnRank0(dir, fsdp, adapter != nullptr, options.strip_key_prefixes, model, optim));
   }
   absl::StatusOr<std::string> agreed = group.BroadcastObject(outcome, 0);
   if (!agreed.ok()) return Annotate(agreed.status(), context);
-  outcome = *std::move(agreed);
-  if (!outcome.empty()) {
-    const size_t colon = outcome.find(':');
-    int code = static_cast<int>(absl::StatusCode::kInternal);
-    if (!absl::SimpleAtoi(outcome.substr(0, colon), &code)) {
-      code = static_cast<int>(absl::StatusCode::kInternal);
-    }
-    return absl::Status(static_cast<absl::StatusCode>(code),
-                        absl::StrCat(context, ": rank 0: ", outcome.substr(colon + 1)));
-  }
+  FSDP_RETURN_IF_ERROR(internal::DecodeStatus(*agreed, context));
   OptimStateDict local;
   if (adapter != nullptr) {
     absl::StatusOr<OptimStateDict> scattered =

@@ -14,14 +14,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/dcp_save.h"
-#include "checkpoint/full_checkpoint.h"
 #include "checkpoint/key_prefixes.h"
 #include "checkpoint/load_full_checkpoint.h"
+#include "checkpoint/save_full_checkpoint.h"
 #include "checkpoint/sharded_checkpoint.h"
 #include "checkpoint/sharded_format.h"
 #include "comm/status_macros.h"
-#include "fsdp/state_dict.h"
-#include "optim_state/fsdp_optim_state.h"
 
 namespace fsdp::examples {
 
@@ -40,30 +38,20 @@ namespace {
 
 constexpr char kProgressFile[] = "progress.txt";
 
-// A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (rank 0
-// writes; Python's torch.load reads both) and DIR/progress.txt with the steps done.
+// A full checkpoint: DIR/model.pt and DIR/optim.pt as PyTorch FSDP users save them (streamed
+// one unit at a time, rank 0 writes; Python's torch.load reads both) and DIR/progress.txt with
+// the steps done, in one atomic commit.
 absl::Status SaveCheckpoint(const std::string& dir, int steps_done, fsdp::comm::ProcessGroup& group,
                             fsdp::FullyShardedDataParallel& fsdp,
                             const fsdp::optim_state::OptimizerAdapter& adapter) {
-  FSDP_ASSIGN_OR_RETURN(fsdp::StateDict model_state,
-                        fsdp::FullStateDict(fsdp, {.rank0_only = true}));
-  FSDP_ASSIGN_OR_RETURN(fsdp::optim_state::OptimStateDict optim_state,
-                        fsdp::optim_state::FullOptimStateDict(fsdp, adapter, {.rank0_only = true}));
-  absl::Status status = absl::OkStatus();
-  if (group.rank() == 0) {
-    // model.pt, optim.pt and progress.txt in one atomic commit (checkpoint/atomic_dir.h).
-    status = CreateParentDir(dir);
-    if (status.ok()) {
-      status = fsdp::checkpoint::WriteFullCheckpoint(
-          dir, model_state, &optim_state,
-          {{kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")}});
-    }
-  }
-  // Everyone learns whether rank 0 managed.
+  absl::Status status = group.rank() == 0 ? CreateParentDir(dir) : absl::OkStatus();
+  // Everyone learns whether rank 0 could create the parent.
   FSDP_ASSIGN_OR_RETURN(std::string outcome,
                         group.BroadcastObject(std::string(status.message()), 0));
   if (!outcome.empty()) return absl::InternalError(outcome);
-  return absl::OkStatus();
+  return fsdp::checkpoint::SaveFullCheckpoint(
+      dir, fsdp, &adapter,
+      {.extra_files = {{kProgressFile, absl::StrCat("steps_done=", steps_done, "\n")}}});
 }
 
 // DIR/progress.txt's steps_done, read by rank 0 and broadcast (0 without the file).

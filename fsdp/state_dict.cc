@@ -290,6 +290,22 @@ void WriteFullFlat(FlatParamHandle& handle, const at::Tensor& full) {
 
 }  // namespace
 
+std::vector<FullStateDictKey> FullStateDictLayout(FullyShardedDataParallel& fsdp) {
+  std::vector<FullStateDictKey> keys;
+  std::unordered_map<const c10::TensorImpl*, at::Tensor> unmanaged;
+  for (const ModelEntry& entry : ModelEntries(fsdp)) {
+    FullStateDictKey& key = keys.emplace_back();
+    key.fqn = entry.fqn;
+    key.handle = entry.handle;
+    key.index = entry.index;
+    if (entry.handle != nullptr) continue;
+    at::Tensor& value = unmanaged[entry.tensor.unsafeGetTensorImpl()];
+    if (!value.defined()) value = entry.StateValue();
+    key.value = value;
+  }
+  return keys;
+}
+
 absl::StatusOr<StateDict> FullStateDict(FullyShardedDataParallel& fsdp,
                                         const FullStateDictConfig& config) {
   at::NoGradGuard no_grad;
@@ -298,34 +314,31 @@ absl::StatusOr<StateDict> FullStateDict(FullyShardedDataParallel& fsdp,
   const bool keep = !config.rank0_only || group.rank() == 0;
   StateDict out;
   absl::Status status = CallTorch(where, [&]() -> absl::Status {
-    const std::vector<ModelEntry> entries = ModelEntries(fsdp);
+    std::vector<FullStateDictKey> keys;
+    if (keep) keys = FullStateDictLayout(fsdp);
     // Unit by unit: gather, keep copies of the original parameters (rank 0 only
-    // with rank0_only), drop the gathered flat tensor.
-    std::unordered_map<const c10::TensorImpl*, at::Tensor> values;
+    // with rank0_only; one per parameter, shared by its FQNs), drop the gathered
+    // flat tensor.
     for (const auto& unit : fsdp.units()) {
       if (unit.handle == nullptr) continue;
       absl::StatusOr<at::Tensor> flat = unit.handle->GatherFullFlat();
       if (!flat.ok()) return Annotate(flat.status(), where);
-      if (!keep) continue;
-      for (size_t i = 0; i < unit.handle->params().size(); ++i) {
-        const FlatParamInfo& info = unit.handle->infos()[i];
-        values[unit.handle->params()[i].unsafeGetTensorImpl()] =
-            flat->narrow(0, info.offset, info.numel).view(info.shape).clone();
+      std::unordered_map<size_t, at::Tensor> copies;
+      for (FullStateDictKey& key : keys) {
+        if (key.handle != unit.handle) continue;
+        at::Tensor& copy = copies[key.index];
+        if (!copy.defined()) {
+          const FlatParamInfo& info = unit.handle->infos()[key.index];
+          copy = flat->narrow(0, info.offset, info.numel).view(info.shape).clone();
+        }
+        key.value = copy;
       }
     }
-    if (!keep) return absl::OkStatus();
-    for (const ModelEntry& entry : entries) {
-      const c10::TensorImpl* impl = entry.tensor.unsafeGetTensorImpl();
-      auto it = values.find(impl);
-      if (it == values.end()) {
-        // Unmanaged parameters and buffers: local copies (one per tensor,
-        // shared by its FQNs).
-        it = values.emplace(impl, entry.StateValue()).first;
-      }
-      at::Tensor value = it->second;
+    for (FullStateDictKey& key : keys) {
+      at::Tensor value = std::move(key.value);
       if (config.offload_to_cpu && !value.device().is_cpu())
         value = value.to(at::kCPU);
-      out.emplace_back(entry.fqn, value);
+      out.emplace_back(std::move(key.fqn), std::move(value));
     }
     return absl::OkStatus();
   });

@@ -96,6 +96,20 @@ struct FullStateDictConfig {
 [[nodiscard]] absl::StatusOr<StateDict> FullStateDict(
     FullyShardedDataParallel& fsdp, const FullStateDictConfig& config = {});
 
+// FULL_STATE_DICT's keys without their values gathered, for writers that stream the dict unit
+// by unit (checkpoint/save_full_checkpoint.h): FullStateDict's keys in its order, each with the
+// unit that manages it (`handle`, the parameter's index in it; FullStateDict's value is a copy
+// of that slice of the unit's GatherFullFlat()) or, for an unmanaged parameter or buffer, the
+// value FullStateDict gives (a copy; one per tensor, shared by its FQNs). Not a collective.
+struct FullStateDictKey {
+  std::string fqn;
+  FlatParamHandle* handle = nullptr;
+  size_t index = 0;
+  at::Tensor value;  // unmanaged only
+};
+[[nodiscard]] std::vector<FullStateDictKey> FullStateDictLayout(
+    FullyShardedDataParallel& fsdp);
+
 struct LoadFullStateDictConfig {
   // Only rank 0 passes the dict; the other ranks pass an empty one and receive
   // rank 0's values unit by unit (one broadcast per unit, unmanaged parameter

@@ -36,10 +36,21 @@ struct GatherPlan {
   at::Tensor* reuse = nullptr;
 };
 
-// `full` (numel elements) gathered from `local` (this rank's shard) over the handle's group,
-// or taken as is without sharding. Undefined on ranks that receive nothing (plan.to_root).
-absl::StatusOr<at::Tensor> GatherFlat(FlatParamHandle& h, const at::Tensor& local,
-                                      const std::string& name, const GatherPlan& plan) {
+// Whether this rank receives what GatherFlat gathers.
+bool Receives(const FlatParamHandle& h, const GatherPlan& plan) {
+  return !plan.to_root || h.group()->rank() == 0;
+}
+
+// The buffer GatherFlat fills: the handle's padded numel when sharded, else its numel.
+int64_t GatheredNumel(const FlatParamHandle& h) {
+  return h.sharded() ? h.padded_numel() : h.numel();
+}
+
+// The whole gathered buffer (GatheredNumel elements, padding included) of `local` (this rank's
+// shard) over the handle's group, or `local` itself (a copy unless plan.reuse) without
+// sharding. Undefined on ranks that receive nothing (plan.to_root).
+absl::StatusOr<at::Tensor> GatherFlatBuffer(FlatParamHandle& h, const at::Tensor& local,
+                                            const std::string& name, const GatherPlan& plan) {
   const std::string context =
       absl::StrCat("gathering optimizer state '", name, "' of flat parameter [", h.Describe(), "]");
   const int64_t expected = h.sharded() ? h.shard_numel() : h.numel();
@@ -48,12 +59,12 @@ absl::StatusOr<at::Tensor> GatherFlat(FlatParamHandle& h, const at::Tensor& loca
         context, ": state has shape ", TorchSize(local.sizes()), ", expected [", expected, "]"));
   }
   if (!h.sharded()) {
-    if (plan.to_root && h.group()->rank() != 0) return at::Tensor();
+    if (!Receives(h, plan)) return at::Tensor();
     return plan.reuse != nullptr ? local : local.clone();
   }
   const at::Tensor shard = local.detach().contiguous();
   comm::ProcessGroup& group = *h.group();
-  if (plan.to_root && group.rank() != 0) {
+  if (!Receives(h, plan)) {
     // Every rank but the root sends its shard; the root receives them in rank order.
     FSDP_RETURN_IF_ERROR(group.Send(shard, 0, kGatherTag), absl::StrCat(context, " to rank 0"));
     return at::Tensor();
@@ -72,7 +83,34 @@ absl::StatusOr<at::Tensor> GatherFlat(FlatParamHandle& h, const at::Tensor& loca
   } else {
     FSDP_RETURN_IF_ERROR(group.AllGatherIntoTensor(out, shard), context);
   }
-  return out.narrow(0, 0, h.numel());
+  return out;
+}
+
+// use_orig_params: one original parameter's slice of this rank's shard and its state tensor.
+struct StateSlice {
+  ParamShard shard;
+  at::Tensor state;
+  std::string fqn;
+};
+
+// use_orig_params: this rank's flat shard of state `name` of unit `h` from its original
+// parameters' slices (zeros where a slice has no such state).
+absl::StatusOr<at::Tensor> LocalShardOf(const FlatParamHandle& h, const std::string& name,
+                                        at::ScalarType dtype,
+                                        const std::vector<StateSlice>& slices) {
+  at::Tensor local =
+      at::zeros({h.sharded() ? h.shard_numel() : h.numel()}, at::TensorOptions().dtype(dtype));
+  for (const StateSlice& slice : slices) {
+    const at::Tensor& t = slice.state;
+    const ParamShard& s = slice.shard;
+    if (t.numel() != s.numel) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("state '", name, "' of '", slice.fqn, "' has ", t.numel(),
+                       " elements but this rank's slice of the parameter has ", s.numel));
+    }
+    local.narrow(0, s.shard_offset, s.numel).copy_(t.reshape({-1}));
+  }
+  return local;
 }
 
 // An original parameter's part of a gathered flat state, in the parameter's shape: a view of
@@ -206,6 +244,31 @@ class FullGather {
         missing_msg));
   }
 
+  // One flat state gathered (GatherFlatBuffer, cut to the handle's numel) from the shard
+  // `local` makes; with request_.deferred, recorded there instead and answered with a view of a
+  // placeholder.
+  absl::StatusOr<at::Tensor> Gather(FlatParamHandle& h,
+                                    std::function<absl::StatusOr<at::Tensor>()> local,
+                                    at::ScalarType dtype, const std::string& name,
+                                    const GatherPlan& plan) {
+    return CallTorchOr(kOp, [&]() -> absl::StatusOr<at::Tensor> {
+      at::Tensor full;
+      if (request_.deferred != nullptr) {
+        DeferredGather& d = request_.deferred->emplace_back();
+        d.handle = &h;
+        d.name = name;
+        d.to_root = plan.to_root;
+        d.local = std::move(local);
+        if (Receives(h, plan)) d.placeholder = request_.placeholder(GatheredNumel(h), dtype);
+        full = d.placeholder;
+      } else {
+        FSDP_ASSIGN_OR_RETURN(at::Tensor shard, local());
+        FSDP_ASSIGN_OR_RETURN(full, GatherFlatBuffer(h, shard, name, plan));
+      }
+      return full.defined() ? full.narrow(0, 0, h.numel()) : full;
+    });
+  }
+
   // With rank0_only only rank 0 receives the gathered state (when the handle's group is this
   // group, so that its rank 0 is ours). With `on_managed`, which keeps a copy of what it needs
   // right away, each state name's gathers share one buffer.
@@ -242,12 +305,11 @@ class FullGather {
     size_t name_index = 0;
     for (const json& name_json : pos_names) {
       const std::string name = name_json.get<std::string>();
+      const at::Tensor local = st.Find(name)->Get<at::Tensor>();
       OPTIM_ASSIGN_OR_RETURN(at::Tensor full,
-                             CallTorchOr(kOp,
-                                         [&] {
-                                           return GatherFlat(h, st.Find(name)->Get<at::Tensor>(),
-                                                             name, PlanFor(h, name_index));
-                                         }),
+                             Gather(
+                                 h, [local]() -> absl::StatusOr<at::Tensor> { return local; },
+                                 local.scalar_type(), name, PlanFor(h, name_index)),
                              std::string(kOp));
       ++name_index;
       if (!to_save_) continue;
@@ -291,42 +353,34 @@ class FullGather {
     return orig_units;
   }
 
-  // use_orig_params: this rank's flat shard of state `name` of unit `h`, from its original
-  // parameters' slices (zeros where a slice has no such state).
-  absl::Status FillLocalShard(const FlatParamHandle& h, const std::string& name,
-                              at::Tensor& local) const {
+  // use_orig_params: this rank's slices of state `name` of unit `h`'s original parameters
+  // (ParamShard and the optimizer's tensor), from which LocalShardOf builds its flat shard.
+  std::vector<StateSlice> LocalSlices(const FlatParamHandle& h, const std::string& name) const {
+    std::vector<StateSlice> slices;
     for (size_t i = 0; i < h.params().size(); ++i) {
       auto it = tensor_to_id_.find(h.params()[i].unsafeGetTensorImpl());
       if (it == tensor_to_id_.end()) continue;
       const ParamState* st = osd_->state.Find(ParamKey::Id(it->second));
       const StateValue* v = st == nullptr ? nullptr : st->Find(name);
       if (v == nullptr || !IsPosDimTensor(*v)) continue;
-      const ParamShard s = h.ShardOf(i, h.rank());
-      const at::Tensor& t = v->Get<at::Tensor>();
-      if (t.numel() != s.numel) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("state '", name, "' of '", h.infos()[i].fqns[0], "' has ", t.numel(),
-                         " elements but this rank's slice of the parameter has ", s.numel));
-      }
-      local.narrow(0, s.shard_offset, s.numel).copy_(t.reshape({-1}));
+      slices.push_back({h.ShardOf(i, h.rank()), v->Get<at::Tensor>(), h.infos()[i].fqns[0]});
     }
-    return absl::OkStatus();
+    return slices;
   }
 
   absl::Status GatherOrigUnit(size_t u, const OrigUnit& unit) {
     FlatParamHandle& h = *index_.handles[u];
     size_t name_index = 0;
     for (const auto& [name, dtype] : unit.pos_dtypes) {
-      at::Tensor local;
-      FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&]() -> absl::Status {
-        local = at::zeros({h.sharded() ? h.shard_numel() : h.numel()},
-                          at::TensorOptions().dtype(static_cast<at::ScalarType>(dtype)));
-        return FillLocalShard(h, name, local);
-      }));
-      OPTIM_ASSIGN_OR_RETURN(
-          at::Tensor full,
-          CallTorchOr(kOp, [&] { return GatherFlat(h, local, name, PlanFor(h, name_index)); }),
-          std::string(kOp));
+      const auto type = static_cast<at::ScalarType>(dtype);
+      OPTIM_ASSIGN_OR_RETURN(at::Tensor full,
+                             Gather(
+                                 h,
+                                 [&h, name, type, slices = LocalSlices(h, name)] {
+                                   return LocalShardOf(h, name, type, slices);
+                                 },
+                                 type, name, PlanFor(h, name_index)),
+                             std::string(kOp));
       ++name_index;
       if (!to_save_) continue;
       FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] {
@@ -397,6 +451,13 @@ class FullGather {
 };
 
 }  // namespace
+
+absl::StatusOr<at::Tensor> RunDeferredGather(const DeferredGather& gather) {
+  return CallTorchOr(kOp, [&]() -> absl::StatusOr<at::Tensor> {
+    FSDP_ASSIGN_OR_RETURN(at::Tensor local, gather.local());
+    return GatherFlatBuffer(*gather.handle, local, gather.name, {.to_root = gather.to_root});
+  });
+}
 
 absl::StatusOr<OptimStateDict> GatherFullOptimStateDict(FullyShardedDataParallel& fsdp,
                                                         const OptimizerAdapter& adapter,
