@@ -14,6 +14,10 @@
 //   SaveDcp/world:N            SaveDcpCheckpoint (checkpoint/dcp_save.h): the same model and
 //                              optimizer as a torch.distributed.checkpoint directory that
 //                              PyTorch's dcp.load reads (N = 4, 2), with SaveSharded's reference.
+//   LoadDcp/world:N            LoadShardedCheckpoint of that DCP directory (saved untimed first)
+//                              into the same world-N job, alternating with the load of our own
+//                              world-N checkpoint (vs_same_size_load: DCP's time / ours), with
+//                              LoadSharded's reference.
 //   LoadSharded/from:S/world:N LoadShardedCheckpoint of the world-S checkpoint into the world-N
 //                              model and optimizer (S != N: a resharded load). Reference: every
 //                              rank reads as many bytes as it read (LoadStats::read.bytes_read)
@@ -37,7 +41,7 @@
 // Counters (rank 0's wall time per call, from a barrier before to a barrier after the call, so
 // the slowest rank counts; UseManualTime):
 //   vs_write           API time per call / reference time per call (goal: <= 1.5).
-//   vs_same_size_load  (resharded loads) time per call / time of loading the world-N
+//   vs_same_size_load  (resharded loads, LoadDcp) time per call / time of loading the world-N
 //                      checkpoint into the same world-N model, the two loads alternating in
 //                      the same case after one untimed same-size load (goal: <= 1.2).
 //   ref_ms             the reference's time per call.
@@ -155,6 +159,8 @@ enum class Op : int64_t {
   kMakeFull = 6,
   kSetOutDir = 7,  // the run's directory follows as an object broadcast
   kSaveDcp = 8,
+  kLoadDcp = 9,
+  kMakeDcp = 10,  // untimed DCP save of the state LoadDcp reads
 };
 
 struct Command {
@@ -306,13 +312,6 @@ absl::StatusOr<std::pair<int64_t, int64_t>> SumAndPrefix(ProcessGroup& group, in
     sum += v;
   }
   return std::make_pair(sum, prefix);
-}
-
-// CPU seconds of this process (all its threads) so far.
-double ProcessCpuSeconds() {
-  timespec ts{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
 // Runs `body` `reps` times between barriers of `group`, with `cleanup` (untimed) before each;
@@ -515,17 +514,17 @@ absl::Status TimeAlternatingLoads(CaseRun& run, const std::string& same, Load lo
   return absl::OkStatus();
 }
 
-absl::StatusOr<CaseResult> RunLoadSharded(CaseRun& run) {
+// A load of `dir` into the case's job. With `alternate`, alternating with our own format's
+// same-size load (vs_same_size_load); else alone, then its phases timed.
+absl::StatusOr<CaseResult> RunLoadFrom(CaseRun& run, const std::string& dir, bool alternate) {
   ProcessGroup& g = run.g;
-  const std::string dir = ShardedDir(run.context, run.command.source_world);
   const std::string same = ShardedDir(run.context, run.command.world_size);
-  const bool resharded = run.command.source_world != run.command.world_size;
   auto drop_source = [&] { return MaybeDropOnRank0(run.context, g, dir); };
   auto load = [&]() -> absl::Status {
     FSDP_ASSIGN_OR_RETURN(run.my_bytes, LoadSharded(run.setup, dir));
     return absl::OkStatus();
   };
-  if (!resharded) {
+  if (!alternate) {
     ResetPeakRss();
     FSDP_ASSIGN_OR_RETURN(run.result.api_seconds,
                           TimeCalls(g, run.command.iterations, load, drop_source, &run.cpu.api));
@@ -541,8 +540,19 @@ absl::StatusOr<CaseResult> RunLoadSharded(CaseRun& run) {
           g, kReadReferenceReps, [&] { return PlainRead(files, prefix, run.my_bytes); },
           drop_source, &run.cpu.ref));
   run.result.reference_seconds = Mean(reference);
-  if (!resharded) FSDP_RETURN_IF_ERROR(TimeLoaderPhases(run.setup, run.result));
+  if (!alternate) FSDP_RETURN_IF_ERROR(TimeLoaderPhases(run.setup, run.result));
   return Finish(run);
+}
+
+absl::StatusOr<CaseResult> RunLoadSharded(CaseRun& run) {
+  return RunLoadFrom(run, ShardedDir(run.context, run.command.source_world),
+                     run.command.source_world != run.command.world_size);
+}
+
+// LoadDcp/world:N: the same state as a DCP directory (SaveDcp's), loaded alternately with our
+// format's: vs_same_size_load is DCP's load time over ours.
+absl::StatusOr<CaseResult> RunLoadDcp(CaseRun& run) {
+  return RunLoadFrom(run, DcpDir(run.context, run.command.world_size), /*alternate=*/true);
 }
 
 // Rank 0's files of the full checkpoint in `dir` (none on other ranks), their bytes added to
@@ -619,6 +629,11 @@ absl::StatusOr<CaseResult> RunCase(RankContext& context, const Command& command)
       return RunSaveSharded(run);
     case Op::kSaveDcp:
       return RunSaveDcp(run);
+    case Op::kMakeDcp:
+      FSDP_RETURN_IF_ERROR(SaveDcp(run.setup, DcpDir(context, command.world_size)).status());
+      return run.result;
+    case Op::kLoadDcp:
+      return RunLoadDcp(run);
     case Op::kLoadSharded:
       return RunLoadSharded(run);
     case Op::kSaveFull:
@@ -698,6 +713,13 @@ void BM_Checkpoint(benchmark::State& state, Op op, int64_t source_world, int64_t
       FSDP_RETURN_IF_ERROR(EnsureSharded(context, source_world));
       if (source_world != world_size) FSDP_RETURN_IF_ERROR(EnsureSharded(context, world_size));
     }
+    if (op == Op::kLoadDcp) {
+      FSDP_RETURN_IF_ERROR(EnsureSharded(context, world_size));
+      if (!Exists(DcpDir(context, world_size) + "/.metadata")) {
+        FSDP_RETURN_IF_ERROR(
+            Dispatch(context, Command{Op::kMakeDcp, world_size, world_size, 1}).status());
+      }
+    }
     if (op == Op::kLoadFull && !Exists(FullDir(context) + "/optim.pt")) {
       const Command make{Op::kMakeFull, world_size, world_size, 1};
       FSDP_RETURN_IF_ERROR(Dispatch(context, make).status());
@@ -745,11 +767,12 @@ void Register(const std::string& name, Op op, int64_t source_world, int64_t worl
       ->Unit(benchmark::kMillisecond);
 }
 
-// DCP saves (checkpoint/dcp_save.h) at world sizes 4 and 2, after the sharded save at the same
-// world size (the same model and state).
+// DCP saves (checkpoint/dcp_save.h) and loads at world sizes 4 and 2, after the sharded save at
+// the same world size (the same model and state).
 void RegisterDcpSave(int64_t world) {
   if (world == 3) return;
   Register(absl::StrCat("BM_SaveDcp/world:", world), Op::kSaveDcp, world, world, kSaveIterations);
+  Register(absl::StrCat("BM_LoadDcp/world:", world), Op::kLoadDcp, world, world, kLoadIterations);
 }
 
 void RegisterCases(const RankGroups& groups) {
