@@ -115,6 +115,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "bench/adam_job.h"
 #include "bench/bench_transformer.h"
 #include "bench/plain_io.h"
 #include "bench/pytorch_scale_reference.h"
@@ -176,14 +177,7 @@ struct Command {
 };
 
 // One world size's model and optimizer, on the members of its group.
-struct Setup {
-  int64_t world_size = 0;
-  std::shared_ptr<ProcessGroup> group;
-  BenchTransformer model{nullptr};
-  std::unique_ptr<FullyShardedDataParallel> fsdp;
-  std::unique_ptr<torch::optim::Adam> adam;
-  std::optional<OptimizerAdapter> adapter;
-};
+using Setup = AdamJob;
 
 struct RankContext {
   const RankGroups* groups = nullptr;
@@ -216,27 +210,7 @@ bool Exists(const std::string& path) {
 // Builds the model on `group`, wraps it, and takes one Adam step so the state exists.
 absl::StatusOr<std::unique_ptr<Setup>> BuildSetup(std::shared_ptr<ProcessGroup> group) {
   auto setup = std::make_unique<Setup>();
-  setup->world_size = group->size();
-  setup->group = group;
-  setup->model = BenchTransformer(BenchTransformerConfig{}, /*seed=*/0);
-  FsdpOptions options;
-  options.sharding_strategy = ShardingStrategy::kFullShard;
-  options.nested = setup->model->layer_slots();
-  FSDP_ASSIGN_OR_RETURN(setup->fsdp, FullyShardedDataParallel::Wrap(setup->model, group, options));
-  setup->adam = std::make_unique<torch::optim::Adam>(setup->fsdp->parameters(),
-                                                     torch::optim::AdamOptions(1e-4));
-  FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*setup->adam));
-  setup->adapter.emplace(std::move(adapter));
-  try {
-    auto [src, tgt] = setup->model->MakeBatch(/*seq=*/16, /*batch=*/2, /*seed=*/1 + group->rank());
-    torch::Tensor logits = setup->fsdp->forward(src, tgt.slice(0, 0, -1));
-    torch::Tensor loss = setup->model->Loss(logits, tgt);
-    setup->adam->zero_grad();
-    loss.backward();
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("training step: ", e.what()));
-  }
-  FSDP_RETURN_IF_ERROR(setup->adapter->Step());
+  FSDP_RETURN_IF_ERROR(InitAdamJob(*setup, group, BenchTransformerConfig{}, /*seq=*/16));
   return setup;
 }
 

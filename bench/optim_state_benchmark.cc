@@ -54,10 +54,10 @@
 //   peak_rss_other  the same for the group's other ranks (the largest), bytes.
 //   base_rss_rank0  rank 0's VmRSS right before the calls (reference buffers left out).
 //   vs_pytorch      (Full, Sharded, LocalSharded, OptimStateDictToLoad/sharded[_local]) API
-//                   time / PyTorch 2.13's time for the same operation on the model's twin at the same world size,
-//                   the faster of FSDP1 and FSDP2 (pytorch_fsdp: 1 or 2; pytorch_ms its time),
-//                   measured by bench/pytorch_optim_state.py under torchrun from rank 0 once
-//                   per world size, in the same run (goal: <= 0.5).
+//                   time / PyTorch 2.13's time for the same operation on the model's twin at the
+//                   same world size, the faster of FSDP1 and FSDP2 (pytorch_fsdp: 1 or 2;
+//                   pytorch_ms its time), measured by bench/pytorch_optim_state.py under torchrun
+//                   from rank 0 once per world size, in the same run (goal: <= 0.5).
 //   mem_vs_pytorch  peak_rss_rank0 / that PyTorch run's rank 0 VmHWM during its calls (a whole
 //                   Python process's, interpreter included; ours leaves the reference's buffers
 //                   out) (goal: < 1).
@@ -91,6 +91,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "bench/adam_job.h"
 #include "bench/bench_transformer.h"
 #include "bench/pytorch_reference.h"
 #include "bench/rank_harness.h"
@@ -178,13 +179,7 @@ struct Command {
 };
 
 // One world size's model, optimizer and the current input dict, on the members of its group.
-struct Setup {
-  int64_t world_size = 0;
-  std::shared_ptr<ProcessGroup> group;
-  BenchTransformer model{nullptr};
-  std::unique_ptr<FullyShardedDataParallel> fsdp;
-  std::unique_ptr<torch::optim::Adam> adam;
-  std::optional<OptimizerAdapter> adapter;
+struct Setup : AdamJob {
   int64_t state_bytes = 0;
   Input input_kind = Input::kNone;
   OptimStateDict input;
@@ -200,34 +195,8 @@ RankContext* g_context = nullptr;
 // Builds the model on `group`, wraps it, and takes one Adam step so the state exists.
 absl::StatusOr<std::unique_ptr<Setup>> BuildSetup(std::shared_ptr<ProcessGroup> group) {
   auto setup = std::make_unique<Setup>();
-  setup->world_size = group->size();
-  setup->group = group;
-  setup->model = BenchTransformer(BenchTransformerConfig{}, /*seed=*/0);
-  int64_t params = 0;
-  for (const at::Tensor& p : setup->model->parameters()) params += p.numel();
-  setup->state_bytes = 2 * params * static_cast<int64_t>(sizeof(float));
-  FsdpOptions options;
-  options.sharding_strategy = ShardingStrategy::kFullShard;
-  options.nested = setup->model->layer_slots();
-  absl::StatusOr<std::unique_ptr<FullyShardedDataParallel>> fsdp =
-      FullyShardedDataParallel::Wrap(setup->model, group, options);
-  if (!fsdp.ok()) return fsdp.status();
-  setup->fsdp = *std::move(fsdp);
-  setup->adam = std::make_unique<torch::optim::Adam>(setup->fsdp->parameters(),
-                                                     torch::optim::AdamOptions(1e-4));
-  absl::StatusOr<OptimizerAdapter> adapter = OptimizerAdapter::Create(*setup->adam);
-  if (!adapter.ok()) return adapter.status();
-  setup->adapter.emplace(*std::move(adapter));
-  try {
-    auto [src, tgt] = setup->model->MakeBatch(/*seq=*/16, /*batch=*/2, /*seed=*/1 + group->rank());
-    torch::Tensor logits = setup->fsdp->forward(src, tgt.slice(0, 0, -1));
-    torch::Tensor loss = setup->model->Loss(logits, tgt);
-    setup->adam->zero_grad();
-    loss.backward();
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("training step: ", e.what()));
-  }
-  if (absl::Status s = setup->adapter->Step(); !s.ok()) return s;
+  FSDP_RETURN_IF_ERROR(InitAdamJob(*setup, group, BenchTransformerConfig{}, /*seq=*/16));
+  setup->state_bytes = 2 * setup->params * static_cast<int64_t>(sizeof(float));
   return setup;
 }
 

@@ -60,6 +60,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "bench/adam_job.h"
 #include "bench/bench_transformer.h"
 #include "bench/pytorch_scale_reference.h"
 #include "bench/rank_harness.h"
@@ -127,16 +128,8 @@ struct Command {
 };
 
 // One point's model, its batch and optimizer, on the members of its group.
-struct Setup {
-  int64_t world_size = 0;
+struct Setup : AdamJob {
   int64_t width = 0;
-  std::shared_ptr<ProcessGroup> group;
-  BenchTransformer model{nullptr};
-  int64_t params = 0;
-  at::Tensor src, tgt;  // this rank's batch
-  std::unique_ptr<FullyShardedDataParallel> fsdp;
-  std::unique_ptr<torch::optim::Adam> adam;
-  std::optional<OptimizerAdapter> adapter;
 };
 
 struct RankContext {
@@ -157,39 +150,12 @@ BenchTransformerConfig ConfigOfWidth(int64_t width) {
   return config;
 }
 
-absl::Status TrainStep(Setup& setup) {
-  try {
-    torch::Tensor logits = setup.fsdp->forward(setup.src, setup.tgt.slice(0, 0, -1));
-    torch::Tensor loss = setup.model->Loss(logits, setup.tgt);
-    setup.adam->zero_grad();
-    loss.backward();
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("training step: ", e.what()));
-  }
-  return setup.adapter->Step();
-}
-
 // Builds the model of `width` on `group`, wraps it and takes one step (Adam's state).
 absl::StatusOr<std::unique_ptr<Setup>> BuildSetup(std::shared_ptr<ProcessGroup> group,
                                                   int64_t width) {
   auto setup = std::make_unique<Setup>();
-  setup->world_size = group->size();
   setup->width = width;
-  setup->group = group;
-  setup->model = BenchTransformer(ConfigOfWidth(width), /*seed=*/0);
-  for (const at::Tensor& p : setup->model->parameters()) setup->params += p.numel();
-  FSDP_ASSIGN_OR_RETURN(setup->fsdp, FullyShardedDataParallel::Wrap(
-                                         setup->model, group,
-                                         {.sharding_strategy = ShardingStrategy::kFullShard,
-                                          .nested = setup->model->layer_slots()}));
-  setup->adam = std::make_unique<torch::optim::Adam>(setup->fsdp->parameters(),
-                                                     torch::optim::AdamOptions(1e-4));
-  absl::StatusOr<OptimizerAdapter> adapter = OptimizerAdapter::Create(*setup->adam);
-  if (!adapter.ok()) return adapter.status();
-  setup->adapter.emplace(*std::move(adapter));
-  std::tie(setup->src, setup->tgt) =
-      setup->model->MakeBatch(/*seq=*/8, /*batch=*/2, /*seed=*/1 + group->rank());
-  FSDP_RETURN_IF_ERROR(TrainStep(*setup));
+  FSDP_RETURN_IF_ERROR(InitAdamJob(*setup, group, ConfigOfWidth(width), /*seq=*/8));
   return setup;
 }
 
