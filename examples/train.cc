@@ -94,7 +94,9 @@ ABSL_FLAG(std::string, state_dict_type, "",
           "which PyTorch's dcp.load reads). Default: sharded with --demo, full otherwise.");
 ABSL_FLAG(bool, async_save, false,
           "With --state_dict_type=sharded: save in the background (checkpoint/"
-          "async_checkpoint_saver.h, as dcp.async_save): training goes on while it is written.");
+          "async_checkpoint_saver.h, as dcp.async_save with use_async_staging): the next step's "
+          "forward and backward overlap the copy of the state, its optimizer step waits for "
+          "that copy, and training goes on while it is written.");
 ABSL_FLAG(std::string, load, "", "Start from the checkpoint in this directory.");
 ABSL_FLAG(std::string, strip_key_prefixes, "",
           "--load of a full checkpoint saved from a wrapped PyTorch model: key prefixes the "
@@ -517,13 +519,18 @@ absl::Status ReportStep(fsdp::comm::ProcessGroup& group, const Job& job, int ste
 absl::StatusOr<double> TrainStep(fsdp::comm::ProcessGroup& group, Job& job,
                                  torch::optim::Optimizer& optimizer,
                                  fsdp::optim_state::OptimizerAdapter& adapter,
-                                 const LoopSettings& settings, int step, std::ofstream& loss_log) {
+                                 const LoopSettings& settings, int step, std::ofstream& loss_log,
+                                 fsdp::checkpoint::AsyncCheckpointSaver* async_saver) {
   const auto start = std::chrono::steady_clock::now();
   FSDP_ASSIGN_OR_RETURN(torch::Tensor loss,
                         ForwardBackward(job, optimizer, step, settings.grad_accum));
   if (settings.clip_grad_norm > 0) {
     FSDP_RETURN_IF_ERROR(fsdp::ClipGradNorm(*job.fsdp, settings.clip_grad_norm).status(),
                          absl::StrCat("clipping the gradients of step ", step));
+  }
+  if (async_saver != nullptr) {
+    // Forward and backward overlapped the background save's copy; the step must not.
+    FSDP_RETURN_IF_ERROR(fsdp::examples::SynchronizeTrainStaging(*async_saver, group, step));
   }
   FSDP_RETURN_IF_ERROR(adapter.Step(), absl::StrCat("optimizer step ", step));
   const double seconds =
@@ -570,13 +577,14 @@ absl::Status RunRank() {
   FSDP_ASSIGN_OR_RETURN(const LoopSettings settings, ReadLoopSettings());
   std::unique_ptr<fsdp::checkpoint::AsyncCheckpointSaver> async_saver;
   if (absl::GetFlag(FLAGS_async_save)) {
-    FSDP_ASSIGN_OR_RETURN(async_saver, fsdp::checkpoint::AsyncCheckpointSaver::Create(*job.fsdp));
+    FSDP_ASSIGN_OR_RETURN(async_saver, fsdp::checkpoint::AsyncCheckpointSaver::Create(
+                                           *job.fsdp, {.use_async_staging = true}));
   }
   const auto run_start = std::chrono::steady_clock::now();
   double last_loss = 0;
   for (int step = first_step; step < first_step + settings.steps; ++step) {
-    FSDP_ASSIGN_OR_RETURN(last_loss,
-                          TrainStep(*group, job, *optimizer, adapter, settings, step, loss_log));
+    FSDP_ASSIGN_OR_RETURN(last_loss, TrainStep(*group, job, *optimizer, adapter, settings, step,
+                                               loss_log, async_saver.get()));
     if (!settings.save_dir.empty() && settings.save_at > 0 && step + 1 == settings.save_at) {
       FSDP_RETURN_IF_ERROR(fsdp::examples::SaveTrainCheckpoint(settings.save_dir, StateDictType(),
                                                                step + 1, *group, *job.fsdp, adapter,

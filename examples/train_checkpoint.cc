@@ -193,6 +193,21 @@ absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type
   return absl::OkStatus();
 }
 
+absl::Status SynchronizeTrainStaging(fsdp::checkpoint::AsyncCheckpointSaver& async_saver,
+                                     fsdp::comm::ProcessGroup& group, int step) {
+  if (!async_saver.staging_pending()) return absl::OkStatus();
+  absl::StatusOr<fsdp::checkpoint::AsyncSaveStats> staged = async_saver.SynchronizeStaging();
+  FSDP_RETURN_IF_ERROR(staged.status(), "--async_save: staging the checkpoint");
+  if (group.rank() == 0) {
+    absl::PrintF(
+        "train: the background save's staging is done before optimizer step %d (the copy took "
+        "%.3f s; step %d waited %.3f s for it)\n",
+        step, staged->copy_seconds, step, staged->blocked_seconds);
+    std::fflush(stdout);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status WaitForTrainCheckpoint(fsdp::checkpoint::AsyncCheckpointSaver& async_saver,
                                     fsdp::comm::ProcessGroup& group) {
   if (!async_saver.pending()) return absl::OkStatus();

@@ -37,6 +37,12 @@ absl::Status SaveTrainCheckpoint(const std::string& dir, const std::string& type
                                  const fsdp::optim_state::OptimizerAdapter& adapter,
                                  fsdp::checkpoint::AsyncCheckpointSaver* async_saver = nullptr);
 
+// Before optimizer step `step`: waits until the background save in flight (if any) has copied
+// the state it saves (its staging, AsyncSaverOptions::use_async_staging); rank 0 prints how long
+// that held the step up. The staging's error, if it failed.
+absl::Status SynchronizeTrainStaging(fsdp::checkpoint::AsyncCheckpointSaver& async_saver,
+                                     fsdp::comm::ProcessGroup& group, int step);
+
 // Waits for the background save in flight, if any; rank 0 prints when it was committed.
 absl::Status WaitForTrainCheckpoint(fsdp::checkpoint::AsyncCheckpointSaver& async_saver,
                                     fsdp::comm::ProcessGroup& group);

@@ -222,8 +222,9 @@ TEST(Train, LanguageModelResumesAtAnotherWorldSizeAndDrawsTheCurve) {
   EXPECT_EQ(std::string(signature, 8), std::string("\x89PNG\r\n\x1a\n", 8));
 }
 
-// --async_save: the checkpoint is written while training goes on, and a job at another world
-// size resumes from it with the losses of the uninterrupted run.
+// --async_save: the checkpoint is copied (staged) while the next step's forward and backward run
+// and written while training goes on, and a job at another world size resumes from it with the
+// losses of the uninterrupted run (so the staging saved the state at the save, untorn).
 TEST(Train, AsyncSaveResumesLikeASynchronousSave) {
   const std::string out = TempDir("async_save");
   CommandResult run = RunCommand(absl::StrCat(
@@ -233,6 +234,9 @@ TEST(Train, AsyncSaveResumesLikeASynchronousSave) {
   ASSERT_EQ(run.exit_code, 0) << run.output;
   EXPECT_THAT(run.output, HasSubstr("saving a sharded checkpoint in " + out +
                                     "/checkpoint after step 2 in the background"));
+  // The next optimizer step waits for the staging copy, forward and backward need not.
+  EXPECT_THAT(run.output,
+              HasSubstr("the background save's staging is done before optimizer step 3"));
   EXPECT_THAT(run.output, HasSubstr("the background save is committed"));
   EXPECT_THAT(run.output, HasSubstr("resuming at step 3"));
   ExpectResumedLikeUninterrupted(run.output);
