@@ -1,33 +1,40 @@
-// async_save_benchmark: how long a sharded save holds training up, synchronous
+// async_save_benchmark: what training loses per sharded save, synchronous
 // (SaveShardedCheckpoint) against asynchronous (AsyncCheckpointSaver, checkpoint/
-// async_checkpoint_saver.h), for the 52.5M-parameter BenchTransformer with Adam state (630 MB
-// of checkpoint) under FULL_SHARD on 2 ranks.
+// async_checkpoint_saver.h) with the copy in Save() and with asynchronous staging, and against
+// PyTorch 2.13's dcp.async_save both ways, for the 52.5M-parameter BenchTransformer with Adam
+// state (630 MB of checkpoint) under FULL_SHARD on 2 ranks.
 //
 //   bazel run -c opt //bench:async_save_benchmark [-- --out_dir=/some/dir]
 //
 // One case, BM_AsyncSave/world:2; per iteration, on both ranks, each part between barriers so
-// that the slowest rank counts:
+// that the slowest rank counts (rank 0's wall times, means over the iterations):
 //   1. SaveShardedCheckpoint into a fresh directory (the synchronous save: the reference);
-//   2. AsyncCheckpointSaver::Save into another (the time it blocks: the case's time), then one
-//      training step while the background thread writes, then Wait() (the time still left);
-//   3. one training step with no save in flight.
-// The save directories of the previous iteration are removed before the clock starts.
-//
-// Counters (rank 0's wall time, means over the iterations; UseManualTime = part 2's blocking):
-//   sync_ms             the synchronous save.
-//   vs_sync             blocked time / synchronous save (goal: <= 0.1).
-//   staged_bytes        bytes Save() copied into its staging buffers on rank 0.
-//   copy_ms             the part of the blocked time that copied them (the rest collects the
-//                       pieces and the optimizer's state, and waits at the barriers).
-//   step_ms             a training step with no save in flight.
-//   step_during_save_ms the step right after Save() returned, while the write goes on (the
-//                       write's cost to training on a machine with few cores).
-//   wait_ms             Wait() after that step: what the background write still needed.
-//   pytorch_blocked_ms, pytorch_sync_ms  PyTorch 2.13's dcp.async_save blocking time and dcp.save
-//                       time for the same model's twin under FSDP2, the same bytes, measured
-//                       the same way in the same run (bench/pytorch_async_save.py, run by rank
-//                       0 under torchrun while the other rank waits);
-//   vs_pytorch          blocked time / PyTorch's (goal: < 1).
+//   2. copy in the call: AsyncCheckpointSaver::Save (its time: copy_blocked_ms) then one
+//      training step, timed together; then Wait() (copy_wait_ms: the write still left);
+//   3. asynchronous staging (use_async_staging): Save (staging_blocked_ms), forward and
+//      backward, SynchronizeStaging() (staging_wait_ms: the copy not yet done when the step
+//      needs the state), the optimizer step, timed together; then Wait() (staging_write_wait_ms);
+//   4. one training step with no save in flight (step_ms).
+// Counters:
+//   sync_ms            the synchronous save; step_ms the plain step.
+//   *_step_extra_ms    (save + its step) - step_ms: what training loses per save all told,
+//                      including the background copy's and write's competition for the cores
+//                      (2 ranks on 2 cores here: the background work has no idle core).
+//   copy_vs_sync       copy_blocked_ms / sync_ms.
+//   staging_lost_ms    staging_blocked_ms + staging_wait_ms: the time training waits for the
+//                      save inside our calls (the case's manual time);
+//   staging_vs_sync    staging_lost_ms / sync_ms (goal: <= 0.1).
+//   staging_copy_ms    the background copy's duration (slower than memcpy_ms while it competes
+//                      with forward and backward).
+//   memcpy_ms          staged_bytes copied between two faulted-in buffers: the copy's limit.
+//   pytorch_*          PyTorch 2.13 on the same model's twin under FSDP2, the same bytes,
+//                      measured the same way in the same run (bench/pytorch_async_save.py, run
+//                      under torchrun by rank 0 while the other rank waits): sync_ms (dcp.save),
+//                      blocked_ms and step_extra_ms (dcp.async_save, default stager),
+//                      staging_blocked_ms, staging_wait_ms, staging_step_extra_ms
+//                      (DefaultStager(StagingOptions(use_async_staging=True))).
+//   vs_pytorch         staging_lost_ms / PyTorch's (staging_blocked_ms + staging_wait_ms)
+//                      (goal: < 1); copy_vs_pytorch: copy_blocked_ms / pytorch_blocked_ms.
 #include <ATen/ATen.h>
 #include <benchmark/benchmark.h>
 #include <sys/stat.h>
@@ -77,20 +84,25 @@ struct Job {
   std::unique_ptr<FullyShardedDataParallel> fsdp;
   std::unique_ptr<torch::optim::Adam> adam;
   std::optional<OptimizerAdapter> adapter;
-  std::unique_ptr<checkpoint::AsyncCheckpointSaver> saver;
+  std::unique_ptr<checkpoint::AsyncCheckpointSaver> copying;  // copy in Save()
+  std::unique_ptr<checkpoint::AsyncCheckpointSaver> staging;  // use_async_staging
   // The memcpy reference: as many bytes as Save() stages, between two buffers faulted in once.
   at::Tensor copy_from, copy_to;
 };
 int g_staging_threads = 1;  // --staging_threads
 
-absl::Status TrainStep(Job& job) {
-  return CallTorch("training step", [&]() -> absl::Status {
+absl::Status ForwardBackward(Job& job) {
+  return CallTorch("forward and backward", [&] {
     auto [src, tgt] = job.model->MakeBatch(kSeq, kBatch, /*seed=*/1 + job.group->rank());
     torch::Tensor loss = job.model->Loss(job.fsdp->forward(src, tgt.slice(0, 0, -1)), tgt);
     job.adam->zero_grad();
     loss.backward();
-    return job.adapter->Step();
   });
+}
+
+absl::Status TrainStep(Job& job) {
+  FSDP_RETURN_IF_ERROR(ForwardBackward(job));
+  return job.adapter->Step();
 }
 
 absl::StatusOr<std::unique_ptr<Job>> BuildJob(std::shared_ptr<ProcessGroup> group) {
@@ -104,8 +116,11 @@ absl::StatusOr<std::unique_ptr<Job>> BuildJob(std::shared_ptr<ProcessGroup> grou
                                                    torch::optim::AdamOptions(1e-4));
   FSDP_ASSIGN_OR_RETURN(OptimizerAdapter adapter, OptimizerAdapter::Create(*job->adam));
   job->adapter.emplace(std::move(adapter));
-  FSDP_ASSIGN_OR_RETURN(job->saver, checkpoint::AsyncCheckpointSaver::Create(
-                                        *job->fsdp, {.staging_threads = g_staging_threads}));
+  FSDP_ASSIGN_OR_RETURN(job->copying, checkpoint::AsyncCheckpointSaver::Create(
+                                          *job->fsdp, {.staging_threads = g_staging_threads}));
+  FSDP_ASSIGN_OR_RETURN(job->staging, checkpoint::AsyncCheckpointSaver::Create(
+                                          *job->fsdp, {.staging_threads = g_staging_threads,
+                                                       .use_async_staging = true}));
   FSDP_RETURN_IF_ERROR(TrainStep(*job));  // creates the Adam state
   return job;
 }
@@ -124,9 +139,12 @@ absl::StatusOr<double> Timed(ProcessGroup& group, Body body) {
   return Since(start);
 }
 
+// Seconds of one iteration (rank 0's), named as the counters.
 struct Times {
-  double sync = 0, blocked = 0, collect = 0, copy = 0, step_during = 0, wait = 0, step = 0;
-  double memcpy = 0;
+  double sync = 0, step = 0, memcpy = 0;
+  double copy_blocked = 0, copy_with_step = 0, copy_wait = 0;
+  double staging_blocked = 0, staging_wait = 0, staging_with_step = 0, staging_copy = 0,
+         staging_write_wait = 0;
   int64_t staged_bytes = 0;
 };
 
@@ -151,27 +169,38 @@ absl::Status RemoveOnRank0(ProcessGroup& group, const std::string& dir) {
   return group.Barrier();
 }
 
+// Part 3: a save with asynchronous staging and the step it overlaps.
+absl::Status StagedSaveAndStep(Job& job, const std::string& dir, Times& t) {
+  FSDP_ASSIGN_OR_RETURN(checkpoint::AsyncSaveStats started, job.staging->Save(dir, &*job.adapter));
+  t.staging_blocked = started.blocked_seconds;
+  FSDP_RETURN_IF_ERROR(ForwardBackward(job));
+  FSDP_ASSIGN_OR_RETURN(checkpoint::AsyncSaveStats staged, job.staging->SynchronizeStaging());
+  t.staging_wait = staged.blocked_seconds;
+  t.staging_copy = staged.copy_seconds;
+  t.staged_bytes = staged.staged_bytes;
+  return job.adapter->Step();
+}
+
 absl::StatusOr<Times> RunIteration(Job& job, const std::string& run_dir) {
   ProcessGroup& g = *job.group;
-  const std::string sync_dir = run_dir + "/sync";
-  const std::string async_dir = run_dir + "/async";
-  FSDP_RETURN_IF_ERROR(RemoveOnRank0(g, sync_dir));
-  FSDP_RETURN_IF_ERROR(RemoveOnRank0(g, async_dir));
+  const std::string dirs[] = {run_dir + "/sync", run_dir + "/copy", run_dir + "/staging"};
+  for (const std::string& dir : dirs) FSDP_RETURN_IF_ERROR(RemoveOnRank0(g, dir));
   Times t;
   FSDP_ASSIGN_OR_RETURN(
       t.sync, Timed(g, [&] {
-        return checkpoint::SaveShardedCheckpoint(sync_dir, *job.fsdp, &*job.adapter).status();
+        return checkpoint::SaveShardedCheckpoint(dirs[0], *job.fsdp, &*job.adapter).status();
       }));
-  FSDP_ASSIGN_OR_RETURN(t.blocked, Timed(g, [&]() -> absl::Status {
+  FSDP_ASSIGN_OR_RETURN(t.copy_with_step, Timed(g, [&]() -> absl::Status {
                           FSDP_ASSIGN_OR_RETURN(checkpoint::AsyncSaveStats stats,
-                                                job.saver->Save(async_dir, &*job.adapter));
-                          t.staged_bytes = stats.staged_bytes;
-                          t.collect = stats.collect_seconds;
-                          t.copy = stats.copy_seconds;
-                          return absl::OkStatus();
+                                                job.copying->Save(dirs[1], &*job.adapter));
+                          t.copy_blocked = stats.blocked_seconds;
+                          return TrainStep(job);
                         }));
-  FSDP_ASSIGN_OR_RETURN(t.step_during, Timed(g, [&] { return TrainStep(job); }));
-  FSDP_ASSIGN_OR_RETURN(t.wait, Timed(g, [&] { return job.saver->Wait().status(); }));
+  FSDP_ASSIGN_OR_RETURN(t.copy_wait, Timed(g, [&] { return job.copying->Wait().status(); }));
+  FSDP_ASSIGN_OR_RETURN(t.staging_with_step,
+                        Timed(g, [&] { return StagedSaveAndStep(job, dirs[2], t); }));
+  FSDP_ASSIGN_OR_RETURN(t.staging_write_wait,
+                        Timed(g, [&] { return job.staging->Wait().status(); }));
   FSDP_ASSIGN_OR_RETURN(t.step, Timed(g, [&] { return TrainStep(job); }));
   FSDP_ASSIGN_OR_RETURN(t.memcpy, TimeMemcpy(job, t.staged_bytes));
   return t;
@@ -200,6 +229,52 @@ absl::Status FollowCommand(const RankGroups& groups, const CommandWords& words) 
   return RunCase(groups, words[1]).status();
 }
 
+// Means over `times` of each field.
+Times Mean(const std::vector<Times>& times) {
+  Times m;
+  const double n = static_cast<double>(times.size());
+  for (const Times& t : times) {
+    for (auto [sum, x] : std::initializer_list<std::pair<double*, double>>{
+             {&m.sync, t.sync},
+             {&m.step, t.step},
+             {&m.memcpy, t.memcpy},
+             {&m.copy_blocked, t.copy_blocked},
+             {&m.copy_with_step, t.copy_with_step},
+             {&m.copy_wait, t.copy_wait},
+             {&m.staging_blocked, t.staging_blocked},
+             {&m.staging_wait, t.staging_wait},
+             {&m.staging_with_step, t.staging_with_step},
+             {&m.staging_copy, t.staging_copy},
+             {&m.staging_write_wait, t.staging_write_wait}}) {
+      *sum += x / n;
+    }
+    m.staged_bytes = t.staged_bytes;
+  }
+  return m;
+}
+
+// PyTorch's figures in the same run (pytorch_* counters).
+absl::Status AddPyTorchCounters(benchmark::State& state, size_t iterations, double lost_ms,
+                                double copy_blocked_ms) {
+  using Fields = std::map<std::string, std::string>;
+  FSDP_ASSIGN_OR_RETURN(
+      std::vector<Fields> pytorch,
+      RunPyTorchReference("bench/pytorch_async_save.py", kLaunchedRanks,
+                          {absl::StrCat("--out_dir=", g_state->run_dir, "/pytorch"),
+                           absl::StrCat("--iterations=", iterations), absl::StrCat("--seq=", kSeq),
+                           absl::StrCat("--batch=", kBatch)},
+                          "PYTORCH_ASYNC_SAVE"));
+  std::map<std::string, double> ms;
+  for (const char* name : {"sync_ms", "blocked_ms", "step_extra_ms", "wait_ms", "step_ms",
+                           "staging_blocked_ms", "staging_wait_ms", "staging_step_extra_ms"}) {
+    FSDP_ASSIGN_OR_RETURN(ms[name], NumberField(pytorch.back(), name));
+    state.counters[absl::StrCat("pytorch_", name)] = ms[name];
+  }
+  state.counters["vs_pytorch"] = lost_ms / (ms["staging_blocked_ms"] + ms["staging_wait_ms"]);
+  state.counters["copy_vs_pytorch"] = copy_blocked_ms / ms["blocked_ms"];
+  return absl::OkStatus();
+}
+
 void BM_AsyncSave(benchmark::State& state, const RankGroups* groups) {
   if (SkipAfterFailure(state)) return;
   absl::StatusOr<std::vector<Times>> times = [&]() -> absl::StatusOr<std::vector<Times>> {
@@ -207,62 +282,36 @@ void BM_AsyncSave(benchmark::State& state, const RankGroups* groups) {
     return RunCase(*groups, static_cast<int64_t>(state.max_iterations));
   }();
   if (!times.ok()) return FailBenchmark(state, times.status());
-  Times mean, later;  // over all iterations; over the second and later (reused buffers)
   size_t i = 0;
-  for (auto _ : state) state.SetIterationTime(times->at(i++).blocked);
-  const double n_later = static_cast<double>(times->size() - 1);
-  for (size_t k = 0; k < times->size(); ++k) {
-    const Times& t = (*times)[k];
-    mean.sync += t.sync / times->size();
-    mean.blocked += t.blocked / times->size();
-    mean.collect += t.collect / times->size();
-    mean.copy += t.copy / times->size();
-    mean.step_during += t.step_during / times->size();
-    mean.wait += t.wait / times->size();
-    mean.step += t.step / times->size();
-    mean.memcpy += t.memcpy / times->size();
-    mean.staged_bytes = t.staged_bytes;
-    if (k == 0) continue;
-    later.sync += t.sync / n_later;
-    later.blocked += t.blocked / n_later;
-    later.copy += t.copy / n_later;
+  for (auto _ : state) {
+    const Times& t = times->at(i++);
+    state.SetIterationTime(t.staging_blocked + t.staging_wait);
   }
-  state.counters["sync_ms"] = mean.sync * 1e3;
-  state.counters["vs_sync"] = mean.blocked / mean.sync;
-  state.counters["first_blocked_ms"] = times->front().blocked * 1e3;
-  state.counters["first_copy_ms"] = times->front().copy * 1e3;
-  if (times->size() > 1) {
-    state.counters["later_blocked_ms"] = later.blocked * 1e3;
-    state.counters["later_copy_ms"] = later.copy * 1e3;
-    state.counters["later_vs_sync"] = later.blocked / later.sync;
-  }
-  state.counters["collect_ms"] = mean.collect * 1e3;
-  state.counters["memcpy_ms"] = mean.memcpy * 1e3;
-  state.counters["vs_memcpy"] = later.copy / mean.memcpy;
-  state.counters["staging_threads"] = g_staging_threads;
-  state.counters["staged_bytes"] =
-      benchmark::Counter(static_cast<double>(mean.staged_bytes), benchmark::Counter::kDefaults,
+  const Times m = Mean(*times);
+  const double lost = m.staging_blocked + m.staging_wait;
+  auto& c = state.counters;
+  c["sync_ms"] = m.sync * 1e3;
+  c["step_ms"] = m.step * 1e3;
+  c["copy_blocked_ms"] = m.copy_blocked * 1e3;
+  c["copy_vs_sync"] = m.copy_blocked / m.sync;
+  c["copy_step_extra_ms"] = (m.copy_with_step - m.step) * 1e3;
+  c["copy_wait_ms"] = m.copy_wait * 1e3;
+  c["staging_blocked_ms"] = m.staging_blocked * 1e3;
+  c["staging_wait_ms"] = m.staging_wait * 1e3;
+  c["staging_lost_ms"] = lost * 1e3;
+  c["staging_vs_sync"] = lost / m.sync;
+  c["staging_step_extra_ms"] = (m.staging_with_step - m.step) * 1e3;
+  c["staging_copy_ms"] = m.staging_copy * 1e3;
+  c["staging_write_wait_ms"] = m.staging_write_wait * 1e3;
+  c["first_staging_copy_ms"] = times->front().staging_copy * 1e3;
+  c["memcpy_ms"] = m.memcpy * 1e3;
+  c["staging_threads"] = g_staging_threads;
+  c["staged_bytes"] =
+      benchmark::Counter(static_cast<double>(m.staged_bytes), benchmark::Counter::kDefaults,
                          benchmark::Counter::kIs1024);
-  state.counters["copy_ms"] = mean.copy * 1e3;
-  state.counters["step_ms"] = mean.step * 1e3;
-  state.counters["step_during_save_ms"] = mean.step_during * 1e3;
-  state.counters["wait_ms"] = mean.wait * 1e3;
-  absl::StatusOr<std::vector<std::map<std::string, std::string>>> pytorch =
-      RunPyTorchReference("bench/pytorch_async_save.py", kLaunchedRanks,
-                          {absl::StrCat("--out_dir=", g_state->run_dir, "/pytorch"),
-                           absl::StrCat("--iterations=", times->size()),
-                           absl::StrCat("--seq=", kSeq), absl::StrCat("--batch=", kBatch)},
-                          "PYTORCH_ASYNC_SAVE");
-  absl::StatusOr<double> blocked =
-      pytorch.ok() ? NumberField(pytorch->back(), "blocked_ms") : pytorch.status();
-  absl::StatusOr<double> sync =
-      pytorch.ok() ? NumberField(pytorch->back(), "sync_ms") : pytorch.status();
-  if (!blocked.ok() || !sync.ok()) {
-    return FailBenchmark(state, blocked.ok() ? sync.status() : blocked.status());
-  }
-  state.counters["pytorch_blocked_ms"] = *blocked;
-  state.counters["pytorch_sync_ms"] = *sync;
-  state.counters["vs_pytorch"] = mean.blocked * 1e3 / *blocked;
+  const absl::Status pytorch =
+      AddPyTorchCounters(state, times->size(), lost * 1e3, m.copy_blocked * 1e3);
+  if (!pytorch.ok()) return FailBenchmark(state, pytorch);
 }
 
 void RegisterCases(const RankGroups& groups) {
