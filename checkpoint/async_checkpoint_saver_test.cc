@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include <csignal>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -66,6 +67,30 @@ void ForwardBackward(Job& job, int step) {
   torch::manual_seed(100 + step);
   at::Tensor x = job.model->get_input();
   job.model->get_loss(x, job.fsdp->forward(x)).backward();
+}
+
+// Loads `dir` into `job` and expects (on rank 0) the state `expected`, bit for bit.
+void ExpectLoadsAs(Job& job, const std::string& dir, const FullState& expected, int rank) {
+  ASSERT_THAT(LoadShardedCheckpoint(dir, *job.fsdp, job.adapter.get()), IsOk());
+  const FullState loaded = Gather(job);
+  if (rank != 0) return;
+  ExpectSameModel(expected.model, loaded.model);
+  ExpectSameOptim(expected.optim, loaded.optim);
+}
+
+// `body` on 2 ranks, each with a job (C(2)) and a saver of `options`; `dir` is fresh.
+void RunTwoRankSaver(const std::string& name, const AsyncSaverOptions& options,
+                     const std::function<void(comm::ProcessGroup&, Job&, AsyncCheckpointSaver&,
+                                              const std::string& dir)>& body) {
+  const std::string root = TmpDir(name);
+  FreshRootDir(root);
+  RunPhase(1, 2, [&](comm::ProcessGroup& group) {
+    auto job = MakeJob(C(2), group);
+    ASSERT_NE(job, nullptr);
+    auto saver = AsyncCheckpointSaver::Create(*job->fsdp, options);
+    ASSERT_THAT(saver, IsOk());
+    body(group, *job, **saver, root + "/ckpt");
+  });
 }
 
 class AsyncCheckpointSaverTest : public ::testing::TestWithParam<ReshardCase> {};
@@ -183,39 +208,29 @@ TEST(AsyncCheckpointSaver, FailedWriteSurfacesOnWaitAndNextSaveAndKeepsTheOldChe
 }
 
 TEST(AsyncCheckpointSaver, AsyncStagingSavesTheStateAtSaveOnceSynchronizeStagingIsHonoured) {
-  const std::string root = TmpDir("async_staging_honoured");
-  const std::string dir = root + "/ckpt";
-  FreshRootDir(root);
-  RunPhase(1, 2, [&](comm::ProcessGroup& group) {
-    auto job = MakeJob(C(2), group);
-    ASSERT_NE(job, nullptr);
-    auto saver =
-        AsyncCheckpointSaver::Create(*job->fsdp, {.staging_threads = 2, .use_async_staging = true});
-    ASSERT_THAT(saver, IsOk());
-    EXPECT_THAT((*saver)->SynchronizeStaging(), IsOk());  // nothing in flight
-    Train(*job, 0, 2);
-    const FullState before = Snapshot(*job);
-    auto started = (*saver)->Save(dir, job->adapter.get(), {.block_bytes = 64});
-    ASSERT_THAT(started, IsOk());
-    EXPECT_EQ(started->copy_seconds, 0);  // the copy is not Save()'s
-    EXPECT_TRUE((*saver)->staging_pending());
-    ForwardBackward(*job, 2);
-    auto staged = (*saver)->SynchronizeStaging();
-    ASSERT_THAT(staged, IsOk());
-    EXPECT_FALSE((*saver)->staging_pending());
-    EXPECT_GT(staged->staged_bytes, 0);
-    // From here on training may change everything while the write goes on.
-    ASSERT_THAT(job->adapter->Step(), IsOk());
-    Scribble(*job);
-    Train(*job, 3, 4);
-    ASSERT_THAT((*saver)->Wait(), IsOk());
-    EXPECT_FALSE((*saver)->pending());
-    ASSERT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());
-    const FullState loaded = Gather(*job);
-    if (group.rank() != 0) return;
-    ExpectSameModel(before.model, loaded.model);
-    ExpectSameOptim(before.optim, loaded.optim);
-  });
+  RunTwoRankSaver(
+      "async_staging_honoured", {.staging_threads = 2, .use_async_staging = true},
+      [](comm::ProcessGroup& group, Job& job, AsyncCheckpointSaver& saver, const std::string& dir) {
+        EXPECT_THAT(saver.SynchronizeStaging(), IsOk());  // nothing in flight
+        Train(job, 0, 2);
+        const FullState before = Snapshot(job);
+        auto started = saver.Save(dir, job.adapter.get(), {.block_bytes = 64});
+        ASSERT_THAT(started, IsOk());
+        EXPECT_EQ(started->copy_seconds, 0);  // the copy is not Save()'s
+        EXPECT_TRUE(saver.staging_pending());
+        ForwardBackward(job, 2);
+        auto staged = saver.SynchronizeStaging();
+        ASSERT_THAT(staged, IsOk());
+        EXPECT_FALSE(saver.staging_pending());
+        EXPECT_GT(staged->staged_bytes, 0);
+        // From here on training may change everything while the write goes on.
+        ASSERT_THAT(job.adapter->Step(), IsOk());
+        Scribble(job);
+        Train(job, 3, 4);
+        ASSERT_THAT(saver.Wait(), IsOk());
+        EXPECT_FALSE(saver.pending());
+        ExpectLoadsAs(job, dir, before, group.rank());
+      });
 }
 
 // The state changed right after Save() returns, without SynchronizeStaging(): the copy may
@@ -223,50 +238,42 @@ TEST(AsyncCheckpointSaver, AsyncStagingSavesTheStateAtSaveOnceSynchronizeStaging
 // the save must fail naming the piece and leave the previous checkpoint). Tried until the
 // second happens: that it is detected is what is tested.
 TEST(AsyncCheckpointSaver, AsyncStagingOvertakenByAChangeCommitsNothing) {
-  const std::string root = TmpDir("async_staging_overtaken");
-  const std::string dir = root + "/ckpt";
-  FreshRootDir(root);
-  RunPhase(1, 2, [&](comm::ProcessGroup& group) {
-    auto job = MakeJob(C(2), group);
-    ASSERT_NE(job, nullptr);
-    auto saver = AsyncCheckpointSaver::Create(*job->fsdp, {.use_async_staging = true});
-    ASSERT_THAT(saver, IsOk());
-    bool overtaken = false;
-    std::optional<FullState> last_saved;  // what `dir` holds
-    for (int attempt = 0; attempt < 20 && !overtaken; ++attempt) {
-      Train(*job, attempt, attempt + 1);
-      FullState at_save = Snapshot(*job);
-      ASSERT_THAT((*saver)->Save(dir, job->adapter.get()), IsOk());
-      Scribble(*job);  // no SynchronizeStaging(): misuse
-      const absl::StatusOr<AsyncSaveStats> staged = (*saver)->SynchronizeStaging();
-      const absl::StatusOr<SaveStats> saved = (*saver)->Wait();
-      if (!staged.ok()) {
-        EXPECT_THAT(staged, StatusIs(absl::StatusCode::kFailedPrecondition,
-                                     AllOf(HasSubstr(dir), HasSubstr("changed while it was being"),
-                                           HasSubstr("wait for SynchronizeStaging()"))));
-        EXPECT_FALSE(saved.ok());
-      }
-      overtaken = !saved.ok();  // the same on every rank
-      if (overtaken) {
-        // The rank whose piece changed says FAILED_PRECONDITION, the other INTERNAL.
-        EXPECT_THAT(saved.status().message(),
-                    AllOf(HasSubstr("nothing saved: rank "), HasSubstr("changed while it was")));
-        if (!last_saved.has_value()) {
-          EXPECT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()),
-                      StatusIs(absl::StatusCode::kNotFound, HasSubstr(dir)));
-          break;
+  RunTwoRankSaver(
+      "async_staging_overtaken", {.use_async_staging = true},
+      [](comm::ProcessGroup& group, Job& job, AsyncCheckpointSaver& saver, const std::string& dir) {
+        bool overtaken = false;
+        std::optional<FullState> last_saved;  // what `dir` holds
+        for (int attempt = 0; attempt < 20 && !overtaken; ++attempt) {
+          Train(job, attempt, attempt + 1);
+          FullState at_save = Snapshot(job);
+          ASSERT_THAT(saver.Save(dir, job.adapter.get()), IsOk());
+          Scribble(job);  // no SynchronizeStaging(): misuse
+          const absl::StatusOr<AsyncSaveStats> staged = saver.SynchronizeStaging();
+          const absl::StatusOr<SaveStats> saved = saver.Wait();
+          if (!staged.ok()) {
+            EXPECT_THAT(staged,
+                        StatusIs(absl::StatusCode::kFailedPrecondition,
+                                 AllOf(HasSubstr(dir), HasSubstr("changed while it was being"),
+                                       HasSubstr("wait for SynchronizeStaging()"))));
+            EXPECT_FALSE(saved.ok());
+          }
+          overtaken = !saved.ok();  // the same on every rank
+          if (!overtaken) {
+            last_saved = std::move(at_save);
+          } else {
+            // The rank whose piece changed says FAILED_PRECONDITION, the other INTERNAL.
+            EXPECT_THAT(saved.status().message(), AllOf(HasSubstr("nothing saved: rank "),
+                                                        HasSubstr("changed while it was")));
+          }
+          if (last_saved.has_value()) {
+            ExpectLoadsAs(job, dir, *last_saved, group.rank());
+          } else {
+            EXPECT_THAT(LoadShardedCheckpoint(dir, *job.fsdp, job.adapter.get()),
+                        StatusIs(absl::StatusCode::kNotFound, HasSubstr(dir)));
+          }
         }
-      } else {
-        last_saved = std::move(at_save);
-      }
-      ASSERT_THAT(LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get()), IsOk());
-      const FullState loaded = Gather(*job);
-      if (group.rank() != 0) continue;
-      ExpectSameModel(last_saved->model, loaded.model);
-      ExpectSameOptim(last_saved->optim, loaded.optim);
-    }
-    EXPECT_TRUE(overtaken) << "20 changes right after Save() all came after the copy";
-  });
+        EXPECT_TRUE(overtaken) << "20 changes right after Save() all came after the copy";
+      });
 }
 
 }  // namespace
