@@ -113,6 +113,37 @@ absl::StatusOr<AsyncSaveStats> Stage(internal::LocalSave& local, std::vector<at:
   return stats;
 }
 
+// Without asynchronous staging, in Save(): copies `local`'s pieces now, into `stats`; `local`
+// becomes the error if that fails.
+void StageNow(absl::StatusOr<internal::LocalSave>& local, std::vector<at::Tensor>& buffers,
+              int threads, AsyncSaveStats& stats) {
+  absl::StatusOr<AsyncSaveStats> staged = Stage(*local, buffers, threads);
+  if (!staged.ok()) {
+    local = staged.status();
+    return;
+  }
+  stats.copy_seconds = staged->copy_seconds;
+  stats.staged_bytes = staged->staged_bytes;
+}
+
+// With asynchronous staging, in the saver's thread: copies `local`'s pieces, fails if any
+// changed since Save() read `versions`, and hands the outcome to SynchronizeStaging() through
+// `done`; `local` becomes the error if staging failed, so that the save commits nothing.
+void StageInBackground(absl::StatusOr<internal::LocalSave>& local,
+                       const std::vector<PieceVersion>& versions, std::vector<at::Tensor>& buffers,
+                       int threads, const std::string& where,
+                       std::promise<absl::StatusOr<AsyncSaveStats>>& done) {
+  absl::StatusOr<AsyncSaveStats> staged = Stage(*local, buffers, threads);
+  if (staged.ok()) {
+    if (absl::Status same = Unchanged(versions); !same.ok()) staged = same;
+  }
+  if (!staged.ok()) {
+    staged = Annotate(staged.status(), absl::StrCat(where, ": staging"));
+    local = staged.status();
+  }
+  done.set_value(std::move(staged));
+}
+
 }  // namespace
 
 absl::StatusOr<AsyncSaveStats> AsyncCheckpointSaver::Save(
@@ -138,40 +169,24 @@ absl::StatusOr<AsyncSaveStats> AsyncCheckpointSaver::Save(
     if (local.ok() && in_background) versions = Versions(*local);
     if (!versions.ok()) local = versions.status();
     stats.collect_seconds = internal::Since(collect_start);
-    if (local.ok() && !in_background) {
-      absl::StatusOr<AsyncSaveStats> staged = Stage(*local, buffers_, options_.staging_threads);
-      if (staged.ok()) {
-        stats.copy_seconds = staged->copy_seconds;
-        stats.staged_bytes = staged->staged_bytes;
-      } else {
-        local = staged.status();
-      }
-    }
+    if (local.ok() && !in_background) StageNow(local, buffers_, options_.staging_threads, stats);
   }
   const absl::Status collected = local.status();
   std::promise<absl::StatusOr<AsyncSaveStats>> staging_done;
   if (in_background && collected.ok()) staging_ = staging_done.get_future();
   // The thread owns what it writes; `this` outlives it (the destructor waits).
-  in_flight_ =
-      std::async(std::launch::async, [this, dir, where, options, start, in_background,
-                                      local = std::move(local), versions = std::move(versions),
-                                      staging_done = std::move(staging_done)]() mutable {
-        if (in_background && local.ok()) {
-          absl::StatusOr<AsyncSaveStats> staged = Stage(*local, buffers_, options_.staging_threads);
-          if (staged.ok()) {
-            if (absl::Status same = Unchanged(*versions); !same.ok()) staged = same;
-          }
-          if (!staged.ok()) {
-            staged = Annotate(staged.status(), absl::StrCat(where, ": staging"));
-            local = staged.status();
-          }
-          staging_done.set_value(std::move(staged));
-        }
-        comm::ProcessGroup& group = *group_;
-        return internal::SaveAcrossReplicas(
-            replicas_.get(), internal::Where("SaveShardedCheckpoint", dir, group),
-            [&] { return internal::WriteShardGroup(dir, group, local, options, start); });
-      });
+  in_flight_ = std::async(std::launch::async, [this, dir, where, options, start, in_background,
+                                               local = std::move(local),
+                                               versions = std::move(versions),
+                                               staging_done = std::move(staging_done)]() mutable {
+    if (in_background && local.ok()) {
+      StageInBackground(local, *versions, buffers_, options_.staging_threads, where, staging_done);
+    }
+    comm::ProcessGroup& group = *group_;
+    return internal::SaveAcrossReplicas(
+        replicas_.get(), internal::Where("SaveShardedCheckpoint", dir, group),
+        [&] { return internal::WriteShardGroup(dir, group, local, options, start); });
+  });
   stats.blocked_seconds = internal::Since(start);
   if (!collected.ok()) {
     // The thread tells the other ranks; this rank's caller learns it now (and Wait() again).
