@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
-#include <cstdlib>
 #include <map>
 #include <set>
 #include <string>
@@ -36,25 +35,12 @@
 namespace fsdp {
 namespace {
 
-using ::fsdp::optim_state::OptimStateDict;
-using ::fsdp::optim_state::ParamKey;
-using ::fsdp::optim_state::ShardedTensorValue;
-using ::fsdp::optim_state::StateValue;
-using ::fsdp::testing::CommandResult;
-using ::fsdp::testing::IsRankProcess;
-using ::fsdp::testing::PythonCommand;
-using ::fsdp::testing::RunCommand;
-using ::fsdp::testing::Runfile;
-using ::fsdp::testing::RunInRanks;
+namespace os = ::fsdp::optim_state;
+namespace ft = ::fsdp::testing;
 
 constexpr int kWorldSize = 2;
 constexpr int kSteps = 3;
 constexpr double kLr = 0.01;
-
-std::string TempDir(const std::string& name) {
-  const char* root = std::getenv("TEST_TMPDIR");
-  return absl::StrCat(root != nullptr ? root : "/tmp", "/", name);
-}
 
 // examples/train's --model=nested --wrap=wrap job: manual_seed(0), then per step one batch
 // (the same on every rank), loss, backward, an RMSprop step through the adapter.
@@ -62,7 +48,7 @@ struct Job {
   models::NestedModel net;
   std::unique_ptr<FullyShardedDataParallel> fsdp;
   std::unique_ptr<torch::optim::Optimizer> optimizer;
-  std::optional<optim_state::OptimizerAdapter> adapter;
+  std::optional<os::OptimizerAdapter> adapter;
 };
 
 void Train(comm::ProcessGroup& group, Job& job) {
@@ -73,7 +59,7 @@ void Train(comm::ProcessGroup& group, Job& job) {
   FSDP_ASSERT_OK_AND_ASSIGN(job.fsdp, FullyShardedDataParallel::Wrap(job.net, shared, options));
   job.optimizer = std::make_unique<torch::optim::RMSprop>(job.fsdp->parameters(),
                                                           torch::optim::RMSpropOptions(kLr));
-  FSDP_ASSERT_OK_AND_ASSIGN(job.adapter, optim_state::OptimizerAdapter::Create(*job.optimizer));
+  FSDP_ASSERT_OK_AND_ASSIGN(job.adapter, os::OptimizerAdapter::Create(*job.optimizer));
   torch::manual_seed(0);
   for (int step = 0; step < kSteps; ++step) {
     job.optimizer->zero_grad();
@@ -98,7 +84,7 @@ at::Tensor Box(at::Tensor full, const std::vector<int64_t>& offsets, at::IntArra
 
 // Our sharded value's boxes against FSDP2's whole state `theirs`; `count` (theirs' shape, int)
 // gains 1 at every element a box holds.
-void CheckBoxes(const std::string& what, const ShardedTensorValue& v, const at::Tensor& theirs,
+void CheckBoxes(const std::string& what, const os::ShardedTensorValue& v, const at::Tensor& theirs,
                 at::Tensor& count) {
   EXPECT_EQ(at::IntArrayRef(v.global_shape), theirs.sizes()) << what;
   if (at::IntArrayRef(v.global_shape) != theirs.sizes()) return;
@@ -113,89 +99,99 @@ void CheckBoxes(const std::string& what, const ShardedTensorValue& v, const at::
   }
 }
 
-std::set<std::string> Names(const optim_state::ParamState& state) {
+std::set<std::string> Names(const os::ParamState& state) {
   std::set<std::string> names;
   for (const auto& [name, value] : state) names.insert(name);
   return names;
 }
 
+// The state of `ours` against FSDP2's (`theirs`): keys, names, `step`, every box's elements,
+// and each element held by exactly one rank (a collective). Returns this rank's boxes.
+int64_t CheckState(comm::ProcessGroup& group, const os::OptimStateDict& ours,
+                   const os::OptimStateDict& theirs) {
+  // Keys and state names.
+  std::set<std::string> our_keys, their_keys;
+  for (const auto& [key, st] : ours.state) our_keys.insert(key.fqn());
+  for (const auto& [key, st] : theirs.state) their_keys.insert(key.fqn());
+  EXPECT_EQ(our_keys, their_keys);
+
+  // Every box's elements, and how often each element is held (summed over the ranks below).
+  std::map<std::string, at::Tensor> counts;  // "<fqn>/<name>"
+  int64_t boxes = 0;
+  for (const auto& [key, st] : ours.state) {
+    const os::ParamState* their_st = theirs.state.Find(key);
+    if (their_st == nullptr) continue;
+    EXPECT_EQ(Names(st), Names(*their_st)) << key.fqn();
+    for (const auto& [name, value] : st) {
+      const os::StateValue* their_value = their_st->Find(name);
+      if (their_value == nullptr || !their_value->Is<at::Tensor>()) continue;
+      const at::Tensor& t = their_value->Get<at::Tensor>();
+      const std::string what = absl::StrCat(key.fqn(), " ", name, ", rank ", group.rank());
+      if (const os::ShardedTensorValue* v = value.GetIf<os::ShardedTensorValue>()) {
+        at::Tensor& count = counts[absl::StrCat(key.fqn(), "/", name)];
+        count = at::zeros(t.sizes(), at::kInt);
+        CheckBoxes(what, *v, t, count);
+        boxes += 1 + static_cast<int64_t>(v->more_shards.size());
+      } else {
+        EXPECT_TRUE(value.Is<at::Tensor>()) << what;  // `step`
+        if (!value.Is<at::Tensor>()) continue;
+        EXPECT_TRUE(SameBits(value.Get<at::Tensor>(), t))
+            << what << ": " << value.Get<at::Tensor>() << " vs " << t;
+      }
+    }
+  }
+  for (auto& [what, count] : counts) {
+    at::Tensor flat = count.reshape({-1}).clone();
+    EXPECT_THAT(group.AllReduce(flat, comm::ReduceOp::kSum), ft::IsOk());
+    EXPECT_TRUE(flat.eq(1).all().item<bool>())
+        << what << ": elements held by no rank or by several: " << flat;
+  }
+  return boxes;
+}
+
+// param_groups: every hyper-parameter FSDP2 names, with its value; the FQNs listed.
+void CheckParamGroups(const os::OptimStateDict& ours, const os::OptimStateDict& theirs) {
+  ASSERT_EQ(ours.param_groups.size(), theirs.param_groups.size());
+  for (size_t g = 0; g < ours.param_groups.size(); ++g) {
+    const auto& mine = ours.param_groups[g];
+    const auto& their = theirs.param_groups[g];
+    EXPECT_EQ(Names(mine.hyper_params), Names(their.hyper_params)) << "param_groups[" << g << "]";
+    for (const auto& [name, value] : their.hyper_params) {
+      const os::StateValue* v = mine.hyper_params.Find(name);
+      if (v != nullptr) {
+        EXPECT_TRUE(*v == value) << "param_groups[" << g << "] " << name;
+      }
+    }
+    std::set<std::string> mine_params, their_params;
+    for (const os::ParamKey& k : mine.params) mine_params.insert(k.ToString());
+    for (const os::ParamKey& k : their.params) their_params.insert(k.ToString());
+    EXPECT_EQ(mine_params, their_params) << "param_groups[" << g << "]";
+  }
+}
+
 TEST(LocalShardedOptimStateDictPeer, BoxesHoldFsdp2sElementsBitForBit) {
-  const std::string dir = TempDir("fsdp2_dcp");
-  if (!IsRankProcess()) {
-    const CommandResult py = RunCommand(
-        absl::StrCat(PythonCommand(), " ", Runfile("tests/pytorch_peer/fsdp_peer.py"),
-                     " --nproc_per_node=", kWorldSize, " --models_dir=", Runfile("models/testdata"),
-                     " --fsdp=2 --model=nested --wrap=wrap --optimizer=rmsprop --lr=", kLr,
-                     " --steps=", kSteps, " --save_format=dcp --save_dir=", dir));
+  const std::string dir = ::testing::TempDir() + "fsdp2_dcp";
+  if (!ft::IsRankProcess()) {
+    const ft::CommandResult py = ft::RunCommand(absl::StrCat(
+        ft::PythonCommand(), " ", ft::Runfile("tests/pytorch_peer/fsdp_peer.py"),
+        " --nproc_per_node=", kWorldSize, " --models_dir=", ft::Runfile("models/testdata"),
+        " --fsdp=2 --model=nested --wrap=wrap --optimizer=rmsprop --lr=", kLr, " --steps=", kSteps,
+        " --save_format=dcp --save_dir=", dir));
     ASSERT_EQ(py.exit_code, 0) << py.output;
   }
-  RunInRanks(kWorldSize, [dir](comm::ProcessGroup& group) {
+  ft::RunInRanks(kWorldSize, [dir](comm::ProcessGroup& group) {
     Job job;
     ASSERT_NO_FATAL_FAILURE(Train(group, job));
-    FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict ours,
-                              optim_state::LocalShardedOptimStateDict(*job.fsdp, *job.adapter));
+    FSDP_ASSERT_OK_AND_ASSIGN(os::OptimStateDict ours,
+                              os::LocalShardedOptimStateDict(*job.fsdp, *job.adapter));
     FSDP_ASSERT_OK_AND_ASSIGN(checkpoint::FullContents fsdp2,
                               checkpoint::dcp::ReadDcpFullContents(dir));
     ASSERT_TRUE(fsdp2.has_optim);
-    const OptimStateDict& theirs = fsdp2.optim;
-
-    // Keys and state names.
-    std::set<std::string> our_keys, their_keys;
-    for (const auto& [key, st] : ours.state) our_keys.insert(key.fqn());
-    for (const auto& [key, st] : theirs.state) their_keys.insert(key.fqn());
-    EXPECT_EQ(our_keys, their_keys);
-
-    // Every box's elements, and how often each element is held (summed over the ranks below).
-    std::map<std::string, at::Tensor> counts;  // "<fqn>/<name>"
-    int64_t boxes = 0;
-    for (const auto& [key, st] : ours.state) {
-      const optim_state::ParamState* their_st = theirs.state.Find(key);
-      if (their_st == nullptr) continue;
-      EXPECT_EQ(Names(st), Names(*their_st)) << key.fqn();
-      for (const auto& [name, value] : st) {
-        const StateValue* their_value = their_st->Find(name);
-        if (their_value == nullptr || !their_value->Is<at::Tensor>()) continue;
-        const at::Tensor& t = their_value->Get<at::Tensor>();
-        const std::string what = absl::StrCat(key.fqn(), " ", name, ", rank ", group.rank());
-        if (const ShardedTensorValue* v = value.GetIf<ShardedTensorValue>()) {
-          at::Tensor& count = counts[absl::StrCat(key.fqn(), "/", name)];
-          count = at::zeros(t.sizes(), at::kInt);
-          CheckBoxes(what, *v, t, count);
-          boxes += 1 + static_cast<int64_t>(v->more_shards.size());
-        } else {
-          ASSERT_TRUE(value.Is<at::Tensor>()) << what;  // `step`
-          EXPECT_TRUE(SameBits(value.Get<at::Tensor>(), t))
-              << what << ": " << value.Get<at::Tensor>() << " vs " << t;
-        }
-      }
-    }
+    const int64_t boxes = CheckState(group, ours, fsdp2.optim);
     EXPECT_GT(boxes, 0);
-    for (auto& [what, count] : counts) {
-      at::Tensor flat = count.reshape({-1}).clone();
-      FSDP_ASSERT_OK(group.AllReduce(flat, comm::ReduceOp::kSum));
-      EXPECT_TRUE(flat.eq(1).all().item<bool>())
-          << what << ": elements held by no rank or by several: " << flat;
-    }
-
-    // param_groups: every hyper-parameter FSDP2 names, with its value; the FQNs listed.
-    ASSERT_EQ(ours.param_groups.size(), theirs.param_groups.size());
-    for (size_t g = 0; g < ours.param_groups.size(); ++g) {
-      const auto& mine = ours.param_groups[g];
-      const auto& their = theirs.param_groups[g];
-      EXPECT_EQ(Names(mine.hyper_params), Names(their.hyper_params)) << "param_groups[" << g << "]";
-      for (const auto& [name, value] : their.hyper_params) {
-        const StateValue* v = mine.hyper_params.Find(name);
-        if (v != nullptr) {
-          EXPECT_TRUE(*v == value) << "param_groups[" << g << "] " << name;
-        }
-      }
-      std::set<std::string> mine_params, their_params;
-      for (const ParamKey& k : mine.params) mine_params.insert(k.ToString());
-      for (const ParamKey& k : their.params) their_params.insert(k.ToString());
-      EXPECT_EQ(mine_params, their_params) << "param_groups[" << g << "]";
-    }
-    std::printf("rank %d: %zu states, %ld boxes, checked bit for bit against FSDP2\n", group.rank(),
-                counts.size(), static_cast<long>(boxes));
+    CheckParamGroups(ours, fsdp2.optim);
+    std::printf("rank %d: %ld boxes, checked bit for bit against FSDP2\n", group.rank(),
+                static_cast<long>(boxes));
   });
 }
 
