@@ -32,30 +32,85 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-int64_t NumelOf(const json& piece) {
-  int64_t n = 1;
-  for (const json& d : piece["local"]) n *= d.get<int64_t>();
-  return n;
+// One box of a rank's sharded values: of parameter `i` of group `u`, state `name`; its first
+// element in the parameter's flattening (`flat`, -1 when it is not one range) and its index in
+// the holding rank's own tensors (`k`).
+struct PieceMeta {
+  size_t u = 0, i = 0;
+  std::string name;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> global, offsets, local;
+  int64_t flat = -1;
+  size_t k = 0;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : local) n *= d;
+    return n;
+  }
+};
+using RankPieces = std::vector<PieceMeta>;
+
+// Pieces as exchanged: the state names once, then per piece the integers
+// [u, i, name index, dtype, flat, k, ndim, global..., offsets..., local...], a flat array that
+// encodes and parses far faster than an object per piece.
+json EncodePieces(const RankPieces& pieces) {
+  std::vector<std::string> names;
+  std::vector<int64_t> ints;
+  for (const PieceMeta& p : pieces) {
+    auto it = std::find(names.begin(), names.end(), p.name);
+    if (it == names.end()) it = names.insert(names.end(), p.name);
+    const int64_t ndim = static_cast<int64_t>(p.global.size());
+    ints.insert(ints.end(),
+                {static_cast<int64_t>(p.u), static_cast<int64_t>(p.i), it - names.begin(),
+                 static_cast<int64_t>(p.dtype), p.flat, static_cast<int64_t>(p.k), ndim});
+    for (const auto* v : {&p.global, &p.offsets, &p.local})
+      ints.insert(ints.end(), v->begin(), v->end());
+  }
+  return json{{"names", names}, {"ints", ints}};
+}
+
+RankPieces DecodePieces(const json& j) {
+  const auto names = j["names"].get<std::vector<std::string>>();
+  const auto ints = j["ints"].get<std::vector<int64_t>>();
+  RankPieces pieces;
+  for (size_t at = 0; at + 7 <= ints.size();) {
+    PieceMeta p;
+    p.u = static_cast<size_t>(ints[at]);
+    p.i = static_cast<size_t>(ints[at + 1]);
+    p.name = names.at(static_cast<size_t>(ints[at + 2]));
+    p.dtype = static_cast<at::ScalarType>(ints[at + 3]);
+    p.flat = ints[at + 4];
+    p.k = static_cast<size_t>(ints[at + 5]);
+    const auto ndim = static_cast<ptrdiff_t>(ints[at + 6]);
+    auto next = ints.begin() + static_cast<ptrdiff_t>(at) + 7;
+    for (auto* v : {&p.global, &p.offsets, &p.local}) {
+      v->assign(next, next + ndim);
+      next += ndim;
+    }
+    at = static_cast<size_t>(next - ints.begin());
+    pieces.push_back(std::move(p));
+  }
+  return pieces;
 }
 
 // A rank's piece of a parameter's state and where it lies in the gathered buffer.
 struct Piece {
-  const json* meta;
+  const PieceMeta* meta;
   int64_t gathered_offset;
 };
 
 // Per (group index, state name): each rank's pieces.
-using PiecesByState = std::map<std::pair<size_t, std::string>, std::vector<std::vector<json>>>;
+using PiecesByState = std::map<std::pair<size_t, std::string>, std::vector<RankPieces>>;
 
 // A piece of whole rows (offsets and sizes beyond dimension 0 span the parameter, as
 // ShardedOptimStateDict's chunks do) is one range of the flattened parameter.
 bool AllWholeRows(const std::vector<Piece>& pieces, const std::vector<int64_t>& global) {
   bool rows = true;
   for (const Piece& piece : pieces) {
-    const auto local_shape = (*piece.meta)["local"].get<std::vector<int64_t>>();
-    const auto offsets = (*piece.meta)["offsets"].get<std::vector<int64_t>>();
+    const std::vector<int64_t>& local_shape = piece.meta->local;
+    const std::vector<int64_t>& offsets = piece.meta->offsets;
     rows = rows && local_shape.size() == global.size() && !global.empty() &&
-           (*piece.meta)["global"].get<std::vector<int64_t>>() == global;
+           piece.meta->global == global;
     for (size_t d = 1; rows && d < global.size(); ++d) {
       rows = offsets[d] == 0 && local_shape[d] == global[d];
     }
@@ -68,13 +123,13 @@ at::Tensor AssembleFull(const std::vector<Piece>& pieces, const at::Tensor& gath
                         const std::vector<int64_t>& global, const at::TensorOptions& opts) {
   at::Tensor full = at::zeros(global, opts);
   for (const Piece& piece : pieces) {
-    const auto local_shape = (*piece.meta)["local"].get<std::vector<int64_t>>();
-    const auto offsets = (*piece.meta)["offsets"].get<std::vector<int64_t>>();
+    const std::vector<int64_t>& local_shape = piece.meta->local;
+    const std::vector<int64_t>& offsets = piece.meta->offsets;
     at::Tensor region = full;
     for (size_t d = 0; d < offsets.size(); ++d) {
       region = region.narrow(static_cast<int64_t>(d), offsets[d], local_shape[d]);
     }
-    region.copy_(gathered.narrow(0, piece.gathered_offset, NumelOf(*piece.meta)).view(local_shape));
+    region.copy_(gathered.narrow(0, piece.gathered_offset, piece.meta->numel()).view(local_shape));
   }
   return full;
 }
@@ -133,16 +188,16 @@ class FlattenSharded {
   absl::StatusOr<OptimStateDict> Run(const OptimizerAdapter& adapter) {
     state_ = sharded_osd_.state;
     absl::Status local = CheckFqnKeyed(sharded_osd_, kOp);
-    absl::StatusOr<json> pieces =
-        local.ok() ? LocalPieces() : absl::StatusOr<json>(std::move(local));
+    if (local.ok()) local = LocalPieces();
     // Every rank learns whether all dicts were accepted and whether each rank's pieces are its
     // own shards already (then nothing moves).
-    FSDP_ASSIGN_OR_RETURN(const bool exchange,
-                          Agree(pieces.status(), pieces.ok() && !CoversOwnShards()));
+    FSDP_ASSIGN_OR_RETURN(const bool exchange, Agree(local, local.ok() && !CoversOwnShards()));
     if (exchange) {
-      FSDP_ASSIGN_OR_RETURN(std::vector<json> all, ExchangeMetadata(*pieces));
+      FSDP_ASSIGN_OR_RETURN(std::vector<json> all, ExchangeMetadata());
       FillMissingEntries(all);
-      FSDP_RETURN_IF_ERROR(MovePieces(all));
+      std::vector<RankPieces> all_pieces;
+      for (const json& r : all) all_pieces.push_back(DecodePieces(r["pieces"]));
+      FSDP_RETURN_IF_ERROR(MovePieces(all_pieces));
     } else {
       FSDP_RETURN_IF_ERROR(CallTorch(kOp, [&] { UseOwnPieces(); }));
     }
@@ -185,8 +240,7 @@ class FlattenSharded {
 
   // This rank's pieces of the sharded states, per group, one entry per box (`flat`: its first
   // element in the flattening, -1 when it is not one range); own_[k] is entry k's tensor.
-  absl::StatusOr<json> LocalPieces() {
-    json pieces = json::array();
+  absl::Status LocalPieces() {
     absl::flat_hash_set<std::string> known;
     for (size_t u = 0; u < NumGroups(); ++u) {
       const std::vector<std::string> fqns = GroupFqns(u);
@@ -201,15 +255,8 @@ class FlattenSharded {
           for (const auto& [local, offsets] : Boxes(*v)) {
             const std::optional<int64_t> flat =
                 FlatBeginOfBox(v->global_shape, *offsets, local->sizes().vec());
-            pieces.push_back(json{{"u", u},
-                                  {"i", i},
-                                  {"name", name},
-                                  {"dtype", static_cast<int>(local->scalar_type())},
-                                  {"global", v->global_shape},
-                                  {"offsets", *offsets},
-                                  {"local", local->sizes().vec()},
-                                  {"flat", flat.value_or(-1)},
-                                  {"k", own_.size()}});
+            pieces_.push_back(PieceMeta{u, i, name, local->scalar_type(), v->global_shape, *offsets,
+                                        local->sizes().vec(), flat.value_or(-1), own_.size()});
             own_.push_back(*local);
           }
         }
@@ -225,33 +272,34 @@ class FlattenSharded {
         }
       }
     }
-    pieces_ = pieces;
-    return pieces;
+    return absl::OkStatus();
   }
 
   // Whether this rank's pieces of every (parameter, state) it holds are exactly the part of
   // its shard that it loads, one range after another.
+  // LocalPieces lists the boxes of one (parameter, state) one after another.
   bool CoversOwnShards() const {
-    std::map<std::tuple<size_t, size_t, std::string>, std::vector<std::pair<int64_t, int64_t>>>
-        ranges;
-    for (const json& p : pieces_) {
-      const int64_t flat = p["flat"].get<int64_t>();
-      if (flat < 0) return false;
-      const int64_t n = NumelOf(p);
-      if (n == 0) continue;
-      ranges[{p["u"].get<size_t>(), p["i"].get<size_t>(), p["name"].get<std::string>()}]
-          .emplace_back(flat, n);
-    }
-    for (const json& p : pieces_) {
-      auto& r = ranges[{p["u"].get<size_t>(), p["i"].get<size_t>(), p["name"].get<std::string>()}];
-      std::sort(r.begin(), r.end());
-      const FlatRange want = OwnWanted(p["u"].get<size_t>(), p["i"].get<size_t>());
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (size_t first = 0; first < pieces_.size();) {
+      const PieceMeta& p = pieces_[first];
+      size_t end = first;
+      ranges.clear();
+      for (; end < pieces_.size() && pieces_[end].u == p.u && pieces_[end].i == p.i &&
+             pieces_[end].name == p.name;
+           ++end) {
+        if (pieces_[end].flat < 0) return false;
+        const int64_t n = pieces_[end].numel();
+        if (n != 0) ranges.emplace_back(pieces_[end].flat, n);
+      }
+      std::sort(ranges.begin(), ranges.end());
+      const FlatRange want = OwnWanted(p.u, p.i);
       int64_t next = want.begin;
-      for (const auto& [b, n] : r) {
+      for (const auto& [b, n] : ranges) {
         if (b != next) return false;
         next += n;
       }
       if (next != want.begin + want.numel) return false;
+      first = end;
     }
     return true;
   }
@@ -280,7 +328,7 @@ class FlattenSharded {
 
   // Every rank's pieces, entries (state names in order, scalar values, and the dtype and global
   // shape of sharded ones) and param_groups, as one object each.
-  absl::StatusOr<std::vector<json>> ExchangeMetadata(const json& pieces) const {
+  absl::StatusOr<std::vector<json>> ExchangeMetadata() const {
     json entries = json::array();
     for (const auto& [key, st] : sharded_osd_.state) {
       json names = json::array(), scalars = json::object(), sharded = json::object();
@@ -307,7 +355,7 @@ class FlattenSharded {
     }
     const bool has_groups = sharded_osd_.has_param_groups && !sharded_osd_.param_groups.empty() &&
                             groups.size() == sharded_osd_.param_groups.size();
-    const json mine{{"pieces", pieces},
+    const json mine{{"pieces", EncodePieces(pieces_)},
                     {"entries", std::move(entries)},
                     {"groups", has_groups ? groups : json::array()},
                     {"has_groups", has_groups}};
@@ -392,14 +440,13 @@ class FlattenSharded {
     for (size_t i = 0; i < h.infos().size(); ++i) uncovered += h.ShardOf(i, h.rank()).numel;
     at::Tensor base;
     for (size_t k : own) {
-      const json& p = pieces_[k];
+      const PieceMeta& p = pieces_[k];
       const at::Tensor& t = own_[k];
       uncovered -= t.numel();
       if (t.numel() == 0) continue;
-      const size_t i = p["i"].get<size_t>();
+      const size_t i = p.i;
       const FlatRange want = OwnWanted(u, i);
-      const int64_t shard_offset =
-          h.ShardOf(i, h.rank()).shard_offset + p["flat"].get<int64_t>() - want.begin;
+      const int64_t shard_offset = h.ShardOf(i, h.rank()).shard_offset + p.flat - want.begin;
       const int64_t start = t.storage_offset() - shard_offset;
       if (!base.defined()) {
         if (start < 0 || !t.is_contiguous() ||
@@ -421,7 +468,7 @@ class FlattenSharded {
   void UseOwnPieces() {
     std::map<std::pair<size_t, std::string>, std::vector<size_t>> by_state;
     for (size_t k = 0; k < pieces_.size(); ++k) {
-      by_state[{pieces_[k]["u"].get<size_t>(), pieces_[k]["name"].get<std::string>()}].push_back(k);
+      by_state[{pieces_[k].u, pieces_[k].name}].push_back(k);
     }
     for (const auto& [key, own] : by_state) {
       const auto& [u, name] = key;
@@ -434,10 +481,10 @@ class FlattenSharded {
       }
       std::set<size_t> params;
       for (size_t k : own) {
-        const size_t i = pieces_[k]["i"].get<size_t>();
+        const size_t i = pieces_[k].i;
         params.insert(i);
         if (in_place || own_[k].numel() == 0) continue;
-        int64_t at = pieces_[k]["flat"].get<int64_t>();
+        int64_t at = pieces_[k].flat;
         if (u < num_units_) {
           const FlatParamHandle& h = *index_.handles[u];
           at += h.ShardOf(i, h.rank()).shard_offset - Wanted(u, i, h.rank()).begin;
@@ -455,14 +502,14 @@ class FlattenSharded {
 
   // Whether the exchange must take the all-gather path: a piece that is not one range of its
   // parameter's flattening, or a unit sharded over another group than the call's.
-  bool NeedsGather(const std::vector<json>& all) const {
+  bool NeedsGather(const std::vector<RankPieces>& all) const {
     for (size_t u = 0; u < num_units_; ++u) {
       const FlatParamHandle& h = *index_.handles[u];
       if (h.sharded() && h.world_size() != group_->size()) return true;
     }
-    for (const json& r : all) {
-      for (const json& p : r["pieces"]) {
-        if (p["flat"].get<int64_t>() < 0) return true;
+    for (const RankPieces& r : all) {
+      for (const PieceMeta& p : r) {
+        if (p.flat < 0) return true;
       }
     }
     return false;
@@ -481,14 +528,14 @@ class FlattenSharded {
   };
 
   // Every rank's pieces as ranges of their keys (this rank's with their tensors).
-  absl::Status FlatPiecesOf(const std::vector<json>& all, std::vector<Key>& keys,
+  absl::Status FlatPiecesOf(const std::vector<RankPieces>& all, std::vector<Key>& keys,
                             std::vector<FlatPiece>& flat) const {
     std::map<std::tuple<size_t, size_t, std::string>, size_t> key_of;
     for (size_t r = 0; r < all.size(); ++r) {
-      for (const json& p : all[r]["pieces"]) {
-        const size_t u = p["u"].get<size_t>(), i = p["i"].get<size_t>();
-        const std::string name = p["name"].get<std::string>();
-        const auto dtype = static_cast<at::ScalarType>(p["dtype"].get<int>());
+      for (const PieceMeta& p : all[r]) {
+        const size_t u = p.u, i = p.i;
+        const std::string name = p.name;
+        const auto dtype = p.dtype;
         auto [it, added] = key_of.emplace(std::make_tuple(u, i, name), keys.size());
         if (added) keys.push_back(Key{u, i, name, dtype});
         if (keys[it->second].dtype != dtype) {
@@ -497,9 +544,8 @@ class FlattenSharded {
                            " has sharded tensors of different dtypes"));
         }
         at::Tensor data;
-        if (static_cast<int>(r) == rank_) data = own_[p["k"].get<size_t>()].reshape({-1});
-        flat.push_back(
-            FlatPiece{it->second, static_cast<int>(r), p["flat"].get<int64_t>(), NumelOf(p), data});
+        if (static_cast<int>(r) == rank_) data = own_[p.k].reshape({-1});
+        flat.push_back(FlatPiece{it->second, static_cast<int>(r), p.flat, p.numel(), data});
       }
     }
     return absl::OkStatus();
@@ -528,7 +574,7 @@ class FlattenSharded {
 
   // Another layout: each rank receives, pairwise, only the parts of other ranks' pieces that
   // its shards need (ExchangeFlatPieces); NeedsGather's cases take the all-gather path.
-  absl::Status MovePieces(const std::vector<json>& all) {
+  absl::Status MovePieces(const std::vector<RankPieces>& all) {
     if (NeedsGather(all)) {
       for (const auto& [unit_and_name, per_rank] : GroupPieces(all)) {
         FSDP_RETURN_IF_ERROR(GatherState(unit_and_name.first, unit_and_name.second, per_rank));
@@ -562,11 +608,11 @@ class FlattenSharded {
     });
   }
 
-  static PiecesByState GroupPieces(const std::vector<json>& all) {
+  static PiecesByState GroupPieces(const std::vector<RankPieces>& all) {
     PiecesByState groups;
     for (size_t r = 0; r < all.size(); ++r) {
-      for (const json& p : all[r]["pieces"]) {
-        auto& per_rank = groups[{p["u"].get<size_t>(), p["name"].get<std::string>()}];
+      for (const PieceMeta& p : all[r]) {
+        auto& per_rank = groups[{p.u, p.name}];
         per_rank.resize(all.size());
         per_rank[r].push_back(p);
       }
@@ -577,7 +623,7 @@ class FlattenSharded {
   // Every rank's pieces of (u, name), each rank's packed and padded to the largest rank's
   // total `max_total`, in one buffer (reused across states).
   absl::StatusOr<at::Tensor> AllGatherPieces(size_t u, const std::string& name,
-                                             const std::vector<std::vector<json>>& per_rank,
+                                             const std::vector<RankPieces>& per_rank,
                                              int64_t max_total, at::ScalarType dtype) {
     const std::vector<std::string> fqns = GroupFqns(u);
     at::Tensor gathered;
@@ -586,8 +632,8 @@ class FlattenSharded {
                   [&]() -> absl::Status {
                     at::Tensor mine = ReuseBuffer(send_buffer_, max_total, dtype);
                     int64_t off = 0;
-                    for (const json& p : per_rank[static_cast<size_t>(rank_)]) {
-                      const at::Tensor& local = own_[p["k"].get<size_t>()];
+                    for (const PieceMeta& p : per_rank[static_cast<size_t>(rank_)]) {
+                      const at::Tensor& local = own_[p.k];
                       if (local.scalar_type() != dtype) {
                         return absl::InvalidArgumentError(
                             absl::StrCat("state '", name, "' of the ", Describe(u),
@@ -610,14 +656,14 @@ class FlattenSharded {
   // Gathers (u, name) and unpacks each parameter's pieces, in rank order (a later piece
   // overwrites an earlier one).
   absl::Status GatherState(size_t u, const std::string& name,
-                           const std::vector<std::vector<json>>& per_rank) {
+                           const std::vector<RankPieces>& per_rank) {
     int64_t max_total = 0;
     at::ScalarType dtype = at::kFloat;
     for (const auto& rank_pieces : per_rank) {
       int64_t total = 0;
-      for (const json& p : rank_pieces) {
-        total += NumelOf(p);
-        dtype = static_cast<at::ScalarType>(p["dtype"].get<int>());
+      for (const PieceMeta& p : rank_pieces) {
+        total += p.numel();
+        dtype = p.dtype;
       }
       max_total = std::max(max_total, total);
     }
@@ -626,9 +672,9 @@ class FlattenSharded {
     std::map<size_t, std::vector<Piece>> by_param;
     for (size_t r = 0; r < per_rank.size(); ++r) {
       int64_t off = static_cast<int64_t>(r) * max_total;
-      for (const json& p : per_rank[r]) {
-        by_param[p["i"].get<size_t>()].push_back(Piece{&p, off});
-        off += NumelOf(p);
+      for (const PieceMeta& p : per_rank[r]) {
+        by_param[p.i].push_back(Piece{&p, off});
+        off += p.numel();
       }
     }
     const std::vector<std::string> fqns = GroupFqns(u);
@@ -638,7 +684,7 @@ class FlattenSharded {
       for (const auto& [i, pieces] : by_param) {
         ParamState* param_state = state_.Find(ParamKey::Fqn(fqns[i]));
         if (param_state == nullptr) continue;  // this rank's dict has no state for it
-        const auto global = (*pieces[0].meta)["global"].get<std::vector<int64_t>>();
+        const auto global = pieces[0].meta->global;
         if (u < num_units_ && AllWholeRows(pieces, global)) {
           at::Tensor stand_in =
               UnpackRows(*index_.handles[u], i, pieces, gathered, global, opts, local_part);
@@ -666,8 +712,8 @@ class FlattenSharded {
     PartialState part{s.param_offset, local_part.narrow(0, s.shard_offset, s.numel), local_part};
     std::vector<std::pair<int64_t, int64_t>> copied;  // (offset, numel) in part.data
     for (const Piece& piece : pieces) {
-      const int64_t begin = (*piece.meta)["offsets"][0].get<int64_t>() * row_numel;
-      const int64_t n = NumelOf(*piece.meta);
+      const int64_t begin = piece.meta->offsets[0] * row_numel;
+      const int64_t n = piece.meta->numel();
       const int64_t lo = std::max(begin, s.param_offset);
       const int64_t hi = std::min(begin + n, s.param_offset + s.numel);
       if (hi <= lo) continue;
@@ -694,7 +740,7 @@ class FlattenSharded {
   OrderedMap<ParamKey, ParamState> state_;
   PartialStates partial_;
   // This rank's pieces (metadata, and each one's tensor); param groups taken from a peer.
-  json pieces_ = json::array();
+  RankPieces pieces_;
   std::vector<at::Tensor> own_;
   std::optional<std::vector<ParamGroup>> peer_groups_;
   at::Tensor send_buffer_, gather_buffer_;

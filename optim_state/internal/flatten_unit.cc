@@ -1,6 +1,7 @@
 #include "optim_state/internal/flatten_unit.h"
 
 #include <algorithm>
+#include <cstring>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -23,15 +24,18 @@ void AddOnce(std::vector<std::string>& set, std::string s) {
 absl::StatusOr<PosSource> CheckTensors(const std::string& name,
                                        const std::vector<const StateValue*>& values,
                                        const FlatParamHandle& h) {
-  std::vector<std::string> dtypes;
+  // Distinct dtypes in first-seen order; their reprs are written only for the error.
+  std::vector<at::ScalarType> seen;
   PosSource out;
   out.name = name;
   for (const StateValue* v : values) {
     if (v == nullptr) continue;
-    AddOnce(dtypes, TorchDtype(v->Get<at::Tensor>().scalar_type()));
     out.dtype = v->Get<at::Tensor>().scalar_type();
+    if (std::find(seen.begin(), seen.end(), out.dtype) == seen.end()) seen.push_back(out.dtype);
   }
-  if (dtypes.size() != 1) {
+  if (seen.size() != 1) {
+    std::vector<std::string> dtypes;
+    for (at::ScalarType t : seen) dtypes.push_back(TorchDtype(t));
     return absl::InvalidArgumentError(
         absl::StrCat("All unflattened parameters comprising a single flat parameter must have "
                      "positive-dimension tensor state with the same dtype but got dtypes ",
@@ -112,21 +116,45 @@ absl::StatusOr<const ParamState*> CheckSameStateNames(const std::vector<const Pa
   return first;
 }
 
+// Whether every parameter has the zero-dimension CPU tensor state with one dtype and the very
+// same bits: then FlattenZeroDimState's check passes without writing a repr.
+bool SameZeroDimTensors(const std::vector<const StateValue*>& values) {
+  if (values.empty()) return false;
+  for (const StateValue* v : values) {
+    if (v == nullptr) return false;
+  }
+  const at::Tensor& first = values[0]->Get<at::Tensor>();
+  if (!first.is_cpu()) return false;
+  for (const StateValue* v : values) {
+    const at::Tensor& t = v->Get<at::Tensor>();
+    if (!t.is_cpu() || t.scalar_type() != first.scalar_type() ||
+        std::memcmp(t.const_data_ptr(), first.const_data_ptr(), first.element_size()) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Whether `a` and `b` have one Python type (TypeName; tuples and lists share a variant).
+bool SameType(const StateValue& a, const StateValue& b) {
+  if (a.variant().index() != b.variant().index()) return false;
+  return !a.Is<StateSequence>() || a.TypeName() == b.TypeName();
+}
+
 enum class StateKind { kPosDimTensor, kZeroDimTensor, kNonTensor };
 
 // The one kind of value every parameter's state `name` has.
 absl::StatusOr<StateKind> KindOf(const std::string& name,
                                  const std::vector<const StateValue*>& non_null,
                                  const FlatParamHandle& h) {
-  bool pos = true, zero = true, non_tensor = true;
-  std::set<std::string> types;
+  bool pos = true, zero = true, non_tensor = true, one_type = !non_null.empty();
   for (const StateValue* v : non_null) {
     pos = pos && IsPosDimTensor(*v);
     zero = zero && IsZeroDimTensor(*v);
     non_tensor = non_tensor && !v->Is<at::Tensor>();
-    types.insert(v->TypeName());
+    one_type = one_type && SameType(*v, *non_null[0]);
   }
-  if (types.size() != 1 || !(pos || zero || non_tensor)) {
+  if (!one_type || !(pos || zero || non_tensor)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "Differing optimizer state types for state ", name, ", values ", ValuesRepr(non_null),
         ", and unflattened parameter names ", PyList(HandleFqns(h))));
@@ -139,6 +167,7 @@ absl::StatusOr<StateValue> FlattenZeroDimState(const std::string& name,
                                                const std::vector<const StateValue*>& values,
                                                const std::vector<const StateValue*>& non_null,
                                                const FlatParamHandle& h) {
+  if (SameZeroDimTensors(values)) return StateValue(values[0]->Get<at::Tensor>().clone());
   std::vector<std::string> value_reprs, dtype_reprs;
   for (const StateValue* v : values) {
     AddOnce(value_reprs, v == nullptr ? "None" : ItemRepr(v->Get<at::Tensor>()));
@@ -159,13 +188,14 @@ absl::StatusOr<StateValue> FlattenNonTensorState(const std::string& name,
                                                  const std::vector<const StateValue*>& values,
                                                  const std::vector<const StateValue*>& non_null,
                                                  const FlatParamHandle& h) {
-  std::vector<std::string> value_reprs;
   bool same = non_null.size() == values.size();
   for (const StateValue* v : values) {
-    AddOnce(value_reprs, v == nullptr ? "None" : DebugString(*v));
     if (v != nullptr && !(*v == *non_null[0])) same = false;
   }
   if (!same) {
+    std::vector<std::string> value_reprs;
+    for (const StateValue* v : values)
+      AddOnce(value_reprs, v == nullptr ? "None" : DebugString(*v));
     return absl::InvalidArgumentError(absl::StrCat(
         "All unflattened parameters comprising a single flat parameter must have scalar "
         "state with the same value and dtype but got values ",
