@@ -2,7 +2,9 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <memory>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -26,6 +28,8 @@ namespace {
 using internal::ArchiveWriter;
 using internal::Pickled;
 using optim_state::internal::DeferredGather;
+
+constexpr int kUnitTag = 0x5AF1;  // a unit's shards sent to rank 0
 
 // Where storage i of an archive comes from: its own tensor (step -1: unmanaged values, scalar
 // state), or gather `step` of the file's plan (`index`: the parameter within the unit, for
@@ -72,6 +76,29 @@ FilePlan PlanFile(const Pickled& pickled, SourceFn source) {
   return plan;
 }
 
+// Rank 0's writes run behind the gathers on one background thread, so that a unit's write
+// overlaps the next unit's gather. Run waits for the task before it, so that at most two units'
+// gathered state are held at once: the one being written and the one being gathered. Tasks keep
+// their errors where the caller reads them after Wait (the archive writers), never throw.
+class WriteBehind {
+ public:
+  WriteBehind() = default;
+  WriteBehind(const WriteBehind&) = delete;
+  WriteBehind& operator=(const WriteBehind&) = delete;
+  ~WriteBehind() { Wait(); }
+
+  void Run(std::function<void()> task) {
+    Wait();
+    thread_ = std::thread(std::move(task));
+  }
+  void Wait() {
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  std::thread thread_;
+};
+
 class StreamingSave {
  public:
   StreamingSave(const std::string& dir, FullyShardedDataParallel& fsdp,
@@ -103,6 +130,7 @@ class StreamingSave {
     FSDP_RETURN_IF_ERROR(DecodePlans(*agreed), context_);
     FSDP_RETURN_IF_ERROR(StreamModel(), context_);
     if (adapter_ != nullptr) FSDP_RETURN_IF_ERROR(StreamOptim(), context_);
+    behind_.Wait();
     std::string outcome;
     if (group_.rank() == 0) {
       FSDP_ASSIGN_OR_RETURN(
@@ -209,34 +237,82 @@ class StreamingSave {
     return -1;
   }
 
-  // Runs the plan's steps in order; on rank 0 `write(piece, gathered)` writes each storage as
-  // soon as its step has run, each gathered value dropped before the next step runs. Gathers
-  // fail on every rank alike (a broken group); write errors stay in rank 0's writer.
+  // Unit `h`'s padded full flat parameter on rank 0 of this group (undefined elsewhere): the
+  // other ranks send it their shards, half the bytes of GatherFullFlat's all-gather, whose
+  // result only rank 0 would use. A unit of another group, or unsharded now, is
+  // GatherFullFlat's.
+  absl::StatusOr<at::Tensor> GatherUnit(FlatParamHandle& h) {
+    if (!h.sharded() || h.is_unsharded() || h.group().get() != &group_) return h.GatherFullFlat();
+    const at::Tensor shard = h.flat_param().detach();
+    const auto context = [&](const char* dir, int r) {
+      return absl::StrCat("gathering flat parameter [", h.Describe(), "] ", dir, " rank ", r);
+    };
+    if (group_.rank() != 0) {
+      FSDP_RETURN_IF_ERROR(group_.Send(shard, 0, kUnitTag), context("to", 0));
+      return at::Tensor();
+    }
+    at::Tensor out;
+    const int64_t n = h.shard_numel();
+    FSDP_RETURN_IF_ERROR(CallTorch(context("on", 0), [&] {
+      out = at::empty({h.padded_numel()}, shard.options());
+      out.narrow(0, 0, n).copy_(shard);
+    }));
+    for (int r = 1; r < group_.size(); ++r) {
+      at::Tensor part = out.narrow(0, r * n, n);
+      FSDP_RETURN_IF_ERROR(group_.Recv(part, r, kUnitTag), context("from", r));
+    }
+    return out;
+  }
+
+  // Runs the plan's steps in order; on the writing rank `write(i, piece, gathered)` writes each
+  // storage once its step has run, behind the next step's gather (WriteBehind). Gathers fail on
+  // every rank alike (a broken group); write errors stay in rank 0's writer. On failure no write
+  // is left running.
   template <typename GatherFn, typename WriteFn>
   absl::Status RunSteps(const FilePlan& plan, GatherFn gather, WriteFn write) {
+    absl::Status status = GatherAndHandOver(plan, gather, write);
+    if (!status.ok()) behind_.Wait();
+    return status;
+  }
+
+  template <typename GatherFn, typename WriteFn>
+  absl::Status GatherAndHandOver(const FilePlan& plan, GatherFn gather, WriteFn write) {
     at::Tensor gathered;
-    size_t next = 0;  // the next step to run
+    size_t next = 0;   // the next step to run
+    size_t first = 0;  // the first piece not yet handed to the writer
+    // Pieces [first, end) go to the writer with the value gathered for them.
+    auto hand_over = [&](size_t end) {
+      if (writes_ && first < end) {
+        behind_.Run([write, gathered, first, end, &plan] {
+          for (size_t i = first; i < end; ++i) write(i, plan.pieces[i], gathered);
+        });
+      }
+      first = end;
+    };
     for (size_t i = 0; i < plan.pieces.size(); ++i) {
       const Piece& piece = plan.pieces[i];
       if (piece.step >= 0 && static_cast<size_t>(piece.step) == next) {
+        hand_over(i);
         gathered = at::Tensor();
         FSDP_ASSIGN_OR_RETURN(gathered, gather(plan.steps[next]));
         ++next;
       }
-      write(i, piece, gathered);
     }
+    hand_over(plan.pieces.size());
     gathered = at::Tensor();
     for (; next < plan.steps.size(); ++next)
       FSDP_RETURN_IF_ERROR(gather(plan.steps[next]).status());
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::unique_ptr<ArchiveWriter>> OpenOnRank0(const std::string& name,
-                                                             const Pickled& pickled) {
-    if (!writes_) return nullptr;
-    return ArchiveWriter::Create(absl::StrCat(staging_, "/", name),
-                                 internal::ArchiveRecords::kPickleSave, pickled.pickle,
-                                 /*durable=*/true);
+  // The writer of file `name` (null where this rank does not write), shared with the tasks
+  // that run behind.
+  using SharedWriter = std::shared_ptr<absl::StatusOr<std::unique_ptr<ArchiveWriter>>>;
+  SharedWriter OpenOnRank0(const std::string& name, const Pickled& pickled) {
+    if (!writes_) return std::make_shared<absl::StatusOr<std::unique_ptr<ArchiveWriter>>>(nullptr);
+    return std::make_shared<absl::StatusOr<std::unique_ptr<ArchiveWriter>>>(ArchiveWriter::Create(
+        absl::StrCat(staging_, "/", name), internal::ArchiveRecords::kPickleSave, pickled.pickle,
+        /*durable=*/true));
   }
 
   // Writes storage i: `bytes` of `data`, or the storage's own tensor when data is null.
@@ -258,11 +334,11 @@ class StreamingSave {
   }
 
   absl::Status StreamModel() {
-    absl::StatusOr<std::unique_ptr<ArchiveWriter>> writer = OpenOnRank0("model.pt", model_pickled_);
-    ArchiveWriter* w = writer.ok() ? writer->get() : nullptr;
+    SharedWriter writer = OpenOnRank0("model.pt", model_pickled_);
+    ArchiveWriter* w = writer->ok() ? writer->value().get() : nullptr;
     FSDP_RETURN_IF_ERROR(RunSteps(
-        model_plan_, [&](int unit) { return units_[static_cast<size_t>(unit)]->GatherFullFlat(); },
-        [&](size_t i, const Piece& piece, const at::Tensor& flat) {
+        model_plan_, [&](int unit) { return GatherUnit(*units_[static_cast<size_t>(unit)]); },
+        [this, w](size_t i, const Piece& piece, const at::Tensor& flat) {
           if (piece.step < 0) return Write(w, model_pickled_, i, nullptr, 0);
           const FlatParamHandle& h = *units_[static_cast<size_t>(model_plan_.steps[piece.step])];
           const FlatParamInfo& info = h.infos()[piece.index];
@@ -271,31 +347,46 @@ class StreamingSave {
                 static_cast<const char*>(flat.data_ptr()) + info.offset * elem,
                 static_cast<size_t>(info.numel) * elem);
         }));
-    if (writes_) {
-      model_status_ = writer.ok() ? (*writer)->Finish().status() : writer.status();
+    if (!writes_) {
+      model_pickled_ = {};
+      return absl::OkStatus();
     }
-    model_pickled_ = {};
+    // Finished (fsynced) behind the optimizer's first gathers.
+    behind_.Run([this, writer] {
+      model_status_ = writer->ok() ? (**writer)->Finish().status() : writer->status();
+      model_pickled_ = {};
+    });
     return absl::OkStatus();
   }
 
   absl::Status StreamOptim() {
-    absl::StatusOr<std::unique_ptr<ArchiveWriter>> writer = OpenOnRank0("optim.pt", optim_pickled_);
-    ArchiveWriter* w = writer.ok() && model_status_.ok() ? writer->get() : nullptr;
+    SharedWriter writer = OpenOnRank0("optim.pt", optim_pickled_);
+    ArchiveWriter* w = writer->ok() ? writer->value().get() : nullptr;
     FSDP_RETURN_IF_ERROR(RunSteps(
         optim_plan_,
         [&](int g) {
           return optim_state::internal::RunDeferredGather(gathers_[static_cast<size_t>(g)]);
         },
-        [&](size_t i, const Piece& piece, const at::Tensor& buffer) {
+        [this, w](size_t i, const Piece& piece, const at::Tensor& buffer) {
+          // Tasks run in order: model.pt's outcome is known. After its failure nothing more is
+          // written.
+          if (!model_status_.ok()) return;
           if (piece.step < 0) return Write(w, optim_pickled_, i, nullptr, 0);
           Write(w, optim_pickled_, i, static_cast<const char*>(buffer.data_ptr()),
                 static_cast<size_t>(buffer.numel()) * buffer.element_size());
         }));
-    if (writes_) {
-      optim_status_ = writer.ok() ? (w != nullptr ? (*writer)->Finish().status() : absl::OkStatus())
-                                  : writer.status();
+    if (!writes_) {
+      optim_pickled_ = {};
+      return absl::OkStatus();
     }
-    optim_pickled_ = {};
+    behind_.Run([this, writer] {
+      if (!writer->ok()) {
+        optim_status_ = writer->status();
+      } else if (model_status_.ok()) {
+        optim_status_ = (**writer)->Finish().status();
+      }
+      optim_pickled_ = {};
+    });
     return absl::OkStatus();
   }
 
@@ -329,8 +420,9 @@ class StreamingSave {
   FilePlan model_plan_;
   FilePlan optim_plan_;
   std::string staging_;
-  absl::Status model_status_;
+  absl::Status model_status_;  // set behind (WriteBehind), read after Wait
   absl::Status optim_status_;
+  WriteBehind behind_;  // last: its destructor waits for the tasks that use the members above
 };
 
 }  // namespace

@@ -10,15 +10,19 @@
 // gathered (FullStateDictLayout; FullOptimStateDict with its gathers deferred), so rank 0 first
 // pickles both dicts with placeholders for the gathered tensors. Then, for each storage of the
 // archive in the pickle's order, the unit it belongs to is gathered to rank 0 (the model's
-// parameters one unit's flat parameter at a time; the optimizer's state one flat parameter and
-// state name at a time, as FullOptimStateDict's rank0_only gathers them) and rank 0 writes that
-// record to the file and drops it. The files are byte for byte what WriteFullCheckpoint writes
+// parameters one unit's flat parameter at a time, the other ranks sending their shards to rank 0;
+// the optimizer's state one flat parameter and state name at a time, as FullOptimStateDict's
+// rank0_only gathers them) and rank 0 writes that record to the file and drops it. Rank 0 writes
+// on a background thread, one unit behind the gathers, so that a unit's write (CRC-32 and copy
+// into the page cache) overlaps the next unit's gather; each record's writeback starts as it is
+// written, so that the closing fsync waits for the last records only. The files are byte for byte what WriteFullCheckpoint writes
 // for FullStateDict(rank0_only) and FullOptimStateDict(rank0_only) of the same state.
 //
 // Memory bound: rank 0 holds at most its own shards, the unmanaged parameters' and buffers'
-// copies (as FullStateDict makes them) and one flat parameter's full values (one unit's
-// parameters, or one of its state names) at a time; the other ranks their shards and, while the
-// model's unit is gathered, that unit's parameters (an all-gather, as FullStateDict does).
+// copies (as FullStateDict makes them) and two flat parameters' full values (one unit's
+// parameters, or one of its state names) at a time: the one being written and the next being
+// gathered; the other ranks their shards (and, for a unit not sharded over fsdp.group() or
+// unsharded at the call, that unit's parameters, an all-gather as FullStateDict does).
 //
 // HYBRID_SHARD: each replica's shard group runs the gathers, the first replica's rank 0 writes
 // (the replicas hold the same state) and its outcome reaches every rank.

@@ -171,7 +171,12 @@ void ArchiveWriter::Fail(absl::Status status) {
 
 absl::Status ArchiveWriter::WriteStorage(size_t index, const void* data, size_t nbytes) {
   if (!io_.ok()) return io_;
-  return Torch("writing", [&] { zip_->writeRecord(absl::StrCat("data/", index), data, nbytes); });
+  FSDP_RETURN_IF_ERROR(
+      Torch("writing", [&] { zip_->writeRecord(absl::StrCat("data/", index), data, nbytes); }));
+  // Starts the record's writeback now, so that Finish's fsync waits for the last records only
+  // (a hint: its errors surface at fsync).
+  if (durable_) sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
+  return absl::OkStatus();
 }
 
 absl::Status ArchiveWriter::CloseOwnedFile() {
