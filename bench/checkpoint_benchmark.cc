@@ -121,6 +121,7 @@
 #include "bench/pytorch_scale_reference.h"
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
+#include "bench/timed_calls.h"
 #include "checkpoint/atomic_dir.h"
 #include "checkpoint/dcp_save.h"
 #include "checkpoint/full_checkpoint.h"
@@ -270,58 +271,6 @@ absl::Status LoadFull(Setup& setup, const std::string& dir) {
   FSDP_ASSIGN_OR_RETURN(OptimStateDict local,
                         optim_state::ScatterFullOptimStateDict(optim, *setup.fsdp, *setup.adapter));
   return setup.adapter->LoadStateDict(std::move(local));
-}
-
-double SecondsSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-// Sum over the group of each rank's `value`, and the sum over lower ranks (exclusive prefix).
-absl::StatusOr<std::pair<int64_t, int64_t>> SumAndPrefix(ProcessGroup& group, int64_t value) {
-  FSDP_ASSIGN_OR_RETURN(std::vector<std::string> all, group.AllGatherObject(std::to_string(value)));
-  int64_t sum = 0, prefix = 0;
-  for (size_t r = 0; r < all.size(); ++r) {
-    const int64_t v = std::stoll(all[r]);
-    if (static_cast<int>(r) < group.rank()) prefix += v;
-    sum += v;
-  }
-  return std::make_pair(sum, prefix);
-}
-
-// Runs `body` `reps` times between barriers of `group`, with `cleanup` (untimed) before each;
-// returns each call's seconds (barrier to barrier) and sets `*cpu_per_call` to this process's
-// mean CPU seconds in `body`.
-template <typename Body, typename Cleanup>
-absl::StatusOr<std::vector<double>> TimeCalls(ProcessGroup& group, int64_t reps, Body body,
-                                              Cleanup cleanup, double* cpu_per_call) {
-  std::vector<double> seconds;
-  double cpu = 0;
-  for (int64_t i = 0; i < reps; ++i) {
-    FSDP_RETURN_IF_ERROR(cleanup());
-    FSDP_RETURN_IF_ERROR(group.Barrier());
-    const auto start = std::chrono::steady_clock::now();
-    const double cpu_start = ProcessCpuSeconds();
-    FSDP_RETURN_IF_ERROR(body());
-    cpu += ProcessCpuSeconds() - cpu_start;
-    FSDP_RETURN_IF_ERROR(group.Barrier());
-    seconds.push_back(SecondsSince(start));
-  }
-  *cpu_per_call = reps > 0 ? cpu / static_cast<double>(reps) : 0;
-  return seconds;
-}
-
-// Sum over the group of each rank's `value`.
-absl::StatusOr<double> SumOverGroup(ProcessGroup& group, double value) {
-  FSDP_ASSIGN_OR_RETURN(std::vector<std::string> all, group.AllGatherObject(absl::StrCat(value)));
-  double sum = 0;
-  for (const std::string& v : all) sum += std::stod(v);
-  return sum;
-}
-
-double Mean(const std::vector<double>& values) {
-  double sum = 0;
-  for (double v : values) sum += v;
-  return values.empty() ? 0 : sum / static_cast<double>(values.size());
 }
 
 struct CaseResult {

@@ -107,12 +107,13 @@ struct Config {
   bool use_orig_params = false;
   bool wrap_alt = false;
   Opt opt = Opt::kAdam;
+  bool trained = false;  // a loading job that has trained a step first (its optimizer has state)
 };
 
 inline std::string Name(const Config& c) {
   return absl::StrCat("ws", c.world_size, "_", std::string(ShardingStrategyName(c.strategy)),
                       c.use_orig_params ? "_orig" : "", c.wrap_alt ? "_alt" : "",
-                      c.opt == Opt::kAdam ? "_Adam" : "_SGD");
+                      c.opt == Opt::kAdam ? "_Adam" : "_SGD", c.trained ? "_trained" : "");
 }
 
 // A save with one configuration and a load with another (a parametrized case), named for
@@ -129,6 +130,11 @@ inline std::string ReshardCaseName(const ::testing::TestParamInfo<ReshardCase>& 
 inline Config C(int ws, Opt opt = Opt::kAdam, ShardingStrategy s = ShardingStrategy::kFullShard,
                 bool orig = false, bool alt = false) {
   return Config{ws, s, orig, alt, opt};
+}
+
+inline Config Trained(Config c) {
+  c.trained = true;
+  return c;
 }
 
 // The launching process empties (or makes) scratch directory `root` before the phases run.

@@ -41,9 +41,17 @@
 // parameter's state flattened in its layout and cut to this shard, zeros where an original
 // parameter has no state; with use_orig_params each parameter's slice). Each block read is
 // verified against its xxhash. Only when every rank has built and validated everything does
-// any rank change its model or optimizer: first the optimizer (restored from a snapshot on
+// any rank change its model or optimizer: first the optimizer (its previous state restored on
 // every rank if any rank's load fails), then the model (LoadShardedStateDict, which agrees
 // again). Nothing is loaded partially.
+// Memory: the loaded model shards are held beside the model's until they are copied in; the
+// optimizer's state is not held twice: a state tensor the optimizer already has with the
+// loaded shape and dtype is read and checked into a scratch buffer (at most 64 MiB) with the
+// rest, and read into place (as dcp.load reads into the state dict's tensors) only after the
+// model is loaded, from the files still open. So a dict from OptimizerAdapter::StateDict()
+// taken before the load sees the loaded values (clone it to keep a snapshot), and only an I/O
+// error of the machine while re-reading bytes already checked fails after something changed:
+// then every rank returns that error, the model loaded and the optimizer's state partly.
 //
 // Errors (every message names the operation, this rank, and the file / tensor / FQN):
 //   * the reader's (sharded_format.h): NOT_FOUND for a missing metadata.json or data file,

@@ -52,6 +52,26 @@ using namespace ::fsdp::checkpoint::testing;  // NOLINT
 
 // ---------------------------------------------------------------- round trips and resharding
 
+// Every state tensor but `step` that `before` holds (taken from the optimizer before a load) is
+// still the optimizer's, at the same address: the load read into it rather than beside it.
+void ExpectSameStateTensors(const OptimStateDict& before, const OptimizerAdapter& adapter) {
+  FSDP_ASSERT_OK_AND_ASSIGN(OptimStateDict after, adapter.StateDict());
+  int64_t compared = 0;
+  for (const auto& [key, state] : before.state) {
+    for (const auto& [name, value] : state) {
+      const at::Tensor* old = value.GetIf<at::Tensor>();
+      if (name == "step" || old == nullptr) continue;
+      const optim_state::ParamState* now = after.state.Find(key);
+      ASSERT_NE(now, nullptr) << key.ToString();
+      const optim_state::StateValue* v = now->Find(name);
+      ASSERT_TRUE(v != nullptr && v->Is<at::Tensor>()) << key.ToString() << " " << name;
+      EXPECT_EQ(v->Get<at::Tensor>().data_ptr(), old->data_ptr()) << key.ToString() << " " << name;
+      ++compared;
+    }
+  }
+  EXPECT_GT(compared, 0);
+}
+
 class ShardedCheckpointTest : public ::testing::TestWithParam<ReshardCase> {};
 
 TEST_P(ShardedCheckpointTest, LoadsExactlyAndTrainingContinuesAsUninterrupted) {
@@ -78,12 +98,19 @@ TEST_P(ShardedCheckpointTest, LoadsExactlyAndTrainingContinuesAsUninterrupted) {
       WriteText(root + "/losses.txt", LossesText(losses));
     }
   });
-  // Phase 2: a fresh job of the loading configuration loads and trains on.
+  // Phase 2: a fresh job of the loading configuration loads and trains on. Where the loading
+  // job has trained a step first, its optimizer has state, which the load overwrites in place.
   RunPhase(2, c.load.world_size, [&](comm::ProcessGroup& group) {
     auto job = MakeJob(c.load, group);
     ASSERT_NE(job, nullptr);
+    OptimStateDict before;
+    if (c.load.trained) {
+      Train(*job, 0, 1);
+      FSDP_ASSERT_OK_AND_ASSIGN(before, job->adapter->StateDict());
+    }
     auto loaded = LoadShardedCheckpoint(dir, *job->fsdp, job->adapter.get());
     ASSERT_THAT(loaded, IsOk());
+    if (c.load.trained) ExpectSameStateTensors(before, *job->adapter);
     FullState state = Gather(*job);
     const std::vector<double> losses = Train(*job, 2, 4);
     if (group.rank() != 0) return;
@@ -110,23 +137,23 @@ TEST_P(ShardedCheckpointTest, LoadsExactlyAndTrainingContinuesAsUninterrupted) {
 }
 
 INSTANTIATE_TEST_SUITE_P(RoundTrips, ShardedCheckpointTest,
-                         ::testing::Values(ReshardCase{C(2), C(2)},
-                                           ReshardCase{C(3, Opt::kSgd), C(3, Opt::kSgd)},
+                         ::testing::Values(ReshardCase{C(2), Trained(C(2))},
+                                           ReshardCase{C(3, Opt::kSgd), Trained(C(3, Opt::kSgd))},
                                            ReshardCase{C(4), C(4)}),
                          ReshardCaseName);
 
 INSTANTIATE_TEST_SUITE_P(
     Resharding, ShardedCheckpointTest,
-    ::testing::Values(ReshardCase{C(4), C(2)},
-                      ReshardCase{C(4, Opt::kSgd),
-                                  C(3, Opt::kSgd, ShardingStrategy::kFullShard, false, true)},
-                      ReshardCase{C(2), C(4, Opt::kAdam, ShardingStrategy::kFullShard, true)},
-                      ReshardCase{C(2, Opt::kAdam, ShardingStrategy::kNoShard),
-                                  C(3, Opt::kAdam, ShardingStrategy::kFullShard, true, true)},
-                      ReshardCase{C(3, Opt::kAdam, ShardingStrategy::kShardGradOp, true),
-                                  C(2, Opt::kAdam, ShardingStrategy::kNoShard)},
-                      ReshardCase{C(3, Opt::kSgd, ShardingStrategy::kFullShard, true, true),
-                                  C(2, Opt::kSgd, ShardingStrategy::kShardGradOp, true)}),
+    ::testing::Values(
+        ReshardCase{C(4), Trained(C(2))},
+        ReshardCase{C(4, Opt::kSgd), C(3, Opt::kSgd, ShardingStrategy::kFullShard, false, true)},
+        ReshardCase{C(2), Trained(C(4, Opt::kAdam, ShardingStrategy::kFullShard, true))},
+        ReshardCase{C(2, Opt::kAdam, ShardingStrategy::kNoShard),
+                    C(3, Opt::kAdam, ShardingStrategy::kFullShard, true, true)},
+        ReshardCase{C(3, Opt::kAdam, ShardingStrategy::kShardGradOp, true),
+                    C(2, Opt::kAdam, ShardingStrategy::kNoShard)},
+        ReshardCase{C(3, Opt::kSgd, ShardingStrategy::kFullShard, true, true),
+                    C(2, Opt::kSgd, ShardingStrategy::kShardGradOp, true)}),
     ReshardCaseName);
 
 }  // namespace

@@ -20,6 +20,8 @@ struct LoadShardedOptions {
 struct LoadStats {
   // This rank's reads: of our format metadata.json, headers and data blocks; of a DCP
   // directory the .distcp items read (bytes_read = data_bytes_read; .metadata not counted).
+  // Each byte counts once: optimizer state read into the optimizer's own tensors is read a
+  // second time (checked, then into place; sharded_checkpoint.h), which is not counted.
   ReadStats read;
   double seconds = 0;
 };

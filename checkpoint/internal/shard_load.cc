@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <optional>
 #include <set>
 #include <unordered_map>
 #include <utility>
@@ -42,9 +43,97 @@ using optim_state::StateValue;
 
 namespace {
 
+// Where the optimizer's state is read. A state tensor the optimizer already holds with the
+// loaded one's shape and dtype is overwritten in place rather than read into a second buffer,
+// so that a load holds the optimizer's state once, not twice (its state is twice the model's
+// shard under Adam). Since nothing may change before every rank has read and checked
+// everything, such a tensor's bytes are read and checked now into a scratch buffer, and read
+// into place by Commit once all ranks have agreed, through the same open files.
+class StateReads {
+ public:
+  explicit StateReads(ShardSource& source) : source_(source) {}
+
+  // Elements [begin, begin + out.numel()) of `t` into `out` (contiguous): now, or, if `defer`,
+  // read and checked now and read into `out` by Commit.
+  absl::Status Read(const TensorRecord& t, int64_t begin, at::Tensor out, bool defer) {
+    const int64_t end = begin + out.numel();
+    if (!defer) return source_.ReadRange(t, begin, end, out);
+    // Slices of at most kScratchBytes: a source reads a stored piece whole where it overlaps
+    // the range (DCP's chunks), so the slices are large.
+    const int64_t chunk = std::max<int64_t>(1, kScratchBytes / c10::elementSize(t.dtype));
+    for (int64_t b = begin; b < end; b += chunk) {
+      const int64_t n = std::min(chunk, end - b);
+      const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(t.dtype));
+      if (!scratch_.defined() || scratch_.numel() < bytes) scratch_ = at::empty({bytes}, at::kByte);
+      at::Tensor into = at::from_blob(scratch_.data_ptr(), {n}, at::TensorOptions().dtype(t.dtype));
+      FSDP_RETURN_IF_ERROR(source_.ReadRange(t, b, b + n, into));
+    }
+    pending_.push_back(Pending{&t, begin, std::move(out)});
+    return absl::OkStatus();
+  }
+
+  // Zeroes `out`: now, or (`defer`) in Commit.
+  void Zero(at::Tensor out, bool defer) {
+    if (!defer) {
+      out.zero_();
+      return;
+    }
+    pending_.push_back(Pending{nullptr, 0, std::move(out)});
+  }
+
+  // Every deferred read and zeroing, in the order they were asked for.
+  absl::Status Commit() {
+    scratch_ = at::Tensor();
+    for (Pending& p : pending_) {
+      if (p.tensor == nullptr) {
+        p.out.zero_();
+        continue;
+      }
+      FSDP_RETURN_IF_ERROR(source_.ReadRange(*p.tensor, p.begin, p.begin + p.out.numel(), p.out));
+    }
+    pending_.clear();
+    return absl::OkStatus();
+  }
+
+ private:
+  static constexpr int64_t kScratchBytes = int64_t{64} << 20;
+  struct Pending {
+    const TensorRecord* tensor;  // null: zero `out`
+    int64_t begin;
+    at::Tensor out;
+  };
+  ShardSource& source_;
+  std::vector<Pending> pending_;
+  at::Tensor scratch_;  // bytes
+};
+
 struct Plan {
   ShardedDict model;
   OptimStateDict optim;
+};
+
+// The optimizer's state before the load, which a failed load restores: its tensors are the
+// optimizer's own (OptimizerAdapter::StateDict shares them), so they are also where StateReads
+// reads in place.
+struct Current {
+  OptimStateDict dict;
+  absl::flat_hash_set<const void*> taken;  // tensors chosen as a destination
+
+  // State `name` of parameter `id` if the loaded value can be read straight into it: a
+  // contiguous tensor of `param`'s shape, device and dtype, `dtype` being the loaded one's,
+  // not chosen before. Else undefined.
+  at::Tensor Destination(int64_t id, const std::string& name, const at::Tensor& param,
+                         at::ScalarType dtype) {
+    const ParamState* state = dict.state.Find(ParamKey::Id(id));
+    const StateValue* value = state == nullptr ? nullptr : state->Find(name);
+    const at::Tensor* t = value == nullptr ? nullptr : value->GetIf<at::Tensor>();
+    if (t == nullptr || !t->defined() || !t->is_contiguous() || t->sizes() != param.sizes() ||
+        t->scalar_type() != dtype || dtype != param.scalar_type() ||
+        t->device() != param.device() || !taken.insert(t->data_ptr()).second) {
+      return at::Tensor();
+    }
+    return t->detach();
+  }
 };
 
 // "model key -> stored FQN" and the checkpoint's optimizer entries by the stored FQN they
@@ -62,7 +151,8 @@ struct Names {
 absl::Status BuildModel(FullyShardedDataParallel& fsdp, ShardSource& reader, const Names& names,
                         Plan& plan) {
   const ShardedMetadata& m = reader.metadata();
-  FSDP_ASSIGN_OR_RETURN(ShardedDict templ, ShardedStateDict(fsdp));
+  // Views, not copies: every value is replaced by what is read.
+  FSDP_ASSIGN_OR_RETURN(ShardedDict templ, ShardedStateDict(fsdp, /*views=*/true));
   std::vector<std::string> missing, errors;
   std::set<std::string> expected;
   for (auto& [fqn, value] : templ) {
@@ -132,9 +222,10 @@ const OptimValueRecord* FindValue(const OptimParamRecord* rec, const std::string
 }
 
 // Reads elements [begin, begin + numel) of the state tensor `v` of parameter `fqn` (of shape
-// `shape`) into `out`.
-absl::Status ReadState(ShardSource& reader, const OptimValueRecord& v, const std::string& fqn,
-                       const std::vector<int64_t>& shape, int64_t begin, at::Tensor out) {
+// `shape`) into `out` (StateReads::Read).
+absl::Status ReadState(ShardSource& reader, StateReads& reads, const OptimValueRecord& v,
+                       const std::string& fqn, const std::vector<int64_t>& shape, int64_t begin,
+                       at::Tensor out, bool defer) {
   const TensorRecord* t = reader.metadata().FindTensor(v.tensor_key);
   if (t->shape != shape) {
     return absl::InvalidArgumentError(
@@ -142,22 +233,21 @@ absl::Status ReadState(ShardSource& reader, const OptimValueRecord& v, const std
                      "': Tensor optimizer state does not have same shape as its parameter: ",
                      TorchSize(t->shape), " ", TorchSize(shape)));
   }
-  return reader.ReadRange(*t, begin, begin + out.numel(), out);
+  return reads.Read(*t, begin, std::move(out), defer);
 }
 
 absl::StatusOr<at::ScalarType> StateDtype(ShardSource& reader, const OptimValueRecord& v) {
   return reader.metadata().FindTensor(v.tensor_key)->dtype;
 }
 
-// A flat parameter's state `name` (`numel` elements of `dtype`, this rank's shard): each
-// original parameter's slice at its place, zeros elsewhere (only the elements no slice is read
-// into are zeroed: padding, parameters without state).
-absl::StatusOr<at::Tensor> ReadFlatState(ShardSource& reader, const FlatParamHandle& h,
-                                         const std::vector<std::string>& fqns,
-                                         const std::vector<const OptimParamRecord*>& recs,
-                                         const std::string& name, at::ScalarType dtype,
-                                         int64_t numel) {
-  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(dtype));
+// A flat parameter's state `name` (`out`, this rank's shard, of the loaded dtype `dtype`):
+// each original parameter's slice at its place, zeros elsewhere (only the elements no slice is
+// read into are zeroed: padding, parameters without state).
+absl::Status ReadFlatState(ShardSource& reader, StateReads& reads, const FlatParamHandle& h,
+                           const std::vector<std::string>& fqns,
+                           const std::vector<const OptimParamRecord*>& recs,
+                           const std::string& name, at::ScalarType dtype, const at::Tensor& out,
+                           bool defer) {
   std::vector<std::pair<int64_t, int64_t>> filled;  // [begin, end) read into `out`
   for (size_t i = 0; i < fqns.size(); ++i) {
     const OptimValueRecord* v = FindValue(recs[i], name);
@@ -173,18 +263,18 @@ absl::StatusOr<at::Tensor> ReadFlatState(ShardSource& reader, const FlatParamHan
     }
     const ParamShard ps = h.ShardOf(i, h.rank());
     if (ps.numel == 0) continue;
-    FSDP_RETURN_IF_ERROR(ReadState(reader, *v, fqns[i], h.infos()[i].shape, ps.param_offset,
-                                   out.narrow(0, ps.shard_offset, ps.numel)));
+    FSDP_RETURN_IF_ERROR(ReadState(reader, reads, *v, fqns[i], h.infos()[i].shape, ps.param_offset,
+                                   out.narrow(0, ps.shard_offset, ps.numel), defer));
     filled.emplace_back(ps.shard_offset, ps.shard_offset + ps.numel);
   }
   std::sort(filled.begin(), filled.end());
   int64_t next = 0;
   for (const auto& [b, e] : filled) {
-    if (b > next) out.narrow(0, next, b - next).zero_();
+    if (b > next) reads.Zero(out.narrow(0, next, b - next), defer);
     next = std::max(next, e);
   }
-  if (next < out.numel()) out.narrow(0, next, out.numel() - next).zero_();
-  return out;
+  if (next < out.numel()) reads.Zero(out.narrow(0, next, out.numel() - next), defer);
+  return absl::OkStatus();
 }
 
 // The optimizer's parameter groups with the checkpoint's hyper-parameters, once each group's
@@ -229,7 +319,8 @@ absl::Status BuildParamGroups(const OptimizerAdapter& adapter, const ShardedMeta
 }
 
 absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& adapter,
-                        ShardSource& reader, const Names& names, Plan& plan) {
+                        ShardSource& reader, const Names& names, Current& current,
+                        StateReads& reads, Plan& plan) {
   const ShardedMetadata& m = reader.metadata();
   if (!m.has_optim) {
     return absl::InvalidArgumentError(
@@ -277,28 +368,27 @@ absl::Status BuildOptim(FullyShardedDataParallel& fsdp, const OptimizerAdapter& 
         continue;
       }
       FSDP_ASSIGN_OR_RETURN(at::ScalarType dtype, StateDtype(reader, *first));
-      const auto options = at::TensorOptions().dtype(dtype);
+      // The optimizer's own tensor (read into once all ranks agree), or a new one read now.
+      at::Tensor into = current.Destination(static_cast<int64_t>(id), name, params[id], dtype);
+      const bool defer = into.defined();
+      at::Tensor out = defer ? into.view({-1})
+                             : at::empty({params[id].numel()}, at::TensorOptions().dtype(dtype));
       if (role.role == Role::kUnmanaged) {
-        at::Tensor out = at::empty({params[id].numel()}, options);
-        FSDP_RETURN_IF_ERROR(ReadState(reader, *first, fqns[0], params[id].sizes().vec(), 0, out));
-        state.Set(name, StateValue(out.view(params[id].sizes())));
-        continue;
-      }
-      const FlatParamHandle& h = *role.handle;
-      if (role.role == Role::kOrig) {
-        const ParamShard ps = h.ShardOf(role.index, h.rank());
-        at::Tensor out = at::empty({ps.numel}, options);
         FSDP_RETURN_IF_ERROR(
-            ReadState(reader, *first, fqns[0], h.infos()[role.index].shape, ps.param_offset, out));
-        if (out.numel() != params[id].numel()) {
+            ReadState(reader, reads, *first, fqns[0], params[id].sizes().vec(), 0, out, defer));
+      } else if (role.role == Role::kOrig) {
+        const FlatParamHandle& h = *role.handle;
+        const ParamShard ps = h.ShardOf(role.index, h.rank());
+        if (ps.numel != params[id].numel()) {
           return absl::InternalError(absl::StrCat("'", fqns[0], "' holds ", params[id].numel(),
-                                                  " elements, its shard slice ", out.numel()));
+                                                  " elements, its shard slice ", ps.numel));
         }
-        state.Set(name, StateValue(out.view(params[id].sizes())));
-        continue;
+        FSDP_RETURN_IF_ERROR(ReadState(reader, reads, *first, fqns[0], h.infos()[role.index].shape,
+                                       ps.param_offset, out, defer));
+      } else {
+        FSDP_RETURN_IF_ERROR(
+            ReadFlatState(reader, reads, *role.handle, fqns, recs, name, dtype, out, defer));
       }
-      FSDP_ASSIGN_OR_RETURN(at::Tensor out,
-                            ReadFlatState(reader, h, fqns, recs, name, dtype, params[id].numel()));
       state.Set(name, StateValue(out.view(params[id].sizes())));
     }
     osd.state.Set(ParamKey::Id(static_cast<int64_t>(id)), std::move(state));
@@ -323,8 +413,11 @@ absl::StatusOr<LoadStats> LoadFromShardSource(const std::string& dir, const Open
   Plan plan;
   LoadStats stats;
   std::unique_ptr<ShardSource> reader;
+  std::optional<StateReads> reads;
+  Current current;
   absl::Status built = CallTorch(where, [&]() -> absl::Status {
     FSDP_ASSIGN_OR_RETURN(reader, open());
+    reads.emplace(*reader);
     Names names;
     for (const auto& [key, stored] : reader->metadata().model_keys) names.stored[key] = stored;
     for (const OptimParamRecord& p : reader->metadata().optim.state) {
@@ -332,34 +425,45 @@ absl::StatusOr<LoadStats> LoadFromShardSource(const std::string& dir, const Open
     }
     FSDP_RETURN_IF_ERROR(BuildModel(fsdp, *reader, names, plan));
     if (adapter != nullptr) {
-      FSDP_RETURN_IF_ERROR(BuildOptim(fsdp, *adapter, *reader, names, plan), "optimizer");
+      FSDP_ASSIGN_OR_RETURN(current.dict, adapter->StateDict());
+      FSDP_RETURN_IF_ERROR(BuildOptim(fsdp, *adapter, *reader, names, current, *reads, plan),
+                           "optimizer");
     }
     return absl::OkStatus();
   });
   if (reader != nullptr) stats.read = reader->stats();
   FSDP_RETURN_IF_ERROR(AgreeOn(group, where, built));
 
-  // 2. The optimizer (restored everywhere if any rank refuses), then the model.
-  OptimStateDict snapshot;
+  // 2. The optimizer (restored everywhere if any rank refuses), then the model. No copy is
+  // needed to restore: LoadStateDict swaps the plan's tensors in (the rvalue LoadStateDict
+  // takes them as they are), so the tensors `current` refers to are left as they were, also
+  // those the plan shares with it, which nothing writes into before step 3.
   if (adapter != nullptr) {
-    absl::Status loaded = CallTorch(where, [&]() -> absl::Status {
-      // No copy is needed to restore: LoadStateDict swaps new state tensors in, so the tensors
-      // `snapshot` refers to are left as they are. The plan's tensors were read for this load
-      // alone: the optimizer takes them as they are (the rvalue LoadStateDict), as it takes
-      // the snapshot's back if this load is undone.
-      FSDP_ASSIGN_OR_RETURN(snapshot, adapter->StateDict());
-      return adapter->LoadStateDict(std::move(plan.optim));
-    });
+    absl::Status loaded =
+        CallTorch(where, [&]() { return adapter->LoadStateDict(std::move(plan.optim)); });
     absl::Status agreed = AgreeOn(group, where, loaded);
     if (!agreed.ok()) {
-      if (loaded.ok()) (void)adapter->LoadStateDict(std::move(snapshot));
+      if (loaded.ok()) (void)adapter->LoadStateDict(std::move(current.dict));
       return agreed;
     }
   }
   absl::Status model = LoadShardedStateDict(fsdp, plan.model);
   if (!model.ok()) {
-    if (adapter != nullptr) (void)adapter->LoadStateDict(std::move(snapshot));
+    if (adapter != nullptr) (void)adapter->LoadStateDict(std::move(current.dict));
     return Annotate(model, where);
+  }
+
+  // 3. The optimizer state read into its own tensors: bytes this rank has read and checked
+  // already, from the files it still holds open, so only an I/O error of the machine can fail
+  // here, and then the load cannot be undone.
+  current = Current();
+  if (reads.has_value()) {
+    absl::Status committed = CallTorch(where, [&]() { return reads->Commit(); });
+    FSDP_RETURN_IF_ERROR(
+        AgreeOn(group, where,
+                Annotate(committed,
+                         "reading the optimizer's state into place after every rank had "
+                         "checked it (the model is loaded, the optimizer's state partly)")));
   }
   stats.seconds = Since(start);
   return stats;
