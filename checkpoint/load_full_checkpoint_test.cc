@@ -29,11 +29,8 @@
 namespace fsdp::checkpoint {
 namespace {
 
-using ::fsdp::testing::StatusIs;
 using ::fsdp::testing::StrategyCase;
 using optim_state::OptimStateDict;
-using ::testing::AllOf;
-using ::testing::HasSubstr;
 using testing::RunPhase;
 
 // Net (with unmanaged parameters) under FSDP with Adam, trained `steps` steps: the state a
@@ -168,10 +165,12 @@ TEST_P(LoadFullCheckpointDamaged, RefusedOnEveryRankNamingTheRecordChangingNothi
     FSDP_ASSERT_OK_AND_ASSIGN(Full before, FullOf(t));
     EXPECT_THAT(
         LoadFullCheckpoint(dir, *t.pair.fsdp, t.adapter.get()),
-        StatusIs(absl::StatusCode::kDataLoss,
-                 AllOf(HasSubstr("LoadFullCheckpoint(" + dir + "): " + file),
-                       HasSubstr("nothing loaded"), HasSubstr("rank 0: " + dir + "/" + file),
-                       HasSubstr(record), HasSubstr("CRC-32"))));
+        ::fsdp::testing::StatusIs(
+            absl::StatusCode::kDataLoss,
+            ::testing::AllOf(::testing::HasSubstr("LoadFullCheckpoint(" + dir + "): " + file),
+                             ::testing::HasSubstr("nothing loaded"),
+                             ::testing::HasSubstr("rank 0: " + dir + "/" + file),
+                             ::testing::HasSubstr(record), ::testing::HasSubstr("CRC-32"))));
     FSDP_ASSERT_OK_AND_ASSIGN(Full after, FullOf(t));
     ExpectEqual(before, after);
   });
