@@ -27,6 +27,8 @@
 //   pytorch_fsdp1_ms, pytorch_fsdp2_ms, pytorch_fsdp1_peak, pytorch_fsdp2_peak, pytorch_base_rss
 //                     PyTorch's time and rank 0's VmHWM for the same operation (a whole Python
 //                     process: interpreter, shards and Adam state included, as ours).
+//   whole_load_ms, whole_load_peak  (load) the load before it streamed (rank 0 reads both files
+//                     whole, then scatters), measured after each streamed load.
 //   vs_pytorch        our time / the faster PyTorch API's (goal: <= 0.5).
 //   mem_vs_pytorch    our peak_rss_rank0 / the lower of PyTorch's two peaks (goal: < 1).
 #include <ATen/ATen.h>
@@ -55,6 +57,7 @@
 #include "bench/rank_harness.h"
 #include "bench/rank_util.h"
 #include "checkpoint/atomic_dir.h"
+#include "checkpoint/full_checkpoint.h"
 #include "checkpoint/load_full_checkpoint.h"
 #include "checkpoint/save_full_checkpoint.h"
 #include "comm/launcher.h"
@@ -62,6 +65,8 @@
 #include "comm/rendezvous.h"
 #include "comm/status_macros.h"
 #include "fsdp/fully_sharded_data_parallel.h"
+#include "fsdp/state_dict.h"
+#include "optim_state/fsdp_optim_state.h"
 #include "optim_state/optimizer_adapter.h"
 
 namespace fsdp::bench {
@@ -133,6 +138,7 @@ absl::StatusOr<Measured> Measure(comm::ProcessGroup& group, Body body) {
 
 struct SizeResult {
   std::vector<Measured> saves, loads;
+  std::vector<Measured> whole_loads;  // WholeLoad, the load before it streamed
   int64_t base = 0;
   int64_t full_state_bytes = 0;
   // PyTorch: api -> {"save_ms", "save_peak", "load_ms", "load_peak", "base_rss"}.
@@ -146,6 +152,22 @@ std::string RunDir() {
   const char* port = std::getenv("MASTER_PORT");
   return absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/fsdp-fullckptbench-",
                       port != nullptr ? port : "run");
+}
+
+// The full load as it was before it streamed, for its figures beside the streamed one: rank 0
+// TorchLoads both files whole, then the same scatter and LoadFullStateDict.
+absl::Status WholeLoad(const std::string& dir, Job& job) {
+  checkpoint::ModelStateDict model;
+  optim_state::OptimStateDict optim;
+  optim.has_param_groups = false;
+  if (job.group->rank() == 0) {
+    FSDP_ASSIGN_OR_RETURN(model, checkpoint::ReadModelStateDict(dir + "/model.pt"));
+    FSDP_ASSIGN_OR_RETURN(optim, checkpoint::ReadOptimStateDict(dir + "/optim.pt"));
+  }
+  FSDP_ASSIGN_OR_RETURN(optim_state::OptimStateDict local,
+                        optim_state::ScatterFullOptimStateDict(optim, *job.fsdp, *job.adapter));
+  FSDP_RETURN_IF_ERROR(LoadFullStateDict(*job.fsdp, model, {.rank0_only = true}));
+  return job.adapter->LoadStateDict(std::move(local));
 }
 
 absl::StatusOr<SizeResult> RunOurs(const RankGroups& groups, int64_t d_model) {
@@ -166,6 +188,8 @@ absl::StatusOr<SizeResult> RunOurs(const RankGroups& groups, int64_t d_model) {
                             return checkpoint::LoadFullCheckpoint(dir, *job->fsdp, &*job->adapter);
                           }));
     result.loads.push_back(load);
+    FSDP_ASSIGN_OR_RETURN(Measured whole, Measure(g, [&] { return WholeLoad(dir, *job); }));
+    result.whole_loads.push_back(whole);
   }
   job.reset();
   if (g.rank() == 0) FSDP_RETURN_IF_ERROR(checkpoint::RemoveTree(dir));
@@ -227,6 +251,16 @@ void Report(benchmark::State& state, const SizeResult& r, const std::string& op)
     state.counters["pytorch_base_rss"] = bytes(fields.at("base_rss"));
     best_ms = std::min(best_ms, fields.at(op + "_ms"));
     best_peak = std::min(best_peak, fields.at(op + "_peak"));
+  }
+  if (op == "load") {  // the load before it streamed, in the same run
+    double whole_total = 0;
+    int64_t whole_peak = 0;
+    for (const Measured& m : r.whole_loads) {
+      whole_total += m.seconds;
+      whole_peak = std::max(whole_peak, m.peak);
+    }
+    state.counters["whole_load_ms"] = whole_total / static_cast<double>(r.whole_loads.size()) * 1e3;
+    state.counters["whole_load_peak"] = bytes(static_cast<double>(whole_peak));
   }
   state.counters["vs_pytorch"] = ms / best_ms;
   state.counters["mem_vs_pytorch"] = static_cast<double>(peak) / best_peak;

@@ -54,6 +54,10 @@ absl::Status WriteModelStateDict(const ModelStateDict& state, const std::string&
 
 absl::StatusOr<ModelStateDict> ReadModelStateDict(const std::string& path) {
   FSDP_ASSIGN_OR_RETURN(PyValue value, TorchLoad(path));
+  return ModelStateDictOf(value, path);
+}
+
+absl::StatusOr<ModelStateDict> ModelStateDictOf(const PyValue& value, const std::string& path) {
   if (!value.is_dict()) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": a model state dict is a dict, this file holds a ", value.TypeName()));
@@ -96,6 +100,10 @@ absl::Status WriteFullCheckpoint(const std::string& dir, const ModelStateDict& m
 
 absl::StatusOr<OptimStateDict> ReadOptimStateDict(const std::string& path) {
   FSDP_ASSIGN_OR_RETURN(PyValue value, TorchLoad(path));
+  return OptimStateDictOf(value, path);
+}
+
+absl::StatusOr<OptimStateDict> OptimStateDictOf(const PyValue& value, const std::string& path) {
   const PyValue* state = value.Find("state");
   if (!value.is_dict() || state == nullptr || !state->is_dict()) {
     return absl::InvalidArgumentError(absl::StrCat(

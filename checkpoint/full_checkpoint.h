@@ -42,6 +42,12 @@ using ModelStateDict = std::vector<std::pair<std::string, at::Tensor>>;
 [[nodiscard]] absl::StatusOr<optim_state::OptimStateDict> ReadOptimStateDict(
     const std::string& path);
 
+// The same from a value TorchLoad (or TorchLoadLazy) read from `path` (named in messages).
+[[nodiscard]] absl::StatusOr<ModelStateDict> ModelStateDictOf(const PyValue& value,
+                                                              const std::string& path);
+[[nodiscard]] absl::StatusOr<optim_state::OptimStateDict> OptimStateDictOf(const PyValue& value,
+                                                                           const std::string& path);
+
 // DIR/model.pt (+ DIR/optim.pt unless `optim` is null), atomically (see above), with
 // `extra_files` (name -> contents, e.g. a training program's progress file) in the same
 // commit. Every value is converted and pickled before anything is written; the tensors' bytes

@@ -4,6 +4,10 @@
 // then the conversion of the machine's result into a PyValue tree; the public functions.
 #include "checkpoint/torch_load.h"
 
+#include <c10/core/CPUAllocator.h>
+
+#include <algorithm>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <unordered_map>
@@ -22,6 +26,18 @@
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "TorchLoad needs a little-endian host");
 
 namespace fsdp::checkpoint {
+
+// TorchLoadLazy's access to TorchStorages.
+class TorchStoragesBuilder {
+ public:
+  // A 1-D tensor of `numel` elements on a storage without memory, recorded as `entry`'s.
+  static at::Tensor Unread(TorchStorages& storages, const ZipEntry& entry, int64_t numel,
+                           at::ScalarType dtype);
+  // Reads `t`'s storage now, for good: it is no longer one of the lazy ones.
+  static absl::Status ReadNow(TorchStorages& storages, const at::Tensor& t);
+  static absl::StatusOr<LazyTorchLoad> Load(const std::string& path);
+};
+
 namespace {
 
 using pickle::Kind;
@@ -72,7 +88,9 @@ bool IsStorage(const Object& o) { return o.kind == Kind::kObject && o.type_name 
 
 class TorchSaveClient : public pickle::UnpicklerClient {
  public:
-  TorchSaveClient(const ZipReader& zip, const std::string& prefix) : zip_(zip), prefix_(prefix) {}
+  // `lazy`: TorchLoadLazy's storages, which the big ones are left to.
+  TorchSaveClient(const ZipReader& zip, const std::string& prefix, TorchStorages* lazy)
+      : zip_(zip), prefix_(prefix), lazy_(lazy) {}
 
   absl::string_view Writer() const override { return "torch.save"; }
 
@@ -114,6 +132,7 @@ class TorchSaveClient : public pickle::UnpicklerClient {
 
   const ZipReader& zip_;
   const std::string& prefix_;
+  TorchStorages* const lazy_;
   std::unordered_map<std::string, Object*> storages_;
 };
 
@@ -281,6 +300,11 @@ absl::StatusOr<Object*> TorchSaveClient::RebuildTensor(Unpickler& machine, const
           absl::StrCat("reaches element ", last, " of a storage of ", numel, " elements"));
     }
   }
+  // A zero-dimension tensor is a scalar state that checks compare by value before any unit is
+  // read: it is read now.
+  if (lazy_ != nullptr && sizes.empty()) {
+    FSDP_RETURN_IF_ERROR(TorchStoragesBuilder::ReadNow(*lazy_, storage.tensor));
+  }
   Object* o = machine.New(Kind::kTensor);
   FSDP_ASSIGN_OR_RETURN(o->tensor, CallTorch(absl::StrCat(file, ": ", where), [&] {
                           return storage.tensor.as_strided(sizes, strides, offset);
@@ -332,10 +356,16 @@ absl::StatusOr<Object*> TorchSaveClient::PersistentLoad(Unpickler& machine, Obje
   // Only now, with the size checked against the archive, allocate.
   Object* s = machine.NewObject(kStorage);
   s->s = key;
-  FSDP_ASSIGN_OR_RETURN(s->tensor, CallTorch(absl::StrCat(file, ": ", where), [&] {
-                          return at::empty({numel}, at::TensorOptions().dtype(*dtype));
-                        }));
-  FSDP_RETURN_IF_ERROR(zip_.Read(*entry, s->tensor.data_ptr()));
+  if (lazy_ != nullptr) {
+    FSDP_ASSIGN_OR_RETURN(s->tensor, CallTorch(absl::StrCat(file, ": ", where), [&] {
+                            return TorchStoragesBuilder::Unread(*lazy_, *entry, numel, *dtype);
+                          }));
+  } else {
+    FSDP_ASSIGN_OR_RETURN(s->tensor, CallTorch(absl::StrCat(file, ": ", where), [&] {
+                            return at::empty({numel}, at::TensorOptions().dtype(*dtype));
+                          }));
+    FSDP_RETURN_IF_ERROR(zip_.Read(*entry, s->tensor.data_ptr()));
+  }
   storages_[key] = s;
   return s;
 }
@@ -440,16 +470,15 @@ absl::Status CheckLittleEndian(const ZipReader& zip, const std::string& prefix,
   return absl::OkStatus();
 }
 
-absl::StatusOr<PyValue> Load(const Source& source, const std::string& file) {
-  ZipReader zip(source, file);
-  FSDP_RETURN_IF_ERROR(zip.Open());
+absl::StatusOr<PyValue> LoadZip(const ZipReader& zip, const std::string& file,
+                                TorchStorages* lazy) {
   // <prefix>/data.pkl, whatever the archive's top folder is called.
   FSDP_ASSIGN_OR_RETURN(const ZipEntry* pickle_entry, FindDataPkl(zip, file));
   const std::string prefix = pickle_entry->name.substr(0, pickle_entry->name.size() - 8);
   FSDP_RETURN_IF_ERROR(CheckLittleEndian(zip, prefix, file));
   std::string pickle(pickle_entry->size, '\0');  // size checked against the file
   FSDP_RETURN_IF_ERROR(zip.Read(*pickle_entry, pickle.data()));
-  TorchSaveClient client(zip, prefix);
+  TorchSaveClient client(zip, prefix, lazy);
   Unpickler unpickler(pickle, file, pickle_entry->name, client);
   FSDP_ASSIGN_OR_RETURN(const Object* result, unpickler.Run());
   // A torch.save pickle's tree takes at most a few dozen times its bytes (a 2-byte memo
@@ -460,7 +489,87 @@ absl::StatusOr<PyValue> Load(const Source& source, const std::string& file) {
   return ToPyValue(result, 0, &budget, file);
 }
 
+absl::StatusOr<PyValue> Load(const Source& source, const std::string& file) {
+  ZipReader zip(source, file);
+  FSDP_RETURN_IF_ERROR(zip.Open());
+  return LoadZip(zip, file, nullptr);
+}
+
 }  // namespace
+
+TorchStorages::~TorchStorages() = default;
+
+absl::Status TorchStorages::Read(const std::vector<at::Tensor>& tensors) {
+  absl::Status first;
+  for (const at::Tensor& t : tensors) {
+    if (!t.defined()) continue;
+    c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
+    auto it = records_.find(impl);
+    if (it == records_.end() || it->second.live) continue;
+    const ZipEntry& entry = *it->second.entry;
+    at::DataPtr data = c10::GetCPUAllocator()->allocate(entry.size);
+    absl::Status read = zip_->Read(entry, data.get());
+    if (!read.ok()) {
+      std::memset(data.get(), 0, entry.size);
+      if (first.ok()) first = std::move(read);
+    }
+    impl->set_data_ptr_noswap(std::move(data));
+    it->second.live = true;
+    live_bytes_ += static_cast<int64_t>(entry.size);
+    max_live_bytes_ = std::max(max_live_bytes_, live_bytes_);
+  }
+  return first;
+}
+
+void TorchStorages::Release(const std::vector<at::Tensor>& tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (!t.defined()) continue;
+    c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
+    auto it = records_.find(impl);
+    if (it == records_.end() || !it->second.live) continue;
+    impl->set_data_ptr_noswap(at::DataPtr(nullptr, at::Device(at::kCPU)));
+    it->second.live = false;
+    live_bytes_ -= static_cast<int64_t>(it->second.entry->size);
+  }
+}
+
+at::Tensor TorchStoragesBuilder::Unread(TorchStorages& storages, const ZipEntry& entry,
+                                        int64_t numel, at::ScalarType dtype) {
+  c10::Storage storage(c10::Storage::use_byte_size_t(), entry.size,
+                       at::DataPtr(nullptr, at::Device(at::kCPU)), /*allocator=*/nullptr,
+                       /*resizable=*/false);
+  at::Tensor t = at::empty({0}, at::TensorOptions().dtype(dtype)).set_(storage, 0, {numel}, {1});
+  storages.records_[storage.unsafeGetStorageImpl()] = {&entry, false};
+  storages.lazy_bytes_ += static_cast<int64_t>(entry.size);
+  return t;
+}
+
+absl::Status TorchStoragesBuilder::ReadNow(TorchStorages& storages, const at::Tensor& t) {
+  auto it = storages.records_.find(t.storage().unsafeGetStorageImpl());
+  if (it == storages.records_.end()) return absl::OkStatus();
+  const int64_t max_live = storages.max_live_bytes_;  // not one of the lazy reads
+  FSDP_RETURN_IF_ERROR(storages.Read({t}));
+  storages.max_live_bytes_ = max_live;
+  const auto size = static_cast<int64_t>(it->second.entry->size);
+  storages.live_bytes_ -= size;
+  storages.lazy_bytes_ -= size;
+  storages.records_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LazyTorchLoad> TorchStoragesBuilder::Load(const std::string& path) {
+  std::unique_ptr<TorchStorages> storages(new TorchStorages());
+  storages->path_ = path;
+  FSDP_ASSIGN_OR_RETURN(storages->source_, FileSource::Open(path));
+  storages->zip_ = std::make_unique<ZipReader>(*storages->source_, storages->path_);
+  FSDP_RETURN_IF_ERROR(storages->zip_->Open());
+  FSDP_ASSIGN_OR_RETURN(PyValue value, LoadZip(*storages->zip_, path, storages.get()));
+  return LazyTorchLoad{std::move(value), std::move(storages)};
+}
+
+absl::StatusOr<LazyTorchLoad> TorchLoadLazy(const std::string& path) {
+  return TorchStoragesBuilder::Load(path);
+}
 
 absl::StatusOr<PyValue> TorchLoad(const std::string& path) {
   FSDP_ASSIGN_OR_RETURN(std::unique_ptr<FileSource> source, FileSource::Open(path));

@@ -34,9 +34,16 @@
 #ifndef FSDP_CPP_CHECKPOINT_TORCH_LOAD_H_
 #define FSDP_CPP_CHECKPOINT_TORCH_LOAD_H_
 
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
+#include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "checkpoint/py_value.h"  // IWYU pragma: export
 
@@ -57,6 +64,61 @@ absl::StatusOr<PyValue> TorchLoadFromBytes(std::string_view bytes,
 // archive stored inside a larger file, read through a SliceSource); `name` as above.
 class Source;
 absl::StatusOr<PyValue> TorchLoadFromSource(const Source& source, const std::string& name);
+
+// Lazy loading, for readers that need one part of a big file at a time (a full checkpoint
+// loaded unit by unit, checkpoint/load_full_checkpoint.h). TorchLoadLazy reads the zip
+// directory and the pickle, and makes every check above but the storages' CRC-32s; storages
+// are left unread (but those a zero-dimension tensor views, read at once: scalars are compared
+// by value before anything else is read): their tensors have their dtype, shape, strides and
+// offset, but no memory (LibTorch refuses to read them: "data is not allocated").
+// TorchStorages reads them when asked.
+class ZipReader;
+struct ZipEntry;
+class TorchStorages {
+ public:
+  ~TorchStorages();
+
+  // Reads the unread storages that `tensors` view, each whole and once, checking each record's
+  // CRC-32. On an error (DATA_LOSS / UNKNOWN naming the file and the record: the file was cut
+  // or changed since it was opened) every storage asked for still gets memory, zeros where the
+  // read failed, so that a caller in the middle of a collective can keep going; the first
+  // error is returned.
+  absl::Status Read(const std::vector<at::Tensor>& tensors);
+
+  // Frees the lazily read storages that `tensors` view (a later Read reads them again).
+  void Release(const std::vector<at::Tensor>& tensors);
+
+  // Bytes of lazily read storages in memory now, and the most there were at once.
+  int64_t live_bytes() const { return live_bytes_; }
+  int64_t max_live_bytes() const { return max_live_bytes_; }
+  // Bytes of all storages left unread by TorchLoadLazy.
+  int64_t lazy_bytes() const { return lazy_bytes_; }
+
+ private:
+  friend class TorchStoragesBuilder;
+  struct Record {
+    const ZipEntry* entry = nullptr;
+    bool live = false;
+  };
+  TorchStorages() = default;
+
+  std::string path_;
+  std::unique_ptr<Source> source_;
+  std::unique_ptr<ZipReader> zip_;
+  std::unordered_map<const c10::StorageImpl*, Record> records_;
+  int64_t live_bytes_ = 0;
+  int64_t max_live_bytes_ = 0;
+  int64_t lazy_bytes_ = 0;
+};
+
+struct LazyTorchLoad {
+  PyValue value;
+  std::unique_ptr<TorchStorages> storages;  // reads value's unread storages from the file
+};
+
+// TorchLoad of `path` with the big storages left unread (see above); errors as TorchLoad's,
+// but for the CRC-32 of unread storages, which TorchStorages::Read checks.
+absl::StatusOr<LazyTorchLoad> TorchLoadLazy(const std::string& path);
 
 }  // namespace fsdp::checkpoint
 

@@ -265,6 +265,15 @@ absl::Status Agree(comm::ProcessGroup& group, const std::string& where,
   return absl::OkStatus();
 }
 
+// Where this rank's shard lies in a sharded unit's unpadded flat values: its
+// first element and how many (the padding excluded).
+std::pair<int64_t, int64_t> OwnRange(const FlatParamHandle& handle) {
+  const int64_t begin =
+      static_cast<int64_t>(handle.rank()) * handle.shard_numel();
+  return {begin,
+          std::clamp<int64_t>(handle.numel() - begin, 0, handle.shard_numel())};
+}
+
 // Writes a unit's full unpadded flat values: this rank's shard (NO_SHARD:
 // everything) into the flat parameter, and, if the unit is gathered, the full
 // parameters too.
@@ -274,10 +283,7 @@ void WriteFullFlat(FlatParamHandle& handle, const at::Tensor& full) {
     flat.copy_(full);
     return;
   }
-  const int64_t begin =
-      static_cast<int64_t>(handle.rank()) * handle.shard_numel();
-  const int64_t valid =
-      std::clamp<int64_t>(handle.numel() - begin, 0, handle.shard_numel());
+  const auto [begin, valid] = OwnRange(handle);
   if (valid > 0) flat.narrow(0, 0, valid).copy_(full.narrow(0, begin, valid));
   if (handle.is_unsharded()) {
     for (size_t i = 0; i < handle.params().size(); ++i) {
@@ -286,6 +292,100 @@ void WriteFullFlat(FlatParamHandle& handle, const at::Tensor& full) {
           full.narrow(0, info.offset, info.numel).view(info.shape));
     }
   }
+}
+
+// One unit's values as LoadFullStateDict's staged mode keeps them until all
+// arrived: the whole where WriteFullFlat needs it, else this rank's shard.
+struct StagedUnit {
+  FlatParamHandle* handle;
+  at::Tensor full;
+  at::Tensor shard;
+};
+
+StagedUnit Stage(FlatParamHandle& handle, const at::Tensor& full) {
+  if (!handle.sharded() || handle.is_unsharded()) return {&handle, full, {}};
+  const auto [begin, valid] = OwnRange(handle);
+  return {&handle, {}, full.narrow(0, begin, valid).clone()};
+}
+
+void Apply(const StagedUnit& unit) {
+  if (unit.full.defined()) {
+    WriteFullFlat(*unit.handle, unit.full);
+  } else if (unit.shard.numel() > 0) {
+    unit.handle->flat_param().detach().narrow(0, 0, unit.shard.numel()).copy_(unit.shard);
+  }
+}
+
+// Rank 0's outcome of the before_unit calls, on every rank.
+absl::Status AgreeOnRank0(comm::ProcessGroup& group, const std::string& where,
+                          const absl::Status& status) {
+  std::string encoded;
+  if (group.rank() == 0 && !status.ok()) {
+    encoded = absl::StrCat(static_cast<int>(status.code()), ":", status.message());
+  }
+  absl::StatusOr<std::string> agreed = group.BroadcastObject(encoded, 0);
+  if (!agreed.ok()) {
+    return Annotate(agreed.status(), absl::StrCat(where, ": agreeing on rank 0's reads"));
+  }
+  if (agreed->empty()) return absl::OkStatus();
+  const size_t colon = agreed->find(':');
+  return absl::Status(static_cast<absl::StatusCode>(std::stoi(agreed->substr(0, colon))),
+                      absl::StrCat(where, ": nothing loaded: rank 0: ", agreed->substr(colon + 1)));
+}
+
+// LoadFullStateDict with config.before_unit (rank0_only): every value kept
+// aside, applied once all arrived and rank 0's reads succeeded.
+absl::Status LoadStaged(FullyShardedDataParallel& fsdp, const std::string& where,
+                        const std::vector<ModelEntry>& entries,
+                        const std::vector<const at::Tensor*>& values,
+                        const LoadFullStateDictConfig& config) {
+  comm::ProcessGroup& group = *fsdp.group();
+  const bool root = group.rank() == 0;
+  absl::Status read;  // rank 0: the first failed before_unit
+  auto before = [&](const FlatParamHandle* handle) {
+    absl::Status s = config.before_unit(handle);
+    if (!s.ok() && read.ok()) read = std::move(s);
+  };
+  std::vector<StagedUnit> units;
+  std::vector<std::pair<const ModelEntry*, at::Tensor>> unmanaged;
+  FSDP_RETURN_IF_ERROR(CallTorch(where, [&]() -> absl::Status {
+    for (const auto& unit : fsdp.units()) {
+      FlatParamHandle* handle = unit.handle;
+      if (handle == nullptr) continue;
+      at::Tensor full = at::empty({handle->numel()}, handle->flat_param().options());
+      if (root) {
+        before(handle);
+        for (size_t i = 0; i < entries.size(); ++i) {
+          if (entries[i].handle != handle) continue;
+          const FlatParamInfo& info = entries[i].info();
+          full.narrow(0, info.offset, info.numel).copy_(values[i]->reshape({-1}));
+        }
+      }
+      FSDP_RETURN_IF_ERROR(group.Broadcast(full, /*root=*/0),
+                           absl::StrCat(where, ": broadcasting the values of flat parameter [",
+                                        handle->Describe(), "]"));
+      units.push_back(Stage(*handle, full));
+    }
+    if (root) before(nullptr);
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const ModelEntry& entry = entries[i];
+      if (entry.handle != nullptr) continue;
+      at::Tensor value =
+          root ? values[i]->contiguous().clone()
+               : at::empty(entry.tensor.sizes(), entry.tensor.options().dtype(entry.dtype()));
+      FSDP_RETURN_IF_ERROR(group.Broadcast(value, /*root=*/0),
+                           absl::StrCat(where, ": broadcasting ", entry.fqn));
+      unmanaged.emplace_back(&entry, std::move(value));
+    }
+    return absl::OkStatus();
+  }));
+  FSDP_RETURN_IF_ERROR(AgreeOnRank0(group, where, read));
+  return CallTorch(where, [&] {
+    for (const StagedUnit& unit : units) Apply(unit);
+    for (const auto& [entry, value] : unmanaged) {
+      entry->tensor.detach().copy_(value);
+    }
+  });
 }
 
 }  // namespace
@@ -372,6 +472,13 @@ absl::Status LoadFullStateDict(FullyShardedDataParallel& fsdp,
         state_dict.size(), " entries");
   }
   FSDP_RETURN_IF_ERROR(Agree(group, where, error));
+  if (config.before_unit) {
+    if (!config.rank0_only) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": before_unit needs rank0_only"));
+    }
+    return LoadStaged(fsdp, where, entries, values, config);
+  }
 
   // 2. Load: each unit from its full flat values (broadcast from rank 0 with
   // rank0_only), then the unmanaged parameters and buffers.

@@ -62,6 +62,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <variant>
@@ -115,6 +116,17 @@ struct LoadFullStateDictConfig {
   // rank 0's values unit by unit (one broadcast per unit, unmanaged parameter
   // and buffer).
   bool rank0_only = false;
+  // For a dict whose tensors are read from a file unit by unit
+  // (checkpoint/load_full_checkpoint.h), with rank0_only: rank 0 calls it
+  // before it reads a unit's values (the unit's handle; null before the
+  // parameters and buffers no unit manages, which come last). Then every rank
+  // keeps what it receives aside (its own shard of each unit; the whole where
+  // the unit is unsharded or gathered) and changes the model only after the
+  // last value arrived and the ranks learned rank 0's outcome: if a call
+  // failed (its unit is sent as the dict then holds, e.g. zeros), every rank
+  // returns that error (its code, "nothing loaded: rank 0: " and its message)
+  // with the model unchanged. INVALID_ARGUMENT without rank0_only.
+  std::function<absl::Status(const FlatParamHandle*)> before_unit;
 };
 
 // Loads a full state dict (as FullStateDict returns, or torch's state_dict of

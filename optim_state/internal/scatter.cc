@@ -117,8 +117,10 @@ std::vector<ParamGroup> ParamGroupsFromMetadata(const json& groups_json) {
 
 class Scatter {
  public:
-  Scatter(FullyShardedDataParallel& fsdp, std::shared_ptr<comm::ProcessGroup> group)
-      : group_(std::move(group)),
+  Scatter(FullyShardedDataParallel& fsdp, std::shared_ptr<comm::ProcessGroup> group,
+          const BeforeUnit& before_unit)
+      : before_unit_(before_unit),
+        group_(std::move(group)),
         rank_(group_->rank()),
         where_(absl::StrCat(" (rank ", rank_, ", group ", group_->name(), ")")),
         index_(IndexModel(fsdp)),
@@ -134,6 +136,7 @@ class Scatter {
     FSDP_ASSIGN_OR_RETURN(json meta, BroadcastMetadata(full_osd));
     if (!roles.ok()) return roles.status();
     FSDP_RETURN_IF_ERROR(ScatterUnits(meta["units"]));
+    if (rank_ == 0 && before_unit_) before_unit_(nullptr);
     FSDP_ASSIGN_OR_RETURN(auto unmanaged, BroadcastUnmanaged(meta["unmanaged"]));
     const std::vector<ParamGroup> groups = ParamGroupsFromMetadata(meta["param_groups"]);
     return CallTorchOr(kOp, [&] {
@@ -171,6 +174,7 @@ class Scatter {
     for (size_t u = 0; u < index_.handles.size(); ++u) {
       const json& uj = units_json[u];
       if (rank_ != 0) UnitFromMetadata(uj, units_[u]);
+      if (rank_ == 0 && before_unit_ && !uj["pos"].empty()) before_unit_(index_.handles[u]);
       for (size_t k = 0; k < uj["pos"].size(); ++k) {
         const std::string name = uj["pos"][k]["name"].get<std::string>();
         const auto dtype = static_cast<at::ScalarType>(uj["pos"][k]["dtype"].get<int>());
@@ -249,6 +253,7 @@ class Scatter {
     return unmanaged;
   }
 
+  const BeforeUnit& before_unit_;
   const std::shared_ptr<comm::ProcessGroup> group_;
   const int rank_;
   const std::string where_;
@@ -264,9 +269,11 @@ absl::StatusOr<OptimStateDict> ScatterFullOptimState(const OptimStateDict& full_
                                                      FullyShardedDataParallel& fsdp,
                                                      const std::vector<at::Tensor>& params,
                                                      absl::Status input_status,
-                                                     std::shared_ptr<comm::ProcessGroup> group) {
+                                                     std::shared_ptr<comm::ProcessGroup> group,
+                                                     const BeforeUnit& before_unit) {
   if (group == nullptr) group = fsdp.group();
-  return Scatter(fsdp, std::move(group)).Run(full_osd, params, std::move(input_status));
+  return Scatter(fsdp, std::move(group), before_unit)
+      .Run(full_osd, params, std::move(input_status));
 }
 
 }  // namespace fsdp::optim_state::internal

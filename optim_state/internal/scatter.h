@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -24,12 +25,19 @@
 
 namespace fsdp::optim_state::internal {
 
+// Rank 0 calls it before it reads a unit's positive-dimension state from `full_osd` (the
+// unit's handle; null before the unmanaged parameters' tensors, read last), after the metadata
+// went out: a reader that fills the dict's tensors unit by unit (checkpoint/
+// load_full_checkpoint.h) reads them then. It cannot fail: what the dict holds is sent.
+using BeforeUnit = std::function<void(const FlatParamHandle*)>;
+
 // `params`: this rank's optimizer parameters in ID order.
 absl::StatusOr<OptimStateDict> ScatterFullOptimState(const OptimStateDict& full_osd,
                                                      FullyShardedDataParallel& fsdp,
                                                      const std::vector<at::Tensor>& params,
                                                      absl::Status input_status,
-                                                     std::shared_ptr<comm::ProcessGroup> group);
+                                                     std::shared_ptr<comm::ProcessGroup> group,
+                                                     const BeforeUnit& before_unit = nullptr);
 
 }  // namespace fsdp::optim_state::internal
 
