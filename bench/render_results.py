@@ -91,6 +91,11 @@ COLUMNS = {
                              "copy_step_extra_ms", "pytorch_step_extra_ms", "staged_bytes"],
 }
 
+# full_checkpoint_benchmark run alone at 500M parameters (FULL_CHECKPOINT_D_MODELS=1664, its
+# own --benchmark_out): the same goals and columns.
+GOALS["full_checkpoint_benchmark_500m"] = GOALS["full_checkpoint_benchmark"]
+COLUMNS["full_checkpoint_benchmark_500m"] = COLUMNS["full_checkpoint_benchmark"]
+
 STANDARD_KEYS = {
     "name", "family_index", "per_family_instance_index", "run_name", "run_type", "repetitions",
     "repetition_index", "threads", "iterations", "real_time", "cpu_time", "time_unit",
