@@ -46,9 +46,10 @@ FullState Snapshot(Job& job) {
 }
 
 // Overwrites every parameter and optimizer state tensor in place, as training would.
+// The optimizer state first: the staging copy takes it last (after the flat shards and
+// buffers), so a Scribble right after Save() reaches a piece before its copy ends.
 void Scribble(Job& job) {
   torch::NoGradGuard no_grad;
-  for (at::Tensor& p : job.fsdp->parameters()) p.detach().fill_(-7.0);
   auto osd = job.adapter->StateDict();
   ASSERT_THAT(osd, IsOk());
   for (auto& [key, state] : osd->state) {
@@ -58,6 +59,7 @@ void Scribble(Job& job) {
       }
     }
   }
+  for (at::Tensor& p : job.fsdp->parameters()) p.detach().fill_(-7.0);
 }
 
 // Forward and backward of step `step` without the optimizer step: what training overlaps with
