@@ -9,7 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoint/full_checkpoint.h"
-#include "checkpoint/internal/rank0_status.h"
+#include "comm/rank0_status.h"
 #include "checkpoint/torch_load.h"
 #include "comm/status_macros.h"
 #include "fsdp/state_dict.h"
@@ -121,10 +121,10 @@ absl::StatusOr<OptimStateDict> ScatterOptim(const Rank0Files& files, FullySharde
   if (reader != nullptr) reader->Finish();
   if (!local.ok()) return Annotate(local.status(), absl::StrCat(context, ": optim.pt"));
   const std::string outcome =
-      internal::EncodeStatus(reader != nullptr ? reader->first_error() : absl::OkStatus());
+      comm::EncodeStatus(reader != nullptr ? reader->first_error() : absl::OkStatus());
   absl::StatusOr<std::string> agreed = group.BroadcastObject(outcome, 0);
   if (!agreed.ok()) return Annotate(agreed.status(), context);
-  FSDP_RETURN_IF_ERROR(internal::DecodeStatus(
+  FSDP_RETURN_IF_ERROR(comm::DecodeStatus(
       *agreed, absl::StrCat(context, ": optim.pt: nothing loaded, reading")));
   return local;
 }
@@ -159,14 +159,14 @@ absl::Status LoadFullCheckpoint(const std::string& dir, FullyShardedDataParallel
   const std::string context = absl::StrCat("LoadFullCheckpoint(", dir, ")");
   Rank0Files files;
   files.optim.has_param_groups = false;  // what ranks other than 0 pass to the scatter
-  std::string outcome;                   // rank 0's failure (internal::EncodeStatus)
+  std::string outcome;                   // rank 0's failure (comm::EncodeStatus)
   if (group.rank() == 0) {
-    outcome = internal::EncodeStatus(
+    outcome = comm::EncodeStatus(
         ReadOnRank0(dir, fsdp, adapter != nullptr, options.strip_key_prefixes, files));
   }
   absl::StatusOr<std::string> agreed = group.BroadcastObject(outcome, 0);
   if (!agreed.ok()) return Annotate(agreed.status(), context);
-  FSDP_RETURN_IF_ERROR(internal::DecodeStatus(*agreed, context));
+  FSDP_RETURN_IF_ERROR(comm::DecodeStatus(*agreed, context));
   OptimStateDict local;
   if (adapter != nullptr) {
     FSDP_ASSIGN_OR_RETURN(local, ScatterOptim(files, fsdp, *adapter, context));

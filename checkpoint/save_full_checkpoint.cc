@@ -16,7 +16,7 @@
 #include "checkpoint/atomic_dir.h"
 #include "checkpoint/full_checkpoint.h"
 #include "checkpoint/internal/full_checkpoint_pickle.h"
-#include "checkpoint/internal/rank0_status.h"
+#include "comm/rank0_status.h"
 #include "checkpoint/internal/torch_save_archive.h"
 #include "comm/status_macros.h"
 #include "fsdp/state_dict.h"
@@ -120,13 +120,13 @@ class StreamingSave {
     std::string plan;
     if (group_.rank() == 0) {
       absl::Status planned = PlanOnRank0();
-      FSDP_ASSIGN_OR_RETURN(std::string failure, AcrossReplicas(internal::EncodeStatus(planned)));
+      FSDP_ASSIGN_OR_RETURN(std::string failure, AcrossReplicas(comm::EncodeStatus(planned)));
       plan = failure.empty() ? absl::StrCat(EncodeSteps(model_plan_), ";", EncodeSteps(optim_plan_))
                              : absl::StrCat("!", failure);
     }
     absl::StatusOr<std::string> agreed = group_.BroadcastObject(plan, 0);
     if (!agreed.ok()) return Annotate(agreed.status(), context_);
-    if (agreed->rfind('!', 0) == 0) return internal::DecodeStatus(agreed->substr(1), context_);
+    if (agreed->rfind('!', 0) == 0) return comm::DecodeStatus(agreed->substr(1), context_);
     FSDP_RETURN_IF_ERROR(DecodePlans(*agreed), context_);
     FSDP_RETURN_IF_ERROR(StreamModel(), context_);
     if (adapter_ != nullptr) FSDP_RETURN_IF_ERROR(StreamOptim(), context_);
@@ -135,11 +135,11 @@ class StreamingSave {
     if (group_.rank() == 0) {
       FSDP_ASSIGN_OR_RETURN(
           outcome,
-          AcrossReplicas(writes_ ? internal::EncodeStatus(CommitOnRank0()) : std::string()));
+          AcrossReplicas(writes_ ? comm::EncodeStatus(CommitOnRank0()) : std::string()));
     }
     agreed = group_.BroadcastObject(outcome, 0);
     if (!agreed.ok()) return Annotate(agreed.status(), context_);
-    return internal::DecodeStatus(*agreed, context_);
+    return comm::DecodeStatus(*agreed, context_);
   }
 
  private:

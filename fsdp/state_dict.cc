@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "comm/rank0_status.h"
 #include "comm/status_macros.h"
 
 namespace fsdp {
@@ -319,18 +320,12 @@ void Apply(const StagedUnit& unit) {
 // Rank 0's outcome of the before_unit calls, on every rank.
 absl::Status AgreeOnRank0(comm::ProcessGroup& group, const std::string& where,
                           const absl::Status& status) {
-  std::string encoded;
-  if (group.rank() == 0 && !status.ok()) {
-    encoded = absl::StrCat(static_cast<int>(status.code()), ":", status.message());
-  }
-  absl::StatusOr<std::string> agreed = group.BroadcastObject(encoded, 0);
+  absl::StatusOr<std::string> agreed =
+      group.BroadcastObject(group.rank() == 0 ? comm::EncodeStatus(status) : std::string(), 0);
   if (!agreed.ok()) {
     return Annotate(agreed.status(), absl::StrCat(where, ": agreeing on rank 0's reads"));
   }
-  if (agreed->empty()) return absl::OkStatus();
-  const size_t colon = agreed->find(':');
-  return absl::Status(static_cast<absl::StatusCode>(std::stoi(agreed->substr(0, colon))),
-                      absl::StrCat(where, ": nothing loaded: rank 0: ", agreed->substr(colon + 1)));
+  return comm::DecodeStatus(*agreed, absl::StrCat(where, ": nothing loaded"));
 }
 
 // LoadFullStateDict with config.before_unit (rank0_only): every value kept

@@ -1,8 +1,9 @@
 // A status rank 0 decided, carried to every rank as the string BroadcastObject sends: the code
-// and message survive the trip, so that every rank returns the same error.
+// and message survive the trip, so that every rank returns the same error (full checkpoints'
+// reads on rank 0, fsdp's staged full state-dict load).
 // Errors: none of its own (a string that is not an encoded status decodes as INTERNAL).
-#ifndef FSDP_CPP_CHECKPOINT_INTERNAL_RANK0_STATUS_H_
-#define FSDP_CPP_CHECKPOINT_INTERNAL_RANK0_STATUS_H_
+#ifndef FSDP_CPP_COMM_RANK0_STATUS_H_
+#define FSDP_CPP_COMM_RANK0_STATUS_H_
 
 #include <string>
 
@@ -11,7 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 
-namespace fsdp::checkpoint::internal {
+namespace fsdp::comm {
 
 // "" for OK, else "<code>:<message>".
 inline std::string EncodeStatus(const absl::Status& status) {
@@ -33,6 +34,6 @@ inline absl::Status DecodeStatus(const std::string& encoded, absl::string_view c
                       absl::StrCat(context, ": rank 0: ", message));
 }
 
-}  // namespace fsdp::checkpoint::internal
+}  // namespace fsdp::comm
 
-#endif  // FSDP_CPP_CHECKPOINT_INTERNAL_RANK0_STATUS_H_
+#endif  // FSDP_CPP_COMM_RANK0_STATUS_H_
